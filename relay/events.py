@@ -1,0 +1,150 @@
+"""Segment events: parsed once, into a discriminated union on `type`.
+
+Lenient where the meaning is clear (as Segment's own tracking API is): timestamps with
+ms, µs or ns and any offset, or epoch milliseconds; numeric ids become strings;
+`version` of any type; unknown keys kept. `traits` and `properties` stay free-form.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+
+# Types the relay accepts; only identify and track are delivered to ChurnZero.
+EVENT_TYPES = ("identify", "track", "page", "screen", "group", "alias", "delete")
+DELIVERED_TYPES = frozenset({"identify", "track"})
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="allow", coerce_numbers_to_str=True)
+
+    userId: str | None = None
+    anonymousId: str | None = None
+    messageId: str | None = None
+    timestamp: datetime | None = None
+    context: dict[str, Any] = Field(default_factory=dict)
+    integrations: dict[str, Any] = Field(default_factory=dict)
+    version: Any = None
+
+    @field_validator("userId", "anonymousId", "messageId", mode="after")
+    @classmethod
+    def _blank_is_missing(cls, value: str | None) -> str | None:
+        # Libraries send "" for "not set"; treating it as an id would merge strangers.
+        if value is None or not value.strip():
+            return None
+        return value
+
+    @field_validator("timestamp", mode="after")
+    @classmethod
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+    @field_validator("context", "integrations", mode="before")
+    @classmethod
+    def _null_is_empty(cls, value: object) -> object:
+        return {} if value is None else value
+
+    def _needs_identity(self) -> None:
+        if self.userId is None and self.anonymousId is None:
+            raise ValueError("userId or anonymousId is required")
+
+
+def _dict_or_empty(value: object) -> object:
+    return {} if value is None else value
+
+
+class Identify(_Base):
+    """An identify call: who the user is, with traits."""
+
+    type: Literal["identify"]
+    traits: dict[str, Any] = Field(default_factory=dict)
+
+    _traits = field_validator("traits", mode="before")(_dict_or_empty)
+
+    @model_validator(mode="after")
+    def _identity(self) -> Identify:
+        self._needs_identity()
+        return self
+
+
+class Track(_Base):
+    """A track call: something the user did, with properties."""
+
+    type: Literal["track"]
+    event: str = Field(min_length=1)
+    properties: dict[str, Any] = Field(default_factory=dict)
+
+    _properties = field_validator("properties", mode="before")(_dict_or_empty)
+
+    @model_validator(mode="after")
+    def _identity(self) -> Track:
+        self._needs_identity()
+        return self
+
+
+class Page(_Base):
+    """A page view (accepted, not delivered to ChurnZero)."""
+
+    type: Literal["page"]
+
+
+class Screen(_Base):
+    """A screen view (accepted, not delivered to ChurnZero)."""
+
+    type: Literal["screen"]
+
+
+class Group(_Base):
+    """A group call (accepted, not delivered to ChurnZero)."""
+
+    type: Literal["group"]
+
+
+class Alias(_Base):
+    """An alias call (accepted, not delivered to ChurnZero)."""
+
+    type: Literal["alias"]
+
+
+class Delete(_Base):
+    """A user deletion request (accepted, not delivered to ChurnZero)."""
+
+    type: Literal["delete"]
+
+
+Event = Annotated[
+    Identify | Track | Page | Screen | Group | Alias | Delete, Field(discriminator="type")
+]
+EVENT: TypeAdapter[Identify | Track | Page | Screen | Group | Alias | Delete] = TypeAdapter(Event)
+
+AnyEvent = Identify | Track | Page | Screen | Group | Alias | Delete
+
+
+def parse(raw: dict[str, Any]) -> AnyEvent:
+    """One event from its JSON object; raises pydantic.ValidationError."""
+    kind = raw.get("type")
+    if isinstance(kind, str) and kind != kind.lower():
+        raw = {**raw, "type": kind.lower()}
+    return EVENT.validate_python(raw)
+
+
+def normalized(raw: dict[str, Any], event: AnyEvent, received_at: datetime) -> dict[str, Any]:
+    """The event as the relay stores it: the original keys, with ids, type and timestamp
+    normalised (ids as strings, timestamp ISO-8601 UTC, filled from receipt if absent)."""
+    out = dict(raw)
+    out["type"] = event.type
+    for key in ("userId", "anonymousId", "messageId"):
+        value = getattr(event, key)
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = value
+    stamp = event.timestamp or received_at
+    out["timestamp"] = stamp.isoformat().replace("+00:00", "Z")
+    return out

@@ -1,0 +1,198 @@
+"""Request bodies into events: decoding, size limits, batch envelopes, validation.
+
+Pure: bytes in, an `Intake` (accepted events, rejected ones with their errors) out,
+or `BadRequest` naming what is wrong with the request as a whole.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from relay import events
+
+# Segment's HTTP Tracking API limits, which its libraries already respect.
+MAX_EVENT_BYTES = 32 * 1024
+MAX_REQUEST_BYTES = 500 * 1024
+MAX_BATCH_EVENTS = 2500
+
+# Routes of the tracking API, short analytics.js spellings included.
+SINGLE_ROUTES = {
+    "identify": "identify",
+    "track": "track",
+    "page": "page",
+    "screen": "screen",
+    "group": "group",
+    "alias": "alias",
+    "i": "identify",
+    "t": "track",
+    "p": "page",
+    "s": "screen",
+    "g": "group",
+    "a": "alias",
+}
+BATCH_ROUTES = frozenset({"batch", "import", "b"})
+
+
+class BadRequest(Exception):
+    """The request as a whole is unusable (answered 400, nothing enqueued)."""
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """One event of a batch that failed validation, with its field errors."""
+
+    index: int
+    errors: list[dict[str, str]]
+    event: Any
+
+
+@dataclass
+class Intake:
+    """What one request carried: valid events (normalised) and rejected ones."""
+
+    accepted: list[dict[str, Any]] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+    write_key: str | None = None
+
+
+def decode_body(body: bytes, content_encoding: str | None) -> bytes:
+    """The body, gunzipped if it says so, within the request size limit."""
+    if len(body) > MAX_REQUEST_BYTES:
+        raise BadRequest(f"request body is larger than {MAX_REQUEST_BYTES // 1024} KB")
+    encoding = (content_encoding or "").strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "x-gzip"):
+        raise BadRequest(f"unsupported Content-Encoding: {content_encoding}")
+    # Decompress at most one byte past the limit, so a gzip bomb costs nothing.
+    inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    try:
+        plain = inflater.decompress(body, MAX_REQUEST_BYTES + 1)
+    except zlib.error as exc:
+        raise BadRequest(f"body is not valid gzip: {exc}") from None
+    if len(plain) > MAX_REQUEST_BYTES:
+        raise BadRequest(f"decompressed request body is larger than {MAX_REQUEST_BYTES // 1024} KB")
+    if not inflater.eof:
+        raise BadRequest("body is not valid gzip: truncated")
+    return plain
+
+
+def load_json(body: bytes) -> Any:
+    """The body as JSON, or BadRequest."""
+    if not body.strip():
+        raise BadRequest("body is empty")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}") from None
+
+
+def field_errors(exc: ValidationError) -> list[dict[str, str]]:
+    """pydantic errors as `[{"field": "event", "message": "Field required"}]`."""
+    out = []
+    for error in exc.errors(include_url=False, include_input=False):
+        loc = list(error["loc"])
+        # The first element of a union error is the matched tag (`track`), not a field.
+        if loc and loc[0] in events.EVENT_TYPES:
+            loc = loc[1:]
+        where = ".".join(str(part) for part in loc) or "event"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "union_tag_invalid":
+            where, message = "type", f"unknown event type (expected one of {events.EVENT_TYPES})"
+        elif error["type"] == "union_tag_not_found":
+            where, message = "type", "Field required"
+        out.append({"field": where, "message": message})
+    return out
+
+
+def _accept(intake: Intake, index: int, raw: Any, received_at: datetime) -> None:
+    if not isinstance(raw, dict):
+        intake.rejected.append(
+            Rejected(index, [{"field": "event", "message": "must be a JSON object"}], raw)
+        )
+        return
+    raw.pop("writeKey", None)  # a credential, never stored
+    if len(orjson.dumps(raw)) > MAX_EVENT_BYTES:
+        error = {"field": "event", "message": f"larger than {MAX_EVENT_BYTES // 1024} KB"}
+        intake.rejected.append(Rejected(index, [error], raw))
+        return
+    try:
+        event = events.parse(raw)
+    except ValidationError as exc:
+        intake.rejected.append(Rejected(index, field_errors(exc), raw))
+        return
+    intake.accepted.append(events.normalized(raw, event, received_at))
+
+
+def _single(intake: Intake, raw: dict[str, Any], received_at: datetime) -> Intake:
+    # A lone event's errors are the request's errors: the caller gets them directly.
+    _accept(intake, 0, raw, received_at)
+    if intake.rejected:
+        errors = intake.rejected[0].errors
+        detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+        raise BadRequest(f"invalid event: {detail}")
+    return intake
+
+
+def _check_count(items: list[Any]) -> None:
+    if len(items) > MAX_BATCH_EVENTS:
+        raise BadRequest(f"batch has {len(items)} events; the limit is {MAX_BATCH_EVENTS}")
+
+
+def parse_webhook(body: bytes, received_at: datetime) -> Intake:
+    """A Segment Webhooks destination request: one event, or an array when batching."""
+    data = load_json(body)
+    intake = Intake()
+    if isinstance(data, dict):
+        intake.write_key = _string(data.get("writeKey"))
+        return _single(intake, data, received_at)
+    if isinstance(data, list):
+        if not data:
+            raise BadRequest("batch is empty")
+        _check_count(data)
+        for index, raw in enumerate(data):
+            _accept(intake, index, raw, received_at)
+        return intake
+    raise BadRequest("body must be a JSON object (an event) or an array of events")
+
+
+def parse_api(route: str, body: bytes, received_at: datetime) -> Intake:
+    """A tracking API request to `/v1/<route>` (single-event route or batch)."""
+    data = load_json(body)
+    if not isinstance(data, dict):
+        raise BadRequest("body must be a JSON object")
+    intake = Intake(write_key=_string(data.get("writeKey")))
+    if route in BATCH_ROUTES:
+        items = data.get("batch")
+        if not isinstance(items, list):
+            raise BadRequest("batch: must be an array of events")
+        _check_count(items)
+        context = data.get("context")
+        integrations = data.get("integrations")
+        for index, raw in enumerate(items):
+            if isinstance(raw, dict):
+                _merge(raw, "context", context)
+                _merge(raw, "integrations", integrations)
+            _accept(intake, index, raw, received_at)
+        return intake
+    # The path says what the event is, whatever the body claims.
+    data["type"] = SINGLE_ROUTES[route]
+    return _single(intake, data, received_at)
+
+
+def _merge(item: dict[str, Any], key: str, envelope: Any) -> None:
+    # The envelope's values are defaults; the event's own win, key by key.
+    if not isinstance(envelope, dict) or not envelope:
+        return
+    own = item.get(key)
+    item[key] = {**envelope, **own} if isinstance(own, dict) else dict(envelope)
+
+
+def _string(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None

@@ -1,0 +1,56 @@
+"""Every Redis key the relay writes, in one place.
+
+All start with `relay:` so the relay can share a Redis with other applications.
+Celery's own keys (the `relay` queue list, `unacked`, `unacked_index`, ...) are
+Celery's, named by the queue.
+"""
+
+from __future__ import annotations
+
+PREFIX = "relay:"
+
+# The Celery queue ingest publishes to and workers consume.
+QUEUE = "relay"
+TASK_DELIVER = "relay.deliver_batch"
+# kombu's Redis transport keeps delivered-but-unacked messages here (read-only for us).
+CELERY_UNACKED = "unacked"
+
+# ZSET of pending retry batches (member: JSON batch, score: due unix time).
+DELAYED = PREFIX + "delayed"
+# HASH "u:<userId>" / "a:<anonymousId>" -> JSON [account, contact].
+IDENTITY = PREFIX + "identity"
+# STRING per Segment messageId; value = the relay id of the copy that claimed it.
+DEDUPE = PREFIX + "dedupe:"
+
+# Dead letters: HASH id -> JSON entry, ZSET of ids by last failure, ZSET per reason.
+DLQ_ENTRIES = PREFIX + "dlq:entries"
+DLQ_INDEX = PREFIX + "dlq:index"
+DLQ_REASON = PREFIX + "dlq:reason:"
+
+# Event counts by state, kept beside Celery's queue (which counts messages, not events).
+DEPTH_READY = PREFIX + "depth:ready"
+DEPTH_INFLIGHT = PREFIX + "depth:inflight"
+DELAYED_EVENTS = PREFIX + "depth:delayed"
+
+# Deployment-wide counters (HASH name -> int) so any ingest's /metrics shows them all.
+STATS = PREFIX + "stats"
+# Per-second delivered/ingested counts for `relay status` rates (HASH second -> n).
+RATE = PREFIX + "rate:"
+
+# Shared throttle state: pause-until (unix ms), consecutive failures, probe lock, GCRA.
+PAUSE_UNTIL = PREFIX + "throttle:pause_until"
+FAILURES = PREFIX + "throttle:failures"
+PROBE = PREFIX + "throttle:probe"
+RATE_LIMIT = PREFIX + "throttle:gcra"
+
+# Embedded-Redis ownership (a lock file, not a key) lives in the state dir.
+
+
+def dlq_reason(reason: str) -> str:
+    """The per-reason index of dead letters."""
+    return DLQ_REASON + reason
+
+
+def dedupe(message_id: str) -> str:
+    """The dedupe claim of one Segment messageId."""
+    return DEDUPE + message_id

@@ -1,0 +1,117 @@
+"""The relay's configuration: one pydantic-settings object, read from `RELAY_*`.
+
+Build it once at each entry point (`Settings()`), pass it down, and in tests build it
+with keywords. A bad value fails at start with one line naming the variable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message is one line for the operator."""
+
+
+class Settings(BaseSettings):
+    """Everything the ingest service, the workers and the CLI read from the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="RELAY_", extra="ignore", frozen=True)
+
+    redis_url: str | None = None
+    state_dir: Path = Path(".relay")
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    webhook_secret: SecretStr | None = None
+    write_keys: Annotated[tuple[str, ...], NoDecode] = ()
+    allow_unauthenticated: bool = False
+    churnzero_url: str = "https://analytics.churnzero.net/i"
+    churnzero_app_key: SecretStr | None = None
+    churnzero_batch_size: int = Field(100, ge=1, le=1000)
+    churnzero_timeout_s: float = Field(10.0, gt=0)
+    admin_token: SecretStr | None = None
+    mapping_file: Path | None = None
+    sandbox_port: int = Field(8090, ge=0, le=65535)
+    max_queue_depth: int = Field(1_000_000, ge=1)
+
+    # Group commit at ingest: a Celery message is published every `flush_ms` or
+    # every `message_events` events, whichever comes first.
+    flush_ms: float = Field(2.0, ge=0)
+    message_events: int = Field(500, ge=1, le=10_000)
+
+    worker_concurrency: int = Field(4, ge=1)
+    rate_limit_rps: float = Field(0.0, ge=0)  # requests/s to ChurnZero, all workers; 0 = none
+    max_age_s: float = Field(4 * 3600, gt=0)
+    identity_wait_s: float = Field(600, ge=0)
+    dedupe_window_s: int = Field(24 * 3600, ge=0)
+    backoff_base_s: float = Field(1.0, gt=0)
+    backoff_cap_s: float = Field(300.0, gt=0)
+    # Consecutive failed requests after which every worker pauses (circuit open).
+    outage_threshold: int = Field(5, ge=1)
+    task_time_limit_s: int = Field(300, ge=10)
+    visibility_timeout_s: int = Field(1800, ge=60)
+
+    log_level: str = "info"
+    log_format: str = "auto"  # auto | json | console
+
+    @field_validator("write_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(k.strip() for k in value.split(",") if k.strip())
+        return value
+
+    @field_validator("churnzero_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("log_format")
+    @classmethod
+    def _log_format(cls, value: str) -> str:
+        if value not in ("auto", "json", "console"):
+            raise ValueError("must be auto, json or console")
+        return value
+
+    @model_validator(mode="after")
+    def _visibility_above_time_limit(self) -> Settings:
+        # A message not acked within the visibility timeout is delivered again; it must
+        # outlast the longest a task may run, or slow tasks run twice.
+        if self.visibility_timeout_s <= self.task_time_limit_s:
+            raise ValueError("visibility_timeout_s must be above task_time_limit_s")
+        return self
+
+    @property
+    def authenticated(self) -> bool:
+        """Whether any ingest credential (webhook secret or write key) is configured."""
+        return self.webhook_secret is not None or bool(self.write_keys)
+
+    @property
+    def uses_sandbox(self) -> bool:
+        """No ChurnZero app key: `relay dev` delivers to the local sandbox."""
+        return self.churnzero_app_key is None
+
+    def require_ingest_auth(self) -> None:
+        """Refuse to run ingest open to anyone unless explicitly told to."""
+        if not self.authenticated and not self.allow_unauthenticated:
+            raise ConfigError(
+                "refusing to start: set RELAY_WEBHOOK_SECRET or RELAY_WRITE_KEYS "
+                "(or RELAY_ALLOW_UNAUTHENTICATED=true for development)"
+            )
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment, or a ConfigError with one readable line."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]  # keywords are field names
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "settings"
+        env = f"RELAY_{field.upper()}"
+        raise ConfigError(f"bad configuration: {env}: {first['msg']}") from exc
