@@ -1,0 +1,65 @@
+"""The Celery app's configuration, shared by ingest (which publishes) and workers.
+
+It lives in relay/ so ingest can publish `relay.deliver_batch` by name through Celery's
+own machinery without importing workers/.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from kombu.exceptions import OperationalError
+
+from relay import keys
+from relay.settings import Settings
+
+
+def celery_url(redis_url: str) -> str:
+    """The kombu broker URL of a redis-py URL (unix sockets are spelt differently)."""
+    if redis_url.startswith("unix://"):
+        return "redis+socket://" + redis_url.removeprefix("unix://")
+    return redis_url
+
+
+def celery_config(settings: Settings, redis_url: str) -> dict[str, Any]:
+    """Celery settings of DESIGN §5: late acks, prefetch 1, JSON, no result backend."""
+    return {
+        "broker_url": celery_url(redis_url),
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {
+            # Above the task time limit: an unacked message comes back only if its
+            # worker is gone, never while it is still working on it.
+            "visibility_timeout": settings.visibility_timeout_s,
+            "socket_timeout": 5,
+            "socket_connect_timeout": 3,
+            "health_check_interval": 30,
+        },
+        "task_default_queue": keys.QUEUE,
+        "task_routes": {keys.TASK_DELIVER: {"queue": keys.QUEUE}},
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_ignore_result": True,
+        "result_backend": None,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "worker_prefetch_multiplier": 1,
+        "task_time_limit": settings.task_time_limit_s,
+        "task_soft_time_limit": max(settings.task_time_limit_s - 30, 5),
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": False,
+        "task_send_sent_event": False,
+        "broker_pool_limit": 10,
+    }
+
+
+def make_celery(settings: Settings, redis_url: str) -> Celery:
+    """A Celery app bound to the relay's broker and settings."""
+    app = Celery("relay", set_as_current=False)
+    app.conf.update(celery_config(settings, redis_url))
+    return app
+
+
+# What a failed publish raises: kombu's connection errors and the socket's own.
+PUBLISH_ERRORS: tuple[type[BaseException], ...] = (OperationalError, ConnectionError, TimeoutError)

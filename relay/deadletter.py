@@ -1,0 +1,204 @@
+"""The dead-letter queue: every event the relay could not deliver, with why.
+
+One store for every reason. An entry is one event::
+
+    {"id", "reason", "item" (the queued item: relay id, source, event),
+     "errors", "status", "response", "attempts", "first_failure", "last_failure"}
+
+Layout (keys.py): a HASH id -> JSON entry, a ZSET of ids by last failure time and one
+ZSET per reason, so a page of entries or one entry is a couple of O(log n) calls at a
+million entries.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import orjson
+import redis
+
+from relay import keys
+
+REASONS = (
+    "invalid_event",
+    "invalid_command",
+    "unresolved_identity",
+    "rejected",
+    "retries_exhausted",
+)
+CLAIM_S = 300  # a replay's hold on an entry; a crashed replay frees it after this
+
+
+def new_entry(
+    item: dict[str, Any],
+    reason: str,
+    *,
+    errors: list[Any] | None = None,
+    status: int | None = None,
+    response: str | None = None,
+    now: float | None = None,
+) -> dict[str, Any]:
+    """A dead-letter entry for one queued item (or raw rejected event wrapped as one)."""
+    now = time.time() if now is None else now
+    return {
+        "id": uuid.uuid4().hex,
+        "reason": reason,
+        "item": item,
+        "errors": errors or [],
+        "status": status,
+        "response": (response or "")[:500] or None,
+        "attempts": int(item.get("attempts", 0)),
+        "first_failure": item.get("first_failure") or now,
+        "last_failure": now,
+    }
+
+
+def stage_add(pipe: Any, entries: list[dict[str, Any]]) -> None:
+    """Queue the writes of `entries` on a (sync or asyncio) Redis pipeline."""
+    if not entries:
+        return
+    pipe.hset(keys.DLQ_ENTRIES, mapping={e["id"]: orjson.dumps(e) for e in entries})
+    pipe.zadd(keys.DLQ_INDEX, {e["id"]: e["last_failure"] for e in entries})
+    by_reason: dict[str, dict[str, float]] = {}
+    for e in entries:
+        by_reason.setdefault(e["reason"], {})[e["id"]] = e["last_failure"]
+    for reason, members in by_reason.items():
+        pipe.zadd(keys.dlq_reason(reason), members)
+        pipe.hincrby(keys.STATS, f"dead_letters:{reason}", len(members))
+
+
+def add(r: redis.Redis, entries: list[dict[str, Any]]) -> None:
+    """Store entries in one round trip."""
+    pipe = r.pipeline(transaction=True)
+    stage_add(pipe, entries)
+    pipe.execute()
+
+
+def counts(r: redis.Redis) -> dict[str, int]:
+    """How many dead letters there are, by reason."""
+    pipe = r.pipeline(transaction=False)
+    for reason in REASONS:
+        pipe.zcard(keys.dlq_reason(reason))
+    return dict(zip(REASONS, (int(n) for n in pipe.execute()), strict=True))
+
+
+def _index(reason: str | None) -> str:
+    if reason is not None and reason not in REASONS:
+        raise ValueError(f"unknown reason {reason!r} (one of {', '.join(REASONS)})")
+    return keys.dlq_reason(reason) if reason else keys.DLQ_INDEX
+
+
+def list_ids(
+    r: redis.Redis,
+    *,
+    reason: str | None = None,
+    since: float | None = None,
+    until: float | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> list[str]:
+    """Ids of entries, newest failure first."""
+    low = "-inf" if since is None else since
+    high = "+inf" if until is None else until
+    ids = r.zrevrangebyscore(_index(reason), high, low, start=offset, num=limit)
+    return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+
+
+def get_many(r: redis.Redis, ids: list[str]) -> list[dict[str, Any]]:
+    """The entries with these ids (missing ones left out)."""
+    if not ids:
+        return []
+    raw = r.hmget(keys.DLQ_ENTRIES, ids)
+    return [orjson.loads(v) for v in raw if v is not None]
+
+
+def list_entries(r: redis.Redis, **filters: Any) -> list[dict[str, Any]]:
+    """A page of entries, newest first (filters as `list_ids`)."""
+    return get_many(r, list_ids(r, **filters))
+
+
+def get(r: redis.Redis, entry_id: str) -> dict[str, Any] | None:
+    """One entry, or None."""
+    found = get_many(r, [entry_id])
+    return found[0] if found else None
+
+
+def remove(r: redis.Redis, entries: list[dict[str, Any]]) -> int:
+    """Delete these entries; returns how many were there."""
+    if not entries:
+        return 0
+    pipe = r.pipeline(transaction=True)
+    ids = [e["id"] for e in entries]
+    pipe.hdel(keys.DLQ_ENTRIES, *ids)
+    pipe.zrem(keys.DLQ_INDEX, *ids)
+    for e in entries:
+        pipe.zrem(keys.dlq_reason(e["reason"]), e["id"])
+    return int(pipe.execute()[0])
+
+
+def iter_ids(r: redis.Redis, *, reason: str | None = None, page: int = 500,
+             since: float | None = None, until: float | None = None) -> Iterator[list[str]]:  # fmt: skip
+    """Pages of ids matching the filters, oldest first, stable while entries are removed."""
+    low: float | str = "-inf" if since is None else since
+    high = "+inf" if until is None else until
+    index = _index(reason)
+    while True:
+        found = r.zrangebyscore(index, low, high, start=0, num=page, withscores=True)
+        if not found:
+            return
+        yield [m.decode() if isinstance(m, bytes) else str(m) for m, _ in found]
+        last = found[-1][1]
+        # Continue past the last score; ties at that score were all on this page or
+        # will be re-read (harmless: consumers skip ids that are gone).
+        low = f"({last}" if len(found) < page else last
+        if len(found) < page:
+            return
+
+
+def replay(
+    r: redis.Redis,
+    ids: list[str],
+    publish: Callable[[list[dict[str, Any]]], None],
+) -> int:
+    """Re-enqueue these entries through the normal path; remove each once queued.
+
+    Safe to run twice, even at once: each entry is claimed before it is published.
+    Returns how many were replayed.
+    """
+    claimed = []
+    for entry_id in ids:
+        if r.set(keys.PREFIX + "dlq:replaying:" + entry_id, b"1", nx=True, ex=CLAIM_S):
+            claimed.append(entry_id)
+    entries = get_many(r, claimed)
+    items = []
+    for entry in entries:
+        item = dict(entry["item"])
+        # A fresh start: attempts and max age count from the replay.
+        item["attempts"] = 0
+        item["first_failure"] = None
+        item["received_at"] = time.time()
+        item["replayed_from"] = entry["id"]
+        items.append(item)
+    if items:
+        publish(items)
+        r.incrby(keys.DEPTH_READY, len(items))
+        remove(r, entries)
+    if claimed:
+        r.delete(*(keys.PREFIX + "dlq:replaying:" + i for i in claimed))
+    return len(entries)
+
+
+def export(r: redis.Redis, write: Callable[[bytes], Any], *, reason: str | None = None) -> int:
+    """Write every matching entry as a JSON line; returns the count."""
+    count = 0
+    seen: set[str] = set()
+    for ids in iter_ids(r, reason=reason):
+        fresh = [i for i in ids if i not in seen]
+        seen.update(fresh)
+        for entry in get_many(r, fresh):
+            write(orjson.dumps(entry) + b"\n")
+            count += 1
+    return count

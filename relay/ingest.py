@@ -1,0 +1,335 @@
+"""The ingest service: Segment events in over HTTP, durably into Redis, answered fast.
+
+`create_app(settings, redis_url)` builds the aiohttp application. Routes (DESIGN §3):
+`POST /webhook` (Segment's Webhooks destination), the tracking API under `/v1/`,
+`/livez`, `/readyz`, `/metrics`, and the admin API under `/admin/`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import redis
+import redis.asyncio as aioredis
+import structlog
+from aiohttp import web
+from celery import Celery
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from relay import auth, broker, deadletter, intake, keys, metrics
+from relay.publisher import GroupCommit
+from relay.settings import Settings
+
+log = structlog.get_logger("relay.ingest")
+
+SETTINGS = web.AppKey("settings", Settings)
+REDIS = web.AppKey("redis", aioredis.Redis)
+SYNC_REDIS = web.AppKey("sync_redis", redis.Redis)
+CELERY = web.AppKey("celery", Celery)
+COMMIT = web.AppKey("commit", GroupCommit)
+GATE = web.AppKey("gate", "QueueGate")
+DEPLOYMENT = web.AppKey("deployment", CollectorRegistry)
+
+RETRY_AFTER_S = 5
+
+
+class QueueGate:
+    """Whether ingest may accept: Redis answers and the backlog is under the high-water
+    mark. Refreshed in the background so requests never wait on the check."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.waiting = 0
+        self.redis_ok = True
+        self.reason = ""
+
+    @property
+    def open(self) -> bool:
+        """Accepting new events."""
+        return self.redis_ok and self.waiting <= self.limit
+
+    async def refresh(self, r: aioredis.Redis) -> None:
+        """Read the backlog once."""
+        try:
+            ready, delayed = await r.mget(keys.DEPTH_READY, keys.DELAYED_EVENTS)
+            self.waiting = max(int(ready or 0), 0) + max(int(delayed or 0), 0)
+            self.redis_ok = True
+        except (redis.RedisError, OSError) as exc:
+            self.redis_ok = False
+            self.reason = type(exc).__name__
+        if not self.redis_ok:
+            self.reason = "redis unreachable"
+        elif self.waiting > self.limit:
+            self.reason = f"queue over its high-water mark ({self.waiting} > {self.limit})"
+
+
+def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status, body=orjson.dumps(body), content_type="application/json", headers=headers
+    )
+
+
+def _unavailable(reason: str) -> web.Response:
+    return _json(503, {"error": f"unavailable: {reason}"}, {"Retry-After": str(RETRY_AFTER_S)})
+
+
+class _Refused(Exception):
+    def __init__(self, response: web.Response) -> None:
+        self.response = response
+
+
+async def _read_body(request: web.Request) -> bytes:
+    if (request.content_length or 0) > intake.MAX_REQUEST_BYTES:
+        raise intake.BadRequest(
+            f"request body is larger than {intake.MAX_REQUEST_BYTES // 1024} KB"
+        )
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise intake.BadRequest(
+            f"request body is larger than {intake.MAX_REQUEST_BYTES // 1024} KB"
+        ) from None
+    return intake.decode_body(body, request.headers.get("Content-Encoding"))
+
+
+def _check_webhook_auth(settings: Settings, request: web.Request, raw: bytes) -> None:
+    if not settings.authenticated:
+        return  # `relay serve` refused to start unless this is explicitly allowed
+    secret = settings.webhook_secret
+    # Segment signs the body as sent, so a gzip body is checked before decoding.
+    if secret is not None and auth.valid_signature(
+        secret.get_secret_value(), raw, request.headers.get("X-Signature")
+    ):
+        return
+    username = auth.basic_username(request.headers.get("Authorization"))
+    if auth.known_key(username, settings.write_keys):
+        return
+    what = "X-Signature" if secret is not None else "write key"
+    raise _Refused(_json(401, {"error": f"missing or invalid {what}"}))
+
+
+def _check_api_auth(settings: Settings, request: web.Request, body_key: str | None) -> None:
+    if not settings.authenticated:
+        return
+    username = auth.basic_username(request.headers.get("Authorization"))
+    if auth.known_key(username, settings.write_keys) or auth.known_key(
+        body_key, settings.write_keys
+    ):
+        return
+    raise _Refused(_json(401, {"error": "missing or invalid write key"}))
+
+
+def _items(accepted: list[dict[str, Any]], source: str, now: float) -> list[dict[str, Any]]:
+    return [
+        {"id": uuid.uuid4().hex, "source": source, "received_at": now, "attempts": 0, "event": e}
+        for e in accepted
+    ]
+
+
+async def _ingest(request: web.Request, route: str, source: str) -> web.Response:
+    app = request.app
+    settings = app[SETTINGS]
+    started = time.perf_counter()
+    outcome: dict[str, Any] = {"route": route}
+    try:
+        response = await _handle(request, route, source, settings, outcome)
+    except _Refused as refused:
+        response = refused.response
+    except intake.BadRequest as exc:
+        response = _json(400, {"error": str(exc)})
+        outcome["error"] = str(exc)
+    elapsed = time.perf_counter() - started
+    metrics.INGEST_REQUESTS.labels(route, str(response.status)).inc()
+    metrics.INGEST_DURATION.labels(route).observe(elapsed)
+    log.info("ingest", status=response.status, ms=round(elapsed * 1000, 2), **outcome)
+    return response
+
+
+async def _handle(
+    request: web.Request, route: str, source: str, settings: Settings, outcome: dict[str, Any]
+) -> web.Response:
+    app = request.app
+    gate = app[GATE]
+    if not gate.open:
+        return _unavailable(gate.reason)
+    raw = await request.read() if route == "webhook" else b""
+    if route == "webhook":
+        if len(raw) > intake.MAX_REQUEST_BYTES:
+            raise intake.BadRequest(
+                f"request body is larger than {intake.MAX_REQUEST_BYTES // 1024} KB"
+            )
+        _check_webhook_auth(settings, request, raw)
+        body = intake.decode_body(raw, request.headers.get("Content-Encoding"))
+    else:
+        body = await _read_body(request)
+    now = datetime.now(UTC)
+    parsed = (
+        intake.parse_webhook(body, now)
+        if route == "webhook"
+        else intake.parse_api(route, body, now)
+    )
+    if route != "webhook":
+        _check_api_auth(settings, request, parsed.write_key)
+    stamp = now.timestamp()
+    items = _items(parsed.accepted, source, stamp)
+    rejected = [
+        deadletter.new_entry(
+            {"id": uuid.uuid4().hex, "source": source, "received_at": stamp, "attempts": 0,
+             "event": r.event},
+            "invalid_event",
+            errors=r.errors,
+            now=stamp,
+        )
+        for r in parsed.rejected
+    ]  # fmt: skip
+    try:
+        if rejected:
+            pipe = app[REDIS].pipeline(transaction=True)
+            deadletter.stage_add(pipe, rejected)
+            await pipe.execute()
+        await app[COMMIT].submit(items)
+    except (redis.RedisError, OSError, broker.PUBLISH_ERRORS) as exc:
+        outcome["error"] = type(exc).__name__
+        return _unavailable("could not queue the events")
+    outcome.update(accepted=len(items), rejected=len(rejected))
+    label = "webhook" if route == "webhook" else "api"
+    metrics.INGEST_EVENTS.labels(label, "accepted").inc(len(items))
+    if rejected:
+        metrics.INGEST_EVENTS.labels(label, "rejected").inc(len(rejected))
+        return _json(
+            200,
+            {
+                "success": True,
+                "accepted": len(items),
+                "rejected": [{"index": r.index, "errors": r.errors} for r in parsed.rejected],
+            },
+        )
+    return _json(200, {"success": True})
+
+
+async def webhook(request: web.Request) -> web.Response:
+    """POST /webhook: one Segment event, or an array of them."""
+    return await _ingest(request, "webhook", "webhook")
+
+
+async def tracking_api(request: web.Request) -> web.Response:
+    """POST /v1/{route}: Segment's HTTP Tracking API."""
+    route = request.match_info["route"]
+    if route not in intake.SINGLE_ROUTES and route not in intake.BATCH_ROUTES:
+        raise web.HTTPNotFound(text=f"no such route: /v1/{route}")
+    return await _ingest(request, route, "api")
+
+
+async def livez(_: web.Request) -> web.Response:
+    """GET /livez: the process answers (no dependencies checked)."""
+    return _json(200, {"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """GET /readyz: Redis answers and the queue is under its high-water mark."""
+    gate = request.app[GATE]
+    try:
+        await asyncio.wait_for(request.app[REDIS].ping(), timeout=2)
+        await gate.refresh(request.app[REDIS])
+    except (redis.RedisError, OSError, TimeoutError):
+        gate.redis_ok, gate.reason = False, "redis unreachable"
+    if not gate.open:
+        return _json(503, {"status": "unready", "reason": gate.reason})
+    return _json(200, {"status": "ready", "waiting": gate.waiting})
+
+
+async def metrics_view(request: web.Request) -> web.Response:
+    """GET /metrics: Prometheus text format (deployment figures read from Redis)."""
+    body = generate_latest(metrics.REGISTRY)
+    # The deployment's figures are left out (not faked) while Redis does not answer.
+    with contextlib.suppress(redis.RedisError, OSError):
+        body += await asyncio.to_thread(generate_latest, request.app[DEPLOYMENT])
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _resources(
+    settings: Settings, redis_url: str, celery: Celery | None
+) -> Callable[[web.Application], contextlib.AbstractAsyncContextManager[None]]:
+    @contextlib.asynccontextmanager
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        app[REDIS] = aioredis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=3)
+        sync = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=3)
+        app[SYNC_REDIS] = sync
+        app[CELERY] = celery or broker.make_celery(settings, redis_url)
+        app[DEPLOYMENT] = CollectorRegistry(auto_describe=False)
+        app[DEPLOYMENT].register(metrics.DeploymentCollector(sync))
+
+        def count_published(n: int) -> None:
+            with contextlib.suppress(redis.RedisError, OSError):
+                sync.incrby(keys.DEPTH_READY, n)
+
+        app[COMMIT] = GroupCommit(
+            app[CELERY],
+            flush_ms=settings.flush_ms,
+            message_events=settings.message_events,
+            after_publish=count_published,
+        )
+        gate = app[GATE]
+
+        async def watch() -> None:
+            while True:
+                await gate.refresh(app[REDIS])
+                await asyncio.sleep(0.25)
+
+        watcher = asyncio.create_task(watch())
+        yield
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        await asyncio.to_thread(app[COMMIT].close)
+        await app[REDIS].aclose()
+        sync.close()
+
+    return ctx
+
+
+def create_app(
+    settings: Settings, redis_url: str, *, celery: Celery | None = None
+) -> web.Application:
+    """The ingest application, bound to one Redis."""
+    # Room above the body limit so an oversized body gets our 400, not aiohttp's 413.
+    app = web.Application(client_max_size=intake.MAX_REQUEST_BYTES + 1024)
+    app[SETTINGS] = settings
+    app[GATE] = QueueGate(settings.max_queue_depth)
+    app.cleanup_ctx.append(_resources(settings, redis_url, celery))
+    app.router.add_post("/webhook", webhook)
+    app.router.add_post("/v1/{route}", tracking_api)
+    app.router.add_get("/livez", livez)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_view)
+    return app
+
+
+async def serve(settings: Settings, redis_url: str, *, ready: Callable[[], None] | None = None) -> None:
+    """Run ingest until cancelled or signalled (SIGINT/SIGTERM stop it cleanly)."""
+    import signal
+
+    # Bodies are decoded by intake.decode_body, with its limits; aiohttp must not inflate
+    # them first (a gzip bomb would be inflated before any limit applies).
+    runner = web.AppRunner(create_app(settings, redis_url), auto_decompress=False, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_port=True, backlog=1024)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready()
+    try:
+        await stop.wait()
+    finally:
+        # Stop taking connections, finish requests under way (their events get queued).
+        await runner.cleanup()

