@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-
 from typing import Any
 
 import click
@@ -169,6 +168,224 @@ def dev() -> None:
         stop()
 
 
+def _redis(settings: Settings) -> Any:
+    import redis
+
+    return redis.Redis.from_url(_redis_url(settings), socket_timeout=10)
+
+
+def _status_table(data: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    table = Table(title="churnzero-relay", show_header=True, header_style="bold")
+    table.add_column("")
+    table.add_column("events", justify="right")
+    depth = data["depth"]
+    table.add_row("ready", f"{depth['ready']:,}")
+    table.add_row("in flight", f"{depth['in_flight']:,}")
+    table.add_row("delayed (retries)", f"{depth['delayed']:,}")
+    table.add_row("dead letters", f"{depth['dead']:,}")
+    table.add_row("oldest waiting", f"{data['oldest_age_s']:.1f} s")
+    table.add_row("ingested /s (1 min)", f"{data['rates']['ingested']['per_s']:,}")
+    table.add_row("delivered /s (1 min)", f"{data['rates']['delivered']['per_s']:,}")
+    if data["paused_for_s"]:
+        table.add_row("[yellow]ChurnZero paused[/]", f"{data['paused_for_s']:.1f} s")
+    for reason, n in data["dead_letters"].items():
+        if n:
+            table.add_row(f"  dead: {reason}", f"{n:,}")
+    return table
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--watch", is_flag=True, help="Refresh every second until Ctrl-C.")
+def status(as_json: bool, watch: bool) -> None:
+    """Queue depths, rates, oldest age and dead letters of the whole deployment."""
+    import json
+
+    from rich.console import Console
+    from rich.live import Live
+
+    from relay import status as status_report
+
+    r = _redis(_settings())
+    if as_json and not watch:
+        click.echo(json.dumps(status_report.report(r)))
+        return
+    if not watch:
+        Console().print(_status_table(status_report.report(r)))
+        return
+    try:
+        with Live(_status_table(status_report.report(r)), refresh_per_second=2) as live:
+            while True:
+                time.sleep(1)
+                data = status_report.report(r)
+                if as_json:
+                    click.echo(json.dumps(data))
+                else:
+                    live.update(_status_table(data))
+    except KeyboardInterrupt:
+        pass
+
+
+@main.group()
+def dlq() -> None:
+    """Inspect, replay, purge and export dead letters."""
+
+
+_REASON = click.option("--reason", default=None, help="Only entries with this reason.")
+_SINCE = click.option("--since", type=float, default=None, help="Failed at/after (unix time).")
+_UNTIL = click.option("--until", type=float, default=None, help="Failed at/before (unix time).")
+
+
+def _check_reason(reason: str | None) -> None:
+    from relay.deadletter import REASONS
+
+    if reason is not None and reason not in REASONS:
+        raise click.BadParameter(f"one of {', '.join(REASONS)}", param_hint="--reason")
+
+
+@dlq.command("list")
+@_REASON
+@_SINCE
+@_UNTIL
+@click.option("--limit", type=int, default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def dlq_list(
+    reason: str | None, since: float | None, until: float | None, limit: int, as_json: bool
+) -> None:
+    """The newest dead letters."""
+    import json
+    from datetime import UTC, datetime
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from relay import deadletter
+
+    _check_reason(reason)
+    r = _redis(_settings())
+    entries = deadletter.list_entries(r, reason=reason, since=since, until=until, limit=limit)
+    if as_json:
+        for entry in entries:
+            click.echo(json.dumps(entry))
+        return
+    table = Table(show_header=True, header_style="bold")
+    for column in ("id", "reason", "status", "attempts", "last failure", "event"):
+        table.add_column(column)
+    for e in entries:
+        event = e["item"].get("event") if isinstance(e["item"], dict) else None
+        what = (
+            f"{event.get('type')} {event.get('event') or ''} {event.get('userId') or ''}".strip()
+            if isinstance(event, dict) else str(event)[:40]
+        )  # fmt: skip
+        when = datetime.fromtimestamp(e["last_failure"], UTC).strftime("%Y-%m-%d %H:%M:%S")
+        table.add_row(e["id"], e["reason"], str(e["status"] or ""), str(e["attempts"]), when, what)
+    total = deadletter.count(r, reason=reason, since=since, until=until)
+    Console().print(table)
+    click.echo(f"{len(entries)} of {total} shown")
+
+
+@dlq.command("show")
+@click.argument("entry_id")
+def dlq_show(entry_id: str) -> None:
+    """One dead letter, whole, as JSON."""
+    import json
+
+    from relay import deadletter
+
+    entry = deadletter.get(_redis(_settings()), entry_id)
+    if entry is None:
+        raise click.ClickException(f"no dead letter {entry_id}")
+    click.echo(json.dumps(entry, indent=2))
+
+
+def _selected(
+    r: Any, ids: tuple[str, ...], every: bool, reason: str | None,
+    since: float | None, until: float | None,
+) -> tuple[int, Any]:  # fmt: skip
+    from relay import deadletter
+
+    _check_reason(reason)
+    if ids and (every or reason):
+        raise click.UsageError("give ids, or --all / --reason, not both")
+    if ids:
+        return len(ids), iter([list(ids)])
+    if not every and not reason:
+        raise click.UsageError("give entry ids, --all or --reason")
+    total = deadletter.count(r, reason=reason, since=since, until=until)
+    return total, deadletter.iter_ids(r, reason=reason, since=since, until=until)
+
+
+@dlq.command("replay")
+@click.argument("ids", nargs=-1)
+@click.option("--all", "every", is_flag=True, help="Every dead letter (with the filters).")
+@_REASON
+@_SINCE
+@_UNTIL
+def dlq_replay(
+    ids: tuple[str, ...], every: bool, reason: str | None, since: float | None, until: float | None
+) -> None:
+    """Send dead letters through the normal path again (translation re-runs)."""
+    from rich.progress import Progress
+
+    from relay import broker, deadletter, keys
+
+    settings = _settings()
+    url = _redis_url(settings)
+    r = _redis(settings)
+    celery = broker.make_celery(settings, url)
+
+    def publish(items: list[dict[str, Any]]) -> None:
+        celery.send_task(keys.TASK_DELIVER, args=[items], queue=keys.QUEUE)
+
+    total, pages = _selected(r, ids, every, reason, since, until)
+    replayed = 0
+    with Progress(disable=total < 1000) as progress:
+        task = progress.add_task("replaying", total=total)
+        for page in pages:
+            for start in range(0, len(page), settings.message_events):
+                done = deadletter.replay(r, page[start : start + settings.message_events], publish)
+                replayed += done
+            progress.update(task, advance=len(page))
+    click.echo(f"replayed {replayed} of {total}")
+
+
+@dlq.command("purge")
+@click.argument("ids", nargs=-1)
+@click.option("--all", "every", is_flag=True)
+@_REASON
+@_SINCE
+@_UNTIL
+@click.option("--yes", is_flag=True, help="Really delete.")
+def dlq_purge(
+    ids: tuple[str, ...], every: bool, reason: str | None, since: float | None,
+    until: float | None, yes: bool,
+) -> None:  # fmt: skip
+    """Delete dead letters for good (asks for --yes)."""
+    from relay import deadletter
+
+    r = _redis(_settings())
+    total, pages = _selected(r, ids, every, reason, since, until)
+    if not yes:
+        raise click.ClickException(f"this deletes {total} dead letters for good; add --yes")
+    purged = sum(deadletter.purge(r, page) for page in pages)
+    click.echo(f"purged {purged}")
+
+
+@dlq.command("export")
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
+@_REASON
+def dlq_export(file: str, reason: str | None) -> None:
+    """Write dead letters as JSON Lines to FILE (- for stdout)."""
+    from relay import deadletter
+
+    _check_reason(reason)
+    r = _redis(_settings())
+    with click.open_file(file, "wb") as out:
+        written = deadletter.export(r, out.write, reason=reason)
+    click.echo(f"exported {written}", err=True)
+
+
 if __name__ == "__main__":
     main()
-

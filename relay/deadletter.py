@@ -139,23 +139,40 @@ def remove(r: redis.Redis, entries: list[dict[str, Any]]) -> int:
     return int(pipe.execute()[0])
 
 
-def iter_ids(r: redis.Redis, *, reason: str | None = None, page: int = 500,
-             since: float | None = None, until: float | None = None) -> Iterator[list[str]]:  # fmt: skip
-    """Pages of ids matching the filters, oldest first, stable while entries are removed."""
-    low: float | str = "-inf" if since is None else since
+def iter_ids(
+    r: redis.Redis,
+    *,
+    reason: str | None = None,
+    since: float | None = None,
+    until: float | None = None,
+    page: int = 500,
+) -> Iterator[list[str]]:
+    """Pages of ids matching the filters, oldest first.
+
+    Pages come from a snapshot of the index taken at the start, so removing entries
+    while iterating (replay, purge) neither skips nor repeats any.
+    """
+    snapshot = f"{keys.PREFIX}dlq:snapshot:{uuid.uuid4().hex}"
+    low = "-inf" if since is None else since
     high = "+inf" if until is None else until
-    index = _index(reason)
-    while True:
-        found = r.zrangebyscore(index, low, high, start=0, num=page, withscores=True)
-        if not found:
-            return
-        yield [m.decode() if isinstance(m, bytes) else str(m) for m, _ in found]
-        last = found[-1][1]
-        # Continue past the last score; ties at that score were all on this page or
-        # will be re-read (harmless: consumers skip ids that are gone).
-        low = f"({last}" if len(found) < page else last
-        if len(found) < page:
-            return
+    total = r.zrangestore(snapshot, _index(reason), low, high, byscore=True)
+    r.expire(snapshot, 3600)
+    try:
+        for start in range(0, int(total), page):
+            ids = r.zrange(snapshot, start, start + page - 1)
+            yield [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+    finally:
+        r.delete(snapshot)
+
+
+def count(
+    r: redis.Redis, *, reason: str | None = None, since: float | None = None,
+    until: float | None = None,
+) -> int:  # fmt: skip
+    """How many entries match the filters."""
+    low = "-inf" if since is None else since
+    high = "+inf" if until is None else until
+    return int(r.zcount(_index(reason), low, high))
 
 
 def replay(
@@ -184,21 +201,26 @@ def replay(
         items.append(item)
     if items:
         publish(items)
-        r.incrby(keys.DEPTH_READY, len(items))
+        pipe = r.pipeline(transaction=False)
+        pipe.incrby(keys.DEPTH_READY, len(items))
+        pipe.hincrby(keys.STATS, "replayed", len(items))
+        pipe.execute()
         remove(r, entries)
     if claimed:
         r.delete(*(keys.PREFIX + "dlq:replaying:" + i for i in claimed))
     return len(entries)
 
 
+def purge(r: redis.Redis, ids: list[str]) -> int:
+    """Delete the entries with these ids; returns how many were there."""
+    return remove(r, get_many(r, ids))
+
+
 def export(r: redis.Redis, write: Callable[[bytes], Any], *, reason: str | None = None) -> int:
     """Write every matching entry as a JSON line; returns the count."""
-    count = 0
-    seen: set[str] = set()
+    written = 0
     for ids in iter_ids(r, reason=reason):
-        fresh = [i for i in ids if i not in seen]
-        seen.update(fresh)
-        for entry in get_many(r, fresh):
+        for entry in get_many(r, ids):
             write(orjson.dumps(entry) + b"\n")
-            count += 1
-    return count
+            written += 1
+    return written

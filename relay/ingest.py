@@ -23,7 +23,7 @@ from aiohttp import web
 from celery import Celery
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from relay import auth, broker, deadletter, intake, keys, metrics
+from relay import admin, auth, broker, deadletter, intake, keys, metrics, status
 from relay.publisher import GroupCommit
 from relay.settings import Settings
 
@@ -267,8 +267,12 @@ def _resources(
         app[DEPLOYMENT].register(metrics.DeploymentCollector(sync))
 
         def count_published(n: int) -> None:
+            # After the publish: a failure here only skews a gauge, never loses events.
             with contextlib.suppress(redis.RedisError, OSError):
-                sync.incrby(keys.DEPTH_READY, n)
+                pipe = sync.pipeline(transaction=False)
+                pipe.incrby(keys.DEPTH_READY, n)
+                status.stage_rate(pipe, "ingested", n, time.time())
+                pipe.execute()
 
         app[COMMIT] = GroupCommit(
             app[CELERY],
@@ -309,10 +313,13 @@ def create_app(
     app.router.add_get("/livez", livez)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)
+    admin.add_routes(app)
     return app
 
 
-async def serve(settings: Settings, redis_url: str, *, ready: Callable[[], None] | None = None) -> None:
+async def serve(
+    settings: Settings, redis_url: str, *, ready: Callable[[], None] | None = None
+) -> None:
     """Run ingest until cancelled or signalled (SIGINT/SIGTERM stop it cleanly)."""
     import signal
 

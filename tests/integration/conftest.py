@@ -167,9 +167,7 @@ Starter = Callable[..., Proc]
 
 
 @pytest.fixture
-def start_worker(
-    redis_url: str, sandbox: Sandbox, tmp_path: Path
-) -> Iterator[Starter]:
+def start_worker(redis_url: str, sandbox: Sandbox, tmp_path: Path) -> Iterator[Starter]:
     """Start Celery worker processes (stopped after the test)."""
     started: list[Proc] = []
 
@@ -210,8 +208,6 @@ def start_ingest(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., str]]
     yield start
     for proc in started:
         proc.stop()
-
-
 
 
 def queued_items(r: redis.Redis) -> list[dict[str, Any]]:

@@ -1,0 +1,127 @@
+"""How Segment fields map to ChurnZero: the defaults of DESIGN §4, and a TOML file
+(`RELAY_MAPPING_FILE`) that can change them.
+
+Example file::
+
+    [identity]
+    account_paths = ["traits.company.id"]      # tried after accountExternalId/ID
+    contact_paths = ["traits.email", "context.traits.email"]
+
+    [traits]
+    rename = { plan = "Plan Name" }            # trait -> ChurnZero attribute
+    account = ["plan", "mrr"]                  # set on the account, not the contact
+    ignore = ["password"]
+
+    [events]
+    rename = { "Clicked Login Button" = "Login" }
+    allow = []                                 # non-empty: only these events
+    deny = ["Heartbeat"]
+
+    [events.fields]                            # properties sent as cf_<name>
+    "Order Completed" = ["revenue"]
+    "*" = ["plan"]
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+DEFAULT_RENAMES = {
+    "firstName": "FirstName",
+    "first_name": "FirstName",
+    "lastName": "LastName",
+    "last_name": "LastName",
+    "email": "Email",
+}
+
+
+class MappingError(Exception):
+    """The mapping file cannot be used; the message names the file, line and key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class IdentityMap(_Section):
+    """Extra dotted paths where account and contact ids may be found."""
+
+    account_paths: tuple[str, ...] = ()
+    contact_paths: tuple[str, ...] = ()
+
+
+class TraitMap(_Section):
+    """Trait renames, account-level traits and traits never sent."""
+
+    rename: dict[str, str] = Field(default_factory=dict)
+    account: frozenset[str] = frozenset()
+    ignore: frozenset[str] = frozenset()
+
+
+class EventMap(_Section):
+    """Event renames, allow/deny lists and custom (`cf_`) fields per event."""
+
+    rename: dict[str, str] = Field(default_factory=dict)
+    allow: frozenset[str] = frozenset()
+    deny: frozenset[str] = frozenset()
+    fields: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+
+
+class Mapping(_Section):
+    """The whole mapping; `Mapping()` is the default."""
+
+    identity: IdentityMap = IdentityMap()
+    traits: TraitMap = TraitMap()
+    events: EventMap = EventMap()
+
+    def attribute_name(self, trait: str) -> str:
+        """The ChurnZero attribute a trait is written to."""
+        return self.traits.rename.get(trait) or DEFAULT_RENAMES.get(trait, trait)
+
+    def event_name(self, event: str) -> str:
+        """The ChurnZero event name of a Segment event."""
+        return self.events.rename.get(event, event)
+
+    def event_wanted(self, event: str) -> bool:
+        """Whether the allow/deny lists let this event through."""
+        if event in self.events.deny:
+            return False
+        return not self.events.allow or event in self.events.allow
+
+    def custom_fields(self, event: str) -> tuple[str, ...]:
+        """Properties of this event sent as `cf_<name>` fields."""
+        return self.events.fields.get(event, ()) + self.events.fields.get("*", ())
+
+
+def load_mapping(path: Path | None) -> Mapping:
+    """The mapping in `path` (defaults when None), or MappingError with line and key."""
+    if path is None:
+        return Mapping()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise MappingError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise MappingError(f"{path}: {exc}") from None
+    try:
+        return Mapping.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        loc = [str(p) for p in error["loc"]]
+        line = _line_of(text, loc[-1] if loc else "")
+        where = f"line {line}, " if line else ""
+        raise MappingError(f"{path}: {where}key {'.'.join(loc)}: {error['msg']}") from None
+
+
+def _line_of(text: str, key: str) -> int | None:
+    # TOML parsers report no positions for valid syntax; find where the key is written.
+    for number, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip().strip("[]").strip()
+        if stripped.startswith((key, f'"{key}"')) or f".{key}" in stripped.split("=")[0]:
+            return number
+    return None

@@ -1,0 +1,153 @@
+"""End to end: Segment clients and webhooks -> ingest -> Redis -> a real Celery worker
+-> the ChurnZero sandbox. Asserts the exact commands ChurnZero would receive."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import redis
+import requests
+from segment.analytics import Client
+
+from tests.conftest import fixture
+from tests.integration.conftest import APP_KEY, WRITE_KEY, Sandbox, Starter, sign
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def relay(
+    r: redis.Redis, clean_sandbox: Sandbox, start_ingest: Callable[..., str], start_worker: Starter
+) -> str:
+    start_worker()
+    return start_ingest()
+
+
+def post_webhook(url: str, payload: Any) -> requests.Response:
+    body = json.dumps(payload).encode()
+    first = json.dumps(payload[0]).encode() if isinstance(payload, list) else body
+    if isinstance(payload, list):
+        body = b"[" + b",".join(json.dumps(p).encode() for p in payload) + b"]"
+    answer = requests.post(url + "/webhook", data=body, headers={"X-Signature": sign(first)})
+    assert answer.status_code == 200, answer.text
+    return answer
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.1)
+
+
+def settled(r: redis.Redis) -> bool:
+    """Nothing queued, in flight or delayed."""
+    return r.llen("relay") == 0 and r.hlen("unacked") == 0 and r.zcard("relay:delayed") == 0
+
+
+def test_seed_example_with_the_real_python_client(relay: str, clean_sandbox: Sandbox) -> None:
+    client = Client(WRITE_KEY, host=relay, gzip=True, sync_mode=True)
+    client.identify("userId123", {"accountExternalId": "12345678",
+                                  "contactExternalId": "john.smith@company.com",
+                                  "firstName": "John", "plan": "Pro"})  # fmt: skip
+    client.track("userId123", "Clicked Login Button", timestamp=_dt("2026-11-01T10:00:00.123Z"))
+    commands = clean_sandbox.wait_commands(3)
+    assert commands == [
+        {"appKey": APP_KEY, "accountExternalId": "12345678",
+         "contactExternalId": "john.smith@company.com", "action": "setAttribute",
+         "entity": "contact", "name": "FirstName", "value": "John"},
+        {"appKey": APP_KEY, "accountExternalId": "12345678",
+         "contactExternalId": "john.smith@company.com", "action": "setAttribute",
+         "entity": "contact", "name": "plan", "value": "Pro"},
+        {"appKey": APP_KEY, "accountExternalId": "12345678",
+         "contactExternalId": "john.smith@company.com", "action": "trackEvent",
+         "eventName": "Clicked Login Button", "eventDate": "2026-11-01T10:00:00.123000Z",
+         "quantity": 1},
+    ]  # fmt: skip
+
+
+def _dt(text: str) -> Any:
+    from datetime import datetime
+
+    return datetime.fromisoformat(text)
+
+
+def test_track_before_identify_in_one_batch_and_filters(
+    relay: str, r: redis.Redis, clean_sandbox: Sandbox
+) -> None:
+    batch = [
+        {"type": "track", "userId": "u9", "event": "Report Run", "timestamp": "2026-01-02T03:04:05Z",
+         "properties": {"quantity": 3, "description": "monthly"}},
+        {"type": "identify", "userId": "u9",
+         "traits": {"accountExternalID": "acme", "contactExternalID": "ann@acme.io"}},
+        {"type": "page", "userId": "u9", "name": "Home"},
+        {"type": "track", "userId": "u9", "event": "Hidden", "integrations": {"ChurnZero": False}},
+        {"type": "track", "userId": "u9", "event": "Also hidden", "integrations": {"Churnzero": False}},
+        # All:false is Segment's router's business; on /webhook the event was routed to us.
+        {"type": "track", "userId": "u9", "event": "Routed", "timestamp": "2026-01-02T03:04:06Z",
+         "integrations": {"All": False, "Webhooks": True}},
+    ]  # fmt: skip
+    post_webhook(relay, batch)
+    wait_for(lambda: settled(r) and len(clean_sandbox.commands()) >= 2)
+    time.sleep(0.5)
+    commands = clean_sandbox.commands()
+    assert [(c["action"], c.get("eventName")) for c in commands] == [
+        ("trackEvent", "Report Run"), ("trackEvent", "Routed")
+    ]  # fmt: skip
+    assert commands[0] | {"appKey": None} == {
+        "appKey": None, "accountExternalId": "acme", "contactExternalId": "ann@acme.io",
+        "action": "trackEvent", "eventName": "Report Run", "eventDate": "2026-01-02T03:04:05Z",
+        "description": "monthly", "quantity": 3,
+    }  # fmt: skip
+    stats = {k.decode(): int(v) for k, v in r.hgetall("relay:stats").items()}
+    assert stats["skipped:unsupported_type"] == 1
+    assert stats["skipped:disabled_by_integrations"] == 2
+    assert stats["skipped:nothing_to_send"] == 1  # the identify carried only ids
+    assert stats["delivered"] == 2
+
+
+def test_api_all_false_skips_and_engage_identify_via_webhook(
+    relay: str, r: redis.Redis, clean_sandbox: Sandbox
+) -> None:
+    auth = (WRITE_KEY, "")
+    requests.post(relay + "/v1/identify", auth=auth, json={
+        "userId": "<USER ID>", "traits": {"accountExternalId": "A1", "contactExternalId": "C1"},
+    }).raise_for_status()  # fmt: skip
+    requests.post(relay + "/v1/track", auth=auth, json={
+        "userId": "<USER ID>", "event": "Not routed", "integrations": {"All": False},
+    }).raise_for_status()  # fmt: skip
+    wait_for(lambda: r.hget("relay:identity", "u:<USER ID>") is not None and settled(r))
+    post_webhook(relay, fixture("engage-audience-identify-as-delivered.json"))
+    commands = clean_sandbox.wait_commands(2)
+    assert sorted((c["name"], c["value"]) for c in commands) == [
+        ("Email", "dpease+test@drift.com"),
+        ("eg_lcm_user_portal_roles_partial_access", True),
+    ]
+    assert {(c["accountExternalId"], c["contactExternalId"], c["entity"]) for c in commands} == {
+        ("A1", "C1", "contact")
+    }
+
+
+def test_unresolved_track_waits_then_dead_letters(
+    relay: str, r: redis.Redis, clean_sandbox: Sandbox
+) -> None:
+    # identity_wait is 4 s in the test environment.
+    requests.post(relay + "/v1/track", auth=(WRITE_KEY, ""),
+                  json={"userId": "ghost", "event": "Boo"}).raise_for_status()  # fmt: skip
+    requests.post(relay + "/v1/track", auth=(WRITE_KEY, ""),
+                  json={"userId": "late", "event": "Waited"}).raise_for_status()  # fmt: skip
+    time.sleep(1.0)
+    requests.post(relay + "/v1/identify", auth=(WRITE_KEY, ""), json={
+        "userId": "late", "traits": {"accountExternalId": "A", "contactExternalId": "C"}
+    }).raise_for_status()  # fmt: skip
+    commands = clean_sandbox.wait_commands(1)
+    assert [c["eventName"] for c in commands] == ["Waited"]
+    wait_for(lambda: r.zcard("relay:dlq:reason:unresolved_identity") == 1, timeout=15)
+    entry = json.loads(next(iter(r.hvals("relay:dlq:entries"))))
+    assert entry["item"]["event"]["userId"] == "ghost"
+    assert entry["reason"] == "unresolved_identity"

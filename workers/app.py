@@ -1,0 +1,63 @@
+"""The Celery app of the relay's workers: `celery -A workers.app worker` (or `relay worker`).
+
+Settings come from the environment (`RELAY_*`) once, at import, as Celery loads this
+module. Besides running `relay.deliver_batch`, each worker process runs the mover that
+brings due batches back from the delayed set.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import redis
+import structlog
+from celery import signals
+
+from relay import broker, embedded, keys, logs
+from relay.delayed import Mover
+from relay.mapping import load_mapping
+from relay.settings import load_settings
+
+settings = load_settings()
+logs.configure(settings.log_level, settings.log_format)
+redis_url = embedded.resolve_url(settings.redis_url, settings.state_dir)
+mapping = load_mapping(settings.mapping_file)  # a bad file stops the worker at start
+
+app = broker.make_celery(settings, redis_url)
+app.conf.include = ["workers.tasks"]
+state = redis.Redis.from_url(redis_url, socket_timeout=10, socket_connect_timeout=5)
+
+log = structlog.get_logger("relay.worker")
+_stop = threading.Event()
+
+
+def publish(items: list[dict[str, Any]]) -> None:
+    """Queue items as one deliver_batch message (used by the mover and replays)."""
+    app.send_task(keys.TASK_DELIVER, args=[items], queue=keys.QUEUE)
+
+
+def _move_forever() -> None:
+    mover = Mover(state, publish)
+    while not _stop.is_set():
+        try:
+            moved = mover.move_due(time.time())
+        except (redis.RedisError, OSError, *broker.PUBLISH_ERRORS) as exc:
+            log.warning("mover_error", error=type(exc).__name__)
+            moved = 0
+            _stop.wait(2)
+        if moved:
+            log.info("moved_due", events=moved)
+        else:
+            _stop.wait(0.25)
+
+
+@signals.worker_ready.connect
+def _start_mover(**_: Any) -> None:
+    threading.Thread(target=_move_forever, name="relay-mover", daemon=True).start()
+
+
+@signals.worker_shutdown.connect
+def _stop_mover(**_: Any) -> None:
+    _stop.set()
