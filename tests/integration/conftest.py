@@ -172,7 +172,8 @@ def start_worker(redis_url: str, sandbox: Sandbox, tmp_path: Path) -> Iterator[S
     started: list[Proc] = []
 
     def start(*, concurrency: int = 4, **settings: Any) -> Proc:
-        env = relay_env(redis_url, churnzero_url=sandbox.url + "/i", **settings)
+        settings.setdefault("churnzero_url", sandbox.url + "/i")
+        env = relay_env(settings.pop("redis_url", redis_url), **settings)
         proc = Proc(
             [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", "relay",
              "--pool", "threads", "-c", str(concurrency), "--without-gossip",
@@ -196,7 +197,7 @@ def start_ingest(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., str]]
 
     def start(**settings: Any) -> str:
         port = free_port()
-        env = relay_env(redis_url, port=port, **settings)
+        env = relay_env(settings.pop("redis_url", redis_url), port=port, **settings)
         proc = Proc(
             [sys.executable, "-m", "relay.cli", "serve"], env, tmp_path / f"ingest{port}.log"
         ).start()
