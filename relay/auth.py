@@ -46,8 +46,8 @@ def first_element(body: bytes) -> bytes | None:
         elif ch in b"{[":
             depth += 1
         elif ch in b"}]":
-            if depth == 0:  # the array closed: the element was a scalar
-                return body[start:j].rstrip(_WHITESPACE)
+            if depth == 0:  # the array closed: the element was a scalar (or absent)
+                return body[start:j].rstrip(_WHITESPACE) or None
             depth -= 1
             if depth == 0:
                 return body[start : j + 1]

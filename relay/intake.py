@@ -103,6 +103,8 @@ def field_errors(exc: ValidationError) -> list[dict[str, str]]:
             loc = loc[1:]
         where = ".".join(str(part) for part in loc) or "event"
         message = error["msg"].removeprefix("Value error, ")
+        if message.startswith("userId or anonymousId"):
+            where = "userId"
         if error["type"] == "union_tag_invalid":
             where, message = "type", f"unknown event type (expected one of {events.EVENT_TYPES})"
         elif error["type"] == "union_tag_not_found":

@@ -113,15 +113,25 @@ def load_mapping(path: Path | None) -> Mapping:
     except ValidationError as exc:
         error = exc.errors()[0]
         loc = [str(p) for p in error["loc"]]
-        line = _line_of(text, loc[-1] if loc else "")
+        line = _line_of(text, loc)
         where = f"line {line}, " if line else ""
         raise MappingError(f"{path}: {where}key {'.'.join(loc)}: {error['msg']}") from None
 
 
-def _line_of(text: str, key: str) -> int | None:
-    # TOML parsers report no positions for valid syntax; find where the key is written.
+def _line_of(text: str, loc: list[str]) -> int | None:
+    # TOML parsers report no positions for valid syntax: find the key inside its table.
+    *tables, key = loc or [""]
+    table: list[str] = []
     for number, line in enumerate(text.splitlines(), start=1):
-        stripped = line.strip().strip("[]").strip()
-        if stripped.startswith((key, f'"{key}"')) or f".{key}" in stripped.split("=")[0]:
+        stripped = line.strip()
+        if stripped.startswith("[") and not stripped.startswith("[["):
+            table = [p.strip().strip('"') for p in stripped.strip("[]").split(".")]
+            if table == loc:
+                return number  # the unknown name is a table of its own
+            continue
+        name = stripped.split("=", 1)[0].strip().strip('"')
+        if "=" in stripped and table + [name] == tables + [key]:
             return number
+        if "=" in stripped and table == tables[:-1] and name == (tables[-1:] or [""])[0]:
+            return number  # an inline table holding the key
     return None

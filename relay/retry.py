@@ -11,6 +11,7 @@ Pure functions, no I/O.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -74,9 +75,12 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
         return None
     text = value.strip()
     try:
-        return max(float(text), 0.0)
+        seconds = float(text)
     except ValueError:
         pass
+    else:
+        # float() also reads "nan" and "inf", which no server means as a delay.
+        return max(seconds, 0.0) if math.isfinite(seconds) else None
     try:
         when = parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError):

@@ -1,0 +1,554 @@
+"""relay.translate: Segment events (parsed by relay.intake) into ChurnZero commands.
+
+Table-driven: each case is the events of one batch as a client sends them, and the fate
+of every item exactly (the commands sent, or why it is not).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from relay.intake import parse_api, parse_webhook
+from relay.mapping import EventMap, Mapping, TraitMap
+from relay.translate import Ids, lookup_keys, parse_items, plan_batch, validate_command
+from tests.conftest import fixture
+
+RECEIVED = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
+WHEN = "2024-03-19T07:22:00Z"
+ENGAGE = "engage-audience-identify-as-delivered.json"
+ACCOUNT, CONTACT = "12345678", "john.smith@company.com"
+IDS = {"accountExternalId": ACCOUNT, "contactExternalId": CONTACT}
+
+
+def items_of(events: list[Any], source: str) -> list[dict[str, Any]]:
+    """Queue items built through the real ingest parsing (fixture names are loaded)."""
+    raw = [fixture(e) if isinstance(e, str) else e for e in events]
+    if source == "webhook":
+        body = json.dumps(raw[0] if len(raw) == 1 else raw).encode()
+        intake = parse_webhook(body, RECEIVED)
+    else:
+        intake = parse_api("batch", json.dumps({"batch": raw}).encode(), RECEIVED)
+    assert intake.rejected == []
+    return [
+        {"id": f"r{n}", "source": source, "received_at": 0.0, "attempts": 0, "event": event}
+        for n, event in enumerate(intake.accepted)
+    ]
+
+
+def fates(
+    events: list[Any],
+    *,
+    source: str = "api",
+    known: dict[str, Ids] | None = None,
+    mapping: Mapping | None = None,
+) -> dict[str, Any]:
+    """Every item's fate: its commands, ("skipped", reason), "unresolved" or invalid."""
+    parsed, bad = parse_items(items_of(events, source))
+    assert bad == []
+    plan = plan_batch(parsed, known or {}, mapping or Mapping())
+    out: dict[str, Any] = {}
+    for item, commands in plan.send:
+        out[item["id"]] = commands
+    for item, reason in plan.skipped:
+        out[item["id"]] = ("skipped", reason)
+    for item in plan.unresolved:
+        out[item["id"]] = "unresolved"
+    for item, problems in plan.invalid_command:
+        out[item["id"]] = ("invalid_command", problems)
+    for item, problems in plan.invalid_event:
+        out[item["id"]] = ("invalid_event", problems)
+    assert len(out) == len(parsed), "every item has exactly one fate"
+    return out
+
+
+def track(event: str = "Clicked Login Button", **extra: Any) -> dict[str, Any]:
+    return {"type": "track", "userId": "userId123", "event": event, "timestamp": WHEN, **extra}
+
+
+def identify(traits: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"type": "identify", "userId": "userId123", "traits": traits, **extra}
+
+
+def track_event(
+    name: str = "Clicked Login Button",
+    *,
+    account: str = ACCOUNT,
+    contact: str = CONTACT,
+    date: str = WHEN,
+    quantity: Any = 1,
+    **extra: Any,
+) -> dict[str, Any]:
+    return {
+        "accountExternalId": account,
+        "contactExternalId": contact,
+        "action": "trackEvent",
+        "eventName": name,
+        "eventDate": date,
+        "quantity": quantity,
+        **extra,
+    }
+
+
+def set_attr(
+    name: str, value: Any, entity: str = "contact", account: str = ACCOUNT, contact: str = CONTACT
+) -> dict[str, Any]:
+    return {
+        "accountExternalId": account,
+        "contactExternalId": contact,
+        "action": "setAttribute",
+        "entity": entity,
+        "name": name,
+        "value": value,
+    }
+
+
+@dataclass
+class Case:
+    events: list[Any]
+    expected: dict[str, Any]
+    source: str = "api"
+    known: dict[str, Ids] = field(default_factory=dict)
+    mapping: Mapping = field(default_factory=Mapping)
+
+
+KNOWN = {"u:userId123": Ids(ACCOUNT, CONTACT)}
+ENGAGE_KNOWN = {"u:<USER ID>": Ids("acct-1", "dpease+test@drift.com")}
+NOTHING = ("skipped", "nothing_to_send")
+DISABLED = ("skipped", "disabled_by_integrations")
+UNSUPPORTED = ("skipped", "unsupported_type")
+FILTERED = ("skipped", "filtered_by_mapping")
+LONG_ID = "x" * 101
+
+CASES = {
+    # --- identity -------------------------------------------------------------------
+    "seed-identify-then-track-one-batch": Case(
+        [identify(IDS), track()],
+        {"r0": NOTHING, "r1": [track_event()]},
+    ),
+    "track-before-identify-one-batch": Case(
+        [track(), identify({**IDS, "firstName": "John"})],
+        {"r0": [track_event()], "r1": [set_attr("FirstName", "John")]},
+    ),
+    "anonymous-identify-resolves-anonymous-track": Case(
+        [
+            {"type": "identify", "anonymousId": "anon-1", "traits": IDS},
+            {"type": "track", "anonymousId": "anon-1", "event": "Viewed", "timestamp": WHEN},
+        ],
+        {"r0": NOTHING, "r1": [track_event("Viewed")]},
+    ),
+    "ids-on-the-track-itself": Case([track(properties=IDS)], {"r0": [track_event()]}),
+    "ID-spelling": Case(
+        [track(properties={"accountExternalID": ACCOUNT, "contactExternalID": CONTACT})],
+        {"r0": [track_event()]},
+    ),
+    "numeric-account-id": Case(
+        [track(properties={"accountExternalId": 12345678, "contactExternalId": CONTACT})],
+        {"r0": [track_event()]},
+    ),
+    "ids-from-context-traits-track": Case(
+        [track(context={"traits": IDS})], {"r0": [track_event()]}
+    ),
+    "ids-from-context-traits-identify": Case(
+        [identify({"plan": "pro"}, context={"traits": IDS})],
+        {"r0": [set_attr("plan", "pro")]},
+    ),
+    "ids-from-context-traits-ID-spelling": Case(
+        [track(context={"traits": {"accountExternalID": ACCOUNT, "contactExternalID": CONTACT}})],
+        {"r0": [track_event()]},
+    ),
+    "ids-from-the-identity-map": Case([track()], {"r0": [track_event()]}, known=KNOWN),
+    "one-explicit-id-the-other-known": Case(
+        [track(properties={"contactExternalId": "jane@company.com"})],
+        {"r0": [track_event(contact="jane@company.com")]},
+        known=KNOWN,
+    ),
+    "batch-identify-beats-the-identity-map": Case(
+        [identify({"accountExternalId": "99", "contactExternalId": "new@company.com"}), track()],
+        {"r0": NOTHING, "r1": [track_event(account="99", contact="new@company.com")]},
+        known=KNOWN,
+    ),
+    "unresolved-track": Case([track()], {"r0": "unresolved"}),
+    "unresolved-track-other-user-known": Case(
+        [track(userId="someone-else")], {"r0": "unresolved"}, known=KNOWN
+    ),
+    "identify-with-one-id-only-does-not-teach": Case(
+        [identify({"accountExternalId": ACCOUNT}), track()],
+        {"r0": "unresolved", "r1": "unresolved"},
+    ),
+    # --- identify traits ------------------------------------------------------------
+    "camel-case-renames": Case(
+        [identify({**IDS, "firstName": "John", "lastName": "Smith", "email": "j@c.com"})],
+        {
+            "r0": [
+                set_attr("FirstName", "John"),
+                set_attr("LastName", "Smith"),
+                set_attr("Email", "j@c.com"),
+            ]
+        },
+    ),
+    "snake-case-renames": Case(
+        [identify({**IDS, "first_name": "John", "last_name": "Smith"})],
+        {"r0": [set_attr("FirstName", "John"), set_attr("LastName", "Smith")]},
+    ),
+    "company-name-is-the-account-name": Case(
+        [identify({**IDS, "company": {"name": "Initech", "industry": "Software"}})],
+        {"r0": [set_attr("Name", "Initech", entity="account")]},
+    ),
+    "company-without-name-sends-nothing": Case(
+        [identify({**IDS, "company": {"id": "c1"}})], {"r0": NOTHING}
+    ),
+    "value-shapes": Case(
+        [
+            identify(
+                {
+                    **IDS,
+                    "address": {"city": "Austin"},
+                    "roles": ["Admin", "Billing"],
+                    "mixed": ["a", 1, True, {"x": 1}, None],
+                    "admin": True,
+                    "churned": False,
+                    "seats": 12,
+                    "mrr": 99.5,
+                    "createdAt": "2024-01-01T00:00:00Z",
+                    "nothing": None,
+                }
+            )
+        ],
+        {
+            "r0": [
+                set_attr("roles", "Admin, Billing"),
+                set_attr("mixed", "a, 1, True"),
+                set_attr("admin", True),
+                set_attr("churned", False),
+                set_attr("seats", 12),
+                set_attr("mrr", 99.5),
+                set_attr("createdAt", "2024-01-01T00:00:00Z"),
+            ]
+        },
+    ),
+    "engage-audience-identify-via-webhook": Case(
+        [ENGAGE],
+        {
+            "r0": [
+                set_attr(
+                    "eg_lcm_user_portal_roles_partial_access",
+                    True,
+                    account="acct-1",
+                    contact="dpease+test@drift.com",
+                ),
+                set_attr(
+                    "Email",
+                    "dpease+test@drift.com",
+                    account="acct-1",
+                    contact="dpease+test@drift.com",
+                ),
+            ]
+        },
+        source="webhook",
+        known=ENGAGE_KNOWN,
+    ),
+    # --- integrations object (DESIGN §4) ----------------------------------------------
+    "ChurnZero-false-api": Case([track(integrations={"ChurnZero": False})], {"r0": DISABLED}),
+    "ChurnZero-false-webhook": Case(
+        [track(integrations={"ChurnZero": False}, properties=IDS)],
+        {"r0": DISABLED},
+        source="webhook",
+    ),
+    "Churnzero-false-api": Case([track(integrations={"Churnzero": False})], {"r0": DISABLED}),
+    "Churnzero-false-webhook": Case(
+        [track(integrations={"Churnzero": False}, properties=IDS)],
+        {"r0": DISABLED},
+        source="webhook",
+    ),
+    "ChurnZero-false-beats-All-true": Case(
+        [track(integrations={"All": True, "ChurnZero": False}, properties=IDS)],
+        {"r0": DISABLED},
+    ),
+    "ChurnZero-false-on-identify": Case(
+        [identify({**IDS, "plan": "pro"}, integrations={"ChurnZero": False})],
+        {"r0": DISABLED},
+    ),
+    "ChurnZero-options-object-enables": Case(
+        [track(integrations={"All": False, "ChurnZero": {"allowDupes": True}}, properties=IDS)],
+        {"r0": [track_event()]},
+    ),
+    "ChurnZero-true-with-All-false": Case(
+        [track(integrations={"All": False, "ChurnZero": True}, properties=IDS)],
+        {"r0": [track_event()]},
+    ),
+    "All-false-api-skips": Case(
+        [track(integrations={"All": False, "HubSpot": True}, properties=IDS)],
+        {"r0": DISABLED},
+    ),
+    "All-false-webhook-delivers": Case(
+        [track(integrations={"All": False, "HubSpot": True}, properties=IDS)],
+        {"r0": [track_event()]},
+        source="webhook",
+    ),
+    "engage-All-false-api-skips": Case([ENGAGE], {"r0": DISABLED}, known=ENGAGE_KNOWN),
+    "other-destination-false-delivers": Case(
+        [track(integrations={"Intercom": False, "All": True}, properties=IDS)],
+        {"r0": [track_event()]},
+    ),
+    "lower-case-churnzero-is-another-destination": Case(
+        [track(integrations={"churnzero": False}, properties=IDS)],
+        {"r0": [track_event()]},
+    ),
+    # --- unsupported types ------------------------------------------------------------
+    "page-screen-group-alias-api": Case(
+        [
+            {"type": "page", "userId": "u1", "name": "Home"},
+            {"type": "screen", "userId": "u1", "name": "Home"},
+            {"type": "group", "userId": "u1", "groupId": "g1", "traits": IDS},
+            {"type": "alias", "userId": "u1", "previousId": "anon-1"},
+        ],
+        {"r0": UNSUPPORTED, "r1": UNSUPPORTED, "r2": UNSUPPORTED, "r3": UNSUPPORTED},
+    ),
+    "delete-webhook": Case(
+        [{"type": "delete", "userId": "u1"}], {"r0": UNSUPPORTED}, source="webhook"
+    ),
+    "unsupported-type-even-with-ChurnZero-false": Case(
+        [{"type": "page", "userId": "u1", "integrations": {"ChurnZero": False}}],
+        {"r0": UNSUPPORTED},
+    ),
+    # --- track fields -----------------------------------------------------------------
+    "event-date-in-utc": Case(
+        [track(properties=IDS, timestamp="2024-03-19T09:22:00.5+02:00")],
+        {"r0": [track_event(date="2024-03-19T07:22:00.500000Z")]},
+    ),
+    "event-date-epoch-milliseconds": Case(
+        [track(properties=IDS, timestamp=1257894000000)],
+        {"r0": [track_event(date="2009-11-10T23:00:00Z")]},
+    ),
+    "event-date-from-receipt-when-missing": Case(
+        [{"type": "track", "userId": "userId123", "event": "Clicked Login Button"}],
+        {"r0": [track_event(date="2030-01-02T03:04:05Z")]},
+        known=KNOWN,
+    ),
+    "description": Case(
+        [track(properties={**IDS, "description": "from the header"})],
+        {"r0": [track_event(description="from the header")]},
+    ),
+    "description-truncated-to-255": Case(
+        [track(properties={**IDS, "description": "é" * 300})],
+        {"r0": [track_event(description="é" * 255)]},
+    ),
+    "description-not-a-string-ignored": Case(
+        [track(properties={**IDS, "description": {"text": "x"}})], {"r0": [track_event()]}
+    ),
+    "quantity-int": Case(
+        [track(properties={**IDS, "quantity": 3})], {"r0": [track_event(quantity=3)]}
+    ),
+    "quantity-float": Case(
+        [track(properties={**IDS, "quantity": 2.5})], {"r0": [track_event(quantity=2.5)]}
+    ),
+    "quantity-zero": Case(
+        [track(properties={**IDS, "quantity": 0})], {"r0": [track_event(quantity=0)]}
+    ),
+    "quantity-string-is-1": Case(
+        [track(properties={**IDS, "quantity": "3"})], {"r0": [track_event(quantity=1)]}
+    ),
+    "quantity-bool-is-1": Case(
+        [track(properties={**IDS, "quantity": True})], {"r0": [track_event(quantity=1)]}
+    ),
+    "quantity-null-is-1": Case(
+        [track(properties={**IDS, "quantity": None})], {"r0": [track_event(quantity=1)]}
+    ),
+    "no-cf-fields-by-default": Case(
+        [track("Order Completed", properties={**IDS, "revenue": 14.99, "plan": "pro"})],
+        {"r0": [track_event("Order Completed")]},
+    ),
+    "cf-fields-listed-by-mapping": Case(
+        [
+            track(
+                "Order Completed",
+                properties={**IDS, "revenue": 14.99, "plan": "pro", "coupon": "X", "tags": ["a"]},
+            ),
+            track("Signed Up", properties={**IDS, "revenue": 1, "plan": "free"}),
+        ],
+        {
+            "r0": [track_event("Order Completed", cf_revenue=14.99, cf_plan="pro", cf_tags="a")],
+            "r1": [track_event("Signed Up", cf_plan="free")],
+        },
+        mapping=Mapping(
+            events=EventMap(fields={"Order Completed": ("revenue", "tags"), "*": ("plan",)})
+        ),
+    ),
+    "cf-field-listed-but-absent": Case(
+        [track("Order Completed", properties=IDS)],
+        {"r0": [track_event("Order Completed")]},
+        mapping=Mapping(events=EventMap(fields={"Order Completed": ("revenue",)})),
+    ),
+    # --- mapping: events and traits ---------------------------------------------------
+    "event-rename": Case(
+        [track(properties=IDS)],
+        {"r0": [track_event("Login")]},
+        mapping=Mapping(events=EventMap(rename={"Clicked Login Button": "Login"})),
+    ),
+    "event-deny": Case(
+        [track(properties=IDS), track("Heartbeat", properties=IDS)],
+        {"r0": [track_event()], "r1": FILTERED},
+        mapping=Mapping(events=EventMap(deny=frozenset({"Heartbeat"}))),
+    ),
+    "event-allow": Case(
+        [track(properties=IDS), track("Heartbeat", properties=IDS)],
+        {"r0": [track_event()], "r1": FILTERED},
+        mapping=Mapping(events=EventMap(allow=frozenset({"Clicked Login Button"}))),
+    ),
+    "event-allow-does-not-filter-identify": Case(
+        [identify({**IDS, "plan": "pro"})],
+        {"r0": [set_attr("plan", "pro")]},
+        mapping=Mapping(events=EventMap(allow=frozenset({"Clicked Login Button"}))),
+    ),
+    "trait-rename-account-and-ignore": Case(
+        [identify({**IDS, "plan": "pro", "mrr": 99, "password": "hunter2", "email": "j@c.com"})],
+        {
+            "r0": [
+                set_attr("Plan Name", "pro", entity="account"),
+                set_attr("mrr", 99, entity="account"),
+                set_attr("Email", "j@c.com"),
+            ]
+        },
+        mapping=Mapping(
+            traits=TraitMap(
+                rename={"plan": "Plan Name"},
+                account=frozenset({"plan", "mrr"}),
+                ignore=frozenset({"password"}),
+            )
+        ),
+    ),
+    # --- command validation -----------------------------------------------------------
+    "id-of-100-chars-is-fine": Case(
+        [track(properties={"accountExternalId": "a" * 100, "contactExternalId": CONTACT})],
+        {"r0": [track_event(account="a" * 100)]},
+    ),
+    "account-id-over-100-chars": Case(
+        [track(properties={"accountExternalId": LONG_ID, "contactExternalId": CONTACT})],
+        {"r0": ("invalid_command", ["accountExternalId is longer than 100 characters"])},
+    ),
+    "contact-id-over-100-chars-on-identify": Case(
+        [identify({"accountExternalId": ACCOUNT, "contactExternalId": LONG_ID, "plan": "pro"})],
+        {"r0": ("invalid_command", ["contactExternalId is longer than 100 characters"])},
+    ),
+    "blank-event-name": Case(
+        [track("   ", properties=IDS)], {"r0": ("invalid_command", ["eventName is empty"])}
+    ),
+    "event-renamed-to-nothing": Case(
+        [track(properties=IDS)],
+        {"r0": ("invalid_command", ["eventName is empty"])},
+        mapping=Mapping(events=EventMap(rename={"Clicked Login Button": ""})),
+    ),
+    "empty-id-from-identity-map": Case(
+        [track()],
+        {"r0": ("invalid_command", ["accountExternalId is empty"])},
+        known={"u:userId123": Ids("", CONTACT)},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
+def test_translation(case: Case) -> None:
+    got = fates(case.events, source=case.source, known=case.known, mapping=case.mapping)
+    assert got == case.expected
+
+
+def test_envelope_integrations_reach_every_item_of_a_batch() -> None:
+    body = {
+        "batch": [track(properties=IDS), identify({**IDS, "plan": "pro"})],
+        "integrations": {"ChurnZero": False},
+    }
+    intake = parse_api("batch", json.dumps(body).encode(), RECEIVED)
+    items = [{"id": f"r{n}", "source": "api", "event": e} for n, e in enumerate(intake.accepted)]
+    parsed, _ = parse_items(items)
+    plan = plan_batch(parsed, {}, Mapping())
+    assert [reason for _, reason in plan.skipped] == [
+        "disabled_by_integrations",
+        "disabled_by_integrations",
+    ]
+
+
+def test_seed_example_teaches_the_identity_map() -> None:
+    parsed, _ = parse_items(items_of([identify(IDS), track()], "api"))
+    plan = plan_batch(parsed, {}, Mapping())
+    assert plan.learned == {"u:userId123": Ids(ACCOUNT, CONTACT)}
+
+
+def test_anonymous_only_fixture_teaches_its_anonymous_id() -> None:
+    event = fixture("identify-anonymous-only-as-delivered.json")
+    event["traits"].update(IDS)
+    parsed, _ = parse_items(items_of([event], "webhook"))
+    plan = plan_batch(parsed, {}, Mapping())
+    assert plan.learned == {"a:hhamed": Ids(ACCOUNT, CONTACT)}
+    [(_, commands)] = plan.send
+    assert commands == [set_attr("chelsey_test", True), set_attr("contactId", "hhamed")]
+
+
+def test_lookup_keys_are_those_of_events_missing_an_id() -> None:
+    parsed, _ = parse_items(
+        items_of(
+            [
+                track(),
+                track(properties=IDS, userId="has-ids"),
+                {"type": "track", "anonymousId": "anon-9", "event": "Viewed"},
+                {"type": "page", "userId": "pager"},
+            ],
+            "api",
+        )
+    )
+    assert lookup_keys(parsed, Mapping()) == ["a:anon-9", "u:userId123"]
+
+
+def test_items_whose_event_no_longer_parses_are_reported() -> None:
+    good_item = items_of([track(properties=IDS)], "api")[0]
+    broken = {"id": "r9", "source": "api", "event": {"type": "track", "userId": "u1"}}
+    missing = {"id": "r8", "source": "api"}
+    parsed, bad = parse_items([good_item, broken, missing])
+    assert [item["id"] for item, _ in parsed] == ["r0"]
+    assert [item["id"] for item, _ in bad] == ["r9", "r8"]
+    assert all(problems and problems[0] for _, problems in bad)
+
+
+@pytest.mark.parametrize(
+    ("command", "problems"),
+    [
+        pytest.param(track_event(), [], id="valid-track"),
+        pytest.param(set_attr("Plan", "pro"), [], id="valid-attribute"),
+        pytest.param(track_event(account=""), ["accountExternalId is empty"], id="empty-account"),
+        pytest.param(
+            {**track_event(), "contactExternalId": None},
+            ["contactExternalId is empty"],
+            id="missing-contact",
+        ),
+        pytest.param(
+            track_event(account=LONG_ID, contact=LONG_ID),
+            [
+                "accountExternalId is longer than 100 characters",
+                "contactExternalId is longer than 100 characters",
+            ],
+            id="both-ids-too-long",
+        ),
+        pytest.param(track_event(name=""), ["eventName is empty"], id="empty-event-name"),
+        pytest.param(
+            {**track_event(), "eventDate": None}, ["eventDate is missing"], id="no-event-date"
+        ),
+        pytest.param(
+            track_event(description="d" * 256),
+            ["description is longer than 255 characters"],
+            id="long-description",
+        ),
+        pytest.param(track_event(description="d" * 255), [], id="description-255"),
+        pytest.param(set_attr(" ", "x"), ["attribute name is empty"], id="blank-attribute"),
+        pytest.param(
+            set_attr("Plan", "x", entity="user"),
+            ["entity must be account or contact"],
+            id="bad-entity",
+        ),
+    ],
+)
+def test_validate_command(command: dict[str, Any], problems: list[str]) -> None:
+    assert validate_command(command) == problems
