@@ -38,6 +38,9 @@ fmt: install
 	$(BIN)/ruff format relay workers tests
 	$(BIN)/ruff check --fix relay workers tests
 
+chaos: install
+	$(BIN)/pytest -q -m chaos -s tests/integration/test_chaos.py
+
 bench: install
 	$(BIN)/python -m tests.bench
 

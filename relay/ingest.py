@@ -38,6 +38,7 @@ GATE = web.AppKey("gate", "QueueGate")
 DEPLOYMENT = web.AppKey("deployment", CollectorRegistry)
 
 RETRY_AFTER_S = 5
+BODY_TIMEOUT_S = 10  # a client slower than this to send its body gets 408 (Segment retries it)
 
 
 class QueueGate:
@@ -85,18 +86,20 @@ class _Refused(Exception):
         self.response = response
 
 
-async def _read_body(request: web.Request) -> bytes:
+async def _read_raw(request: web.Request) -> bytes:
+    too_big = f"request body is larger than {intake.MAX_REQUEST_BYTES // 1024} KB"
     if (request.content_length or 0) > intake.MAX_REQUEST_BYTES:
-        raise intake.BadRequest(
-            f"request body is larger than {intake.MAX_REQUEST_BYTES // 1024} KB"
-        )
+        raise intake.BadRequest(too_big)
     try:
-        body = await request.read()
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            body = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise intake.BadRequest(
-            f"request body is larger than {intake.MAX_REQUEST_BYTES // 1024} KB"
-        ) from None
-    return intake.decode_body(body, request.headers.get("Content-Encoding"))
+        raise intake.BadRequest(too_big) from None
+    except TimeoutError:
+        raise _Refused(_json(408, {"error": "request body took too long"})) from None
+    if len(body) > intake.MAX_REQUEST_BYTES:
+        raise intake.BadRequest(too_big)
+    return body
 
 
 def _check_webhook_auth(settings: Settings, request: web.Request, raw: bytes) -> None:
@@ -159,16 +162,10 @@ async def _handle(
     gate = app[GATE]
     if not gate.open:
         return _unavailable(gate.reason)
-    raw = await request.read() if route == "webhook" else b""
+    raw = await _read_raw(request)
     if route == "webhook":
-        if len(raw) > intake.MAX_REQUEST_BYTES:
-            raise intake.BadRequest(
-                f"request body is larger than {intake.MAX_REQUEST_BYTES // 1024} KB"
-            )
         _check_webhook_auth(settings, request, raw)
-        body = intake.decode_body(raw, request.headers.get("Content-Encoding"))
-    else:
-        body = await _read_body(request)
+    body = intake.decode_body(raw, request.headers.get("Content-Encoding"))
     now = datetime.now(UTC)
     parsed = (
         intake.parse_webhook(body, now)

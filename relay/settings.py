@@ -52,8 +52,8 @@ class Settings(BaseSettings):
     backoff_cap_s: float = Field(300.0, gt=0)
     # Consecutive failed requests after which every worker pauses (circuit open).
     outage_threshold: int = Field(5, ge=1)
-    task_time_limit_s: int = Field(300, ge=10)
-    visibility_timeout_s: int = Field(1800, ge=60)
+    task_time_limit_s: int = Field(300, ge=5)
+    visibility_timeout_s: int = Field(1800, ge=10)
 
     log_level: str = "info"
     log_format: str = "auto"  # auto | json | console

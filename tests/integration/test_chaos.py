@@ -1,0 +1,231 @@
+"""Faults with real processes and a real Redis: nothing acknowledged is lost.
+
+Each scenario counts events sent, acknowledged (answered 200), delivered (arrived at the
+sandbox), dead-lettered and duplicated, asserts the promise, and records the figures in
+bench-results/reliability.json for the README.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import requests
+
+from tests.conftest import ROOT, free_port, start_redis
+from tests.integration.conftest import WRITE_KEY, Proc, Sandbox, Starter
+from tests.integration.test_delivery import settled, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.chaos]
+AUTH = (WRITE_KEY, "")
+RESULTS = ROOT / "bench-results" / "reliability.json"
+
+
+class Load:
+    """Numbered track events posted in batches by background threads, bounded in count."""
+
+    def __init__(self, urls: list[str], total: int, batch: int = 100, threads: int = 4) -> None:
+        self.urls, self.total, self.batch, self.threads = urls, total, batch, threads
+        self.acked: set[str] = set()
+        self.answers: list[tuple[float, float, int]] = []  # start, end, status (0: no answer)
+        self._next = 0
+        self._lock = threading.Lock()
+        self._workers: list[threading.Thread] = []
+
+    def _take(self) -> int | None:
+        with self._lock:
+            if self._next >= self.total:
+                return None
+            start, self._next = self._next, min(self._next + self.batch, self.total)
+            return start
+
+    def _run(self, index: int) -> None:
+        session = requests.Session()
+        while (start := self._take()) is not None:
+            ids = [f"c-{i}" for i in range(start, min(start + self.batch, self.total))]
+            body = {"batch": [{"type": "track", "userId": "u1", "event": "E", "messageId": i,
+                               "properties": {"description": i}} for i in ids]}  # fmt: skip
+            url = self.urls[(start // self.batch) % len(self.urls)]
+            began = time.monotonic()
+            try:
+                status = session.post(
+                    url + "/v1/batch", auth=AUTH, json=body, timeout=10
+                ).status_code
+            except requests.RequestException:
+                status = 0
+            with self._lock:
+                self.answers.append((began, time.monotonic(), status))
+                if status == 200:
+                    self.acked.update(ids)
+
+    def start(self) -> Load:
+        self._workers = [threading.Thread(target=self._run, args=(i,)) for i in range(self.threads)]
+        for worker in self._workers:
+            worker.start()
+        return self
+
+    def join(self, timeout: float = 120) -> None:
+        for worker in self._workers:
+            worker.join(timeout)
+
+
+def identify(url: str) -> None:
+    requests.post(url + "/v1/identify", auth=AUTH, json={
+        "userId": "u1", "traits": {"accountExternalId": "A", "contactExternalId": "C"},
+    }).raise_for_status()  # fmt: skip
+
+
+def delivered(sandbox: Sandbox) -> Counter[str]:
+    return Counter(c["description"] for c in sandbox.commands() if c["action"] == "trackEvent")
+
+
+def record(
+    name: str, load: Load, got: Counter[str], r: redis.Redis, **extra: Any
+) -> dict[str, Any]:
+    """Check the promise and write the scenario's figures."""
+    lost = load.acked - set(got)
+    figures = {
+        "sent": load.total,
+        "acknowledged": len(load.acked),
+        "delivered": len(set(got) & load.acked),
+        "dead_lettered": int(r.hlen("relay:dlq:entries")),
+        "duplicated": sum(n - 1 for n in got.values()),
+        "lost": len(lost),
+        **extra,
+    }
+    RESULTS.parent.mkdir(exist_ok=True)
+    existing = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    existing[name] = figures
+    RESULTS.write_text(json.dumps(existing, indent=2))
+    print(f"\n{name}: {figures}")
+    assert not lost, f"{len(lost)} acknowledged events were not delivered"
+    return figures
+
+
+def drained(r: redis.Redis, sandbox: Sandbox, want: set[str]) -> Callable[[], bool]:
+    return lambda: settled(r) and want <= set(delivered(sandbox))
+
+
+def test_worker_sigkill_mid_delivery(
+    r: redis.Redis, clean_sandbox: Sandbox, start_ingest: Callable[..., str], start_worker: Starter
+) -> None:
+    timing = {"visibility_timeout_s": 20, "task_time_limit_s": 10}
+    clean_sandbox.fault(latency_ms=20)
+    url = start_ingest()
+    identify(url)
+    worker = start_worker(**timing)
+    load = Load([url], 50_000).start()
+    wait_for(lambda: len(clean_sandbox.commands()) > 8_000, timeout=60)
+    worker.stop(signal.SIGKILL)
+    killed_at = len(clean_sandbox.commands())
+    load.join()
+    start_worker(**timing)
+    wait_for(drained(r, clean_sandbox, load.acked), timeout=150)
+    figures = record("worker SIGKILL mid-delivery", load, delivered(clean_sandbox), r,
+                     delivered_before_kill=killed_at)  # fmt: skip
+    assert figures["dead_lettered"] == 0
+    # At most the batches the killed worker held: concurrency x message size.
+    assert figures["duplicated"] <= 4 * 500
+
+
+def test_redis_stop_and_restart_during_ingest(
+    tmp_path: Path, clean_sandbox: Sandbox, start_ingest: Callable[..., str],
+    start_worker: Starter,
+) -> None:  # fmt: skip
+    port = free_port()
+    aof = ("--appendonly", "yes", "--appendfsync", "always")
+    server = start_redis(port, tmp_path / "redis", *aof)
+    url_redis = f"redis://127.0.0.1:{port}/0"
+    r = redis.Redis.from_url(url_redis)
+    try:
+        url = start_ingest(redis_url=url_redis)
+        identify(url)
+        load = Load([url], 30_000, batch=20, threads=4).start()
+        time.sleep(2)
+        server.send_signal(signal.SIGKILL)
+        server.wait(10)
+        down_from = time.monotonic()
+        time.sleep(2)
+        down_to = time.monotonic()
+        server = start_redis(port, tmp_path / "redis", *aof)
+        load.join()
+        during = [s for began, end, s in load.answers if began > down_from and end < down_to]
+        assert during and 200 not in during, Counter(during)
+        assert Counter(during)[503] > 0
+        start_worker(redis_url=url_redis)
+        wait_for(drained(r, clean_sandbox, load.acked), timeout=120)
+        record("Redis SIGKILL and restart (AOF always)", load, delivered(clean_sandbox), r,
+               answered_503=sum(1 for *_, s in load.answers if s == 503))  # fmt: skip
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def test_ingest_sigkill_under_load(
+    r: redis.Redis, clean_sandbox: Sandbox, start_ingest: Callable[..., str],
+    start_worker: Starter, redis_url: str, tmp_path: Path,
+) -> None:  # fmt: skip
+    from tests.integration.conftest import relay_env, wait_http
+
+    port = free_port()
+    ingest = Proc([os.environ.get("PYTHON", "python"), "-m", "relay.cli", "serve"],
+                  relay_env(redis_url, port=port), tmp_path / "victim.log")  # fmt: skip
+    ingest.args[0] = __import__("sys").executable
+    ingest.start()
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/livez", ingest)
+    identify(url)
+    load = Load([url], 40_000, batch=50).start()
+    time.sleep(2)
+    ingest.stop(signal.SIGKILL)
+    load.join()
+    start_worker()
+    wait_for(drained(r, clean_sandbox, load.acked), timeout=90)
+    figures = record("ingest SIGKILL under load", load, delivered(clean_sandbox), r)
+    assert 0 < figures["acknowledged"] < figures["sent"]
+
+
+def test_two_ingest_two_workers_deliver_exactly_once(
+    r: redis.Redis, clean_sandbox: Sandbox, start_ingest: Callable[..., str], start_worker: Starter
+) -> None:
+    urls = [start_ingest(), start_ingest()]
+    identify(urls[0])
+    start_worker()
+    start_worker()
+    began = time.monotonic()
+    load = Load(urls, 30_000, threads=6).start()
+    load.join()
+    wait_for(drained(r, clean_sandbox, load.acked), timeout=90)
+    elapsed = time.monotonic() - began
+    got = delivered(clean_sandbox)
+    figures = record("2 ingest + 2 workers", load, got, r,
+                     events_per_s=round(len(load.acked) / elapsed))  # fmt: skip
+    assert figures["acknowledged"] == 30_000
+    assert figures["duplicated"] == 0
+
+
+@pytest.mark.slow
+def test_sandbox_down_a_minute_then_429_storm(
+    r: redis.Redis, clean_sandbox: Sandbox, start_ingest: Callable[..., str], start_worker: Starter
+) -> None:
+    url = start_ingest()
+    identify(url)
+    clean_sandbox.fault(drop_connection=True, for_s=60)
+    start_worker()
+    load = Load([url], 10_000).start()
+    load.join()
+    time.sleep(58)
+    clean_sandbox.fault(status=429, retry_after=2, for_s=20)
+    time.sleep(20)
+    wait_for(drained(r, clean_sandbox, load.acked), timeout=120)
+    figures = record("ChurnZero down 60 s, then 429s for 20 s", load, delivered(clean_sandbox), r)
+    assert figures["dead_lettered"] == 0
