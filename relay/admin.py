@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from relay import auth, broker, deadletter, keys, status
 
@@ -31,7 +32,7 @@ def _error(status_code: int, message: str) -> web.Response:
 
 
 @web.middleware
-async def require_token(request: web.Request, handler: Any) -> web.StreamResponse:
+async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Bearer-token check for /admin/api/*; the page and other routes pass through."""
     if not request.path.startswith("/admin"):
         return await handler(request)

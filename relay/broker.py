@@ -10,6 +10,7 @@ from typing import Any
 
 from celery import Celery
 from kombu.exceptions import OperationalError
+from redis.exceptions import RedisError
 
 from relay import keys
 from relay.settings import Settings
@@ -62,4 +63,6 @@ def make_celery(settings: Settings, redis_url: str) -> Celery:
 
 
 # What a failed publish raises: kombu's connection errors and the socket's own.
-PUBLISH_ERRORS: tuple[type[BaseException], ...] = (OperationalError, ConnectionError, TimeoutError)
+PUBLISH_ERRORS: tuple[type[Exception], ...] = (OperationalError, ConnectionError, TimeoutError)
+# What any queue operation can raise when Redis is away: the above and redis-py's own.
+QUEUE_ERRORS: tuple[type[Exception], ...] = (*PUBLISH_ERRORS, RedisError, OSError)

@@ -34,7 +34,7 @@ REDIS = web.AppKey("redis", aioredis.Redis)
 SYNC_REDIS = web.AppKey("sync_redis", redis.Redis)
 CELERY = web.AppKey("celery", Celery)
 COMMIT = web.AppKey("commit", GroupCommit)
-GATE = web.AppKey("gate", "QueueGate")
+GATE: web.AppKey[QueueGate]
 DEPLOYMENT = web.AppKey("deployment", CollectorRegistry)
 
 RETRY_AFTER_S = 5
@@ -69,6 +69,9 @@ class QueueGate:
             self.reason = "redis unreachable"
         elif self.waiting > self.limit:
             self.reason = f"queue over its high-water mark ({self.waiting} > {self.limit})"
+
+
+GATE = web.AppKey("gate", QueueGate)
 
 
 def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:
@@ -192,7 +195,7 @@ async def _handle(
             deadletter.stage_add(pipe, rejected)
             await pipe.execute()
         await app[COMMIT].submit(items)
-    except (redis.RedisError, OSError, broker.PUBLISH_ERRORS) as exc:
+    except broker.QUEUE_ERRORS as exc:
         outcome["error"] = type(exc).__name__
         return _unavailable("could not queue the events")
     outcome.update(accepted=len(items), rejected=len(rejected))

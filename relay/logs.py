@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
@@ -19,7 +20,7 @@ SECRET_KEYS = frozenset(
 )  # fmt: skip
 
 
-def scrub(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def scrub(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """Replace credential-named values with a marker."""
     for key in list(event_dict):
         if key.lower() in SECRET_KEYS or key in SECRET_KEYS:

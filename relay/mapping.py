@@ -130,7 +130,7 @@ def _line_of(text: str, loc: list[str]) -> int | None:
                 return number  # the unknown name is a table of its own
             continue
         name = stripped.split("=", 1)[0].strip().strip('"')
-        if "=" in stripped and table + [name] == tables + [key]:
+        if "=" in stripped and [*table, name] == [*tables, key]:
             return number
         if "=" in stripped and table == tables[:-1] and name == (tables[-1:] or [""])[0]:
             return number  # an inline table holding the key

@@ -263,12 +263,12 @@ def plan_batch(
                 plan.unresolved.append(item)
                 continue
             account, contact = account or found.account, contact or found.contact
-        ids = Ids(account, contact)
+        resolved = Ids(account, contact)
         if isinstance(event, events.Identify):
-            commands = identify_commands(event, ids, mapping)
+            commands = identify_commands(event, resolved, mapping)
         else:
             assert isinstance(event, events.Track)
-            commands = [track_command(event, ids, mapping)]
+            commands = [track_command(event, resolved, mapping)]
         problems = [p for c in commands for p in validate_command(c)]
         if problems:
             plan.invalid_command.append((item, sorted(set(problems))))

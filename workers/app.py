@@ -43,7 +43,7 @@ def _move_forever() -> None:
     while not _stop.is_set():
         try:
             moved = mover.move_due(time.time())
-        except (redis.RedisError, OSError, *broker.PUBLISH_ERRORS) as exc:
+        except broker.QUEUE_ERRORS as exc:
             log.warning("mover_error", error=type(exc).__name__)
             moved = 0
             _stop.wait(2)

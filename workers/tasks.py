@@ -30,7 +30,7 @@ def _delivery() -> Delivery:
 
 
 @app.task(name=keys.TASK_DELIVER, bind=True, acks_on_failure_or_timeout=False)
-def deliver_batch(self: Task, items: list[dict[str, Any]]) -> None:
+def deliver_batch(self: Task[Any, None], items: list[dict[str, Any]]) -> None:
     """Deliver one batch of queued items to ChurnZero (see relay.delivery)."""
     structlog.contextvars.bind_contextvars(task_id=self.request.id)
     started = time.perf_counter()

@@ -18,7 +18,7 @@ import pytest
 import redis
 import requests
 
-from tests.conftest import IN_CI, ROOT, free_port, redis_answers, start_redis
+from tests.conftest import ROOT, free_port, redis_answers, start_redis
 
 DB = 13
 SECRET = "test-webhook-secret"

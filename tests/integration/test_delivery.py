@@ -81,13 +81,15 @@ def test_track_before_identify_in_one_batch_and_filters(
     relay: str, r: redis.Redis, clean_sandbox: Sandbox
 ) -> None:
     batch = [
-        {"type": "track", "userId": "u9", "event": "Report Run", "timestamp": "2026-01-02T03:04:05Z",
+        {"type": "track", "userId": "u9", "event": "Report Run",
+         "timestamp": "2026-01-02T03:04:05Z",
          "properties": {"quantity": 3, "description": "monthly"}},
         {"type": "identify", "userId": "u9",
          "traits": {"accountExternalID": "acme", "contactExternalID": "ann@acme.io"}},
         {"type": "page", "userId": "u9", "name": "Home"},
         {"type": "track", "userId": "u9", "event": "Hidden", "integrations": {"ChurnZero": False}},
-        {"type": "track", "userId": "u9", "event": "Also hidden", "integrations": {"Churnzero": False}},
+        {"type": "track", "userId": "u9", "event": "Also hidden",
+         "integrations": {"Churnzero": False}},
         # All:false is Segment's router's business; on /webhook the event was routed to us.
         {"type": "track", "userId": "u9", "event": "Routed", "timestamp": "2026-01-02T03:04:06Z",
          "integrations": {"All": False, "Webhooks": True}},

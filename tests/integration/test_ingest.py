@@ -122,7 +122,9 @@ def test_gzip_and_limits(ingest: str, r: redis.Redis) -> None:
     answer = requests.post(ingest + "/v1/batch", json=big, auth=auth)
     assert answer.status_code == 400 and "2500" in answer.json()["error"]
     assert r.llen("relay") == 0
-    ok = gzip.compress(json.dumps({"batch": [{"type": "track", "userId": 42, "event": "e"}]}).encode())
+    ok = gzip.compress(
+        json.dumps({"batch": [{"type": "track", "userId": 42, "event": "e"}]}).encode()
+    )
     answer = requests.post(
         ingest + "/v1/import", data=ok, auth=auth, headers={"Content-Encoding": "gzip"}
     )
@@ -144,14 +146,14 @@ def test_analytics_go_fixtures_through_batch(ingest: str, r: redis.Redis) -> Non
     assert events[2]["integrations"]["Intercom"] is False
 
 
-def test_over_high_water_mark_answers_503(
-    r: redis.Redis, start_ingest: Callable[..., str]
-) -> None:
+def test_over_high_water_mark_answers_503(r: redis.Redis, start_ingest: Callable[..., str]) -> None:
     url = start_ingest(max_queue_depth=5)
     r.set("relay:depth:ready", 10)
     r.rpush("relay", b"placeholder")  # a non-empty queue, so the counter is believed
     time.sleep(0.6)  # the gate refreshes every 250 ms
-    answer = requests.post(url + "/v1/track", json={"userId": "u", "event": "e"}, auth=(WRITE_KEY, ""))
+    answer = requests.post(
+        url + "/v1/track", json={"userId": "u", "event": "e"}, auth=(WRITE_KEY, "")
+    )
     assert answer.status_code == 503
     assert answer.headers["Retry-After"]
     assert requests.get(url + "/readyz").status_code == 503
