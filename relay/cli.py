@@ -152,7 +152,7 @@ def dev() -> None:
             "Try it:\n"
             f"  curl -s {base}/v1/identify -H 'Content-Type: application/json' -d "
             "'{\"userId\":\"userId123\",\"traits\":{\"accountExternalId\":\"12345678\","
-            "\"contactExternalId\":\"john.smith@company.com\",\"name\":\"John\"}}'\n"
+            "\"contactExternalId\":\"john.smith@company.com\",\"firstName\":\"John\"}}'\n"
             f"  curl -s {base}/v1/track -H 'Content-Type: application/json' -d "
             "'{\"userId\":\"userId123\",\"event\":\"Clicked Login Button\"}'\n"
             + (f"  curl -s http://127.0.0.1:{settings.sandbox_port}/_sandbox/commands\n"
