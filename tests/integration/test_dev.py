@@ -24,8 +24,10 @@ def test_relay_dev_runs_everything_and_stops_cleanly(tmp_path: Path) -> None:
     env.update(RELAY_PORT=str(port), RELAY_SANDBOX_PORT=str(sandbox_port),
                RELAY_STATE_DIR=str(tmp_path / "state"), PYTHONUNBUFFERED="1")  # fmt: skip
     log = open(tmp_path / "dev.log", "wb")  # noqa: SIM115  # the child's output
-    proc = subprocess.Popen([sys.executable, "-m", "relay.cli", "dev"], env=env, cwd=ROOT,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "relay.cli", "dev"],
+        env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
     family: list[psutil.Process] = []
     try:
         base = f"http://127.0.0.1:{port}"
@@ -57,7 +59,7 @@ def test_relay_dev_runs_everything_and_stops_cleanly(tmp_path: Path) -> None:
         assert len(family) >= 4  # redis-server, sandbox, ingest, worker
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the terminal
         proc.wait(30)
-        gone, alive = psutil.wait_procs(family, timeout=15)
+        _gone, alive = psutil.wait_procs(family, timeout=15)
         assert alive == [], [p.cmdline() for p in alive]
     finally:
         if proc.poll() is None:
