@@ -7,6 +7,7 @@ brings due batches back from the delayed set.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from typing import Any
@@ -17,13 +18,17 @@ from celery import signals
 
 from relay import broker, embedded, keys, logs
 from relay.delayed import Mover
-from relay.mapping import load_mapping
-from relay.settings import load_settings
+from relay.mapping import MappingError, load_mapping
+from relay.settings import ConfigError, load_settings
 
-settings = load_settings()
-logs.configure(settings.log_level, settings.log_format)
-redis_url = embedded.resolve_url(settings.redis_url, settings.state_dir)
-mapping = load_mapping(settings.mapping_file)  # a bad file stops the worker at start
+try:
+    settings = load_settings()
+    logs.configure(settings.log_level, settings.log_format)
+    redis_url = embedded.resolve_url(settings.redis_url, settings.state_dir)
+    mapping = load_mapping(settings.mapping_file)  # a bad file stops the worker at start
+except (ConfigError, MappingError, embedded.EmbeddedRedisError) as exc:
+    # One line for the operator, not a traceback through Celery's app loader.
+    sys.exit(f"relay worker: {exc}")
 
 app = broker.make_celery(settings, redis_url)
 app.conf.include = ["workers.tasks"]

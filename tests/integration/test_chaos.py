@@ -115,6 +115,7 @@ def drained(r: redis.Redis, sandbox: Sandbox, want: set[str]) -> Callable[[], bo
     return lambda: settled(r) and want <= set(delivered(sandbox))
 
 
+@pytest.mark.slow
 def test_worker_sigkill_mid_delivery(
     r: redis.Redis, clean_sandbox: Sandbox, start_ingest: Callable[..., str], start_worker: Starter
 ) -> None:

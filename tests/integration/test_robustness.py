@@ -149,3 +149,17 @@ def test_long_outage_few_probes_bounded_memory_full_drain(
     wait_for(lambda: len(tracked(clean_sandbox)) >= 5000 and settled(r), timeout=90)
     assert sorted(tracked(clean_sandbox)) == sorted(f"o-{i}" for i in range(5000))
     assert r.hlen("relay:dlq:entries") == 0
+
+
+def test_retries_stop_at_max_age_into_dead_letters(
+    ingest: str, r: redis.Redis, clean_sandbox: Sandbox, start_worker: Starter
+) -> None:
+    clean_sandbox.fault(status=503)
+    start_worker(max_age_s=3, outage_threshold=1000)
+    identify_then_tracks(ingest, 3)
+    wait_for(lambda: r.zcard("relay:dlq:reason:retries_exhausted") == 3 and settled(r), timeout=30)
+    entries = [json.loads(v) for v in r.hvals("relay:dlq:entries")]
+    assert {e["status"] for e in entries} == {503}
+    assert all(e["attempts"] >= 2 for e in entries)
+    assert all(e["last_failure"] - e["first_failure"] >= 2.5 for e in entries)
+    assert tracked(clean_sandbox) == []
