@@ -27,8 +27,14 @@ def _json(body: Any, status_code: int = 200) -> web.Response:
     )
 
 
-def _error(status_code: int, message: str) -> web.Response:
-    return _json({"error": message}, status_code)
+def _error(status_code: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    response = _json({"error": message}, status_code)
+    response.headers.update(headers or {})
+    return response
+
+
+class _BadRequest(Exception):
+    """A malformed admin request (answered 400 with a JSON error)."""
 
 
 @web.middleware
@@ -45,8 +51,13 @@ async def require_token(request: web.Request, handler: Handler) -> web.StreamRes
         given = auth.bearer_token(request.headers.get("Authorization")) or ""
         expected = settings.admin_token.get_secret_value()
         if not hmac.compare_digest(given.encode(), expected.encode()):
-            return _error(401, "missing or invalid bearer token")
-    return await handler(request)
+            return _error(401, "missing or invalid bearer token", {"WWW-Authenticate": "Bearer"})
+    try:
+        return await handler(request)
+    except _BadRequest as exc:
+        return _error(400, str(exc))
+    except broker.QUEUE_ERRORS:
+        return _error(503, "redis unreachable", {"Retry-After": "5"})
 
 
 def _sync(request: web.Request) -> Any:
@@ -57,7 +68,18 @@ def _sync(request: web.Request) -> Any:
 
 async def page(_: web.Request) -> web.Response:
     """GET /admin: the status page (plain HTML and JS)."""
-    return web.Response(text=PAGE.read_text(encoding="utf-8"), content_type="text/html")
+    return web.Response(
+        text=PAGE.read_text(encoding="utf-8"),
+        content_type="text/html",
+        headers={
+            "Cache-Control": "no-store",
+            "X-Content-Type-Options": "nosniff",
+            # The page is self-contained: the browser may talk to this origin only.
+            "Content-Security-Policy": "default-src 'none'; connect-src 'self'; "
+            "script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data:; "
+            "frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+        },
+    )
 
 
 async def status_view(request: web.Request) -> web.Response:
@@ -68,10 +90,7 @@ async def status_view(request: web.Request) -> web.Response:
 def _reason(request: web.Request) -> str | None:
     reason = request.query.get("reason") or None
     if reason is not None and reason not in deadletter.REASONS:
-        raise web.HTTPBadRequest(
-            text=orjson.dumps({"error": f"unknown reason {reason!r}"}).decode(),
-            content_type="application/json",
-        )
+        raise _BadRequest(f"unknown reason {reason!r}")
     return reason
 
 
@@ -79,7 +98,7 @@ def _number(request: web.Request, name: str, default: int, high: int) -> int:
     try:
         return min(max(int(request.query.get(name, default)), 0), high)
     except ValueError:
-        raise web.HTTPBadRequest(text=f"{name} must be a number") from None
+        raise _BadRequest(f"{name} must be a number") from None
 
 
 async def dlq_list(request: web.Request) -> web.Response:
@@ -106,18 +125,20 @@ async def _selection(request: web.Request) -> tuple[list[str] | None, str | None
     try:
         body = await request.json(loads=orjson.loads)
     except ValueError:
-        raise web.HTTPBadRequest(text="body must be JSON") from None
+        raise _BadRequest("body must be JSON") from None
     if not isinstance(body, dict):
-        raise web.HTTPBadRequest(text="body must be a JSON object")
+        raise _BadRequest("body must be a JSON object")
     ids = body.get("ids")
     if ids is not None and not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
-        raise web.HTTPBadRequest(text="ids must be a list of strings")
+        raise _BadRequest("ids must be a list of strings")
     reason = body.get("reason")
     if reason is not None and reason not in deadletter.REASONS:
-        raise web.HTTPBadRequest(text=f"unknown reason {reason!r}")
+        raise _BadRequest(f"unknown reason {reason!r}")
     every = body.get("all") is True
+    if ids and (every or reason):
+        raise _BadRequest("give ids, or all / reason, not both")
     if not ids and not every and not reason:
-        raise web.HTTPBadRequest(text="give ids, all: true, or reason")
+        raise _BadRequest("give ids, all: true, or reason")
     return ids, reason, every
 
 

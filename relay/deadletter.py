@@ -189,25 +189,28 @@ def replay(
     for entry_id in ids:
         if r.set(keys.PREFIX + "dlq:replaying:" + entry_id, b"1", nx=True, ex=CLAIM_S):
             claimed.append(entry_id)
-    entries = get_many(r, claimed)
-    items = []
-    for entry in entries:
-        item = dict(entry["item"])
-        # A fresh start: attempts and max age count from the replay.
-        item["attempts"] = 0
-        item["first_failure"] = None
-        item["received_at"] = time.time()
-        item["replayed_from"] = entry["id"]
-        items.append(item)
-    if items:
-        publish(items)
-        pipe = r.pipeline(transaction=False)
-        pipe.incrby(keys.DEPTH_READY, len(items))
-        pipe.hincrby(keys.STATS, "replayed", len(items))
-        pipe.execute()
-        remove(r, entries)
-    if claimed:
-        r.delete(*(keys.PREFIX + "dlq:replaying:" + i for i in claimed))
+    try:
+        entries = get_many(r, claimed)
+        items = []
+        for entry in entries:
+            item = dict(entry["item"])
+            # A fresh start: attempts and max age count from the replay.
+            item["attempts"] = 0
+            item["first_failure"] = None
+            item["received_at"] = time.time()
+            item["replayed_from"] = entry["id"]
+            items.append(item)
+        if items:
+            publish(items)
+            pipe = r.pipeline(transaction=False)
+            pipe.incrby(keys.DEPTH_READY, len(items))
+            pipe.hincrby(keys.STATS, "replayed", len(items))
+            pipe.execute()
+            remove(r, entries)
+    finally:
+        # Released whatever happened: a failed publish leaves the entries replayable.
+        if claimed:
+            r.delete(*(keys.PREFIX + "dlq:replaying:" + i for i in claimed))
     return len(entries)
 
 

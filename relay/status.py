@@ -1,5 +1,5 @@
 """The status report operators read: depths, rates over the last minute, oldest age,
-dead letters by reason. Shared by `relay status`, `/admin/status` and the admin page."""
+dead letters by reason. Shared by `relay status`, `/admin/api/status` and the admin page."""
 
 from __future__ import annotations
 

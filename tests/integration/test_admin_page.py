@@ -1,0 +1,180 @@
+"""The admin page in a real headless Chromium: log in, watch the queue, replay a dead letter.
+
+Uses Debian's `/usr/bin/chromium` driven by Playwright's Python package (Playwright's own
+browser download is not used). Without them the tests skip locally and fail in CI.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+import pytest
+import redis
+import requests
+
+from tests.conftest import IN_CI
+from tests.integration.conftest import WRITE_KEY, queued_items
+
+pytestmark = pytest.mark.integration
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+TOKEN = "t0k"
+WAIT_MS = 10_000  # the page polls every 2 s
+
+
+def _missing(why: str) -> NoReturn:
+    if IN_CI:
+        pytest.fail(why)
+    pytest.skip(why)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """One headless Chromium for the module."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _missing("the playwright package is not installed (pip install playwright)")
+    if not os.access(CHROMIUM, os.X_OK):
+        _missing(f"{CHROMIUM} is missing (apt-get install chromium)")
+    playwright = sync_playwright().start()
+    try:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+    finally:
+        playwright.stop()
+
+
+@dataclass
+class Seen:
+    """What a page did besides drawing: the URLs it fetched and its script errors."""
+
+    requests: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+@pytest.fixture
+def seen() -> Seen:
+    return Seen()
+
+
+@pytest.fixture
+def page(browser: Any, seen: Seen) -> Iterator[Any]:
+    """A fresh page (its own sessionStorage), watched by `seen`."""
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=WAIT_MS)
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    tab = context.new_page()
+    tab.on("request", lambda request: seen.requests.append(request.url))
+    tab.on("pageerror", lambda error: seen.errors.append(str(error)))
+    yield tab
+    context.close()
+
+
+def log_in(page: Any, url: str, token: str) -> None:
+    page.goto(url + "/admin")
+    page.fill("#token", token)
+    page.click("#login-submit")
+
+
+def test_dashboard_shows_the_queue_and_replays_a_dead_letter(
+    r: redis.Redis, start_ingest: Callable[..., str], page: Any, seen: Seen, tmp_path: Path
+) -> None:
+    from playwright.sync_api import expect
+
+    url = start_ingest(admin_token=TOKEN)
+    batch = [
+        {"type": "track", "userId": "u1", "event": "Signed Up"},
+        {"type": "track", "userId": "u1"},  # no event name: dead-lettered as invalid_event
+    ]
+    answer = requests.post(url + "/v1/batch", auth=(WRITE_KEY, ""), json={"batch": batch})
+    assert answer.status_code == 200
+    assert len(answer.json()["rejected"]) == 1
+    [dead_id] = [i.decode() for i in r.hkeys("relay:dlq:entries")]
+
+    log_in(page, url, TOKEN)
+    expect(page.locator("#dashboard")).to_be_visible()
+    expect(page.locator("#login")).to_be_hidden()
+    expect(page.locator("#depth-ready")).to_have_text("1")
+    expect(page.locator("#depth-dead")).to_have_text("1")
+    expect(page.locator("#paused-banner")).to_be_hidden()
+    rows = page.locator("[data-testid=dlq-row]")
+    expect(rows).to_have_count(1)
+    row = rows.first
+    expect(row).to_have_attribute("data-id", dead_id)
+    expect(row).to_contain_text("invalid_event")
+    expect(page.locator("#chart polyline")).to_have_count(2)
+
+    row.locator("[data-testid=show]").click()
+    detail = page.locator("[data-testid=dlq-detail]")
+    expect(detail).to_contain_text('"reason": "invalid_event"')
+    expect(detail).to_contain_text('"field": "event"')
+    page.screenshot(path=str(tmp_path / "admin.png"), full_page=True)
+
+    row.locator("[data-testid=replay]").click()
+    expect(rows).to_have_count(0)
+    expect(page.locator("#dlq-empty")).to_be_visible()
+    assert r.hlen("relay:dlq:entries") == 0
+    replayed = [item for item in queued_items(r) if item.get("replayed_from") == dead_id]
+    assert len(replayed) == 1
+    assert replayed[0]["event"]["userId"] == "u1"
+    expect(page.locator("#depth-dead")).to_have_text("0")
+    expect(page.locator("#depth-ready")).to_have_text("2")
+
+    # Works offline: the page fetched nothing but the relay itself, and raised nothing.
+    assert all(u.startswith(url + "/admin") for u in seen.requests), seen.requests
+    assert seen.errors == []
+
+    page.click("#logout")
+    expect(page.locator("#login")).to_be_visible()
+    assert page.evaluate("sessionStorage.length") == 0
+
+
+def test_wrong_token_and_a_revoked_session_return_to_the_login_form(
+    r: redis.Redis, start_ingest: Callable[..., str], page: Any
+) -> None:
+    from playwright.sync_api import expect
+
+    url = start_ingest(admin_token=TOKEN)
+    log_in(page, url, "not-the-token")
+    expect(page.locator("#login-error")).to_be_visible()
+    expect(page.locator("#login-error")).to_contain_text("not accepted")
+    expect(page.locator("#dashboard")).to_be_hidden()
+
+    page.fill("#token", TOKEN)
+    page.click("#login-submit")
+    expect(page.locator("#depth-ready")).to_have_text("0")
+    # The token stops working mid-session (say, rotated): the next poll gets a 401.
+    page.route(
+        "**/admin/api/status", lambda route: route.fulfill(status=401, body='{"error": "no"}')
+    )
+    expect(page.locator("#login")).to_be_visible()
+    expect(page.locator("#login-error")).to_contain_text("401")
+    assert page.evaluate("sessionStorage.length") == 0
+
+
+def test_admin_api_needs_the_bearer_token(r: redis.Redis, start_ingest: Callable[..., str]) -> None:
+    url = start_ingest(admin_token=TOKEN)
+    assert requests.get(url + "/admin/api/status").status_code == 401
+    wrong = requests.get(url + "/admin/api/status", headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401
+    right = requests.get(url + "/admin/api/status", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert right.status_code == 200
+    assert set(right.json()["depth"]) == {"ready", "in_flight", "delayed", "dead"}
+    # The page itself holds no data and is served without the token.
+    assert requests.get(url + "/admin").status_code == 200
