@@ -8,12 +8,25 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 from celery import Celery
+from kombu import serialization
 from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
 from relay import keys
 from relay.settings import Settings
+
+
+def _dumps(value: Any) -> bytes:
+    return orjson.dumps(value)
+
+
+# Celery's JSON, written by orjson: the same bytes on the wire (plain JSON, any Celery
+# consumer reads it), several times faster than the standard library for event batches.
+serialization.register(
+    "json", _dumps, orjson.loads, content_type="application/json", content_encoding="utf-8"
+)
 
 
 def celery_url(redis_url: str) -> str:
