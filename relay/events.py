@@ -43,7 +43,10 @@ class _Base(BaseModel):
             return None
         if value.tzinfo is None:
             return value.replace(tzinfo=UTC)
-        return value.astimezone(UTC)
+        try:
+            return value.astimezone(UTC)
+        except OverflowError:  # e.g. year 1 at +01:00: no such UTC instant
+            raise ValueError("timestamp out of range") from None
 
     @field_validator("context", "integrations", mode="before")
     @classmethod

@@ -23,7 +23,7 @@ from aiohttp import web
 from celery import Celery
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from relay import admin, auth, broker, deadletter, intake, keys, metrics, status
+from relay import admin, auth, broker, deadletter, intake, keys, metrics, openapi, status
 from relay.publisher import GroupCommit
 from relay.settings import Settings
 
@@ -314,6 +314,7 @@ def create_app(
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)
     admin.add_routes(app)
+    openapi.add_routes(app)
     return app
 
 

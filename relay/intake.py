@@ -20,6 +20,9 @@ from relay import events
 MAX_EVENT_BYTES = 32 * 1024
 MAX_REQUEST_BYTES = 500 * 1024
 MAX_BATCH_EVENTS = 2500
+# Deeper events are refused: Segment's own never come close, and orjson writes at most
+# 254 levels, so anything near that could not be queued or dead-lettered.
+MAX_DEPTH = 64
 
 # Routes of the tracking API, short analytics.js spellings included.
 SINGLE_ROUTES = {
@@ -120,7 +123,16 @@ def _accept(intake: Intake, index: int, raw: Any, received_at: datetime) -> None
         )
         return
     raw.pop("writeKey", None)  # a credential, never stored
-    if len(orjson.dumps(raw)) > MAX_EVENT_BYTES:
+    try:
+        encoded = orjson.dumps(raw)
+    except TypeError:  # orjson's recursion limit: far deeper than MAX_DEPTH
+        encoded = b"[" * (MAX_DEPTH + 1)
+    if _too_deep(raw, encoded):
+        error = {"field": "event", "message": f"nested deeper than {MAX_DEPTH} levels"}
+        placeholder = {"omitted": f"event nested deeper than {MAX_DEPTH} levels"}
+        intake.rejected.append(Rejected(index, [error], placeholder))
+        return
+    if len(encoded) > MAX_EVENT_BYTES:
         error = {"field": "event", "message": f"larger than {MAX_EVENT_BYTES // 1024} KB"}
         intake.rejected.append(Rejected(index, [error], raw))
         return
@@ -130,6 +142,23 @@ def _accept(intake: Intake, index: int, raw: Any, received_at: datetime) -> None
         intake.rejected.append(Rejected(index, field_errors(exc), raw))
         return
     intake.accepted.append(events.normalized(raw, event, received_at))
+
+
+def _too_deep(raw: Any, encoded: bytes) -> bool:
+    # Fewer openers than the limit cannot nest that deep: the common case costs a count.
+    if encoded.count(b"{") + encoded.count(b"[") <= MAX_DEPTH:
+        return False
+    return _depth(raw, 0) > MAX_DEPTH
+
+
+def _depth(value: Any, level: int) -> int:
+    if level > MAX_DEPTH:
+        return level
+    if isinstance(value, dict):
+        return max((_depth(v, level + 1) for v in value.values()), default=level + 1)
+    if isinstance(value, list):
+        return max((_depth(v, level + 1) for v in value), default=level + 1)
+    return level
 
 
 def _single(intake: Intake, raw: dict[str, Any], received_at: datetime) -> Intake:
