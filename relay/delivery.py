@@ -214,6 +214,9 @@ class Delivery:
             return delays
         if any(d > 0 for d in delays):
             self.redis.hincrby(keys.STATS, "ratelimit_waits", 1)
+        # Chunks beyond the reserved slots stay unsent and come back after the last slot.
+        rate_wait = delays[-1] if len(delays) < len(todo) else 0.0
+        todo = todo[: len(delays)]
 
         async def send_all() -> None:
             await asyncio.gather(
@@ -224,7 +227,7 @@ class Delivery:
             )
 
         self.loop.run_until_complete(send_all())
-        return self._report_throttle(todo)
+        return max(self._report_throttle(todo), rate_wait)
 
     async def _send_one(self, chunk: _Chunk, delay: float, report: Report, *, check: bool) -> None:
         if delay > 0:

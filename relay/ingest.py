@@ -94,8 +94,11 @@ async def _read_raw(request: web.Request) -> bytes:
     if (request.content_length or 0) > intake.MAX_REQUEST_BYTES:
         raise intake.BadRequest(too_big)
     try:
-        async with asyncio.timeout(BODY_TIMEOUT_S):
+        if request.content.is_eof():  # the whole body came with the headers: no wait
             body = await request.read()
+        else:
+            async with asyncio.timeout(BODY_TIMEOUT_S):
+                body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise intake.BadRequest(too_big) from None
     except TimeoutError:

@@ -37,10 +37,12 @@ STATS = PREFIX + "stats"
 # Per-second delivered/ingested counts for `relay status` rates (HASH second -> n).
 RATE = PREFIX + "rate:"
 
-# Shared throttle state: pause-until (unix ms), consecutive failures, probe lock, GCRA.
+# Shared throttle state: pause-until (unix ms), consecutive failures, probe lock, outage
+# trips (how often the pause has doubled), GCRA.
 PAUSE_UNTIL = PREFIX + "throttle:pause_until"
 FAILURES = PREFIX + "throttle:failures"
 PROBE = PREFIX + "throttle:probe"
+TRIPS = PREFIX + "throttle:trips"
 RATE_LIMIT = PREFIX + "throttle:gcra"
 
 # Embedded-Redis ownership (a lock file, not a key) lives in the state dir.

@@ -30,35 +30,39 @@ if now < pause then return {1, pause - now} end
 local failures = tonumber(redis.call('GET', KEYS[2]) or '0')
 if failures >= tonumber(ARGV[1]) then
   if redis.call('SET', KEYS[3], '1', 'NX', 'PX', ARGV[2]) then return {2, 0} end
+  -- Someone else's probe is on the wire: look again shortly, not after its whole TTL.
   local ttl = redis.call('PTTL', KEYS[3])
-  if ttl < 0 then ttl = 1000 end
+  if ttl < 0 or ttl > 500 then ttl = 500 end
   return {1, ttl}
 end
 return {0, 0}
 """
 
 # KEYS: gcra tat. ARGV: interval_ms, count, max_wait_ms.
-# Reserves `count` slots if the last is within max_wait; returns each slot's delay (ms),
-# or {-1, wait_ms} when nothing was reserved.
+# Reserves as many of `count` slots as start within max_wait; returns each reserved
+# slot's delay (ms), or {-1, wait_ms} when not even one fits.
 _RESERVE = """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + t[2] / 1000
 local interval = tonumber(ARGV[1])
-local count = tonumber(ARGV[2])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
-local last = tat + interval * (count - 1)
-if last - now > tonumber(ARGV[3]) then return {-1, math.ceil(last - now)} end
+local fits = math.floor((tonumber(ARGV[3]) - (tat - now)) / interval) + 1
+local count = math.min(tonumber(ARGV[2]), fits)
+if count < 1 then return {-1, math.ceil(tat - now)} end
 local delays = {}
 for i = 1, count do
   delays[i] = math.floor(tat + interval * (i - 1) - now)
 end
-redis.call('SET', KEYS[1], tostring(tat + interval * count), 'PX', math.ceil(last - now) + 60000)
+local last = tat + interval * count
+redis.call('SET', KEYS[1], tostring(last), 'PX', math.ceil(last - now) + 60000)
 return delays
 """
 
-# KEYS: pause_until, failures, probe. ARGV: successes, failures, retry_after_ms,
+# KEYS: pause_until, failures, probe, trips. ARGV: successes, failures, retry_after_ms,
 # threshold, first_pause_ms, max_pause_ms. Returns the pause now in force (ms from now).
+# An outage pause doubles per trip; failures reported while a pause is already in force
+# (requests that were on the wire together) do not trip it again.
 _REPORT = """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
@@ -71,18 +75,16 @@ end
 if bad > 0 and ok == 0 then
   local failures = redis.call('INCRBY', KEYS[2], bad)
   redis.call('EXPIRE', KEYS[2], 3600)
-  local threshold = tonumber(ARGV[4])
-  if failures >= threshold then
-    local steps = math.min(failures - threshold, 10)
-    local wait = math.min(tonumber(ARGV[5]) * (2 ^ steps), tonumber(ARGV[6]))
-    if now + wait > pause then
-      pause = now + wait
-      redis.call('SET', KEYS[1], pause, 'PX', math.ceil(wait) + 1000)
-    end
+  if failures >= tonumber(ARGV[4]) and now >= pause then
+    local trips = redis.call('INCR', KEYS[4])
+    redis.call('EXPIRE', KEYS[4], 3600)
+    local wait = math.min(tonumber(ARGV[5]) * (2 ^ math.min(trips - 1, 10)), tonumber(ARGV[6]))
+    pause = now + wait
+    redis.call('SET', KEYS[1], pause, 'PX', math.ceil(wait) + 1000)
   end
   redis.call('DEL', KEYS[3])
 elseif ok > 0 then
-  redis.call('DEL', KEYS[2], KEYS[3])
+  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
 end
 if pause > now then return pause - now end
 return 0
@@ -120,7 +122,8 @@ class Throttle:
         return Gate(go=True, probe=int(verdict) == 2)
 
     def reserve(self, count: int, max_wait_s: float) -> list[float] | float:
-        """Delays (s) of `count` rate-limit slots, or the wait (s) if beyond max_wait_s."""
+        """Delays (s) of up to `count` rate-limit slots starting within max_wait_s (fewer
+        when the limit is busy), or the wait (s) before even one would start."""
         if self._rps <= 0 or count == 0:
             return [0.0] * count
         result = self._reserve(
@@ -135,7 +138,7 @@ class Throttle:
         if not successes and not failures and not retry_after_s:
             return 0.0
         pause_ms = self._report(
-            keys=[keys.PAUSE_UNTIL, keys.FAILURES, keys.PROBE],
+            keys=[keys.PAUSE_UNTIL, keys.FAILURES, keys.PROBE, keys.TRIPS],
             args=[
                 successes,
                 failures,

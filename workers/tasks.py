@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from typing import Any
 
 import redis
 import structlog
-from celery import Task
+from celery import Task, signals
 
 from relay import keys
 from relay.delivery import Delivery
@@ -21,12 +22,24 @@ _local = threading.local()
 _RETRY_CAP_S = 30
 
 
+_all: list[Delivery] = []
+
+
 def _delivery() -> Delivery:
     # One per pool thread: each owns an event loop and a ChurnZero connection pool.
     found: Delivery | None = getattr(_local, "delivery", None)
     if found is None:
         found = _local.delivery = Delivery(settings, state, mapping)
+        _all.append(found)
     return found
+
+
+@signals.worker_shutdown.connect
+def _close_pools(**_: Any) -> None:
+    # The pool threads are idle by now: close their connections cleanly.
+    for delivery in _all:
+        with contextlib.suppress(Exception):
+            delivery.close()
 
 
 @app.task(name=keys.TASK_DELIVER, bind=True, acks_on_failure_or_timeout=False)

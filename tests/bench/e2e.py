@@ -1,0 +1,240 @@
+"""`e2e`: load -> one ingest -> Redis -> one relay worker -> the ChurnZero sandbox (20 ms
+per request), against a naive pipeline (one Celery task and one POST per event) to the
+same sandbox.
+
+Throughput is commands the sandbox accepted over the time from the first send to the
+last command's arrival. Latency is measured apart, at half that rate: every track
+carries its send time in `properties.description`, and the sandbox's request log says
+when each command arrived.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import threading
+import time
+from typing import Any
+
+import psutil
+
+from tests.bench import harness, naive
+from tests.bench.harness import Children, Env, say
+from tests.bench.load import SandboxView, blast, paced
+from tests.bench.payloads import batch_body, identify, track
+
+USERS = 1_000
+EVENTS = 100_000
+BATCH = 100
+CONCURRENCY = 16
+LATENCY_MS = 20
+PACED_SECONDS = 15
+NAIVE_EVENTS = 5_000
+NAIVE_TIMEOUT_S = 60
+
+
+class PeakRss:
+    """Samples a process's resident memory in the background; keeps the peak."""
+
+    def __init__(self, pid: int, every_s: float = 0.1) -> None:
+        self._proc = psutil.Process(pid)
+        self._every = every_s
+        self._stop = threading.Event()
+        self.peak = 0
+        self._thread = threading.Thread(target=self._run, name="bench-rss", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                procs = [self._proc, *self._proc.children(recursive=True)]
+                self.peak = max(self.peak, sum(p.memory_info().rss for p in procs))
+            except psutil.Error:
+                return
+            self._stop.wait(self._every)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _wait_delivered(env: Env, count: int, worker: harness.Proc, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while env.relay_stats().get("delivered", 0) < count:
+        worker.check_alive()
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"identify warm-up not delivered in {timeout} s:\n{worker.tail()}")
+        time.sleep(0.2)
+
+
+def _last_arrival(requests: list[dict[str, Any]]) -> float:
+    return max((r["t"] for r in requests if r["status"] == 200), default=0.0)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    rank = max(math.ceil(q / 100 * len(ordered)) - 1, 0)
+    return ordered[rank]
+
+
+def _throughput(
+    env: Env, ingest: str, sandbox: SandboxView, worker: harness.Proc
+) -> dict[str, Any]:
+    say(f"  warm-up: {USERS:,} identifies")
+    identifies = [
+        batch_body([identify(u) for u in range(start, min(start + BATCH, USERS))])
+        for start in range(0, USERS, BATCH)
+    ]
+    blast(ingest + "/v1/batch", identifies, CONCURRENCY)
+    _wait_delivered(env, USERS, worker, timeout=60)
+    sandbox.clear()
+    bodies = [
+        batch_body([track(i % USERS) for i in range(start, start + BATCH)])
+        for start in range(0, EVENTS, BATCH)
+    ]
+    say(f"  throughput: {EVENTS:,} tracks in batches of {BATCH}, {CONCURRENCY} at a time")
+    sent = blast(ingest + "/v1/batch", bodies, CONCURRENCY)
+    got = sandbox.wait_commands(EVENTS, timeout=180, stall=20, alive=worker.check_alive)
+    last = _last_arrival(sandbox.requests_log())
+    seconds = last - sent.started if last else 0.0
+    return {
+        "events": EVENTS,
+        "delivered": got,
+        "seconds": round(seconds, 3),
+        "events_per_s": got / seconds if seconds > 0 else 0.0,
+        "ingest_events_per_s": round(EVENTS / (sent.finished - sent.started), 1),
+        "load": sent.as_dict(),
+    }
+
+
+def _latency(
+    ingest: str, sandbox: SandboxView, worker: harness.Proc, rate: float
+) -> dict[str, Any]:
+    sandbox.clear()
+    counter = iter(range(10**9))
+
+    def body() -> bytes:
+        sent_at = f"{time.time():.6f}"
+        return batch_body([track(next(counter) % USERS, description=sent_at) for _ in range(BATCH)])
+
+    per_s = rate / BATCH
+    say(f"  latency: {rate:,.0f} events/s ({per_s:.1f} requests/s) for {PACED_SECONDS} s")
+    sent = paced(ingest + "/v1/batch", body, per_s, PACED_SECONDS)
+    expected = sent.requests * BATCH
+    got = sandbox.wait_commands(expected, timeout=120, stall=20, alive=worker.check_alive)
+    requests = sandbox.requests_log()
+    commands = sandbox.commands()
+    arrivals = [r["t"] for r in requests if r["status"] == 200 for _ in range(r["commands"])]
+    if len(arrivals) != len(commands):
+        raise RuntimeError(f"request log has {len(arrivals)} commands, list {len(commands)}")
+    delays = [
+        (t - float(c["description"])) * 1000
+        for t, c in zip(arrivals, commands, strict=True)
+        if c.get("description")
+    ]
+    if not delays:
+        raise RuntimeError("no command carried its send time")
+    return {
+        "rate_events_per_s": round(rate, 1),
+        "sent_events": expected,
+        "delivered": got,
+        "p50_ms": round(_percentile(delays, 50), 1),
+        "p90_ms": round(_percentile(delays, 90), 1),
+        "p99_ms": round(_percentile(delays, 99), 1),
+        "max_ms": round(max(delays), 1),
+        "load": sent.as_dict(),
+    }
+
+
+def _naive(env: Env, children: Children, sandbox: SandboxView) -> dict[str, Any]:
+    proc_env = dict(
+        os.environ,
+        BENCH_REDIS_URL=env.redis_url,
+        BENCH_SANDBOX_URL=sandbox.url,
+        BENCH_APP_KEY=harness.APP_KEY,
+    )
+    worker = children.start(
+        "naive-worker",
+        [sys.executable, "-m", "celery", "-A", "tests.bench.naive", "worker", "-Q", naive.QUEUE,
+         "--pool", "threads", "-c", "4", "--without-gossip", "--without-mingle",
+         "--without-heartbeat", "-l", "WARNING", "-n", f"bench-naive-{os.getpid()}@%h"],
+        proc_env,
+    )  # fmt: skip
+    app = naive.make_app(env.redis_url)
+    sandbox.clear()
+    events = [track(i % USERS, ids=True) for i in range(NAIVE_EVENTS + 20)]
+    # An explicit connection, closed on leaving: a pooled one would linger on the database.
+    with app.connection_for_write() as connection:
+        producer = app.amqp.Producer(connection)
+        # Warm-up: the worker is consuming once these arrived.
+        for event in events[:20]:
+            app.send_task(naive.TASK, args=[event], queue=naive.QUEUE, producer=producer)
+        sandbox.wait_commands(20, timeout=60, stall=60, alive=worker.check_alive)
+        sandbox.clear()
+        say(f"  naive baseline: {NAIVE_EVENTS:,} tasks, one POST each")
+        started = time.time()
+        for event in events[20:]:
+            app.send_task(naive.TASK, args=[event], queue=naive.QUEUE, producer=producer)
+    got = sandbox.wait_commands(
+        NAIVE_EVENTS, timeout=NAIVE_TIMEOUT_S, stall=10, alive=worker.check_alive
+    )
+    last = _last_arrival(sandbox.requests_log())
+    seconds = last - started if last else 0.0
+    children.stop(worker)
+    return {
+        "events": NAIVE_EVENTS,
+        "delivered": got,
+        "seconds": round(seconds, 3),
+        "events_per_s": got / seconds if seconds > 0 else 0.0,
+    }
+
+
+def e2e(env: Env) -> dict[str, Any]:
+    """Delivered events/s of the relay and of the naive pipeline, latency, worker RSS."""
+    with harness.bench_context(env, "e2e") as children:
+        sandbox = SandboxView(harness.start_sandbox(children))
+        sandbox.faults(latency_ms=LATENCY_MS)
+        ingest = harness.start_ingest(children, env.redis_url).url
+        worker = harness.start_relay_worker(children, env.redis_url, sandbox.url)
+        with PeakRss(worker.pid) as rss:
+            throughput = _throughput(env, ingest, sandbox, worker)
+            if not throughput["events_per_s"]:
+                raise RuntimeError(f"nothing was delivered: {throughput}\n{worker.tail()}")
+            latency = _latency(ingest, sandbox, worker, throughput["events_per_s"] / 2)
+        relay_stats = env.relay_stats()
+        children.stop(worker)
+        naive_run = _naive(env, children, sandbox)
+    events_per_s = throughput["events_per_s"]
+    baseline = naive_run["events_per_s"]
+    ratio = events_per_s / baseline if baseline else 0.0
+    rss_mb = rss.peak / 2**20
+    # Every event answered 200 must arrive: a fast relay that loses events meets nothing.
+    complete = throughput["delivered"] >= EVENTS and latency["delivered"] >= latency["sent_events"]
+    met = (
+        events_per_s >= 10_000
+        and ratio >= 10
+        and rss_mb <= 250
+        and latency["p99_ms"] <= 1000
+        and complete
+    )
+    return {
+        "name": "e2e",
+        "events_per_s": round(events_per_s, 1),
+        "baseline_per_s": round(baseline, 1),
+        "ratio": round(ratio, 2),
+        "p99_ms": latency["p99_ms"],
+        "p50_ms": latency["p50_ms"],
+        "worker_rss_mb": round(rss_mb, 1),
+        "all_delivered": complete,
+        "sandbox_latency_ms": LATENCY_MS,
+        "throughput": throughput,
+        "latency": latency,
+        "naive": naive_run,
+        "relay_stats": relay_stats,
+        "target": ">= 10,000 events/s, >= 10x naive, worker RSS <= 250 MB, p99 <= 1 s",
+        "met": met,
+    }
