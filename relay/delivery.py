@@ -137,7 +137,7 @@ class Delivery:
         self._settle(by_rid, worst, now, unsent_wait, report, dead, later)
 
         pipe = self.redis.pipeline(transaction=True)
-        identity.stage_store(pipe, plan.learned)
+        identity.stage_store(pipe, plan.learned, self.settings.identity_ttl_s)
         for batch, due, cause in _group_later(later):
             delayed.stage_schedule(pipe, batch, due)
             report.retried[cause] += len(batch)

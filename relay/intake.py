@@ -117,12 +117,8 @@ def field_errors(exc: ValidationError) -> list[dict[str, str]]:
 
 
 def _accept(intake: Intake, index: int, raw: Any, received_at: datetime) -> None:
-    if not isinstance(raw, dict):
-        intake.rejected.append(
-            Rejected(index, [{"field": "event", "message": "must be a JSON object"}], raw)
-        )
-        return
-    raw.pop("writeKey", None)  # a credential, never stored
+    if isinstance(raw, dict):
+        raw.pop("writeKey", None)  # a credential, never stored
     try:
         encoded = orjson.dumps(raw)
     except TypeError:  # orjson's recursion limit: far deeper than MAX_DEPTH
@@ -131,6 +127,10 @@ def _accept(intake: Intake, index: int, raw: Any, received_at: datetime) -> None
         error = {"field": "event", "message": f"nested deeper than {MAX_DEPTH} levels"}
         placeholder = {"omitted": f"event nested deeper than {MAX_DEPTH} levels"}
         intake.rejected.append(Rejected(index, [error], placeholder))
+        return
+    if not isinstance(raw, dict):
+        error = {"field": "event", "message": "must be a JSON object"}
+        intake.rejected.append(Rejected(index, [error], raw))
         return
     if len(encoded) > MAX_EVENT_BYTES:
         error = {"field": "event", "message": f"larger than {MAX_EVENT_BYTES // 1024} KB"}

@@ -17,8 +17,8 @@ CELERY_UNACKED = "unacked"
 
 # ZSET of pending retry batches (member: JSON batch, score: due unix time).
 DELAYED = PREFIX + "delayed"
-# HASH "u:<userId>" / "a:<anonymousId>" -> JSON [account, contact].
-IDENTITY = PREFIX + "identity"
+# STRING per user ("u:<userId>" / "a:<anonymousId>") -> JSON [account, contact].
+IDENTITY = PREFIX + "identity:"
 # STRING per Segment messageId; value = the relay id of the copy that claimed it.
 DEDUPE = PREFIX + "dedupe:"
 
@@ -51,6 +51,11 @@ RATE_LIMIT = PREFIX + "throttle:gcra"
 def dlq_reason(reason: str) -> str:
     """The per-reason index of dead letters."""
     return DLQ_REASON + reason
+
+
+def identity(user_key: str) -> str:
+    """The identity-map entry of one user key (`u:<userId>` or `a:<anonymousId>`)."""
+    return IDENTITY + user_key
 
 
 def dedupe(message_id: str) -> str:

@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     rate_limit_rps: float = Field(0.0, ge=0)  # requests/s to ChurnZero, all workers; 0 = none
     max_age_s: float = Field(4 * 3600, gt=0)
     identity_wait_s: float = Field(600, ge=0)
+    identity_ttl_s: int = Field(365 * 24 * 3600, ge=60)  # forget users not identified since
     dedupe_window_s: int = Field(24 * 3600, ge=0)
     backoff_base_s: float = Field(1.0, gt=0)
     backoff_cap_s: float = Field(300.0, gt=0)

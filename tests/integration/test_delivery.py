@@ -123,7 +123,7 @@ def test_api_all_false_skips_and_engage_identify_via_webhook(
     requests.post(relay + "/v1/track", auth=auth, json={
         "userId": "<USER ID>", "event": "Not routed", "integrations": {"All": False},
     }).raise_for_status()  # fmt: skip
-    wait_for(lambda: r.hget("relay:identity", "u:<USER ID>") is not None and settled(r))
+    wait_for(lambda: r.get("relay:identity:u:<USER ID>") is not None and settled(r))
     post_webhook(relay, fixture("engage-audience-identify-as-delivered.json"))
     commands = clean_sandbox.wait_commands(2)
     assert sorted((c["name"], c["value"]) for c in commands) == [
