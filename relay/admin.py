@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+from functools import partial
 from importlib import resources
 from typing import Any
 
@@ -16,7 +17,7 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from relay import auth, broker, deadletter, keys, status
+from relay import auth, broker, deadletter, status
 
 PAGE = resources.files("relay").joinpath("static/admin.html")
 
@@ -156,11 +157,9 @@ async def dlq_replay(request: web.Request) -> web.Response:
     r = _sync(request)
     celery = request.app[CELERY]
 
-    def publish(items: list[dict[str, Any]]) -> None:
-        celery.send_task(keys.TASK_DELIVER, args=[items], queue=keys.QUEUE)
-
     def run() -> int:
-        return sum(deadletter.replay(r, page, publish) for page in _pages(r, ids, reason))
+        pages = _pages(r, ids, reason)
+        return sum(deadletter.replay(r, page, partial(broker.publish, celery)) for page in pages)
 
     try:
         replayed = await asyncio.to_thread(run)

@@ -76,7 +76,31 @@ def make_celery(settings: Settings, redis_url: str) -> Celery:
     """A Celery app bound to the relay's broker and settings."""
     app = Celery("relay", set_as_current=False)
     app.conf.update(celery_config(settings, redis_url))
+    app.conf.relay_message_events = settings.message_events
     return app
+
+
+def publish(
+    celery: Celery,
+    items: list[dict[str, Any]],
+    *,
+    retry_policy: dict[str, float] | None = None,
+) -> None:
+    """Queue items as `relay.deliver_batch` messages of at most `message_events` each.
+
+    The one way items enter the queue: ingest, the delayed-set mover and replays.
+    """
+    size = int(celery.conf.get("relay_message_events", 500))
+    with celery.producer_or_acquire() as producer:
+        for start in range(0, len(items), size):
+            celery.send_task(
+                keys.TASK_DELIVER,
+                args=[items[start : start + size]],
+                queue=keys.QUEUE,
+                producer=producer,
+                retry=True,
+                retry_policy=retry_policy or {},  # {}: Celery's default policy
+            )
 
 
 # What a failed publish raises: kombu's connection errors and the socket's own.

@@ -327,26 +327,22 @@ def dlq_replay(
     ids: tuple[str, ...], every: bool, reason: str | None, since: float | None, until: float | None
 ) -> None:
     """Send dead letters through the normal path again (translation re-runs)."""
+    from functools import partial
+
     from rich.progress import Progress
 
-    from relay import broker, deadletter, keys
+    from relay import broker, deadletter
 
     settings = _settings()
-    url = _redis_url(settings)
     r = _redis(settings)
-    celery = broker.make_celery(settings, url)
-
-    def publish(items: list[dict[str, Any]]) -> None:
-        celery.send_task(keys.TASK_DELIVER, args=[items], queue=keys.QUEUE)
+    publish = partial(broker.publish, broker.make_celery(settings, _redis_url(settings)))
 
     total, pages = _selected(r, ids, every, reason, since, until)
     replayed = 0
     with Progress(disable=total < 1000) as progress:
         task = progress.add_task("replaying", total=total)
         for page in pages:
-            for start in range(0, len(page), settings.message_events):
-                done = deadletter.replay(r, page[start : start + settings.message_events], publish)
-                replayed += done
+            replayed += deadletter.replay(r, page, publish)
             progress.update(task, advance=len(page))
     click.echo(f"replayed {replayed} of {total}")
 

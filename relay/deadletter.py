@@ -28,6 +28,7 @@ REASONS = (
     "unresolved_identity",
     "rejected",
     "retries_exhausted",
+    "worker_error",
 )
 CLAIM_S = 300  # a replay's hold on an entry; a crashed replay frees it after this
 
@@ -50,7 +51,7 @@ def new_entry(
         "errors": errors or [],
         "status": status,
         "response": (response or "")[:500] or None,
-        "attempts": int(item.get("attempts", 0)),
+        "attempts": attempts if isinstance(attempts := item.get("attempts"), int) else 0,
         "first_failure": item.get("first_failure") or now,
         "last_failure": now,
     }
@@ -77,18 +78,18 @@ def add(r: redis.Redis, entries: list[dict[str, Any]]) -> None:
     pipe.execute()
 
 
-def counts(r: redis.Redis) -> dict[str, int]:
-    """How many dead letters there are, by reason."""
-    pipe = r.pipeline(transaction=False)
-    for reason in REASONS:
-        pipe.zcard(keys.dlq_reason(reason))
-    return dict(zip(REASONS, (int(n) for n in pipe.execute()), strict=True))
-
-
-def _index(reason: str | None) -> str:
+def _selection(
+    reason: str | None, since: float | None, until: float | None
+) -> tuple[str, float | str, float | str]:
+    """The index to read and its score bounds for these filters."""
     if reason is not None and reason not in REASONS:
         raise ValueError(f"unknown reason {reason!r} (one of {', '.join(REASONS)})")
-    return keys.dlq_reason(reason) if reason else keys.DLQ_INDEX
+    index = keys.dlq_reason(reason) if reason else keys.DLQ_INDEX
+    return index, "-inf" if since is None else since, "+inf" if until is None else until
+
+
+def _strings(ids: list[Any]) -> list[str]:
+    return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
 
 
 def list_ids(
@@ -101,10 +102,8 @@ def list_ids(
     offset: int = 0,
 ) -> list[str]:
     """Ids of entries, newest failure first."""
-    low = "-inf" if since is None else since
-    high = "+inf" if until is None else until
-    ids = r.zrevrangebyscore(_index(reason), high, low, start=offset, num=limit)
-    return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+    index, low, high = _selection(reason, since, until)
+    return _strings(r.zrevrangebyscore(index, high, low, start=offset, num=limit))
 
 
 def get_many(r: redis.Redis, ids: list[str]) -> list[dict[str, Any]]:
@@ -152,15 +151,13 @@ def iter_ids(
     Pages come from a snapshot of the index taken at the start, so removing entries
     while iterating (replay, purge) neither skips nor repeats any.
     """
-    snapshot = f"{keys.PREFIX}dlq:snapshot:{uuid.uuid4().hex}"
-    low = "-inf" if since is None else since
-    high = "+inf" if until is None else until
-    total = r.zrangestore(snapshot, _index(reason), low, high, byscore=True)
+    snapshot = f"{keys.DLQ_SNAPSHOT}{uuid.uuid4().hex}"
+    index, low, high = _selection(reason, since, until)
+    total = r.zrangestore(snapshot, index, low, high, byscore=True)
     r.expire(snapshot, 3600)
     try:
         for start in range(0, int(total), page):
-            ids = r.zrange(snapshot, start, start + page - 1)
-            yield [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
+            yield _strings(r.zrange(snapshot, start, start + page - 1))
     finally:
         r.delete(snapshot)
 
@@ -170,9 +167,8 @@ def count(
     until: float | None = None,
 ) -> int:  # fmt: skip
     """How many entries match the filters."""
-    low = "-inf" if since is None else since
-    high = "+inf" if until is None else until
-    return int(r.zcount(_index(reason), low, high))
+    index, low, high = _selection(reason, since, until)
+    return int(r.zcount(index, low, high))
 
 
 def replay(
@@ -185,10 +181,10 @@ def replay(
     Safe to run twice, even at once: each entry is claimed before it is published.
     Returns how many were replayed.
     """
-    claimed = []
+    pipe = r.pipeline(transaction=False)
     for entry_id in ids:
-        if r.set(keys.PREFIX + "dlq:replaying:" + entry_id, b"1", nx=True, ex=CLAIM_S):
-            claimed.append(entry_id)
+        pipe.set(keys.DLQ_REPLAYING + entry_id, b"1", nx=True, ex=CLAIM_S)
+    claimed = [entry_id for entry_id, won in zip(ids, pipe.execute(), strict=True) if won]
     try:
         entries = get_many(r, claimed)
         items = []
@@ -210,7 +206,7 @@ def replay(
     finally:
         # Released whatever happened: a failed publish leaves the entries replayable.
         if claimed:
-            r.delete(*(keys.PREFIX + "dlq:replaying:" + i for i in claimed))
+            r.delete(*(keys.DLQ_REPLAYING + i for i in claimed))
     return len(entries)
 
 

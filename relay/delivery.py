@@ -310,3 +310,4 @@ def _stage_stats(pipe: Any, report: Report, now: float) -> None:
             pipe.hincrby(keys.STATS, name, value)
     if report.delivered:
         status.stage_rate(pipe, "delivered", report.delivered, now)
+    status.stage_request_seconds(pipe, report.request_seconds)

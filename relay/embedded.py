@@ -34,11 +34,6 @@ def socket_path(state_dir: Path) -> Path:
     return Path(tempfile.gettempdir()) / f"relay-{digest}.sock"
 
 
-def url_for(state_dir: Path) -> str:
-    """The redis-py URL of the embedded Redis in `state_dir`."""
-    return f"unix://{socket_path(state_dir)}"
-
-
 def _answers(sock: Path) -> bool:
     if not sock.exists():
         return False
@@ -114,16 +109,8 @@ def stop() -> None:
     _owned = None
 
 
-def owner_pid() -> int | None:
-    """The pid of the redis-server this process owns, if any."""
-    return _owned.pid if _owned is not None else None
-
-
 def resolve_url(redis_url: str | None, state_dir: Path) -> str:
     """`RELAY_REDIS_URL` if set, else the embedded Redis (started on demand)."""
     if redis_url:
         return redis_url
     return ensure(state_dir)
-
-
-__all__ = ["EmbeddedRedisError", "ensure", "owner_pid", "resolve_url", "stop", "url_for"]

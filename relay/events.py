@@ -48,7 +48,9 @@ class _Base(BaseModel):
         except OverflowError:  # e.g. year 1 at +01:00: no such UTC instant
             raise ValueError("timestamp out of range") from None
 
-    @field_validator("context", "integrations", mode="before")
+    # traits / properties belong to subclasses; one validator serves every object field.
+    @field_validator("context", "integrations", "traits", "properties", mode="before",
+                     check_fields=False)  # fmt: skip
     @classmethod
     def _null_is_empty(cls, value: object) -> object:
         return {} if value is None else value
@@ -58,17 +60,11 @@ class _Base(BaseModel):
             raise ValueError("userId or anonymousId is required")
 
 
-def _dict_or_empty(value: object) -> object:
-    return {} if value is None else value
-
-
 class Identify(_Base):
     """An identify call: who the user is, with traits."""
 
     type: Literal["identify"]
     traits: dict[str, Any] = Field(default_factory=dict)
-
-    _traits = field_validator("traits", mode="before")(_dict_or_empty)
 
     @model_validator(mode="after")
     def _identity(self) -> Identify:
@@ -82,8 +78,6 @@ class Track(_Base):
     type: Literal["track"]
     event: str = Field(min_length=1)
     properties: dict[str, Any] = Field(default_factory=dict)
-
-    _properties = field_validator("properties", mode="before")(_dict_or_empty)
 
     @model_validator(mode="after")
     def _identity(self) -> Track:

@@ -25,7 +25,18 @@ from aiohttp import web
 from celery import Celery
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from relay import admin, auth, broker, deadletter, intake, keys, metrics, openapi, status
+from relay import (
+    admin,
+    auth,
+    broker,
+    deadletter,
+    intake,
+    keys,
+    metrics,
+    openapi,
+    queue_state,
+    status,
+)
 from relay.publisher import GroupCommit
 from relay.settings import Settings
 
@@ -61,8 +72,11 @@ class QueueGate:
     async def refresh(self, r: aioredis.Redis) -> None:
         """Read the backlog once."""
         try:
-            ready, delayed = await r.mget(keys.DEPTH_READY, keys.DELAYED_EVENTS)
-            self.waiting = max(int(ready or 0), 0) + max(int(delayed or 0), 0)
+            pipe = r.pipeline(transaction=False)
+            pipe.get(keys.DEPTH_READY)
+            pipe.get(keys.DELAYED_EVENTS)
+            pipe.llen(keys.QUEUE)
+            self.waiting = queue_state.backlog(*await pipe.execute())
             self.redis_ok = True
         except (redis.RedisError, OSError) as exc:
             self.redis_ok = False

@@ -26,6 +26,9 @@ DEDUPE = PREFIX + "dedupe:"
 DLQ_ENTRIES = PREFIX + "dlq:entries"
 DLQ_INDEX = PREFIX + "dlq:index"
 DLQ_REASON = PREFIX + "dlq:reason:"
+# A replay's claim on one entry, and a replay's or purge's snapshot of an index.
+DLQ_REPLAYING = PREFIX + "dlq:replaying:"
+DLQ_SNAPSHOT = PREFIX + "dlq:snapshot:"
 
 # Event counts by state, kept beside Celery's queue (which counts messages, not events).
 DEPTH_READY = PREFIX + "depth:ready"

@@ -12,9 +12,14 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
-from relay import queue_state
+from relay import queue_state, status
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -77,6 +82,13 @@ class DeploymentCollector:
         for reason, count in snapshot.dead_by_reason.items():
             dead.add_metric([reason], count)
         yield dead
+        buckets, total = status.request_histogram(snapshot.stats)
+        yield HistogramMetricFamily(
+            "relay_churnzero_request_duration_seconds",
+            "Time of requests to ChurnZero, all workers.",
+            buckets=buckets,
+            sum_value=total,
+        )
         yield from _counters(snapshot.stats)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from celery import Celery
 
-from relay import keys
+from relay import broker
 
 Item = dict[str, Any]
 # Publishing retries briefly (a Redis failover), then fails so the client gets a 503.
@@ -72,17 +72,7 @@ class GroupCommit:
         future.add_done_callback(lambda f: self._done(f, waiters))
 
     def _publish(self, items: list[Item]) -> None:
-        with self._celery.producer_or_acquire() as producer:
-            for start in range(0, len(items), self._max):
-                chunk = items[start : start + self._max]
-                self._celery.send_task(
-                    keys.TASK_DELIVER,
-                    args=[chunk],
-                    queue=keys.QUEUE,
-                    producer=producer,
-                    retry=True,
-                    retry_policy=RETRY_POLICY,
-                )
+        broker.publish(self._celery, items, retry_policy=RETRY_POLICY)
         if self._after_publish is not None:
             self._after_publish(len(items))
 

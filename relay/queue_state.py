@@ -26,14 +26,23 @@ class Snapshot:
     dead_by_reason: dict[str, int]
     stats: dict[str, int] = field(default_factory=dict)
 
-    @property
-    def waiting(self) -> int:
-        """Events waiting for delivery (ready and delayed): what the high-water mark limits."""
-        return self.depth["ready"] + self.depth["delayed"]
-
 
 def _int(value: Any) -> int:
     return max(int(value or 0), 0)
+
+
+def ready_events(counted: Any, messages: Any) -> int:
+    """Events ready in the queue: the counter, believed only while the queue has messages.
+
+    The counter can drift when a process dies between publishing and counting, or a
+    message is redelivered; Celery's own list says for sure when the queue is empty.
+    """
+    return _int(counted) if _int(messages) else 0
+
+
+def backlog(counted_ready: Any, delayed: Any, messages: Any) -> int:
+    """Events waiting for delivery (ready and delayed): what the high-water mark limits."""
+    return ready_events(counted_ready, messages) + _int(delayed)
 
 
 def _oldest_received(message: bytes | None) -> float | None:
@@ -67,17 +76,13 @@ def snapshot(r: Any, now: float | None = None) -> Snapshot:
     for reason in deadletter.REASONS:
         pipe.zcard(keys.dlq_reason(reason))
     ready, inflight, delayed, messages, oldest, pause, stats, unacked, *dead = pipe.execute()
-    # The counters can drift when a process dies between publishing and counting;
-    # Celery's own structures say for sure when a state is empty.
-    if not messages:
-        ready = 0
-    if not unacked:
+    if not unacked:  # as for ready_events: nothing unacked, nothing in flight
         inflight = 0
     dead_by_reason = dict(zip(deadletter.REASONS, (_int(d) for d in dead), strict=True))
     received = _oldest_received(oldest)
     return Snapshot(
         depth={
-            "ready": _int(ready),
+            "ready": ready_events(ready, messages),
             "in_flight": _int(inflight),
             "delayed": _int(delayed),
             "dead": sum(dead_by_reason.values()),

@@ -18,6 +18,34 @@ def stage_rate(pipe: Any, name: str, count: int, now: float) -> None:
     pipe.expire(key, 3 * WINDOW_S)
 
 
+# Upper bounds (s) of the ChurnZero request-duration histogram that workers keep in Redis.
+REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def stage_request_seconds(pipe: Any, durations: list[float]) -> None:
+    """Queue on a pipeline: add request durations to the deployment-wide histogram."""
+    if not durations:
+        return
+    per_bucket: dict[str, int] = {}
+    for seconds in durations:
+        bound = next((b for b in REQUEST_BUCKETS if seconds <= b), "+Inf")
+        per_bucket[str(bound)] = per_bucket.get(str(bound), 0) + 1
+    for bound, n in per_bucket.items():
+        pipe.hincrby(keys.STATS, f"request_seconds_bucket:{bound}", n)
+    pipe.hincrby(keys.STATS, "request_seconds_count", len(durations))
+    pipe.hincrby(keys.STATS, "request_seconds_sum_us", int(sum(durations) * 1_000_000))
+
+
+def request_histogram(stats: dict[str, int]) -> tuple[list[tuple[str, int]], float]:
+    """Cumulative (le, count) buckets and the sum (s) of the histogram in `stats`."""
+    running = 0
+    buckets = []
+    for bound in [*map(str, REQUEST_BUCKETS), "+Inf"]:
+        running += stats.get(f"request_seconds_bucket:{bound}", 0)
+        buckets.append((bound, running))
+    return buckets, stats.get("request_seconds_sum_us", 0) / 1_000_000
+
+
 def rates(r: Any, now: float | None = None) -> dict[str, Any]:
     """Per-second counts of the last minute for ingested and delivered events."""
     now = time.time() if now is None else now

@@ -251,14 +251,8 @@ def plan_batch(
                 plan.learned[key] = Ids(ids[0], ids[1])  # type: ignore[arg-type]  # checked
     for item, event, (account, contact) in wanted:
         if account is None or contact is None:
-            found = next(
-                (
-                    plan.learned.get(k) or known.get(k)
-                    for k in identity_keys(event)
-                    if plan.learned.get(k) or known.get(k)
-                ),
-                None,
-            )
+            candidates = (plan.learned.get(k) or known.get(k) for k in identity_keys(event))
+            found = next((ids for ids in candidates if ids is not None), None)
             if found is None:
                 plan.unresolved.append(item)
                 continue

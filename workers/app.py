@@ -10,13 +10,14 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from functools import partial
 from typing import Any
 
 import redis
 import structlog
 from celery import signals
 
-from relay import broker, embedded, keys, logs
+from relay import broker, embedded, logs
 from relay.delayed import Mover
 from relay.mapping import MappingError, load_mapping
 from relay.settings import ConfigError, load_settings
@@ -38,18 +39,18 @@ log = structlog.get_logger("relay.worker")
 _stop = threading.Event()
 
 
-def publish(items: list[dict[str, Any]]) -> None:
-    """Queue items as one deliver_batch message (used by the mover and replays)."""
-    app.send_task(keys.TASK_DELIVER, args=[items], queue=keys.QUEUE)
-
-
 def _move_forever() -> None:
-    mover = Mover(state, publish)
+    mover = Mover(state, partial(broker.publish, app))
     while not _stop.is_set():
         try:
             moved = mover.move_due(time.time())
         except broker.QUEUE_ERRORS as exc:
             log.warning("mover_error", error=type(exc).__name__)
+            moved = 0
+            _stop.wait(2)
+        except Exception:
+            # Whatever it was, the mover must live on: without it no retry ever comes back.
+            log.exception("mover_error")
             moved = 0
             _stop.wait(2)
         if moved:

@@ -10,8 +10,9 @@ from typing import Any
 import redis
 import structlog
 from celery import Task, signals
+from celery.exceptions import SoftTimeLimitExceeded
 
-from relay import keys
+from relay import broker, deadletter, keys
 from relay.delivery import Delivery
 from workers.app import app, mapping, settings, state
 
@@ -42,6 +43,22 @@ def _close_pools(**_: Any) -> None:
             delivery.close()
 
 
+def _retry(task: Task[Any, None], exc: Exception) -> Exception:
+    retries = task.request.retries
+    log.warning("batch_deferred", error=type(exc).__name__, retries=retries)
+    return task.retry(exc=exc, countdown=min(2**retries, _RETRY_CAP_S), max_retries=None)
+
+
+def _dead_letter(items: Any, exc: Exception) -> None:
+    batch = items if isinstance(items, list) else [items]
+    error = f"{type(exc).__name__}: {exc}"[:500]
+    deadletter.add(state, [
+        deadletter.new_entry(i if isinstance(i, dict) else {"event": i}, "worker_error",
+                             errors=[error])
+        for i in batch
+    ])  # fmt: skip
+
+
 @app.task(name=keys.TASK_DELIVER, bind=True, acks_on_failure_or_timeout=False)
 def deliver_batch(self: Task[Any, None], items: list[dict[str, Any]]) -> None:
     """Deliver one batch of queued items to ChurnZero (see relay.delivery)."""
@@ -49,12 +66,17 @@ def deliver_batch(self: Task[Any, None], items: list[dict[str, Any]]) -> None:
     started = time.perf_counter()
     try:
         report = _delivery().deliver(items)
-    except (redis.RedisError, OSError) as exc:
-        retries = self.request.retries
-        log.warning("batch_deferred", error=type(exc).__name__, events=len(items), retries=retries)
-        raise self.retry(
-            exc=exc, countdown=min(2**retries, _RETRY_CAP_S), max_retries=None
-        ) from exc
+    except (redis.RedisError, OSError, SoftTimeLimitExceeded) as exc:
+        raise _retry(self, exc) from exc
+    except Exception as exc:
+        # Celery would drop a failed message (late ack, no requeue): keep its events as
+        # dead letters instead, whatever went wrong (a malformed message, a bug).
+        log.exception("batch_failed", events=len(items) if isinstance(items, list) else 1)
+        try:
+            _dead_letter(items, exc)
+        except broker.QUEUE_ERRORS as store_exc:
+            raise _retry(self, store_exc) from exc
+        return
     finally:
         structlog.contextvars.unbind_contextvars("task_id")
     log.info("batch", ms=round((time.perf_counter() - started) * 1000, 1), **report.as_log())

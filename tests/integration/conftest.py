@@ -211,6 +211,12 @@ def start_ingest(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., str]]
         proc.stop()
 
 
+def url_of(r: redis.Redis) -> str:
+    """The URL of the Redis database a client talks to (for child processes)."""
+    kw = r.connection_pool.connection_kwargs
+    return f"redis://{kw['host']}:{kw['port']}/{kw['db']}"
+
+
 def queued_items(r: redis.Redis) -> list[dict[str, Any]]:
     """Every item waiting in the Celery queue `relay`, oldest first (read-only peek)."""
     import base64

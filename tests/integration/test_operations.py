@@ -25,6 +25,7 @@ from tests.integration.conftest import (
     Starter,
     relay_env,
     sign,
+    url_of,
 )
 from tests.integration.test_delivery import settled, wait_for
 
@@ -70,6 +71,11 @@ def test_metrics_follow_the_events(
     assert metric(after, "relay_delivered_events_total") == 10
     assert metric(after, "relay_skipped_events_total", reason="unsupported_type") == 1
     assert metric(after, "relay_churnzero_requests_total", outcome="2xx") >= 1
+    histogram = "relay_churnzero_request_duration_seconds"
+    requests_made = metric(after, histogram + "_count")
+    assert requests_made == metric(after, "relay_churnzero_requests_total", outcome="2xx")
+    assert metric(after, histogram + "_bucket", le="+Inf") == requests_made
+    assert metric(after, histogram + "_sum") > 0
     assert metric(after, "relay_ingest_request_duration_seconds_count", route="batch") == 1
 
 
@@ -79,7 +85,7 @@ def test_status_json_matches_the_queue(r: redis.Redis, start_ingest: Callable[..
         requests.post(url + "/v1/batch", auth=AUTH, json={"batch": [
             {"type": "track", "userId": "s", "event": "E"}] * 7 + [{"type": "identify"}]
         }).raise_for_status()  # fmt: skip
-    env = relay_env(_url(r))
+    env = relay_env(url_of(r))
     out = subprocess.run([sys.executable, "-m", "relay.cli", "status", "--json"], env=env,
                          cwd=ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
     assert out.returncode == 0, out.stderr
@@ -92,11 +98,6 @@ def test_status_json_matches_the_queue(r: redis.Redis, start_ingest: Callable[..
     table = subprocess.run([sys.executable, "-m", "relay.cli", "status"], env=env, cwd=ROOT,
                            capture_output=True, text=True, timeout=60)  # fmt: skip
     assert re.search(r"ready\s.*\b21\b", table.stdout), table.stdout
-
-
-def _url(r: redis.Redis) -> str:
-    kw = r.connection_pool.connection_kwargs
-    return f"redis://{kw['host']}:{kw['port']}/{kw['db']}"
 
 
 def test_readyz_and_ingest_turn_503_when_redis_stops(

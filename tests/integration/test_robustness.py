@@ -20,6 +20,7 @@ from tests.integration.conftest import (
     Sandbox,
     Starter,
     relay_env,
+    url_of,
 )
 from tests.integration.test_delivery import settled, wait_for
 
@@ -98,7 +99,7 @@ def test_400_dead_letters_then_replay_delivers_once(
     assert entry["response"]
     assert tracked(clean_sandbox) == []
     clean_sandbox.reset()
-    env = relay_env(_url(r))
+    env = relay_env(url_of(r))
     replay = [sys.executable, "-m", "relay.cli", "dlq", "replay", "--reason", "rejected"]
     out = subprocess.run(replay, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -109,11 +110,6 @@ def test_400_dead_letters_then_replay_delivers_once(
     time.sleep(0.5)
     assert sorted(tracked(clean_sandbox)) == sorted(f"ev-{i}" for i in range(5))
     assert r.hlen("relay:dlq:entries") == 0
-
-
-def _url(r: redis.Redis) -> str:
-    kw = r.connection_pool.connection_kwargs
-    return f"redis://{kw['host']}:{kw['port']}/{kw['db']}"
 
 
 def test_same_message_id_twice_is_delivered_once(
@@ -162,4 +158,23 @@ def test_retries_stop_at_max_age_into_dead_letters(
     assert {e["status"] for e in entries} == {503}
     assert all(e["attempts"] >= 2 for e in entries)
     assert all(e["last_failure"] - e["first_failure"] >= 2.5 for e in entries)
+    assert tracked(clean_sandbox) == []
+
+
+def test_a_batch_the_worker_cannot_handle_is_dead_lettered_not_dropped(
+    r: redis.Redis, clean_sandbox: Sandbox, start_worker: Starter
+) -> None:
+    from relay import broker
+    from relay.settings import Settings
+
+    start_worker()
+    # Items without the relay's id: nothing ingest writes, but a message in the queue all
+    # the same (another producer, a hand-edited replay). Celery would drop a failed one.
+    event = {"type": "track", "userId": "u1", "event": "E", "messageId": "no-id-1"}
+    celery = broker.make_celery(Settings(), url_of(r))
+    broker.publish(celery, [{"source": "api", "event": event}, {"event": event}])
+    wait_for(lambda: r.zcard("relay:dlq:reason:worker_error") == 2 and settled(r))
+    entries = [json.loads(v) for v in r.hvals("relay:dlq:entries")]
+    assert [e["item"]["event"] for e in entries] == [event, event]
+    assert all(e["errors"][0].startswith("KeyError") for e in entries)
     assert tracked(clean_sandbox) == []
