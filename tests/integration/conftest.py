@@ -1,6 +1,7 @@
 """The integration suite's real parts: a Redis, the ChurnZero sandbox, ingest and a
-Celery worker, each a real process. Tests use their own Redis database (13), flushed
-before each test; the processes are shared by the session and reset between tests.
+Celery worker, each a real process. Tests use their own Redis database (13, or
+RELAY_TEST_REDIS_DB so that two checkouts can test side by side), flushed before each
+test; the processes are shared by the session and reset between tests.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import requests
 
 from tests.conftest import ROOT, free_port, redis_answers, start_redis
 
-DB = 13
+DB = int(os.environ.get("RELAY_TEST_REDIS_DB", "13"))
 SECRET = "test-webhook-secret"
 WRITE_KEY = "test-write-key"
 APP_KEY = "test-app-key"
