@@ -14,16 +14,15 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# shared/ sits beside the checkout (the repository's clone and CI's alike).
-FIXTURES = ROOT.parent / "shared" / "fixtures" / "segment"
+FIXTURES = ROOT / "tests" / "fixtures" / "segment"
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
 def fixture(name: str) -> Any:
-    """A Segment payload from shared/fixtures, as published."""
+    """A Segment payload from tests/fixtures/segment, as its sender sends it."""
     path = FIXTURES / name
     if not path.exists():
-        pytest.skip(f"fixture {path} is not here") if not IN_CI else pytest.fail(f"no {path}")
+        pytest.fail(f"fixture {path} is missing")
     return json.loads(path.read_text())
 
 
