@@ -77,6 +77,12 @@ class Load:
         for worker in self._workers:
             worker.join(timeout)
 
+    def wait_acked(self, share: float, timeout: float = 120) -> None:
+        """Wait until `share` of the load is acknowledged: faults strike on progress, not
+        after a fixed time, so a fast machine cannot finish the load before the fault."""
+        want = int(self.total * share)
+        wait_for(lambda: len(self.acked) >= want, timeout=timeout)
+
 
 def identify(url: str) -> None:
     requests.post(url + "/v1/identify", auth=AUTH, json={
@@ -151,7 +157,7 @@ def test_redis_stop_and_restart_during_ingest(
         url = start_ingest(redis_url=url_redis)
         identify(url)
         load = Load([url], 30_000, batch=20, threads=4).start()
-        time.sleep(2)
+        load.wait_acked(1 / 3)
         server.send_signal(signal.SIGKILL)
         server.wait(10)
         down_from = time.monotonic()
@@ -186,7 +192,7 @@ def test_ingest_sigkill_under_load(
     wait_http(url + "/livez", ingest)
     identify(url)
     load = Load([url], 40_000, batch=50).start()
-    time.sleep(2)
+    load.wait_acked(1 / 3)
     ingest.stop(signal.SIGKILL)
     load.join()
     start_worker()

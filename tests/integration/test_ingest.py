@@ -150,11 +150,14 @@ def test_over_high_water_mark_answers_503(r: redis.Redis, start_ingest: Callable
     url = start_ingest(max_queue_depth=5)
     r.set("relay:depth:ready", 10)
     r.rpush("relay", b"placeholder")  # a non-empty queue, so the counter is believed
-    time.sleep(0.6)  # the gate refreshes every 250 ms
+    # The gate refreshes every 250 ms: wait for it to see the depth, however long that takes.
+    deadline = time.monotonic() + 10
+    while requests.get(url + "/readyz").status_code != 503:
+        assert time.monotonic() < deadline, "the gate never saw the depth"
+        time.sleep(0.1)
     answer = requests.post(
         url + "/v1/track", json={"userId": "u", "event": "e"}, auth=(WRITE_KEY, "")
     )
     assert answer.status_code == 503
     assert answer.headers["Retry-After"]
-    assert requests.get(url + "/readyz").status_code == 503
     assert r.llen("relay") == 1

@@ -130,7 +130,8 @@ def test_long_outage_few_probes_bounded_memory_full_drain(
     clean_sandbox.fault(drop_connection=True, for_s=20)
     worker = start_worker()
     identify_then_tracks(ingest, 5000, prefix="o")
-    time.sleep(4)  # the circuit opens after a few failures
+    # The circuit opens after a few failures: measure from then, however long that took.
+    wait_for(lambda: r.exists("relay:throttle:trips") == 1, timeout=30)
     proc = psutil.Process(worker.proc.pid)  # type: ignore[union-attr]
     rss = []
     probes_start = len(clean_sandbox.requests_log())
