@@ -15,7 +15,7 @@ from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
 from relay import keys
-from relay.settings import Settings
+from relay.settings import VISIBILITY_MARGIN_S, Settings
 
 
 def _dumps(value: Any) -> bytes:
@@ -49,6 +49,12 @@ def celery_config(settings: Settings, redis_url: str) -> dict[str, Any]:
             # Above the task time limit: an unacked message comes back only if its
             # worker is gone, never while it is still working on it.
             "visibility_timeout": settings.visibility_timeout_s,
+            # kombu looks for messages of dead workers every interval x throttle seconds
+            # (100 s by default); every 5 s keeps the bound near the visibility timeout.
+            "unacked_restore_interval": 5,
+            "unacked_restore_throttle": 1,
+            # A worker that dies mid-sweep holds the sweep's mutex this long (default 5 min).
+            "unacked_mutex_expire": 30,
             "socket_timeout": 5,
             "socket_connect_timeout": 3,
             "health_check_interval": 30,
@@ -63,8 +69,10 @@ def celery_config(settings: Settings, redis_url: str) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "task_acks_on_failure_or_timeout": True,
         "worker_prefetch_multiplier": 1,
-        "task_time_limit": settings.task_time_limit_s,
-        "task_soft_time_limit": max(settings.task_time_limit_s - 30, 5),
+        # Only a prefork pool enforces this; the thread pool's bound is the task's own
+        # deadline and the watchdog in workers/tasks.py. No soft limit: the task does not
+        # expect one, and it would dead-letter a batch instead of retrying it.
+        "task_time_limit": settings.task_time_limit_s + VISIBILITY_MARGIN_S - 3,
         "worker_hijack_root_logger": False,
         "worker_send_task_events": False,
         "task_send_sent_event": False,
@@ -85,17 +93,21 @@ def publish(
     items: list[dict[str, Any]],
     *,
     retry_policy: dict[str, float] | None = None,
+    message_id: str | None = None,
 ) -> None:
     """Queue items as `relay.deliver_batch` messages of at most `message_events` each.
 
-    The one way items enter the queue: ingest, the delayed-set mover and replays.
+    The one way items enter the queue: ingest, the delayed-set mover and replays. With a
+    `message_id`, publishing the same items again makes the same messages (ids
+    `<message_id>.<n>`), which the workers settle once (relay.runs).
     """
     size = int(celery.conf.get("relay_message_events", 500))
     with celery.producer_or_acquire() as producer:
-        for start in range(0, len(items), size):
+        for n, start in enumerate(range(0, len(items), size)):
             celery.send_task(
                 keys.TASK_DELIVER,
                 args=[items[start : start + size]],
+                task_id=f"{message_id}.{n}" if message_id else None,
                 queue=keys.QUEUE,
                 producer=producer,
                 retry=True,

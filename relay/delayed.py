@@ -4,8 +4,9 @@ waits), kept in Redis rather than as Celery ETA tasks.
 A Celery ETA past the visibility timeout is delivered twice, and ETA tasks sit in worker
 memory. Here a ZSET holds them by due time; a mover in every worker moves due batches
 back to the queue. Moving is claim, publish, remove: a claim pushes the member's due
-time forward by a lease, so a mover that dies mid-way loses nothing (the batch comes
-due again after the lease; at worst it is published twice).
+time forward by a lease (on Redis's clock, so hosts' clocks do not matter), so a mover
+that dies mid-way loses nothing. The batch then comes due again after the lease and is
+published again under the same message ids, which the workers settle once (relay.runs).
 """
 
 from __future__ import annotations
@@ -19,15 +20,29 @@ import orjson
 from relay import keys
 
 Item = dict[str, Any]
+Publish = Callable[[list[Item], str], None]  # items, message id
 LEASE_S = 60
 
-# KEYS: delayed. ARGV: now, limit, lease. Claims up to `limit` due members.
+# KEYS: delayed. ARGV: limit, lease_s. Claims up to `limit` members due by Redis's clock.
 _CLAIM = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, ARGV[1])
 for _, member in ipairs(due) do
-  redis.call('ZADD', KEYS[1], tonumber(ARGV[1]) + tonumber(ARGV[3]), member)
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), member)
 end
 return due
+"""
+
+# KEYS: delayed, delayed events, ready events. ARGV: member, events. The counters move
+# only if this mover removed the member (another may have, after its lease ran out).
+_DONE = """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
+  redis.call('DECRBY', KEYS[2], ARGV[2])
+  redis.call('INCRBY', KEYS[3], ARGV[2])
+  return 1
+end
+return 0
 """
 
 
@@ -43,28 +58,23 @@ def stage_schedule(pipe: Any, items: list[Item], due: float) -> None:
 class Mover:
     """Moves due batches from the delayed set back to the Celery queue."""
 
-    def __init__(self, r: Any, publish: Callable[[list[Item]], None], page: int = 200) -> None:
-        self._redis = r
+    def __init__(self, r: Any, publish: Publish, page: int = 200) -> None:
         self._publish = publish
         self._page = page
         self._claim = r.register_script(_CLAIM)
+        self._done = r.register_script(_DONE)
 
-    def move_due(self, now: float) -> int:
+    def move_due(self) -> int:
         """Move what is due; returns the number of events moved."""
-        members = self._claim(keys=[keys.DELAYED], args=[now, self._page, LEASE_S])
+        members = self._claim(keys=[keys.DELAYED], args=[self._page, LEASE_S])
         moved = 0
         for member in members:
-            items = orjson.loads(member)["items"]
-            self._publish(items)
-            pipe = self._redis.pipeline(transaction=True)
-            pipe.zrem(keys.DELAYED, member)
-            pipe.decrby(keys.DELAYED_EVENTS, len(items))
-            pipe.incrby(keys.DEPTH_READY, len(items))
-            pipe.execute()
-            moved += len(items)
+            batch = orjson.loads(member)
+            items = batch["items"]
+            self._publish(items, "d-" + str(batch["id"]))
+            removed = self._done(
+                keys=[keys.DELAYED, keys.DELAYED_EVENTS, keys.DEPTH_READY],
+                args=[member, len(items)],
+            )
+            moved += len(items) if int(removed) else 0
         return moved
-
-    def next_due(self) -> float | None:
-        """When the next batch comes due (unix time), or None if the set is empty."""
-        first = self._redis.zrange(keys.DELAYED, 0, 0, withscores=True)
-        return float(first[0][1]) if first else None

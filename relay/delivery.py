@@ -1,33 +1,44 @@
 """Delivering one batch of queued items to ChurnZero: the worker's whole job.
 
-`Delivery.deliver(items)` parses, drops duplicates, resolves identities, translates,
-sends (through the shared throttle) and then settles every item exactly once: delivered,
-skipped (with a counted reason), put in the delayed set for a later try, or
+`Delivery.deliver(items, message_id)` claims the message (see relay.runs: a message
+that runs twice is settled once), parses, drops duplicates, resolves identities,
+translates, sends (through the shared throttle, within the task's time limit) and then
+settles every item exactly once (relay.settlement decides; this module does the I/O):
+delivered, skipped (with a counted reason), put in the delayed set for a later try, or
 dead-lettered. Celery is not involved here; the task only calls this.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
+import contextlib
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from relay import deadletter, delayed, identity, keys, retry, status
+import structlog
+
+from relay import broker, deadletter, delayed, identity, keys, retry, status
 from relay.churnzero import ChurnZeroClient
 from relay.dedupe import Dedupe
 from relay.mapping import Mapping
-from relay.settings import Settings
+from relay.runs import Claim, Runs, State
+from relay.settings import VISIBILITY_MARGIN_S, Settings
+from relay.settlement import Outcomes, Policy, Unsent, group_later, settle, worst
 from relay.throttle import Throttle
 from relay.translate import Command, lookup_keys, parse_items, plan_batch
 
+log = structlog.get_logger("relay.delivery")
 Item = dict[str, Any]
 SHORT_WAIT_S = 2.0  # pauses up to this long are waited out in the task; longer ones deferred
 MAX_RATE_WAIT_S = 5.0
-IDENTITY_RETRY_CAP_S = 60.0
-_SEVERITY = {retry.Kind.SUCCESS: 0, retry.Kind.RETRYABLE: 1, retry.Kind.PERMANENT: 2}
+# Time kept back from a task's limit for the settlement writes after the last send.
+SETTLE_MARGIN_S = 5.0
+
+
+class MessageBusy(Exception):
+    """Another run of this message still holds its lease; give the message back."""
 
 
 @dataclass
@@ -36,6 +47,7 @@ class Report:
 
     received: int = 0
     delivered: int = 0
+    already_settled: bool = False
     skipped: Counter[str] = field(default_factory=Counter)
     dead: Counter[str] = field(default_factory=Counter)
     retried: Counter[str] = field(default_factory=Counter)
@@ -47,6 +59,7 @@ class Report:
         return {
             "received": self.received,
             "delivered": self.delivered,
+            "already_settled": self.already_settled,
             "skipped": dict(self.skipped),
             "dead": dict(self.dead),
             "retried": dict(self.retried),
@@ -58,7 +71,7 @@ class Report:
 class _Chunk:
     commands: list[Command]
     rids: list[str]
-    outcome: retry.Outcome | None = None  # None: not sent (paused or rate-limited)
+    outcome: retry.Outcome | None = None  # None: not sent (paused, rate-limited, deadline)
 
 
 class Delivery:
@@ -68,7 +81,13 @@ class Delivery:
         self.settings = settings
         self.redis = r
         self.mapping = mapping
+        self.policy = Policy.of(settings)
         self.dedupe = Dedupe(r, settings.dedupe_window_s)
+        self.runs = Runs(
+            r,
+            lease_s=settings.task_time_limit_s + VISIBILITY_MARGIN_S,
+            ttl_s=settings.run_record_ttl_s,
+        )
         self.throttle = Throttle(
             r, rate_limit_rps=settings.rate_limit_rps, outage_threshold=settings.outage_threshold
         )
@@ -85,133 +104,144 @@ class Delivery:
         self.loop.run_until_complete(self.client.close())
         self.loop.close()
 
-    def deliver(self, items: list[Item]) -> Report:
-        """Settle every item of the batch; see the module docstring."""
-        n = len(items)
-        self.redis.pipeline(transaction=False).decrby(keys.DEPTH_READY, n).incrby(
-            keys.DEPTH_INFLIGHT, n
-        ).execute()
+    def deliver(self, items: list[Item], message_id: str) -> Report:
+        """Settle every item of the message once, however often it runs; see the module
+        docstring. Raises MessageBusy when another run holds it past this run's time."""
+        deadline = time.monotonic() + self.settings.task_time_limit_s - SETTLE_MARGIN_S
+        claim = self._claim(message_id, len(items), deadline)
+        if claim.state is State.SETTLED:
+            return Report(received=len(items), already_settled=True)
         try:
-            return self._deliver(items)
-        finally:
-            self.redis.decrby(keys.DEPTH_INFLIGHT, n)
+            try:
+                return self._deliver(items, claim, deadline)
+            except broker.QUEUE_ERRORS:
+                raise
+            except Exception as exc:
+                # A malformed message or a bug. Celery would drop the message: keep its
+                # events as dead letters instead, with the error.
+                log.exception("batch_failed", events=len(items))
+                return self._dead_letter_all(items, claim, exc)
+        except BaseException:
+            # Unsettled: the message runs again (Redis hands it out again), and the
+            # events marked done are not sent twice.
+            with contextlib.suppress(Exception):  # Redis is away: the lease expires anyway
+                self.runs.release(claim)
+            raise
 
-    def _deliver(self, items: list[Item]) -> Report:
+    def _dead_letter_all(self, items: list[Any], claim: Claim, exc: Exception) -> Report:
+        error = f"{type(exc).__name__}: {exc}"[:500]
+        report = Report(received=len(items))
+        dead = []
+        for item in items:
+            if isinstance(item, dict) and item.get("id") in claim.done:
+                report.delivered += 1
+                continue
+            wrapped = item if isinstance(item, dict) else {"event": item}
+            dead.append(deadletter.new_entry(wrapped, "worker_error", errors=[error]))
+        report.dead["worker_error"] = len(dead)
+        pipe = self.redis.pipeline(transaction=True)
+        deadletter.stage_add(pipe, dead)
+        _stage_stats(pipe, report, time.time())
+        self.runs.stage_settled(pipe, claim, len(items))
+        pipe.execute()
+        return report
+
+    def _claim(self, message_id: str, events: int, deadline: float) -> Claim:
+        while True:
+            claim = self.runs.claim(message_id, events)
+            if claim.state is not State.BUSY:
+                return claim
+            # Another run (a copy kombu restored while the first still runs) holds the
+            # lease: wait for it to settle, or give the message back if it takes long.
+            pause = min(max(claim.busy_for_s, 0.05), 1.0)
+            if time.monotonic() + pause > deadline:
+                raise MessageBusy(message_id)
+            time.sleep(pause)
+
+    def _deliver(self, items: list[Item], claim: Claim, deadline: float) -> Report:
         now = time.time()
         report = Report(received=len(items))
-        dead: list[dict[str, Any]] = []
-        later: list[tuple[list[Item], float, str]] = []  # items, due, cause
-
         parsed, bad = parse_items(items)
-        dead += [deadletter.new_entry(i, "invalid_event", errors=e, now=now) for i, e in bad]
+        dead = [deadletter.new_entry(i, "invalid_event", errors=e, now=now) for i, e in bad]
         dups = self.dedupe.duplicates([item for item, _ in parsed])
         report.skipped["duplicate"] += len(dups)
         parsed = [(item, event) for item, event in parsed if item["id"] not in dups]
         known = identity.lookup(self.redis, lookup_keys(parsed, self.mapping))
         plan = plan_batch(parsed, known, self.mapping)
-        for _, reason in plan.skipped:
-            report.skipped[reason] += 1
-        for item, problems in plan.invalid_event + plan.invalid_command:
-            dead.append(deadletter.new_entry(item, "invalid_command", errors=problems, now=now))
-        for item in plan.unresolved:
-            waited = now - float(item.get("received_at", now))
-            if waited >= self.settings.identity_wait_s:
-                dead.append(deadletter.new_entry(
-                    item, "unresolved_identity", now=now,
-                    errors=["no account/contact ids, and no identify call for this user"],
-                ))  # fmt: skip
-            else:
-                wait = retry.compute_backoff(
-                    int(item.get("attempts", 0)), base_s=1.0, cap_s=IDENTITY_RETRY_CAP_S
-                )
-                wait = min(max(wait, 0.5), self.settings.identity_wait_s - waited)
-                later.append(([_attempted(item, now)], now + wait, "identity_wait"))
 
-        by_rid = {item["id"]: item for item, _ in plan.send}
-        chunks = _chunk(plan.send, self.settings.churnzero_batch_size)
-        unsent_wait = self._send(chunks, report) if chunks else 0.0
-        worst: dict[str, retry.Outcome | None] = {}
-        for chunk in chunks:
-            for rid in chunk.rids:
-                worst[rid] = _worse(worst.get(rid, _OK), chunk.outcome)
-        self._settle(by_rid, worst, now, unsent_wait, report, dead, later)
+        # An earlier run of this message got a 2xx for some events: never send them again.
+        outcomes: Outcomes = {rid: _OK for rid in claim.done}
+        todo = [(item, commands) for item, commands in plan.send if item["id"] not in claim.done]
+        chunks = _chunk(todo, self.settings.churnzero_batch_size)
+        if chunks:
+            outcomes |= self._send(chunks, report, claim, deadline)
+        settled = settle(plan, outcomes, now, self.policy)
 
+        report.delivered = len(settled.delivered)
+        report.skipped.update(settled.skipped)
+        dead += settled.dead
         pipe = self.redis.pipeline(transaction=True)
         identity.stage_store(pipe, plan.learned, self.settings.identity_ttl_s)
-        for batch, due, cause in _group_later(later):
+        for batch, due, cause in group_later(settled.later):
             delayed.stage_schedule(pipe, batch, due)
             report.retried[cause] += len(batch)
         deadletter.stage_add(pipe, dead)
         for entry in dead:
             report.dead[entry["reason"]] += 1
         _stage_stats(pipe, report, now)
+        self.runs.stage_settled(pipe, claim, len(items))
         pipe.execute()
         self.dedupe.release([e["item"] for e in dead if isinstance(e["item"], dict)])
         return report
 
-    def _settle(
-        self,
-        by_rid: dict[str, Item],
-        worst: dict[str, retry.Outcome | None],
-        now: float,
-        unsent_wait: float,
-        report: Report,
-        dead: list[dict[str, Any]],
-        later: list[tuple[list[Item], float, str]],
-    ) -> None:
-        s = self.settings
-        for rid, outcome in worst.items():
-            item = by_rid[rid]
-            if outcome is None:  # never sent: paused or rate-limited, not the event's fault
-                later.append(([item], now + unsent_wait + random.uniform(0, 1.0), "paused"))
-            elif outcome.kind is retry.Kind.SUCCESS:
-                report.delivered += 1
-            elif outcome.kind is retry.Kind.PERMANENT:
-                dead.append(deadletter.new_entry(
-                    _attempted(item, now), "rejected", status=outcome.status,
-                    response=outcome.excerpt, now=now,
-                ))  # fmt: skip
-            else:
-                tried = _attempted(item, now)
-                started = float(tried["first_failure"])
-                if retry.expired(started, now, s.max_age_s):
-                    dead.append(deadletter.new_entry(
-                        tried, "retries_exhausted", status=outcome.status,
-                        response=outcome.excerpt or outcome.error, now=now,
-                    ))  # fmt: skip
-                    continue
-                wait = retry.next_delay(
-                    outcome, int(tried["attempts"]), base_s=s.backoff_base_s, cap_s=s.backoff_cap_s
-                )
-                wait = min(wait, max(s.max_age_s - (now - started), 0.0))
-                later.append(([tried], now + wait, outcome.label))
+    def _send(
+        self, chunks: list[_Chunk], report: Report, claim: Claim, deadline: float
+    ) -> Outcomes:
+        """Send what the throttle allows before the deadline; every relay id's outcome."""
+        unsent_wait, cause = self._send_chunks(chunks, report, claim, deadline)
+        return _outcomes(chunks, Unsent(unsent_wait, cause))
 
-    def _send(self, chunks: list[_Chunk], report: Report) -> float:
-        """Send what the throttle allows; returns how long unsent chunks should wait."""
+    def _after_send(self, chunks: list[_Chunk], sent: list[_Chunk], claim: Claim) -> float:
+        """Mark delivered events done first (nothing may fail in between), then tell the
+        shared throttle; returns the pause now in force."""
+        done = [
+            rid for rid, o in _outcomes(chunks, Unsent(0.0)).items()
+            if rid not in claim.done and isinstance(o, retry.Outcome)
+            and o.kind is retry.Kind.SUCCESS
+        ]  # fmt: skip
+        self.runs.mark_done(claim, done)
+        return self._report_throttle(sent)
+
+    def _send_chunks(
+        self, chunks: list[_Chunk], report: Report, claim: Claim, deadline: float
+    ) -> tuple[float, str]:
+        """Send; returns how long unsent chunks should wait, and why they were not sent."""
         gate = self.throttle.gate()
         for _ in range(3):
             if gate.go or gate.wait_s > SHORT_WAIT_S:
                 break
+            if time.monotonic() + gate.wait_s > deadline:
+                return gate.wait_s, "deadline"
             time.sleep(gate.wait_s)
             gate = self.throttle.gate()
         if not gate.go:
-            return gate.wait_s  # every chunk stays unsent and is deferred past the pause
+            return gate.wait_s, "paused"  # every chunk stays unsent, deferred past the pause
         todo = chunks
         if gate.probe:
             # One request tests whether ChurnZero is back before anyone sends more.
-            self.loop.run_until_complete(self._send_one(chunks[0], 0.0, report, check=False))
+            self._run(self._send_one(chunks[0], 0.0, report, check=False), deadline)
             first = chunks[0].outcome
             ok = first is not None and first.kind is not retry.Kind.RETRYABLE
-            pause = self._report_throttle([chunks[0]])
+            pause = self._after_send(chunks, [chunks[0]], claim)
             if not ok:
-                return pause
+                return pause, "paused"
             todo = chunks[1:]
         if not todo:
-            return 0.0
+            return 0.0, "paused"
         delays = self.throttle.reserve(len(todo), MAX_RATE_WAIT_S)
         if isinstance(delays, float):
             self.redis.hincrby(keys.STATS, "ratelimit_waits", 1)
-            return delays
+            return delays, "paused"
         if any(d > 0 for d in delays):
             self.redis.hincrby(keys.STATS, "ratelimit_waits", 1)
         # Chunks beyond the reserved slots stay unsent and come back after the last slot.
@@ -226,8 +256,22 @@ class Delivery:
                 )
             )
 
-        self.loop.run_until_complete(send_all())
-        return max(self._report_throttle(todo), rate_wait)
+        in_time = self._run(send_all(), deadline)
+        pause = max(self._after_send(chunks, todo, claim), rate_wait)
+        return pause, "paused" if in_time else "deadline"
+
+    def _run(self, work: Any, deadline: float) -> bool:
+        """Run sends on this thread's loop until done or the deadline; whether in time.
+
+        Requests still on the wire at the deadline are cancelled and count as unsent:
+        ChurnZero may have had them, so their events may arrive twice (rare, bounded).
+        """
+        remaining = max(deadline - time.monotonic(), 0.1)
+        try:
+            self.loop.run_until_complete(asyncio.wait_for(work, remaining))
+        except TimeoutError:
+            return False
+        return True
 
     async def _send_one(self, chunk: _Chunk, delay: float, report: Report, *, check: bool) -> None:
         if delay > 0:
@@ -248,27 +292,25 @@ class Delivery:
         # A 429 without Retry-After still means "slow down": hold everyone back a second.
         if any(o.status == 429 for o in failures) and not waits:
             waits = [1.0]
+        cap = self.settings.retry_after_cap_s
         return self.throttle.report(
             successes=len(sent) - len(failures),
             failures=len([o for o in failures if o.status != 429]),
-            retry_after_s=max(waits) if waits else None,
+            retry_after_s=retry.clamp_retry_after(max(waits), cap) if waits else None,
         )
 
 
 _OK = retry.Outcome(status=200)
 
 
-def _worse(a: retry.Outcome | None, b: retry.Outcome | None) -> retry.Outcome | None:
-    if a is None or b is None:
-        return None
-    return a if _SEVERITY[a.kind] >= _SEVERITY[b.kind] else b
-
-
-def _attempted(item: Item, now: float) -> Item:
-    out = dict(item)
-    out["attempts"] = int(item.get("attempts", 0)) + 1
-    out["first_failure"] = item.get("first_failure") or item.get("received_at") or now
-    return out
+def _outcomes(chunks: list[_Chunk], unsent: Unsent) -> Outcomes:
+    """Each relay id's outcome: the worst of the requests that carried its commands."""
+    outcomes: Outcomes = {}
+    for chunk in chunks:
+        outcome: retry.Outcome | Unsent = chunk.outcome if chunk.outcome is not None else unsent
+        for rid in chunk.rids:
+            outcomes[rid] = worst(outcomes.get(rid, _OK), outcome)
+    return outcomes
 
 
 def _chunk(send: list[tuple[Item, list[Command]]], size: int) -> list[_Chunk]:
@@ -287,17 +329,6 @@ def _chunk(send: list[tuple[Item, list[Command]]], size: int) -> list[_Chunk]:
     if current.commands:
         chunks.append(current)
     return chunks
-
-
-def _group_later(later: list[tuple[list[Item], float, str]]) -> list[tuple[list[Item], float, str]]:
-    # One delayed-set member per cause and (rounded) due second keeps the set small.
-    groups: dict[tuple[str, int], tuple[list[Item], float]] = {}
-    for items, due, cause in later:
-        key = (cause, int(due))
-        batch, first_due = groups.get(key, ([], due))
-        batch.extend(items)
-        groups[key] = (batch, min(first_due, due))
-    return [(batch, due, cause) for (cause, _), (batch, due) in groups.items()]
 
 
 def _stage_stats(pipe: Any, report: Report, now: float) -> None:

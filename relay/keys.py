@@ -22,6 +22,10 @@ IDENTITY = PREFIX + "identity:"
 # STRING per Segment messageId; value = the relay id of the copy that claimed it.
 DEDUPE = PREFIX + "dedupe:"
 
+# Per Celery message (by task id): HASH of its run ("claimed", "settled", "d:<relay id>"
+# per event delivered), and the lease of the run working on it now.
+RUN = PREFIX + "run:"
+
 # Dead letters: HASH id -> JSON entry, ZSET of ids by last failure, ZSET per reason.
 DLQ_ENTRIES = PREFIX + "dlq:entries"
 DLQ_INDEX = PREFIX + "dlq:index"
@@ -59,6 +63,16 @@ def dlq_reason(reason: str) -> str:
 def identity(user_key: str) -> str:
     """The identity-map entry of one user key (`u:<userId>` or `a:<anonymousId>`)."""
     return IDENTITY + user_key
+
+
+def run(message_id: str) -> str:
+    """The run record of one Celery message."""
+    return RUN + message_id
+
+
+def run_lock(message_id: str) -> str:
+    """The lease of the run working on one Celery message."""
+    return RUN + message_id + ":lock"
 
 
 def dedupe(message_id: str) -> str:

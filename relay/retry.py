@@ -90,13 +90,27 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     return max(when.timestamp() - now, 0.0)
 
 
-def next_delay(outcome: Outcome, attempts: int, *, base_s: float, cap_s: float) -> float:
+def next_delay(
+    outcome: Outcome,
+    attempts: int,
+    *,
+    base_s: float,
+    cap_s: float,
+    retry_after_cap_s: float = math.inf,
+) -> float:
     """How long to wait before the next try of events that got `outcome`."""
     backoff = compute_backoff(attempts, base_s=base_s, cap_s=cap_s)
     if outcome.retry_after_s is not None:
-        # The server said when; a little jitter keeps all workers from returning at once.
-        return outcome.retry_after_s + min(backoff, 1.0) * 0.25
+        # The server said when (within reason: one "Retry-After: 86400" must not stop the
+        # relay for a day); a little jitter keeps all workers from returning at once.
+        wait = clamp_retry_after(outcome.retry_after_s, retry_after_cap_s)
+        return wait + min(backoff, 1.0) * 0.25
     return backoff
+
+
+def clamp_retry_after(seconds: float, cap_s: float) -> float:
+    """A server's Retry-After, bounded by the relay's cap."""
+    return min(max(seconds, 0.0), cap_s)
 
 
 def expired(first_seen: float, now: float, max_age_s: float) -> bool:

@@ -12,6 +12,10 @@ from typing import Annotated
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+# Between a task's time limit and the visibility timeout: the watchdog's grace and the
+# settlement writes after the last send.
+VISIBILITY_MARGIN_S = 15
+
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message is one line for the operator."""
@@ -51,10 +55,19 @@ class Settings(BaseSettings):
     dedupe_window_s: int = Field(24 * 3600, ge=0)
     backoff_base_s: float = Field(1.0, gt=0)
     backoff_cap_s: float = Field(300.0, gt=0)
+    # The longest a ChurnZero Retry-After may hold the relay back (it can say a day).
+    retry_after_cap_s: float = Field(300.0, gt=0)
     # Consecutive failed requests after which every worker pauses (circuit open).
     outage_threshold: int = Field(5, ge=1)
-    task_time_limit_s: int = Field(300, ge=5)
-    visibility_timeout_s: int = Field(1800, ge=10)
+    # The longest one task may run: its sends stop before it (what is unsent is deferred),
+    # and a worker whose task overruns it by far exits so its messages come back.
+    task_time_limit_s: int = Field(40, ge=5)
+    # Messages of a dead worker come back after this long; above the task time limit, so
+    # a message is never handed out again while its task still runs.
+    visibility_timeout_s: int = Field(60, ge=10)
+    # How long a message's run record (settled mark, events already delivered) is kept:
+    # a redelivery of the message within it is recognised and not sent again.
+    run_record_ttl_s: int = Field(3600, ge=60)
 
     log_level: str = "info"
     log_format: str = "auto"  # auto | json | console
@@ -84,8 +97,10 @@ class Settings(BaseSettings):
     def _visibility_above_time_limit(self) -> Settings:
         # A message not acked within the visibility timeout is delivered again; it must
         # outlast the longest a task may run, or slow tasks run twice.
-        if self.visibility_timeout_s <= self.task_time_limit_s:
-            raise ValueError("visibility_timeout_s must be above task_time_limit_s")
+        if self.visibility_timeout_s < self.task_time_limit_s + VISIBILITY_MARGIN_S:
+            raise ValueError(
+                f"visibility_timeout_s must be at least task_time_limit_s + {VISIBILITY_MARGIN_S}"
+            )
         return self
 
     @property

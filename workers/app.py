@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import sys
 import threading
-import time
-from functools import partial
 from typing import Any
 
 import redis
@@ -40,10 +38,13 @@ _stop = threading.Event()
 
 
 def _move_forever() -> None:
-    mover = Mover(state, partial(broker.publish, app))
+    def publish(items: list[dict[str, Any]], message_id: str) -> None:
+        broker.publish(app, items, message_id=message_id)
+
+    mover = Mover(state, publish)
     while not _stop.is_set():
         try:
-            moved = mover.move_due(time.time())
+            moved = mover.move_due()
         except broker.QUEUE_ERRORS as exc:
             log.warning("mover_error", error=type(exc).__name__)
             moved = 0

@@ -1,29 +1,45 @@
-"""The relay's one Celery task: thin, like a web view. The work is relay.delivery."""
+"""The relay's one Celery task: thin, like a web view. The work is relay.delivery.
+
+How a message leaves Redis, and nothing else:
+- settled (delivered, skipped, delayed, dead-lettered, in one MULTI with its run's
+  `settled` mark), then acked;
+- given back with `Reject(requeue=True)` when Redis fails or another run of it holds the
+  lease. If even that fails (Redis is down), kombu leaves it in `unacked` and hands it
+  out again when its connection comes back or after the visibility timeout.
+Never `task.retry()`: when Celery cannot publish the retry copy it rejects the message
+without requeue, and kombu deletes it. Celery's time limits do nothing in a thread pool,
+so a watchdog bounds a task instead (see `_watch`).
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from typing import Any
 
-import redis
 import structlog
 from celery import Task, signals
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Reject
 
-from relay import broker, deadletter, keys
-from relay.delivery import Delivery
+from relay import broker
+from relay.delivery import Delivery, MessageBusy
+from relay.settings import VISIBILITY_MARGIN_S
 from workers.app import app, mapping, settings, state
 
 log = structlog.get_logger("relay.worker")
 _local = threading.local()
-# A batch that fails for want of Redis is retried soon (far below the visibility timeout);
-# if even that publish fails, the message stays unacked and Redis hands it out again.
-_RETRY_CAP_S = 30
-
+# What gives a message back: Redis away, or another run of it still holding its lease.
+_GIVE_BACK: tuple[type[Exception], ...] = (*broker.QUEUE_ERRORS, MessageBusy)
+# A message given back while Redis restarts would come straight back: wait a little.
+REQUEUE_PAUSE_S = 1.0
+# A task still running this long is hung (its sends stopped at the time limit): past it,
+# its lease would lapse and a redelivered copy could run beside it.
+HUNG_AFTER_S = settings.task_time_limit_s + VISIBILITY_MARGIN_S - 3
 
 _all: list[Delivery] = []
+_running: dict[int, tuple[float, str]] = {}  # thread id -> (started, task id)
 
 
 def _delivery() -> Delivery:
@@ -35,6 +51,24 @@ def _delivery() -> Delivery:
     return found
 
 
+def _watch() -> None:
+    # A hung task (a Redis call that never returns, a bug) would hold its message past
+    # its lease. Exit instead, as prefork's hard time limit would: kombu hands every
+    # message of this process out again, and their runs skip what was delivered.
+    while True:
+        time.sleep(1.0)
+        now = time.monotonic()
+        for started, task_id in list(_running.values()):
+            if now - started > HUNG_AFTER_S:
+                log.critical("task_hung_exiting", task_id=task_id, after_s=round(now - started))
+                os._exit(70)
+
+
+@signals.worker_ready.connect
+def _start_watchdog(**_: Any) -> None:
+    threading.Thread(target=_watch, name="relay-watchdog", daemon=True).start()
+
+
 @signals.worker_shutdown.connect
 def _close_pools(**_: Any) -> None:
     # The pool threads are idle by now: close their connections cleanly.
@@ -43,40 +77,24 @@ def _close_pools(**_: Any) -> None:
             delivery.close()
 
 
-def _retry(task: Task[Any, None], exc: Exception) -> Exception:
-    retries = task.request.retries
-    log.warning("batch_deferred", error=type(exc).__name__, retries=retries)
-    return task.retry(exc=exc, countdown=min(2**retries, _RETRY_CAP_S), max_retries=None)
-
-
-def _dead_letter(items: Any, exc: Exception) -> None:
-    batch = items if isinstance(items, list) else [items]
-    error = f"{type(exc).__name__}: {exc}"[:500]
-    deadletter.add(state, [
-        deadletter.new_entry(i if isinstance(i, dict) else {"event": i}, "worker_error",
-                             errors=[error])
-        for i in batch
-    ])  # fmt: skip
-
-
-@app.task(name=keys.TASK_DELIVER, bind=True, acks_on_failure_or_timeout=False)
-def deliver_batch(self: Task[Any, None], items: list[dict[str, Any]]) -> None:
+@app.task(name="relay.deliver_batch", bind=True, acks_on_failure_or_timeout=False)
+def deliver_batch(self: Task[Any, None], items: Any) -> None:
     """Deliver one batch of queued items to ChurnZero (see relay.delivery)."""
-    structlog.contextvars.bind_contextvars(task_id=self.request.id)
+    task_id = str(self.request.id)
+    structlog.contextvars.bind_contextvars(task_id=task_id)
     started = time.perf_counter()
+    _running[threading.get_ident()] = (time.monotonic(), task_id)
     try:
-        report = _delivery().deliver(items)
-    except (redis.RedisError, OSError, SoftTimeLimitExceeded) as exc:
-        raise _retry(self, exc) from exc
-    except Exception as exc:
-        # Celery would drop a failed message (late ack, no requeue): keep its events as
-        # dead letters instead, whatever went wrong (a malformed message, a bug).
-        log.exception("batch_failed", events=len(items) if isinstance(items, list) else 1)
-        try:
-            _dead_letter(items, exc)
-        except broker.QUEUE_ERRORS as store_exc:
-            raise _retry(self, store_exc) from exc
-        return
+        report = _delivery().deliver(items if isinstance(items, list) else [items], task_id)
+    except _GIVE_BACK as exc:
+        log.warning("batch_returned", error=type(exc).__name__, redelivered=_redelivered(self))
+        time.sleep(REQUEUE_PAUSE_S)
+        raise Reject(exc, requeue=True) from exc
     finally:
+        _running.pop(threading.get_ident(), None)
         structlog.contextvars.unbind_contextvars("task_id")
     log.info("batch", ms=round((time.perf_counter() - started) * 1000, 1), **report.as_log())
+
+
+def _redelivered(task: Task[Any, None]) -> bool:
+    return bool((task.request.delivery_info or {}).get("redelivered"))

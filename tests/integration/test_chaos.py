@@ -125,7 +125,7 @@ def drained(r: redis.Redis, sandbox: Sandbox, want: set[str]) -> Callable[[], bo
 def test_worker_sigkill_mid_delivery(
     r: redis.Redis, clean_sandbox: Sandbox, start_ingest: Callable[..., str], start_worker: Starter
 ) -> None:
-    timing = {"visibility_timeout_s": 20, "task_time_limit_s": 10}
+    timing = {"visibility_timeout_s": 25, "task_time_limit_s": 10}
     clean_sandbox.fault(latency_ms=20)
     url = start_ingest()
     identify(url)
