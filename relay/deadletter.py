@@ -12,6 +12,7 @@ million entries.
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -41,11 +42,12 @@ def new_entry(
     status: int | None = None,
     response: str | None = None,
     now: float | None = None,
+    entry_id: str | None = None,
 ) -> dict[str, Any]:
     """A dead-letter entry for one queued item (or raw rejected event wrapped as one)."""
     now = time.time() if now is None else now
     return {
-        "id": uuid.uuid4().hex,
+        "id": entry_id or uuid.uuid4().hex,
         "reason": reason,
         "item": item,
         "errors": errors or [],
@@ -55,6 +57,16 @@ def new_entry(
         "first_failure": item.get("first_failure") or now,
         "last_failure": now,
     }
+
+
+def entry_id_of(event: Any) -> str:
+    """An entry id made from an event's content: the same event sent again gets the same
+    entry, not a second one."""
+    try:
+        content = orjson.dumps(event, option=orjson.OPT_SORT_KEYS)
+    except (TypeError, orjson.JSONEncodeError):
+        return uuid.uuid4().hex  # not JSON as it stands: no content to recognise it by
+    return hashlib.blake2b(content, digest_size=16).hexdigest()
 
 
 def stage_add(pipe: Any, entries: list[dict[str, Any]]) -> None:
@@ -195,6 +207,10 @@ def replay(
             item["first_failure"] = None
             item["received_at"] = time.time()
             item["replayed_from"] = entry["id"]
+            # Parsed again from scratch (a relaxed rule may take it now); the identity
+            # wait starts again too.
+            item.pop("rejected", None)
+            item.pop("first_seen", None)
             items.append(item)
         if items:
             publish(items)

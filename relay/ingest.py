@@ -215,15 +215,19 @@ async def _handle(
             "invalid_event",
             errors=r.errors,
             now=stamp,
+            entry_id=deadletter.entry_id_of(r.event),
         )
         for r in parsed.rejected
     ]  # fmt: skip
     try:
+        # The good events first: a batch answered 503 is sent again whole, so its invalid
+        # events are written only once the rest is queued, under ids made from their
+        # content, so that a batch sent again does not dead-letter them twice.
+        await app[COMMIT].submit(items)
         if rejected:
             pipe = app[REDIS].pipeline(transaction=True)
             deadletter.stage_add(pipe, rejected)
             await pipe.execute()
-        await app[COMMIT].submit(items)
     except broker.QUEUE_ERRORS as exc:
         outcome["error"] = type(exc).__name__
         return _unavailable("could not queue the events")

@@ -161,3 +161,17 @@ def test_over_high_water_mark_answers_503(r: redis.Redis, start_ingest: Callable
     assert answer.status_code == 503
     assert answer.headers["Retry-After"]
     assert r.llen("relay") == 1
+
+
+def test_a_batch_sent_again_dead_letters_its_invalid_events_once(
+    ingest: str, r: redis.Redis
+) -> None:
+    # Segment sends a batch again after a 503 or a lost answer: same events, same ids.
+    body = {"batch": [{"type": "track", "userId": "u", "event": "Good", "messageId": "g1"},
+                      {"type": "track", "userId": "u", "messageId": "bad-1"}]}  # fmt: skip
+    for _ in range(2):
+        answer = requests.post(ingest + "/v1/batch", json=body, auth=(WRITE_KEY, ""))
+        assert answer.status_code == 200 and len(answer.json()["rejected"]) == 1
+    assert r.zcard("relay:dlq:reason:invalid_event") == 1
+    [entry] = [json.loads(v) for v in r.hvals("relay:dlq:entries")]
+    assert entry["item"]["event"]["messageId"] == "bad-1"

@@ -81,9 +81,10 @@ def test_metrics_follow_the_events(
 
 def test_status_json_matches_the_queue(r: redis.Redis, start_ingest: Callable[..., str]) -> None:
     url = start_ingest()
-    for _ in range(3):
+    for n in range(3):
         requests.post(url + "/v1/batch", auth=AUTH, json={"batch": [
-            {"type": "track", "userId": "s", "event": "E"}] * 7 + [{"type": "identify"}]
+            {"type": "track", "userId": "s", "event": "E"}] * 7 + [
+            {"type": "identify", "messageId": f"no-user-{n}"}]
         }).raise_for_status()  # fmt: skip
     env = relay_env(url_of(r))
     out = subprocess.run([sys.executable, "-m", "relay.cli", "status", "--json"], env=env,
