@@ -180,19 +180,48 @@ class Delivery:
         report.delivered = len(settled.delivered)
         report.skipped.update(settled.skipped)
         dead += settled.dead
-        pipe = self.redis.pipeline(transaction=True)
-        identity.stage_store(pipe, plan.learned, self.settings.identity_ttl_s)
-        for batch, due, cause in group_later(settled.later):
-            delayed.stage_schedule(pipe, batch, due)
+        later = group_later(settled.later)
+        for batch, _, cause in later:
             report.retried[cause] += len(batch)
-        deadletter.stage_add(pipe, dead)
         for entry in dead:
             report.dead[entry["reason"]] += 1
-        _stage_stats(pipe, report, now)
-        self.runs.stage_settled(pipe, claim, len(items))
-        pipe.execute()
-        self.dedupe.release([e["item"] for e in dead if isinstance(e["item"], dict)])
+
+        def write(pipe: Any) -> None:
+            identity.stage_store(pipe, plan.learned, self.settings.identity_ttl_s)
+            for batch, due, _ in later:
+                delayed.stage_schedule(pipe, batch, due)
+            deadletter.stage_add(pipe, dead)
+            _stage_stats(pipe, report, now)
+
+        # Past the sends, what ChurnZero accepted is known only here: hold on to it
+        # through a Redis blip rather than give the message back to be sent again.
+        self._durably(lambda: self._settle_once(claim, len(items), write), deadline)
+        with contextlib.suppress(*broker.QUEUE_ERRORS):  # an unreleased claim only expires
+            self.dedupe.release([e["item"] for e in dead if isinstance(e["item"], dict)])
         return report
+
+    def _settle_once(self, claim: Claim, events: int, write: Any) -> None:
+        # A MULTI whose answer was lost may have been applied: its settled mark says so.
+        if claim.settle_tried and self.runs.is_settled(claim):
+            return
+        claim.settle_tried = True
+        pipe = self.redis.pipeline(transaction=True)
+        write(pipe)
+        self.runs.stage_settled(pipe, claim, events)
+        pipe.execute()
+
+    def _durably(self, write: Any, deadline: float) -> None:
+        """Run a Redis write, retrying through a blip until the task's time is up."""
+        pause = 0.1
+        while True:
+            try:
+                write()
+                return
+            except broker.QUEUE_ERRORS:
+                if time.monotonic() + pause > deadline + SETTLE_MARGIN_S - 1:
+                    raise
+                time.sleep(pause)
+                pause = min(pause * 2, 1.0)
 
     def _send(
         self, chunks: list[_Chunk], report: Report, claim: Claim, deadline: float
@@ -201,7 +230,9 @@ class Delivery:
         unsent_wait, cause = self._send_chunks(chunks, report, claim, deadline)
         return _outcomes(chunks, Unsent(unsent_wait, cause))
 
-    def _after_send(self, chunks: list[_Chunk], sent: list[_Chunk], claim: Claim) -> float:
+    def _after_send(
+        self, chunks: list[_Chunk], sent: list[_Chunk], claim: Claim, deadline: float
+    ) -> float:
         """Mark delivered events done first (nothing may fail in between), then tell the
         shared throttle; returns the pause now in force."""
         done = [
@@ -209,8 +240,11 @@ class Delivery:
             if rid not in claim.done and isinstance(o, retry.Outcome)
             and o.kind is retry.Kind.SUCCESS
         ]  # fmt: skip
-        self.runs.mark_done(claim, done)
-        return self._report_throttle(sent)
+        self._durably(lambda: self.runs.mark_done(claim, done), deadline)
+        try:
+            return self._report_throttle(sent)
+        except broker.QUEUE_ERRORS:
+            return 0.0  # Redis is away: no shared pause to tell, nor to obey
 
     def _send_chunks(
         self, chunks: list[_Chunk], report: Report, claim: Claim, deadline: float
@@ -232,7 +266,7 @@ class Delivery:
             self._run(self._send_one(chunks[0], 0.0, report, check=False), deadline)
             first = chunks[0].outcome
             ok = first is not None and first.kind is not retry.Kind.RETRYABLE
-            pause = self._after_send(chunks, [chunks[0]], claim)
+            pause = self._after_send(chunks, [chunks[0]], claim, deadline)
             if not ok:
                 return pause, "paused"
             todo = chunks[1:]
@@ -257,7 +291,7 @@ class Delivery:
             )
 
         in_time = self._run(send_all(), deadline)
-        pause = max(self._after_send(chunks, todo, claim), rate_wait)
+        pause = max(self._after_send(chunks, todo, claim, deadline), rate_wait)
         return pause, "paused" if in_time else "deadline"
 
     def _run(self, work: Any, deadline: float) -> bool:

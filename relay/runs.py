@@ -62,6 +62,7 @@ class Claim:
     token: str = ""
     busy_for_s: float = 0.0
     done: set[str] = field(default_factory=set)  # relay ids already delivered by a run
+    settle_tried: bool = False  # a settlement MULTI was sent (its answer may be lost)
 
 
 class Runs:
@@ -109,6 +110,10 @@ class Runs:
         pipe.pexpire(run, self._ttl_ms)
         pipe.delete(keys.run_lock(claim.message_id))
         pipe.decrby(keys.DEPTH_INFLIGHT, events)
+
+    def is_settled(self, claim: Claim) -> bool:
+        """Whether the message's settlement was written."""
+        return bool(self._redis.hexists(keys.run(claim.message_id), "settled"))
 
     def release(self, claim: Claim) -> None:
         """Give the lease back unsettled (the message will run again)."""

@@ -6,6 +6,7 @@ test; the processes are shared by the session and reset between tests.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -76,6 +77,20 @@ class Proc:
 
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 20) -> None:
+    """Wait until `predicate` holds: progress, never a fixed sleep, decides a test."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.1)
+
+
+def settled(r: redis.Redis) -> bool:
+    """Nothing queued, in flight or delayed."""
+    return r.llen("relay") == 0 and r.hlen("unacked") == 0 and r.zcard("relay:delayed") == 0
 
 
 def wait_http(url: str, proc: Proc, timeout: float = 30) -> None:
@@ -240,3 +255,75 @@ def sign(body: bytes) -> str:
     from relay.auth import signature
 
     return signature(SECRET, body)
+
+
+class Blip:
+    """A TCP proxy in front of a Redis that can drop every connection and refuse new ones
+    for a while: a network blip between a relay process and its broker."""
+
+    def __init__(self, target_port: int) -> None:
+        import socket
+        import threading
+
+        self._target = target_port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._listener.getsockname()[1])
+        self._open = threading.Event()
+        self._open.set()
+        self._lock = threading.Lock()
+        self._conns: list[socket.socket] = []
+        self._stop = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while not self._stop:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            if not self._open.is_set():
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self._target), timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: Any, dst: Any) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.close()
+
+    def cut(self, seconds: float) -> None:
+        """Drop every connection now, refuse new ones for `seconds`, then let them in."""
+        import socket
+
+        self._open.clear()
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for s in conns:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+                s.close()
+        time.sleep(seconds)  # the blip's length is the fault itself, not a wait for progress
+        self._open.set()
+
+    def close(self) -> None:
+        self._stop = True
+        self._listener.close()
+        self.cut(0)

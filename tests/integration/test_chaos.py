@@ -22,8 +22,7 @@ import redis
 import requests
 
 from tests.conftest import ROOT, free_port, start_redis
-from tests.integration.conftest import WRITE_KEY, Proc, Sandbox, Starter
-from tests.integration.test_delivery import settled, wait_for
+from tests.integration.conftest import WRITE_KEY, Blip, Proc, Sandbox, Starter, settled, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 AUTH = (WRITE_KEY, "")
@@ -235,4 +234,144 @@ def test_sandbox_down_a_minute_then_429_storm(
     time.sleep(20)
     wait_for(drained(r, clean_sandbox, load.acked), timeout=120)
     figures = record("ChurnZero down 60 s, then 429s for 20 s", load, delivered(clean_sandbox), r)
+    assert figures["dead_lettered"] == 0
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Callable[..., tuple[str, redis.Redis]]:
+    """A redis-server of the test's own (so it can be killed or have its clients cut)."""
+    servers: list[Any] = []
+
+    def start(*extra: str, port: int | None = None) -> tuple[str, redis.Redis]:
+        port = port or free_port()
+        servers.append(start_redis(port, tmp_path / f"redis{port}", *extra))
+        url = f"redis://127.0.0.1:{port}/0"
+        return url, redis.Redis.from_url(url)
+
+    yield start  # type: ignore[misc]
+    for server in servers:
+        if server.poll() is None:
+            server.terminate()
+            server.wait(10)
+
+
+AOF_ALWAYS = ("--appendonly", "yes", "--appendfsync", "always")
+
+
+def test_redis_sigkill_while_ingest_and_worker_run_loses_nothing(
+    tmp_path: Path, clean_sandbox: Sandbox, start_ingest: Callable[..., str],
+    start_worker: Starter,
+) -> None:  # fmt: skip
+    port = free_port()
+    workdir = tmp_path / "redis"
+    server = start_redis(port, workdir, *AOF_ALWAYS)
+    url_redis = f"redis://127.0.0.1:{port}/0"
+    r = redis.Redis.from_url(url_redis)
+    try:
+        clean_sandbox.fault(latency_ms=20)
+        url = start_ingest(redis_url=url_redis)
+        identify(url)
+        start_worker(redis_url=url_redis)
+        load = Load([url], 20_000, batch=20, threads=4).start()
+        # Strike while the worker is delivering and ingest is taking load.
+        load.wait_acked(1 / 3)
+        wait_for(lambda: len(clean_sandbox.commands()) > 500, timeout=60)
+        server.send_signal(signal.SIGKILL)
+        server.wait(10)
+        down_from = time.monotonic()
+        # Down until ingest has turned some load away, however long that takes here.
+        wait_for(lambda: any(s != 200 for b, _, s in load.answers if b > down_from), 30)
+        down_to = time.monotonic()
+        server = start_redis(port, workdir, *AOF_ALWAYS)
+        load.join()
+        during = [s for began, end, s in load.answers if began > down_from and end < down_to]
+        assert 200 not in during, Counter(during)
+        wait_for(drained(r, clean_sandbox, load.acked), timeout=150)
+        got = delivered(clean_sandbox)
+        figures = record("Redis SIGKILL and restart while delivering (AOF always)", load, got,
+                         r, answered_503=sum(1 for *_, s in load.answers if s == 503))  # fmt: skip
+        assert figures["dead_lettered"] == 0
+        assert int(r.get("relay:depth:ready") or 0) >= 0
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def test_broker_blip_mid_batch_delivers_each_event_once(
+    own_redis: Callable[..., tuple[str, redis.Redis]], clean_sandbox: Sandbox,
+    start_ingest: Callable[..., str], start_worker: Starter,
+) -> None:  # fmt: skip
+    url_redis, r = own_redis()
+    blip = Blip(int(r.connection_pool.connection_kwargs["port"]))
+    try:
+        clean_sandbox.fault(latency_ms=1_500)  # batches are mid-flight when the link drops
+        url = start_ingest(redis_url=url_redis)
+        identify(url)
+        worker = start_worker(redis_url=f"redis://127.0.0.1:{blip.port}/0")
+        load = Load([url], 3_000, batch=50, threads=2).start()
+        load.join()
+        for share in (0.1, 0.5):
+            wait_for(lambda s=share: len(clean_sandbox.commands()) > s * 3_000, timeout=90)  # type: ignore[misc]
+            # Longer than redis-py's own reconnect retries: kombu's consumer restarts and
+            # restores the unacked messages while their tasks still run.
+            blip.cut(6)
+        wait_for(drained(r, clean_sandbox, load.acked), timeout=150)
+        got = delivered(clean_sandbox)
+        log = worker.log.read_text(errors="replace")
+        # The fault happened as meant: the consumer lost its broker and kombu restored the
+        # unacked messages while their tasks ran.
+        assert "Connection to broker lost" in log and "Restoring" in log
+        figures = record("broker link cut for 6 s mid-batch (twice)", load, got, r)
+        assert figures["duplicated"] == 0
+        assert figures["dead_lettered"] == 0
+        wait_for(lambda: int(r.get("relay:depth:inflight") or 0) == 0, timeout=10)
+        assert int(r.get("relay:depth:ready") or 0) == 0
+    finally:
+        blip.close()
+
+
+def test_worker_sigkill_with_default_settings_recovers_within_two_minutes(
+    own_redis: Callable[..., tuple[str, redis.Redis]], clean_sandbox: Sandbox,
+    start_ingest: Callable[..., str], start_worker: Starter,
+) -> None:  # fmt: skip
+    url_redis, r = own_redis()
+    clean_sandbox.fault(latency_ms=200)
+    url = start_ingest(redis_url=url_redis)
+    identify(url)
+    defaults = {"backoff_base_s": 1, "backoff_cap_s": 300, "identity_wait_s": 600}
+    worker = start_worker(redis_url=url_redis, **defaults)
+    load = Load([url], 5_000, batch=100, threads=2).start()
+    load.join()
+    wait_for(lambda: len(clean_sandbox.commands()) > 500, timeout=60)
+    worker.stop(signal.SIGKILL)
+    killed_at = time.monotonic()
+    start_worker(redis_url=url_redis, **defaults)
+    wait_for(drained(r, clean_sandbox, load.acked), timeout=180)
+    recovered_s = time.monotonic() - killed_at
+    got = delivered(clean_sandbox)
+    figures = record("worker SIGKILL, default timings", load, got, r,
+                     all_delivered_after_kill_s=round(recovered_s, 1))  # fmt: skip
+    assert recovered_s <= 120, recovered_s
+    assert figures["dead_lettered"] == 0
+
+
+def test_retry_after_a_day_pauses_no_longer_than_the_cap(
+    own_redis: Callable[..., tuple[str, redis.Redis]], clean_sandbox: Sandbox,
+    start_ingest: Callable[..., str], start_worker: Starter,
+) -> None:  # fmt: skip
+    url_redis, r = own_redis()
+    url = start_ingest(redis_url=url_redis)
+    identify(url)
+    clean_sandbox.fault(status=429, retry_after=86_400)  # "come back tomorrow"
+    start_worker(redis_url=url_redis, retry_after_cap_s=4)
+    load = Load([url], 500, batch=50, threads=1).start()
+    load.join()
+    wait_for(lambda: r.get("relay:throttle:pause_until") is not None, timeout=30)
+    began = time.monotonic()
+    redis_now_ms = r.time()[0] * 1000
+    assert int(r.get("relay:throttle:pause_until")) - redis_now_ms <= 4_000 + 1_000
+    requests.delete(clean_sandbox.url + "/_sandbox/faults", timeout=5).raise_for_status()
+    wait_for(drained(r, clean_sandbox, load.acked), timeout=60)
+    figures = record("Retry-After: 86400 with a 4 s cap", load, delivered(clean_sandbox), r,
+                     delivered_after_s=round(time.monotonic() - began, 1))  # fmt: skip
     assert figures["dead_lettered"] == 0

@@ -14,7 +14,15 @@ import requests
 from segment.analytics import Client
 
 from tests.conftest import fixture
-from tests.integration.conftest import APP_KEY, WRITE_KEY, Sandbox, Starter, sign
+from tests.integration.conftest import (
+    APP_KEY,
+    WRITE_KEY,
+    Sandbox,
+    Starter,
+    settled,
+    sign,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -35,19 +43,6 @@ def post_webhook(url: str, payload: Any) -> requests.Response:
     answer = requests.post(url + "/webhook", data=body, headers={"X-Signature": sign(first)})
     assert answer.status_code == 200, answer.text
     return answer
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.1)
-
-
-def settled(r: redis.Redis) -> bool:
-    """Nothing queued, in flight or delayed."""
-    return r.llen("relay") == 0 and r.hlen("unacked") == 0 and r.zcard("relay:delayed") == 0
 
 
 def test_seed_example_with_the_real_python_client(relay: str, clean_sandbox: Sandbox) -> None:

@@ -24,10 +24,11 @@ from tests.integration.conftest import (
     Sandbox,
     Starter,
     relay_env,
+    settled,
     sign,
     url_of,
+    wait_for,
 )
-from tests.integration.test_delivery import settled, wait_for
 
 pytestmark = pytest.mark.integration
 AUTH = (WRITE_KEY, "")
