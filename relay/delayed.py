@@ -58,15 +58,16 @@ def stage_schedule(pipe: Any, items: list[Item], due: float) -> None:
 class Mover:
     """Moves due batches from the delayed set back to the Celery queue."""
 
-    def __init__(self, r: Any, publish: Publish, page: int = 200) -> None:
+    def __init__(self, r: Any, publish: Publish, page: int = 200, lease_s: float = LEASE_S) -> None:
         self._publish = publish
         self._page = page
+        self._lease_s = lease_s
         self._claim = r.register_script(_CLAIM)
         self._done = r.register_script(_DONE)
 
     def move_due(self) -> int:
         """Move what is due; returns the number of events moved."""
-        members = self._claim(keys=[keys.DELAYED], args=[self._page, LEASE_S])
+        members = self._claim(keys=[keys.DELAYED], args=[self._page, self._lease_s])
         moved = 0
         for member in members:
             batch = orjson.loads(member)

@@ -1,0 +1,116 @@
+"""The middle layer in-process, on a real Redis and the sandbox: a message that runs
+twice is settled once, and the counters move once."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import orjson
+import pytest
+import redis
+
+from relay import delayed, keys
+from relay.delivery import Delivery
+from relay.mapping import load_mapping
+from relay.runs import Runs, State
+from relay.settings import Settings
+from tests.integration.conftest import APP_KEY, Sandbox
+
+pytestmark = pytest.mark.integration
+
+
+def items(n: int, prefix: str = "e") -> list[dict[str, Any]]:
+    return [{"id": f"{prefix}{i}", "source": "api", "received_at": time.time(), "attempts": 0,
+             "event": {"type": "track", "userId": "u", "event": f"{prefix}{i}",
+                       "timestamp": "2026-11-29T10:00:00Z",
+                       "properties": {"accountExternalId": "A", "contactExternalId": "C"}}}
+            for i in range(n)]  # fmt: skip
+
+
+@pytest.fixture
+def delivery(r: redis.Redis, clean_sandbox: Sandbox) -> Any:
+    settings = Settings(churnzero_url=clean_sandbox.url + "/i", churnzero_app_key=APP_KEY)
+    found = Delivery(settings, r, load_mapping(None))
+    yield found
+    found.close()
+
+
+def sent(sandbox: Sandbox) -> list[str]:
+    return sorted(c["eventName"] for c in sandbox.commands())
+
+
+def test_a_message_that_runs_twice_is_settled_once(
+    delivery: Delivery, r: redis.Redis, clean_sandbox: Sandbox
+) -> None:
+    r.set(keys.DEPTH_READY, 5)
+    first = delivery.deliver(items(5), "m1")
+    again = delivery.deliver(items(5), "m1")
+    assert first.delivered == 5 and not first.already_settled
+    assert again.already_settled
+    assert sent(clean_sandbox) == [f"e{i}" for i in range(5)]
+    assert int(r.hget(keys.STATS, "delivered")) == 5
+    # The ready count moved once, and nothing is left in flight.
+    assert int(r.get(keys.DEPTH_READY)) == 0
+    assert int(r.get(keys.DEPTH_INFLIGHT)) == 0
+
+
+def test_a_rerun_sends_only_what_no_run_delivered(
+    delivery: Delivery, r: redis.Redis, clean_sandbox: Sandbox
+) -> None:
+    # A run got its 2xx for e0 and e1, then lost Redis before it could settle.
+    runs = Runs(r, lease_s=30, ttl_s=600)
+    crashed = runs.claim("m2", 4)
+    runs.mark_done(crashed, ["e0", "e1"])
+    runs.release(crashed)
+    report = delivery.deliver(items(4), "m2")
+    assert sent(clean_sandbox) == ["e2", "e3"]
+    assert report.delivered == 4  # all four are delivered, two by the earlier run
+    assert int(r.get(keys.DEPTH_INFLIGHT)) == 0
+
+
+def test_a_copy_waits_for_the_run_that_holds_its_message(
+    delivery: Delivery, r: redis.Redis, clean_sandbox: Sandbox
+) -> None:
+    runs = Runs(r, lease_s=30, ttl_s=600)
+    holder = runs.claim("m3", 3)
+    assert holder.state is State.CLAIMED
+    reports: list[Any] = []
+    copy = threading.Thread(target=lambda: reports.append(delivery.deliver(items(3), "m3")))
+    copy.start()
+    copy.join(0.5)
+    assert copy.is_alive()  # waiting: the holder still runs
+    pipe = r.pipeline(transaction=True)
+    runs.stage_settled(pipe, holder, 3)
+    pipe.execute()
+    copy.join(10)
+    assert reports and reports[0].already_settled
+    assert clean_sandbox.commands() == []
+
+
+def test_a_batch_moved_twice_is_counted_once_and_published_under_one_id(
+    r: redis.Redis,
+) -> None:
+    published: list[tuple[int, str]] = []
+
+    def dies_after_publishing(batch: list[dict[str, Any]], message_id: str) -> None:
+        published.append((len(batch), message_id))
+        raise RuntimeError("mover died before removing the member")
+
+    pipe = r.pipeline()
+    delayed.stage_schedule(pipe, items(3), due=0)
+    pipe.execute()
+    with pytest.raises(RuntimeError):
+        delayed.Mover(r, dies_after_publishing, lease_s=0).move_due()
+    moved = delayed.Mover(r, lambda b, m: published.append((len(b), m))).move_due()
+    assert moved == 3
+    [(n1, id1), (n2, id2)] = published
+    assert n1 == n2 == 3 and id1 == id2
+    assert int(r.get(keys.DELAYED_EVENTS)) == 0
+    assert int(r.get(keys.DEPTH_READY)) == 3
+    # A third mover finds nothing, and the counters do not move.
+    assert delayed.Mover(r, lambda b, m: published.append((len(b), m))).move_due() == 0
+    assert int(r.get(keys.DEPTH_READY)) == 3
+    assert r.zcard(keys.DELAYED) == 0
+    assert orjson.loads(orjson.dumps(published)) == [[3, id1], [3, id1]]
