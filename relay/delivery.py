@@ -17,6 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import structlog
 
 from relay import broker, deadletter, delayed, identity, keys, retry, status
@@ -137,6 +138,10 @@ class Delivery:
                 report.delivered += 1
                 continue
             wrapped = item if isinstance(item, dict) else {"event": item}
+            try:
+                orjson.dumps(wrapped)
+            except (TypeError, orjson.JSONEncodeError):
+                wrapped = {"event": repr(item)[:32_000]}  # kept, if only as text
             dead.append(deadletter.new_entry(wrapped, "worker_error", errors=[error]))
         report.dead["worker_error"] = len(dead)
         pipe = self.redis.pipeline(transaction=True)

@@ -90,6 +90,12 @@ def deliver_batch(self: Task[Any, None], items: Any) -> None:
         log.warning("batch_returned", error=type(exc).__name__, redelivered=_redelivered(self))
         time.sleep(REQUEUE_PAUSE_S)
         raise Reject(exc, requeue=True) from exc
+    except Exception as exc:
+        # Not even dead-lettering worked (relay.delivery dead-letters what it cannot
+        # handle). Celery would drop a failed message: give it back instead.
+        log.exception("batch_unsettled")
+        time.sleep(REQUEUE_PAUSE_S)
+        raise Reject(exc, requeue=True) from exc
     finally:
         _running.pop(threading.get_ident(), None)
         structlog.contextvars.unbind_contextvars("task_id")
