@@ -15,6 +15,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
+
 from relay import deadletter, delayed, identity, keys, retry, status
 from relay.churnzero import ChurnZeroClient
 from relay.dedupe import Dedupe
@@ -23,6 +25,7 @@ from relay.settings import Settings
 from relay.throttle import Throttle
 from relay.translate import Command, lookup_keys, parse_items, plan_batch
 
+log = structlog.get_logger("relay.delivery")
 Item = dict[str, Any]
 SHORT_WAIT_S = 2.0  # pauses up to this long are waited out in the task; longer ones deferred
 MAX_RATE_WAIT_S = 5.0
@@ -72,11 +75,13 @@ class Delivery:
         self.throttle = Throttle(
             r, rate_limit_rps=settings.rate_limit_rps, outage_threshold=settings.outage_threshold
         )
-        key = settings.churnzero_app_key
+        key, eiv = settings.churnzero_app_key, settings.churnzero_eiv_secret
         self.client = ChurnZeroClient(
             settings.churnzero_url,
             key.get_secret_value() if key else "",
             timeout_s=settings.churnzero_timeout_s,
+            misconfigured_pause_s=settings.churnzero_misconfigured_pause_s,
+            eiv_secret=eiv.get_secret_value() if eiv else None,
         )
         self.loop = asyncio.new_event_loop()
 
@@ -238,6 +243,15 @@ class Delivery:
         chunk.outcome = await self.client.send(chunk.commands)
         report.request_seconds.append(time.perf_counter() - started)
         report.requests[chunk.outcome.label] += 1
+        if chunk.outcome.misconfigured is not None:
+            # The operator must act: the events wait (paused, retried), and status says why.
+            log.error(
+                "churnzero_misconfigured",
+                problem=chunk.outcome.misconfigured,
+                status=chunk.outcome.status,
+                url=self.client.url,
+            )
+            status.record_churnzero_problem(self.redis, chunk.outcome.misconfigured)
 
     def _report_throttle(self, chunks: list[_Chunk]) -> float:
         sent = [c.outcome for c in chunks if c.outcome is not None]
