@@ -757,8 +757,8 @@ def test_unparseable_sent_at_leaves_the_timestamp_uncorrected() -> None:
 
 
 def test_an_event_invalid_besides_its_timestamp_is_still_rejected_as_sent() -> None:
-    result = parse_api("batch", dumps({"batch": [{"type": "track", "userId": "u", "timestamp": "x"}]}),
-                       RECEIVED)  # fmt: skip
+    event = {"type": "track", "userId": "u", "timestamp": "x"}
+    result = parse_api("batch", dumps({"batch": [event]}), RECEIVED)
     [rejected] = result.rejected
     assert rejected.event["timestamp"] == "x"
     assert {e["field"] for e in rejected.errors} == {"event", "timestamp"}
