@@ -77,6 +77,12 @@ class Settings(BaseSettings):
             return tuple(k.strip() for k in value.split(",") if k.strip())
         return value
 
+    @field_validator("churnzero_app_key", "churnzero_eiv_secret", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        # `RELAY_CHURNZERO_APP_KEY=` would otherwise send appKey "" to ChurnZero.
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("churnzero_url")
     @classmethod
     def _http_url(cls, value: str) -> str:

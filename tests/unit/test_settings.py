@@ -25,6 +25,8 @@ def test_plain_http_elsewhere_is_refused_naming_the_way_out() -> None:
 def test_an_app_key_is_required_unless_on_loopback() -> None:
     with pytest.raises(ConfigError, match="RELAY_CHURNZERO_APP_KEY"):
         Settings(churnzero_app_key=None).require_app_key()
+    with pytest.raises(ConfigError, match="RELAY_CHURNZERO_APP_KEY"):
+        Settings(churnzero_app_key="  ").require_app_key()  # blank is no key
     Settings(churnzero_app_key="k").require_app_key()
     Settings(churnzero_url="http://127.0.0.1:8090/i").require_app_key()
 
