@@ -68,9 +68,10 @@ class ChurnZeroClient:
                 headers={"Content-Type": "application/json"},
                 allow_redirects=False,
             ) as response:
-                excerpt = (await response.content.read(500)).decode("utf-8", "replace")
+                head = await response.content.read(500)
+                excerpt = head.decode("utf-8", "replace")
                 problem = misconfiguration(
-                    response.status, response.content_type, response.headers.get("Location")
+                    response.status, response.content_type, head, response.headers.get("Location")
                 )
                 retry_after = parse_retry_after(response.headers.get("Retry-After"), time.time())
                 return Outcome(
@@ -97,11 +98,21 @@ class ChurnZeroClient:
             await asyncio.sleep(0)
 
 
-def misconfiguration(status: int, content_type: str, location: str | None) -> str | None:
+# ChurnZero's HTTP API "always responds with HTTP 200 and a 1x1 transparent GIF image"
+# (support.churnzero.com, "Integrate ChurnZero using HTTP API"). An image type, or GIF/PNG
+# bytes under another type, is taken as ChurnZero's answer.
+_IMAGE_MAGIC = (b"GIF87a", b"GIF89a", b"\x89PNG")
+
+
+def misconfiguration(
+    status: int, content_type: str, head: bytes, location: str | None
+) -> str | None:
     """Why an answer cannot be ChurnZero's own (None: it can be)."""
     if 300 <= status < 400:
         return f"redirect {status} to {location or '(no Location)'}: fix RELAY_CHURNZERO_URL"
-    if 200 <= status < 300 and not content_type.startswith("image/"):
+    if 200 <= status < 300:
+        if content_type.startswith("image/") or head.startswith(_IMAGE_MAGIC):
+            return None
         shown = content_type or "no Content-Type"
         return f"{status} with {shown}, not ChurnZero's image: a proxy or portal answered"
     return None

@@ -101,20 +101,25 @@ async def test_a_200_that_is_not_an_image_is_not_a_delivery() -> None:
         await server.close()
 
 
+GIF = b"GIF89a\x01\x00\x01\x00"
+
+
 @pytest.mark.parametrize(
-    ("status", "content_type", "location", "problem"),
+    ("status", "content_type", "head", "location", "problem"),
     [
-        (200, "image/gif", None, None),
-        (204, "", None, "204 with no Content-Type"),
-        (200, "text/html", None, "200 with text/html"),
-        (301, "", "https://x/i", "redirect 301 to https://x/i"),
-        (503, "text/html", None, None),  # a gateway error: retried as such, not misconfigured
+        (200, "image/gif", GIF, None, None),
+        (200, "application/octet-stream", GIF, None, None),  # the pixel, oddly typed
+        (204, "", b"", None, "204 with no Content-Type"),
+        (200, "text/html", b"<!doctype html>", None, "200 with text/html"),
+        (200, "application/json", b"{}", None, "200 with application/json"),
+        (301, "", b"", "https://x/i", "redirect 301 to https://x/i"),
+        (503, "text/html", b"", None, None),  # a gateway error: retried as such
     ],
 )
 def test_misconfiguration(
-    status: int, content_type: str, location: str | None, problem: str | None
+    status: int, content_type: str, head: bytes, location: str | None, problem: str | None
 ) -> None:
-    found = misconfiguration(status, content_type, location)
+    found = misconfiguration(status, content_type, head, location)
     assert (found is None) if problem is None else (found is not None and problem in found)
 
 
