@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test unit integration lint fmt typecheck bench chaos clean
+.PHONY: install js run test unit integration lint fmt typecheck bench chaos clean
 
 install: $(STAMP)
 
@@ -13,6 +13,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
+
+# Segment's JavaScript clients for the integration tests (the tests run this too when
+# tests/js/node_modules is missing or older than the lock file).
+js:
+	npm ci --prefix tests/js --no-audit --no-fund
 
 run: install
 	$(BIN)/relay dev
@@ -45,4 +50,4 @@ bench: install
 	$(BIN)/python -m tests.bench
 
 clean:
-	rm -rf $(VENV) .relay bench-results .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .relay bench-results .pytest_cache .mypy_cache .ruff_cache tests/js/node_modules

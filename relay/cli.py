@@ -67,6 +67,10 @@ def serve() -> None:
 def worker(celery_args: tuple[str, ...]) -> None:
     """Run a Celery worker (extra arguments go to `celery worker`)."""
     settings = _settings()
+    try:
+        settings.require_app_key()
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
     env = dict(os.environ, RELAY_REDIS_URL=_redis_url(settings))
     command = [
         sys.executable, "-m", "celery", "-A", "workers.app", "worker",
@@ -80,11 +84,18 @@ def worker(celery_args: tuple[str, ...]) -> None:
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=None, help="Default: RELAY_SANDBOX_PORT.")
-def sandbox(host: str, port: int | None) -> None:
+@click.option(
+    "--eiv-secret",
+    envvar="RELAY_SANDBOX_EIV_SECRET",
+    default=None,
+    help="Strict mode: drop commands without the right EIV hashes, as ChurnZero does.",
+)
+def sandbox(host: str, port: int | None, eiv_secret: str | None) -> None:
     """Run the ChurnZero sandbox (a stand-in for ChurnZero's /i endpoint)."""
     from relay import sandbox as sandbox_server
 
-    sandbox_server.run(host, port if port is not None else _settings().sandbox_port)
+    port = port if port is not None else _settings().sandbox_port
+    sandbox_server.run(host, port, eiv_secret=eiv_secret or None)
 
 
 def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -190,6 +201,8 @@ def _status_table(data: dict[str, Any]) -> Any:
     table.add_row("delivered /s (1 min)", f"{data['rates']['delivered']['per_s']:,}")
     if data["paused_for_s"]:
         table.add_row("[yellow]ChurnZero paused[/]", f"{data['paused_for_s']:.1f} s")
+    if data.get("churnzero_problem"):
+        table.add_row("[red]ChurnZero misconfigured[/]", data["churnzero_problem"]["problem"])
     for reason, n in data["dead_letters"].items():
         if n:
             table.add_row(f"  dead: {reason}", f"{n:,}")

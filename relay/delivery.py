@@ -92,11 +92,13 @@ class Delivery:
         self.throttle = Throttle(
             r, rate_limit_rps=settings.rate_limit_rps, outage_threshold=settings.outage_threshold
         )
-        key = settings.churnzero_app_key
+        key, eiv = settings.churnzero_app_key, settings.churnzero_eiv_secret
         self.client = ChurnZeroClient(
             settings.churnzero_url,
             key.get_secret_value() if key else "",
             timeout_s=settings.churnzero_timeout_s,
+            misconfigured_pause_s=settings.churnzero_misconfigured_pause_s,
+            eiv_secret=eiv.get_secret_value() if eiv else None,
         )
         self.loop = asyncio.new_event_loop()
 
@@ -321,6 +323,16 @@ class Delivery:
         chunk.outcome = await self.client.send(chunk.commands)
         report.request_seconds.append(time.perf_counter() - started)
         report.requests[chunk.outcome.label] += 1
+        if chunk.outcome.misconfigured is not None:
+            # The operator must act: the events wait (paused, retried), and status says why.
+            log.error(
+                "churnzero_misconfigured",
+                problem=chunk.outcome.misconfigured,
+                status=chunk.outcome.status,
+                url=self.client.url,
+            )
+            with contextlib.suppress(*broker.QUEUE_ERRORS):  # the log line says it anyway
+                status.record_churnzero_problem(self.redis, chunk.outcome.misconfigured)
 
     def _report_throttle(self, chunks: list[_Chunk]) -> float:
         sent = [c.outcome for c in chunks if c.outcome is not None]

@@ -29,6 +29,7 @@ from relay import (
     admin,
     auth,
     broker,
+    cors,
     deadletter,
     intake,
     keys,
@@ -105,9 +106,10 @@ class _Refused(Exception):
         self.response = response
 
 
-async def _read_raw(request: web.Request) -> bytes:
-    too_big = f"request body is larger than {intake.MAX_REQUEST_BYTES // 1024} KB"
-    if (request.content_length or 0) > intake.MAX_REQUEST_BYTES:
+async def _read_raw(request: web.Request, limits: intake.Limits) -> bytes:
+    limit = limits.request_bytes
+    too_big = f"request body is larger than {intake.size_text(limit)}"
+    if (request.content_length or 0) > limit:
         raise intake.BadRequest(too_big)
     try:
         if request.content.is_eof():  # the whole body came with the headers: no wait
@@ -119,7 +121,7 @@ async def _read_raw(request: web.Request) -> bytes:
         raise intake.BadRequest(too_big) from None
     except TimeoutError:
         raise _Refused(_json(408, {"error": "request body took too long"})) from None
-    if len(body) > intake.MAX_REQUEST_BYTES:
+    if len(body) > limit:
         raise intake.BadRequest(too_big)
     return body
 
@@ -194,10 +196,11 @@ async def _handle(
     gate = app[GATE]
     if not gate.open:
         return _unavailable(gate.reason)
-    raw = await _read_raw(request)
+    limits = intake.WEBHOOK_LIMITS if route == "webhook" else intake.API_LIMITS
+    raw = await _read_raw(request, limits)
     if route == "webhook":
         _check_webhook_auth(settings, request, raw)
-    body = intake.decode_body(raw, request.headers.get("Content-Encoding"))
+    body = intake.decode_body(raw, request.headers.get("Content-Encoding"), limits)
     now = datetime.now(UTC)
     parsed = (
         intake.parse_webhook(body, now)
@@ -234,6 +237,9 @@ async def _handle(
     outcome.update(accepted=len(items), rejected=len(rejected))
     label = "webhook" if route == "webhook" else "api"
     metrics.INGEST_EVENTS.labels(label, "accepted").inc(len(items))
+    if parsed.timestamp_fallbacks:
+        outcome["timestamp_fallbacks"] = parsed.timestamp_fallbacks
+        metrics.INGEST_TIMESTAMP_FALLBACKS.labels(label).inc(parsed.timestamp_fallbacks)
     if rejected:
         metrics.INGEST_EVENTS.labels(label, "rejected").inc(len(rejected))
         return _json(
@@ -248,16 +254,39 @@ async def _handle(
 
 
 async def webhook(request: web.Request) -> web.Response:
-    """POST /webhook: one Segment event, or an array of them."""
+    """POST (or PUT, PATCH) /webhook: one Segment event, or an array of them."""
     return await _ingest(request, "webhook", "webhook")
+
+
+def _api_route(request: web.Request) -> str:
+    route = request.match_info["route"]
+    if route not in intake.SINGLE_ROUTES and route not in intake.BATCH_ROUTES:
+        raise web.HTTPNotFound(text=f"no such route: /v1/{route}")
+    return route
 
 
 async def tracking_api(request: web.Request) -> web.Response:
     """POST /v1/{route}: Segment's HTTP Tracking API."""
-    route = request.match_info["route"]
-    if route not in intake.SINGLE_ROUTES and route not in intake.BATCH_ROUTES:
-        raise web.HTTPNotFound(text=f"no such route: /v1/{route}")
-    return await _ingest(request, route, "api")
+    route = _api_route(request)
+    response = await _ingest(request, route, "api")
+    # Errors carry the headers too, or the browser hides their status from analytics.js.
+    origins = request.app[SETTINGS].cors_origins
+    response.headers.update(cors.response_headers(request.headers.get("Origin"), origins))
+    return response
+
+
+async def tracking_api_preflight(request: web.Request) -> web.Response:
+    """OPTIONS /v1/{route}: a browser's CORS preflight before analytics.js posts."""
+    _api_route(request)
+    origin = request.headers.get("Origin")
+    headers = cors.preflight_headers(
+        origin,
+        request.app[SETTINGS].cors_origins,
+        request.headers.get("Access-Control-Request-Headers"),
+    )
+    if not headers:
+        return _json(403, {"error": f"origin not allowed: {origin} (see RELAY_CORS_ORIGINS)"})
+    return web.Response(status=204, headers=headers)
 
 
 async def livez(_: web.Request) -> web.Response:
@@ -336,13 +365,18 @@ def create_app(
     settings: Settings, redis_url: str, *, celery: Celery | None = None
 ) -> web.Application:
     """The ingest application, bound to one Redis."""
-    # Room above the body limit so an oversized body gets our 400, not aiohttp's 413.
-    app = web.Application(client_max_size=intake.MAX_REQUEST_BYTES + 1024)
+    # Room above the body limits so an oversized body gets our 400, not aiohttp's 413;
+    # each route applies its own limit while reading.
+    largest = max(intake.API_LIMITS.request_bytes, intake.WEBHOOK_LIMITS.request_bytes)
+    app = web.Application(client_max_size=largest + 1024)
     app[SETTINGS] = settings
     app[GATE] = QueueGate(settings.max_queue_depth)
     app.cleanup_ctx.append(_resources(settings, redis_url, celery))
-    app.router.add_post("/webhook", webhook)
+    # Segment's Actions webhook lets its user pick POST, PUT or PATCH.
+    for method in ("POST", "PUT", "PATCH"):
+        app.router.add_route(method, "/webhook", webhook)
     app.router.add_post("/v1/{route}", tracking_api)
+    app.router.add_route("OPTIONS", "/v1/{route}", tracking_api_preflight)
     app.router.add_get("/livez", livez)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)

@@ -2,6 +2,10 @@
 
 Pure: bytes in, an `Intake` (accepted events, rejected ones with their errors) out,
 or `BadRequest` naming what is wrong with the request as a whole.
+
+Two sets of limits: the tracking API (`/v1/*`) keeps Segment's own, which its libraries
+respect; `/webhook` takes what Segment's Webhooks (Actions) destination sends, with
+room to spare, because Segment drops whatever we answer 400 and never retries it.
 """
 
 from __future__ import annotations
@@ -14,12 +18,29 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 
-from relay import events
+from relay import clock, events
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Size and count limits of one kind of route (bytes after decompression)."""
+
+    event_bytes: int
+    request_bytes: int
+    batch_events: int
+
 
 # Segment's HTTP Tracking API limits, which its libraries already respect.
-MAX_EVENT_BYTES = 32 * 1024
-MAX_REQUEST_BYTES = 500 * 1024
-MAX_BATCH_EVENTS = 2500
+API_LIMITS = Limits(event_bytes=32 * 1024, request_bytes=500 * 1024, batch_events=2500)
+# Segment's Actions webhook batches 1,000 events by default and up to 4,000, about 4 MB;
+# twice that is headroom. Events grow on their way through Segment (receivedAt, context
+# enrichment), so one may pass 32 KB: above 64 KB it is dead-lettered, never refused.
+WEBHOOK_LIMITS = Limits(event_bytes=64 * 1024, request_bytes=8 * 1024 * 1024, batch_events=8000)
+MAX_EVENT_BYTES = API_LIMITS.event_bytes
+MAX_REQUEST_BYTES = API_LIMITS.request_bytes
+MAX_BATCH_EVENTS = API_LIMITS.batch_events
+# Flags an event whose timestamp could not be read (the receive time stands in for it).
+TIMESTAMP_UNPARSEABLE = "timestampUnparseable"
 # Deeper events are refused: Segment's own never come close, and orjson writes at most
 # 254 levels, so anything near that could not be queued or dead-lettered.
 MAX_DEPTH = 64
@@ -62,12 +83,21 @@ class Intake:
     accepted: list[dict[str, Any]] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
     write_key: str | None = None
+    timestamp_fallbacks: int = 0  # events whose timestamp was unreadable
 
 
-def decode_body(body: bytes, content_encoding: str | None) -> bytes:
+def size_text(limit: int) -> str:
+    """A byte limit as people read it: `500 KB`, `8 MB`."""
+    if limit % (1024 * 1024) == 0:
+        return f"{limit // (1024 * 1024)} MB"
+    return f"{limit // 1024} KB"
+
+
+def decode_body(body: bytes, content_encoding: str | None, limits: Limits = API_LIMITS) -> bytes:
     """The body, gunzipped if it says so, within the request size limit."""
-    if len(body) > MAX_REQUEST_BYTES:
-        raise BadRequest(f"request body is larger than {MAX_REQUEST_BYTES // 1024} KB")
+    limit = limits.request_bytes
+    if len(body) > limit:
+        raise BadRequest(f"request body is larger than {size_text(limit)}")
     encoding = (content_encoding or "").strip().lower()
     if encoding in ("", "identity"):
         return body
@@ -76,11 +106,11 @@ def decode_body(body: bytes, content_encoding: str | None) -> bytes:
     # Decompress at most one byte past the limit, so a gzip bomb costs nothing.
     inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
     try:
-        plain = inflater.decompress(body, MAX_REQUEST_BYTES + 1)
+        plain = inflater.decompress(body, limit + 1)
     except zlib.error as exc:
         raise BadRequest(f"body is not valid gzip: {exc}") from None
-    if len(plain) > MAX_REQUEST_BYTES:
-        raise BadRequest(f"decompressed request body is larger than {MAX_REQUEST_BYTES // 1024} KB")
+    if len(plain) > limit:
+        raise BadRequest(f"decompressed request body is larger than {size_text(limit)}")
     if not inflater.eof:
         raise BadRequest("body is not valid gzip: truncated")
     return plain
@@ -116,7 +146,17 @@ def field_errors(exc: ValidationError) -> list[dict[str, str]]:
     return out
 
 
-def _accept(intake: Intake, index: int, raw: Any, received_at: datetime) -> None:
+@dataclass(frozen=True)
+class _Route:
+    """How events of one request are taken: its limits, and the batch's `sentAt`."""
+
+    limits: Limits
+    received_at: datetime
+    correct_clock: bool = False  # /v1/*: Segment's clock correction is ours to do
+    batch_sent_at: Any = None
+
+
+def _accept(intake: Intake, index: int, raw: Any, route: _Route) -> None:
     if isinstance(raw, dict):
         raw.pop("writeKey", None)  # a credential, never stored
     try:
@@ -132,16 +172,44 @@ def _accept(intake: Intake, index: int, raw: Any, received_at: datetime) -> None
         error = {"field": "event", "message": "must be a JSON object"}
         intake.rejected.append(Rejected(index, [error], raw))
         return
-    if len(encoded) > MAX_EVENT_BYTES:
-        error = {"field": "event", "message": f"larger than {MAX_EVENT_BYTES // 1024} KB"}
+    limit = route.limits.event_bytes
+    if len(encoded) > limit:
+        error = {"field": "event", "message": f"larger than {size_text(limit)}"}
         intake.rejected.append(Rejected(index, [error], raw))
         return
+    unreadable, original = False, raw.get("timestamp")
     try:
         event = events.parse(raw)
     except ValidationError as exc:
-        intake.rejected.append(Rejected(index, field_errors(exc), raw))
-        return
-    intake.accepted.append(events.normalized(raw, event, received_at))
+        if "timestamp" not in raw or not _only_timestamp(exc):
+            intake.rejected.append(Rejected(index, field_errors(exc), raw))
+            return
+        # A bad clock value is no reason to lose the event: the receive time stands in.
+        given, raw = raw, {k: v for k, v in raw.items() if k != "timestamp"}
+        try:
+            event = events.parse(raw)
+        except ValidationError as again:
+            intake.rejected.append(Rejected(index, field_errors(again), given))
+            return
+        unreadable = True
+    stored = events.normalized(raw, event, route.received_at)
+    if unreadable:
+        stored["originalTimestamp"] = original
+        stored[TIMESTAMP_UNPARSEABLE] = True
+        intake.timestamp_fallbacks += 1
+    elif route.correct_clock and event.timestamp is not None:
+        sent_at = clock.parse_instant(raw.get("sentAt", route.batch_sent_at))
+        stored["originalTimestamp"] = original
+        stored["timestamp"] = clock.iso(
+            clock.corrected(event.timestamp, sent_at, route.received_at)
+        )
+    intake.accepted.append(stored)
+
+
+def _only_timestamp(exc: ValidationError) -> bool:
+    # The union's tag comes first in the location: ("track", "timestamp").
+    locs = [tuple(e["loc"]) for e in exc.errors(include_url=False, include_input=False)]
+    return bool(locs) and all(loc[-1:] == ("timestamp",) and len(loc) <= 2 for loc in locs)
 
 
 def _too_deep(raw: Any, encoded: bytes) -> bool:
@@ -161,9 +229,9 @@ def _depth(value: Any, level: int) -> int:
     return level
 
 
-def _single(intake: Intake, raw: dict[str, Any], received_at: datetime) -> Intake:
+def _single(intake: Intake, raw: dict[str, Any], route: _Route) -> Intake:
     # A lone event's errors are the request's errors: the caller gets them directly.
-    _accept(intake, 0, raw, received_at)
+    _accept(intake, 0, raw, route)
     if intake.rejected:
         errors = intake.rejected[0].errors
         detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
@@ -171,24 +239,28 @@ def _single(intake: Intake, raw: dict[str, Any], received_at: datetime) -> Intak
     return intake
 
 
-def _check_count(items: list[Any]) -> None:
-    if len(items) > MAX_BATCH_EVENTS:
-        raise BadRequest(f"batch has {len(items)} events; the limit is {MAX_BATCH_EVENTS}")
+def _check_count(items: list[Any], limits: Limits) -> None:
+    if len(items) > limits.batch_events:
+        raise BadRequest(f"batch has {len(items)} events; the limit is {limits.batch_events}")
 
 
 def parse_webhook(body: bytes, received_at: datetime) -> Intake:
-    """A Segment Webhooks destination request: one event, or an array when batching."""
+    """A Segment Webhooks destination request: one event, or an array when batching.
+
+    An invalid event is dead-lettered, not refused, even alone: Segment drops a 400."""
     data = load_json(body)
     intake = Intake()
+    route = _Route(WEBHOOK_LIMITS, received_at)
     if isinstance(data, dict):
         intake.write_key = _string(data.get("writeKey"))
-        return _single(intake, data, received_at)
+        _accept(intake, 0, data, route)
+        return intake
     if isinstance(data, list):
         if not data:
             raise BadRequest("batch is empty")
-        _check_count(data)
+        _check_count(data, WEBHOOK_LIMITS)
         for index, raw in enumerate(data):
-            _accept(intake, index, raw, received_at)
+            _accept(intake, index, raw, route)
         return intake
     raise BadRequest("body must be a JSON object (an event) or an array of events")
 
@@ -203,18 +275,21 @@ def parse_api(route: str, body: bytes, received_at: datetime) -> Intake:
         items = data.get("batch")
         if not isinstance(items, list):
             raise BadRequest("batch: must be an array of events")
-        _check_count(items)
+        _check_count(items, API_LIMITS)
         context = data.get("context")
         integrations = data.get("integrations")
+        batch = _Route(
+            API_LIMITS, received_at, correct_clock=True, batch_sent_at=data.get("sentAt")
+        )
         for index, raw in enumerate(items):
             if isinstance(raw, dict):
                 _merge(raw, "context", context)
                 _merge(raw, "integrations", integrations)
-            _accept(intake, index, raw, received_at)
+            _accept(intake, index, raw, batch)
         return intake
     # The path says what the event is, whatever the body claims.
     data["type"] = SINGLE_ROUTES[route]
-    return _single(intake, data, received_at)
+    return _single(intake, data, _Route(API_LIMITS, received_at, correct_clock=True))
 
 
 def _merge(item: dict[str, Any], key: str, envelope: Any) -> None:

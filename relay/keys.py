@@ -51,6 +51,9 @@ FAILURES = PREFIX + "throttle:failures"
 PROBE = PREFIX + "throttle:probe"
 TRIPS = PREFIX + "throttle:trips"
 RATE_LIMIT = PREFIX + "throttle:gcra"
+# STRING, JSON {"problem", "at"}: the last answer that cannot have come from ChurnZero
+# (a redirect, an HTML 200), kept a while so status shows why delivery is paused.
+CHURNZERO_PROBLEM = PREFIX + "churnzero:problem"
 
 # Embedded-Redis ownership (a lock file, not a key) lives in the state dir.
 

@@ -11,6 +11,8 @@ Example file::
     rename = { plan = "Plan Name" }            # trait -> ChurnZero attribute
     account = ["plan", "mrr"]                  # set on the account, not the contact
     ignore = ["password"]
+    allow = []                                 # non-empty: only these traits are sent
+    account_name_from_company = false          # true: traits.company.name -> account Name
 
     [events]
     rename = { "Clicked Login Button" = "Login" }
@@ -38,6 +40,14 @@ DEFAULT_RENAMES = {
 }
 
 
+# Traits of Segment's identify spec that are not ChurnZero attributes: each would become
+# a custom field on every contact, so they are sent only when the mapping names them.
+RESERVED_UNSENT = frozenset(
+    {"id", "avatar", "createdAt", "address", "age", "birthday", "gender", "username",
+     "website", "description"}
+)  # fmt: skip
+
+
 class MappingError(Exception):
     """The mapping file cannot be used; the message names the file, line and key."""
 
@@ -54,11 +64,14 @@ class IdentityMap(_Section):
 
 
 class TraitMap(_Section):
-    """Trait renames, account-level traits and traits never sent."""
+    """Trait renames, account-level traits, traits never sent, and the allow list."""
 
     rename: dict[str, str] = Field(default_factory=dict)
     account: frozenset[str] = frozenset()
     ignore: frozenset[str] = frozenset()
+    allow: frozenset[str] = frozenset()
+    # Off by default: any user's identify would otherwise rename the whole account.
+    account_name_from_company: bool = False
 
 
 class EventMap(_Section):
@@ -80,6 +93,16 @@ class Mapping(_Section):
     def attribute_name(self, trait: str) -> str:
         """The ChurnZero attribute a trait is written to."""
         return self.traits.rename.get(trait) or DEFAULT_RENAMES.get(trait, trait)
+
+    def trait_wanted(self, trait: str) -> bool:
+        """Whether a trait is sent: not ignored, allowed, and not a reserved Segment
+        field unless the mapping names it."""
+        traits = self.traits
+        if trait in traits.ignore:
+            return False
+        if traits.allow:
+            return trait in traits.allow
+        return trait not in RESERVED_UNSENT or trait in traits.rename or trait in traits.account
 
     def event_name(self, event: str) -> str:
         """The ChurnZero event name of a Segment event."""

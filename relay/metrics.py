@@ -35,6 +35,12 @@ INGEST_EVENTS = Counter(
     ["route", "outcome"],
     registry=REGISTRY,
 )
+INGEST_TIMESTAMP_FALLBACKS = Counter(
+    "relay_ingest_timestamp_fallbacks_total",
+    "Events whose timestamp could not be read; the receive time stood in (flagged).",
+    ["route"],
+    registry=REGISTRY,
+)
 INGEST_DURATION = Histogram(
     "relay_ingest_request_duration_seconds",
     "Time to answer an ingest request (includes waiting for the group commit).",

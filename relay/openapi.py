@@ -83,7 +83,7 @@ def _ingest_body(schema: Schema) -> Schema:
 _CONTENT_ENCODING: Schema = {
     "name": "Content-Encoding",
     "in": "header",
-    "description": "`gzip` (analytics-python); the 500 KB limit applies after inflating too",
+    "description": "`gzip` (analytics-python); the request limit applies after inflating too",
     "schema": {"type": "string", "enum": ["gzip", "x-gzip", "identity"]},
 }
 # Every status an ingest route answers (DESIGN §3). Segment's libraries drop a 400 and
@@ -104,10 +104,50 @@ _INGEST_RESPONSES: Schema = {
 }
 
 
-def _ingest(operation_id: str, tag: str, summary: str, body: Schema, **extra: Any) -> Schema:
-    operation = {"operationId": operation_id, "tags": [tag], "summary": summary}
+_WEBHOOK_RESPONSES: Schema = {
+    **_INGEST_RESPONSES,
+    "200": _response(
+        "the events are durably in Redis; invalid or oversized (64 KB) events of an "
+        "authenticated delivery are dead-lettered and listed in `rejected`, never refused",
+        _ref("Accepted"),
+    ),
+    "400": _response(
+        "not JSON, not an event or array, or over a limit (8 MB per request after "
+        "inflating, 8,000 events per batch: twice what Segment's Actions webhook sends)",
+        _ref("Error"),
+    ),
+}
+
+
+def _ingest(
+    operation_id: str,
+    tag: str,
+    summary: str,
+    body: Schema,
+    methods: tuple[str, ...] = ("post",),
+    responses: Schema = _INGEST_RESPONSES,
+    **extra: Any,
+) -> Schema:
     request = {"parameters": [_CONTENT_ENCODING], "requestBody": _ingest_body(body)}
-    return {"post": {**operation, **request, "responses": _INGEST_RESPONSES, **extra}}
+    out = {}
+    for method in methods:
+        suffix = "" if method == "post" else f"_{method}"
+        operation = {"operationId": operation_id + suffix, "tags": [tag], "summary": summary}
+        out[method] = {**operation, **request, "responses": responses, **extra}
+    return out
+
+
+def _preflight(route: str) -> Schema:
+    origin = {"name": "Origin", "in": "header", "required": True, "schema": _STRING}
+    allowed = {"description": "the origin may post (CORS headers in the answer)"}
+    refused = _response("the origin is not in RELAY_CORS_ORIGINS", _ref("Error"))
+    return {
+        "operationId": f"v1_{route}_preflight",
+        "tags": ["tracking API"],
+        "summary": "CORS preflight of a browser (analytics.js)",
+        "parameters": [origin],
+        "responses": {"204": allowed, "403": refused},
+    }
 
 
 def _v1(route: str) -> Schema:
@@ -116,16 +156,21 @@ def _v1(route: str) -> Schema:
     else:
         kind = intake.SINGLE_ROUTES[route]
         body, summary = _event(kind), f"one {kind} call"
-    return _ingest(
-        f"v1_{route}",
-        "tracking API",
-        f"Segment HTTP Tracking API: {summary}",
-        body,
-        description="The write key goes as HTTP Basic username, or as `writeKey` in the "
-        "body. A batch's invalid events are dead-lettered (`invalid_event`) and listed in "
-        "`rejected`; an invalid single event is a 400.",
-        security=[{"writeKey": []}],
-    )
+    return {
+        **_ingest(
+            f"v1_{route}",
+            "tracking API",
+            f"Segment HTTP Tracking API: {summary}",
+            body,
+            description="The write key goes as HTTP Basic username, or as `writeKey` in the "
+            "body. A batch's invalid events are dead-lettered (`invalid_event`) and listed in "
+            "`rejected`; an invalid single event is a 400. Client clocks are corrected as "
+            "Segment does: timestamp = receivedAt - (sentAt - timestamp as sent), the sent "
+            "one kept as `originalTimestamp`.",
+            security=[{"writeKey": []}],
+        ),
+        "options": _preflight(route),
+    }
 
 
 def _get(operation_id: str, summary: str, responses: Schema, **extra: Any) -> Schema:
@@ -158,17 +203,24 @@ def _admin_post(operation_id: str, summary: str, counted: str) -> Schema:
     return {"post": {**operation, **_ADMIN, "requestBody": body}}
 
 
+WEBHOOK_BATCH = intake.WEBHOOK_LIMITS.batch_events
+
+
 def _paths() -> Schema:
-    webhook_body = {"anyOf": [_ref("Event"), {"type": "array", "items": _ref("Event")}]}
+    array = {"type": "array", "items": _ref("Event"), "maxItems": WEBHOOK_BATCH}
+    webhook_body = {"anyOf": [_ref("Event"), array]}
     paths: Schema = {
         "/webhook": _ingest(
             "webhook",
             "webhook",
             "Segment Webhooks destination: one event, or an array when batching",
             webhook_body,
+            methods=("post", "put", "patch"),
+            responses=_WEBHOOK_RESPONSES,
             description="`X-Signature` is the hex HMAC-SHA1 of the body with the shared "
             "secret (for an array, of its first element's exact bytes). A write key as "
-            "HTTP Basic username is accepted too.",
+            "HTTP Basic username is accepted too. PUT and PATCH do the same as POST "
+            "(Segment's Actions webhook lets its user pick the method).",
             security=[{"webhookSignature": []}, {"writeKey": []}],
         )
     }

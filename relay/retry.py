@@ -2,8 +2,10 @@
 
 Outcomes of one request to ChurnZero::
 
-    success      2xx
+    success      2xx with ChurnZero's image
     retryable    408, 429, 5xx, timeout, connection error  -> delayed retry
+    misconfigured 3xx (never followed), 2xx without an image -> every worker pauses,
+                 the events are retried (the URL is wrong, or a proxy answers for it)
     permanent    any other status (4xx)                    -> dead letter "rejected"
 
 Pure functions, no I/O.
@@ -34,15 +36,21 @@ class Outcome:
     retry_after_s: float | None = None
     excerpt: str = ""
     error: str | None = None  # timeout / connection error, when there was no answer
+    # Set when the answer cannot have come from ChurnZero's /i: what came instead.
+    misconfigured: str | None = None
 
     @property
     def kind(self) -> Kind:
         """Success, retryable or permanent."""
+        if self.misconfigured is not None:
+            return Kind.RETRYABLE  # nothing reached ChurnZero: keep the events
         return classify(self.status)
 
     @property
     def label(self) -> str:
-        """A low-cardinality name for metrics: 2xx, 429, 5xx, timeout, ..."""
+        """A low-cardinality name for metrics: 2xx, 429, 5xx, timeout, misconfigured..."""
+        if self.misconfigured is not None:
+            return "misconfigured"
         if self.status is None:
             return self.error or "error"
         if self.status in (408, 429):
@@ -56,7 +64,9 @@ def classify(status: int | None) -> Kind:
         return Kind.RETRYABLE
     if 200 <= status < 300:
         return Kind.SUCCESS
-    if status in (408, 429) or status >= 500:
+    # A redirect is never followed (it would turn the POST into a bodyless GET), so
+    # the events did not arrive; they wait for the URL to be fixed.
+    if status in (408, 429) or status >= 500 or 300 <= status < 400:
         return Kind.RETRYABLE
     return Kind.PERMANENT
 

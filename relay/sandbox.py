@@ -10,10 +10,19 @@ connections) can be injected:
                                 commands, the request log and stats
     GET    /_sandbox/requests   every request to /i: {"t", "status", "commands", "method"};
                                 status 0 means the connection was dropped unanswered
-    GET    /_sandbox/stats      {"requests", "by_status", "commands", "unparseable"}
+    GET    /_sandbox/stats      {"requests", "by_status", "commands", "unparseable",
+                                "unverified"}
     POST   /_sandbox/faults     replace the fault set, e.g. {"status": 503, "for_s": 10};
                                 `for_s` bounds the whole set; GET shows it, DELETE clears it
     GET    /healthz             "ok"
+
+Misconfigurations a relay must notice, as faults: `{"redirect": 301, "location": URL}`
+answers a redirect (what a moved or mistyped endpoint does), `{"html": true}` answers 200
+with an HTML page (what a proxy or captive portal does).
+
+Strict mode (`eiv_secret`): like a ChurnZero tenant with Enhanced Identity Verification
+on, commands without the right `accountExternalIdHash`/`contactExternalIdHash` are
+answered 200 like any other and silently dropped (counted as `unverified`).
 """
 
 from __future__ import annotations
@@ -29,12 +38,15 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from relay import eiv
+
 # The transparent 1x1 GIF89a that tracking pixels, ChurnZero's included, answer with.
 _PIXEL = (
     b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff"
     b"!\xf9\x04\x01\x00\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;"
 )
 _FORM = "application/x-www-form-urlencoded"
+_PORTAL = "<!doctype html><title>Sign in to the network</title><p>Please accept the terms."
 _DROPPED = 0
 
 
@@ -50,13 +62,19 @@ class _Faults(BaseModel):
     rate_limit_rps: Annotated[float, Field(gt=0)] | None = None
     latency_ms: Annotated[float, Field(ge=0)] | None = None
     drop_connection: bool = False
+    redirect: Annotated[int, Field(ge=300, le=399)] | None = None
+    location: str | None = None
+    html: bool = False
 
     @model_validator(mode="after")
     def _coherent(self) -> Self:
         if self.retry_after is not None and self.status is None:
             raise ValueError("retry_after needs a status")
-        faults = (self.status, self.rate_limit_rps, self.latency_ms)
-        if self.for_s is not None and not self.drop_connection and all(f is None for f in faults):
+        if self.location is not None and self.redirect is None:
+            raise ValueError("location needs a redirect")
+        faults = (self.status, self.rate_limit_rps, self.latency_ms, self.redirect)
+        flags = self.drop_connection or self.html
+        if self.for_s is not None and not flags and all(f is None for f in faults):
             raise ValueError("for_s needs a fault to time")
         return self
 
@@ -75,12 +93,14 @@ class _State:
     """What the sandbox received, and the faults in force."""
 
     record: bool
+    eiv_secret: str | None = None
     commands: list[dict[str, Any]] = field(default_factory=list)
     requests: list[_RequestEntry] = field(default_factory=list)
     by_status: dict[int, int] = field(default_factory=dict)
     request_count: int = 0
     command_count: int = 0
     unparseable: int = 0
+    unverified: int = 0
     faults: _Faults = field(default_factory=_Faults)
     faults_until: float | None = None
     tokens: float = 0.0
@@ -91,7 +111,7 @@ class _State:
         self.commands.clear()
         self.requests.clear()
         self.by_status.clear()
-        self.request_count = self.command_count = self.unparseable = 0
+        self.request_count = self.command_count = self.unparseable = self.unverified = 0
 
     def set_faults(self, faults: _Faults) -> None:
         """Replace the fault set; the rate limiter starts with a full burst."""
@@ -166,6 +186,11 @@ async def _track(request: web.Request) -> web.StreamResponse:
         response = None
     elif faults.status is not None:
         response = _refusal(faults.status, faults.retry_after)
+    elif faults.redirect is not None:
+        location = faults.location or "https://analytics.churnzero.net/i"
+        response = web.Response(status=faults.redirect, headers={"Location": location})
+    elif faults.html:
+        response = web.Response(text=_PORTAL, content_type="text/html")
     elif faults.rate_limit_rps is not None and not state.admit(faults.rate_limit_rps):
         response = _refusal(HTTPStatus.TOO_MANY_REQUESTS, 1)
     else:
@@ -173,8 +198,12 @@ async def _track(request: web.Request) -> web.StreamResponse:
     status = response.status if response is not None else _DROPPED
 
     _log(state, received, status, len(commands), request.method)
-    # Only what ChurnZero answered 200 to was accepted; a gateway refusal never reached it.
-    if status == HTTPStatus.OK:
+    # Only ChurnZero's own 200 accepts; a gateway refusal or a portal page never reached it.
+    if status == HTTPStatus.OK and not faults.html:
+        if state.eiv_secret is not None:
+            kept = [c for c in commands if eiv.verified(c, state.eiv_secret)]
+            state.unverified += len(commands) - len(kept)
+            commands = kept
         state.command_count += len(commands)
         state.unparseable += unparseable
         if state.record:
@@ -243,6 +272,7 @@ async def _get_stats(request: web.Request) -> web.Response:
             "by_status": {str(k): v for k, v in sorted(state.by_status.items())},
             "commands": state.command_count,
             "unparseable": state.unparseable,
+            "unverified": state.unverified,
         }
     )
 
@@ -278,12 +308,13 @@ async def _healthz(_: web.Request) -> web.Response:
     return web.Response(text="ok")
 
 
-def create_app(*, record: bool = True) -> web.Application:
-    """The sandbox app; with `record=False` only stats are kept (for long benchmarks)."""
+def create_app(*, record: bool = True, eiv_secret: str | None = None) -> web.Application:
+    """The sandbox app; with `record=False` only stats are kept (for long benchmarks);
+    with `eiv_secret`, commands without the right EIV hashes are dropped."""
     # ChurnZero does not publish a size limit; 4 MiB is ASP.NET's default request limit,
     # far above any sane batch of commands.
     app = web.Application(client_max_size=4 * 1024 * 1024)
-    app[_STATE] = _State(record=record)
+    app[_STATE] = _State(record=record, eiv_secret=eiv_secret)
     app.router.add_route("GET", "/i", _track)
     app.router.add_route("POST", "/i", _track)
     app.router.add_get("/_sandbox/commands", _get_commands)
@@ -306,10 +337,10 @@ async def start(host: str, port: int, *, record: bool = True) -> web.AppRunner:
     return runner
 
 
-def run(host: str, port: int) -> None:
+def run(host: str, port: int, *, eiv_secret: str | None = None) -> None:
     """Serve the sandbox until interrupted (the `relay sandbox` command)."""
     web.run_app(
-        create_app(),
+        create_app(eiv_secret=eiv_secret),
         host=host,
         port=port,
         access_log=None,

@@ -6,8 +6,10 @@ with keywords. A bad value fails at start with one line naming the variable.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -33,8 +35,17 @@ class Settings(BaseSettings):
     webhook_secret: SecretStr | None = None
     write_keys: Annotated[tuple[str, ...], NoDecode] = ()
     allow_unauthenticated: bool = False
+    # Origins whose pages may call /v1/* from a browser (CORS); "*" = any.
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = ("*",)
     churnzero_url: str = "https://analytics.churnzero.net/i"
     churnzero_app_key: SecretStr | None = None
+    # Plain http to a non-loopback ChurnZero URL sends the app key in clear: opt-in only.
+    churnzero_allow_http: bool = False
+    # Enhanced Identity Verification: every command carries HMAC-SHA256 hashes of its ids.
+    churnzero_eiv_secret: SecretStr | None = None
+    # How long every worker holds back after a redirect or a 200 that is not ChurnZero's
+    # pixel: a configuration error, which retrying at once would not fix.
+    churnzero_misconfigured_pause_s: float = Field(60.0, gt=0)
     churnzero_batch_size: int = Field(100, ge=1, le=1000)
     churnzero_timeout_s: float = Field(10.0, gt=0)
     admin_token: SecretStr | None = None
@@ -72,12 +83,18 @@ class Settings(BaseSettings):
     log_level: str = "info"
     log_format: str = "auto"  # auto | json | console
 
-    @field_validator("write_keys", mode="before")
+    @field_validator("write_keys", "cors_origins", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(k.strip() for k in value.split(",") if k.strip())
         return value
+
+    @field_validator("churnzero_app_key", "churnzero_eiv_secret", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        # `RELAY_CHURNZERO_APP_KEY=` would otherwise send appKey "" to ChurnZero.
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("churnzero_url")
     @classmethod
@@ -94,6 +111,21 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _https_unless_loopback(self) -> Settings:
+        # The app key travels in every request body; only loopback (the sandbox) or an
+        # explicit opt-in may use plain http.
+        if (
+            self.churnzero_url.startswith("http://")
+            and not self.churnzero_is_loopback
+            and not self.churnzero_allow_http
+        ):
+            raise ValueError(
+                "RELAY_CHURNZERO_URL must be https:// unless it is loopback "
+                "(or set RELAY_CHURNZERO_ALLOW_HTTP=true)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _visibility_above_time_limit(self) -> Settings:
         # A message not acked within the visibility timeout is delivered again; it must
         # outlast the longest a task may run, or slow tasks run twice.
@@ -107,6 +139,25 @@ class Settings(BaseSettings):
     def authenticated(self) -> bool:
         """Whether any ingest credential (webhook secret or write key) is configured."""
         return self.webhook_secret is not None or bool(self.write_keys)
+
+    @property
+    def churnzero_is_loopback(self) -> bool:
+        """Whether the ChurnZero URL points at this machine (the sandbox)."""
+        host = urlsplit(self.churnzero_url).hostname or ""
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return False
+
+    def require_app_key(self) -> None:
+        """Refuse to deliver to a real ChurnZero without an app key."""
+        if self.churnzero_app_key is None and not self.churnzero_is_loopback:
+            raise ConfigError(
+                "refusing to start: set RELAY_CHURNZERO_APP_KEY (ChurnZero drops commands "
+                "without it), or point RELAY_CHURNZERO_URL at the sandbox on loopback"
+            )
 
     @property
     def uses_sandbox(self) -> bool:
@@ -128,6 +179,8 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**overrides)  # type: ignore[arg-type]  # keywords are field names
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "settings"
-        env = f"RELAY_{field.upper()}"
-        raise ConfigError(f"bad configuration: {env}: {first['msg']}") from exc
+        message = first["msg"].removeprefix("Value error, ")
+        field = ".".join(str(p) for p in first["loc"])
+        if not field:  # a rule across settings names its variables itself
+            raise ConfigError(f"bad configuration: {message}") from exc
+        raise ConfigError(f"bad configuration: RELAY_{field.upper()}: {message}") from exc

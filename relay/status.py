@@ -6,9 +6,25 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import orjson
+
 from relay import keys, queue_state
 
 WINDOW_S = 60
+PROBLEM_TTL_S = 600  # a problem not seen again for this long is taken as fixed
+
+
+def record_churnzero_problem(r: Any, problem: str, now: float | None = None) -> None:
+    """Remember a ChurnZero configuration problem for status (sync Redis client)."""
+    when = time.time() if now is None else now
+    r.set(keys.CHURNZERO_PROBLEM, orjson.dumps({"problem": problem, "at": when}),
+          ex=PROBLEM_TTL_S)  # fmt: skip
+
+
+def churnzero_problem(r: Any) -> dict[str, Any] | None:
+    """The last ChurnZero configuration problem, while it is recent."""
+    raw = r.get(keys.CHURNZERO_PROBLEM)
+    return orjson.loads(raw) if raw else None
 
 
 def stage_rate(pipe: Any, name: str, count: int, now: float) -> None:
@@ -72,4 +88,5 @@ def report(r: Any) -> dict[str, Any]:
         "dead_letters": snap.dead_by_reason,
         "rates": rates(r, now),
         "counters": snap.stats,
+        "churnzero_problem": churnzero_problem(r),
     }

@@ -1,6 +1,7 @@
 """Segment events into ChurnZero commands: pure functions, no I/O.
 
-identify -> `setAttribute` commands (contact, or account for account-level traits),
+identify -> `setAttribute` commands (contact, or account for traits the mapping puts
+there; nothing reaches the account unless the mapping says so),
 track -> one `trackEvent`. Identity (account and contact external ids) comes from the
 event itself or, through the identity map, from an earlier identify; `plan_batch`
 works a whole Celery batch at once so a track resolves against an identify anywhere
@@ -85,13 +86,23 @@ def explicit_ids(event: events.AnyEvent, mapping: Mapping) -> tuple[str | None, 
 
 
 def identity_keys(event: events.AnyEvent) -> list[str]:
-    """Identity-map keys under which this event's user may be known."""
+    """Identity-map keys an identify with ids teaches: its userId and its anonymousId."""
     keys = []
     if event.userId is not None:
         keys.append("u:" + event.userId)
     if event.anonymousId is not None:
         keys.append("a:" + event.anonymousId)
     return keys
+
+
+def resolve_key(event: events.AnyEvent) -> str | None:
+    """The one identity-map key an event without ids is resolved by: its userId when it
+    has one, never the anonymousId then (on a shared browser that is someone else's)."""
+    if event.userId is not None:
+        return "u:" + event.userId
+    if event.anonymousId is not None:
+        return "a:" + event.anonymousId
+    return None
 
 
 def skip_reason(event: events.AnyEvent, source: str, mapping: Mapping) -> str | None:
@@ -132,12 +143,14 @@ def identify_commands(event: events.Identify, ids: Ids, mapping: Mapping) -> lis
     """setAttribute commands for every sendable trait."""
     out = []
     for trait, raw in event.traits.items():
-        if trait in _ID_KEYS or trait in mapping.traits.ignore:
+        if trait in _ID_KEYS:
             continue
         if trait == "company" and isinstance(raw, dict):
             name = raw.get("name")
-            if isinstance(name, str) and name:
+            if mapping.traits.account_name_from_company and isinstance(name, str) and name:
                 out.append(_set(ids, "account", "Name", name))
+            continue
+        if not mapping.trait_wanted(trait):
             continue
         value = attribute_value(raw)
         if value is None:
@@ -226,7 +239,9 @@ def lookup_keys(
     keys: set[str] = set()
     for _, event in parsed:
         if event.type in events.DELIVERED_TYPES and None in explicit_ids(event, mapping):
-            keys.update(identity_keys(event))
+            key = resolve_key(event)
+            if key is not None:
+                keys.add(key)
     return sorted(keys)
 
 
@@ -245,14 +260,19 @@ def plan_batch(
             continue
         ids = explicit_ids(event, mapping)
         wanted.append((item, event, ids))
-        # Identities taught by this batch count for every event in it, whatever the order.
         if isinstance(event, events.Identify) and None not in ids:
             for key in identity_keys(event):
                 plan.learned[key] = Ids(ids[0], ids[1])  # type: ignore[arg-type]  # checked
+    # In batch order, an event is resolved by what was known when it happened: an identify
+    # earlier in the batch, else the identity map; only a user nobody knew yet borrows
+    # the batch's later identify (a track that raced ahead of its identify).
+    so_far: dict[str, Ids] = {}
     for item, event, (account, contact) in wanted:
+        if isinstance(event, events.Identify) and account is not None and contact is not None:
+            so_far.update({key: Ids(account, contact) for key in identity_keys(event)})
         if account is None or contact is None:
-            candidates = (plan.learned.get(k) or known.get(k) for k in identity_keys(event))
-            found = next((ids for ids in candidates if ids is not None), None)
+            key = resolve_key(event) or ""
+            found = so_far.get(key) or known.get(key) or plan.learned.get(key)
             if found is None:
                 plan.unresolved.append(item)
                 continue

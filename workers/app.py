@@ -25,6 +25,7 @@ try:
     logs.configure(settings.log_level, settings.log_format)
     redis_url = embedded.resolve_url(settings.redis_url, settings.state_dir)
     mapping = load_mapping(settings.mapping_file)  # a bad file stops the worker at start
+    settings.require_app_key()  # without it ChurnZero answers 200 and drops every command
 except (ConfigError, MappingError, embedded.EmbeddedRedisError) as exc:
     # One line for the operator, not a traceback through Celery's app loader.
     sys.exit(f"relay worker: {exc}")

@@ -52,6 +52,10 @@ def test_seed_example_with_the_real_python_client(relay: str, clean_sandbox: San
                                   "firstName": "John", "plan": "Pro"})  # fmt: skip
     client.track("userId123", "Clicked Login Button", timestamp=_dt("2026-11-01T10:00:00.123Z"))
     commands = clean_sandbox.wait_commands(3)
+    # Segment's clock correction moves the date by the time between the client's sentAt
+    # and our receipt (the same clock here): milliseconds.
+    event_date = _dt(commands[2].pop("eventDate").replace("Z", "+00:00"))
+    assert abs(event_date - _dt("2026-11-01T10:00:00.123+00:00")).total_seconds() < 2
     assert commands == [
         {"appKey": APP_KEY, "accountExternalId": "12345678",
          "contactExternalId": "john.smith@company.com", "action": "setAttribute",
@@ -61,8 +65,7 @@ def test_seed_example_with_the_real_python_client(relay: str, clean_sandbox: San
          "entity": "contact", "name": "plan", "value": "Pro"},
         {"appKey": APP_KEY, "accountExternalId": "12345678",
          "contactExternalId": "john.smith@company.com", "action": "trackEvent",
-         "eventName": "Clicked Login Button", "eventDate": "2026-11-01T10:00:00.123000Z",
-         "quantity": 1},
+         "eventName": "Clicked Login Button", "quantity": 1},
     ]  # fmt: skip
 
 

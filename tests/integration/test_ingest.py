@@ -6,6 +6,7 @@ import gzip
 import json
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import redis
@@ -140,7 +141,13 @@ def test_analytics_go_fixtures_through_batch(ingest: str, r: redis.Redis) -> Non
         assert answer.status_code == 200, (name, answer.text)
     events = [i["event"] for i in queued_items(r)]
     assert len(events) == 4
-    assert events[0]["timestamp"] == "2015-07-10T23:00:00Z"  # epoch ms read as such
+    # Epoch ms read as such; the fixture's sentAt (2009) is 5 years before its timestamp,
+    # so Segment's clock correction puts the event 5 years after its receipt.
+    assert events[0]["originalTimestamp"] == 1436569200000
+    received = datetime.fromtimestamp(queued_items(r)[0]["received_at"], UTC)
+    stamp = datetime.fromisoformat(events[0]["timestamp"])
+    skew = datetime(2009, 11, 10, 23, tzinfo=UTC) - datetime(2015, 7, 10, 23, tzinfo=UTC)
+    assert abs(stamp - (received - skew)) < timedelta(seconds=1)
     assert events[1]["context"] == {"library": {"name": "journify-go-sdk", "version": "3.0.0"},
                                     "whatever": "here"}  # fmt: skip
     assert events[2]["integrations"]["Intercom"] is False

@@ -32,7 +32,7 @@ def test_serve_refuses_to_start_unauthenticated(tmp_path: Path) -> None:
     ("env", "message"),
     [
         ({"RELAY_PORT": "eighty"}, "RELAY_PORT"),
-        ({"RELAY_CHURNZERO_URL": "ftp://x"}, "RELAY_CHURNZERO_URL: Value error, must be an http"),
+        ({"RELAY_CHURNZERO_URL": "ftp://x"}, "RELAY_CHURNZERO_URL: must be an http"),
         ({"RELAY_VISIBILITY_TIMEOUT_S": "20", "RELAY_TASK_TIME_LIMIT_S": "60"},
          "visibility_timeout_s must be at least task_time_limit_s + 15"),
     ],

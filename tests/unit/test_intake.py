@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from relay import auth, intake
-from relay.intake import BadRequest, decode_body, parse_api, parse_webhook
+from relay import auth, clock, intake
+from relay.intake import WEBHOOK_LIMITS, BadRequest, decode_body, parse_api, parse_webhook
 from tests.conftest import fixture
 
 RECEIVED = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -68,7 +68,10 @@ def test_analytics_python_gzipped_batch_with_body_write_key() -> None:
     first = result.accepted[0]
     assert first["userId"] == "user-1"
     assert "anonymousId" not in first  # None from the library means "not set"
-    assert first["timestamp"] == "2024-05-03T19:42:50.066179Z"
+    # Segment's clock correction with the batch's sentAt: the event happened 1.933821 s
+    # before the batch was sent, so that long before it was received.
+    assert first["timestamp"] == "2030-01-02T03:04:03.066179Z"
+    assert first["originalTimestamp"] == "2024-05-03T19:42:50.066179+00:00"
     assert first["properties"] == {"revenue": 14.99}
     assert all("writeKey" not in e for e in result.accepted)
 
@@ -97,7 +100,9 @@ def test_analytics_node_batch_authenticates_by_basic_auth_only() -> None:
     assert auth.basic_username(header) == "wk_node"
     assert len(result.accepted) == 1
     assert result.accepted[0]["_metadata"] == {"jsRuntime": "node"}
-    assert result.accepted[0]["timestamp"] == "2024-06-05T11:44:40.184000Z"
+    # sentAt - timestamp = 19 ms on the client's clock, laid onto the receive time.
+    assert result.accepted[0]["timestamp"] == "2030-01-02T03:04:04.981000Z"
+    assert result.accepted[0]["originalTimestamp"] == "2024-06-05T11:44:40.184Z"
 
 
 def ajs_event(kind: str, **extra: Any) -> dict[str, Any]:
@@ -370,9 +375,24 @@ def test_single_event_over_32kb_is_a_bad_request() -> None:
         parse_api("track", dumps(oversized_track(1)), RECEIVED)
 
 
-def test_webhook_single_event_over_32kb_is_a_bad_request() -> None:
-    with pytest.raises(BadRequest, match="32 KB"):
-        parse_webhook(dumps(oversized_track(1)), RECEIVED)
+def test_webhook_takes_events_over_32kb_that_segment_enriched() -> None:
+    assert len(parse_webhook(dumps(oversized_track(1)), RECEIVED).accepted) == 1
+
+
+def test_webhook_single_event_over_64kb_is_dead_lettered_not_refused() -> None:
+    # Segment drops what is answered 400: the event must reach the dead-letter queue.
+    event = {**small_track(1), "properties": {"blob": "x" * (65 * 1024)}}
+    result = parse_webhook(dumps(event), RECEIVED)
+    assert result.accepted == []
+    [rejected] = result.rejected
+    assert rejected.errors == [{"field": "event", "message": "larger than 64 KB"}]
+    assert rejected.event["properties"]["blob"] == "x" * (65 * 1024)
+
+
+def test_webhook_single_invalid_event_is_dead_lettered_not_refused() -> None:
+    result = parse_webhook(dumps({"type": "track", "userId": "u1"}), RECEIVED)
+    assert result.accepted == []
+    assert result.rejected[0].errors == [{"field": "event", "message": "Field required"}]
 
 
 def test_request_over_500kb_is_a_bad_request() -> None:
@@ -443,9 +463,24 @@ def test_batch_over_2500_events_is_a_bad_request() -> None:
         parse_api("batch", body, RECEIVED)
 
 
-def test_webhook_array_over_2500_events_is_a_bad_request() -> None:
-    with pytest.raises(BadRequest, match="2500"):
-        parse_webhook(dumps([small_track(n) for n in range(2501)]), RECEIVED)
+def test_webhook_takes_the_actions_maximum_of_4000_events() -> None:
+    result = parse_webhook(dumps([small_track(n) for n in range(4000)]), RECEIVED)
+    assert len(result.accepted) == 4000 and result.rejected == []
+
+
+def test_webhook_array_over_8000_events_is_a_bad_request() -> None:
+    with pytest.raises(BadRequest, match="8000"):
+        parse_webhook(dumps([small_track(n) for n in range(8001)]), RECEIVED)
+
+
+def test_webhook_body_limit_is_8_mb_after_decompression() -> None:
+    body = dumps([{**small_track(n), "properties": {"b": "x" * 3000}} for n in range(2000)])
+    assert 4 * 1024 * 1024 < len(body) < 8 * 1024 * 1024  # beyond /v1/*, within /webhook
+    assert decode_body(gzip.compress(body), "gzip", WEBHOOK_LIMITS) == body
+    with pytest.raises(BadRequest, match="500 KB"):
+        decode_body(body, None)
+    with pytest.raises(BadRequest, match="8 MB"):
+        decode_body(gzip.compress(body + b" " * (4 * 1024 * 1024)), "gzip", WEBHOOK_LIMITS)
 
 
 def test_batch_of_exactly_2500_events_is_accepted() -> None:
@@ -533,7 +568,8 @@ def test_invalid_events_in_a_batch_are_rejected_with_field_errors() -> None:
     }
     result = parse_api("batch", dumps(payload), RECEIVED)
 
-    assert [e["userId"] for e in result.accepted] == ["u0", "u7"]
+    # An unreadable timestamp is no reason to lose the event (u6): see the clock tests.
+    assert [e["userId"] for e in result.accepted] == ["u0", "u6", "u7"]
     fields = {r.index: [e["field"] for e in r.errors] for r in result.rejected}
     assert fields == {
         1: ["event"],
@@ -541,13 +577,11 @@ def test_invalid_events_in_a_batch_are_rejected_with_field_errors() -> None:
         3: ["type"],
         4: ["event"],
         5: ["traits"],
-        6: ["timestamp"],
     }
     by_index = {r.index: r for r in result.rejected}
     assert by_index[1].errors == [{"field": "event", "message": "Field required"}]
     assert "unknown event type" in by_index[2].errors[0]["message"]
     assert by_index[4].event == "not an event"
-    assert by_index[6].event["timestamp"] == "yesterday"  # kept as sent, for the dead letter
 
 
 def test_rejected_event_without_ids_says_so() -> None:
@@ -587,7 +621,12 @@ def test_analytics_go_fixtures_parse(name: str, kind: str, timestamp: str) -> No
     assert result.rejected == []
     [stored] = result.accepted
     assert stored["type"] == kind
-    assert stored["timestamp"] == timestamp
+    # The fixtures' sentAt is 2009-11-10T23:00:00Z: Segment's correction moves each event
+    # to the receive time, less how long before sentAt the client stamped it.
+    sent = datetime(2009, 11, 10, 23, tzinfo=UTC)
+    original = datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+    assert stored["timestamp"] == clock.iso(RECEIVED - (sent - original))
+    assert stored["originalTimestamp"] == payload["batch"][0]["timestamp"]
     assert stored["messageId"] == "I'm unique"
     # The envelope's library lands in every item.
     assert stored["context"]["library"] == payload["context"]["library"]
@@ -642,3 +681,84 @@ def test_as_delivered_fixtures_parse_as_a_batched_webhook_array() -> None:
         "<USER ID>",
         "hhamed",
     ]
+
+
+# --- client clocks (Segment's correction on /v1/*) ----------------------------------------
+
+
+def test_clock_skew_is_corrected_with_the_event_sent_at() -> None:
+    # The client's clock is 3 hours fast: it stamped the event 2 s before sending it.
+    event = {
+        **small_track(1),
+        "timestamp": "2030-01-02T06:04:01Z",
+        "sentAt": "2030-01-02T06:04:03Z",
+    }
+    [stored] = parse_api("track", dumps(event), RECEIVED).accepted
+    assert stored["timestamp"] == "2030-01-02T03:04:03Z"
+    assert stored["originalTimestamp"] == "2030-01-02T06:04:01Z"
+
+
+def test_clock_skew_is_corrected_with_a_batch_level_sent_at() -> None:
+    # A client clock a day slow; the event's own sentAt, when present, wins.
+    payload = {
+        "batch": [
+            {**small_track(1), "timestamp": "2030-01-01T03:04:00Z"},
+            {
+                **small_track(2),
+                "timestamp": "2030-01-01T03:04:00Z",
+                "sentAt": "2030-01-01T03:04:01Z",
+            },
+        ],
+        "sentAt": "2030-01-01T03:04:05Z",
+    }
+    first, second = parse_api("batch", dumps(payload), RECEIVED).accepted
+    assert first["timestamp"] == "2030-01-02T03:04:00Z"
+    assert second["timestamp"] == "2030-01-02T03:04:04Z"
+    assert first["originalTimestamp"] == second["originalTimestamp"] == "2030-01-01T03:04:00Z"
+
+
+def test_without_sent_at_the_client_timestamp_stands() -> None:
+    [stored] = parse_api("track", dumps({**small_track(1), "timestamp": "2029-05-06T07:08:09Z"}),
+                         RECEIVED).accepted  # fmt: skip
+    assert stored["timestamp"] == "2029-05-06T07:08:09Z"
+
+
+def test_webhook_timestamps_are_segments_already_corrected_ones() -> None:
+    event = {
+        **small_track(1),
+        "timestamp": "2029-05-06T07:08:09Z",
+        "sentAt": "2030-01-01T00:00:00Z",
+    }
+    [stored] = parse_webhook(dumps(event), RECEIVED).accepted
+    assert stored["timestamp"] == "2029-05-06T07:08:09Z"
+    assert "originalTimestamp" not in stored
+
+
+@pytest.mark.parametrize("where", ["api", "webhook"])
+@pytest.mark.parametrize("bad", ["yesterday", "2030-13-45T99:00:00Z", True, {"at": 1}])
+def test_unparseable_timestamp_falls_back_to_receive_time_flagged(where: str, bad: Any) -> None:
+    event = {**small_track(1), "timestamp": bad, "sentAt": "2030-01-02T03:04:05Z"}
+    result = (
+        parse_api("track", dumps(event), RECEIVED)
+        if where == "api"
+        else parse_webhook(dumps([event]), RECEIVED)
+    )
+    [stored] = result.accepted
+    assert stored["timestamp"] == "2030-01-02T03:04:05Z"
+    assert stored["originalTimestamp"] == bad
+    assert stored[intake.TIMESTAMP_UNPARSEABLE] is True
+    assert result.timestamp_fallbacks == 1
+
+
+def test_unparseable_sent_at_leaves_the_timestamp_uncorrected() -> None:
+    event = {**small_track(1), "timestamp": "2029-05-06T07:08:09Z", "sentAt": "soon"}
+    [stored] = parse_api("track", dumps(event), RECEIVED).accepted
+    assert stored["timestamp"] == "2029-05-06T07:08:09Z"
+
+
+def test_an_event_invalid_besides_its_timestamp_is_still_rejected_as_sent() -> None:
+    event = {"type": "track", "userId": "u", "timestamp": "x"}
+    result = parse_api("batch", dumps({"batch": [event]}), RECEIVED)
+    [rejected] = result.rejected
+    assert rejected.event["timestamp"] == "x"
+    assert {e["field"] for e in rejected.errors} == {"event", "timestamp"}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.mapping import Mapping, MappingError, load_mapping
+from relay.mapping import Mapping, MappingError, TraitMap, load_mapping
 
 FULL = """\
 [identity]
@@ -178,3 +178,20 @@ def test_missing_file_is_a_mapping_error(tmp_path: Path) -> None:
 def test_directory_instead_of_a_file_is_a_mapping_error(tmp_path: Path) -> None:
     with pytest.raises(MappingError, match="cannot read"):
         load_mapping(tmp_path)
+
+
+def test_trait_allow_list_and_company_name_from_the_file(tmp_path: Path) -> None:
+    text = '[traits]\nallow = ["plan", "avatar"]\naccount_name_from_company = true\n'
+    mapping = load_mapping(write(tmp_path, text))
+    assert mapping.traits.account_name_from_company is True
+    assert mapping.trait_wanted("plan") and mapping.trait_wanted("avatar")
+    assert not mapping.trait_wanted("seats")
+
+
+def test_by_default_every_trait_but_segments_reserved_ones_is_wanted() -> None:
+    mapping = Mapping()
+    assert mapping.traits.account_name_from_company is False
+    assert mapping.trait_wanted("plan") and mapping.trait_wanted("email")
+    assert not any(mapping.trait_wanted(t) for t in ("id", "avatar", "createdAt", "address"))
+    renamed = Mapping(traits=TraitMap(rename={"createdAt": "Signed Up At"}))
+    assert renamed.trait_wanted("createdAt")

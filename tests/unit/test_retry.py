@@ -26,6 +26,9 @@ from relay.retry import (
         (200, Kind.SUCCESS),
         (204, Kind.SUCCESS),
         (299, Kind.SUCCESS),
+        (301, Kind.RETRYABLE),  # never followed: the events did not arrive
+        (302, Kind.RETRYABLE),
+        (308, Kind.RETRYABLE),
         (400, Kind.PERMANENT),
         (401, Kind.PERMANENT),
         (403, Kind.PERMANENT),
@@ -56,6 +59,8 @@ def test_classify(status: int | None, kind: Kind) -> None:
         (Outcome(503), "5xx"),
         (Outcome(None, error="timeout"), "timeout"),
         (Outcome(None), "error"),
+        (Outcome(301, misconfigured="redirect"), "misconfigured"),
+        (Outcome(200, misconfigured="html"), "misconfigured"),
     ],
 )
 def test_outcome_label_is_low_cardinality(outcome: Outcome, label: str) -> None:
@@ -176,3 +181,7 @@ def test_next_delay_without_retry_after_is_the_backoff(attempts: int) -> None:
 )
 def test_expired_after_max_age(age_s: float, is_expired: bool) -> None:
     assert expired(first_seen=NOW - age_s, now=NOW, max_age_s=4 * 3600) is is_expired
+
+
+def test_a_misconfigured_answer_is_retried_even_with_status_200() -> None:
+    assert Outcome(200, misconfigured="200 with text/html").kind is Kind.RETRYABLE

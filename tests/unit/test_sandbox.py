@@ -88,7 +88,13 @@ async def test_garbage_still_gets_a_pixel_and_is_counted(client: TestClient[Any,
     await assert_pixel(await client.post("/i", json=[{"ok": 1}, 7, "x"]))
     assert await commands(client) == [{"ok": 1}]
     stats = await get_json(client, "/_sandbox/stats")
-    assert stats == {"requests": 2, "by_status": {"200": 2}, "commands": 1, "unparseable": 3}
+    assert stats == {
+        "requests": 2,
+        "by_status": {"200": 2},
+        "commands": 1,
+        "unparseable": 3,
+        "unverified": 0,
+    }
 
 
 async def test_status_fault_expires_and_refused_commands_are_not_recorded(
@@ -177,7 +183,13 @@ async def test_delete_commands_clears_commands_requests_and_stats(
     assert await commands(client) == []
     assert await get_json(client, "/_sandbox/requests") == []
     stats = await get_json(client, "/_sandbox/stats")
-    assert stats == {"requests": 0, "by_status": {}, "commands": 0, "unparseable": 0}
+    assert stats == {
+        "requests": 0,
+        "by_status": {},
+        "commands": 0,
+        "unparseable": 0,
+        "unverified": 0,
+    }
 
 
 @pytest.mark.parametrize(
@@ -218,7 +230,13 @@ async def test_without_recording_only_stats_are_kept(aiohttp_client: AiohttpClie
     assert await commands(client) == []
     assert await get_json(client, "/_sandbox/requests") == []
     stats = await get_json(client, "/_sandbox/stats")
-    assert stats == {"requests": 1, "by_status": {"200": 1}, "commands": 2, "unparseable": 0}
+    assert stats == {
+        "requests": 1,
+        "by_status": {"200": 1},
+        "commands": 2,
+        "unparseable": 0,
+        "unverified": 0,
+    }
 
 
 async def test_start_serves_on_a_real_port() -> None:

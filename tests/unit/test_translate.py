@@ -195,9 +195,73 @@ CASES = {
         [identify({**IDS, "first_name": "John", "last_name": "Smith"})],
         {"r0": [set_attr("FirstName", "John"), set_attr("LastName", "Smith")]},
     ),
-    "company-name-is-the-account-name": Case(
+    "company-name-is-not-written-to-the-account-by-default": Case(
+        [identify({**IDS, "company": {"name": "Initech"}, "plan": "pro"})],
+        {"r0": [set_attr("plan", "pro")]},
+    ),
+    "company-name-is-the-account-name-when-the-mapping-says-so": Case(
         [identify({**IDS, "company": {"name": "Initech", "industry": "Software"}})],
         {"r0": [set_attr("Name", "Initech", entity="account")]},
+        mapping=Mapping(traits=TraitMap(account_name_from_company=True)),
+    ),
+    "reserved-segment-traits-are-not-sent-unless-mapped": Case(
+        [
+            identify(
+                {
+                    **IDS,
+                    "id": "u-1",
+                    "avatar": "https://x/a.png",
+                    "createdAt": WHEN,
+                    "address": {"city": "Austin"},
+                    "username": "jsmith",
+                    "title": "CTO",
+                    "website": "https://w",
+                    "age": 40,
+                }
+            )
+        ],
+        {"r0": [set_attr("Created", WHEN), set_attr("title", "CTO")]},
+        mapping=Mapping(traits=TraitMap(rename={"createdAt": "Created"})),
+    ),
+    "trait-allow-list-sends-only-those": Case(
+        [identify({**IDS, "firstName": "John", "plan": "pro", "seats": 4, "avatar": "a"})],
+        {"r0": [set_attr("plan", "pro"), set_attr("avatar", "a")]},
+        mapping=Mapping(traits=TraitMap(allow=frozenset({"plan", "avatar"}))),
+    ),
+    "ignore-wins-over-allow": Case(
+        [identify({**IDS, "plan": "pro", "secret": "s"})],
+        {"r0": [set_attr("plan", "pro")]},
+        mapping=Mapping(
+            traits=TraitMap(allow=frozenset({"plan", "secret"}), ignore=frozenset({"secret"}))
+        ),
+    ),
+    # --- one user, one identity: never another user's anonymousId -----------------------
+    "unknown-user-never-borrows-a-shared-browsers-anonymous-id": Case(
+        [track(userId="bob", anonymousId="shared-browser")],
+        {"r0": "unresolved"},
+        known={"a:shared-browser": Ids("acct-alice", "alice@example.com")},
+    ),
+    "anonymous-only-track-still-resolves-by-anonymous-id": Case(
+        [{"type": "track", "anonymousId": "shared-browser", "event": "Viewed", "timestamp": WHEN}],
+        {"r0": [track_event("Viewed", account="acct-alice", contact="alice@example.com")]},
+        known={"a:shared-browser": Ids("acct-alice", "alice@example.com")},
+    ),
+    "later-identify-in-the-batch-does-not-re-attribute-earlier-tracks": Case(
+        [
+            track("Before"),
+            identify({"accountExternalId": "acct-new", "contactExternalId": CONTACT}),
+            track("After"),
+        ],
+        {
+            "r0": [track_event("Before")],
+            "r1": NOTHING,
+            "r2": [track_event("After", account="acct-new")],
+        },
+        known=KNOWN,
+    ),
+    "later-identify-resolves-an-earlier-track-of-a-user-nobody-knew": Case(
+        [track("Raced Ahead"), identify(IDS)],
+        {"r0": [track_event("Raced Ahead")], "r1": NOTHING},
     ),
     "company-without-name-sends-nothing": Case(
         [identify({**IDS, "company": {"id": "c1"}})], {"r0": NOTHING}
@@ -226,8 +290,7 @@ CASES = {
                 set_attr("admin", True),
                 set_attr("churned", False),
                 set_attr("seats", 12),
-                set_attr("mrr", 99.5),
-                set_attr("createdAt", "2024-01-01T00:00:00Z"),
+                set_attr("mrr", 99.5),  # createdAt: a reserved Segment trait, not sent
             ]
         },
     ),
