@@ -14,13 +14,13 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 import redis
 import requests
 
-from tests.conftest import ROOT, free_port, redis_answers, start_redis
+from tests.conftest import IN_CI, ROOT, free_port, redis_answers, start_redis
 
 DB = int(os.environ.get("RELAY_TEST_REDIS_DB", "13"))
 SECRET = "test-webhook-secret"
@@ -327,3 +327,49 @@ class Blip:
         self._stop = True
         self._listener.close()
         self.cut(0)
+
+
+@pytest.fixture
+def relay(
+    r: redis.Redis, clean_sandbox: Sandbox, start_ingest: Callable[..., str], start_worker: Starter
+) -> str:
+    """A worker and an ingest process on the test database, delivering to the sandbox."""
+    start_worker()
+    return start_ingest()
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+def missing_tool(why: str) -> NoReturn:
+    """A system tool the test needs is not here: skip locally, fail in CI."""
+    if IN_CI:
+        pytest.fail(why)
+    pytest.skip(why)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """One headless Chromium (Debian's, driven by Playwright) for the module."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        missing_tool("the playwright package is not installed (pip install playwright)")
+    if not os.access(CHROMIUM, os.X_OK):
+        missing_tool(f"{CHROMIUM} is missing (apt-get install chromium)")
+    playwright = sync_playwright().start()
+    try:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+    finally:
+        playwright.stop()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -18,21 +17,12 @@ from tests.integration.conftest import (
     APP_KEY,
     WRITE_KEY,
     Sandbox,
-    Starter,
     settled,
     sign,
     wait_for,
 )
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def relay(
-    r: redis.Redis, clean_sandbox: Sandbox, start_ingest: Callable[..., str], start_worker: Starter
-) -> str:
-    start_worker()
-    return start_ingest()
 
 
 def post_webhook(url: str, payload: Any) -> requests.Response:

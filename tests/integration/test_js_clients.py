@@ -15,17 +15,15 @@ import os
 import shutil
 import subprocess
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
 from tests.conftest import ROOT
-from tests.integration.conftest import WRITE_KEY, Sandbox, Starter
-from tests.integration.test_admin_page import CHROMIUM, CHROMIUM_ARGS, _missing
+from tests.integration.conftest import WRITE_KEY, Sandbox, missing_tool
 
 pytestmark = pytest.mark.integration
 
@@ -54,22 +52,14 @@ def js_clients() -> Path:
         return modules
     npm = shutil.which("npm")
     if npm is None:
-        _missing("npm is not installed (apt-get install npm)")
+        missing_tool("npm is not installed (apt-get install npm)")
     out = subprocess.run(
         [npm, "ci", "--prefix", str(JS), "--no-audit", "--no-fund"],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     if out.returncode != 0:
-        _missing(f"npm ci --prefix tests/js failed: {out.stderr.strip()[-500:]}")
+        missing_tool(f"npm ci --prefix tests/js failed: {out.stderr.strip()[-500:]}")
     return modules
-
-
-@pytest.fixture
-def relay(
-    r: redis.Redis, clean_sandbox: Sandbox, start_ingest: Callable[..., str], start_worker: Starter
-) -> str:
-    start_worker()
-    return start_ingest()
 
 
 def assert_corrected(commands: list[dict[str, Any]], sent_after: datetime) -> None:
@@ -86,7 +76,7 @@ def test_analytics_node_with_a_fast_clock(
 ) -> None:
     node = shutil.which("node")
     if node is None:
-        _missing("node is not installed (apt-get install nodejs)")
+        missing_tool("node is not installed (apt-get install nodejs)")
     script = tmp_path / "send.js"
     script.write_text(
         SKEWED_CLOCK
@@ -132,24 +122,6 @@ def page_server(js_clients: Path, tmp_path: Path) -> Iterator[tuple[str, Path]]:
     yield f"http://127.0.0.1:{server.server_address[1]}", site
     server.shutdown()
     server.server_close()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    """One headless Chromium (Debian's) for the module."""
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _missing("the playwright package is not installed (pip install playwright)")
-    if not os.access(CHROMIUM, os.X_OK):
-        _missing(f"{CHROMIUM} is missing (apt-get install chromium)")
-    playwright = sync_playwright().start()
-    try:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
-    finally:
-        playwright.stop()
 
 
 PAGE = """<!doctype html>

@@ -14,17 +14,9 @@ import pytest
 import redis
 import requests
 
-from tests.integration.conftest import WRITE_KEY, Sandbox, Starter, sign
+from tests.integration.conftest import WRITE_KEY, Sandbox, sign
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def relay(
-    r: redis.Redis, clean_sandbox: Sandbox, start_ingest: Callable[..., str], start_worker: Starter
-) -> str:
-    start_worker()
-    return start_ingest()
 
 
 def actions_event(run: str, n: int) -> dict[str, Any]:
