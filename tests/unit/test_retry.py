@@ -166,6 +166,14 @@ def test_next_delay_retry_after_beyond_the_cap_is_still_honoured() -> None:
     assert delay >= 900.0
 
 
+@pytest.mark.parametrize("retry_after", [301.0, 86_400.0, 1e12])
+def test_next_delay_retry_after_is_capped_by_the_relay(retry_after: float) -> None:
+    # "Come back tomorrow" from a gateway must not stop the relay for a day.
+    outcome = Outcome(429, retry_after_s=retry_after)
+    delay = next_delay(outcome, 0, base_s=1.0, cap_s=60.0, retry_after_cap_s=300.0)
+    assert 300.0 <= delay <= 300.25
+
+
 @pytest.mark.parametrize("attempts", [0, 3, 20])
 def test_next_delay_without_retry_after_is_the_backoff(attempts: int) -> None:
     ceiling = min(60.0, 0.5 * 2**attempts)
