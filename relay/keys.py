@@ -19,8 +19,10 @@ CELERY_UNACKED = "unacked"
 DELAYED = PREFIX + "delayed"
 # STRING per user ("u:<userId>" / "a:<anonymousId>") -> JSON [account, contact].
 IDENTITY = PREFIX + "identity:"
-# STRING per Segment messageId; value = the relay id of the copy that claimed it.
-DEDUPE = PREFIX + "dedupe:"
+# Dedupe claims (relay/dedupe.py): per time bucket b, a meta HASH `relay:seen:<b>` and
+# shard HASHes `relay:seen:<b>:<i>` (8-byte messageId digest -> 16-bit relay-id tag).
+# The previous version's `relay:dedupe:<messageId>` strings are no longer read.
+DEDUPE = PREFIX + "seen:"
 
 # Dead letters: HASH id -> JSON entry, ZSET of ids by last failure, ZSET per reason.
 DLQ_ENTRIES = PREFIX + "dlq:entries"
@@ -59,8 +61,3 @@ def dlq_reason(reason: str) -> str:
 def identity(user_key: str) -> str:
     """The identity-map entry of one user key (`u:<userId>` or `a:<anonymousId>`)."""
     return IDENTITY + user_key
-
-
-def dedupe(message_id: str) -> str:
-    """The dedupe claim of one Segment messageId."""
-    return DEDUPE + message_id
