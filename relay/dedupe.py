@@ -10,8 +10,8 @@ Storage is compact and bounded (about 20 bytes per event instead of ~200 for a k
 messageId, see README "Sizing"). Claims go into time buckets of 1/24 of the window; a
 bucket expires once it no longer overlaps the window, so memory holds at most
 window + one bucket of claims. A bucket is a set of small HASHes that Redis keeps
-listpack-encoded: field = 8-byte digest of the messageId, value = a 16-bit tag of the
-relay id (a small integer, 3-4 bytes in a listpack). The bucket grows its shards by
+listpack-encoded: field = 8-byte digest of the messageId, value = a 24-bit tag of the
+relay id (an integer, 5 bytes in a listpack). The bucket grows its shards by
 linear hashing (one shard split at a time, as claims arrive), so each shard stays far
 under `hash-max-listpack-entries` at any event rate, with no sizing setting.
 """
@@ -185,8 +185,8 @@ def message_digest(message_id: str) -> bytes:
 
 
 def relay_tag(rid: str) -> str:
-    """The 16-bit tag of a relay id, as the decimal string Redis stores compactly."""
-    tag = hashlib.blake2b(rid.encode(), digest_size=2).digest()
+    """The 24-bit tag of a relay id, as the decimal string Redis stores compactly."""
+    tag = hashlib.blake2b(rid.encode(), digest_size=3).digest()
     return str(int.from_bytes(tag, "big", signed=True))
 
 

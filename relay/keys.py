@@ -20,7 +20,7 @@ DELAYED = PREFIX + "delayed"
 # STRING per user ("u:<userId>" / "a:<anonymousId>") -> JSON [account, contact].
 IDENTITY = PREFIX + "identity:"
 # Dedupe claims (relay/dedupe.py): per time bucket b, a meta HASH `relay:seen:<b>` and
-# shard HASHes `relay:seen:<b>:<i>` (8-byte messageId digest -> 16-bit relay-id tag).
+# shard HASHes `relay:seen:<b>:<i>` (8-byte messageId digest -> 24-bit relay-id tag).
 # The previous version's `relay:dedupe:<messageId>` strings are no longer read.
 DEDUPE = PREFIX + "seen:"
 
