@@ -55,34 +55,51 @@ BODY_TIMEOUT_S = 10  # a client slower than this to send its body gets 408 (Segm
 
 
 class QueueGate:
-    """Whether ingest may accept: Redis answers and the backlog is under the high-water
-    mark. Refreshed in the background so requests never wait on the check."""
+    """Whether ingest may accept: Redis answers, the backlog is under the high-water mark
+    and Redis's memory under its threshold. Refreshed in the background so requests never
+    wait on the check."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, max_memory_fraction: float = 1.0) -> None:
         self.limit = limit
+        self.max_memory_fraction = max_memory_fraction
         self.waiting = 0
+        self.memory_fraction = 0.0  # used_memory / maxmemory; 0 when maxmemory is unlimited
         self.redis_ok = True
         self.reason = ""
 
     @property
     def open(self) -> bool:
         """Accepting new events."""
-        return self.redis_ok and self.waiting <= self.limit
+        return (
+            self.redis_ok
+            and self.waiting <= self.limit
+            and self.memory_fraction < self.max_memory_fraction
+        )
 
     async def refresh(self, r: aioredis.Redis) -> None:
-        """Read the backlog once."""
+        """Read the backlog and Redis's memory once."""
         try:
             pipe = r.pipeline(transaction=False)
             pipe.get(keys.DEPTH_READY)
             pipe.get(keys.DELAYED_EVENTS)
             pipe.llen(keys.QUEUE)
-            self.waiting = queue_state.backlog(*await pipe.execute())
+            pipe.info("memory")
+            ready, delayed, messages, memory = await pipe.execute()
+            self.waiting = queue_state.backlog(ready, delayed, messages)
+            self.memory_fraction = queue_state.memory_fraction(memory)
             self.redis_ok = True
         except (redis.RedisError, OSError) as exc:
             self.redis_ok = False
             self.reason = type(exc).__name__
         if not self.redis_ok:
             self.reason = "redis unreachable"
+        elif self.memory_fraction >= self.max_memory_fraction:
+            # Refused well before maxmemory: with noeviction a full Redis refuses every
+            # write, and the workers need the headroom to drain it (README "Redis full").
+            self.reason = (
+                f"redis memory at {self.memory_fraction:.0%} of maxmemory "
+                f"(threshold {self.max_memory_fraction:.0%})"
+            )
         elif self.waiting > self.limit:
             self.reason = f"queue over its high-water mark ({self.waiting} > {self.limit})"
 
@@ -262,16 +279,18 @@ async def livez(_: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """GET /readyz: Redis answers and the queue is under its high-water mark."""
+    """GET /readyz: Redis answers, the queue is under its high-water mark and Redis's
+    memory under RELAY_MAX_MEMORY_FRACTION of maxmemory."""
     gate = request.app[GATE]
     try:
         await asyncio.wait_for(request.app[REDIS].ping(), timeout=2)
         await gate.refresh(request.app[REDIS])
     except (redis.RedisError, OSError, TimeoutError):
         gate.redis_ok, gate.reason = False, "redis unreachable"
+    figures = {"waiting": gate.waiting, "memory_fraction": round(gate.memory_fraction, 4)}
     if not gate.open:
-        return _json(503, {"status": "unready", "reason": gate.reason})
-    return _json(200, {"status": "ready", "waiting": gate.waiting})
+        return _json(503, {"status": "unready", "reason": gate.reason, **figures})
+    return _json(200, {"status": "ready", **figures})
 
 
 async def metrics_view(request: web.Request) -> web.Response:
@@ -335,7 +354,7 @@ def create_app(
     # Room above the body limit so an oversized body gets our 400, not aiohttp's 413.
     app = web.Application(client_max_size=intake.MAX_REQUEST_BYTES + 1024)
     app[SETTINGS] = settings
-    app[GATE] = QueueGate(settings.max_queue_depth)
+    app[GATE] = QueueGate(settings.max_queue_depth, settings.max_memory_fraction)
     app.cleanup_ctx.append(_resources(settings, redis_url, celery))
     app.router.add_post("/webhook", webhook)
     app.router.add_post("/v1/{route}", tracking_api)
