@@ -51,6 +51,9 @@ GATE: web.AppKey[QueueGate]
 DEPLOYMENT = web.AppKey("deployment", CollectorRegistry)
 
 RETRY_AFTER_S = 5
+# Redis bytes per byte of decoded request body: a queued event is its JSON inside kombu's
+# envelope, base64-encoded (measured about 1.4); 2 leaves margin.
+REDIS_BYTES_PER_BODY_BYTE = 2
 BODY_TIMEOUT_S = 10  # a client slower than this to send its body gets 408 (Segment retries it)
 
 
@@ -63,9 +66,26 @@ class QueueGate:
         self.limit = limit
         self.max_memory_fraction = max_memory_fraction
         self.waiting = 0
-        self.memory_fraction = 0.0  # used_memory / maxmemory; 0 when maxmemory is unlimited
+        self.used_memory = 0
+        self.maxmemory = 0  # 0: unlimited, only the queue depth applies
         self.redis_ok = True
         self.reason = ""
+        # Bytes this process queued since the last reading: between two readings a burst
+        # could otherwise run past the threshold, up to maxmemory.
+        self._queued_bytes = 0
+
+    def queued(self, body_bytes: int) -> None:
+        """Count a request body queued since the last reading."""
+        self._queued_bytes += body_bytes * REDIS_BYTES_PER_BODY_BYTE
+        if self.maxmemory and self.memory_fraction >= self.max_memory_fraction:
+            self.reason = self._memory_reason()
+
+    @property
+    def memory_fraction(self) -> float:
+        """Redis used_memory (plus what was queued since) / maxmemory; 0 when unlimited."""
+        if not self.maxmemory:
+            return 0.0
+        return (self.used_memory + self._queued_bytes) / self.maxmemory
 
     @property
     def open(self) -> bool:
@@ -84,9 +104,12 @@ class QueueGate:
             pipe.get(keys.DELAYED_EVENTS)
             pipe.llen(keys.QUEUE)
             pipe.info("memory")
+            counted = self._queued_bytes
             ready, delayed, messages, memory = await pipe.execute()
             self.waiting = queue_state.backlog(ready, delayed, messages)
-            self.memory_fraction = queue_state.memory_fraction(memory)
+            self.used_memory = int(memory.get("used_memory", 0))
+            self.maxmemory = int(memory.get("maxmemory", 0))
+            self._queued_bytes -= counted  # now inside used_memory
             self.redis_ok = True
         except (redis.RedisError, OSError) as exc:
             self.redis_ok = False
@@ -94,14 +117,17 @@ class QueueGate:
         if not self.redis_ok:
             self.reason = "redis unreachable"
         elif self.memory_fraction >= self.max_memory_fraction:
-            # Refused well before maxmemory: with noeviction a full Redis refuses every
-            # write, and the workers need the headroom to drain it (README "Redis full").
-            self.reason = (
-                f"redis memory at {self.memory_fraction:.0%} of maxmemory "
-                f"(threshold {self.max_memory_fraction:.0%})"
-            )
+            self.reason = self._memory_reason()
         elif self.waiting > self.limit:
             self.reason = f"queue over its high-water mark ({self.waiting} > {self.limit})"
+
+    def _memory_reason(self) -> str:
+        # Refused well before maxmemory: with noeviction a full Redis refuses every write,
+        # and the workers need the headroom to drain it (README "Redis full").
+        return (
+            f"redis memory at {self.memory_fraction:.0%} of maxmemory "
+            f"(threshold {self.max_memory_fraction:.0%})"
+        )
 
 
 GATE = web.AppKey("gate", QueueGate)
@@ -241,6 +267,7 @@ async def _handle(
             deadletter.stage_add(pipe, rejected)
             await pipe.execute()
         await app[COMMIT].submit(items)
+        gate.queued(len(body))  # in Redis now, so in the next reading's used_memory
     except broker.QUEUE_ERRORS as exc:
         outcome["error"] = type(exc).__name__
         return _unavailable("could not queue the events")
