@@ -26,7 +26,7 @@ from typing import Any
 
 import redis
 
-from relay import keys
+from relay import keys, oom
 
 BUCKETS_PER_WINDOW = 24
 # Redis's default hash-max-listpack-entries; 128 in the oldest configs, hence the fallback.
@@ -136,11 +136,6 @@ end
 return 0
 """
 
-# Redis 7 runs a script flagged allow-oom even at maxmemory: a worker draining a full
-# Redis must still record claims (a few bytes per event, while each acked message frees
-# hundreds). Older servers do not know the flag; there the script runs as before.
-_ALLOW_OOM = "#!lua flags=allow-oom\n"
-
 
 class Dedupe:
     """Claims and releases messageIds (sync Redis client)."""
@@ -153,7 +148,9 @@ class Dedupe:
         header = ""
         if window_s > 0:
             self._fill = max(_listpack_entries(r) // 4, 1)
-            header = _ALLOW_OOM if _server_major(r) >= 7 else ""
+            # A worker draining a full Redis must still record claims (about 20 bytes per
+            # event, while each acked message frees hundreds): see relay.oom.
+            header = oom.header(r)
         self._claim = r.register_script(header + _COMMON + _CLAIM)
         self._release = r.register_script(header + _COMMON + _RELEASE)
 
@@ -207,10 +204,3 @@ def _listpack_entries(r: Any) -> int:
         return int(found.get("hash-max-listpack-entries") or _LISTPACK_DEFAULT)
     except (redis.ResponseError, ValueError):
         return _LISTPACK_UNKNOWN  # CONFIG renamed or off (managed Redis): assume the least
-
-
-def _server_major(r: Any) -> int:
-    try:
-        return int(str(r.info("server").get("redis_version", "0")).split(".")[0])
-    except (redis.ResponseError, ValueError):
-        return 0

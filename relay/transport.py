@@ -37,12 +37,13 @@ from kombu.transport import virtual
 from kombu.utils.json import dumps
 from redis.exceptions import ExecAbortError, OutOfMemoryError
 
+from relay.oom import ALLOW_OOM, script_flags
+
 log = structlog.get_logger("relay.transport")
 
-_ALLOW_OOM = "#!lua flags=allow-oom\n"
 # KEYS: unacked index, unacked hash. ARGV: score, delivery tag, payload (kombu's format).
 _APPEND = (
-    _ALLOW_OOM
+    ALLOW_OOM
     + """
 redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
@@ -52,7 +53,7 @@ return 0
 # KEYS: unacked index, unacked hash. ARGV: delivery tag. (kombu runs these in MULTI,
 # and Redis refuses every command queued in a MULTI at maxmemory, even deletions.)
 _REMOVE = (
-    _ALLOW_OOM
+    ALLOW_OOM
     + """
 redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('HDEL', KEYS[2], ARGV[1])
@@ -60,22 +61,16 @@ return 0
 """
 )
 # KEYS: the queue list. ARGV: the message.
-_PUT = _ALLOW_OOM + "return redis.call('LPUSH', KEYS[1], ARGV[1])\n"
+_PUT = ALLOW_OOM + "return redis.call('LPUSH', KEYS[1], ARGV[1])\n"
 # KEYS: the exchange's binding table and its permanent twin. ARGV: the member.
 _BIND = (
-    _ALLOW_OOM
+    ALLOW_OOM
     + """
 redis.call('SADD', KEYS[1], ARGV[1])
 redis.call('SADD', KEYS[2], ARGV[1])
 return 0
 """
 )
-
-
-def _script_flags(client: Any) -> bool:
-    """Whether the server knows script flags (Redis 7+)."""
-    version = str(client.info("server").get("redis_version", "0"))
-    return int(version.split(".")[0]) >= 7
 
 
 class QoS(kombu_redis.QoS):
@@ -153,7 +148,7 @@ class Channel(kombu_redis.Channel):
     def allow_oom(self) -> bool:
         """Whether writes go through allow-oom scripts (Redis 7+, no key prefix)."""
         if self._allow_oom is None:
-            self._allow_oom = not self.global_keyprefix and _script_flags(self.client)
+            self._allow_oom = not self.global_keyprefix and script_flags(self.client)
         return self._allow_oom
 
     def _put(self, queue: str, message: Any, **kwargs: Any) -> None:

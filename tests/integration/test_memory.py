@@ -179,7 +179,15 @@ def test_workers_on_a_full_redis_lose_nothing_and_drain_it_once_there_is_room(
     refused_before = oom_refusals(r)
     settings = {"visibility_timeout_s": 12, "task_time_limit_s": 6}
     first = start_worker(redis_url=url_of(r), **settings)
-    wait_for(lambda: r.hlen("unacked") > 0 and oom_refusals(r) > refused_before + 20, 60)
+    # It works on (taking messages while Redis refuses its writes), or drains it outright
+    # if all its own writes are let through at maxmemory (relay.oom).
+    wait_for(
+        lambda: (
+            (r.hlen("unacked") > 0 and oom_refusals(r) > refused_before + 20)
+            or (settled(r) and sandbox_count(clean_sandbox) >= len(queued))
+        ),
+        60,
+    )
     assert first.proc is not None and first.proc.poll() is None, first.tail()
     # Nothing lost (a message is in no snapshot for the instant between BRPOP and its
     # unacked record, hence the wait).
@@ -196,3 +204,21 @@ def test_workers_on_a_full_redis_lose_nothing_and_drain_it_once_there_is_room(
     # Every event, at least once: a batch sent to ChurnZero whose bookkeeping Redis then
     # refused is sent again on retry (at least once, as after a worker crash).
     assert set(delivered(clean_sandbox)) == set(queued)
+
+
+def test_staged_writes_refused_at_maxmemory_run_through_relay_oom(
+    small_redis: redis.Redis,
+) -> None:
+    from relay import oom
+
+    r = small_redis
+    r.config_set("maxmemory", str(r.info("memory")["used_memory"]))  # full from now on
+
+    def staged() -> Any:
+        return r.pipeline().incrby("depth", 5).hset("entries", "id", "x").zadd("index", {"id": 1})
+
+    with pytest.raises(redis.ResponseError, match=r"maxmemory|discarded"):
+        staged().execute()
+    assert r.dbsize() == 0
+    oom.execute(r, staged())
+    assert (r.get("depth"), r.hget("entries", "id"), r.zscore("index", "id")) == (b"5", b"x", 1)
