@@ -148,7 +148,10 @@ class Channel(kombu_redis.Channel):
     def allow_oom(self) -> bool:
         """Whether writes go through allow-oom scripts (Redis 7+, no key prefix)."""
         if self._allow_oom is None:
-            self._allow_oom = not self.global_keyprefix and script_flags(self.client)
+            # A client of the shared pool, not `self.client`, whose connection may be
+            # waiting on a BRPOP.
+            with self.conn_or_acquire() as client:
+                self._allow_oom = not self.global_keyprefix and script_flags(client)
         return self._allow_oom
 
     def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
