@@ -80,10 +80,18 @@ def celery_config(settings: Settings, redis_url: str) -> dict[str, Any]:
     }
 
 
-def make_celery(settings: Settings, redis_url: str) -> Celery:
-    """A Celery app bound to the relay's broker and settings."""
+def make_celery(settings: Settings, redis_url: str, *, worker: bool = False) -> Celery:
+    """A Celery app bound to the relay's broker and settings.
+
+    A worker's app uses relay.transport, whose writes still work at maxmemory (they only
+    move work already queued); ingest's does not, so its writes stop at a full Redis.
+    """
     app = Celery("relay", set_as_current=False)
     app.conf.update(celery_config(settings, redis_url))
+    # kombu takes the transport from a `redis+socket://` URL itself: the embedded Redis
+    # (unix socket, no maxmemory) keeps the stock transport.
+    if worker and not redis_url.startswith("unix://"):
+        app.conf.broker_transport = "relay.transport:Transport"
     app.conf.relay_message_events = settings.message_events
     return app
 

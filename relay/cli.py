@@ -199,6 +199,8 @@ def _status_table(data: dict[str, Any]) -> Any:
     table.add_row("oldest waiting", f"{data['oldest_age_s']:.1f} s")
     table.add_row("ingested /s (1 min)", f"{data['rates']['ingested']['per_s']:,}")
     table.add_row("delivered /s (1 min)", f"{data['rates']['delivered']['per_s']:,}")
+    if data["redis_memory_fraction"]:
+        table.add_row("Redis memory (of maxmemory)", f"{data['redis_memory_fraction']:.0%}")
     if data["paused_for_s"]:
         table.add_row("[yellow]ChurnZero paused[/]", f"{data['paused_for_s']:.1f} s")
     if data.get("churnzero_problem"):

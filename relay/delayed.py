@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from relay import keys
+from relay import keys, oom
 
 Item = dict[str, Any]
 Publish = Callable[[list[Item], str], None]  # items, message id
@@ -62,8 +62,10 @@ class Mover:
         self._publish = publish
         self._page = page
         self._lease_s = lease_s
-        self._claim = r.register_script(_CLAIM)
-        self._done = r.register_script(_DONE)
+        # Allowed at maxmemory (Redis 7+): moving work back frees as much as it writes.
+        allow_oom = oom.header(r)
+        self._claim = r.register_script(allow_oom + _CLAIM)
+        self._done = r.register_script(allow_oom + _DONE)
 
     def move_due(self) -> int:
         """Move what is due; returns the number of events moved."""

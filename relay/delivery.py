@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 import structlog
 
-from relay import broker, deadletter, delayed, identity, keys, retry, status
+from relay import broker, deadletter, delayed, identity, keys, oom, retry, status
 from relay.churnzero import ChurnZeroClient
 from relay.dedupe import Dedupe
 from relay.mapping import Mapping
@@ -150,7 +150,7 @@ class Delivery:
         deadletter.stage_add(pipe, dead)
         _stage_stats(pipe, report, time.time())
         self.runs.stage_settled(pipe, claim, len(items))
-        pipe.execute()
+        oom.execute(self.redis, pipe)
         return report
 
     def _claim(self, message_id: str, events: int, deadline: float) -> Claim:
@@ -215,7 +215,7 @@ class Delivery:
         pipe = self.redis.pipeline(transaction=True)
         write(pipe)
         self.runs.stage_settled(pipe, claim, events)
-        pipe.execute()
+        oom.execute(self.redis, pipe)  # one atomic script, accepted at maxmemory
 
     def _durably(self, write: Any, deadline: float) -> None:
         """Run a Redis write, retrying through a blip until the task's time is up."""

@@ -52,40 +52,83 @@ GATE: web.AppKey[QueueGate]
 DEPLOYMENT = web.AppKey("deployment", CollectorRegistry)
 
 RETRY_AFTER_S = 5
+# Redis bytes per byte of decoded request body: a queued event is its JSON inside kombu's
+# envelope, base64-encoded (measured about 1.4); 2 leaves margin.
+REDIS_BYTES_PER_BODY_BYTE = 2
 BODY_TIMEOUT_S = 10  # a client slower than this to send its body gets 408 (Segment retries it)
 
 
 class QueueGate:
-    """Whether ingest may accept: Redis answers and the backlog is under the high-water
-    mark. Refreshed in the background so requests never wait on the check."""
+    """Whether ingest may accept: Redis answers, the backlog is under the high-water mark
+    and Redis's memory under its threshold. Refreshed in the background so requests never
+    wait on the check."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, max_memory_fraction: float = 1.0) -> None:
         self.limit = limit
+        self.max_memory_fraction = max_memory_fraction
         self.waiting = 0
+        self.used_memory = 0
+        self.maxmemory = 0  # 0: unlimited, only the queue depth applies
         self.redis_ok = True
         self.reason = ""
+        # Bytes this process queued since the last reading: between two readings a burst
+        # could otherwise run past the threshold, up to maxmemory.
+        self._queued_bytes = 0
+
+    def queued(self, body_bytes: int) -> None:
+        """Count a request body queued since the last reading."""
+        self._queued_bytes += body_bytes * REDIS_BYTES_PER_BODY_BYTE
+        if self.maxmemory and self.memory_fraction >= self.max_memory_fraction:
+            self.reason = self._memory_reason()
+
+    @property
+    def memory_fraction(self) -> float:
+        """Redis used_memory (plus what was queued since) / maxmemory; 0 when unlimited."""
+        if not self.maxmemory:
+            return 0.0
+        return (self.used_memory + self._queued_bytes) / self.maxmemory
 
     @property
     def open(self) -> bool:
         """Accepting new events."""
-        return self.redis_ok and self.waiting <= self.limit
+        return (
+            self.redis_ok
+            and self.waiting <= self.limit
+            and self.memory_fraction < self.max_memory_fraction
+        )
 
     async def refresh(self, r: aioredis.Redis) -> None:
-        """Read the backlog once."""
+        """Read the backlog and Redis's memory once."""
         try:
             pipe = r.pipeline(transaction=False)
             pipe.get(keys.DEPTH_READY)
             pipe.get(keys.DELAYED_EVENTS)
             pipe.llen(keys.QUEUE)
-            self.waiting = queue_state.backlog(*await pipe.execute())
+            pipe.info("memory")
+            counted = self._queued_bytes
+            ready, delayed, messages, memory = await pipe.execute()
+            self.waiting = queue_state.backlog(ready, delayed, messages)
+            self.used_memory = int(memory.get("used_memory", 0))
+            self.maxmemory = int(memory.get("maxmemory", 0))
+            self._queued_bytes -= counted  # now inside used_memory
             self.redis_ok = True
         except (redis.RedisError, OSError) as exc:
             self.redis_ok = False
             self.reason = type(exc).__name__
         if not self.redis_ok:
             self.reason = "redis unreachable"
+        elif self.memory_fraction >= self.max_memory_fraction:
+            self.reason = self._memory_reason()
         elif self.waiting > self.limit:
             self.reason = f"queue over its high-water mark ({self.waiting} > {self.limit})"
+
+    def _memory_reason(self) -> str:
+        # Refused well before maxmemory: with noeviction a full Redis refuses every write,
+        # and the workers need the headroom to drain it (README "Redis full").
+        return (
+            f"redis memory at {self.memory_fraction:.0%} of maxmemory "
+            f"(threshold {self.max_memory_fraction:.0%})"
+        )
 
 
 GATE = web.AppKey("gate", QueueGate)
@@ -231,6 +274,7 @@ async def _handle(
             pipe = app[REDIS].pipeline(transaction=True)
             deadletter.stage_add(pipe, rejected)
             await pipe.execute()
+        gate.queued(len(body))  # in Redis now, so in the next reading's used_memory
     except broker.QUEUE_ERRORS as exc:
         outcome["error"] = type(exc).__name__
         return _unavailable("could not queue the events")
@@ -295,16 +339,18 @@ async def livez(_: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """GET /readyz: Redis answers and the queue is under its high-water mark."""
+    """GET /readyz: Redis answers, the queue is under its high-water mark and Redis's
+    memory under RELAY_MAX_MEMORY_FRACTION of maxmemory."""
     gate = request.app[GATE]
     try:
         await asyncio.wait_for(request.app[REDIS].ping(), timeout=2)
         await gate.refresh(request.app[REDIS])
     except (redis.RedisError, OSError, TimeoutError):
         gate.redis_ok, gate.reason = False, "redis unreachable"
+    figures = {"waiting": gate.waiting, "memory_fraction": round(gate.memory_fraction, 4)}
     if not gate.open:
-        return _json(503, {"status": "unready", "reason": gate.reason})
-    return _json(200, {"status": "ready", "waiting": gate.waiting})
+        return _json(503, {"status": "unready", "reason": gate.reason, **figures})
+    return _json(200, {"status": "ready", **figures})
 
 
 async def metrics_view(request: web.Request) -> web.Response:
@@ -370,7 +416,7 @@ def create_app(
     largest = max(intake.API_LIMITS.request_bytes, intake.WEBHOOK_LIMITS.request_bytes)
     app = web.Application(client_max_size=largest + 1024)
     app[SETTINGS] = settings
-    app[GATE] = QueueGate(settings.max_queue_depth)
+    app[GATE] = QueueGate(settings.max_queue_depth, settings.max_memory_fraction)
     app.cleanup_ctx.append(_resources(settings, redis_url, celery))
     # Segment's Actions webhook lets its user pick POST, PUT or PATCH.
     for method in ("POST", "PUT", "PATCH"):

@@ -19,8 +19,10 @@ CELERY_UNACKED = "unacked"
 DELAYED = PREFIX + "delayed"
 # STRING per user ("u:<userId>" / "a:<anonymousId>") -> JSON [account, contact].
 IDENTITY = PREFIX + "identity:"
-# STRING per Segment messageId; value = the relay id of the copy that claimed it.
-DEDUPE = PREFIX + "dedupe:"
+# Dedupe claims (relay/dedupe.py): per time bucket b, a meta HASH `relay:seen:<b>` and
+# shard HASHes `relay:seen:<b>:<i>` (8-byte messageId digest -> 24-bit relay-id tag).
+# The previous version's `relay:dedupe:<messageId>` strings are no longer read.
+DEDUPE = PREFIX + "seen:"
 
 # Per Celery message (by task id): HASH of its run ("claimed", "settled", "d:<relay id>"
 # per event delivered), and the lease of the run working on it now.
@@ -76,8 +78,3 @@ def run(message_id: str) -> str:
 def run_lock(message_id: str) -> str:
     """The lease of the run working on one Celery message."""
     return RUN + message_id + ":lock"
-
-
-def dedupe(message_id: str) -> str:
-    """The dedupe claim of one Segment messageId."""
-    return DEDUPE + message_id

@@ -30,7 +30,8 @@ def scrub(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMappi
 
 
 def configure(level: str = "info", fmt: str = "auto") -> None:
-    """Set up structlog and the standard library's logging to match."""
+    """Set up structlog, and route the standard library's logging (Celery's, kombu's,
+    aiohttp's) through the same processors, so every line has one format."""
     numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
     console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
     renderer: Any = (
@@ -38,11 +39,12 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
         if console
         else structlog.processors.JSONRenderer(serializer=orjson.dumps)
     )
+    stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            stamp,
             scrub,
             structlog.processors.format_exc_info,
             renderer,
@@ -55,4 +57,32 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
         ),
         cache_logger_on_first_use=True,
     )
-    logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr, force=True)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[
+                structlog.stdlib.add_log_level,
+                structlog.stdlib.add_logger_name,
+                stamp,
+                scrub,
+            ],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                structlog.dev.ConsoleRenderer()
+                if console
+                else structlog.processors.JSONRenderer(serializer=_json_text),
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(numeric)
+    # A line per task received and succeeded repeats the relay's own canonical "batch"
+    # line; their warnings (a task given back) still come through.
+    for noisy in ("celery.worker.strategy", "celery.app.trace"):
+        logging.getLogger(noisy).setLevel(max(numeric, logging.WARNING))
+
+
+def _json_text(value: Any, **_: Any) -> str:
+    return orjson.dumps(value, default=str).decode()

@@ -78,6 +78,12 @@ class DeploymentCollector:
             value=snapshot.oldest_age_s,
         )
         yield GaugeMetricFamily(
+            "relay_redis_memory_used_ratio",
+            "Redis used_memory / maxmemory (0 when maxmemory is unlimited); ingest answers "
+            "503 above RELAY_MAX_MEMORY_FRACTION.",
+            value=snapshot.memory_fraction,
+        )
+        yield GaugeMetricFamily(
             "relay_churnzero_paused",
             "1 while every worker holds back from ChurnZero (429 or outage).",
             value=1.0 if snapshot.paused_for_s > 0 else 0.0,

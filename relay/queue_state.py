@@ -25,6 +25,7 @@ class Snapshot:
     paused_for_s: float
     dead_by_reason: dict[str, int]
     stats: dict[str, int] = field(default_factory=dict)
+    memory_fraction: float = 0.0  # Redis used_memory / maxmemory; 0 when unlimited
 
 
 def _int(value: Any) -> int:
@@ -43,6 +44,12 @@ def ready_events(counted: Any, messages: Any) -> int:
 def backlog(counted_ready: Any, delayed: Any, messages: Any) -> int:
     """Events waiting for delivery (ready and delayed): what the high-water mark limits."""
     return ready_events(counted_ready, messages) + _int(delayed)
+
+
+def memory_fraction(memory: dict[str, Any]) -> float:
+    """used_memory / maxmemory from INFO memory; 0 when maxmemory is 0 (unlimited)."""
+    maxmemory = _int(memory.get("maxmemory"))
+    return _int(memory.get("used_memory")) / maxmemory if maxmemory else 0.0
 
 
 def _oldest_received(message: bytes | None) -> float | None:
@@ -73,9 +80,12 @@ def snapshot(r: Any, now: float | None = None) -> Snapshot:
     pipe.get(keys.PAUSE_UNTIL)
     pipe.hgetall(keys.STATS)
     pipe.hlen(keys.CELERY_UNACKED)
+    pipe.info("memory")
     for reason in deadletter.REASONS:
         pipe.zcard(keys.dlq_reason(reason))
-    ready, inflight, delayed, messages, oldest, pause, stats, unacked, *dead = pipe.execute()
+    ready, inflight, delayed, messages, oldest, pause, stats, unacked, memory, *dead = (
+        pipe.execute()
+    )
     if not unacked:  # as for ready_events: nothing unacked, nothing in flight
         inflight = 0
     dead_by_reason = dict(zip(deadletter.REASONS, (_int(d) for d in dead), strict=True))
@@ -92,4 +102,5 @@ def snapshot(r: Any, now: float | None = None) -> Snapshot:
         paused_for_s=max(float(pause or 0) / 1000 - now, 0.0),
         dead_by_reason=dead_by_reason,
         stats={(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in stats.items()},
+        memory_fraction=memory_fraction(memory),
     )

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from relay import keys
+from relay import keys, oom
 
 # KEYS: run, lock, ready, inflight. ARGV: token, lease_ms, events, ttl_ms.
 # Returns {0} settled, {1, pttl} busy, {2, field...} claimed (with the run's fields).
@@ -74,7 +74,8 @@ class Runs:
         self._redis = r
         self._lease_ms = int(lease_s * 1000)
         self._ttl_ms = ttl_s * 1000
-        self._claim = r.register_script(_CLAIM)
+        # Allowed at maxmemory (Redis 7+): a worker must drain a full Redis (relay.oom).
+        self._claim = r.register_script(oom.header(r) + _CLAIM)
 
     def claim(self, message_id: str, events: int) -> Claim:
         """Claim a message for this run; see the module docstring."""
@@ -101,7 +102,7 @@ class Runs:
         pipe = self._redis.pipeline(transaction=True)
         pipe.hset(run, mapping={_DONE + rid: 1 for rid in relay_ids})
         pipe.pexpire(run, self._ttl_ms)
-        pipe.execute()
+        oom.execute(self._redis, pipe)
         claim.done.update(relay_ids)
 
     def stage_settled(self, pipe: Any, claim: Claim, events: int) -> None:

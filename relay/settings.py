@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     mapping_file: Path | None = None
     sandbox_port: int = Field(8090, ge=0, le=65535)
     max_queue_depth: int = Field(1_000_000, ge=1)
+    # Ingest answers 503 once Redis's used_memory passes this fraction of maxmemory, so
+    # Redis never fills up from ingest and workers keep room to drain it.
+    max_memory_fraction: float = Field(0.9, gt=0, le=1)
 
     # Group commit at ingest: a Celery message is published every `flush_ms` or
     # every `message_events` events, whichever comes first.

@@ -85,6 +85,7 @@ def report(r: Any) -> dict[str, Any]:
         "messages": snap.messages,
         "oldest_age_s": round(snap.oldest_age_s, 3),
         "paused_for_s": round(snap.paused_for_s, 3),
+        "redis_memory_fraction": round(snap.memory_fraction, 4),
         "dead_letters": snap.dead_by_reason,
         "rates": rates(r, now),
         "counters": snap.stats,

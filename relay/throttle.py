@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from relay import keys
+from relay import keys, oom
 
 MAX_OUTAGE_PAUSE_S = 30.0
 FIRST_OUTAGE_PAUSE_S = 2.0
@@ -107,9 +107,11 @@ class Throttle:
         self._redis = r
         self._rps = rate_limit_rps
         self._threshold = outage_threshold
-        self._gate = r.register_script(_GATE)
-        self._reserve = r.register_script(_RESERVE)
-        self._report = r.register_script(_REPORT)
+        # Allowed at maxmemory (Redis 7+): a worker must drain a full Redis (relay.oom).
+        allow_oom = oom.header(r)
+        self._gate = r.register_script(allow_oom + _GATE)
+        self._reserve = r.register_script(allow_oom + _RESERVE)
+        self._report = r.register_script(allow_oom + _REPORT)
 
     def gate(self) -> Gate:
         """Whether sending is allowed now, and if not, for how long to hold back."""

@@ -30,7 +30,7 @@ except (ConfigError, MappingError, embedded.EmbeddedRedisError) as exc:
     # One line for the operator, not a traceback through Celery's app loader.
     sys.exit(f"relay worker: {exc}")
 
-app = broker.make_celery(settings, redis_url)
+app = broker.make_celery(settings, redis_url, worker=True)
 app.conf.include = ["workers.tasks"]
 state = redis.Redis.from_url(redis_url, socket_timeout=10, socket_connect_timeout=5)
 

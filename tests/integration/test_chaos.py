@@ -268,6 +268,7 @@ def own_redis(tmp_path: Path) -> Callable[..., tuple[str, redis.Redis]]:
 AOF_ALWAYS = ("--appendonly", "yes", "--appendfsync", "always")
 
 
+@pytest.mark.timeout(300)
 def test_redis_sigkill_while_ingest_and_worker_run_loses_nothing(
     tmp_path: Path, clean_sandbox: Sandbox, start_ingest: Callable[..., str],
     start_worker: Starter,
@@ -282,6 +283,8 @@ def test_redis_sigkill_while_ingest_and_worker_run_loses_nothing(
         url = start_ingest(redis_url=url_redis)
         identify(url)
         start_worker(redis_url=url_redis)
+        # The worker is up and working (it learned the identity) before the load starts.
+        wait_for(lambda: r.exists("relay:identity:u:u1") == 1, timeout=60)
         # More load than the test needs: it is stopped once the fault has played out, so
         # ingest is still taking load when Redis dies, on a fast machine or a slow one.
         load = Load([url], 200_000, batch=20, threads=4).start()
@@ -313,6 +316,7 @@ def test_redis_sigkill_while_ingest_and_worker_run_loses_nothing(
         server.wait(10)
 
 
+@pytest.mark.timeout(300)
 def test_broker_blip_mid_batch_delivers_each_event_once(
     own_redis: Callable[..., tuple[str, redis.Redis]], clean_sandbox: Sandbox,
     start_ingest: Callable[..., str], start_worker: Starter,
@@ -346,6 +350,7 @@ def test_broker_blip_mid_batch_delivers_each_event_once(
         blip.close()
 
 
+@pytest.mark.timeout(300)
 def test_worker_sigkill_with_default_settings_recovers_within_two_minutes(
     own_redis: Callable[..., tuple[str, redis.Redis]], clean_sandbox: Sandbox,
     start_ingest: Callable[..., str], start_worker: Starter,

@@ -1,0 +1,209 @@
+"""kombu's Redis transport for the workers, able to start and drain a full Redis.
+
+At `maxmemory` with `noeviction` Redis refuses every command that may grow memory. Stock
+kombu then fails where a draining worker must write (reproduced in
+tests/integration/test_memory.py):
+
+* `QoS.append`, after `BRPOP` took a message off the queue, records it as unacked
+  (ZADD + HSET carrying the whole message). Refused, the worker stops with
+  "Unrecoverable error" and the message it popped is in neither list: lost.
+* `QoS.restore_visible` takes a mutex (SET NX PX) at start and every few polls. Refused,
+  the worker stops before it consumes anything.
+* A worker's own publishes (a retried batch, the delayed-set mover) are LPUSHes.
+* Acks and rejects delete inside MULTI, and Redis refuses every command queued in a
+  MULTI at maxmemory, even a deletion.
+* When Celery gives up on a task (its retry could not be published, or its retries ran
+  out) it rejects the message without requeue, and kombu deletes it: events lost. Here
+  such a message stays unacked and is redelivered after the visibility timeout.
+
+Everything a worker writes here moves work that is already in Redis (queue to unacked,
+delayed set to queue) or is a few bytes of bookkeeping, while each acknowledged message
+frees its whole body: draining only ever shrinks Redis. So these writes run as scripts
+flagged `allow-oom` (Redis 7+), which Redis lets write at maxmemory. New events come in
+only through ingest, which stays on stock kombu and its gate refuses them well before
+maxmemory (`RELAY_MAX_MEMORY_FRACTION`), so nothing else overshoots.
+
+On servers before 7 (no script flags) the stock behaviour applies.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import structlog
+from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+from kombu.utils.json import dumps
+from redis.exceptions import ExecAbortError, OutOfMemoryError, RedisError
+
+from relay.oom import ALLOW_OOM, script_flags
+
+log = structlog.get_logger("relay.transport")
+
+# KEYS: unacked index, unacked hash. ARGV: score, delivery tag, payload (kombu's format).
+_APPEND = (
+    ALLOW_OOM
+    + """
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+return 0
+"""
+)
+# KEYS: unacked index, unacked hash. ARGV: delivery tag. (kombu runs these in MULTI,
+# and Redis refuses every command queued in a MULTI at maxmemory, even deletions.)
+_REMOVE = (
+    ALLOW_OOM
+    + """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+return 0
+"""
+)
+# KEYS: the queue list. ARGV: the message.
+_PUT = ALLOW_OOM + "return redis.call('LPUSH', KEYS[1], ARGV[1])\n"
+# KEYS: the exchange's binding table and its permanent twin. ARGV: the member.
+_BIND = (
+    ALLOW_OOM
+    + """
+redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('SADD', KEYS[2], ARGV[1])
+return 0
+"""
+)
+
+
+class QoS(kombu_redis.QoS):
+    """kombu's ack emulation; unacked bookkeeping and restores survive a full Redis."""
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        """Record a delivered message as unacked, even at maxmemory."""
+        channel: Channel = self.channel
+        if not channel.allow_oom:
+            super().append(message, delivery_tag)
+            return
+        delivery = message.delivery_info
+        payload = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+        with channel.conn_or_acquire() as client:
+            client.eval(_APPEND, 2, self.unacked_index_key, self.unacked_key,
+                        time.time(), delivery_tag, payload)  # fmt: skip
+        virtual.QoS.append(self, message, delivery_tag)
+
+    def ack(self, delivery_tag: str) -> None:
+        """Forget an acknowledged message, even at maxmemory."""
+        self._remove(delivery_tag)
+        virtual.QoS.ack(self, delivery_tag)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        """Requeue a message; one Celery gives up on stays unacked, for redelivery."""
+        if requeue:
+            try:
+                self.restore_by_tag(delivery_tag, leftmost=True)
+            except (OutOfMemoryError, ExecAbortError):
+                # One transaction: the message is still in unacked, and restore_visible
+                # brings it back after the visibility timeout.
+                log.warning("requeue_deferred", error="redis at maxmemory")
+        else:
+            # The relay's task settles every event itself (delivered, retried, dead-
+            # lettered); Celery rejects without requeue only when it gave up for want of
+            # Redis (a retry it could not publish, retries exhausted). Deleting the
+            # message would lose acknowledged events: it comes back after the
+            # visibility timeout instead.
+            log.warning("reject_kept_for_redelivery", delivery_tag=delivery_tag)
+        virtual.QoS.ack(self, delivery_tag)
+
+    def restore_unacked(self, client: Any = None) -> None:
+        """When the channel closes (shutdown, a lost connection), requeue what this worker
+        held; what cannot be requeued now stays unacked and comes back after the
+        visibility timeout."""
+        try:
+            super().restore_unacked(client)
+        except (OutOfMemoryError, ExecAbortError):
+            log.warning("restore_unacked_deferred", error="redis at maxmemory")
+        except (AttributeError, RedisError, OSError) as exc:
+            # kombu 5.7 closing a channel whose connection is gone fails to make a client
+            # (AttributeError in `_connparams`) and the worker would stop for good.
+            log.warning("restore_unacked_deferred", error=type(exc).__name__)
+
+    def _remove(self, delivery_tag: str) -> None:
+        channel: Channel = self.channel
+        if not channel.allow_oom:
+            self._remove_from_indices(delivery_tag).execute()
+            return
+        with channel.conn_or_acquire() as client:
+            client.eval(_REMOVE, 2, self.unacked_index_key, self.unacked_key, delivery_tag)
+
+    def restore_visible(self, start: int = 0, num: int = 10, interval: int = 10) -> None:
+        """Requeue messages past the visibility timeout; at maxmemory, try again later."""
+        try:
+            super().restore_visible(start=start, num=num, interval=interval)
+        except (OutOfMemoryError, ExecAbortError):
+            # The mutex SET or a requeue was refused: nothing changed (the requeue is one
+            # transaction). Draining frees memory; a later poll restores them.
+            log.warning("restore_visible_deferred", error="redis at maxmemory")
+
+
+class Channel(kombu_redis.Channel):
+    """kombu's Redis channel with the QoS above and publishes that survive a full Redis."""
+
+    QoS = QoS
+
+    _allow_oom: bool | None = None
+
+    @property
+    def allow_oom(self) -> bool:
+        """Whether writes go through allow-oom scripts (Redis 7+, no key prefix)."""
+        if self._allow_oom is None:
+            # A client of the shared pool, not `self.client`, whose connection may be
+            # waiting on a BRPOP.
+            with self.conn_or_acquire() as client:
+                self._allow_oom = not self.global_keyprefix and script_flags(client)
+        return self._allow_oom
+
+    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
+        # A worker publishes only work already in Redis: a retried batch (its message is
+        # acked right after) or a due batch from the delayed set.
+        if (
+            not self.allow_oom
+            or kwargs.get("_publish_batch") is not None
+            or queue in self._queue_expiries()
+        ):
+            super()._put(queue, message, **kwargs)
+            return
+        key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
+        with self.conn_or_acquire() as client:
+            client.eval(_PUT, 1, key, dumps(message))
+
+    def _size(self, queue: str) -> int:
+        # Read without MULTI: Redis refuses a MULTI at maxmemory, even of reads.
+        with self.conn_or_acquire() as client:
+            pipe = client.pipeline(transaction=False)
+            for pri in self.priority_steps:
+                pipe.llen(self._q_for_pri(queue, pri))
+            return sum(n for n in pipe.execute() if isinstance(n, int))
+
+    def _queue_bind(self, exchange: str, routing_key: str, pattern: str, queue: str) -> None:
+        if (
+            not self.allow_oom
+            or queue in self._queue_expiries()
+            or self.typeof(exchange).type == "fanout"
+        ):
+            super()._queue_bind(exchange, routing_key, pattern, queue)
+            return
+        member = self.sep.join([routing_key or "", pattern or "", queue or ""])
+        table = self.keyprefix_queue % (exchange,)
+        # kombu 5.7 keeps a permanent twin of the binding table; 5.6 has only the table.
+        permanent = getattr(self, "keyprefix_binding_permanent", None)
+        twin = permanent % (exchange,) if permanent else table
+        with self.conn_or_acquire() as client:
+            client.eval(_BIND, 2, table, twin, member)
+
+    def _queue_expiries(self) -> dict[str, Any]:
+        # Queues with an expiry (kombu 5.7; none in 5.6) keep kombu's own code paths.
+        return getattr(self, "_expires", None) or {}
+
+
+class Transport(kombu_redis.Transport):
+    """The workers' broker transport (`broker_transport` in relay.broker)."""
+
+    Channel = Channel

@@ -1,0 +1,224 @@
+"""A full Redis (maxmemory, noeviction): ingest refuses with 503 before Redis fills up,
+workers start and lose nothing even when it is full, and every acknowledged event is
+delivered once there is room. Each test runs its own small redis-server."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import requests
+from kombu.exceptions import OperationalError
+
+from tests.conftest import free_port, start_redis
+from tests.integration.conftest import WRITE_KEY, Sandbox, Starter
+from tests.integration.test_delivery import settled, wait_for
+
+pytestmark = pytest.mark.integration
+AUTH = (WRITE_KEY, "")
+PAD = "x" * 1000  # fills Redis faster; not a ChurnZero field, so never sent
+
+
+@pytest.fixture
+def small_redis(tmp_path: Path) -> Iterator[redis.Redis]:
+    """A redis-server of 40 MB that refuses writes when full, as docker-compose's does."""
+    port = free_port()
+    proc = start_redis(
+        port, tmp_path / "redis", "--maxmemory", "40mb", "--maxmemory-policy", "noeviction"
+    )
+    client = redis.Redis(port=port)
+    yield client
+    client.close()
+    proc.terminate()
+    proc.wait(10)
+
+
+def url_of(r: redis.Redis) -> str:
+    return f"redis://127.0.0.1:{r.connection_pool.connection_kwargs['port']}/0"
+
+
+def track(message_id: str) -> dict[str, Any]:
+    return {
+        "type": "track", "userId": "u1", "event": "E", "messageId": message_id,
+        "timestamp": "2026-11-01T10:00:00Z",
+        "properties": {"accountExternalId": "A", "contactExternalId": "C",
+                       "description": message_id, "pad": PAD},
+    }  # fmt: skip
+
+
+def oom_refusals(r: redis.Redis) -> int:
+    """How many commands Redis has refused for want of memory."""
+    stat = r.info("errorstats").get("errorstat_OOM", {})
+    return int(stat.get("count", 0)) if isinstance(stat, dict) else 0
+
+
+def delivered(sandbox: Sandbox) -> list[str]:
+    return [c["description"] for c in sandbox.commands() if c["action"] == "trackEvent"]
+
+
+def sandbox_count(sandbox: Sandbox) -> int:
+    return int(requests.get(sandbox.url + "/_sandbox/stats", timeout=5).json()["commands"])
+
+
+def test_ingest_answers_503_before_redis_is_full_and_a_worker_drains_every_event(
+    small_redis: redis.Redis,
+    clean_sandbox: Sandbox,
+    start_ingest: Callable[..., str],
+    start_worker: Starter,
+) -> None:
+    r = small_redis
+    url = start_ingest(redis_url=url_of(r))
+    acknowledged: list[str] = []
+    refused = 0
+    ready = None
+    for n in range(3000):  # about 250 batches fill 90 % of 40 MB
+        batch = [track(f"m-{n}-{i}") for i in range(100)]
+        answer = requests.post(url + "/v1/batch", auth=AUTH, json={"batch": batch}, timeout=10)
+        if answer.status_code == 200:
+            acknowledged += [e["messageId"] for e in batch]
+            continue
+        # Refused before Redis is full, as Segment's libraries expect: 503 and Retry-After.
+        assert answer.status_code == 503, answer.text
+        assert answer.headers["Retry-After"] and "memory" in answer.json()["error"]
+        refused += 1
+        ready = requests.get(url + "/readyz", timeout=5)
+        if ready.status_code == 503:  # a fresh reading agrees: Redis is at the threshold
+            break
+    assert ready is not None and ready.status_code == 503, "ingest never refused"
+    assert "maxmemory" in ready.json()["reason"]
+    assert ready.json()["memory_fraction"] >= 0.9
+    # Ingest stopped in time: Redis never refused a write, nor was it full.
+    memory = r.info("memory")
+    assert memory["used_memory"] < memory["maxmemory"]
+    assert oom_refusals(r) == 0
+    assert len(acknowledged) > 10_000
+
+    start_worker(redis_url=url_of(r))
+    wait_for(lambda: sandbox_count(clean_sandbox) >= len(acknowledged) and settled(r), 120)
+    assert sorted(delivered(clean_sandbox)) == sorted(acknowledged)  # each exactly once
+    assert r.zcard("relay:dlq:index") == 0
+    wait_for(lambda: requests.get(url + "/readyz", timeout=5).status_code == 200)
+    assert oom_refusals(r) == 0
+
+
+def fill_until_full(r: redis.Redis) -> list[str]:
+    """Publish straight into the queue (no gate) until Redis refuses; the queued ids."""
+    from relay import broker
+    from relay.settings import Settings
+
+    celery = broker.make_celery(Settings(), url_of(r))
+    queued: list[str] = []
+    for n in range(2000):
+        items = [
+            {"id": f"rid-{n}-{i}", "source": "api", "received_at": time.time(), "attempts": 0,
+             "event": track(f"f-{n}-{i}")}
+            for i in range(500)
+        ]  # fmt: skip
+        try:
+            broker.publish(celery, items, retry_policy={"max_retries": 0})
+        except OperationalError:
+            return queued
+        queued += [i["event"]["messageId"] for i in items]
+    raise AssertionError("Redis never filled up")
+
+
+# Queue and unacked read in one step (a message moves between them at any time); the
+# no-writes flag lets it run at maxmemory, where Redis refuses even a MULTI of reads.
+_SNAPSHOT = """#!lua flags=no-writes
+return {redis.call('LRANGE', KEYS[1], 0, -1), redis.call('HVALS', KEYS[2]),
+        redis.call('ZRANGE', KEYS[3], 0, -1), redis.call('HVALS', KEYS[4])}
+"""
+
+
+def accounted(r: redis.Redis, sandbox: Sandbox) -> set[str]:
+    """Every messageId still queued, held unacked by a worker, waiting for a retry,
+    dead-lettered, or delivered."""
+    queue, unacked, delayed, dead = r.eval(
+        _SNAPSHOT, 4, "relay", "unacked", "relay:delayed", "relay:dlq:entries"
+    )
+    messages = [json.loads(raw) for raw in queue] + [json.loads(raw)[0] for raw in unacked]
+    items = [item for m in messages for item in _args(m)]
+    items += [item for raw in delayed for item in json.loads(raw)["items"]]
+    items += [json.loads(raw)["item"] for raw in dead]
+    found = {item["event"]["messageId"] for item in items}
+    return found | set(delivered(sandbox))  # read after Redis: delivery precedes the ack
+
+
+def held_since(r: redis.Redis) -> list[float]:
+    """When each message still unacked was taken by a worker."""
+    return [t for _, t in r.zrange("unacked_index", 0, -1, withscores=True)]
+
+
+def _args(message: dict[str, Any]) -> list[dict[str, Any]]:
+    body = message["body"]
+    if message["properties"].get("body_encoding") == "base64":
+        body = base64.b64decode(body)
+    return list(json.loads(body)[0][0])
+
+
+def test_workers_on_a_full_redis_lose_nothing_and_drain_it_once_there_is_room(
+    small_redis: redis.Redis,
+    clean_sandbox: Sandbox,
+    start_ingest: Callable[..., str],
+    start_worker: Starter,
+) -> None:
+    r = small_redis
+    queued = fill_until_full(r)
+    url = start_ingest(redis_url=url_of(r))
+    answer = requests.post(url + "/v1/batch", auth=AUTH, json={"batch": [track("late")]})
+    assert answer.status_code == 503 and "memory" in answer.json()["error"]
+
+    # Stock kombu stopped here ("Unrecoverable error"), after popping a message it could
+    # not record as unacked: that message was lost.
+    refused_before = oom_refusals(r)
+    settings = {"visibility_timeout_s": 21, "task_time_limit_s": 6}
+    first = start_worker(redis_url=url_of(r), **settings)
+    # It works on (taking messages while Redis refuses its writes), or drains it outright
+    # if all its own writes are let through at maxmemory (relay.oom).
+    wait_for(
+        lambda: (
+            (r.hlen("unacked") > 0 and oom_refusals(r) > refused_before + 20)
+            or (settled(r) and sandbox_count(clean_sandbox) >= len(queued))
+        ),
+        60,
+    )
+    assert first.proc is not None and first.proc.poll() is None, first.tail()
+    # Nothing lost (a message is in no snapshot for the instant between BRPOP and its
+    # unacked record, hence the wait).
+    wait_for(lambda: accounted(r, clean_sandbox) >= set(queued), 10)
+
+    # The operator adds memory; a worker started afterwards delivers every event.
+    r.config_set("maxmemory", "0")
+    first.stop()
+    wait_for(lambda: accounted(r, clean_sandbox) >= set(queued), 10)
+    # Messages the first worker still held come back once their visibility timeout ends.
+    wait_for(lambda: all(time.time() - t > 22 for t in held_since(r)), 60)
+    start_worker(redis_url=url_of(r), **settings)
+    wait_for(lambda: sandbox_count(clean_sandbox) >= len(queued) and settled(r), 120)
+    # Every event, at least once: a batch sent to ChurnZero whose bookkeeping Redis then
+    # refused is sent again on retry (at least once, as after a worker crash).
+    assert set(delivered(clean_sandbox)) == set(queued)
+
+
+def test_staged_writes_refused_at_maxmemory_run_through_relay_oom(
+    small_redis: redis.Redis,
+) -> None:
+    from relay import oom
+
+    r = small_redis
+    r.config_set("maxmemory", str(r.info("memory")["used_memory"]))  # full from now on
+
+    def staged() -> Any:
+        return r.pipeline().incrby("depth", 5).hset("entries", "id", "x").zadd("index", {"id": 1})
+
+    with pytest.raises(redis.ResponseError, match=r"maxmemory|discarded"):
+        staged().execute()
+    assert r.dbsize() == 0
+    oom.execute(r, staged())
+    assert (r.get("depth"), r.hget("entries", "id"), r.zscore("index", "id")) == (b"5", b"x", 1)
