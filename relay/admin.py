@@ -17,7 +17,8 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from relay import auth, broker, deadletter, status
+from relay import auth, broker, deadletter, intake, preview, status
+from relay.mapping import MappingError, load_mapping
 
 PAGE = resources.files("relay").joinpath("static/admin.html")
 
@@ -178,6 +179,33 @@ async def dlq_purge(request: web.Request) -> web.Response:
     return _json({"purged": purged})
 
 
+async def preview_view(request: web.Request) -> web.Response:
+    """POST /admin/api/preview (a Segment event, array or batch): what it would produce
+    now, as `relay preview --json`. Nothing is sent or stored."""
+    from relay.ingest import SETTINGS
+
+    settings = request.app[SETTINGS]
+    source = request.query.get("source") or None
+    if source not in (None, "api", "webhook"):
+        raise _BadRequest("source must be api or webhook")
+    body = await request.read()
+    r = _sync(request)
+
+    def run() -> list[dict[str, Any]]:
+        try:
+            mapping = load_mapping(settings.mapping_file)
+        except MappingError as exc:
+            raise _BadRequest(f"the mapping file cannot be used: {exc}") from None
+        try:
+            items, refused = preview.items_of(body, source)
+        except intake.BadRequest as exc:
+            raise _BadRequest(str(exc)) from None
+        verdicts = refused + preview.preview(r, items, mapping, settings)
+        return [v.as_dict() for v in sorted(verdicts, key=lambda v: v.index)]
+
+    return _json({"events": await asyncio.to_thread(run)})
+
+
 def add_routes(app: web.Application) -> None:
     """Mount the admin page and API on the ingest app."""
     app.middlewares.append(require_token)
@@ -188,3 +216,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/admin/api/dlq/{id}", dlq_show)
     app.router.add_post("/admin/api/dlq/replay", dlq_replay)
     app.router.add_post("/admin/api/dlq/purge", dlq_purge)
+    app.router.add_post("/admin/api/preview", preview_view)

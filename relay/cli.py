@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from relay import embedded
+from relay import cli_ops, embedded
 from relay.settings import ConfigError, Settings, load_settings
 
 
@@ -323,9 +323,12 @@ def _selected(
 @_REASON
 @_SINCE
 @_UNTIL
+@click.option("--dry-run", is_flag=True, help="Say what a replay would do; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run: machine-readable.")
 def dlq_replay(
-    ids: tuple[str, ...], every: bool, reason: str | None, since: float | None, until: float | None
-) -> None:
+    ids: tuple[str, ...], every: bool, reason: str | None, since: float | None,
+    until: float | None, dry_run: bool, as_json: bool,
+) -> None:  # fmt: skip
     """Send dead letters through the normal path again (translation re-runs)."""
     from functools import partial
 
@@ -335,6 +338,9 @@ def dlq_replay(
 
     settings = _settings()
     r = _redis(settings)
+    if dry_run:
+        _dry_run(settings, r, ids, every, reason, since, until, as_json)
+        return
     publish = partial(broker.publish, broker.make_celery(settings, _redis_url(settings)))
 
     total, pages = _selected(r, ids, every, reason, since, until)
@@ -345,6 +351,24 @@ def dlq_replay(
             replayed += deadletter.replay(r, page, publish)
             progress.update(task, advance=len(page))
     click.echo(f"replayed {replayed} of {total}")
+
+
+def _dry_run(
+    settings: Settings, r: Any, ids: tuple[str, ...], every: bool, reason: str | None,
+    since: float | None, until: float | None, as_json: bool,
+) -> None:  # fmt: skip
+    _check_reason(reason)
+    if ids and (every or reason):
+        raise click.UsageError("give ids, or --all / --reason, not both")
+    if not ids and not every and not reason:
+        raise click.UsageError("give entry ids, --all or --reason")
+    selection = {
+        "reason": reason,
+        "ids": list(ids) if ids else None,
+        "since": since,
+        "until": until,
+    }
+    cli_ops.print_dry_run(settings, r, selection, as_json)
 
 
 @dlq.command("purge")
@@ -382,6 +406,8 @@ def dlq_export(file: str, reason: str | None) -> None:
         written = deadletter.export(r, out.write, reason=reason)
     click.echo(f"exported {written}", err=True)
 
+
+cli_ops.register(main, _settings, _redis)
 
 if __name__ == "__main__":
     main()
