@@ -17,7 +17,7 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from relay import auth, broker, deadletter, intake, preview, status
+from relay import auth, broker, deadletter, intake, preview, status, trace
 from relay.mapping import MappingError, load_mapping
 
 PAGE = resources.files("relay").joinpath("static/admin.html")
@@ -206,6 +206,12 @@ async def preview_view(request: web.Request) -> web.Response:
     return _json({"events": await asyncio.to_thread(run)})
 
 
+async def trace_view(request: web.Request) -> web.Response:
+    """GET /admin/api/trace/{id}: where the event with this messageId (or relay id) is."""
+    found = await asyncio.to_thread(trace.find, _sync(request), request.match_info["id"])
+    return _json({"found": [s.as_dict() for s in found]})
+
+
 def add_routes(app: web.Application) -> None:
     """Mount the admin page and API on the ingest app."""
     app.middlewares.append(require_token)
@@ -217,3 +223,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/admin/api/dlq/replay", dlq_replay)
     app.router.add_post("/admin/api/dlq/purge", dlq_purge)
     app.router.add_post("/admin/api/preview", preview_view)
+    app.router.add_get("/admin/api/trace/{id}", trace_view)

@@ -118,3 +118,55 @@ def register(main: click.Group, settings_of: Any, redis_of: Any) -> None:
             return
         print_verdicts(verdicts)
         click.echo("(preview: nothing was sent)")
+
+    @main.command("trace")
+    @click.argument("message_id")
+    @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+    def trace_command(message_id: str, as_json: bool) -> None:
+        """Where an event is, by its Segment messageId (or relay id): queued, in flight,
+        delayed, dead, delivered or skipped (from the record of recent settlements)."""
+        from relay import trace
+
+        settings = settings_of()
+        found = trace.find(redis_of(settings), message_id)
+        if as_json:
+            click.echo(json.dumps([s.as_dict() for s in found]))
+            return
+        if not found:
+            raise click.ClickException(
+                f"{message_id} is nowhere: not queued, in flight, delayed or among the newest "
+                f"dead letters, and not in the record of the last {settings.trace_size:,} "
+                "settled events"
+            )
+        for sighting in found:
+            click.echo(describe(sighting))
+            for command in sighting.detail.get("commands", []):
+                click.echo("    " + json.dumps(command))
+
+
+def describe(sighting: Any) -> str:
+    """One line saying where the event is and what that place knows."""
+    from datetime import UTC, datetime
+
+    d = sighting.detail
+    when = (
+        datetime.fromtimestamp(sighting.at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        if sighting.at is not None else ""
+    )  # fmt: skip
+    who = f"relay id {d.get('relay_id')}"
+    if sighting.state == "queued":
+        return f"queued in {d.get('queue')} ({who}, {d.get('attempts', 0)} attempts so far)"
+    if sighting.state == "in_flight":
+        return f"in flight: a worker is delivering it ({who})"
+    if sighting.state == "delayed":
+        return (
+            f"delayed: next attempt at {when}, cause {d.get('cause') or 'unknown'}, "
+            f"{d.get('attempts', 0)} attempts so far ({who})"
+        )
+    if sighting.state == "dead":
+        gone = "" if d.get("still_dead", True) else " (no longer there: replayed or purged)"
+        return f"dead: {d.get('reason')}, entry {d.get('entry')}, since {when}{gone}"
+    if sighting.state == "delivered":
+        count = len(d.get("commands", []))
+        return f"delivered at {when} ({who}), {count} command{'s' * (count != 1)} sent:"
+    return f"skipped at {when}: {d.get('reason')} ({who})"

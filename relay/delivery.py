@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 import structlog
 
-from relay import broker, deadletter, delayed, identity, keys, retry, status
+from relay import broker, deadletter, delayed, identity, keys, retry, status, trace
 from relay.churnzero import ChurnZeroClient
 from relay.dedupe import Dedupe
 from relay.mapping import Mapping
@@ -170,6 +170,7 @@ class Delivery:
         dead = [deadletter.new_entry(i, "invalid_event", errors=e, now=now) for i, e in bad]
         dups = self.dedupe.duplicates([item for item, _ in parsed])
         report.skipped["duplicate"] += len(dups)
+        skipped = [(item, "duplicate") for item, _ in parsed if item["id"] in dups]
         parsed = [(item, event) for item, event in parsed if item["id"] not in dups]
         known = identity.lookup(self.redis, lookup_keys(parsed, self.mapping))
         plan = plan_batch(parsed, known, self.mapping)
@@ -183,6 +184,7 @@ class Delivery:
         settled = settle(plan, outcomes, now, self.policy)
 
         report.delivered = len(settled.delivered)
+        delivered = {item["id"] for item in settled.delivered}
         report.skipped.update(settled.skipped)
         dead += settled.dead
         later = group_later(settled.later)
@@ -193,10 +195,15 @@ class Delivery:
 
         def write(pipe: Any) -> None:
             identity.stage_store(pipe, plan.learned, self.settings.identity_ttl_s)
-            for batch, due, _ in later:
-                delayed.stage_schedule(pipe, batch, due)
+            for batch, due, cause in later:
+                delayed.stage_schedule(pipe, batch, due, cause)
             deadletter.stage_add(pipe, dead)
             _stage_stats(pipe, report, now)
+            sent = [(item, cmds) for item, cmds in plan.send if item["id"] in delivered]
+            trace.stage_record(
+                pipe, self.settings.trace_size, delivered=sent,
+                skipped=skipped + plan.skipped, dead=dead,
+            )  # fmt: skip
 
         # Past the sends, what ChurnZero accepted is known only here: hold on to it
         # through a Redis blip rather than give the message back to be sent again.

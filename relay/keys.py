@@ -52,6 +52,10 @@ PROBE = PREFIX + "throttle:probe"
 TRIPS = PREFIX + "throttle:trips"
 RATE_LIMIT = PREFIX + "throttle:gcra"
 
+# The record of recent settlements `relay trace` reads: a STREAM capped at trace_size
+# entries, one per event delivered (with its commands), skipped or dead-lettered.
+TRACE = PREFIX + "trace"
+
 # Embedded-Redis ownership (a lock file, not a key) lives in the state dir.
 
 
