@@ -193,6 +193,10 @@ def _status_table(data: dict[str, Any]) -> Any:
     for reason, n in data["dead_letters"].items():
         if n:
             table.add_row(f"  dead: {reason}", f"{n:,}")
+    for row in data["names"]["held"]:
+        table.add_row(f"[yellow]held new name[/] {row['kind']}", row["name"])
+    for row in data["names"]["new"][:10]:
+        table.add_row(f"new name {row['kind']}", row["name"])
     return table
 
 
@@ -408,6 +412,7 @@ def dlq_export(file: str, reason: str | None) -> None:
 
 
 cli_ops.register(main, _settings, _redis)
+cli_ops.register_names(main, _settings, _redis)
 
 if __name__ == "__main__":
     main()

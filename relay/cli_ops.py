@@ -144,6 +144,48 @@ def register(main: click.Group, settings_of: Any, redis_of: Any) -> None:
                 click.echo("    " + json.dumps(command))
 
 
+def register_names(main: click.Group, settings_of: Any, redis_of: Any) -> None:
+    """Add `relay names list` and `relay names allow` to the `relay` group."""
+
+    @main.group("names")
+    def names_group() -> None:
+        """The ChurnZero names (event types, fields) the relay has sent, new and held."""
+
+    @names_group.command("list")
+    @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+    def names_list(as_json: bool) -> None:
+        """How many names are known per kind, the newest new names, the names held."""
+        from relay import names
+
+        report = names.report(redis_of(settings_of()), limit=50)
+        if as_json:
+            click.echo(json.dumps(report))
+            return
+        known = ", ".join(f"{n:,} {kind.replace('_', ' ')}s" for kind, n in report["known"].items())
+        click.echo(f"known: {known}")
+        for title, rows in (("held (RELAY_NEW_NAMES=hold)", report["held"]),
+                            ("newest new names", report["new"])):  # fmt: skip
+            click.echo(f"{title}: {'none' if not rows else ''}")
+            for row in rows:
+                click.echo(f"  {row['kind']:<18} {row['name']}")
+
+    @names_group.command("allow")
+    @click.argument("name")
+    @click.option(
+        "--kind", type=click.Choice(["event", "account_attribute", "contact_attribute"]),
+        default=None, help="Default: every kind NAME is held in.",
+    )  # fmt: skip
+    def names_allow(name: str, kind: str | None) -> None:
+        """Let NAME through the new-name guard; then `relay dlq replay --reason new_name`."""
+        from relay import names
+
+        allowed = names.allow(redis_of(settings_of()), name, kind)
+        if not allowed:
+            raise click.ClickException(f"{name!r} is not held; give --kind to allow it anyway")
+        click.echo(f"allowed {name!r} as {', '.join(allowed)}; now replay: "
+                   "relay dlq replay --reason new_name")  # fmt: skip
+
+
 def describe(sighting: Any) -> str:
     """One line saying where the event is and what that place knows."""
     from datetime import UTC, datetime

@@ -30,6 +30,7 @@ REASONS = (
     "rejected",
     "retries_exhausted",
     "worker_error",
+    "new_name",
 )
 CLAIM_S = 300  # a replay's hold on an entry; a crashed replay frees it after this
 

@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 import structlog
 
-from relay import broker, deadletter, delayed, identity, keys, retry, status, trace
+from relay import broker, deadletter, delayed, identity, keys, names, retry, status, trace
 from relay.churnzero import ChurnZeroClient
 from relay.dedupe import Dedupe
 from relay.mapping import Mapping
@@ -89,6 +89,7 @@ class Delivery:
             lease_s=settings.task_time_limit_s + VISIBILITY_MARGIN_S,
             ttl_s=settings.run_record_ttl_s,
         )
+        self.names = names.Names(r, max_per_kind=settings.names_max)
         self.throttle = Throttle(
             r, rate_limit_rps=settings.rate_limit_rps, outage_threshold=settings.outage_threshold
         )
@@ -174,6 +175,7 @@ class Delivery:
         parsed = [(item, event) for item, event in parsed if item["id"] not in dups]
         known = identity.lookup(self.redis, lookup_keys(parsed, self.mapping))
         plan = plan_batch(parsed, known, self.mapping)
+        held = names.guard(self.redis, plan, self.settings.new_names, claim.done)
 
         # An earlier run of this message got a 2xx for some events: never send them again.
         outcomes: Outcomes = {rid: _OK for rid in claim.done}
@@ -200,6 +202,8 @@ class Delivery:
             deadletter.stage_add(pipe, dead)
             _stage_stats(pipe, report, now)
             sent = [(item, cmds) for item, cmds in plan.send if item["id"] in delivered]
+            self.names.stage_learn(pipe, names.sent_names(sent))
+            self.names.stage_held(pipe, held)
             trace.stage_record(
                 pipe, self.settings.trace_size, delivered=sent,
                 skipped=skipped + plan.skipped, dead=dead,

@@ -56,6 +56,12 @@ RATE_LIMIT = PREFIX + "throttle:gcra"
 # entries, one per event delivered (with its commands), skipped or dead-lettered.
 TRACE = PREFIX + "trace"
 
+# The new-name guard (relay.names): a SET per kind of the names sent to ChurnZero, a ZSET
+# of the newest new names ("kind:name" -> first sent) and one of the names held.
+NAMES = PREFIX + "names:known:"
+NAMES_NEW = PREFIX + "names:new"
+NAMES_HELD = PREFIX + "names:held"
+
 # Embedded-Redis ownership (a lock file, not a key) lives in the state dir.
 
 
@@ -67,6 +73,11 @@ def dlq_reason(reason: str) -> str:
 def identity(user_key: str) -> str:
     """The identity-map entry of one user key (`u:<userId>` or `a:<anonymousId>`)."""
     return IDENTITY + user_key
+
+
+def names(kind: str) -> str:
+    """The names of one kind (event, account_attribute, contact_attribute) sent so far."""
+    return NAMES + kind
 
 
 def run(message_id: str) -> str:

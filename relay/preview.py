@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from relay import deadletter, identity, intake, keys, retry
+from relay import deadletter, identity, intake, keys, names, retry
 from relay.mapping import Mapping
 from relay.settings import Settings
 from relay.settlement import Outcomes, Policy, settle
@@ -121,11 +121,16 @@ def preview(
     plan = plan_batch(parsed, found, mapping)
     if known is not None:
         known.update(plan.learned)
+    new = names.unknown(r, names.sent_names(plan.send))
+    if settings.new_names == "hold":
+        names.hold(plan, new)
     outcomes: Outcomes = {item["id"]: _OK for item, _ in plan.send}
     settled = settle(plan, outcomes, now, Policy.of(settings))
     commands = {item["id"]: cmds for item, cmds in plan.send}
     for item in settled.delivered:
-        verdicts[item["id"]] = _verdict(item, "deliver", None, commands[item["id"]])
+        fresh = sorted(names.names_of(commands[item["id"]]) & new)
+        notes = [f"new {kind.replace('_', ' ')} name: {name}" for kind, name in fresh]
+        verdicts[item["id"]] = _verdict(item, "deliver", None, commands[item["id"]], notes)
     for item, reason in plan.skipped:
         verdicts[item["id"]] = _verdict(item, "skip", reason)
     for entry in settled.dead:

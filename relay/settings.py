@@ -69,6 +69,11 @@ class Settings(BaseSettings):
     # a redelivery of the message within it is recognised and not sent again.
     run_record_ttl_s: int = Field(3600, ge=60)
 
+    # New ChurnZero names (event types, fields): "count" them, or "hold" (dead-letter the
+    # event as new_name until `relay names allow`). At most names_max remembered per kind.
+    new_names: str = "count"
+    names_max: int = Field(10_000, ge=1)
+
     # Events the record of recent settlements keeps for `relay trace` (0: none). About
     # 0.3 KB of Redis per delivered track, 1 KB per 5-trait identify (see README).
     trace_size: int = Field(100_000, ge=0)
@@ -95,6 +100,13 @@ class Settings(BaseSettings):
     def _log_format(cls, value: str) -> str:
         if value not in ("auto", "json", "console"):
             raise ValueError("must be auto, json or console")
+        return value
+
+    @field_validator("new_names")
+    @classmethod
+    def _new_names(cls, value: str) -> str:
+        if value not in ("count", "hold"):
+            raise ValueError("must be count or hold")
         return value
 
     @model_validator(mode="after")

@@ -7,7 +7,8 @@ event, exactly one of:
 
     delivered        a 2xx for every request carrying its commands
     skipped          the plan skipped it (a counted reason)
-    dead             invalid, rejected by ChurnZero, retries exhausted, never resolved
+    dead             invalid, rejected by ChurnZero, retries exhausted, never resolved,
+                     or held by the new-name guard
     later            back to the delayed set at a due time, with a cause
 
 Every deferral, whatever its cause, is aged from the event's receipt against
@@ -97,6 +98,8 @@ def settle(
         out.skipped[reason] += 1
     for item, problems in plan.invalid_event + plan.invalid_command:
         out.dead.append(deadletter.new_entry(item, "invalid_command", errors=problems, now=now))
+    for item, problems in plan.held:
+        out.dead.append(deadletter.new_entry(item, "new_name", errors=problems, now=now))
     for item in plan.unresolved:
         _wait_for_identity(item, now, policy, out, rng)
     for item, _ in plan.send:

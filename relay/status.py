@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from relay import keys, queue_state
+from relay import keys, names, queue_state
 
 WINDOW_S = 60
 
@@ -72,4 +72,5 @@ def report(r: Any) -> dict[str, Any]:
         "dead_letters": snap.dead_by_reason,
         "rates": rates(r, now),
         "counters": snap.stats,
+        "names": names.report(r),
     }

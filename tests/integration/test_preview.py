@@ -33,13 +33,14 @@ browser, page, seen = admin_page.browser, admin_page.page, admin_page.seen
 
 
 def relay(
-    r: redis.Redis, *args: str, stdin: bytes | None = None
+    r: redis.Redis, *args: str, stdin: bytes | None = None, **settings: Any
 ) -> subprocess.CompletedProcess[str]:
-    """Run the `relay` CLI against the test database."""
+    """Run the `relay` CLI against the test database (with these settings)."""
     return subprocess.run(
         [sys.executable, "-m", "relay.cli", *args],
         input=stdin.decode() if stdin is not None else None,
-        capture_output=True, text=True, cwd=ROOT, env=relay_env(url_of(r)), timeout=60,
+        capture_output=True, text=True, cwd=ROOT, env=relay_env(url_of(r), **settings),
+        timeout=60,
     )  # fmt: skip
 
 
