@@ -17,7 +17,7 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from relay import auth, broker, deadletter, intake, preview, status, trace
+from relay import auth, broker, deadletter, intake, keys, preview, status, trace
 from relay.mapping import MappingError, load_mapping
 
 PAGE = resources.files("relay").joinpath("static/admin.html")
@@ -160,7 +160,10 @@ async def dlq_replay(request: web.Request) -> web.Response:
 
     def run() -> int:
         pages = _pages(r, ids, reason)
-        return sum(deadletter.replay(r, page, partial(broker.publish, celery)) for page in pages)
+        return sum(
+            deadletter.replay(r, page, partial(broker.publish, celery, queue=keys.REPLAY_QUEUE))
+            for page in pages
+        )
 
     try:
         replayed = await asyncio.to_thread(run)

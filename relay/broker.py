@@ -61,6 +61,7 @@ def celery_config(settings: Settings, redis_url: str) -> dict[str, Any]:
         },
         "task_default_queue": keys.QUEUE,
         "task_routes": {keys.TASK_DELIVER: {"queue": keys.QUEUE}},
+        "task_create_missing_queues": True,  # the replay lane's queue is named per publish
         "task_serializer": "json",
         "accept_content": ["json"],
         "task_ignore_result": True,
@@ -88,18 +89,26 @@ def make_celery(settings: Settings, redis_url: str) -> Celery:
     return app
 
 
+def queue_of(items: list[dict[str, Any]]) -> str:
+    """The queue of a batch: the replay lane when every item is a replayed dead letter."""
+    replayed = all(isinstance(i, dict) and i.get("replayed_from") for i in items)
+    return keys.REPLAY_QUEUE if items and replayed else keys.QUEUE
+
+
 def publish(
     celery: Celery,
     items: list[dict[str, Any]],
     *,
     retry_policy: dict[str, float] | None = None,
     message_id: str | None = None,
+    queue: str = keys.QUEUE,
 ) -> None:
     """Queue items as `relay.deliver_batch` messages of at most `message_events` each.
 
     The one way items enter the queue: ingest, the delayed-set mover and replays. With a
     `message_id`, publishing the same items again makes the same messages (ids
-    `<message_id>.<n>`), which the workers settle once (relay.runs).
+    `<message_id>.<n>`), which the workers settle once (relay.runs). Replays go to
+    `keys.REPLAY_QUEUE`, the replay lane.
     """
     size = int(celery.conf.get("relay_message_events", 500))
     with celery.producer_or_acquire() as producer:
@@ -108,7 +117,7 @@ def publish(
                 keys.TASK_DELIVER,
                 args=[items[start : start + size]],
                 task_id=f"{message_id}.{n}" if message_id else None,
-                queue=keys.QUEUE,
+                queue=queue,
                 producer=producer,
                 retry=True,
                 retry_policy=retry_policy or {},  # {}: Celery's default policy

@@ -65,12 +65,16 @@ def serve() -> None:
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 def worker(celery_args: tuple[str, ...]) -> None:
-    """Run a Celery worker (extra arguments go to `celery worker`)."""
+    """Run a Celery worker of both queues, live and replay (extra arguments go to
+    `celery worker`)."""
+    from relay import keys
+
     settings = _settings()
     env = dict(os.environ, RELAY_REDIS_URL=_redis_url(settings))
     command = [
         sys.executable, "-m", "celery", "-A", "workers.app", "worker",
-        "-Q", "relay", "--pool", "threads", "-c", str(settings.worker_concurrency),
+        "-Q", f"{keys.QUEUE},{keys.REPLAY_QUEUE}", "--pool", "threads",
+        "-c", str(settings.worker_concurrency),
         "--without-gossip", "--without-mingle", "--loglevel", settings.log_level.upper(),
         *celery_args,
     ]  # fmt: skip
@@ -188,6 +192,15 @@ def _status_table(data: dict[str, Any]) -> Any:
     table.add_row("oldest waiting", f"{data['oldest_age_s']:.1f} s")
     table.add_row("ingested /s (1 min)", f"{data['rates']['ingested']['per_s']:,}")
     table.add_row("delivered /s (1 min)", f"{data['rates']['delivered']['per_s']:,}")
+    replay = data["replay"]
+    if replay["replayed"] or replay["queued_messages"]:
+        table.add_row(
+            "replay lane",
+            f"{replay['delivered']:,} of {replay['replayed']:,} delivered, "
+            f"{replay['queued_messages']:,} messages queued",
+        )
+    if data["learned_rate_rps"] is not None:
+        table.add_row("learned rate", f"{data['learned_rate_rps']:,} req/s")
     if data["paused_for_s"]:
         table.add_row("[yellow]ChurnZero paused[/]", f"{data['paused_for_s']:.1f} s")
     for reason, n in data["dead_letters"].items():
@@ -338,14 +351,16 @@ def dlq_replay(
 
     from rich.progress import Progress
 
-    from relay import broker, deadletter
+    from relay import broker, deadletter, keys
 
     settings = _settings()
     r = _redis(settings)
     if dry_run:
         _dry_run(settings, r, ids, every, reason, since, until, as_json)
         return
-    publish = partial(broker.publish, broker.make_celery(settings, _redis_url(settings)))
+    celery = broker.make_celery(settings, _redis_url(settings))
+    # Replays go to their own lane: a bounded share of the rate while live events flow.
+    publish = partial(broker.publish, celery, queue=keys.REPLAY_QUEUE)
 
     total, pages = _selected(r, ids, every, reason, since, until)
     replayed = 0

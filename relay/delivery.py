@@ -27,7 +27,7 @@ from relay.mapping import Mapping
 from relay.runs import Claim, Runs, State
 from relay.settings import VISIBILITY_MARGIN_S, Settings
 from relay.settlement import Outcomes, Policy, Unsent, group_later, settle, worst
-from relay.throttle import Throttle
+from relay.throttle import REPLAY_MAX_WAIT_S, Throttle
 from relay.translate import Command, lookup_keys, parse_items, plan_batch
 
 log = structlog.get_logger("relay.delivery")
@@ -48,6 +48,7 @@ class Report:
 
     received: int = 0
     delivered: int = 0
+    lane: str = "live"  # or "replay": every event of the message is a replayed dead letter
     already_settled: bool = False
     skipped: Counter[str] = field(default_factory=Counter)
     dead: Counter[str] = field(default_factory=Counter)
@@ -91,8 +92,9 @@ class Delivery:
         )
         self.names = names.Names(r, max_per_kind=settings.names_max)
         self.throttle = Throttle(
-            r, rate_limit_rps=settings.rate_limit_rps, outage_threshold=settings.outage_threshold
-        )
+            r, rate_limit_rps=settings.rate_limit_rps, outage_threshold=settings.outage_threshold,
+            replay_share=settings.replay_share, adaptive=settings.adaptive_rate,
+        )  # fmt: skip
         key = settings.churnzero_app_key
         self.client = ChurnZeroClient(
             settings.churnzero_url,
@@ -166,7 +168,7 @@ class Delivery:
 
     def _deliver(self, items: list[Item], claim: Claim, deadline: float) -> Report:
         now = time.time()
-        report = Report(received=len(items))
+        report = Report(received=len(items), lane=lane_of(items))
         parsed, bad = parse_items(items)
         dead = [deadletter.new_entry(i, "invalid_event", errors=e, now=now) for i, e in bad]
         dups = self.dedupe.duplicates([item for item, _ in parsed])
@@ -288,10 +290,13 @@ class Delivery:
             todo = chunks[1:]
         if not todo:
             return 0.0, "paused"
-        delays = self.throttle.reserve(len(todo), MAX_RATE_WAIT_S)
+        replay = report.lane == "replay"
+        delays = self.throttle.reserve(
+            len(todo), REPLAY_MAX_WAIT_S if replay else MAX_RATE_WAIT_S, report.lane
+        )
         if isinstance(delays, float):
             self.redis.hincrby(keys.STATS, "ratelimit_waits", 1)
-            return delays, "paused"
+            return delays, "replay_share" if replay else "paused"
         if any(d > 0 for d in delays):
             self.redis.hincrby(keys.STATS, "ratelimit_waits", 1)
         # Chunks beyond the reserved slots stay unsent and come back after the last slot.
@@ -347,6 +352,7 @@ class Delivery:
             successes=len(sent) - len(failures),
             failures=len([o for o in failures if o.status != 429]),
             retry_after_s=retry.clamp_retry_after(max(waits), cap) if waits else None,
+            throttled=len([o for o in failures if o.status == 429]),
         )
 
 
@@ -381,8 +387,15 @@ def _chunk(send: list[tuple[Item, list[Command]]], size: int) -> list[_Chunk]:
     return chunks
 
 
+def lane_of(items: list[Any]) -> str:
+    """`replay` when every item is a replayed dead letter, else `live`."""
+    return "replay" if broker.queue_of(items) == keys.REPLAY_QUEUE else "live"
+
+
 def _stage_stats(pipe: Any, report: Report, now: float) -> None:
     counts = {"delivered": report.delivered}
+    if report.lane == "replay":
+        counts["replay_delivered"] = report.delivered
     counts.update({f"skipped:{k}": v for k, v in report.skipped.items()})
     counts.update({f"requests:{k}": v for k, v in report.requests.items()})
     counts.update({f"retried:{k}": v for k, v in report.retried.items()})

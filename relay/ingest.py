@@ -76,7 +76,9 @@ class QueueGate:
             pipe.get(keys.DEPTH_READY)
             pipe.get(keys.DELAYED_EVENTS)
             pipe.llen(keys.QUEUE)
-            self.waiting = queue_state.backlog(*await pipe.execute())
+            pipe.llen(keys.REPLAY_QUEUE)
+            ready, delayed, live, replay = await pipe.execute()
+            self.waiting = queue_state.backlog(ready, delayed, int(live) + int(replay))
             self.redis_ok = True
         except (redis.RedisError, OSError) as exc:
             self.redis_ok = False

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 PREFIX = "relay:"
 
-# The Celery queue ingest publishes to and workers consume.
+# The Celery queue ingest publishes to and workers consume, and the replay lane's queue.
 QUEUE = "relay"
+REPLAY_QUEUE = "relay.replay"
 TASK_DELIVER = "relay.deliver_batch"
 # kombu's Redis transport keeps delivered-but-unacked messages here (read-only for us).
 CELERY_UNACKED = "unacked"
@@ -51,6 +52,12 @@ FAILURES = PREFIX + "throttle:failures"
 PROBE = PREFIX + "throttle:probe"
 TRIPS = PREFIX + "throttle:trips"
 RATE_LIMIT = PREFIX + "throttle:gcra"
+# The replay lane: its own GCRA, and flags (2 s) saying a lane reserved a slot lately.
+RATE_LIMIT_REPLAY = PREFIX + "throttle:gcra:replay"
+LANE_LIVE = PREFIX + "throttle:lane:live"
+LANE_REPLAY = PREFIX + "throttle:lane:replay"
+# The self-tuning rate: HASH of the learned rate and the recent 2xx counts.
+ADAPTIVE_RATE = PREFIX + "throttle:adaptive"
 
 # The record of recent settlements `relay trace` reads: a STREAM capped at trace_size
 # entries, one per event delivered (with its commands), skipped or dead-lettered.

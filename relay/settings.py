@@ -49,6 +49,10 @@ class Settings(BaseSettings):
 
     worker_concurrency: int = Field(4, ge=1)
     rate_limit_rps: float = Field(0.0, ge=0)  # requests/s to ChurnZero, all workers; 0 = none
+    # Learn ChurnZero's unpublished limit from its 429s (AIMD), under rate_limit_rps if set.
+    adaptive_rate: bool = True
+    # The share of the rate replays get while live events flow (all of it otherwise).
+    replay_share: float = Field(0.2, gt=0, le=1)
     max_age_s: float = Field(4 * 3600, gt=0)
     identity_wait_s: float = Field(600, ge=0)
     identity_ttl_s: int = Field(365 * 24 * 3600, ge=60)  # forget users not identified since

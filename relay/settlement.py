@@ -187,11 +187,13 @@ def attempted(item: Item, now: float) -> Item:
 def group_later(
     later: list[tuple[list[Item], float, str]],
 ) -> list[tuple[list[Item], float, str]]:
-    """One delayed-set member per cause and due second keeps the set small."""
-    groups: dict[tuple[str, int], tuple[list[Item], float]] = {}
+    """One delayed-set member per cause and due second keeps the set small; replayed
+    dead letters apart from live events, so they come back in their own lane."""
+    groups: dict[tuple[str, int, bool], tuple[list[Item], float]] = {}
     for items, due, cause in later:
-        key = (cause, int(due))
-        batch, first_due = groups.get(key, ([], due))
-        batch.extend(items)
-        groups[key] = (batch, min(first_due, due))
-    return [(batch, due, cause) for (cause, _), (batch, due) in groups.items()]
+        for item in items:
+            key = (cause, int(due), bool(item.get("replayed_from")))
+            batch, first_due = groups.get(key, ([], due))
+            batch.append(item)
+            groups[key] = (batch, min(first_due, due))
+    return [(batch, due, cause) for (cause, _, _), (batch, due) in groups.items()]

@@ -72,7 +72,9 @@ def _stage(pipe: Any, size: int, item: Item, fields: dict[str, Any]) -> None:
     pipe.xadd(keys.TRACE, fields, maxlen=size, approximate=True)
 
 
-def find(r: Any, wanted: str, queues: Iterable[str] = (keys.QUEUE,)) -> list[Sighting]:
+def find(
+    r: Any, wanted: str, queues: Iterable[str] = (keys.QUEUE, keys.REPLAY_QUEUE)
+) -> list[Sighting]:
     """Every place the event with this messageId (or relay id) is, most current first."""
     needle = wanted.encode()
     found: list[Sighting] = []

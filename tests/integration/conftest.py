@@ -90,7 +90,10 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 20) -> None:
 
 def settled(r: redis.Redis) -> bool:
     """Nothing queued, in flight or delayed."""
-    return r.llen("relay") == 0 and r.hlen("unacked") == 0 and r.zcard("relay:delayed") == 0
+    return (
+        r.llen("relay") == 0 and r.llen("relay.replay") == 0 and r.hlen("unacked") == 0
+        and r.zcard("relay:delayed") == 0
+    )  # fmt: skip
 
 
 def wait_http(url: str, proc: Proc, timeout: float = 30) -> None:
@@ -191,8 +194,9 @@ def start_worker(redis_url: str, sandbox: Sandbox, tmp_path: Path) -> Iterator[S
         settings.setdefault("churnzero_url", sandbox.url + "/i")
         env = relay_env(settings.pop("redis_url", redis_url), **settings)
         proc = Proc(
-            [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", "relay",
-             "--pool", "threads", "-c", str(concurrency), "--without-gossip",
+            [sys.executable, "-m", "celery", "-A", "workers.app", "worker",
+             "-Q", "relay,relay.replay", "--pool", "threads", "-c", str(concurrency),
+             "--without-gossip",
              "--without-mingle", "--without-heartbeat", "-l", "INFO",
              "-n", f"w{len(started)}-{os.getpid()}@%h"],
             env,
@@ -233,13 +237,14 @@ def url_of(r: redis.Redis) -> str:
     return f"redis://{kw['host']}:{kw['port']}/{kw['db']}"
 
 
-def queued_items(r: redis.Redis) -> list[dict[str, Any]]:
-    """Every item waiting in the Celery queue `relay`, oldest first (read-only peek)."""
+def queued_items(r: redis.Redis, queue: str = "relay") -> list[dict[str, Any]]:
+    """Every item waiting in a Celery queue (`relay`, or the replay lane's `relay.replay`),
+    oldest first (read-only peek)."""
     import base64
     import json
 
     out = []
-    for raw in reversed(r.lrange("relay", 0, -1)):
+    for raw in reversed(r.lrange(queue, 0, -1)):
         envelope = json.loads(raw)
         assert envelope["headers"]["task"] == "relay.deliver_batch"
         body = envelope["body"]

@@ -130,7 +130,9 @@ def test_dashboard_shows_the_queue_and_replays_a_dead_letter(
     expect(rows).to_have_count(0)
     expect(page.locator("#dlq-empty")).to_be_visible()
     assert r.hlen("relay:dlq:entries") == 0
-    replayed = [item for item in queued_items(r) if item.get("replayed_from") == dead_id]
+    replayed = [
+        item for item in queued_items(r, "relay.replay") if item.get("replayed_from") == dead_id
+    ]
     assert len(replayed) == 1
     assert replayed[0]["event"]["userId"] == "u1"
     expect(page.locator("#depth-dead")).to_have_text("0")
