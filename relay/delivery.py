@@ -27,7 +27,7 @@ from relay.mapping import Mapping
 from relay.runs import Claim, Runs, State
 from relay.settings import VISIBILITY_MARGIN_S, Settings
 from relay.settlement import Outcomes, Policy, Unsent, group_later, settle, worst
-from relay.throttle import REPLAY_MAX_WAIT_S, Throttle
+from relay.throttle import ADAPT_MAX_WAIT_S, REPLAY_MAX_WAIT_S, Throttle
 from relay.translate import Command, lookup_keys, parse_items, plan_batch
 
 log = structlog.get_logger("relay.delivery")
@@ -291,8 +291,10 @@ class Delivery:
         if not todo:
             return 0.0, "paused"
         replay = report.lane == "replay"
+        learning = self.settings.adaptive_rate and not self.settings.rate_limit_rps
+        horizon = ADAPT_MAX_WAIT_S if learning else MAX_RATE_WAIT_S
         delays = self.throttle.reserve(
-            len(todo), REPLAY_MAX_WAIT_S if replay else MAX_RATE_WAIT_S, report.lane
+            len(todo), min(REPLAY_MAX_WAIT_S, horizon) if replay else horizon, report.lane
         )
         if isinstance(delays, float):
             self.redis.hincrby(keys.STATS, "ratelimit_waits", 1)
@@ -344,7 +346,8 @@ class Delivery:
             return self.throttle.gate().wait_s
         failures = [o for o in sent if o.kind is retry.Kind.RETRYABLE]
         waits = [o.retry_after_s for o in failures if o.retry_after_s is not None]
-        # A 429 without Retry-After still means "slow down": hold everyone back a second.
+        # A 429 without Retry-After still means "slow down": hold everyone back a second
+        # (with the self-tuning rate on, a cut of the learned rate instead: relay.throttle).
         if any(o.status == 429 for o in failures) and not waits:
             waits = [1.0]
         cap = self.settings.retry_after_cap_s

@@ -42,7 +42,7 @@ return {0, 0}
 """
 
 # KEYS: live tat, replay tat, live flag, replay flag, live queue, adaptive state.
-# ARGV: lane, rps (0: none), count, max_wait_ms, replay share, adaptive (1/0).
+# ARGV: lane, rps (0: none), count, max_wait_ms, replay share, adaptive (1/0), first rps.
 # The rate is the explicit one, or the learned one if lower. Each lane has its own GCRA:
 # while live work flows (a live reservation in the last 2 s, or live messages waiting)
 # the replay lane gets `share` of the rate and live the rest; alone, a lane gets all of
@@ -54,7 +54,8 @@ local t = redis.call('TIME')
 local now = t[1] * 1000 + t[2] / 1000
 local rps, share = tonumber(ARGV[2]), tonumber(ARGV[5])
 if ARGV[6] == '1' then
-  local learned = tonumber(redis.call('HGET', KEYS[6], 'rate') or '0')
+  -- Nothing learned yet: the first guess (the cap, or ARGV[7]) until a report sets it.
+  local learned = tonumber(redis.call('HGET', KEYS[6], 'rate') or ARGV[7])
   if learned > 0 and (rps <= 0 or learned < rps) then rps = learned end
 end
 local tat_key = KEYS[1]
@@ -122,19 +123,27 @@ return 0
 """
 
 
-# KEYS: adaptive state (HASH: rate, cut_at, grown_at, and 2xx counts of the last four
-# seconds as ok<n>/at<n>, n = second mod 4). ARGV: successes, throttled, cap_rps (0: none),
-# beta, alpha (rps per s), min_rps. AIMD: a 429 cuts the rate to beta x the 2xx rate of the
-# last two seconds (at most once a second: requests on the wire together are one signal);
-# success adds alpha per second since the last change. Returns the rate before (0: none).
+# KEYS: adaptive state (HASH: rate, phase, cut_at, grown_at, and the 2xx counts of the
+# last four seconds as ok<n>/at<n>, n = second mod 4). ARGV: successes, throttled,
+# cap_rps (0: none), beta, alpha (rps per s), min_rps, first_rps, slow_start (x per s),
+# first beta (the cut that ends slow start).
+# The rate starts at the cap, or first_rps, and grows by slow_start per second of success
+# until the first 429; from then on (AIMD) a 429 cuts it to beta x the 2xx rate of the
+# last two seconds (at most once per 2 s: requests on the wire together are one
+# signal), and success adds alpha per second. Returns the rate before.
 _ADAPT = """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local sec = tonumber(t[1])
 local ok, throttled, cap = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local st = redis.call('HMGET', KEYS[1], 'rate', 'cut_at', 'grown_at')
+local st = redis.call('HMGET', KEYS[1], 'rate', 'phase', 'cut_at', 'grown_at')
 local rate = tonumber(st[1] or '0')
-local cut_at, grown_at = tonumber(st[2] or '0'), tonumber(st[3] or '0')
+if rate <= 0 then
+  rate = cap > 0 and cap or tonumber(ARGV[7])
+  st[2] = cap > 0 and 'avoid' or 'slow'
+  st[4] = tostring(now)
+end
+local cut_at, grown_at = tonumber(st[3] or '0'), tonumber(st[4] or '0')
 local slot = sec % 4
 if ok > 0 then
   if tonumber(redis.call('HGET', KEYS[1], 'at' .. slot) or '0') ~= sec then
@@ -142,41 +151,59 @@ if ok > 0 then
   end
   redis.call('HINCRBY', KEYS[1], 'ok' .. slot, ok)
 end
-local new = rate
-if throttled > 0 and now - cut_at >= 1000 then
-  local seen = 0
-  for back = 1, 2 do
-    local s = (sec - back) % 4
-    if tonumber(redis.call('HGET', KEYS[1], 'at' .. s) or '0') == sec - back then
-      seen = seen + tonumber(redis.call('HGET', KEYS[1], 'ok' .. s) or '0')
+local new, phase = rate, st[2] or 'slow'
+if throttled > 0 then
+  if now - cut_at >= 2000 then
+    local seen = 0
+    for back = 1, 2 do
+      local s = (sec - back) % 4
+      if tonumber(redis.call('HGET', KEYS[1], 'at' .. s) or '0') == sec - back then
+        seen = seen + tonumber(redis.call('HGET', KEYS[1], 'ok' .. s) or '0')
+      end
     end
+    -- What ChurnZero accepted lately (2xx per second over two seconds: reports arrive in
+    -- bursts), or the rate itself if lower.
+    local base = rate
+    if seen > 0 and seen / 2 < rate then base = seen / 2 end
+    -- Leaving slow start, the 2xx count still holds the burst ChurnZero's bucket let
+    -- through: cut deeper once (ARGV[9]) so the first cut lands under the limit.
+    local beta = phase == 'slow' and tonumber(ARGV[9]) or tonumber(ARGV[4])
+    new = math.max(tonumber(ARGV[6]), beta * base)
+    phase, cut_at, grown_at = 'avoid', now, now
   end
-  local base = seen / 2
-  if rate > 0 and (base <= 0 or rate < base) then base = rate end
-  -- Nothing learned and no 2xx seen yet: the Retry-After pause stands in until there is.
-  if base > 0 then
-    new = math.max(tonumber(ARGV[6]), tonumber(ARGV[4]) * base)
-    redis.call('HSET', KEYS[1], 'cut_at', now, 'grown_at', now)
+elseif ok > 0 then
+  -- At most a second's growth per report: an idle spell is no evidence of room.
+  local dt = math.min(math.max(now - grown_at, 0) / 1000, 1)
+  if phase == 'slow' then
+    new = math.min(rate * tonumber(ARGV[8]) ^ dt, 10000)
+  else
+    new = rate + tonumber(ARGV[5]) * dt
   end
-elseif ok > 0 and throttled == 0 and rate > 0 then
-  new = rate + tonumber(ARGV[5]) * math.max(now - grown_at, 0) / 1000
-  redis.call('HSET', KEYS[1], 'grown_at', now)
+  grown_at = now
 end
 if cap > 0 and new > cap then new = cap end
-if new ~= rate then redis.call('HSET', KEYS[1], 'rate', tostring(new)) end
+redis.call('HSET', KEYS[1], 'rate', tostring(new), 'phase', phase, 'cut_at', cut_at,
+           'grown_at', grown_at)
 redis.call('EXPIRE', KEYS[1], 86400)
 return tostring(rate)
 """
 
-# The self-tuning rate: a cut keeps 90 %, and the rate grows back by 0.5 requests/s per
-# second of success, so near a hidden limit of 50/s a cycle lasts some 10-20 s.
+# The self-tuning rate: a first guess of 20 requests/s growing 1.25x a second until the
+# first 429 (slow start, as TCP); then a cut keeps 90 % and the rate grows back by 0.5
+# requests/s per second, so near a hidden limit of 50/s a cycle lasts some 20 s.
+ADAPT_FIRST_RPS = 20.0
+ADAPT_SLOW_START = 1.25
 ADAPT_BETA = 0.9
+ADAPT_FIRST_BETA = 0.75
 ADAPT_ALPHA_RPS = 0.5
 ADAPT_MIN_RPS = 1.0
-# Once a rate is learned, a 429 with a Retry-After up to this long cuts the rate instead
-# of pausing every worker: the cut is the slowing down it asks for.
-ADAPT_PAUSE_BELOW_S = 2.0
+# A 429 with a Retry-After up to this long (or none) is a rate signal: it cuts the
+# learned rate instead of pausing every worker. Longer ones pause, and cut nothing.
+ADAPT_PAUSE_BELOW_S = 1.0
 REPLAY_MAX_WAIT_S = 0.5  # a replay task holds its thread at most this long for a slot
+# While the rate is being learned (no explicit rate), a task reserves slots at most this
+# far ahead, so a cut takes hold within about a second instead of after a task's backlog.
+ADAPT_MAX_WAIT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -224,7 +251,8 @@ class Throttle:
         result = self._reserve(
             keys=[keys.RATE_LIMIT, keys.RATE_LIMIT_REPLAY, keys.LANE_LIVE, keys.LANE_REPLAY,
                   keys.QUEUE, keys.ADAPTIVE_RATE],
-            args=[lane, self._rps, count, max_wait_s * 1000, self._share, int(self._adaptive)],
+            args=[lane, self._rps, count, max_wait_s * 1000, self._share, int(self._adaptive),
+                  ADAPT_FIRST_RPS],
         )  # fmt: skip
         if int(result[0]) == -1:
             return int(result[1]) / 1000
@@ -237,14 +265,16 @@ class Throttle:
         the pause now in force (s)."""
         if not successes and not failures and not retry_after_s:
             return 0.0
-        if self._adaptive and (successes or throttled):
-            before = float(self._adapt(
+        signal = throttled and (retry_after_s or 0) <= ADAPT_PAUSE_BELOW_S
+        if self._adaptive and (successes or signal):
+            self._adapt(
                 keys=[keys.ADAPTIVE_RATE],
-                args=[successes, throttled, self._rps, ADAPT_BETA, ADAPT_ALPHA_RPS,
-                      ADAPT_MIN_RPS],
-            ))  # fmt: skip
-            if before > 0 and throttled and (retry_after_s or 0) <= ADAPT_PAUSE_BELOW_S:
-                retry_after_s = None  # the learned rate was just cut: that is the pause
+                args=[successes, throttled if signal else 0, self._rps, ADAPT_BETA,
+                      ADAPT_ALPHA_RPS, ADAPT_MIN_RPS, ADAPT_FIRST_RPS, ADAPT_SLOW_START,
+                      ADAPT_FIRST_BETA],
+            )  # fmt: skip
+            if signal:
+                retry_after_s = None  # the learned rate was just cut: that is the slowing down
             if not successes and not failures and not retry_after_s:
                 return 0.0
         pause_ms = self._report(
