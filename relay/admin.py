@@ -152,18 +152,18 @@ def _pages(r: Any, ids: list[str] | None, reason: str | None) -> Any:
 
 async def dlq_replay(request: web.Request) -> web.Response:
     """POST /admin/api/dlq/replay {"ids": [...]} | {"all": true} | {"reason": R}."""
-    from relay.ingest import CELERY
+    from relay.ingest import CELERY, SETTINGS
 
     ids, reason, _ = await _selection(request)
     r = _sync(request)
-    celery = request.app[CELERY]
+    # The replay lane, a request's worth of events per message (see broker.publish).
+    publish = partial(
+        broker.publish, request.app[CELERY], queue=keys.REPLAY_QUEUE,
+        per_message=request.app[SETTINGS].churnzero_batch_size,
+    )  # fmt: skip
 
     def run() -> int:
-        pages = _pages(r, ids, reason)
-        return sum(
-            deadletter.replay(r, page, partial(broker.publish, celery, queue=keys.REPLAY_QUEUE))
-            for page in pages
-        )
+        return sum(deadletter.replay(r, page, publish) for page in _pages(r, ids, reason))
 
     try:
         replayed = await asyncio.to_thread(run)

@@ -55,6 +55,9 @@ def celery_config(settings: Settings, redis_url: str) -> dict[str, Any]:
             "unacked_restore_throttle": 1,
             # A worker that dies mid-sweep holds the sweep's mutex this long (default 5 min).
             "unacked_mutex_expire": 30,
+            # BRPOP the queues in sorted order, `relay` before `relay.replay`: a free
+            # worker thread takes a live message first, a replay only when none waits.
+            "queue_order_strategy": "sorted",
             "socket_timeout": 5,
             "socket_connect_timeout": 3,
             "health_check_interval": 30,
@@ -102,15 +105,17 @@ def publish(
     retry_policy: dict[str, float] | None = None,
     message_id: str | None = None,
     queue: str = keys.QUEUE,
+    per_message: int | None = None,
 ) -> None:
     """Queue items as `relay.deliver_batch` messages of at most `message_events` each.
 
     The one way items enter the queue: ingest, the delayed-set mover and replays. With a
     `message_id`, publishing the same items again makes the same messages (ids
     `<message_id>.<n>`), which the workers settle once (relay.runs). Replays go to
-    `keys.REPLAY_QUEUE`, the replay lane.
+    `keys.REPLAY_QUEUE`, the replay lane, in messages of one request's worth of events
+    (`per_message`), so a replay task never holds a worker thread long.
     """
-    size = int(celery.conf.get("relay_message_events", 500))
+    size = per_message or int(celery.conf.get("relay_message_events", 500))
     with celery.producer_or_acquire() as producer:
         for n, start in enumerate(range(0, len(items), size)):
             celery.send_task(

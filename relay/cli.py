@@ -360,7 +360,10 @@ def dlq_replay(
         return
     celery = broker.make_celery(settings, _redis_url(settings))
     # Replays go to their own lane: a bounded share of the rate while live events flow.
-    publish = partial(broker.publish, celery, queue=keys.REPLAY_QUEUE)
+    publish = partial(
+        broker.publish, celery, queue=keys.REPLAY_QUEUE,
+        per_message=settings.churnzero_batch_size,
+    )  # fmt: skip
 
     total, pages = _selected(r, ids, every, reason, since, until)
     replayed = 0

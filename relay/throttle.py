@@ -188,11 +188,11 @@ redis.call('EXPIRE', KEYS[1], 86400)
 return tostring(rate)
 """
 
-# The self-tuning rate: a first guess of 20 requests/s growing 1.25x a second until the
+# The self-tuning rate: a first guess of 20 requests/s growing 1.5x a second until the
 # first 429 (slow start, as TCP); then a cut keeps 90 % and the rate grows back by 0.5
 # requests/s per second, so near a hidden limit of 50/s a cycle lasts some 20 s.
 ADAPT_FIRST_RPS = 20.0
-ADAPT_SLOW_START = 1.25
+ADAPT_SLOW_START = 1.5
 ADAPT_BETA = 0.9
 ADAPT_FIRST_BETA = 0.75
 ADAPT_ALPHA_RPS = 0.5
@@ -200,7 +200,9 @@ ADAPT_MIN_RPS = 1.0
 # A 429 with a Retry-After up to this long (or none) is a rate signal: it cuts the
 # learned rate instead of pausing every worker. Longer ones pause, and cut nothing.
 ADAPT_PAUSE_BELOW_S = 1.0
-REPLAY_MAX_WAIT_S = 0.5  # a replay task holds its thread at most this long for a slot
+# A replay task holds its worker thread at most this long for a slot; past it, its events
+# wait in the delayed set, so live messages find a free thread.
+REPLAY_MAX_WAIT_S = 0.05
 # While the rate is being learned (no explicit rate), a task reserves slots at most this
 # far ahead, so a cut takes hold within about a second instead of after a task's backlog.
 ADAPT_MAX_WAIT_S = 1.0

@@ -2,9 +2,10 @@
 letters in the replay lane. Live delivery latency p99 with the replay, over p99 without.
 
 The relay runs with an explicit rate limit (100 requests/s of 100 commands); live events
-use a tenth of it, the replay gets its 20 % share while they flow. Latency: every live
-track carries its send time in `properties.description`, and the sandbox's request log
-says when each command arrived.
+use a tenth of it, the replay gets its 20 % share while they flow. Live latency beside
+the replay is measured once `relay dlq replay --all` has queued it, while it drains:
+every live track carries its send time in `properties.description`, and the sandbox's
+request log says when each command arrived.
 """
 
 from __future__ import annotations
@@ -105,13 +106,14 @@ def replay(env: Env) -> dict[str, Any]:
             [sys.executable, "-m", "relay.cli", "dlq", "replay", "--all"],
             harness.relay_env(env.redis_url, rate_limit_rps=RATE_RPS),
         )
+        published = time.monotonic()
+        # Measured once the CLI has queued the replay: its publishing is a one-off burst on
+        # the operator's machine (here the same two cores); the lane then drains for minutes.
+        if replaying.popen.wait(timeout=300) != 0:
+            raise RuntimeError(f"the replay failed:\n{replaying.tail()}")
+        publish_s = time.monotonic() - published
         r = env.redis()
         try:
-            deadline = time.monotonic() + 60
-            while r.llen("relay.replay") == 0:  # the replay lane has work
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the replay did not start:\n{replaying.tail()}")
-                time.sleep(0.2)
             before = int(r.hget("relay:stats", "replay_delivered") or 0)
             started = time.monotonic()
             beside = _live(ingest, sandbox, worker)
@@ -135,6 +137,7 @@ def replay(env: Env) -> dict[str, Any]:
         "replay_delivered_meanwhile": replayed,
         "replay_events_per_s_meanwhile": round(replayed / seconds, 1),
         "replay_messages_still_queued": queued,
+        "replay_publish_s": round(publish_s, 1),
         "rate_limit_rps": RATE_RPS,
         "relay_stats": stats,
         "target": "live_p99_ratio <= 1.10 with the replay running",
