@@ -137,6 +137,10 @@ def test_dashboard_shows_the_queue_and_replays_a_dead_letter(
     assert replayed[0]["event"]["userId"] == "u1"
     expect(page.locator("#depth-dead")).to_have_text("0")
     expect(page.locator("#depth-ready")).to_have_text("2")
+    # The replay waits in its own lane, and the page says so.
+    expect(page.locator("[data-testid=replay-progress]")).to_contain_text(
+        "0 of 1 replayed events delivered, 1 messages queued"
+    )
 
     # Works offline: the page fetched nothing but the relay itself, and raised nothing.
     assert all(u.startswith(url + "/admin") for u in seen.requests), seen.requests
