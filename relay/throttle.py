@@ -55,7 +55,8 @@ local now = t[1] * 1000 + t[2] / 1000
 local rps, share = tonumber(ARGV[2]), tonumber(ARGV[5])
 if ARGV[6] == '1' then
   -- Nothing learned yet: the first guess (the cap, or ARGV[7]) until a report sets it.
-  local learned = tonumber(redis.call('HGET', KEYS[6], 'rate') or ARGV[7])
+  local first = rps > 0 and rps or tonumber(ARGV[7])
+  local learned = tonumber(redis.call('HGET', KEYS[6], 'rate') or first)
   if learned > 0 and (rps <= 0 or learned < rps) then rps = learned end
 end
 local tat_key = KEYS[1]

@@ -65,3 +65,12 @@ def test_an_explicit_rate_caps_the_learned_one(r: redis.Redis) -> None:
     delays = throttle.reserve(5, 5.0)
     assert isinstance(delays, list)
     assert delays[-1] == pytest.approx(0.4, abs=0.02)  # 10/s: slots 0.1 s apart
+
+
+def test_an_explicit_rate_holds_from_the_first_request(r: redis.Redis) -> None:
+    from relay.throttle import Throttle
+
+    # Nothing learned yet: the explicit rate, not the first guess of a deployment without.
+    delays = Throttle(r, rate_limit_rps=50, outage_threshold=3).reserve(5, 5.0)
+    assert isinstance(delays, list)
+    assert delays[-1] == pytest.approx(0.08, abs=0.01)  # 50/s: slots 20 ms apart
