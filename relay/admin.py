@@ -17,7 +17,8 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from relay import auth, broker, deadletter, status
+from relay import auth, broker, deadletter, intake, keys, preview, status, trace
+from relay.mapping import MappingError, load_mapping
 
 PAGE = resources.files("relay").joinpath("static/admin.html")
 
@@ -159,15 +160,18 @@ def _pages(r: Any, ids: list[str] | None, reason: str | None) -> Any:
 
 async def dlq_replay(request: web.Request) -> web.Response:
     """POST /admin/api/dlq/replay {"ids": [...]} | {"all": true} | {"reason": R}."""
-    from relay.ingest import CELERY
+    from relay.ingest import CELERY, SETTINGS
 
     ids, reason, _ = await _selection(request)
     r = _sync(request)
-    celery = request.app[CELERY]
+    # The replay lane, a request's worth of events per message (see broker.publish).
+    publish = partial(
+        broker.publish, request.app[CELERY], queue=keys.REPLAY_QUEUE,
+        per_message=request.app[SETTINGS].churnzero_batch_size,
+    )  # fmt: skip
 
     def run() -> int:
-        pages = _pages(r, ids, reason)
-        return sum(deadletter.replay(r, page, partial(broker.publish, celery)) for page in pages)
+        return sum(deadletter.replay(r, page, publish) for page in _pages(r, ids, reason))
 
     try:
         replayed = await asyncio.to_thread(run)
@@ -186,6 +190,39 @@ async def dlq_purge(request: web.Request) -> web.Response:
     return _json({"purged": purged})
 
 
+async def preview_view(request: web.Request) -> web.Response:
+    """POST /admin/api/preview (a Segment event, array or batch): what it would produce
+    now, as `relay preview --json`. Nothing is sent or stored."""
+    from relay.ingest import SETTINGS
+
+    settings = request.app[SETTINGS]
+    source = request.query.get("source") or None
+    if source not in (None, "api", "webhook"):
+        raise _BadRequest("source must be api or webhook")
+    body = await request.read()
+    r = _sync(request)
+
+    def run() -> list[dict[str, Any]]:
+        try:
+            mapping = load_mapping(settings.mapping_file)
+        except MappingError as exc:
+            raise _BadRequest(f"the mapping file cannot be used: {exc}") from None
+        try:
+            items, refused = preview.items_of(body, source)
+        except intake.BadRequest as exc:
+            raise _BadRequest(str(exc)) from None
+        verdicts = refused + preview.preview(r, items, mapping, settings)
+        return [v.as_dict() for v in sorted(verdicts, key=lambda v: v.index)]
+
+    return _json({"events": await asyncio.to_thread(run)})
+
+
+async def trace_view(request: web.Request) -> web.Response:
+    """GET /admin/api/trace/{id}: where the event with this messageId (or relay id) is."""
+    found = await asyncio.to_thread(trace.find, _sync(request), request.match_info["id"])
+    return _json({"found": [s.as_dict() for s in found]})
+
+
 def add_routes(app: web.Application) -> None:
     """Mount the admin page and API on the ingest app."""
     app.middlewares.append(require_token)
@@ -196,3 +233,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/admin/api/dlq/{id}", dlq_show)
     app.router.add_post("/admin/api/dlq/replay", dlq_replay)
     app.router.add_post("/admin/api/dlq/purge", dlq_purge)
+    app.router.add_post("/admin/api/preview", preview_view)
+    app.router.add_get("/admin/api/trace/{id}", trace_view)

@@ -55,12 +55,16 @@ def celery_config(settings: Settings, redis_url: str) -> dict[str, Any]:
             "unacked_restore_throttle": 1,
             # A worker that dies mid-sweep holds the sweep's mutex this long (default 5 min).
             "unacked_mutex_expire": 30,
+            # BRPOP the queues in sorted order, `relay` before `relay.replay`: a free
+            # worker thread takes a live message first, a replay only when none waits.
+            "queue_order_strategy": "sorted",
             "socket_timeout": 5,
             "socket_connect_timeout": 3,
             "health_check_interval": 30,
         },
         "task_default_queue": keys.QUEUE,
         "task_routes": {keys.TASK_DELIVER: {"queue": keys.QUEUE}},
+        "task_create_missing_queues": True,  # the replay lane's queue is named per publish
         "task_serializer": "json",
         "accept_content": ["json"],
         "task_ignore_result": True,
@@ -96,27 +100,37 @@ def make_celery(settings: Settings, redis_url: str, *, worker: bool = False) -> 
     return app
 
 
+def queue_of(items: list[dict[str, Any]]) -> str:
+    """The queue of a batch: the replay lane when every item is a replayed dead letter."""
+    replayed = all(isinstance(i, dict) and i.get("replayed_from") for i in items)
+    return keys.REPLAY_QUEUE if items and replayed else keys.QUEUE
+
+
 def publish(
     celery: Celery,
     items: list[dict[str, Any]],
     *,
     retry_policy: dict[str, float] | None = None,
     message_id: str | None = None,
+    queue: str = keys.QUEUE,
+    per_message: int | None = None,
 ) -> None:
     """Queue items as `relay.deliver_batch` messages of at most `message_events` each.
 
     The one way items enter the queue: ingest, the delayed-set mover and replays. With a
     `message_id`, publishing the same items again makes the same messages (ids
-    `<message_id>.<n>`), which the workers settle once (relay.runs).
+    `<message_id>.<n>`), which the workers settle once (relay.runs). Replays go to
+    `keys.REPLAY_QUEUE`, the replay lane, in messages of one request's worth of events
+    (`per_message`), so a replay task never holds a worker thread long.
     """
-    size = int(celery.conf.get("relay_message_events", 500))
+    size = per_message or int(celery.conf.get("relay_message_events", 500))
     with celery.producer_or_acquire() as producer:
         for n, start in enumerate(range(0, len(items), size)):
             celery.send_task(
                 keys.TASK_DELIVER,
                 args=[items[start : start + size]],
                 task_id=f"{message_id}.{n}" if message_id else None,
-                queue=keys.QUEUE,
+                queue=queue,
                 producer=producer,
                 retry=True,
                 retry_policy=retry_policy or {},  # {}: Celery's default policy

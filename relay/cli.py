@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from relay import embedded
+from relay import cli_ops, embedded
 from relay.settings import ConfigError, Settings, load_settings
 
 
@@ -65,7 +65,10 @@ def serve() -> None:
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 def worker(celery_args: tuple[str, ...]) -> None:
-    """Run a Celery worker (extra arguments go to `celery worker`)."""
+    """Run a Celery worker of both queues, live and replay (extra arguments go to
+    `celery worker`)."""
+    from relay import keys
+
     settings = _settings()
     try:
         settings.require_app_key()
@@ -74,7 +77,8 @@ def worker(celery_args: tuple[str, ...]) -> None:
     env = dict(os.environ, RELAY_REDIS_URL=_redis_url(settings))
     command = [
         sys.executable, "-m", "celery", "-A", "workers.app", "worker",
-        "-Q", "relay", "--pool", "threads", "-c", str(settings.worker_concurrency),
+        "-Q", f"{keys.QUEUE},{keys.REPLAY_QUEUE}", "--pool", "threads",
+        "-c", str(settings.worker_concurrency),
         "--without-gossip", "--without-mingle", "--loglevel", settings.log_level.upper(),
         *celery_args,
     ]  # fmt: skip
@@ -201,6 +205,15 @@ def _status_table(data: dict[str, Any]) -> Any:
     table.add_row("delivered /s (1 min)", f"{data['rates']['delivered']['per_s']:,}")
     if data["redis_memory_fraction"]:
         table.add_row("Redis memory (of maxmemory)", f"{data['redis_memory_fraction']:.0%}")
+    replay = data["replay"]
+    if replay["replayed"] or replay["queued_messages"]:
+        table.add_row(
+            "replay lane",
+            f"{replay['delivered']:,} of {replay['replayed']:,} delivered, "
+            f"{replay['queued_messages']:,} messages queued",
+        )
+    if data["learned_rate_rps"] is not None:
+        table.add_row("learned rate", f"{data['learned_rate_rps']:,} req/s")
     if data["paused_for_s"]:
         table.add_row("[yellow]ChurnZero paused[/]", f"{data['paused_for_s']:.1f} s")
     if data.get("churnzero_problem"):
@@ -208,6 +221,10 @@ def _status_table(data: dict[str, Any]) -> Any:
     for reason, n in data["dead_letters"].items():
         if n:
             table.add_row(f"  dead: {reason}", f"{n:,}")
+    for row in data["names"]["held"]:
+        table.add_row(f"[yellow]held new name[/] {row['kind']}", row["name"])
+    for row in data["names"]["new"][:10]:
+        table.add_row(f"new name {row['kind']}", row["name"])
     return table
 
 
@@ -338,19 +355,30 @@ def _selected(
 @_REASON
 @_SINCE
 @_UNTIL
+@click.option("--dry-run", is_flag=True, help="Say what a replay would do; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run: machine-readable.")
 def dlq_replay(
-    ids: tuple[str, ...], every: bool, reason: str | None, since: float | None, until: float | None
-) -> None:
+    ids: tuple[str, ...], every: bool, reason: str | None, since: float | None,
+    until: float | None, dry_run: bool, as_json: bool,
+) -> None:  # fmt: skip
     """Send dead letters through the normal path again (translation re-runs)."""
     from functools import partial
 
     from rich.progress import Progress
 
-    from relay import broker, deadletter
+    from relay import broker, deadletter, keys
 
     settings = _settings()
     r = _redis(settings)
-    publish = partial(broker.publish, broker.make_celery(settings, _redis_url(settings)))
+    if dry_run:
+        _dry_run(settings, r, ids, every, reason, since, until, as_json)
+        return
+    celery = broker.make_celery(settings, _redis_url(settings))
+    # Replays go to their own lane: a bounded share of the rate while live events flow.
+    publish = partial(
+        broker.publish, celery, queue=keys.REPLAY_QUEUE,
+        per_message=settings.churnzero_batch_size,
+    )  # fmt: skip
 
     total, pages = _selected(r, ids, every, reason, since, until)
     replayed = 0
@@ -360,6 +388,24 @@ def dlq_replay(
             replayed += deadletter.replay(r, page, publish)
             progress.update(task, advance=len(page))
     click.echo(f"replayed {replayed} of {total}")
+
+
+def _dry_run(
+    settings: Settings, r: Any, ids: tuple[str, ...], every: bool, reason: str | None,
+    since: float | None, until: float | None, as_json: bool,
+) -> None:  # fmt: skip
+    _check_reason(reason)
+    if ids and (every or reason):
+        raise click.UsageError("give ids, or --all / --reason, not both")
+    if not ids and not every and not reason:
+        raise click.UsageError("give entry ids, --all or --reason")
+    selection = {
+        "reason": reason,
+        "ids": list(ids) if ids else None,
+        "since": since,
+        "until": until,
+    }
+    cli_ops.print_dry_run(settings, r, selection, as_json)
 
 
 @dlq.command("purge")
@@ -397,6 +443,9 @@ def dlq_export(file: str, reason: str | None) -> None:
         written = deadletter.export(r, out.write, reason=reason)
     click.echo(f"exported {written}", err=True)
 
+
+cli_ops.register(main, _settings, _redis)
+cli_ops.register_names(main, _settings, _redis)
 
 if __name__ == "__main__":
     main()

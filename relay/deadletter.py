@@ -30,6 +30,7 @@ REASONS = (
     "rejected",
     "retries_exhausted",
     "worker_error",
+    "new_name",
 )
 CLAIM_S = 300  # a replay's hold on an entry; a crashed replay frees it after this
 
@@ -183,6 +184,21 @@ def count(
     return int(r.zcount(index, low, high))
 
 
+def replay_item(entry: dict[str, Any], now: float) -> dict[str, Any]:
+    """The queued item a replay of this entry publishes (a dry run previews the same)."""
+    item = dict(entry["item"])
+    # A fresh start: attempts and max age count from the replay.
+    item["attempts"] = 0
+    item["first_failure"] = None
+    item["received_at"] = now
+    item["replayed_from"] = entry["id"]
+    # Parsed again from scratch (a relaxed rule may take it now); the identity
+    # wait starts again too.
+    item.pop("rejected", None)
+    item.pop("first_seen", None)
+    return item
+
+
 def replay(
     r: redis.Redis,
     ids: list[str],
@@ -199,19 +215,8 @@ def replay(
     claimed = [entry_id for entry_id, won in zip(ids, pipe.execute(), strict=True) if won]
     try:
         entries = get_many(r, claimed)
-        items = []
-        for entry in entries:
-            item = dict(entry["item"])
-            # A fresh start: attempts and max age count from the replay.
-            item["attempts"] = 0
-            item["first_failure"] = None
-            item["received_at"] = time.time()
-            item["replayed_from"] = entry["id"]
-            # Parsed again from scratch (a relaxed rule may take it now); the identity
-            # wait starts again too.
-            item.pop("rejected", None)
-            item.pop("first_seen", None)
-            items.append(item)
+        now = time.time()
+        items = [replay_item(entry, now) for entry in entries]
         if items:
             publish(items)
             pipe = r.pipeline(transaction=False)

@@ -137,6 +137,17 @@ return 0
 """
 
 
+# After _COMMON. Read only (preview, dry runs): one flag per pair, 1 = another copy holds it.
+_PEEK = """
+local out = {}
+for i = 4, #ARGV, 2 do
+  local found = find(ARGV[i], hash(ARGV[i]))
+  out[#out + 1] = (found and found ~= ARGV[i + 1]) and 1 or 0
+end
+return out
+"""
+
+
 class Dedupe:
     """Claims and releases messageIds (sync Redis client)."""
 
@@ -153,6 +164,7 @@ class Dedupe:
             header = oom.header(r)
         self._claim = r.register_script(header + _COMMON + _CLAIM)
         self._release = r.register_script(header + _COMMON + _RELEASE)
+        self._peek = r.register_script(_COMMON + _PEEK)
 
     def duplicates(self, items: list[dict[str, Any]]) -> set[str]:
         """Relay ids of items whose messageId another copy already claimed."""
@@ -163,6 +175,17 @@ class Dedupe:
         for digest, tag, _ in pairs:
             args += [digest, tag]
         flags = self._claim(keys=[keys.DEDUPE], args=args)
+        return {rid for (_, _, rid), dup in zip(pairs, flags, strict=True) if int(dup)}
+
+    def peek(self, items: list[dict[str, Any]]) -> set[str]:
+        """What `duplicates` would say now, claiming nothing (a preview, a dry run)."""
+        pairs = _pairs(items)
+        if not pairs or self._window <= 0:
+            return set()
+        args: list[Any] = [self._clock(), self._window, self._span]
+        for digest, tag, _ in pairs:
+            args += [digest, tag]
+        flags = self._peek(keys=[keys.DEDUPE], args=args)
         return {rid for (_, _, rid), dup in zip(pairs, flags, strict=True) if int(dup)}
 
     def release(self, items: list[dict[str, Any]]) -> None:

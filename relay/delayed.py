@@ -46,11 +46,12 @@ return 0
 """
 
 
-def stage_schedule(pipe: Any, items: list[Item], due: float) -> None:
-    """Queue on a pipeline: these items come back to the queue at `due` (unix time)."""
+def stage_schedule(pipe: Any, items: list[Item], due: float, cause: str = "") -> None:
+    """Queue on a pipeline: these items come back to the queue at `due` (unix time);
+    `cause` (why they wait) is kept for `relay trace`."""
     if not items:
         return
-    member = orjson.dumps({"id": uuid.uuid4().hex, "items": items})
+    member = orjson.dumps({"id": uuid.uuid4().hex, "items": items, "cause": cause})
     pipe.zadd(keys.DELAYED, {member: due})
     pipe.incrby(keys.DELAYED_EVENTS, len(items))
 

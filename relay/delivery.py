@@ -20,14 +20,14 @@ from typing import Any
 import orjson
 import structlog
 
-from relay import broker, deadletter, delayed, identity, keys, oom, retry, status
+from relay import broker, deadletter, delayed, identity, keys, names, oom, retry, status, trace
 from relay.churnzero import ChurnZeroClient
 from relay.dedupe import Dedupe
 from relay.mapping import Mapping
 from relay.runs import Claim, Runs, State
 from relay.settings import VISIBILITY_MARGIN_S, Settings
 from relay.settlement import Outcomes, Policy, Unsent, group_later, settle, worst
-from relay.throttle import Throttle
+from relay.throttle import ADAPT_MAX_WAIT_S, REPLAY_MAX_WAIT_S, Throttle
 from relay.translate import Command, lookup_keys, parse_items, plan_batch
 
 log = structlog.get_logger("relay.delivery")
@@ -48,6 +48,7 @@ class Report:
 
     received: int = 0
     delivered: int = 0
+    lane: str = "live"  # or "replay": every event of the message is a replayed dead letter
     already_settled: bool = False
     skipped: Counter[str] = field(default_factory=Counter)
     dead: Counter[str] = field(default_factory=Counter)
@@ -89,9 +90,11 @@ class Delivery:
             lease_s=settings.task_time_limit_s + VISIBILITY_MARGIN_S,
             ttl_s=settings.run_record_ttl_s,
         )
+        self.names = names.Names(r, max_per_kind=settings.names_max)
         self.throttle = Throttle(
-            r, rate_limit_rps=settings.rate_limit_rps, outage_threshold=settings.outage_threshold
-        )
+            r, rate_limit_rps=settings.rate_limit_rps, outage_threshold=settings.outage_threshold,
+            replay_share=settings.replay_share, adaptive=settings.adaptive_rate,
+        )  # fmt: skip
         key, eiv = settings.churnzero_app_key, settings.churnzero_eiv_secret
         self.client = ChurnZeroClient(
             settings.churnzero_url,
@@ -167,14 +170,16 @@ class Delivery:
 
     def _deliver(self, items: list[Item], claim: Claim, deadline: float) -> Report:
         now = time.time()
-        report = Report(received=len(items))
+        report = Report(received=len(items), lane=lane_of(items))
         parsed, bad = parse_items(items)
         dead = [deadletter.new_entry(i, "invalid_event", errors=e, now=now) for i, e in bad]
         dups = self.dedupe.duplicates([item for item, _ in parsed])
         report.skipped["duplicate"] += len(dups)
+        skipped = [(item, "duplicate") for item, _ in parsed if item["id"] in dups]
         parsed = [(item, event) for item, event in parsed if item["id"] not in dups]
         known = identity.lookup(self.redis, lookup_keys(parsed, self.mapping))
         plan = plan_batch(parsed, known, self.mapping)
+        held = names.guard(self.redis, plan, self.settings.new_names, claim.done)
 
         # An earlier run of this message got a 2xx for some events: never send them again.
         outcomes: Outcomes = {rid: _OK for rid in claim.done}
@@ -185,6 +190,7 @@ class Delivery:
         settled = settle(plan, outcomes, now, self.policy)
 
         report.delivered = len(settled.delivered)
+        delivered = {item["id"] for item in settled.delivered}
         report.skipped.update(settled.skipped)
         dead += settled.dead
         later = group_later(settled.later)
@@ -195,10 +201,17 @@ class Delivery:
 
         def write(pipe: Any) -> None:
             identity.stage_store(pipe, plan.learned, self.settings.identity_ttl_s)
-            for batch, due, _ in later:
-                delayed.stage_schedule(pipe, batch, due)
+            for batch, due, cause in later:
+                delayed.stage_schedule(pipe, batch, due, cause)
             deadletter.stage_add(pipe, dead)
             _stage_stats(pipe, report, now)
+            sent = [(item, cmds) for item, cmds in plan.send if item["id"] in delivered]
+            self.names.stage_learn(pipe, names.sent_names(sent))
+            self.names.stage_held(pipe, held)
+            trace.stage_record(
+                pipe, self.settings.trace_size, delivered=sent,
+                skipped=skipped + plan.skipped, dead=dead,
+            )  # fmt: skip
 
         # Past the sends, what ChurnZero accepted is known only here: hold on to it
         # through a Redis blip rather than give the message back to be sent again.
@@ -279,10 +292,15 @@ class Delivery:
             todo = chunks[1:]
         if not todo:
             return 0.0, "paused"
-        delays = self.throttle.reserve(len(todo), MAX_RATE_WAIT_S)
+        replay = report.lane == "replay"
+        learning = self.settings.adaptive_rate and not self.settings.rate_limit_rps
+        horizon = ADAPT_MAX_WAIT_S if learning else MAX_RATE_WAIT_S
+        delays = self.throttle.reserve(
+            len(todo), min(REPLAY_MAX_WAIT_S, horizon) if replay else horizon, report.lane
+        )
         if isinstance(delays, float):
             self.redis.hincrby(keys.STATS, "ratelimit_waits", 1)
-            return delays, "paused"
+            return delays, "replay_share" if replay else "paused"
         if any(d > 0 for d in delays):
             self.redis.hincrby(keys.STATS, "ratelimit_waits", 1)
         # Chunks beyond the reserved slots stay unsent and come back after the last slot.
@@ -340,7 +358,8 @@ class Delivery:
             return self.throttle.gate().wait_s
         failures = [o for o in sent if o.kind is retry.Kind.RETRYABLE]
         waits = [o.retry_after_s for o in failures if o.retry_after_s is not None]
-        # A 429 without Retry-After still means "slow down": hold everyone back a second.
+        # A 429 without Retry-After still means "slow down": hold everyone back a second
+        # (with the self-tuning rate on, a cut of the learned rate instead: relay.throttle).
         if any(o.status == 429 for o in failures) and not waits:
             waits = [1.0]
         cap = self.settings.retry_after_cap_s
@@ -348,6 +367,7 @@ class Delivery:
             successes=len(sent) - len(failures),
             failures=len([o for o in failures if o.status != 429]),
             retry_after_s=retry.clamp_retry_after(max(waits), cap) if waits else None,
+            throttled=len([o for o in failures if o.status == 429]),
         )
 
 
@@ -382,8 +402,15 @@ def _chunk(send: list[tuple[Item, list[Command]]], size: int) -> list[_Chunk]:
     return chunks
 
 
+def lane_of(items: list[Any]) -> str:
+    """`replay` when every item is a replayed dead letter, else `live`."""
+    return "replay" if broker.queue_of(items) == keys.REPLAY_QUEUE else "live"
+
+
 def _stage_stats(pipe: Any, report: Report, now: float) -> None:
     counts = {"delivered": report.delivered}
+    if report.lane == "replay":
+        counts["replay_delivered"] = report.delivered
     counts.update({f"skipped:{k}": v for k, v in report.skipped.items()})
     counts.update({f"requests:{k}": v for k, v in report.requests.items()})
     counts.update({f"retried:{k}": v for k, v in report.retried.items()})

@@ -104,10 +104,11 @@ class QueueGate:
             pipe.get(keys.DEPTH_READY)
             pipe.get(keys.DELAYED_EVENTS)
             pipe.llen(keys.QUEUE)
+            pipe.llen(keys.REPLAY_QUEUE)
             pipe.info("memory")
             counted = self._queued_bytes
-            ready, delayed, messages, memory = await pipe.execute()
-            self.waiting = queue_state.backlog(ready, delayed, messages)
+            ready, delayed, live, replay, memory = await pipe.execute()
+            self.waiting = queue_state.backlog(ready, delayed, int(live) + int(replay))
             self.used_memory = int(memory.get("used_memory", 0))
             self.maxmemory = int(memory.get("maxmemory", 0))
             self._queued_bytes -= counted  # now inside used_memory

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 PREFIX = "relay:"
 
-# The Celery queue ingest publishes to and workers consume.
+# The Celery queue ingest publishes to and workers consume, and the replay lane's queue.
 QUEUE = "relay"
+REPLAY_QUEUE = "relay.replay"
 TASK_DELIVER = "relay.deliver_batch"
 # kombu's Redis transport keeps delivered-but-unacked messages here (read-only for us).
 CELERY_UNACKED = "unacked"
@@ -57,6 +58,23 @@ RATE_LIMIT = PREFIX + "throttle:gcra"
 # (a redirect, an HTML 200), kept a while so status shows why delivery is paused.
 CHURNZERO_PROBLEM = PREFIX + "churnzero:problem"
 
+# The replay lane: its own GCRA, and flags (2 s) saying a lane reserved a slot lately.
+RATE_LIMIT_REPLAY = PREFIX + "throttle:gcra:replay"
+LANE_LIVE = PREFIX + "throttle:lane:live"
+LANE_REPLAY = PREFIX + "throttle:lane:replay"
+# The self-tuning rate: HASH of the learned rate and the recent 2xx counts.
+ADAPTIVE_RATE = PREFIX + "throttle:adaptive"
+
+# The record of recent settlements `relay trace` reads: a STREAM capped at trace_size
+# entries, one per event delivered (with its commands), skipped or dead-lettered.
+TRACE = PREFIX + "trace"
+
+# The new-name guard (relay.names): a SET per kind of the names sent to ChurnZero, a ZSET
+# of the newest new names ("kind:name" -> first sent) and one of the names held.
+NAMES = PREFIX + "names:known:"
+NAMES_NEW = PREFIX + "names:new"
+NAMES_HELD = PREFIX + "names:held"
+
 # Embedded-Redis ownership (a lock file, not a key) lives in the state dir.
 
 
@@ -68,6 +86,11 @@ def dlq_reason(reason: str) -> str:
 def identity(user_key: str) -> str:
     """The identity-map entry of one user key (`u:<userId>` or `a:<anonymousId>`)."""
     return IDENTITY + user_key
+
+
+def names(kind: str) -> str:
+    """The names of one kind (event, account_attribute, contact_attribute) sent so far."""
+    return NAMES + kind
 
 
 def run(message_id: str) -> str:

@@ -112,6 +112,7 @@ _COUNTERS = {
     "requests": ("relay_churnzero_requests", "Requests to ChurnZero by outcome.", "outcome"),
     "retried": ("relay_retried_events", "Events put back for a later try, by cause.", "cause"),
     "replayed": ("relay_replayed_events", "Dead letters replayed.", None),
+    "new_names": ("relay_new_names", "Names never sent to ChurnZero before, by kind.", "kind"),
     "ratelimit_waits": ("relay_ratelimit_waits", "Times a worker waited for the rate limit.", None),
 }
 

@@ -29,6 +29,9 @@ return 0
 )
 
 
+_SCRIPT_COMMANDS = frozenset({"EVAL", "EVALSHA", "EVAL_RO", "EVALSHA_RO", "FCALL", "FCALL_RO"})
+
+
 def script_flags(r: Any) -> bool:
     """Whether the server knows script flags (Redis 7+)."""
     return int(str(r.info("server").get("redis_version", "0")).split(".")[0]) >= 7
@@ -44,7 +47,10 @@ def execute(r: Any, pipe: Any) -> None:
 
     Their replies are not returned: for pipelines of writes whose results are unused.
     """
-    if not script_flags(r):
+    if not script_flags(r) or any(
+        str(command[0]).upper() in _SCRIPT_COMMANDS for command, _ in pipe.command_stack
+    ):
+        # A script cannot call another script: such a pipeline runs as a plain MULTI.
         pipe.execute()
         return
     args: list[Any] = []

@@ -271,6 +271,45 @@ def _paths() -> Schema:
         "admin_dlq_replay", "dead letters sent through delivery again", "replayed"
     )
     paths["/admin/api/dlq/purge"] = _admin_post("admin_dlq_purge", "dead letters deleted", "purged")
+    verdict = _object(
+        {"index": _INTEGER, "type": _STRING, "user": _STRING, "outcome": _STRING,
+         "reason": {**_STRING, "nullable": True}, "commands": {"type": "array", "items": _OBJECT},
+         "errors": {"type": "array"}},
+        "index", "outcome", "commands",
+    )  # fmt: skip
+    previewed = _object({"events": {"type": "array", "items": verdict}}, "events")
+    preview_body = {"anyOf": [_ref("Event"), {"type": "array", "items": _ref("Event")},
+                              _ref("BatchRequest")]}  # fmt: skip
+    too_big = _response("body over the server's size limit", _STRING, "text/plain")
+    paths["/admin/api/preview"] = {
+        "post": {
+            "operationId": "admin_preview",
+            "summary": "the ChurnZero commands these events would produce now (nothing is sent)",
+            "parameters": [
+                {
+                    "name": "source",
+                    "in": "query",
+                    "schema": {"type": "string", "enum": ["api", "webhook"]},
+                },
+            ],
+            "requestBody": {"required": True, "content": _content(preview_body)},
+            "responses": {
+                "200": _response("a verdict per event", previewed),
+                "400": _ADMIN_400,
+                **_ADMIN_ERRORS,
+                "413": too_big,
+            },
+            **_ADMIN,
+        }
+    }
+    found = _object({"found": {"type": "array", "items": _OBJECT}}, "found")
+    paths["/admin/api/trace/{id}"] = _get(
+        "admin_trace",
+        "where the event with this messageId (or relay id) is",
+        {"200": _response("every place it was found", found), **_ADMIN_ERRORS},
+        parameters=[{"name": "id", "in": "path", "required": True, "schema": _STRING}],
+        **_ADMIN,
+    )
     return paths
 
 

@@ -77,15 +77,17 @@ def snapshot(r: Any, now: float | None = None) -> Snapshot:
     pipe.get(keys.DELAYED_EVENTS)
     pipe.llen(keys.QUEUE)
     pipe.lindex(keys.QUEUE, -1)
+    pipe.llen(keys.REPLAY_QUEUE)
     pipe.get(keys.PAUSE_UNTIL)
     pipe.hgetall(keys.STATS)
     pipe.hlen(keys.CELERY_UNACKED)
     pipe.info("memory")
     for reason in deadletter.REASONS:
         pipe.zcard(keys.dlq_reason(reason))
-    ready, inflight, delayed, messages, oldest, pause, stats, unacked, memory, *dead = (
+    ready, inflight, delayed, live, oldest, replay, pause, stats, unacked, memory, *dead = (
         pipe.execute()
     )
+    messages = _int(live) + _int(replay)
     if not unacked:  # as for ready_events: nothing unacked, nothing in flight
         inflight = 0
     dead_by_reason = dict(zip(deadletter.REASONS, (_int(d) for d in dead), strict=True))

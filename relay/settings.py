@@ -63,6 +63,10 @@ class Settings(BaseSettings):
 
     worker_concurrency: int = Field(4, ge=1)
     rate_limit_rps: float = Field(0.0, ge=0)  # requests/s to ChurnZero, all workers; 0 = none
+    # Learn ChurnZero's unpublished limit from its 429s (AIMD), under rate_limit_rps if set.
+    adaptive_rate: bool = True
+    # The share of the rate replays get while live events flow (all of it otherwise).
+    replay_share: float = Field(0.2, gt=0, le=1)
     max_age_s: float = Field(4 * 3600, gt=0)
     identity_wait_s: float = Field(600, ge=0)
     identity_ttl_s: int = Field(365 * 24 * 3600, ge=60)  # forget users not identified since
@@ -82,6 +86,15 @@ class Settings(BaseSettings):
     # How long a message's run record (settled mark, events already delivered) is kept:
     # a redelivery of the message within it is recognised and not sent again.
     run_record_ttl_s: int = Field(3600, ge=60)
+
+    # New ChurnZero names (event types, fields): "count" them, or "hold" (dead-letter the
+    # event as new_name until `relay names allow`). At most names_max remembered per kind.
+    new_names: str = "count"
+    names_max: int = Field(10_000, ge=1)
+
+    # Events the record of recent settlements keeps for `relay trace` (0: none). About
+    # 0.3 KB of Redis per delivered track, 1 KB per 5-trait identify (see README).
+    trace_size: int = Field(100_000, ge=0)
 
     log_level: str = "info"
     log_format: str = "auto"  # auto | json | console
@@ -111,6 +124,13 @@ class Settings(BaseSettings):
     def _log_format(cls, value: str) -> str:
         if value not in ("auto", "json", "console"):
             raise ValueError("must be auto, json or console")
+        return value
+
+    @field_validator("new_names")
+    @classmethod
+    def _new_names(cls, value: str) -> str:
+        if value not in ("count", "hold"):
+            raise ValueError("must be count or hold")
         return value
 
     @model_validator(mode="after")

@@ -7,7 +7,8 @@ event, exactly one of:
 
     delivered        a 2xx for every request carrying its commands
     skipped          the plan skipped it (a counted reason)
-    dead             invalid, rejected by ChurnZero, retries exhausted, never resolved
+    dead             invalid, rejected by ChurnZero, retries exhausted, never resolved,
+                     or held by the new-name guard
     later            back to the delayed set at a due time, with a cause
 
 Every deferral, whatever its cause, is aged from the event's receipt against
@@ -97,6 +98,8 @@ def settle(
         out.skipped[reason] += 1
     for item, problems in plan.invalid_event + plan.invalid_command:
         out.dead.append(deadletter.new_entry(item, "invalid_command", errors=problems, now=now))
+    for item, problems in plan.held:
+        out.dead.append(deadletter.new_entry(item, "new_name", errors=problems, now=now))
     for item in plan.unresolved:
         _wait_for_identity(item, now, policy, out, rng)
     for item, _ in plan.send:
@@ -184,11 +187,13 @@ def attempted(item: Item, now: float) -> Item:
 def group_later(
     later: list[tuple[list[Item], float, str]],
 ) -> list[tuple[list[Item], float, str]]:
-    """One delayed-set member per cause and due second keeps the set small."""
-    groups: dict[tuple[str, int], tuple[list[Item], float]] = {}
+    """One delayed-set member per cause and due second keeps the set small; replayed
+    dead letters apart from live events, so they come back in their own lane."""
+    groups: dict[tuple[str, int, bool], tuple[list[Item], float]] = {}
     for items, due, cause in later:
-        key = (cause, int(due))
-        batch, first_due = groups.get(key, ([], due))
-        batch.extend(items)
-        groups[key] = (batch, min(first_due, due))
-    return [(batch, due, cause) for (cause, _), (batch, due) in groups.items()]
+        for item in items:
+            key = (cause, int(due), bool(item.get("replayed_from")))
+            batch, first_due = groups.get(key, ([], due))
+            batch.append(item)
+            groups[key] = (batch, min(first_due, due))
+    return [(batch, due, cause) for (cause, _, _), (batch, due) in groups.items()]

@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 
-from relay import keys, queue_state
+from relay import keys, names, queue_state
 
 WINDOW_S = 60
 PROBLEM_TTL_S = 600  # a problem not seen again for this long is taken as fixed
@@ -90,4 +90,22 @@ def report(r: Any) -> dict[str, Any]:
         "rates": rates(r, now),
         "counters": snap.stats,
         "churnzero_problem": churnzero_problem(r),
+        "names": names.report(r),
+        "replay": replay_progress(r, snap.stats),
+        "learned_rate_rps": learned_rate(r),
     }
+
+
+def replay_progress(r: Any, stats: dict[str, int]) -> dict[str, int]:
+    """The replay lane: messages waiting in it, events replayed and delivered so far."""
+    return {
+        "queued_messages": int(r.llen(keys.REPLAY_QUEUE)),
+        "replayed": stats.get("replayed", 0),
+        "delivered": stats.get("replay_delivered", 0),
+    }
+
+
+def learned_rate(r: Any) -> float | None:
+    """The self-tuning rate (requests/s) the workers learned, None before any 429."""
+    value = r.hget(keys.ADAPTIVE_RATE, "rate")
+    return round(float(value), 2) if value else None

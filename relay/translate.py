@@ -216,6 +216,8 @@ class Plan:
     unresolved: list[dict[str, Any]] = field(default_factory=list)
     invalid_event: list[tuple[dict[str, Any], list[str]]] = field(default_factory=list)
     invalid_command: list[tuple[dict[str, Any], list[str]]] = field(default_factory=list)
+    # Held by the new-name guard (relay.names), with the names: never planned here.
+    held: list[tuple[dict[str, Any], list[str]]] = field(default_factory=list)
     learned: dict[str, Ids] = field(default_factory=dict)
 
 

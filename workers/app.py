@@ -40,7 +40,7 @@ _stop = threading.Event()
 
 def _move_forever() -> None:
     def publish(items: list[dict[str, Any]], message_id: str) -> None:
-        broker.publish(app, items, message_id=message_id)
+        broker.publish(app, items, message_id=message_id, queue=broker.queue_of(items))
 
     mover = Mover(state, publish)
     while not _stop.is_set():

@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from tests.bench import e2e, harness, ingest, ratelimit, wrk
+from tests.bench import adaptive, e2e, harness, ingest, ratelimit, replay, wrk
 from tests.bench.harness import Env, say
 
 BENCHMARKS: dict[str, Callable[[Env], dict[str, Any]]] = {
@@ -24,6 +24,8 @@ BENCHMARKS: dict[str, Callable[[Env], dict[str, Any]]] = {
     "ingest_batch": ingest.ingest_batch,
     "e2e": e2e.e2e,
     "ratelimit": ratelimit.ratelimit,
+    "replay": replay.replay,
+    "adaptive": adaptive.adaptive,
 }
 
 
@@ -46,7 +48,13 @@ def _extra(result: dict[str, Any]) -> str:
         )
     if name == "e2e":
         return f"worker RSS {result['worker_rss_mb']:.0f} MB, p50 {result['p50_ms']:.0f} ms"
-    if name == "ratelimit":
+    if name == "replay":
+        return (
+            f"live p99 {result['live_alone']['p99_ms']:.0f} -> "
+            f"{result['live_beside_replay']['p99_ms']:.0f} ms beside a {result['dead_letters']:,}"
+            f"-event replay ({result['replay_events_per_s_meanwhile']:,.0f} events/s meanwhile)"
+        )
+    if name in ("ratelimit", "adaptive"):
         return (
             f"achieved {result['achieved_rps']:.1f}/{result['limit_rps']:g} rps, "
             f"throttled {result['throttled_fraction']:.2%}"

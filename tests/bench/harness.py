@@ -263,7 +263,7 @@ def start_relay_worker(
     env = relay_env(redis_url, churnzero_url=sandbox_url + "/i", **settings)
     return children.start(
         label,
-        [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", "relay",
+        [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", "relay,relay.replay",
          "--pool", "threads", "-c", "4", "--without-gossip", "--without-mingle",
          "--without-heartbeat", "-l", "WARNING", "-n", f"bench-{label}-{os.getpid()}@%h"],
         env,

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -90,7 +91,10 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 20) -> None:
 
 def settled(r: redis.Redis) -> bool:
     """Nothing queued, in flight or delayed."""
-    return r.llen("relay") == 0 and r.hlen("unacked") == 0 and r.zcard("relay:delayed") == 0
+    return (
+        r.llen("relay") == 0 and r.llen("relay.replay") == 0 and r.hlen("unacked") == 0
+        and r.zcard("relay:delayed") == 0
+    )  # fmt: skip
 
 
 def wait_http(url: str, proc: Proc, timeout: float = 30) -> None:
@@ -191,8 +195,9 @@ def start_worker(redis_url: str, sandbox: Sandbox, tmp_path: Path) -> Iterator[S
         settings.setdefault("churnzero_url", sandbox.url + "/i")
         env = relay_env(settings.pop("redis_url", redis_url), **settings)
         proc = Proc(
-            [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", "relay",
-             "--pool", "threads", "-c", str(concurrency), "--without-gossip",
+            [sys.executable, "-m", "celery", "-A", "workers.app", "worker",
+             "-Q", "relay,relay.replay", "--pool", "threads", "-c", str(concurrency),
+             "--without-gossip",
              "--without-mingle", "--without-heartbeat", "-l", "INFO",
              "-n", f"w{len(started)}-{os.getpid()}@%h"],
             env,
@@ -233,13 +238,14 @@ def url_of(r: redis.Redis) -> str:
     return f"redis://{kw['host']}:{kw['port']}/{kw['db']}"
 
 
-def queued_items(r: redis.Redis) -> list[dict[str, Any]]:
-    """Every item waiting in the Celery queue `relay`, oldest first (read-only peek)."""
+def queued_items(r: redis.Redis, queue: str = "relay") -> list[dict[str, Any]]:
+    """Every item waiting in a Celery queue (`relay`, or the replay lane's `relay.replay`),
+    oldest first (read-only peek)."""
     import base64
     import json
 
     out = []
-    for raw in reversed(r.lrange("relay", 0, -1)):
+    for raw in reversed(r.lrange(queue, 0, -1)):
         envelope = json.loads(raw)
         assert envelope["headers"]["task"] == "relay.deliver_batch"
         body = envelope["body"]
@@ -373,3 +379,68 @@ def browser() -> Iterator[Any]:
         chromium.close()
     finally:
         playwright.stop()
+
+
+TOKEN = "t0k"  # the admin token of the browser tests
+WAIT_MS = 10_000  # the page polls every 2 s
+
+
+@dataclass
+class Seen:
+    """What a page did besides drawing: the URLs it fetched and its script errors."""
+
+    requests: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+@pytest.fixture
+def seen() -> Seen:
+    """What the test's page fetched and its script errors."""
+    return Seen()
+
+
+@pytest.fixture
+def page(browser: Any, seen: Seen) -> Iterator[Any]:
+    """A fresh page (its own sessionStorage), watched by `seen`."""
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=WAIT_MS)
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    tab = context.new_page()
+    tab.on("request", lambda request: seen.requests.append(request.url))
+    tab.on("pageerror", lambda error: seen.errors.append(str(error)))
+    yield tab
+    context.close()
+
+
+def log_in(page: Any, url: str, token: str) -> None:
+    """Log in to the admin page with a token."""
+    page.goto(url + "/admin")
+    page.fill("#token", token)
+    page.click("#login-submit")
+
+
+def relay_cli(
+    r: redis.Redis, *args: str, stdin: bytes | None = None, **settings: Any
+) -> subprocess.CompletedProcess[str]:
+    """Run the `relay` CLI against the test database (with these settings)."""
+    return subprocess.run(
+        [sys.executable, "-m", "relay.cli", *args],
+        input=stdin.decode() if stdin is not None else None,
+        capture_output=True, text=True, cwd=ROOT, env=relay_env(url_of(r), **settings),
+        timeout=60,
+    )  # fmt: skip
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text output (0 when absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith("#") or " " not in line:
+            continue
+        sample, value = line.rsplit(" ", 1)
+        sample_name, _, rest = sample.partition("{")
+        got = ",".join(sorted(rest.rstrip("}").split(","))) if rest else ""
+        if sample_name == name and got == want:
+            return float(value)
+    return 0.0

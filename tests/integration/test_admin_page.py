@@ -6,8 +6,7 @@ browser download is not used). Without them the tests skip locally and fail in C
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,45 +14,9 @@ import pytest
 import redis
 import requests
 
-from tests.integration.conftest import WRITE_KEY, queued_items
+from tests.integration.conftest import TOKEN, WRITE_KEY, Seen, log_in, queued_items
 
 pytestmark = pytest.mark.integration
-
-TOKEN = "t0k"
-WAIT_MS = 10_000  # the page polls every 2 s
-
-
-@dataclass
-class Seen:
-    """What a page did besides drawing: the URLs it fetched and its script errors."""
-
-    requests: list[str] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-
-
-@pytest.fixture
-def seen() -> Seen:
-    return Seen()
-
-
-@pytest.fixture
-def page(browser: Any, seen: Seen) -> Iterator[Any]:
-    """A fresh page (its own sessionStorage), watched by `seen`."""
-    from playwright.sync_api import expect
-
-    expect.set_options(timeout=WAIT_MS)
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    tab = context.new_page()
-    tab.on("request", lambda request: seen.requests.append(request.url))
-    tab.on("pageerror", lambda error: seen.errors.append(str(error)))
-    yield tab
-    context.close()
-
-
-def log_in(page: Any, url: str, token: str) -> None:
-    page.goto(url + "/admin")
-    page.fill("#token", token)
-    page.click("#login-submit")
 
 
 def test_dashboard_shows_the_queue_and_replays_a_dead_letter(
@@ -94,11 +57,17 @@ def test_dashboard_shows_the_queue_and_replays_a_dead_letter(
     expect(rows).to_have_count(0)
     expect(page.locator("#dlq-empty")).to_be_visible()
     assert r.hlen("relay:dlq:entries") == 0
-    replayed = [item for item in queued_items(r) if item.get("replayed_from") == dead_id]
+    replayed = [
+        item for item in queued_items(r, "relay.replay") if item.get("replayed_from") == dead_id
+    ]
     assert len(replayed) == 1
     assert replayed[0]["event"]["userId"] == "u1"
     expect(page.locator("#depth-dead")).to_have_text("0")
     expect(page.locator("#depth-ready")).to_have_text("2")
+    # The replay waits in its own lane, and the page says so.
+    expect(page.locator("[data-testid=replay-progress]")).to_contain_text(
+        "0 of 1 replayed events delivered, 1 messages queued"
+    )
 
     # Works offline: the page fetched nothing but the relay itself, and raised nothing.
     assert all(u.startswith(url + "/admin") for u in seen.requests), seen.requests

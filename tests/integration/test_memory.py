@@ -17,8 +17,7 @@ import requests
 from kombu.exceptions import OperationalError
 
 from tests.conftest import free_port, start_redis
-from tests.integration.conftest import WRITE_KEY, Sandbox, Starter
-from tests.integration.test_delivery import settled, wait_for
+from tests.integration.conftest import WRITE_KEY, Sandbox, Starter, settled, wait_for
 
 pytestmark = pytest.mark.integration
 AUTH = (WRITE_KEY, "")

@@ -23,6 +23,7 @@ from tests.integration.conftest import (
     WRITE_KEY,
     Sandbox,
     Starter,
+    metric,
     relay_env,
     settled,
     sign,
@@ -32,20 +33,6 @@ from tests.integration.conftest import (
 
 pytestmark = pytest.mark.integration
 AUTH = (WRITE_KEY, "")
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one sample in Prometheus text output (0 when absent)."""
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-    for line in text.splitlines():
-        if line.startswith("#") or " " not in line:
-            continue
-        sample, value = line.rsplit(" ", 1)
-        sample_name, _, rest = sample.partition("{")
-        got = ",".join(sorted(rest.rstrip("}").split(","))) if rest else ""
-        if sample_name == name and got == want:
-            return float(value)
-    return 0.0
 
 
 def test_metrics_follow_the_events(

@@ -1,0 +1,36 @@
+"""The new-name guard's pure part: which names commands send, which events it holds."""
+
+from __future__ import annotations
+
+from relay import names
+from relay.translate import Plan
+
+IDS = {"accountExternalId": "A", "contactExternalId": "C"}
+
+
+def track(name: str) -> dict[str, object]:
+    return {**IDS, "action": "trackEvent", "eventName": name, "eventDate": "2024-01-01T00:00:00Z"}
+
+
+def attribute(entity: str, name: str) -> dict[str, object]:
+    return {**IDS, "action": "setAttribute", "entity": entity, "name": name, "value": 1}
+
+
+def test_names_of_each_kind() -> None:
+    commands = [track("Signed Up"), attribute("contact", "plan"), attribute("account", "plan")]
+    assert names.names_of(commands) == {
+        ("event", "Signed Up"), ("contact_attribute", "plan"), ("account_attribute", "plan"),
+    }  # fmt: skip
+
+
+def test_hold_moves_only_events_with_a_new_name() -> None:
+    plan = Plan(send=[
+        ({"id": "old"}, [track("Known")]),
+        ({"id": "new"}, [attribute("contact", "Known"), attribute("contact", "Plna")]),
+        ({"id": "sent-before"}, [track("Brand New")]),
+    ])  # fmt: skip
+    new = {("contact_attribute", "Plna"), ("event", "Brand New")}
+    held = names.hold(plan, new, exempt={"sent-before"})
+    assert held == {("contact_attribute", "Plna")}
+    assert [item["id"] for item, _ in plan.send] == ["old", "sent-before"]
+    assert plan.held == [({"id": "new"}, ["new contact attribute name: Plna"])]
