@@ -1,8 +1,8 @@
-"""The benchmarks' real parts: Redis database 14, child processes, and results.
+"""The benchmarks' real parts: a Redis database of their own, child processes, and results.
 
 Every child runs in its own process group and is killed with it when its benchmark
-ends, whether it ended well or not. Database 14 is flushed before and after each
-benchmark and no other database is touched.
+ends, whether it ended well or not. The benchmark database (`RELAY_BENCH_REDIS_DB`,
+default 14) is flushed before and after each benchmark and no other database is touched.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ import redis
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench-results"
 LOGS = RESULTS / "logs"
-DB = 14
+# Engineers sharing one Redis give each their own database.
+DB = int(os.environ.get("RELAY_BENCH_REDIS_DB", "14"))
 SECRET = "bench-webhook-secret"
 WRITE_KEY = "bench-write-key"
 APP_KEY = "bench-app-key"
@@ -141,7 +142,7 @@ def wait_http(url: str, proc: Proc, timeout: float = 30) -> None:
 
 
 class Env:
-    """Where the benchmarks run: the Redis URL of database 14 (and our own Redis if the
+    """Where the benchmarks run: the Redis URL of the benchmark database (and our own Redis if the
     machine's does not answer)."""
 
     def __init__(self) -> None:
