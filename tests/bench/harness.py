@@ -236,6 +236,8 @@ def start_ingest(
 ) -> Proc:
     """`relay serve` on a free port, once it answers (its base URL is `.url`)."""
     port = free_port()
+    # One ingest process unless asked: the per-process figures are the ones compared.
+    settings.setdefault("ingest_processes", 1)
     proc = children.start(
         label,
         [sys.executable, "-m", "relay.cli", "serve"],
