@@ -338,12 +338,7 @@ def _resources(
                 status.stage_rate(pipe, "ingested", n, time.time())
                 pipe.execute()
 
-        def stage_count(pipe: Any, n: int) -> None:
-            # In the publish's MULTI: the count moves with the messages, or not at all.
-            pipe.incrby(keys.DEPTH_READY, n)
-            status.stage_rate(pipe, "ingested", n, time.time())
-
-        pipelined = wire.Publisher(app[REDIS], settings.message_events, stage=stage_count)
+        pipelined = wire.Publisher(app[REDIS], settings.message_events, count_ingested=True)
         app[COMMIT] = GroupCommit(
             app[CELERY],
             flush_ms=settings.flush_ms,

@@ -3,7 +3,7 @@
 Ingest's hot path. `celery.send_task` costs a few hundred microseconds of Python per
 message (routing, `saferepr` of the arguments, kombu's envelope, one LPUSH each); here a
 group's messages are encoded with orjson and pushed, with the counters that go with
-them, in one MULTI/EXEC round trip. What lands in the `relay` list is a Celery protocol 2
+them, by one Lua script call. What lands in the `relay` list is a Celery protocol 2
 message in kombu's Redis envelope (base64 body, a delivery tag), the same shape
 `broker.publish` makes, so `relay worker` consumes it unchanged; tests publish through
 here and run the real worker on it.
@@ -15,15 +15,15 @@ import asyncio
 import base64
 import os
 import socket
+import time
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 import orjson
 import redis
 import redis.asyncio as aioredis
 
-from relay import keys
+from relay import keys, status
 
 Item = dict[str, Any]
 # Celery's protocol 2 body is [args, kwargs, embed]; a relay task has no links.
@@ -105,37 +105,51 @@ class MessageWriter:
         ]
 
 
-Stage = Callable[[Any, int], None]
+# KEYS: the queue, and optionally the ready count and this second's ingest rate.
+# ARGV: events, the rate key's ttl, then the messages. One command, so one round trip
+# and one reply to parse (a MULTI pipeline of the same writes cost ingest three times
+# the CPU), and atomic like MULTI: the counts move with the messages or not at all.
+_PUSH = """
+for i = 3, #ARGV do redis.call('LPUSH', KEYS[1], ARGV[i]) end
+if #KEYS == 3 then
+  redis.call('INCRBY', KEYS[2], ARGV[1])
+  redis.call('INCRBY', KEYS[3], ARGV[1])
+  redis.call('EXPIRE', KEYS[3], ARGV[2])
+end
+return 1
+"""
 
 
 class Publisher:
-    """Publishes item groups with one MULTI/EXEC: the messages and `stage`'s commands.
+    """Publishes item groups as Celery messages with one script call to Redis.
 
     On the event loop: handing each group to a publishing thread cost more (the hop, and
     the thread contending for the GIL) than the round trip it kept off the loop."""
 
     def __init__(
-        self, client: aioredis.Redis, message_events: int, *, stage: Stage | None = None
+        self, client: aioredis.Redis, message_events: int, *, count_ingested: bool = False
     ) -> None:
-        self._redis = client
+        self._push = client.register_script(_PUSH)
         self._max = message_events
-        self._stage = stage
+        self._count = count_ingested
         self._writer = MessageWriter()
 
     async def publish(self, items: list[Item], message_id: str | None = None) -> None:
-        """Return once `items` are in the `relay` list; raise a RedisError if not."""
+        """Return once `items` are in the `relay` list; raise a RedisError if not.
+
+        With `count_ingested`, the ready count and the ingest rate count them too."""
         messages = self._writer.encode_all(items, self._max, message_id)
+        keys_ = [keys.QUEUE]
+        if self._count:
+            keys_ += [keys.DEPTH_READY, status.rate_key("ingested", time.time())]
+        args: list[Any] = [len(items), status.RATE_TTL_S, *messages]
         for attempt in range(RETRIES + 1):
             try:
-                pipe = self._redis.pipeline(transaction=True)
                 # kombu pushes on the left and workers pop on the right: first in, first out.
-                pipe.lpush(keys.QUEUE, *messages)
-                if self._stage is not None:
-                    self._stage(pipe, len(items))
-                await pipe.execute()
+                await self._push(keys=keys_, args=args)
                 return
             except (redis.ConnectionError, redis.TimeoutError):
-                # The same bytes again: if the first EXEC did land, the copies carry the
+                # The same bytes again: if the first call did land, the copies carry the
                 # same task ids and the workers settle each message once (relay.runs).
                 if attempt == RETRIES:
                     raise

@@ -45,9 +45,12 @@ class Served:
         """Pids of the children listening on the port."""
         out = set()
         for child in self.children():
-            for conn in child.net_connections(kind="tcp"):
-                if conn.status == psutil.CONN_LISTEN and conn.laddr.port == self.port:
-                    out.add(child.pid)
+            try:
+                conns = child.net_connections(kind="tcp")
+            except psutil.NoSuchProcess:  # a child that just died (the test may kill one)
+                continue
+            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == self.port for c in conns):
+                out.add(child.pid)
         return out
 
 
@@ -80,7 +83,13 @@ def post(url: str, n: int) -> None:
 
 
 def gone(pids: list[int]) -> bool:
-    return not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids)
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                return False
+        except psutil.NoSuchProcess:
+            continue
+    return True
 
 
 def test_two_processes_answer_on_one_port(served: Served, r: redis.Redis) -> None:

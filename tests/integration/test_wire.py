@@ -42,16 +42,13 @@ def messages(r: redis.Redis) -> list[dict[str, Any]]:
     return [json.loads(raw) for raw in reversed(r.lrange(keys.QUEUE, 0, -1))]
 
 
-def counting(pipe: Any, n: int) -> None:
-    pipe.incrby(keys.DEPTH_READY, n)
-
-
 def publish(url: str, groups: list[list[dict[str, Any]]], message_events: int, **kw: Any) -> None:
     """Publish each group through one Publisher, as one ingest process does."""
 
     async def run() -> None:
         client = aioredis.from_url(url, socket_connect_timeout=1)
-        publisher = wire.Publisher(client, message_events, stage=kw.pop("stage", None))
+        count = kw.pop("count_ingested", False)
+        publisher = wire.Publisher(client, message_events, count_ingested=count)
         try:
             for group in groups:
                 await publisher.publish(group, **kw)
@@ -64,9 +61,10 @@ def publish(url: str, groups: list[list[dict[str, Any]]], message_events: int, *
 def test_pipelined_messages_reach_churnzero_through_the_real_worker(
     r: redis.Redis, clean_sandbox: Sandbox, start_worker: Starter
 ) -> None:
-    publish(url_of(r), [[item(f"e{i}") for i in range(7)], [item("e7")]], 3, stage=counting)
+    publish(url_of(r), [[item(f"e{i}") for i in range(7)], [item("e7")]], 3, count_ingested=True)
     assert r.llen(keys.QUEUE) == 4  # 3 + 3 + 1, then 1: one message per group of 3
-    assert int(r.get(keys.DEPTH_READY) or 0) == 8  # counted in the same MULTI
+    assert int(r.get(keys.DEPTH_READY) or 0) == 8  # counted in the same script call
+    assert sum(int(r.get(k) or 0) for k in r.keys("relay:rate:ingested:*")) == 8
     start_worker()
     wait_for(lambda: len(clean_sandbox.commands()) == 8 and settled(r))
     commands = clean_sandbox.commands()
