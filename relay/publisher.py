@@ -5,7 +5,8 @@ short timer (`flush_ms`); when it fires, or `message_events` are waiting, everyt
 waiting is published as `relay.deliver_batch` messages in a background thread (Celery's
 publishing is blocking; the event loop never waits on it). While one publish is under
 way the next group gathers, so batches grow with load. A request's future resolves only
-after the message holding its events is in Redis.
+after the message holding its events is in Redis. Ingest passes `publish`, relay.wire's
+writer of the same messages, which runs on the event loop instead of the thread.
 """
 
 from __future__ import annotations

@@ -89,8 +89,8 @@ class Settings(BaseSettings):
     ingest_processes: int = Field(0, ge=0)
     # libuv's event loop for ingest (uvloop): measured faster here; false = asyncio's own.
     ingest_uvloop: bool = True
-    # How ingest queues its group commits: `pipelined` writes the Celery messages in one
-    # MULTI (relay.wire); `celery` publishes them through Celery's send_task.
+    # How ingest queues its group commits: `pipelined` writes the Celery messages with one
+    # Redis script call (relay.wire); `celery` publishes them through Celery's send_task.
     ingest_publisher: Literal["pipelined", "celery"] = "pipelined"
 
     @field_validator("write_keys", "cors_origins", mode="before")
