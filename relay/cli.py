@@ -40,11 +40,15 @@ def main() -> None:
 
 
 @main.command()
-def serve() -> None:
+@click.option(
+    "--processes",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Ingest processes on the port. Default: RELAY_INGEST_PROCESSES (0: one per core).",
+)
+def serve(processes: int | None) -> None:
     """Run the ingest server."""
-    import asyncio
-
-    from relay import ingest, logs
+    from relay import logs, supervise
 
     settings = _settings()
     try:
@@ -53,13 +57,7 @@ def serve() -> None:
         raise click.ClickException(str(exc)) from None
     logs.configure(settings.log_level, settings.log_format)
     url = _redis_url(settings)
-    asyncio.run(
-        ingest.serve(
-            settings,
-            url,
-            ready=lambda: click.echo(f"relay ingest on http://{settings.host}:{settings.port}"),
-        )
-    )
+    sys.exit(supervise.serve(settings, url, processes, click.echo))
 
 
 @main.command(context_settings={"ignore_unknown_options": True})

@@ -12,12 +12,17 @@ is laid onto the server's clock. The client's value is kept as `originalTimestam
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
 _INSTANT: TypeAdapter[datetime] = TypeAdapter(datetime)
+# What Segment's libraries send: RFC 3339 with `Z` or an offset. These the standard
+# library reads to the same instant as pydantic, several times faster (a sentAt per event
+# of a batch); anything else goes through pydantic's lenient parser.
+_RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?(Z|[+-]\d\d:\d\d)")
 
 
 def parse_instant(value: Any) -> datetime | None:
@@ -25,8 +30,11 @@ def parse_instant(value: Any) -> datetime | None:
     if value is None or isinstance(value, bool):
         return None
     try:
-        when = _INSTANT.validate_python(value)
-    except ValidationError:
+        if isinstance(value, str) and _RFC3339.fullmatch(value):
+            when = datetime.fromisoformat(value)
+        else:
+            when = _INSTANT.validate_python(value)
+    except (ValidationError, ValueError):
         return None
     try:
         return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)

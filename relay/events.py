@@ -131,9 +131,12 @@ def parse(raw: dict[str, Any]) -> AnyEvent:
     return EVENT.validate_python(raw)
 
 
-def normalized(raw: dict[str, Any], event: AnyEvent, received_at: datetime) -> dict[str, Any]:
+def normalized(
+    raw: dict[str, Any], event: AnyEvent, received_at: datetime, *, stamp: datetime | None = None
+) -> dict[str, Any]:
     """The event as the relay stores it: the original keys, with ids, type and timestamp
-    normalised (ids as strings, timestamp ISO-8601 UTC, filled from receipt if absent)."""
+    normalised (ids as strings, timestamp ISO-8601 UTC: `stamp` if given, the event's,
+    or the receipt's)."""
     out = dict(raw)
     out["type"] = event.type
     for key in ("userId", "anonymousId", "messageId"):
@@ -142,6 +145,6 @@ def normalized(raw: dict[str, Any], event: AnyEvent, received_at: datetime) -> d
             out.pop(key, None)
         else:
             out[key] = value
-    stamp = event.timestamp or received_at
+    stamp = stamp or event.timestamp or received_at
     out["timestamp"] = stamp.isoformat().replace("+00:00", "Z")
     return out

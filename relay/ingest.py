@@ -36,7 +36,9 @@ from relay import (
     metrics,
     openapi,
     queue_state,
+    requestlog,
     status,
+    wire,
 )
 from relay.publisher import GroupCommit
 from relay.settings import Settings
@@ -227,9 +229,9 @@ async def _ingest(request: web.Request, route: str, source: str) -> web.Response
         response = _json(400, {"error": str(exc)})
         outcome["error"] = str(exc)
     elapsed = time.perf_counter() - started
-    metrics.INGEST_REQUESTS.labels(route, str(response.status)).inc()
-    metrics.INGEST_DURATION.labels(route).observe(elapsed)
-    log.info("ingest", status=response.status, ms=round(elapsed * 1000, 2), **outcome)
+    metrics.ingest_requests(route, response.status).inc()
+    metrics.ingest_duration(route).observe(elapsed)
+    app[requestlog.REQUEST_LOG].record(response.status, elapsed * 1000, outcome)
     return response
 
 
@@ -281,12 +283,12 @@ async def _handle(
         return _unavailable("could not queue the events")
     outcome.update(accepted=len(items), rejected=len(rejected))
     label = "webhook" if route == "webhook" else "api"
-    metrics.INGEST_EVENTS.labels(label, "accepted").inc(len(items))
+    metrics.ingest_events(label, "accepted").inc(len(items))
     if parsed.timestamp_fallbacks:
         outcome["timestamp_fallbacks"] = parsed.timestamp_fallbacks
         metrics.INGEST_TIMESTAMP_FALLBACKS.labels(label).inc(parsed.timestamp_fallbacks)
     if rejected:
-        metrics.INGEST_EVENTS.labels(label, "rejected").inc(len(rejected))
+        metrics.ingest_events(label, "rejected").inc(len(rejected))
         return _json(
             200,
             {
@@ -383,11 +385,13 @@ def _resources(
                 status.stage_rate(pipe, "ingested", n, time.time())
                 pipe.execute()
 
+        pipelined = wire.Publisher(app[REDIS], settings.message_events, count_ingested=True)
         app[COMMIT] = GroupCommit(
             app[CELERY],
             flush_ms=settings.flush_ms,
             message_events=settings.message_events,
             after_publish=count_published,
+            publish=pipelined.publish if settings.ingest_publisher == "pipelined" else None,
         )
         gate = app[GATE]
 
@@ -418,7 +422,9 @@ def create_app(
     app = web.Application(client_max_size=largest + 1024)
     app[SETTINGS] = settings
     app[GATE] = QueueGate(settings.max_queue_depth, settings.max_memory_fraction)
+    app[requestlog.REQUEST_LOG] = requestlog.RequestLog(settings.ingest_log == "aggregate")
     app.cleanup_ctx.append(_resources(settings, redis_url, celery))
+    app.cleanup_ctx.append(requestlog.summaries)
     # Segment's Actions webhook lets its user pick POST, PUT or PATCH.
     for method in ("POST", "PUT", "PATCH"):
         app.router.add_route(method, "/webhook", webhook)

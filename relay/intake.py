@@ -153,7 +153,7 @@ class _Route:
     limits: Limits
     received_at: datetime
     correct_clock: bool = False  # /v1/*: Segment's clock correction is ours to do
-    batch_sent_at: Any = None
+    batch_sent_at: datetime | None = None  # parsed once per batch, not once per event
 
 
 def _accept(intake: Intake, index: int, raw: Any, route: _Route) -> None:
@@ -192,17 +192,17 @@ def _accept(intake: Intake, index: int, raw: Any, route: _Route) -> None:
             intake.rejected.append(Rejected(index, field_errors(again), given))
             return
         unreadable = True
-    stored = events.normalized(raw, event, route.received_at)
+    stamp = None
+    if not unreadable and route.correct_clock and event.timestamp is not None:
+        sent_at = clock.parse_instant(raw["sentAt"]) if "sentAt" in raw else route.batch_sent_at
+        stamp = clock.corrected(event.timestamp, sent_at, route.received_at)
+    stored = events.normalized(raw, event, route.received_at, stamp=stamp)
     if unreadable:
         stored["originalTimestamp"] = original
         stored[TIMESTAMP_UNPARSEABLE] = True
         intake.timestamp_fallbacks += 1
-    elif route.correct_clock and event.timestamp is not None:
-        sent_at = clock.parse_instant(raw.get("sentAt", route.batch_sent_at))
+    elif stamp is not None:
         stored["originalTimestamp"] = original
-        stored["timestamp"] = clock.iso(
-            clock.corrected(event.timestamp, sent_at, route.received_at)
-        )
     intake.accepted.append(stored)
 
 
@@ -278,9 +278,8 @@ def parse_api(route: str, body: bytes, received_at: datetime) -> Intake:
         _check_count(items, API_LIMITS)
         context = data.get("context")
         integrations = data.get("integrations")
-        batch = _Route(
-            API_LIMITS, received_at, correct_clock=True, batch_sent_at=data.get("sentAt")
-        )
+        sent_at = clock.parse_instant(data.get("sentAt"))
+        batch = _Route(API_LIMITS, received_at, correct_clock=True, batch_sent_at=sent_at)
         for index, raw in enumerate(items):
             if isinstance(raw, dict):
                 _merge(raw, "context", context)

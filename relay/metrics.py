@@ -8,6 +8,7 @@ any ingest instance shows them all.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -48,6 +49,26 @@ INGEST_DURATION = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
     registry=REGISTRY,
 )
+
+
+# Labelled children bound once: `labels()` per request was a lookup under a lock. The
+# label values are known route names and HTTP statuses, so the caches stay small.
+@functools.cache
+def ingest_requests(route: str, status: int) -> Any:
+    """The request counter of one route and answer."""
+    return INGEST_REQUESTS.labels(route, str(status))
+
+
+@functools.cache
+def ingest_duration(route: str) -> Any:
+    """The request-duration histogram of one route."""
+    return INGEST_DURATION.labels(route)
+
+
+@functools.cache
+def ingest_events(route: str, outcome: str) -> Any:
+    """The event counter of one route kind (webhook, api) and outcome."""
+    return INGEST_EVENTS.labels(route, outcome)
 
 
 class DeploymentCollector:

@@ -5,13 +5,14 @@ short timer (`flush_ms`); when it fires, or `message_events` are waiting, everyt
 waiting is published as `relay.deliver_batch` messages in a background thread (Celery's
 publishing is blocking; the event loop never waits on it). While one publish is under
 way the next group gathers, so batches grow with load. A request's future resolves only
-after the message holding its events is in Redis.
+after the message holding its events is in Redis. Ingest passes `publish`, relay.wire's
+writer of the same messages, which runs on the event loop instead of the thread.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -34,7 +35,11 @@ class GroupCommit:
         flush_ms: float,
         message_events: int,
         after_publish: Callable[[int], None] | None = None,
+        publish: Callable[[list[Item]], Coroutine[Any, Any, None]] | None = None,
     ) -> None:
+        # `publish`, when given, replaces Celery's send_task in the thread (and
+        # `after_publish`): relay.wire's pipelined writer, run on the event loop.
+        self._send = publish
         self._celery = celery
         self._delay = flush_ms / 1000
         self._max = message_events
@@ -68,7 +73,12 @@ class GroupCommit:
         items, waiters = self._items, self._waiters
         self._items, self._waiters = [], []
         self._busy = True
-        future = asyncio.get_running_loop().run_in_executor(self._executor, self._publish, items)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = (
+            loop.create_task(self._send(items))
+            if self._send is not None
+            else loop.run_in_executor(self._executor, self._publish, items)
+        )
         future.add_done_callback(lambda f: self._done(f, waiters))
 
     def _publish(self, items: list[Item]) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
@@ -98,6 +98,16 @@ class Settings(BaseSettings):
 
     log_level: str = "info"
     log_format: str = "auto"  # auto | json | console
+    # Ingest's request lines: `each` request in full, or an `aggregate` line a second for
+    # the good ones (every error, non-2xx and rejected event is still logged in full).
+    ingest_log: Literal["aggregate", "each"] = "aggregate"
+    # `relay serve` runs this many ingest processes on its port; 0 = one per core.
+    ingest_processes: int = Field(0, ge=0)
+    # libuv's event loop for ingest (uvloop): measured faster here; false = asyncio's own.
+    ingest_uvloop: bool = True
+    # How ingest queues its group commits: `pipelined` writes the Celery messages with one
+    # Redis script call (relay.wire); `celery` publishes them through Celery's send_task.
+    ingest_publisher: Literal["pipelined", "celery"] = "pipelined"
 
     @field_validator("write_keys", "cors_origins", mode="before")
     @classmethod

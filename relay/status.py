@@ -27,11 +27,19 @@ def churnzero_problem(r: Any) -> dict[str, Any] | None:
     return orjson.loads(raw) if raw else None
 
 
+RATE_TTL_S = 3 * WINDOW_S
+
+
+def rate_key(name: str, now: float) -> str:
+    """The key counting events of `name` in the second of `now`."""
+    return f"{keys.RATE}{name}:{int(now)}"
+
+
 def stage_rate(pipe: Any, name: str, count: int, now: float) -> None:
     """Queue on a pipeline: count `count` events of `name` in this second's bucket."""
-    key = f"{keys.RATE}{name}:{int(now)}"
+    key = rate_key(name, now)
     pipe.incrby(key, count)
-    pipe.expire(key, 3 * WINDOW_S)
+    pipe.expire(key, RATE_TTL_S)
 
 
 # Upper bounds (s) of the ChurnZero request-duration histogram that workers keep in Redis.

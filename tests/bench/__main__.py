@@ -22,6 +22,7 @@ from tests.bench.harness import Env, say
 BENCHMARKS: dict[str, Callable[[Env], dict[str, Any]]] = {
     "ingest_webhook": ingest.ingest_webhook,
     "ingest_batch": ingest.ingest_batch,
+    "ingest_processes": ingest.ingest_processes,
     "e2e": e2e.e2e,
     "ratelimit": ratelimit.ratelimit,
     "replay": replay.replay,
@@ -65,18 +66,18 @@ def _extra(result: dict[str, Any]) -> str:
 def table(results: list[dict[str, Any]]) -> str:
     """The results as a markdown table."""
     lines = [
-        "| benchmark | events/s | baseline/s | ratio | p99 ms | other | target | met |",
-        "|---|---:|---:|---:|---:|---|---|---|",
+        "| benchmark | events/s | baseline/s | ratio | CPU ratio | p99 ms | other | target | met |",
+        "|---|---:|---:|---:|---:|---:|---|---|---|",
     ]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['name']} | - | - | - | - | error: {r['error']} | - | no |")
+            lines.append(f"| {r['name']} | - | - | - | - | - | error: {r['error']} | - | no |")
             continue
         lines.append(
             f"| {r['name']} | {_figure(r.get('events_per_s'), 0)} "
             f"| {_figure(r.get('baseline_per_s'), 0)} | {_figure(r.get('ratio'), 2)} "
-            f"| {_figure(r.get('p99_ms'), 1)} | {_extra(r)} | {r['target']} "
-            f"| {_figure(r['met'])} |"
+            f"| {_figure(r.get('cpu_ratio'), 2)} | {_figure(r.get('p99_ms'), 1)} "
+            f"| {_extra(r)} | {r['target']} | {_figure(r['met'])} |"
         )
     return "\n".join(lines)
 
@@ -119,12 +120,14 @@ def main() -> int:
             result["seconds"] = round(time.monotonic() - began, 1)
             # The machine is shared: how busy it was says how far to trust the figures.
             result["loadavg_1m"] = {"before": load_before, "after": os.getloadavg()[0]}
+            result["redis_persistence"] = env.persistence
             path = harness.write_result(result)
             say(f"{name}: done in {result['seconds']} s -> {path.relative_to(harness.ROOT)}")
             results.append(result)
     finally:
         env.close()
     say(f"all done in {time.monotonic() - started:.0f} s")
+    print(f"Redis: {env.persistence}; load average (1 min) {os.getloadavg()[0]:.2f} at the end\n")
     print(table(results))
     return 1 if any("error" in r for r in results) else 0
 

@@ -124,6 +124,9 @@ def relay_env(redis_url: str, **settings: Any) -> dict[str, str]:
         RELAY_IDENTITY_WAIT_S="4",
         RELAY_OUTAGE_THRESHOLD="3",
         RELAY_LOG_FORMAT="json",
+        # One process per `relay serve` (the default is one per core): a test that kills
+        # ingest kills the process that holds the requests. test_supervise runs several.
+        RELAY_INGEST_PROCESSES="1",
         PYTHONUNBUFFERED="1",
     )
     env.update({f"RELAY_{k.upper()}": str(v) for k, v in settings.items()})

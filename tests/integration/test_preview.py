@@ -84,12 +84,13 @@ def test_preview_prints_the_commands_and_changes_nothing(
     identify, track, group, muted, stranger, invalid = verdicts
 
     assert identify["outcome"] == "deliver"
+    # traits.company.name names the account only if the mapping opts in: not here.
     assert identify["commands"] == [
         {"accountExternalId": "A1", "contactExternalId": "C1", "action": "setAttribute",
          "entity": "contact", "name": "plan", "value": "pro"},
         {"accountExternalId": "A1", "contactExternalId": "C1", "action": "setAttribute",
          "entity": "contact", "name": "FirstName", "value": "Ann"},
-    ]  # fmt: skip  (traits.company.name names the account only if the mapping opts in)
+    ]  # fmt: skip
     # Resolved through the identity map, as a worker would.
     assert track["outcome"] == "deliver"
     assert track["commands"] == [

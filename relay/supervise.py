@@ -1,0 +1,158 @@
+"""`relay serve --processes N`: N ingest processes on one port, supervised.
+
+One Python process answers on one core; the ingest processes share the port through
+SO_REUSEPORT (the kernel spreads connections over them). The supervisor starts them,
+starts again one that dies, and on SIGTERM or SIGINT stops them all (each finishes the
+requests under way, so their events get queued) before it exits. A child is also told
+to stop if the supervisor itself dies, so none is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from types import FrameType
+
+from relay.settings import Settings
+
+# A child that dies this soon after its start counts as failing to start; after this
+# many such deaths in a row the supervisor gives up rather than loop.
+EARLY_DEATH_S = 5.0
+MAX_EARLY_DEATHS = 5
+STOP_TIMEOUT_S = 20.0
+
+
+def default_processes() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _prctl() -> Callable[..., int] | None:
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux: no parent-death signal
+        return None
+
+
+_PRCTL = _prctl()
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec (only a C call, no import or lock): the
+    # kernel sends the child SIGTERM when the supervisor dies, even by SIGKILL.
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+Say = Callable[[str], None]
+
+
+class Supervisor:
+    """Keeps `count` ingest processes running until told to stop."""
+
+    def __init__(self, count: int, env: dict[str, str], say: Say) -> None:
+        self.count = count
+        self._env = env
+        self._say = say
+        self._children: dict[int, tuple[subprocess.Popen[bytes], float]] = {}
+        self._stopping = False
+        self._early_deaths = 0
+
+    def _start(self, slot: int) -> None:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "relay.cli", "serve", "--processes", "1"],
+            env=self._env,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+        )
+        self._children[slot] = (child, time.monotonic())
+
+    def _stop_signal(self, signum: int, _: FrameType | None) -> None:
+        self._stopping = True
+
+    def run(self) -> int:
+        """Run until SIGTERM/SIGINT (exit 0) or until children keep dying at start (1)."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._stop_signal)
+        for slot in range(self.count):
+            self._start(slot)
+        try:
+            while not self._stopping:
+                time.sleep(0.2)
+                if not self._check():
+                    return 1
+            return 0
+        finally:
+            self._stop_all()
+
+    def _check(self) -> bool:
+        for slot, (child, started) in list(self._children.items()):
+            code = child.poll()
+            if code is None or self._stopping:
+                continue
+            early = time.monotonic() - started < EARLY_DEATH_S
+            self._early_deaths = self._early_deaths + 1 if early else 0
+            if self._early_deaths >= MAX_EARLY_DEATHS:
+                self._say(f"ingest processes keep exiting at start (last: {code}); giving up")
+                return False
+            self._say(f"ingest process {child.pid} exited ({code}); starting another")
+            self._start(slot)
+        return True
+
+    def _stop_all(self) -> None:
+        children = [child for child, _ in self._children.values()]
+        for child in children:
+            if child.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for child in children:
+            try:
+                child.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+
+def serve(settings: Settings, redis_url: str, processes: int | None, say: Say) -> int:
+    """`relay serve`: one ingest process here, or a supervisor of several; the exit status."""
+    count = settings.ingest_processes if processes is None else processes
+    count = count or default_processes()
+    if count > 1:
+        # The children share the resolved Redis (an embedded one is started once, here).
+        env = dict(os.environ, RELAY_REDIS_URL=redis_url)
+        say(f"relay ingest on http://{settings.host}:{settings.port} ({count} processes)")
+        return Supervisor(count, env, say).run()
+    from relay import ingest
+
+    with asyncio.Runner(loop_factory=_loop_factory(settings)) as runner:
+        runner.run(
+            ingest.serve(
+                settings,
+                redis_url,
+                ready=lambda: say(f"relay ingest on http://{settings.host}:{settings.port}"),
+            )
+        )
+    return 0
+
+
+def _loop_factory(settings: Settings) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    if not settings.ingest_uvloop:
+        return None
+    try:
+        import uvloop
+    except ImportError:  # not installed on this platform (Windows): asyncio's own loop
+        return None
+    return uvloop.new_event_loop

@@ -1,0 +1,126 @@
+"""`relay serve --processes N`: N ingest processes answer on one port, one that dies is
+replaced, and SIGTERM, SIGINT (or the supervisor's own death) leaves no process behind."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import redis
+import requests
+
+from tests.conftest import free_port
+from tests.integration.conftest import (
+    WRITE_KEY,
+    Proc,
+    queued_items,
+    relay_env,
+    wait_for,
+    wait_http,
+)
+
+pytestmark = pytest.mark.integration
+AUTH = (WRITE_KEY, "")
+
+
+class Served:
+    """A supervisor started with `relay serve --processes 2`."""
+
+    def __init__(self, proc: Proc, url: str, port: int) -> None:
+        self.proc, self.url, self.port = proc, url, port
+
+    @property
+    def pid(self) -> int:
+        assert self.proc.proc is not None
+        return self.proc.proc.pid
+
+    def children(self) -> list[psutil.Process]:
+        return psutil.Process(self.pid).children()
+
+    def listeners(self) -> set[int]:
+        """Pids of the children listening on the port."""
+        out = set()
+        for child in self.children():
+            try:
+                conns = child.net_connections(kind="tcp")
+            except psutil.NoSuchProcess:  # a child that just died (the test may kill one)
+                continue
+            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == self.port for c in conns):
+                out.add(child.pid)
+        return out
+
+
+@pytest.fixture
+def served(redis_url: str, r: redis.Redis, tmp_path: Path) -> Iterator[Served]:
+    port = free_port()
+    env = relay_env(redis_url, port=port)
+    args = [sys.executable, "-m", "relay.cli", "serve", "--processes", "2"]
+    proc = Proc(args, env, tmp_path / "serve.log").start()
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/livez", proc)
+    served = Served(proc, url, port)
+    try:
+        wait_for(lambda: len(served.listeners()) == 2)
+        yield served
+    finally:
+        proc.stop(signal.SIGKILL)  # the whole group: nothing outlives a failed test
+
+
+def post(url: str, n: int) -> None:
+    for i in range(n):
+        # A new connection each time, so the kernel spreads them over the processes.
+        answer = requests.post(
+            url + "/v1/track",
+            auth=AUTH,
+            json={"userId": f"u{i}", "event": "E"},
+            headers={"Connection": "close"},
+        )
+        assert answer.status_code == 200
+
+
+def gone(pids: list[int]) -> bool:
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                return False
+        except psutil.NoSuchProcess:
+            continue
+    return True
+
+
+def test_two_processes_answer_on_one_port(served: Served, r: redis.Redis) -> None:
+    assert len(served.listeners()) == 2
+    post(served.url, 40)
+    wait_for(lambda: len(queued_items(r)) == 40)
+
+
+def test_a_dead_process_is_replaced(served: Served) -> None:
+    first, _ = served.children()
+    first.kill()
+    wait_for(lambda: len(served.listeners()) == 2 and first.pid not in served.listeners())
+    post(served.url, 10)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_every_process_and_keeps_what_was_answered(
+    served: Served, r: redis.Redis, sig: int
+) -> None:
+    post(served.url, 20)
+    pids = [served.pid] + [c.pid for c in served.children()]
+    served.proc.proc.send_signal(sig)  # type: ignore[union-attr]  # started above
+    assert served.proc.proc.wait(30) == 0  # type: ignore[union-attr]
+    wait_for(lambda: gone(pids))
+    assert len(queued_items(r)) == 20
+
+
+def test_no_process_outlives_a_killed_supervisor(served: Served) -> None:
+    children = [c.pid for c in served.children()]
+    served.proc.proc.kill()  # type: ignore[union-attr]  # the supervisor alone, SIGKILL
+    served.proc.proc.wait(10)  # type: ignore[union-attr]
+    wait_for(lambda: gone(children))
+    with pytest.raises(requests.ConnectionError):  # nothing listens on the port any more
+        requests.get(served.url + "/livez", timeout=2)
