@@ -46,13 +46,15 @@ return 0
 """
 
 
-def stage_schedule(pipe: Any, items: list[Item], due: float) -> None:
-    """Queue on a pipeline: these items come back to the queue at `due` (unix time)."""
+def stage_schedule(pipe: Any, items: list[Item], due: float) -> bytes | None:
+    """Queue on a pipeline: these items come back to the queue at `due` (unix time);
+    returns the set member (None: nothing to schedule)."""
     if not items:
-        return
+        return None
     member = orjson.dumps({"id": uuid.uuid4().hex, "items": items})
     pipe.zadd(keys.DELAYED, {member: due})
     pipe.incrby(keys.DELAYED_EVENTS, len(items))
+    return member
 
 
 class Mover:

@@ -24,6 +24,7 @@ from relay import broker, deadletter, delayed, identity, keys, retry, status
 from relay.churnzero import ChurnZeroClient
 from relay.dedupe import Dedupe
 from relay.mapping import Mapping
+from relay.resolution import resolve_raw_key
 from relay.runs import Claim, Runs, State
 from relay.settings import VISIBILITY_MARGIN_S, Settings
 from relay.settlement import Outcomes, Policy, Unsent, group_later, settle, worst
@@ -173,8 +174,8 @@ class Delivery:
         dups = self.dedupe.duplicates([item for item, _ in parsed])
         report.skipped["duplicate"] += len(dups)
         parsed = [(item, event) for item, event in parsed if item["id"] not in dups]
-        known = identity.lookup(self.redis, lookup_keys(parsed, self.mapping))
-        plan = plan_batch(parsed, known, self.mapping)
+        found = identity.lookup(self.redis, lookup_keys(parsed, self.mapping))
+        plan = plan_batch(parsed, found.known, self.mapping, found.links)
 
         # An earlier run of this message got a 2xx for some events: never send them again.
         outcomes: Outcomes = {rid: _OK for rid in claim.done}
@@ -194,9 +195,17 @@ class Delivery:
             report.dead[entry["reason"]] += 1
 
         def write(pipe: Any) -> None:
-            identity.stage_store(pipe, plan.learned, self.settings.identity_ttl_s)
-            for batch, due, _ in later:
-                delayed.stage_schedule(pipe, batch, due)
+            ttl_s = self.settings.identity_ttl_s
+            identity.stage_store(pipe, plan.learned, ttl_s)
+            identity.stage_links(pipe, plan.links, ttl_s)
+            for batch, due, cause in later:
+                member = delayed.stage_schedule(pipe, batch, due)
+                if cause == "identity_wait" and member is not None:
+                    users = [resolve_raw_key(item.get("event")) for item in batch]
+                    wait_s = self.settings.identity_wait_s + delayed.LEASE_S
+                    identity.stage_waiting(pipe, member, filter(None, users), wait_s)
+            # After the lessons above, in the same MULTI: released tracks find them.
+            identity.stage_release(pipe, plan.released)
             deadletter.stage_add(pipe, dead)
             _stage_stats(pipe, report, now)
 

@@ -1,36 +1,139 @@
 """The identity map: Segment userId / anonymousId -> ChurnZero account and contact.
 
-Identify calls teach it; track calls without ids are resolved through it. One key per
-user (`relay:identity:u:<userId>`, `relay:identity:a:<anonymousId>`) that expires
-`identity_ttl_s` after the user's last identify, so the map stays the size of the
-active users rather than growing for ever in a Redis that must not evict. Read and
-written once per batch.
+Identify, group and alias calls (and `relay identities import`) teach it; events without
+ids are resolved through it. One key per user (`relay:identity:u:<userId>`,
+`relay:identity:a:<anonymousId>`, JSON `[account, contact]`, either may be null) that
+expires `identity_ttl_s` after the user's last lesson, so the map stays the size of the
+active users in a Redis that must not evict. A lesson merges into the entry (a group
+call sets the account and keeps the contact). An alias is a link key
+(`relay:alias:<key>` -> the userId key it now stands for).
+
+Tracks waiting for their user (cause `identity_wait` in the delayed set) are indexed by
+user key (`relay:waiting:<key>`, a SET of delayed-set members); when the user is taught,
+those members are made due now, so the mover publishes them at once. Making a member due
+is `ZADD XX LT`: it never re-creates a member the mover already removed, and a member a
+mover holds under its lease only comes due again, which publishes it under the same
+message id (settled once, relay.runs), as an expired lease would.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from relay import keys
-from relay.translate import Ids
+from relay.resolution import Known
+
+# KEYS: entry. ARGV: account ("" keeps the old), contact ("" keeps the old), ttl_s.
+_MERGE = """
+local a, c = ARGV[1], ARGV[2]
+local old = redis.call('GET', KEYS[1])
+if old then
+  local v = cjson.decode(old)
+  if a == '' and type(v[1]) == 'string' then a = v[1] end
+  if c == '' and type(v[2]) == 'string' then c = v[2] end
+end
+local function json(s) if s == '' then return 'null' end return cjson.encode(s) end
+redis.call('SET', KEYS[1], '[' .. json(a) .. ',' .. json(c) .. ']', 'EX', ARGV[3])
+return 1
+"""
+
+# KEYS: delayed, waiting set. Makes every indexed member due now; returns how many.
+_RELEASE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local released = 0
+for _, member in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  released = released + redis.call('ZADD', KEYS[1], 'XX', 'LT', 'CH', now, member)
+end
+redis.call('DEL', KEYS[2])
+return released
+"""
 
 
-def lookup(r: Any, wanted: list[str]) -> dict[str, Ids]:
-    """The known identities among these keys (`u:<userId>`, `a:<anonymousId>`)."""
+@dataclass
+class Lookup:
+    """The map's answer for some keys: what is known, and the alias links."""
+
+    known: dict[str, Known]
+    links: dict[str, str]
+
+
+def _known(raw: bytes) -> Known:
+    account, contact = orjson.loads(raw)
+    return Known(account or None, contact or None)
+
+
+def lookup(r: Any, wanted: list[str]) -> Lookup:
+    """What is known of these keys (`u:<userId>`, `a:<anonymousId>`) and their links."""
     if not wanted:
-        return {}
-    found = {}
-    for key, raw in zip(wanted, r.mget([keys.identity(k) for k in wanted]), strict=True):
+        return Lookup({}, {})
+    links = {
+        key: raw.decode()
+        for key, raw in zip(wanted, r.mget([keys.alias(k) for k in wanted]), strict=True)
+        if raw is not None
+    }
+    every = sorted(set(wanted) | set(links.values()))
+    found = {
+        key: _known(raw)
+        for key, raw in zip(every, r.mget([keys.identity(k) for k in every]), strict=True)
+        if raw is not None
+    }
+    return Lookup(found, links)
+
+
+def stage_store(pipe: Any, learned: Mapping[str, Known], ttl_s: int) -> None:
+    """Queue on a pipeline: merge these lessons into the map, kept `ttl_s` seconds."""
+    for key, known in learned.items():
+        pipe.eval(_MERGE, 1, keys.identity(key), known.account or "", known.contact or "", ttl_s)
+
+
+def stage_links(pipe: Any, links: Mapping[str, str], ttl_s: int) -> None:
+    """Queue on a pipeline: each key now stands for its alias target."""
+    for key, target in links.items():
+        pipe.set(keys.alias(key), target, ex=ttl_s)
+
+
+def stage_waiting(pipe: Any, member: bytes, user_keys: Iterable[str], ttl_s: float) -> None:
+    """Queue on a pipeline: index a delayed-set member under the users it waits for."""
+    for key in set(user_keys):
+        pipe.sadd(keys.waiting(key), member)
+        pipe.expire(keys.waiting(key), max(int(ttl_s), 1))
+
+
+def stage_release(pipe: Any, user_keys: Iterable[str]) -> None:
+    """Queue on a pipeline: these users' waiting tracks come due now."""
+    for key in sorted(set(user_keys)):
+        pipe.eval(_RELEASE, 2, keys.DELAYED, keys.waiting(key))
+
+
+def forget(r: Any, user_keys: Iterable[str]) -> None:
+    """Drop these users' entries and links."""
+    names = [n for k in user_keys for n in (keys.identity(k), keys.alias(k))]
+    if names:
+        r.delete(*names)
+
+
+def describe(r: Any, user_id: str) -> dict[str, Any]:
+    """Everything the map holds about an id, as a userId and as an anonymousId."""
+    out: dict[str, Any] = {}
+    for key in ("u:" + user_id, "a:" + user_id):
+        raw = r.get(keys.identity(key))
+        link = r.get(keys.alias(key))
+        waiting = r.scard(keys.waiting(key))
+        if raw is None and link is None and not waiting:
+            continue
+        entry: dict[str, Any] = {}
         if raw is not None:
-            account, contact = orjson.loads(raw)
-            found[key] = Ids(account, contact)
-    return found
-
-
-def stage_store(pipe: Any, learned: Mapping[str, Ids], ttl_s: int) -> None:
-    """Queue on a pipeline: remember these identities for `ttl_s` seconds."""
-    for key, ids in learned.items():
-        pipe.set(keys.identity(key), orjson.dumps([ids.account, ids.contact]), ex=ttl_s)
+            known = _known(raw)
+            entry.update(account=known.account, contact=known.contact,
+                         expires_in_s=r.ttl(keys.identity(key)))  # fmt: skip
+        if link is not None:
+            entry["alias_of"] = link.decode()
+        if waiting:
+            entry["waiting_batches"] = waiting
+        out[key] = entry
+    return out

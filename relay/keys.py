@@ -17,8 +17,12 @@ CELERY_UNACKED = "unacked"
 
 # ZSET of pending retry batches (member: JSON batch, score: due unix time).
 DELAYED = PREFIX + "delayed"
-# STRING per user ("u:<userId>" / "a:<anonymousId>") -> JSON [account, contact].
+# STRING per user ("u:<userId>" / "a:<anonymousId>") -> JSON [account, contact] (either
+# may be null); STRING per aliased key -> the user key it stands for; SET per user key
+# of the delayed-set members holding that user's tracks waiting for identity.
 IDENTITY = PREFIX + "identity:"
+ALIAS = PREFIX + "alias:"
+WAITING = PREFIX + "waiting:"
 # STRING per Segment messageId; value = the relay id of the copy that claimed it.
 DEDUPE = PREFIX + "dedupe:"
 
@@ -66,6 +70,16 @@ def dlq_reason(reason: str) -> str:
 def identity(user_key: str) -> str:
     """The identity-map entry of one user key (`u:<userId>` or `a:<anonymousId>`)."""
     return IDENTITY + user_key
+
+
+def alias(user_key: str) -> str:
+    """The alias link of one user key: the user key it now stands for."""
+    return ALIAS + user_key
+
+
+def waiting(user_key: str) -> str:
+    """The index of one user's tracks waiting in the delayed set for identity."""
+    return WAITING + user_key
 
 
 def run(message_id: str) -> str:
