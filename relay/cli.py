@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import click
@@ -239,6 +240,41 @@ def status(as_json: bool, watch: bool) -> None:
                     live.update(_status_table(data))
     except KeyboardInterrupt:
         pass
+
+
+@main.group()
+def identities() -> None:
+    """Seed and inspect the identity map (userId / anonymousId -> account, contact)."""
+
+
+@identities.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+def identities_import(file: Path) -> None:
+    """Seed the map from a CSV or JSON Lines FILE (userId or anonymousId,
+    accountExternalId, contactExternalId); waiting tracks of those users go out at once."""
+    from relay import identity, identity_file
+
+    try:
+        entries = identity_file.read(file)
+    except identity_file.IdentityFileError as exc:
+        raise click.ClickException(str(exc)) from None
+    settings = _settings()
+    released = identity.seed(_redis(settings), entries, settings.identity_ttl_s)
+    click.echo(f"imported {len(entries)} identities; released {released} waiting batches")
+
+
+@identities.command("show")
+@click.argument("user_id")
+def identities_show(user_id: str) -> None:
+    """What the relay knows of USER_ID, as a userId and as an anonymousId (JSON)."""
+    import json
+
+    from relay import identity
+
+    known = identity.describe(_redis(_settings()), user_id)
+    if not known:
+        raise click.ClickException(f"the relay knows nothing of {user_id}")
+    click.echo(json.dumps(known, indent=2))
 
 
 @main.group()

@@ -110,6 +110,21 @@ def stage_release(pipe: Any, user_keys: Iterable[str]) -> None:
         pipe.eval(_RELEASE, 2, keys.DELAYED, keys.waiting(key))
 
 
+def seed(r: Any, entries: Mapping[str, Known], ttl_s: int, chunk: int = 1000) -> int:
+    """Merge imported identities into the map (theirs win) and release the tracks
+    waiting for those users; returns how many waiting batches came due."""
+    released = 0
+    items = list(entries.items())
+    for start in range(0, len(items), chunk):
+        part = dict(items[start : start + chunk])
+        pipe = r.pipeline(transaction=True)
+        stage_store(pipe, part, ttl_s)
+        stage_release(pipe, part)
+        answers = pipe.execute()
+        released += sum(int(n) for n in answers[len(part) :])
+    return released
+
+
 def forget(r: Any, user_keys: Iterable[str]) -> None:
     """Drop these users' entries and links."""
     names = [n for k in user_keys for n in (keys.identity(k), keys.alias(k))]

@@ -120,15 +120,20 @@ def explicit_ids(event: events.AnyEvent, mapping: Mapping) -> tuple[str | None, 
     return account, contact
 
 
-def fallback_contact(event: events.AnyEvent, mapping: Mapping) -> str | None:
+def fallback_contact(
+    event: events.AnyEvent, mapping: Mapping, user_id: str | None = None
+) -> str | None:
     """The contact id by the mapping's `contact_order` past `contactExternalId`: the
-    event's email (traits or context.traits), userId, anonymousId or a dotted path."""
+    event's email (traits or context.traits), userId (or `user_id`, the user an alias
+    made it), anonymousId or a dotted path."""
     bags = _bags(event)
     for source in mapping.identity.contact_order:
         if source == CONTACT_ID:
             continue
-        if source in ("userId", "anonymousId"):
-            found = getattr(event, source)
+        if source == "userId":
+            found = event.userId or user_id
+        elif source == "anonymousId":
+            found = event.anonymousId
         elif "." in source:
             found = _at(event, source)
         else:

@@ -313,7 +313,9 @@ def _resolve(
     account = account or found.account
     if not account:
         return None  # the contact order applies only once the account is known
-    contact = contact or found.contact or fallback_contact(event, mapping)
+    target = memory.plan.links.get(key) or memory.links.get(key) or ""
+    aliased = target[2:] if target.startswith("u:") else None
+    contact = contact or found.contact or fallback_contact(event, mapping, aliased)
     return Ids(account, contact) if contact else None
 
 

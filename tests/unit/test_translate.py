@@ -271,6 +271,18 @@ CASES = {
         known={"u:new-id": Known("g-5", CONTACT)},
         links={"u:userId123": "u:new-id"},
     ),
+    "alias-gives-an-anonymous-visitor-the-users-contact": Case(
+        [
+            group("g-1", {}, userId="u-new"),
+            {"type": "alias", "userId": "u-new", "previousId": "anon-7"},
+            {"type": "track", "anonymousId": "anon-7", "event": "Viewed", "timestamp": WHEN},
+        ],
+        {
+            "r0": NOTHING,
+            "r1": NOTHING,
+            "r2": [track_event("Viewed", account="g-1", contact="u-new")],
+        },
+    ),
     "alias-without-previousId-is-counted": Case(
         [{"type": "alias", "userId": "u1"}], {"r0": ("skipped", "incomplete_alias")}
     ),

@@ -1,0 +1,160 @@
+"""Accounts and identities with standard Segment calls only: group, alias, identity
+import, and the release of waiting tracks. Real ingest, worker, Redis and sandbox."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import requests
+
+from tests.conftest import ROOT
+from tests.integration.conftest import (
+    WRITE_KEY,
+    Sandbox,
+    Starter,
+    relay_env,
+    settled,
+    url_of,
+    wait_for,
+)
+
+pytestmark = pytest.mark.integration
+AUTH = (WRITE_KEY, "")
+WHEN = "2026-11-01T10:00:00Z"
+
+
+@pytest.fixture
+def relay(
+    r: redis.Redis, clean_sandbox: Sandbox, start_ingest: Callable[..., str], start_worker: Starter
+) -> str:
+    # A long identity wait: a track waits for its user rather than being dead-lettered.
+    start_worker(identity_wait_s=300)
+    return start_ingest()
+
+
+def post(url: str, *calls: dict[str, Any]) -> None:
+    requests.post(url + "/v1/batch", auth=AUTH, json={"batch": list(calls)}).raise_for_status()
+
+
+def track(event: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "track", "event": event, "timestamp": WHEN, **extra}
+
+
+def who(commands: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    return [
+        (c.get("eventName") or c["name"], c["accountExternalId"], c["contactExternalId"])
+        for c in commands
+    ]
+
+
+def relay_cli(r: redis.Redis, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "relay.cli", *args], env=relay_env(url_of(r)), cwd=ROOT,
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_group_then_tracks_land_on_the_groups_account(
+    relay: str, r: redis.Redis, clean_sandbox: Sandbox
+) -> None:
+    post(relay, {"type": "group", "userId": "ann", "groupId": "acct-42",
+                 "traits": {"name": "Acme", "plan": "Enterprise", "employees": 120}})  # fmt: skip
+    wait_for(lambda: settled(r) and len(clean_sandbox.commands()) == 2)
+    post(relay, {"type": "identify", "userId": "ann", "traits": {"email": "ann@acme.io"}})
+    wait_for(lambda: settled(r) and len(clean_sandbox.commands()) == 3)
+    post(relay, track("Report Run", userId="ann"),
+         track("Exported", userId="ann", context={"groupId": "acct-7"}))  # fmt: skip
+    wait_for(lambda: settled(r) and len(clean_sandbox.commands()) >= 5)
+    commands = clean_sandbox.commands()
+    # name is the CRM's: not sent without the mapping's opt-in.
+    assert [(c["action"], c.get("entity")) for c in commands[:2]] == [
+        ("setAttribute", "account"), ("setAttribute", "account")
+    ]  # fmt: skip
+    assert who(commands) == [
+        ("plan", "acct-42", "ann"),
+        ("employees", "acct-42", "ann"),
+        ("Email", "acct-42", "ann@acme.io"),
+        ("Report Run", "acct-42", "ann@acme.io"),
+        # context.groupId names the account of its own event only.
+        ("Exported", "acct-7", "ann@acme.io"),
+    ]
+
+
+def test_an_alias_links_two_ids(relay: str, r: redis.Redis, clean_sandbox: Sandbox) -> None:
+    post(relay, {"type": "identify", "userId": "old-id",
+                 "traits": {"accountExternalId": "A1", "contactExternalId": "c-1"}})  # fmt: skip
+    wait_for(lambda: settled(r) and r.exists("relay:identity:u:old-id") == 1)
+    post(relay, {"type": "alias", "previousId": "old-id", "userId": "new-id"})
+    wait_for(lambda: settled(r) and r.exists("relay:alias:u:old-id") == 1)
+    post(relay, track("Under the new id", userId="new-id"),
+         track("Under the old id", userId="old-id"))  # fmt: skip
+    assert who(clean_sandbox.wait_commands(2)) == [
+        ("Under the new id", "A1", "c-1"),
+        ("Under the old id", "A1", "c-1"),
+    ]
+
+
+def _waiting_far_out(r: redis.Redis, user: str) -> None:
+    """Wait until the user's track waits for identity, then push its next try five
+    minutes away, as a long backoff would: only a release can bring it back soon."""
+    wait_for(lambda: r.scard(f"relay:waiting:u:{user}") == 1 and settled_but_delayed(r))
+    for member in r.smembers(f"relay:waiting:u:{user}"):
+        r.zadd("relay:delayed", {member: time.time() + 300}, xx=True)
+
+
+def settled_but_delayed(r: redis.Redis) -> bool:
+    return r.llen("relay") == 0 and r.hlen("unacked") == 0 and r.zcard("relay:delayed") == 1
+
+
+def test_an_import_resolves_a_waiting_track_at_once(
+    relay: str, r: redis.Redis, clean_sandbox: Sandbox, tmp_path: Path
+) -> None:
+    post(relay, track("Before deployment", userId="legacy"))
+    _waiting_far_out(r, "legacy")
+    file = tmp_path / "users.csv"
+    file.write_text("userId,accountExternalId,contactExternalId\nlegacy,A-9,legacy@x.io\n")
+    out = relay_cli(r, "identities", "import", str(file))
+    assert out.returncode == 0, out.stderr
+    assert "imported 1 identities; released 1 waiting batches" in out.stdout
+    assert who(clean_sandbox.wait_commands(1, timeout=15)) == [
+        ("Before deployment", "A-9", "legacy@x.io")
+    ]
+    wait_for(lambda: settled(r))
+    shown = relay_cli(r, "identities", "show", "legacy")
+    assert shown.returncode == 0, shown.stderr
+    entry = json.loads(shown.stdout)["u:legacy"]
+    assert (entry["account"], entry["contact"]) == ("A-9", "legacy@x.io")
+    assert 0 < entry["expires_in_s"] <= 365 * 24 * 3600
+
+
+def test_a_group_call_releases_the_users_waiting_track(
+    relay: str, r: redis.Redis, clean_sandbox: Sandbox
+) -> None:
+    post(relay, track("Waited", userId="bob"))
+    _waiting_far_out(r, "bob")
+    post(relay, {"type": "group", "userId": "bob", "groupId": "acct-b"})
+    assert who(clean_sandbox.wait_commands(1, timeout=15)) == [("Waited", "acct-b", "bob")]
+
+
+def test_a_bad_import_file_changes_nothing(r: redis.Redis, tmp_path: Path) -> None:
+    file = tmp_path / "users.jsonl"
+    file.write_text(
+        '{"userId": "fine", "accountExternalId": "A"}\n'
+        '{"userId": "no-account"}\n'
+        "not json\n"
+    )
+    out = relay_cli(r, "identities", "import", str(file))
+    assert out.returncode != 0
+    assert "line 2: accountExternalId is required" in out.stderr
+    assert "line 3: not JSON" in out.stderr
+    assert r.keys("relay:identity:*") == []
+    unknown = relay_cli(r, "identities", "show", "fine")
+    assert unknown.returncode != 0 and "knows nothing of fine" in unknown.stderr
