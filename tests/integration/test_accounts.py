@@ -147,9 +147,7 @@ def test_a_group_call_releases_the_users_waiting_track(
 def test_a_bad_import_file_changes_nothing(r: redis.Redis, tmp_path: Path) -> None:
     file = tmp_path / "users.jsonl"
     file.write_text(
-        '{"userId": "fine", "accountExternalId": "A"}\n'
-        '{"userId": "no-account"}\n'
-        "not json\n"
+        '{"userId": "fine", "accountExternalId": "A"}\n{"userId": "no-account"}\nnot json\n'
     )
     out = relay_cli(r, "identities", "import", str(file))
     assert out.returncode != 0
