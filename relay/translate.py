@@ -275,8 +275,8 @@ def plan_batch(
     # In batch order, an event is resolved by what was known when it happened.
     for item, event in wanted:
         update = _teaching(event, mapping)
-        for key in identity_keys(event) if update else []:
-            memory.teach(key, update)  # type: ignore[arg-type]  # not None here
+        if update is not None:
+            _learn(event, update, memory, mapping)
         if isinstance(event, events.Alias):
             memory.link(event)
             plan.skipped.append((item, "nothing_to_send"))
@@ -294,6 +294,18 @@ def plan_batch(
         else:
             plan.skipped.append((item, "nothing_to_send"))
     return plan
+
+
+def _learn(event: events.AnyEvent, update: Known, memory: _Memory, mapping: Mapping) -> None:
+    soft = explicit_ids(event, mapping)[1] is None
+    for key in identity_keys(event):
+        known = memory.recall(key)
+        if soft and known is not None and known.contact:
+            # An email names the contact of a user without one; a known contact id stays
+            # (in ChurnZero it is the same person, whose email changed).
+            memory.teach(key, Known(update.account))
+        else:
+            memory.teach(key, update)
 
 
 def _incomplete(event: events.AnyEvent) -> str | None:

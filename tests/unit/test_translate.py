@@ -239,6 +239,11 @@ CASES = {
             "r2": [track_event(account="g-1", contact="ann@acme.io")],
         },
     ),
+    "a-known-contact-stays-when-an-email-arrives": Case(
+        [identify({"email": "new@acme.io"}), track()],
+        {"r0": [set_attr("Email", "new@acme.io")], "r1": [track_event()]},
+        known=KNOWN,
+    ),
     "contact-order-from-the-mapping": Case(
         [group("g-1", {}), track(properties={"login": "ann1", "contactExternalId": "c-7"})],
         {"r0": NOTHING, "r1": [track_event(account="g-1", contact="ann1")]},
