@@ -29,7 +29,7 @@ from relay.runs import Claim, Runs, State
 from relay.settings import VISIBILITY_MARGIN_S, Settings
 from relay.settlement import Outcomes, Policy, Unsent, group_later, settle, worst
 from relay.throttle import Throttle
-from relay.translate import Command, lookup_keys, parse_items, plan_batch
+from relay.translate import Command, lookup_keys, parse_items, plan_batch, tombstone_keys
 
 log = structlog.get_logger("relay.delivery")
 Item = dict[str, Any]
@@ -175,7 +175,8 @@ class Delivery:
         report.skipped["duplicate"] += len(dups)
         parsed = [(item, event) for item, event in parsed if item["id"] not in dups]
         found = identity.lookup(self.redis, lookup_keys(parsed, self.mapping))
-        plan = plan_batch(parsed, found.known, self.mapping, found.links)
+        deleted = identity.tombstones(self.redis, tombstone_keys(parsed))
+        plan = plan_batch(parsed, found.known, self.mapping, found.links, deleted)
 
         # An earlier run of this message got a 2xx for some events: never send them again.
         outcomes: Outcomes = {rid: _OK for rid in claim.done}
@@ -196,6 +197,9 @@ class Delivery:
 
         def write(pipe: Any) -> None:
             ttl_s = self.settings.identity_ttl_s
+            # A delete outlives every event received before it: their maximum age.
+            tombstone_s = int(self.settings.max_age_s + self.settings.identity_wait_s) + 3600
+            identity.stage_forget(pipe, plan.forgotten, tombstone_s)
             identity.stage_store(pipe, plan.learned, ttl_s)
             identity.stage_links(pipe, plan.links, ttl_s)
             for batch, due, cause in later:
@@ -214,6 +218,14 @@ class Delivery:
         self._durably(lambda: self._settle_once(claim, len(items), write), deadline)
         with contextlib.suppress(*broker.QUEUE_ERRORS):  # an unreleased claim only expires
             self.dedupe.release([e["item"] for e in dead if isinstance(e["item"], dict)])
+        if plan.forgotten:
+            # Not in the MULTI (a scan); an error gives the message back, and the
+            # delete is settled already, so it is logged for the operator instead.
+            try:
+                removed = deadletter.remove_users(self.redis, set(plan.forgotten))
+                log.info("users_deleted", users=len(plan.forgotten), dead_letters=removed)
+            except broker.QUEUE_ERRORS:
+                log.error("users_deleted_dead_letters_kept", users=sorted(plan.forgotten))
         return report
 
     def _settle_once(self, claim: Claim, events: int, write: Any) -> None:

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator,
 
 # Types the relay accepts; page and screen are counted and skipped.
 EVENT_TYPES = ("identify", "track", "page", "screen", "group", "alias", "delete")
-DELIVERED_TYPES = frozenset({"identify", "track", "group", "alias"})
+DELIVERED_TYPES = frozenset({"identify", "track", "group", "alias", "delete"})
 
 
 class _Base(BaseModel):
@@ -123,7 +123,7 @@ class Alias(_Base):
 
 
 class Delete(_Base):
-    """A user deletion request (accepted, not delivered to ChurnZero)."""
+    """A user deletion request: the relay forgets the user (nothing reaches ChurnZero)."""
 
     type: Literal["delete"]
 

@@ -54,6 +54,28 @@ return released
 """
 
 
+# KEYS: delayed. ARGV: the identity, alias, aliased, waiting and deleted key prefixes
+# (relay.keys), the user key, the delete's received-at, the tombstone's ttl.
+_FORGET = """
+local user = ARGV[6]
+local forgotten = redis.call('SMEMBERS', ARGV[3] .. user)
+table.insert(forgotten, user)
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+for _, key in ipairs(forgotten) do
+  local tomb = ARGV[5] .. key
+  local old = tonumber(redis.call('GET', tomb) or '0')
+  redis.call('SET', tomb, math.max(old, tonumber(ARGV[7])), 'EX', ARGV[8])
+  redis.call('DEL', ARGV[1] .. key, ARGV[2] .. key, ARGV[3] .. key)
+  for _, member in ipairs(redis.call('SMEMBERS', ARGV[4] .. key)) do
+    redis.call('ZADD', KEYS[1], 'XX', 'LT', now, member)
+  end
+  redis.call('DEL', ARGV[4] .. key)
+end
+return #forgotten
+"""
+
+
 @dataclass
 class Lookup:
     """The map's answer for some keys: what is known, and the alias links."""
@@ -95,6 +117,25 @@ def stage_links(pipe: Any, links: Mapping[str, str], ttl_s: int) -> None:
     """Queue on a pipeline: each key now stands for its alias target."""
     for key, target in links.items():
         pipe.set(keys.alias(key), target, ex=ttl_s)
+        pipe.sadd(keys.aliased(target), key)
+        pipe.expire(keys.aliased(target), ttl_s)
+
+
+def stage_forget(pipe: Any, forgotten: Mapping[str, float], tombstone_s: int) -> None:
+    """Queue on a pipeline: forget these users (received-at of their delete) and the
+    keys aliased to them: entries, links, and a tombstone that drops their events
+    received before the delete; their waiting tracks come due now (to be dropped)."""
+    prefixes = [keys.IDENTITY, keys.ALIAS, keys.ALIASED, keys.WAITING, keys.DELETED]
+    for key, received_at in forgotten.items():
+        pipe.eval(_FORGET, 1, keys.DELAYED, *prefixes, key, received_at, tombstone_s)
+
+
+def tombstones(r: Any, user_keys: list[str]) -> dict[str, float]:
+    """When each of these users' delete was received, for those deleted lately."""
+    if not user_keys:
+        return {}
+    raw = r.mget([keys.deleted(k) for k in user_keys])
+    return {k: float(v) for k, v in zip(user_keys, raw, strict=True) if v is not None}
 
 
 def stage_waiting(pipe: Any, member: bytes, user_keys: Iterable[str], ttl_s: float) -> None:
@@ -125,13 +166,6 @@ def seed(r: Any, entries: Mapping[str, Known], ttl_s: int, chunk: int = 1000) ->
     return released
 
 
-def forget(r: Any, user_keys: Iterable[str]) -> None:
-    """Drop these users' entries and links."""
-    names = [n for k in user_keys for n in (keys.identity(k), keys.alias(k))]
-    if names:
-        r.delete(*names)
-
-
 def describe(r: Any, user_id: str) -> dict[str, Any]:
     """Everything the map holds about an id, as a userId and as an anonymousId."""
     out: dict[str, Any] = {}
@@ -139,9 +173,12 @@ def describe(r: Any, user_id: str) -> dict[str, Any]:
         raw = r.get(keys.identity(key))
         link = r.get(keys.alias(key))
         waiting = r.scard(keys.waiting(key))
-        if raw is None and link is None and not waiting:
+        deleted = r.get(keys.deleted(key))
+        if raw is None and link is None and not waiting and deleted is None:
             continue
         entry: dict[str, Any] = {}
+        if deleted is not None:
+            entry["deleted_at"] = float(deleted)
         if raw is not None:
             known = _known(raw)
             entry.update(account=known.account, contact=known.contact,

@@ -23,6 +23,11 @@ DELAYED = PREFIX + "delayed"
 IDENTITY = PREFIX + "identity:"
 ALIAS = PREFIX + "alias:"
 WAITING = PREFIX + "waiting:"
+# SET per user key of the keys aliased to it (so a delete finds them); STRING per
+# deleted user key -> when the delete was received (events received before it are
+# dropped when they come out of the queue, the delayed set or a replay).
+ALIASED = PREFIX + "aliased:"
+DELETED = PREFIX + "deleted:"
 # STRING per Segment messageId; value = the relay id of the copy that claimed it.
 DEDUPE = PREFIX + "dedupe:"
 
@@ -75,6 +80,16 @@ def identity(user_key: str) -> str:
 def alias(user_key: str) -> str:
     """The alias link of one user key: the user key it now stands for."""
     return ALIAS + user_key
+
+
+def aliased(user_key: str) -> str:
+    """The keys aliased to one user key."""
+    return ALIASED + user_key
+
+
+def deleted(user_key: str) -> str:
+    """The tombstone of a deleted user key (value: when the delete was received)."""
+    return DELETED + user_key
 
 
 def waiting(user_key: str) -> str:

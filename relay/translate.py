@@ -165,6 +165,7 @@ class Plan:
     learned: dict[str, Known] = field(default_factory=dict)
     links: dict[str, str] = field(default_factory=dict)
     released: set[str] = field(default_factory=set)
+    forgotten: dict[str, float] = field(default_factory=dict)  # user key -> delete's receipt
 
 
 Parsed = list[tuple[dict[str, Any], events.AnyEvent]]
@@ -199,6 +200,12 @@ def lookup_keys(parsed: Parsed, mapping: Mapping) -> list[str]:
     return sorted(keys)
 
 
+def tombstone_keys(parsed: Parsed) -> list[str]:
+    """Every user key of the batch: a delete may have been received since its events."""
+    keys = {k for _, event in parsed for k in identity_keys(event)}
+    return sorted(keys)
+
+
 def _teaching(event: events.AnyEvent, mapping: Mapping) -> Known | None:
     """What an identify or a group call teaches about its user, if anything."""
     if isinstance(event, events.Group):
@@ -218,6 +225,7 @@ class _Memory:
     ) -> None:
         self.plan, self.known, self.links = plan, known, links
         self.so_far: dict[str, Known] = {}
+        self.cut: set[str] = set()  # deleted in this batch: stored links no longer count
 
     def own(self, key: str) -> Known | None:
         return self.so_far.get(key) or self.known.get(key)
@@ -225,7 +233,7 @@ class _Memory:
     def recall(self, key: str) -> Known | None:
         """What is known of `key`, through its alias link (the link's target wins)."""
         own = self.own(key)
-        target = self.plan.links.get(key) or self.links.get(key)
+        target = self.plan.links.get(key) or (None if key in self.cut else self.links.get(key))
         linked = self.own(target) if target and target != key else None
         return linked if own is None else own.merged(linked)
 
@@ -233,6 +241,15 @@ class _Memory:
         self.so_far[key] = (self.own(key) or Known()).merged(update)
         self.plan.learned[key] = self.plan.learned.get(key, Known()).merged(update)
         self.plan.released.add(key)
+
+    def forget(self, key: str, received_at: float) -> None:
+        self.so_far[key] = Known()
+        self.cut.add(key)
+        self.plan.learned.pop(key, None)
+        for source, target in list(self.plan.links.items()):
+            if key in (source, target):
+                del self.plan.links[source]
+        self.plan.forgotten[key] = max(received_at, self.plan.forgotten.get(key, 0.0))
 
     def link(self, event: events.Alias) -> None:
         assert event.userId is not None and event.previousId is not None
@@ -254,15 +271,19 @@ def plan_batch(
     known: AbstractMapping[str, Known],
     mapping: Mapping,
     links: AbstractMapping[str, str] | None = None,
+    deleted: AbstractMapping[str, float] | None = None,
 ) -> Plan:
-    """Decide every item's fate: commands to send, skip, wait for identity, or invalid."""
+    """Decide every item's fate: commands to send, skip, wait for identity, or invalid.
+    `deleted`: when each deleted user's delete was received (tombstones)."""
     plan = Plan()
     memory = _Memory(plan, known, links or {})
+    pending = _deleted_before(parsed, deleted or {})
     # What the whole batch teaches, for a user nobody knew yet (a track that raced ahead
     # of its identify or group call borrows it).
     wanted = []
-    for item, event in parsed:
+    for n, (item, event) in enumerate(parsed):
         reason = skip_reason(event, item.get("source", "api"), mapping) or _incomplete(event)
+        reason = "user_deleted" if n in pending and event.type != "delete" else reason
         if reason:
             plan.skipped.append((item, reason))
         else:
@@ -277,6 +298,11 @@ def plan_batch(
         update = _teaching(event, mapping)
         if update is not None:
             _learn(event, update, memory, mapping)
+        if isinstance(event, events.Delete):
+            for key in identity_keys(event):
+                memory.forget(key, _received_at(item))
+            plan.skipped.append((item, "delete_request"))
+            continue
         if isinstance(event, events.Alias):
             memory.link(event)
             plan.skipped.append((item, "nothing_to_send"))
@@ -294,6 +320,28 @@ def plan_batch(
         else:
             plan.skipped.append((item, "nothing_to_send"))
     return plan
+
+
+def _received_at(item: dict[str, Any]) -> float:
+    value = item.get("received_at")
+    return float(value) if isinstance(value, int | float) else 0.0
+
+
+def _deleted_before(parsed: Parsed, deleted: AbstractMapping[str, float]) -> set[int]:
+    """Positions of events a delete has since forgotten: received before a stored
+    tombstone, or ahead of their user's delete in this batch."""
+    out = set()
+    ahead_of_delete: set[str] = set()
+    for n in range(len(parsed) - 1, -1, -1):
+        item, event = parsed[n]
+        user_keys = identity_keys(event)
+        received = _received_at(item)
+        stale = any(received < deleted.get(k, float("-inf")) for k in user_keys)
+        if stale or any(k in ahead_of_delete for k in user_keys):
+            out.add(n)
+        if isinstance(event, events.Delete):
+            ahead_of_delete.update(user_keys)
+    return out
 
 
 def _learn(event: events.AnyEvent, update: Known, memory: _Memory, mapping: Mapping) -> None:

@@ -156,3 +156,36 @@ def test_a_bad_import_file_changes_nothing(r: redis.Redis, tmp_path: Path) -> No
     assert r.keys("relay:identity:*") == []
     unknown = relay_cli(r, "identities", "show", "fine")
     assert unknown.returncode != 0 and "knows nothing of fine" in unknown.stderr
+
+
+def stat(r: redis.Redis, name: str) -> int:
+    return int(r.hget("relay:stats", name) or 0)
+
+
+def test_a_delete_empties_the_users_state(
+    relay: str, r: redis.Redis, clean_sandbox: Sandbox
+) -> None:
+    ids = {"accountExternalId": "A-del", "contactExternalId": "c-del"}
+    post(relay, {"type": "identify", "userId": "gone", "traits": ids},
+         {"type": "alias", "previousId": "before", "userId": "gone"},
+         track("Too long", userId="gone", properties={"accountExternalId": "x" * 101}),
+         {"type": "identify", "userId": "stays", "traits": ids})  # fmt: skip
+    wait_for(lambda: settled(r) and r.zcard("relay:dlq:index") == 1)
+    assert r.exists("relay:identity:u:gone", "relay:alias:u:before") == 2
+    # A track of the user waits in the delayed set for a retry when the delete comes.
+    clean_sandbox.fault(status=503, for_s=120)
+    post(relay, track("Pending", userId="gone"))
+    wait_for(lambda: r.zcard("relay:delayed") == 1 and stat(r, "requests:5xx") >= 1)
+    post(relay, {"type": "delete", "userId": "gone"})
+    wait_for(lambda: stat(r, "skipped:delete_request") == 1)
+    clean_sandbox.reset()
+    wait_for(lambda: settled(r) and stat(r, "skipped:user_deleted") == 1)
+    assert clean_sandbox.commands() == []
+    assert r.zcard("relay:dlq:index") == 0 and r.hlen("relay:dlq:entries") == 0
+    assert r.keys("relay:identity:*") == [b"relay:identity:u:stays"]
+    assert r.keys("relay:alias:*") == [] and r.keys("relay:aliased:*") == []
+    shown = json.loads(relay_cli(r, "identities", "show", "gone").stdout)
+    assert list(shown) == ["u:gone"] and list(shown["u:gone"]) == ["deleted_at"]
+    # The user may come back: events received after the delete are delivered.
+    post(relay, track("Back", userId="gone", properties=ids))
+    assert who(clean_sandbox.wait_commands(1)) == [("Back", "A-del", "c-del")]

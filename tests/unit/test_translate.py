@@ -48,11 +48,12 @@ def fates(
     known: dict[str, Known] | None = None,
     mapping: Mapping | None = None,
     links: dict[str, str] | None = None,
+    deleted: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Every item's fate: its commands, ("skipped", reason), "unresolved" or invalid."""
     parsed, bad = parse_items(items_of(events, source))
     assert bad == []
-    plan = plan_batch(parsed, known or {}, mapping or Mapping(), links)
+    plan = plan_batch(parsed, known or {}, mapping or Mapping(), links, deleted)
     out: dict[str, Any] = {}
     for item, commands in plan.send:
         out[item["id"]] = commands
@@ -122,6 +123,7 @@ class Case:
     known: dict[str, Known] = field(default_factory=dict)
     mapping: Mapping = field(default_factory=Mapping)
     links: dict[str, str] = field(default_factory=dict)
+    deleted: dict[str, float] = field(default_factory=dict)
 
 
 KNOWN = {"u:userId123": Known(ACCOUNT, CONTACT)}
@@ -287,6 +289,30 @@ CASES = {
             "r1": NOTHING,
             "r2": [track_event("Viewed", account="g-1", contact="u-new")],
         },
+    ),
+    # --- delete ------------------------------------------------------------------------
+    "delete-drops-the-users-earlier-events-and-knowledge": Case(
+        [
+            track(properties=IDS),
+            {"type": "delete", "userId": "userId123"},
+            track(),
+            track(userId="someone-else", properties=IDS),
+        ],
+        {
+            "r0": ("skipped", "user_deleted"),
+            "r1": ("skipped", "delete_request"),
+            "r2": "unresolved",
+            "r3": [track_event()],
+        },
+        known=KNOWN,
+    ),
+    "a-stored-delete-drops-events-received-before-it": Case(
+        [track(properties=IDS), track(properties=IDS, userId="other")],
+        {"r0": ("skipped", "user_deleted"), "r1": [track_event()]},
+        deleted={"u:userId123": 5.0},
+    ),
+    "events-received-after-a-delete-are-delivered": Case(
+        [track(properties=IDS)], {"r0": [track_event()]}, deleted={"u:userId123": -1.0}
     ),
     "alias-without-previousId-is-counted": Case(
         [{"type": "alias", "userId": "u1"}], {"r0": ("skipped", "incomplete_alias")}
@@ -486,7 +512,9 @@ CASES = {
         {"r0": NOTHING},
     ),
     "delete-webhook": Case(
-        [{"type": "delete", "userId": "u1"}], {"r0": UNSUPPORTED}, source="webhook"
+        [{"type": "delete", "userId": "u1"}],
+        {"r0": ("skipped", "delete_request")},
+        source="webhook",
     ),
     "unsupported-type-even-with-ChurnZero-false": Case(
         [{"type": "page", "userId": "u1", "integrations": {"ChurnZero": False}}],
@@ -630,7 +658,12 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
 def test_translation(case: Case) -> None:
     got = fates(
-        case.events, source=case.source, known=case.known, mapping=case.mapping, links=case.links
+        case.events,
+        source=case.source,
+        known=case.known,
+        mapping=case.mapping,
+        links=case.links,
+        deleted=case.deleted,
     )
     assert got == case.expected
 
@@ -664,6 +697,20 @@ def test_anonymous_only_fixture_teaches_its_anonymous_id() -> None:
     assert plan.learned == {"a:hhamed": Known(ACCOUNT, CONTACT)}
     [(_, commands)] = plan.send
     assert commands == [set_attr("chelsey_test", True), set_attr("contactId", "hhamed")]
+
+
+def test_a_delete_forgets_the_user_and_what_the_batch_taught_before_it() -> None:
+    batch = [
+        identify(IDS),
+        {"type": "alias", "userId": "userId123", "previousId": "old"},
+        {"type": "delete", "userId": "userId123", "anonymousId": "anon-1"},
+        {"type": "group", "userId": "userId123", "groupId": "g-after"},
+    ]
+    parsed, _ = parse_items(items_of(batch, "api"))
+    plan = plan_batch(parsed, {}, Mapping())
+    assert plan.forgotten == {"u:userId123": 0.0, "a:anon-1": 0.0}
+    assert plan.links == {}
+    assert plan.learned == {"u:userId123": Known("g-after")}
 
 
 def test_lookup_keys_are_those_of_events_missing_an_id() -> None:
