@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 import structlog
 
-from relay import broker, deadletter, delayed, identity, keys, retry, status
+from relay import broker, deadletter, delayed, freshness, identity, keys, retry, status
 from relay.churnzero import ChurnZeroClient
 from relay.dedupe import Dedupe
 from relay.mapping import Mapping
@@ -53,6 +53,7 @@ class Report:
     skipped: Counter[str] = field(default_factory=Counter)
     dead: Counter[str] = field(default_factory=Counter)
     retried: Counter[str] = field(default_factory=Counter)
+    attributes: Counter[str] = field(default_factory=Counter)  # writes not sent, by reason
     requests: Counter[str] = field(default_factory=Counter)
     request_seconds: list[float] = field(default_factory=list)
 
@@ -65,6 +66,7 @@ class Report:
             "skipped": dict(self.skipped),
             "dead": dict(self.dead),
             "retried": dict(self.retried),
+            "attributes_skipped": dict(self.attributes),
             "requests": dict(self.requests),
         }
 
@@ -177,6 +179,11 @@ class Delivery:
         found = identity.lookup(self.redis, lookup_keys(parsed, self.mapping))
         deleted = identity.tombstones(self.redis, tombstone_keys(parsed))
         plan = plan_batch(parsed, found.known, self.mapping, found.links, deleted)
+        if self.settings.attribute_clock_ttl_s:
+            clock_s = self.settings.attribute_clock_ttl_s
+            stamps = freshness.stamps(parsed)
+            stale = freshness.reserve(self.redis, plan, stamps, clock_s, claim.done)
+            report.attributes["stale_attribute"] += stale
 
         # An earlier run of this message got a 2xx for some events: never send them again.
         outcomes: Outcomes = {rid: _OK for rid in claim.done}
@@ -408,6 +415,7 @@ def _stage_stats(pipe: Any, report: Report, now: float) -> None:
     counts.update({f"skipped:{k}": v for k, v in report.skipped.items()})
     counts.update({f"requests:{k}": v for k, v in report.requests.items()})
     counts.update({f"retried:{k}": v for k, v in report.retried.items()})
+    counts.update({f"attributes:{k}": v for k, v in report.attributes.items()})
     for name, value in counts.items():
         if value:
             pipe.hincrby(keys.STATS, name, value)

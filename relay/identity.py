@@ -54,10 +54,10 @@ return released
 """
 
 
-# KEYS: delayed. ARGV: the identity, alias, aliased, waiting and deleted key prefixes
-# (relay.keys), the user key, the delete's received-at, the tombstone's ttl.
+# KEYS: delayed. ARGV: the identity, alias, aliased, waiting, deleted and attribute-clock
+# key prefixes (relay.keys), the user key, the delete's received-at, the tombstone's ttl.
 _FORGET = """
-local user = ARGV[6]
+local user = ARGV[7]
 local forgotten = redis.call('SMEMBERS', ARGV[3] .. user)
 table.insert(forgotten, user)
 local t = redis.call('TIME')
@@ -65,7 +65,19 @@ local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 for _, key in ipairs(forgotten) do
   local tomb = ARGV[5] .. key
   local old = tonumber(redis.call('GET', tomb) or '0')
-  redis.call('SET', tomb, math.max(old, tonumber(ARGV[7])), 'EX', ARGV[8])
+  redis.call('SET', tomb, math.max(old, tonumber(ARGV[8])), 'EX', ARGV[9])
+  local entry = redis.call('GET', ARGV[1] .. key)
+  if entry then
+    -- The contact's attribute clock (relay.freshness) is the user's too.
+    local v = cjson.decode(entry)
+    local contact = v[2]
+    if type(contact) ~= 'string' and string.sub(key, 1, 2) == 'u:' then
+      contact = string.sub(key, 3)
+    end
+    if type(v[1]) == 'string' and type(contact) == 'string' then
+      redis.call('DEL', ARGV[6] .. 'c:' .. string.len(v[1]) .. ':' .. v[1] .. ':' .. contact)
+    end
+  end
   redis.call('DEL', ARGV[1] .. key, ARGV[2] .. key, ARGV[3] .. key)
   for _, member in ipairs(redis.call('SMEMBERS', ARGV[4] .. key)) do
     redis.call('ZADD', KEYS[1], 'XX', 'LT', now, member)
@@ -123,9 +135,11 @@ def stage_links(pipe: Any, links: Mapping[str, str], ttl_s: int) -> None:
 
 def stage_forget(pipe: Any, forgotten: Mapping[str, float], tombstone_s: int) -> None:
     """Queue on a pipeline: forget these users (received-at of their delete) and the
-    keys aliased to them: entries, links, and a tombstone that drops their events
-    received before the delete; their waiting tracks come due now (to be dropped)."""
-    prefixes = [keys.IDENTITY, keys.ALIAS, keys.ALIASED, keys.WAITING, keys.DELETED]
+    keys aliased to them: entries, links, the contact's attribute clock, and a tombstone
+    that drops their events received before the delete; their waiting tracks come due
+    now (to be dropped)."""
+    prefixes = [keys.IDENTITY, keys.ALIAS, keys.ALIASED, keys.WAITING, keys.DELETED,
+                keys.ATTRIBUTE_CLOCK]  # fmt: skip
     for key, received_at in forgotten.items():
         pipe.eval(_FORGET, 1, keys.DELAYED, *prefixes, key, received_at, tombstone_s)
 

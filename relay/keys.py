@@ -31,6 +31,10 @@ DELETED = PREFIX + "deleted:"
 # STRING per Segment messageId; value = the relay id of the copy that claimed it.
 DEDUPE = PREFIX + "dedupe:"
 
+# HASH per ChurnZero entity (account, or contact within its account): attribute name ->
+# event time (epoch ms) of the last value sent (relay.freshness).
+ATTRIBUTE_CLOCK = PREFIX + "attrclock:"
+
 # Per Celery message (by task id): HASH of its run ("claimed", "settled", "d:<relay id>"
 # per event delivered), and the lease of the run working on it now.
 RUN = PREFIX + "run:"
@@ -95,6 +99,11 @@ def deleted(user_key: str) -> str:
 def waiting(user_key: str) -> str:
     """The index of one user's tracks waiting in the delayed set for identity."""
     return WAITING + user_key
+
+
+def attribute_clock(entity: str) -> str:
+    """The attribute clock of one entity (`a:<account>` or `c:<len>:<account>:<contact>`)."""
+    return ATTRIBUTE_CLOCK + entity
 
 
 def run(message_id: str) -> str:

@@ -104,6 +104,7 @@ _COUNTERS = {
     "skipped": ("relay_skipped_events", "Events not delivered, by reason.", "reason"),
     "dead_letters": ("relay_dead_lettered_events", "Events dead-lettered, by reason.", "reason"),
     "requests": ("relay_churnzero_requests", "Requests to ChurnZero by outcome.", "outcome"),
+    "attributes": ("relay_skipped_attributes", "Attribute writes not sent, by reason.", "reason"),
     "retried": ("relay_retried_events", "Events put back for a later try, by cause.", "cause"),
     "replayed": ("relay_replayed_events", "Dead letters replayed.", None),
     "ratelimit_waits": ("relay_ratelimit_waits", "Times a worker waited for the rate limit.", None),

@@ -166,12 +166,14 @@ def test_a_delete_empties_the_users_state(
     relay: str, r: redis.Redis, clean_sandbox: Sandbox
 ) -> None:
     ids = {"accountExternalId": "A-del", "contactExternalId": "c-del"}
-    post(relay, {"type": "identify", "userId": "gone", "traits": ids},
+    post(relay, {"type": "identify", "userId": "gone", "traits": {**ids, "plan": "X"}},
          {"type": "alias", "previousId": "before", "userId": "gone"},
          track("Too long", userId="gone", properties={"accountExternalId": "x" * 101}),
          {"type": "identify", "userId": "stays", "traits": ids})  # fmt: skip
     wait_for(lambda: settled(r) and r.zcard("relay:dlq:index") == 1)
     assert r.exists("relay:identity:u:gone", "relay:alias:u:before") == 2
+    assert r.exists("relay:attrclock:c:5:A-del:c-del") == 1
+    assert [c["name"] for c in clean_sandbox.commands()] == ["plan"]
     # A track of the user waits in the delayed set for a retry when the delete comes.
     clean_sandbox.fault(status=503, for_s=120)
     post(relay, track("Pending", userId="gone"))
@@ -180,7 +182,8 @@ def test_a_delete_empties_the_users_state(
     wait_for(lambda: stat(r, "skipped:delete_request") == 1)
     clean_sandbox.reset()
     wait_for(lambda: settled(r) and stat(r, "skipped:user_deleted") == 1)
-    assert clean_sandbox.commands() == []
+    assert clean_sandbox.commands() == []  # since the reset: the pending track is dropped
+    assert r.keys("relay:attrclock:*") == []
     assert r.zcard("relay:dlq:index") == 0 and r.hlen("relay:dlq:entries") == 0
     assert r.keys("relay:identity:*") == [b"relay:identity:u:stays"]
     assert r.keys("relay:alias:*") == [] and r.keys("relay:aliased:*") == []
@@ -189,3 +192,27 @@ def test_a_delete_empties_the_users_state(
     # The user may come back: events received after the delete are delivered.
     post(relay, track("Back", userId="gone", properties=ids))
     assert who(clean_sandbox.wait_commands(1)) == [("Back", "A-del", "c-del")]
+
+
+def test_an_older_identify_changes_nothing(
+    relay: str, r: redis.Redis, clean_sandbox: Sandbox
+) -> None:
+    ids = {"accountExternalId": "A-t", "contactExternalId": "c-t"}
+    post(relay, {"type": "identify", "userId": "t", "timestamp": "2026-11-01T10:00:00.002Z",
+                 "traits": {**ids, "plan": "New"}})  # fmt: skip
+    wait_for(lambda: settled(r) and len(clean_sandbox.commands()) == 1)
+    # A retried, late or clock-corrected identify from a millisecond before: nothing of it
+    # reaches ChurnZero; a later one does, and a track from before it is history, kept.
+    post(relay, {"type": "identify", "userId": "t", "timestamp": "2026-11-01T10:00:00.001Z",
+                 "traits": {**ids, "plan": "Old"}})  # fmt: skip
+    wait_for(lambda: settled(r) and stat(r, "skipped:stale_attribute") == 1)
+    post(relay, track("Earlier", userId="t", timestamp="2026-10-01T00:00:00Z"),
+         {"type": "identify", "userId": "t", "timestamp": "2026-11-02T00:00:00Z",
+          "traits": {**ids, "plan": "Newer"}})  # fmt: skip
+    wait_for(lambda: settled(r) and len(clean_sandbox.commands()) == 3)
+    sent = [(c.get("name") or c["eventName"], c.get("value")) for c in clean_sandbox.commands()]
+    assert sent == [("plan", "New"), ("Earlier", None), ("plan", "Newer")]
+    assert stat(r, "attributes:stale_attribute") == 1
+    clock = r.hgetall("relay:attrclock:c:3:A-t:c-t")
+    assert clock == {b"plan": b"1793577600000"}  # 2026-11-02, in ms
+    assert 0 < r.ttl("relay:attrclock:c:3:A-t:c-t") <= 30 * 24 * 3600
