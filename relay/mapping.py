@@ -31,13 +31,17 @@ Example file::
     [events.fields]                            # properties sent as cf_<name>
     "Order Completed" = ["revenue"]
     "*" = ["plan"]
+
+    [events.increment]                         # incrementAttribute by the quantity
+    "Seat Added" = { attribute = "Seats", entity = "account" }
+    "Report Run" = { attribute = "Reports Run", track = true }   # and the trackEvent
 """
 
 from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -106,13 +110,22 @@ class GroupMap(_Section):
         return self.rename.get(trait, trait)
 
 
+class Increment(_Section):
+    """An event counted on an attribute (incrementAttribute by its quantity)."""
+
+    attribute: str = Field(min_length=1)
+    entity: Literal["contact", "account"] = "contact"
+    track: bool = False  # true: the trackEvent is sent as well
+
+
 class EventMap(_Section):
-    """Event renames, allow/deny lists and custom (`cf_`) fields per event."""
+    """Event renames, allow/deny lists, custom (`cf_`) fields and increments per event."""
 
     rename: dict[str, str] = Field(default_factory=dict)
     allow: frozenset[str] = frozenset()
     deny: frozenset[str] = frozenset()
     fields: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    increment: dict[str, Increment] = Field(default_factory=dict)
 
 
 class Mapping(_Section):

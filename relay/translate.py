@@ -93,6 +93,36 @@ def identify_commands(event: events.Identify, ids: Ids, mapping: Mapping) -> lis
     return out
 
 
+def _quantity(props: dict[str, Any]) -> int | float:
+    quantity = props.get("quantity")
+    if isinstance(quantity, int | float) and not isinstance(quantity, bool):
+        return quantity
+    return 1
+
+
+def _allow_dupes(event: events.Track) -> bool | None:
+    for key in ("ChurnZero", "Churnzero"):
+        options = event.integrations.get(key)
+        if isinstance(options, dict) and isinstance(options.get("allowDupes"), bool):
+            return bool(options["allowDupes"])
+    return None
+
+
+def track_commands(event: events.Track, ids: Ids, mapping: Mapping) -> list[Command]:
+    """A track call's commands: its trackEvent, or the increment the mapping makes of it
+    (with the trackEvent too when the mapping asks)."""
+    increment = mapping.events.increment.get(event.event)
+    if increment is None:
+        return [track_command(event, ids, mapping)]
+    command = {
+        **_base(ids, "incrementAttribute"),
+        "entity": increment.entity,
+        "name": increment.attribute,
+        "value": _quantity(event.properties),
+    }
+    return [command, track_command(event, ids, mapping)] if increment.track else [command]
+
+
 def track_command(event: events.Track, ids: Ids, mapping: Mapping) -> Command:
     """The trackEvent command of a track call."""
     stamp = event.timestamp
@@ -105,9 +135,10 @@ def track_command(event: events.Track, ids: Ids, mapping: Mapping) -> Command:
     description = props.get("description")
     if isinstance(description, str) and description:
         command["description"] = description[:MAX_DESCRIPTION]
-    quantity = props.get("quantity")
-    numeric = isinstance(quantity, int | float) and not isinstance(quantity, bool)
-    command["quantity"] = quantity if numeric else 1
+    command["quantity"] = _quantity(props)
+    allow_dupes = _allow_dupes(event)
+    if allow_dupes is not None:
+        command["allowDupes"] = allow_dupes
     for name in mapping.custom_fields(event.event):
         value = attribute_value(props.get(name))
         if value is not None:
@@ -143,7 +174,7 @@ def validate_command(command: Command) -> list[str]:
             problems.append("eventDate is missing")
         if len(str(command.get("description", ""))) > MAX_DESCRIPTION:
             problems.append(f"description is longer than {MAX_DESCRIPTION} characters")
-    elif command.get("action") == "setAttribute":
+    elif command.get("action") in ("setAttribute", "incrementAttribute"):
         if not str(command.get("name", "")).strip():
             problems.append("attribute name is empty")
         if command.get("entity") not in ("account", "contact"):
@@ -385,4 +416,4 @@ def _commands(event: events.AnyEvent, ids: Ids, mapping: Mapping) -> list[Comman
     if isinstance(event, events.Group):
         return group_commands(event, ids, mapping)
     assert isinstance(event, events.Track)
-    return [track_command(event, ids, mapping)]
+    return track_commands(event, ids, mapping)

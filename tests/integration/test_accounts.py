@@ -216,3 +216,30 @@ def test_an_older_identify_changes_nothing(
     clock = r.hgetall("relay:attrclock:c:3:A-t:c-t")
     assert clock == {b"plan": b"1793577600000"}  # 2026-11-02, in ms
     assert 0 < r.ttl("relay:attrclock:c:3:A-t:c-t") <= 30 * 24 * 3600
+
+
+def test_increments_and_allow_dupes(
+    r: redis.Redis,
+    clean_sandbox: Sandbox,
+    start_ingest: Callable[..., str],
+    start_worker: Starter,
+    tmp_path: Path,
+) -> None:
+    mapping = tmp_path / "mapping.toml"
+    mapping.write_text(
+        "[group]\nname = true\n\n"
+        '[events.increment]\n"Seat Added" = { attribute = "Seats", entity = "account" }\n'
+    )
+    start_worker(mapping_file=mapping)
+    url = start_ingest()
+    post(url, {"type": "group", "userId": "i", "groupId": "acct-i", "traits": {"name": "Ink"}},
+         track("Seat Added", userId="i", properties={"quantity": 2}),
+         track("Login", userId="i", integrations={"ChurnZero": {"allowDupes": True}}))  # fmt: skip
+    wait_for(lambda: settled(r) and len(clean_sandbox.commands()) == 3)
+    name, seats, login = clean_sandbox.commands()
+    assert (name["entity"], name["name"], name["value"]) == ("account", "Name", "Ink")
+    assert {k: seats[k] for k in ("action", "entity", "name", "value", "accountExternalId")} == {
+        "action": "incrementAttribute", "entity": "account", "name": "Seats", "value": 2,
+        "accountExternalId": "acct-i",
+    }  # fmt: skip
+    assert (login["eventName"], login["allowDupes"]) == ("Login", True)

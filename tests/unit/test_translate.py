@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from relay.intake import parse_api, parse_webhook
-from relay.mapping import EventMap, GroupMap, IdentityMap, Mapping, TraitMap
+from relay.mapping import EventMap, GroupMap, IdentityMap, Increment, Mapping, TraitMap
 from relay.resolution import Known
 from relay.translate import lookup_keys, parse_items, plan_batch, validate_command
 from tests.conftest import fixture
@@ -290,6 +290,55 @@ CASES = {
             "r2": [track_event("Viewed", account="g-1", contact="u-new")],
         },
     ),
+    # --- increments and allowDupes ------------------------------------------------------
+    "increment-replaces-the-track-by-quantity": Case(
+        [track("Seat Added", properties={**IDS, "quantity": 3}), track("Report Run")],
+        {
+            "r0": [
+                {
+                    "accountExternalId": ACCOUNT,
+                    "contactExternalId": CONTACT,
+                    "action": "incrementAttribute",
+                    "entity": "account",
+                    "name": "Seats",
+                    "value": 3,
+                }
+            ],
+            "r1": [
+                {
+                    "accountExternalId": ACCOUNT,
+                    "contactExternalId": CONTACT,
+                    "action": "incrementAttribute",
+                    "entity": "contact",
+                    "name": "Reports Run",
+                    "value": 1,
+                },
+                track_event("Report Run"),
+            ],
+        },
+        known=KNOWN,
+        mapping=Mapping(
+            events=EventMap(
+                increment={
+                    "Seat Added": Increment(attribute="Seats", entity="account"),
+                    "Report Run": Increment(attribute="Reports Run", track=True),
+                }
+            )
+        ),
+    ),
+    "allowDupes-from-the-integrations-object": Case(
+        [
+            track(integrations={"ChurnZero": {"allowDupes": True}}),
+            track(integrations={"Churnzero": {"allowDupes": False}}),
+            track(integrations={"ChurnZero": {"allowDupes": "yes"}}),
+        ],
+        {
+            "r0": [{**track_event(), "allowDupes": True}],
+            "r1": [{**track_event(), "allowDupes": False}],
+            "r2": [track_event()],
+        },
+        known=KNOWN,
+    ),
     # --- delete ------------------------------------------------------------------------
     "delete-drops-the-users-earlier-events-and-knowledge": Case(
         [
@@ -475,7 +524,7 @@ CASES = {
     ),
     "ChurnZero-options-object-enables": Case(
         [track(integrations={"All": False, "ChurnZero": {"allowDupes": True}}, properties=IDS)],
-        {"r0": [track_event()]},
+        {"r0": [{**track_event(), "allowDupes": True}]},
     ),
     "ChurnZero-true-with-All-false": Case(
         [track(integrations={"All": False, "ChurnZero": True}, properties=IDS)],
