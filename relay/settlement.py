@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from relay import deadletter, retry
+from relay.resolution import resolve_raw_key
 from relay.settings import Settings
 from relay.translate import Plan
 
@@ -184,11 +185,14 @@ def attempted(item: Item, now: float) -> Item:
 def group_later(
     later: list[tuple[list[Item], float, str]],
 ) -> list[tuple[list[Item], float, str]]:
-    """One delayed-set member per cause and due second keeps the set small."""
-    groups: dict[tuple[str, int], tuple[list[Item], float]] = {}
+    """One delayed-set member per cause and due second keeps the set small; identity
+    waits also per user, so the member indexed under a user (relay.identity) holds
+    only that user's tracks."""
+    groups: dict[tuple[str, int, str], tuple[list[Item], float]] = {}
     for items, due, cause in later:
-        key = (cause, int(due))
+        user = resolve_raw_key(items[0].get("event")) if cause == "identity_wait" else None
+        key = (cause, int(due), user or "")
         batch, first_due = groups.get(key, ([], due))
         batch.extend(items)
         groups[key] = (batch, min(first_due, due))
-    return [(batch, due, cause) for (cause, _), (batch, due) in groups.items()]
+    return [(batch, due, cause) for (cause, _, _), (batch, due) in groups.items()]
