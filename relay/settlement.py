@@ -157,7 +157,7 @@ def _wait_for_identity(
     if waited >= policy.identity_wait_s or aged:
         out.dead.append(deadletter.new_entry(
             seen, "unresolved_identity", now=now,
-            errors=["no account/contact ids, and no identify call for this user"],
+            errors=["no account for this user: no ids, and no group, identify, alias or import"],
         ))  # fmt: skip
         return
     wait = retry.compute_backoff(
