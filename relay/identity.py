@@ -27,29 +27,33 @@ import orjson
 from relay import keys
 from relay.resolution import Known
 
-# KEYS: entry. ARGV: account ("" keeps the old), contact ("" keeps the old), ttl_s.
+# KEYS: entries. ARGV: ttl_s, then per entry account and contact ("" keeps the old).
 _MERGE = """
-local a, c = ARGV[1], ARGV[2]
-local old = redis.call('GET', KEYS[1])
-if old then
-  local v = cjson.decode(old)
-  if a == '' and type(v[1]) == 'string' then a = v[1] end
-  if c == '' and type(v[2]) == 'string' then c = v[2] end
-end
 local function json(s) if s == '' then return 'null' end return cjson.encode(s) end
-redis.call('SET', KEYS[1], '[' .. json(a) .. ',' .. json(c) .. ']', 'EX', ARGV[3])
-return 1
+for i, key in ipairs(KEYS) do
+  local a, c = ARGV[2 * i], ARGV[2 * i + 1]
+  local old = redis.call('GET', key)
+  if old then
+    local v = cjson.decode(old)
+    if a == '' and type(v[1]) == 'string' then a = v[1] end
+    if c == '' and type(v[2]) == 'string' then c = v[2] end
+  end
+  redis.call('SET', key, '[' .. json(a) .. ',' .. json(c) .. ']', 'EX', ARGV[1])
+end
+return #KEYS
 """
 
-# KEYS: delayed, waiting set. Makes every indexed member due now; returns how many.
+# KEYS: delayed, then waiting sets. Makes every indexed member due now; returns how many.
 _RELEASE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local released = 0
-for _, member in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  released = released + redis.call('ZADD', KEYS[1], 'XX', 'LT', 'CH', now, member)
+for i = 2, #KEYS do
+  for _, member in ipairs(redis.call('SMEMBERS', KEYS[i])) do
+    released = released + redis.call('ZADD', KEYS[1], 'XX', 'LT', 'CH', now, member)
+  end
+  redis.call('DEL', KEYS[i])
 end
-redis.call('DEL', KEYS[2])
 return released
 """
 
@@ -121,8 +125,11 @@ def lookup(r: Any, wanted: list[str]) -> Lookup:
 
 def stage_store(pipe: Any, learned: Mapping[str, Known], ttl_s: int) -> None:
     """Queue on a pipeline: merge these lessons into the map, kept `ttl_s` seconds."""
-    for key, known in learned.items():
-        pipe.eval(_MERGE, 1, keys.identity(key), known.account or "", known.contact or "", ttl_s)
+    if not learned:
+        return
+    names = [keys.identity(key) for key in learned]
+    values = [v for known in learned.values() for v in (known.account or "", known.contact or "")]
+    pipe.eval(_MERGE, len(names), *names, ttl_s, *values)
 
 
 def stage_links(pipe: Any, links: Mapping[str, str], ttl_s: int) -> None:
@@ -161,8 +168,9 @@ def stage_waiting(pipe: Any, member: bytes, user_keys: Iterable[str], ttl_s: flo
 
 def stage_release(pipe: Any, user_keys: Iterable[str]) -> None:
     """Queue on a pipeline: these users' waiting tracks come due now."""
-    for key in sorted(set(user_keys)):
-        pipe.eval(_RELEASE, 2, keys.DELAYED, keys.waiting(key))
+    names = [keys.waiting(key) for key in sorted(set(user_keys))]
+    if names:
+        pipe.eval(_RELEASE, 1 + len(names), keys.DELAYED, *names)
 
 
 def seed(r: Any, entries: Mapping[str, Known], ttl_s: int, chunk: int = 1000) -> int:
@@ -175,8 +183,7 @@ def seed(r: Any, entries: Mapping[str, Known], ttl_s: int, chunk: int = 1000) ->
         pipe = r.pipeline(transaction=True)
         stage_store(pipe, part, ttl_s)
         stage_release(pipe, part)
-        answers = pipe.execute()
-        released += sum(int(n) for n in answers[len(part) :])
+        released += int(pipe.execute()[-1])
     return released
 
 
