@@ -209,14 +209,15 @@ class Delivery:
             identity.stage_forget(pipe, plan.forgotten, tombstone_s)
             identity.stage_store(pipe, plan.learned, ttl_s)
             identity.stage_links(pipe, plan.links, ttl_s)
+            # After the lessons, in the same MULTI: released tracks find them. Before this
+            # batch's own waits, which were planned knowing these lessons already.
+            identity.stage_release(pipe, plan.released)
             for batch, due, cause in later:
                 member = delayed.stage_schedule(pipe, batch, due)
                 if cause == "identity_wait" and member is not None:
                     users = [resolve_raw_key(item.get("event")) for item in batch]
                     wait_s = self.settings.identity_wait_s + delayed.LEASE_S
                     identity.stage_waiting(pipe, member, filter(None, users), wait_s)
-            # After the lessons above, in the same MULTI: released tracks find them.
-            identity.stage_release(pipe, plan.released)
             deadletter.stage_add(pipe, dead)
             _stage_stats(pipe, report, now)
 

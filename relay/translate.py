@@ -271,7 +271,8 @@ class _Memory:
     def teach(self, key: str, update: Known) -> None:
         self.so_far[key] = (self.own(key) or Known()).merged(update)
         self.plan.learned[key] = self.plan.learned.get(key, Known()).merged(update)
-        self.plan.released.add(key)
+        if update.account:  # only an account can resolve a waiting event
+            self.plan.released.add(key)
 
     def forget(self, key: str, received_at: float) -> None:
         self.so_far[key] = Known()

@@ -243,3 +243,26 @@ def test_increments_and_allow_dupes(
         "accountExternalId": "acct-i",
     }  # fmt: skip
     assert (login["eventName"], login["allowDupes"]) == ("Login", True)
+
+
+def test_standard_calls_of_the_python_library_only(
+    relay: str, r: redis.Redis, clean_sandbox: Sandbox
+) -> None:
+    """The README's set-up: identify, group, track, and no custom traits anywhere."""
+    from segment.analytics import Client
+
+    client = Client(WRITE_KEY, host=relay, sync_mode=True)
+    # Segment's usual order: identify at sign-in (no account known yet: it waits), then
+    # group, which names the account and releases the waiting identify at once.
+    client.identify("u-py", {"email": "py@acme.io", "firstName": "Py"})
+    wait_for(lambda: r.scard("relay:waiting:u:u-py") == 1)
+    client.group("u-py", "acct-py", {"plan": "Pro"})
+    wait_for(lambda: settled(r) and len(clean_sandbox.commands()) == 3, timeout=15)
+    client.track("u-py", "Report Run", {"quantity": 2})
+    wait_for(lambda: settled(r) and len(clean_sandbox.commands()) == 4)
+    assert [(c["action"], c.get("entity")) + who([c])[0] for c in clean_sandbox.commands()] == [
+        ("setAttribute", "account", "plan", "acct-py", "py@acme.io"),
+        ("setAttribute", "contact", "Email", "acct-py", "py@acme.io"),
+        ("setAttribute", "contact", "FirstName", "acct-py", "py@acme.io"),
+        ("trackEvent", None, "Report Run", "acct-py", "py@acme.io"),
+    ]

@@ -826,3 +826,15 @@ def test_items_whose_event_no_longer_parses_are_reported() -> None:
 )
 def test_validate_command(command: dict[str, Any], problems: list[str]) -> None:
     assert validate_command(command) == problems
+
+
+def test_only_a_lesson_with_an_account_releases_waiting_events() -> None:
+    def released(batch: list[Any]) -> set[str]:
+        parsed, _ = parse_items(items_of(batch, "api"))
+        return plan_batch(parsed, {}, Mapping()).released
+
+    assert released([identify({"email": "ann@acme.io"})]) == set()
+    assert released([group("g-1", {}, anonymousId="anon-1")]) == {"u:userId123", "a:anon-1"}
+    assert released([{"type": "alias", "userId": "userId123", "previousId": "p"}]) == {
+        "u:p", "a:p"
+    }  # fmt: skip
