@@ -2,7 +2,8 @@
 
 Identify, group and alias calls (and `relay identities import`) teach it; events without
 ids are resolved through it. One key per user (`relay:identity:u:<userId>`,
-`relay:identity:a:<anonymousId>`, JSON `[account, contact]`, either may be null) that
+`relay:identity:a:<anonymousId>`, JSON `[account, contact, at]`: any may be null, `at` is
+the event time in ms of the call that named the account) that
 expires `identity_ttl_s` after the user's last lesson, so the map stays the size of the
 active users in a Redis that must not evict. A lesson merges into the entry (a group
 call sets the account and keeps the contact). An alias is a link key
@@ -27,18 +28,28 @@ import orjson
 from relay import keys
 from relay.resolution import Known
 
-# KEYS: entries. ARGV: ttl_s, then per entry account and contact ("" keeps the old).
+# KEYS: entries. ARGV: ttl_s, then per entry account, contact and the account's event
+# time in ms ("" for each: unknown, keep the old). Merges as Known.merged does: an
+# account from an older call than the stored one's (both times known) is not taken.
 _MERGE = """
 local function json(s) if s == '' then return 'null' end return cjson.encode(s) end
 for i, key in ipairs(KEYS) do
-  local a, c = ARGV[2 * i], ARGV[2 * i + 1]
+  local a, c, at = ARGV[3 * i - 1], ARGV[3 * i], ARGV[3 * i + 1]
   local old = redis.call('GET', key)
   if old then
     local v = cjson.decode(old)
-    if a == '' and type(v[1]) == 'string' then a = v[1] end
+    local old_at = v[3]
+    if type(old_at) ~= 'number' then old_at = nil end
+    local older = at ~= '' and old_at ~= nil and tonumber(at) < old_at
+    if (a == '' or older) and type(v[1]) == 'string' then
+      a = v[1]
+      at = old_at and string.format('%d', old_at) or ''
+    end
     if c == '' and type(v[2]) == 'string' then c = v[2] end
   end
-  redis.call('SET', key, '[' .. json(a) .. ',' .. json(c) .. ']', 'EX', ARGV[1])
+  local stamp = 'null'
+  if at ~= '' then stamp = at end
+  redis.call('SET', key, '[' .. json(a) .. ',' .. json(c) .. ',' .. stamp .. ']', 'EX', ARGV[1])
 end
 return #KEYS
 """
@@ -101,8 +112,9 @@ class Lookup:
 
 
 def _known(raw: bytes) -> Known:
-    account, contact = orjson.loads(raw)
-    return Known(account or None, contact or None)
+    account, contact, *rest = orjson.loads(raw)  # older entries have two fields
+    at = rest[0] if rest and isinstance(rest[0], int) else None
+    return Known(account or None, contact or None, at)
 
 
 def lookup(r: Any, wanted: list[str]) -> Lookup:
@@ -128,7 +140,11 @@ def stage_store(pipe: Any, learned: Mapping[str, Known], ttl_s: int) -> None:
     if not learned:
         return
     names = [keys.identity(key) for key in learned]
-    values = [v for known in learned.values() for v in (known.account or "", known.contact or "")]
+    values = [
+        v
+        for known in learned.values()
+        for v in (known.account or "", known.contact or "", "" if known.at is None else known.at)
+    ]
     pipe.eval(_MERGE, len(names), *names, ttl_s, *values)
 
 
@@ -203,6 +219,7 @@ def describe(r: Any, user_id: str) -> dict[str, Any]:
         if raw is not None:
             known = _known(raw)
             entry.update(account=known.account, contact=known.contact,
+                         account_named_at_ms=known.at,
                          expires_in_s=r.ttl(keys.identity(key)))  # fmt: skip
         if link is not None:
             entry["alias_of"] = link.decode()

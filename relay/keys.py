@@ -17,9 +17,10 @@ CELERY_UNACKED = "unacked"
 
 # ZSET of pending retry batches (member: JSON batch, score: due unix time).
 DELAYED = PREFIX + "delayed"
-# STRING per user ("u:<userId>" / "a:<anonymousId>") -> JSON [account, contact] (either
-# may be null); STRING per aliased key -> the user key it stands for; SET per user key
-# of the delayed-set members holding that user's tracks waiting for identity.
+# STRING per user ("u:<userId>" / "a:<anonymousId>") -> JSON [account, contact, at] (any
+# may be null; at: event time in ms of the call that named the account); STRING per
+# aliased key -> the user key it stands for; SET per user key of the delayed-set members
+# holding that user's tracks waiting for identity.
 IDENTITY = PREFIX + "identity:"
 ALIAS = PREFIX + "alias:"
 WAITING = PREFIX + "waiting:"

@@ -35,16 +35,23 @@ class Ids:
 
 @dataclass(frozen=True)
 class Known:
-    """What the relay knows of a user: an account, a contact, either or both."""
+    """What the relay knows of a user: an account, a contact, either or both; `at` is
+    the event time (epoch ms) of the call that named the account, when known."""
 
     account: str | None = None
     contact: str | None = None
+    at: int | None = None
 
     def merged(self, newer: Known | None) -> Known:
-        """This knowledge updated by `newer` (its unset fields keep this one's)."""
+        """This knowledge updated by `newer` (its unset fields keep this one's). The
+        account of an older call (both times known) does not replace a newer one: a
+        late or retried group call must not move the user back."""
         if newer is None:
             return self
-        return Known(newer.account or self.account, newer.contact or self.contact)
+        older = newer.at is not None and self.at is not None and newer.at < self.at
+        take = bool(newer.account) and not older
+        account, at = (newer.account, newer.at) if take else (self.account, self.at)
+        return Known(account, newer.contact or self.contact, at)
 
 
 def _lookup(source: Any, path: str) -> Any:

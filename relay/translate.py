@@ -239,10 +239,12 @@ def tombstone_keys(parsed: Parsed) -> list[str]:
 
 def _teaching(event: events.AnyEvent, mapping: Mapping) -> Known | None:
     """What an identify or a group call teaches about its user, if anything."""
+    at = int(event.timestamp.timestamp() * 1000) if event.timestamp else None
     if isinstance(event, events.Group):
-        return Known(event.groupId) if event.groupId else None
+        return Known(event.groupId, None, at) if event.groupId else None
     if isinstance(event, events.Identify):
-        update = Known(own_account(event, mapping), learned_contact(event, mapping))
+        account = own_account(event, mapping)
+        update = Known(account, learned_contact(event, mapping), at if account else None)
         return update if update != Known() else None
     return None
 
@@ -383,7 +385,7 @@ def _learn(event: events.AnyEvent, update: Known, memory: _Memory, mapping: Mapp
         if soft and known is not None and known.contact:
             # An email names the contact of a user without one; a known contact id stays
             # (in ChurnZero it is the same person, whose email changed).
-            memory.teach(key, Known(update.account))
+            memory.teach(key, Known(update.account, None, update.at))
         else:
             memory.teach(key, update)
 

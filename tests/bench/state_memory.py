@@ -26,8 +26,8 @@ TTL_S = 30 * 24 * 3600
 
 def _identity(r: Any, n: int) -> str:
     pipe = r.pipeline(transaction=False)
-    identity.stage_store(pipe, {f"u:user-{n:08d}-abcdefgh": Known(f"acct-{n:06d}",
-                                f"user{n:06d}@example.com")}, TTL_S)  # fmt: skip
+    known = Known(f"acct-{n:06d}", f"user{n:06d}@example.com", 1_793_577_600_000 + n)
+    identity.stage_store(pipe, {f"u:user-{n:08d}-abcdefgh": known}, TTL_S)
     pipe.execute()
     return keys.identity(f"u:user-{n:08d}-abcdefgh")
 

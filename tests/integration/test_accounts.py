@@ -68,7 +68,10 @@ def test_group_then_tracks_land_on_the_groups_account(
     post(relay, {"type": "group", "userId": "ann", "groupId": "acct-42",
                  "traits": {"name": "Acme", "plan": "Enterprise", "employees": 120}})  # fmt: skip
     wait_for(lambda: settled(r) and len(clean_sandbox.commands()) == 2)
-    post(relay, {"type": "identify", "userId": "ann", "traits": {"email": "ann@acme.io"}})
+    # A late group call from before does not move the user back to an older account.
+    post(relay, {"type": "group", "userId": "ann", "groupId": "acct-old",
+                 "timestamp": "2020-01-01T00:00:00Z"},
+         {"type": "identify", "userId": "ann", "traits": {"email": "ann@acme.io"}})  # fmt: skip
     wait_for(lambda: settled(r) and len(clean_sandbox.commands()) == 3)
     post(relay, track("Report Run", userId="ann"),
          track("Exported", userId="ann", context={"groupId": "acct-7"}))  # fmt: skip

@@ -255,6 +255,21 @@ CASES = {
         [track(), group("g-1", {})],
         {"r0": [track_event(account="g-1", contact="userId123")], "r1": NOTHING},
     ),
+    "an-older-group-call-does-not-move-the-user-back": Case(
+        [
+            group("g-old", {}, timestamp="2024-03-19T07:21:00Z"),
+            track(),
+            group("g-newer", {}, timestamp="2024-03-19T07:23:00Z"),
+            track(),
+        ],
+        {
+            "r0": NOTHING,
+            "r1": [track_event(account="g-new", contact="userId123")],
+            "r2": NOTHING,
+            "r3": [track_event(account="g-newer", contact="userId123")],
+        },
+        known={"u:userId123": Known("g-new", None, 1710832920000)},  # 07:22:00
+    ),
     # --- alias ---------------------------------------------------------------------
     "alias-links-anonymous-tracks-to-the-user": Case(
         [
@@ -732,10 +747,15 @@ def test_envelope_integrations_reach_every_item_of_a_batch() -> None:
     ]
 
 
+def untimed(learned: dict[str, Known]) -> dict[str, Known]:
+    return {key: Known(k.account, k.contact) for key, k in learned.items()}
+
+
 def test_seed_example_teaches_the_identity_map() -> None:
     parsed, _ = parse_items(items_of([identify(IDS), track()], "api"))
     plan = plan_batch(parsed, {}, Mapping())
-    assert plan.learned == {"u:userId123": Known(ACCOUNT, CONTACT)}
+    assert untimed(plan.learned) == {"u:userId123": Known(ACCOUNT, CONTACT)}
+    assert plan.learned["u:userId123"].at == int(RECEIVED.timestamp() * 1000)
 
 
 def test_anonymous_only_fixture_teaches_its_anonymous_id() -> None:
@@ -743,7 +763,7 @@ def test_anonymous_only_fixture_teaches_its_anonymous_id() -> None:
     event["traits"].update(IDS)
     parsed, _ = parse_items(items_of([event], "webhook"))
     plan = plan_batch(parsed, {}, Mapping())
-    assert plan.learned == {"a:hhamed": Known(ACCOUNT, CONTACT)}
+    assert untimed(plan.learned) == {"a:hhamed": Known(ACCOUNT, CONTACT)}
     [(_, commands)] = plan.send
     assert commands == [set_attr("chelsey_test", True), set_attr("contactId", "hhamed")]
 
@@ -759,7 +779,7 @@ def test_a_delete_forgets_the_user_and_what_the_batch_taught_before_it() -> None
     plan = plan_batch(parsed, {}, Mapping())
     assert plan.forgotten == {"u:userId123": 0.0, "a:anon-1": 0.0}
     assert plan.links == {}
-    assert plan.learned == {"u:userId123": Known("g-after")}
+    assert untimed(plan.learned) == {"u:userId123": Known("g-after")}
 
 
 def test_lookup_keys_are_those_of_events_missing_an_id() -> None:
