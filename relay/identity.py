@@ -103,6 +103,17 @@ return #forgotten
 """
 
 
+# KEYS: delayed, waiting set. ARGV: member, ttl_s.
+_INDEX = """
+for _, old in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  if not redis.call('ZSCORE', KEYS[1], old) then redis.call('SREM', KEYS[2], old) end
+end
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
+
+
 @dataclass
 class Lookup:
     """The map's answer for some keys: what is known, and the alias links."""
@@ -176,10 +187,11 @@ def tombstones(r: Any, user_keys: list[str]) -> dict[str, float]:
 
 
 def stage_waiting(pipe: Any, member: bytes, user_keys: Iterable[str], ttl_s: float) -> None:
-    """Queue on a pipeline: index a delayed-set member under the users it waits for."""
-    for key in set(user_keys):
-        pipe.sadd(keys.waiting(key), member)
-        pipe.expire(keys.waiting(key), max(int(ttl_s), 1))
+    """Queue on a pipeline: index a delayed-set member under the users it waits for
+    (dropping members the mover has moved since, so a track retried many times is not
+    indexed many times)."""
+    for key in sorted(set(user_keys)):
+        pipe.eval(_INDEX, 2, keys.DELAYED, keys.waiting(key), member, max(int(ttl_s), 1))
 
 
 def stage_release(pipe: Any, user_keys: Iterable[str]) -> None:

@@ -142,7 +142,10 @@ def test_a_group_call_releases_the_users_waiting_track(
     relay: str, r: redis.Redis, clean_sandbox: Sandbox
 ) -> None:
     post(relay, track("Waited", userId="bob"))
+    # Tried again and again: indexed once, under its latest delayed-set member.
+    wait_for(lambda: stat(r, "retried:identity_wait") >= 3)
     _waiting_far_out(r, "bob")
+    assert r.smembers("relay:waiting:u:bob") == set(r.zrange("relay:delayed", 0, -1))
     post(relay, {"type": "group", "userId": "bob", "groupId": "acct-b"})
     assert who(clean_sandbox.wait_commands(1, timeout=15)) == [("Waited", "acct-b", "bob")]
 
