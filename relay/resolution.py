@@ -150,12 +150,11 @@ def fallback_contact(
     return None
 
 
-def learned_contact(event: events.AnyEvent, mapping: Mapping) -> str | None:
-    """The contact an identify teaches: its own by the order, except a bare userId or
-    anonymousId, which every later event of the user carries anyway."""
+def learned_contact(event: events.AnyEvent, mapping: Mapping, contact: str | None) -> str | None:
+    """The contact an identify teaches (`contact`: its own contact id, if any): by the
+    order, except a bare userId or anonymousId, which every later event carries anyway."""
     if not isinstance(event, events.Identify):
         return None
-    contact = explicit_ids(event, mapping)[1]
     if contact is not None:
         return contact
     found = fallback_contact(event, mapping)

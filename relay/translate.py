@@ -237,14 +237,16 @@ def tombstone_keys(parsed: Parsed) -> list[str]:
     return sorted(keys)
 
 
-def _teaching(event: events.AnyEvent, mapping: Mapping) -> Known | None:
-    """What an identify or a group call teaches about its user, if anything."""
+def _teaching(event: events.AnyEvent, mapping: Mapping, contact: str | None) -> Known | None:
+    """What an identify or a group call teaches about its user, if anything (`contact`:
+    the event's own contact id)."""
     at = int(event.timestamp.timestamp() * 1000) if event.timestamp else None
     if isinstance(event, events.Group):
         return Known(event.groupId, None, at) if event.groupId else None
     if isinstance(event, events.Identify):
         account = own_account(event, mapping)
-        update = Known(account, learned_contact(event, mapping), at if account else None)
+        taught = learned_contact(event, mapping, contact)
+        update = Known(account, taught, at if account else None)
         return update if update != Known() else None
     return None
 
@@ -315,23 +317,22 @@ def plan_batch(
     # What the whole batch teaches, for a user nobody knew yet (a track that raced ahead
     # of its identify or group call borrows it).
     wanted = []
+    ahead: dict[str, Known] = {}
     for n, (item, event) in enumerate(parsed):
         reason = skip_reason(event, item.get("source", "api"), mapping) or _incomplete(event)
         reason = "user_deleted" if n in pending and event.type != "delete" else reason
         if reason:
             plan.skipped.append((item, reason))
-        else:
-            wanted.append((item, event))
-    ahead: dict[str, Known] = {}
-    for _, event in wanted:
-        update = _teaching(event, mapping)
+            continue
+        ids = explicit_ids(event, mapping)
+        update = _teaching(event, mapping, ids[1])
+        wanted.append((item, event, ids, update))
         for key in identity_keys(event) if update else []:
             ahead[key] = ahead.get(key, Known()).merged(update)
     # In batch order, an event is resolved by what was known when it happened.
-    for item, event in wanted:
-        update = _teaching(event, mapping)
+    for item, event, explicit, update in wanted:
         if update is not None:
-            _learn(event, update, memory, mapping)
+            _learn(event, update, memory, soft=explicit[1] is None)
         if isinstance(event, events.Delete):
             for key in identity_keys(event):
                 memory.forget(key, _received_at(item))
@@ -341,7 +342,7 @@ def plan_batch(
             memory.link(event)
             plan.skipped.append((item, "nothing_to_send"))
             continue
-        ids = _resolve(event, memory, ahead, mapping)
+        ids = _resolve(event, explicit, memory, ahead, mapping)
         if ids is None:
             plan.unresolved.append(item)
             continue
@@ -378,8 +379,7 @@ def _deleted_before(parsed: Parsed, deleted: AbstractMapping[str, float]) -> set
     return out
 
 
-def _learn(event: events.AnyEvent, update: Known, memory: _Memory, mapping: Mapping) -> None:
-    soft = explicit_ids(event, mapping)[1] is None
+def _learn(event: events.AnyEvent, update: Known, memory: _Memory, *, soft: bool) -> None:
     for key in identity_keys(event):
         known = memory.recall(key)
         if soft and known is not None and known.contact:
@@ -399,9 +399,13 @@ def _incomplete(event: events.AnyEvent) -> str | None:
 
 
 def _resolve(
-    event: events.AnyEvent, memory: _Memory, ahead: dict[str, Known], mapping: Mapping
+    event: events.AnyEvent,
+    explicit: tuple[str | None, str | None],
+    memory: _Memory,
+    ahead: dict[str, Known],
+    mapping: Mapping,
 ) -> Ids | None:
-    account, contact = explicit_ids(event, mapping)
+    account, contact = explicit
     key = resolve_key(event) or ""
     found = memory.recall(key) or ahead.get(key) or Known()
     account = account or found.account
