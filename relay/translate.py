@@ -324,9 +324,9 @@ def plan_batch(
         if reason:
             plan.skipped.append((item, reason))
             continue
-        ids = explicit_ids(event, mapping)
-        update = _teaching(event, mapping, ids[1])
-        wanted.append((item, event, ids, update))
+        own = explicit_ids(event, mapping)
+        update = _teaching(event, mapping, own[1])
+        wanted.append((item, event, own, update))
         for key in identity_keys(event) if update else []:
             ahead[key] = ahead.get(key, Known()).merged(update)
     # In batch order, an event is resolved by what was known when it happened.
@@ -342,11 +342,11 @@ def plan_batch(
             memory.link(event)
             plan.skipped.append((item, "nothing_to_send"))
             continue
-        ids = _resolve(event, explicit, memory, ahead, mapping)
-        if ids is None:
+        resolved = _resolve(event, explicit, memory, ahead, mapping)
+        if resolved is None:
             plan.unresolved.append(item)
             continue
-        commands = _commands(event, ids, mapping)
+        commands = _commands(event, resolved, mapping)
         problems = [p for c in commands for p in validate_command(c)]
         if problems:
             plan.invalid_command.append((item, sorted(set(problems))))
