@@ -277,6 +277,31 @@ def identities_show(user_id: str) -> None:
     click.echo(json.dumps(known, indent=2))
 
 
+@identities.command("forget")
+@click.argument("user_id")
+@click.option("--yes", is_flag=True, help="Really forget.")
+def identities_forget(user_id: str, yes: bool) -> None:
+    """Forget USER_ID as a Segment delete event would (for deletions Segment does not
+    forward): queued through the workers, like any event."""
+    import uuid
+    from datetime import UTC, datetime
+
+    from relay import broker, keys
+
+    if not yes:
+        raise click.ClickException("forgetting a user cannot be undone: add --yes")
+    settings = _settings()
+    r = _redis(settings)
+    now = datetime.now(UTC)
+    event = {"type": "delete", "userId": user_id, "messageId": f"forget-{uuid.uuid4().hex}",
+             "timestamp": now.isoformat().replace("+00:00", "Z")}  # fmt: skip
+    item = {"id": uuid.uuid4().hex, "source": "api", "received_at": now.timestamp(),
+            "attempts": 0, "event": event}  # fmt: skip
+    broker.publish(broker.make_celery(settings, _redis_url(settings)), [item])
+    r.incrby(keys.DEPTH_READY, 1)
+    click.echo(f"queued the deletion of {user_id}")
+
+
 @main.group()
 def dlq() -> None:
     """Inspect, replay, purge and export dead letters."""

@@ -22,6 +22,7 @@ from tests.integration.conftest import (
     Starter,
     relay_env,
     settled,
+    sign,
     url_of,
     wait_for,
 )
@@ -184,7 +185,12 @@ def test_a_delete_empties_the_users_state(
     clean_sandbox.fault(status=503, for_s=120)
     post(relay, track("Pending", userId="gone"))
     wait_for(lambda: r.zcard("relay:delayed") == 1 and stat(r, "requests:5xx") >= 1)
-    post(relay, {"type": "delete", "userId": "gone"})
+    # As Segment sends a deletion request to a Webhooks destination.
+    delete = json.dumps({"type": "delete", "userId": "gone", "messageId": "del-1",
+                         "context": {"library": {"name": "unknown", "version": "unknown"}},
+                         "timestamp": "2026-11-29T10:00:00.000Z"}).encode()  # fmt: skip
+    requests.post(relay + "/webhook", data=delete,
+                  headers={"X-Signature": sign(delete)}).raise_for_status()  # fmt: skip
     wait_for(lambda: stat(r, "skipped:delete_request") == 1)
     clean_sandbox.reset()
     wait_for(lambda: settled(r) and stat(r, "skipped:user_deleted") == 1)
@@ -272,3 +278,19 @@ def test_standard_calls_of_the_python_library_only(
         ("setAttribute", "contact", "FirstName", "acct-py", "py@acme.io"),
         ("trackEvent", None, "Report Run", "acct-py", "py@acme.io"),
     ]
+
+
+def test_relay_identities_forget_deletes_through_the_workers(
+    relay: str, r: redis.Redis, clean_sandbox: Sandbox
+) -> None:
+    post(relay, {"type": "group", "userId": "cli-gone", "groupId": "acct-c"})
+    wait_for(lambda: settled(r) and r.exists("relay:identity:u:cli-gone") == 1)
+    refused = relay_cli(r, "identities", "forget", "cli-gone")
+    assert refused.returncode != 0 and "--yes" in refused.stderr
+    assert r.llen("relay") == 0
+    out = relay_cli(r, "identities", "forget", "cli-gone", "--yes")
+    assert out.returncode == 0, out.stderr
+    wait_for(lambda: settled(r) and stat(r, "skipped:delete_request") == 1)
+    assert r.exists("relay:identity:u:cli-gone") == 0
+    assert r.exists("relay:deleted:u:cli-gone") == 1
+    assert int(r.get("relay:depth:ready") or 0) == 0
