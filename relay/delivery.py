@@ -176,9 +176,10 @@ class Delivery:
         dups = self.dedupe.duplicates([item for item, _ in parsed])
         report.skipped["duplicate"] += len(dups)
         parsed = [(item, event) for item, event in parsed if item["id"] not in dups]
-        found = identity.lookup(self.redis, lookup_keys(parsed, self.mapping))
-        deleted = identity.tombstones(self.redis, tombstone_keys(parsed))
-        plan = plan_batch(parsed, found.known, self.mapping, found.links, deleted)
+        found = identity.lookup(
+            self.redis, lookup_keys(parsed, self.mapping), tombstone_keys(parsed)
+        )
+        plan = plan_batch(parsed, found.known, self.mapping, found.links, found.deleted)
         if self.settings.attribute_clock_ttl_s:
             clock_s = self.settings.attribute_clock_ttl_s
             stamps = freshness.stamps(parsed)

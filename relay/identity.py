@@ -19,7 +19,7 @@ message id (settled once, relay.runs), as an expired lease would.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,10 +116,12 @@ return 1
 
 @dataclass
 class Lookup:
-    """The map's answer for some keys: what is known, and the alias links."""
+    """The map's answer for a batch: what is known, the alias links, and when each
+    deleted user's delete was received (tombstones)."""
 
     known: dict[str, Known]
     links: dict[str, str]
+    deleted: dict[str, float]
 
 
 def _known(raw: bytes) -> Known:
@@ -128,22 +130,23 @@ def _known(raw: bytes) -> Known:
     return Known(account or None, contact or None, at)
 
 
-def lookup(r: Any, wanted: list[str]) -> Lookup:
-    """What is known of these keys (`u:<userId>`, `a:<anonymousId>`) and their links."""
-    if not wanted:
-        return Lookup({}, {})
-    links = {
-        key: raw.decode()
-        for key, raw in zip(wanted, r.mget([keys.alias(k) for k in wanted]), strict=True)
-        if raw is not None
-    }
-    every = sorted(set(wanted) | set(links.values()))
-    found = {
-        key: _known(raw)
-        for key, raw in zip(every, r.mget([keys.identity(k) for k in every]), strict=True)
-        if raw is not None
-    }
-    return Lookup(found, links)
+def lookup(r: Any, wanted: Sequence[str], everyone: Sequence[str] = ()) -> Lookup:
+    """What is known of the `wanted` keys (`u:<userId>`, `a:<anonymousId>`) and their
+    links, and the tombstones of `everyone`: one round trip, two when a link is found."""
+    # MGET needs a key: an empty list asks for one that never exists.
+    pipe = r.pipeline(transaction=False)
+    pipe.mget([keys.alias(k) for k in wanted] or [keys.alias("")])
+    pipe.mget([keys.identity(k) for k in wanted] or [keys.identity("")])
+    pipe.mget([keys.deleted(k) for k in everyone] or [keys.deleted("")])
+    raw_links, raw_known, raw_deleted = pipe.execute()
+    links = {k: v.decode() for k, v in zip(wanted, raw_links, strict=False) if v is not None}
+    found = {k: _known(v) for k, v in zip(wanted, raw_known, strict=False) if v is not None}
+    targets = sorted(set(links.values()) - set(wanted))
+    if targets:
+        more = r.mget([keys.identity(k) for k in targets])
+        found.update({k: _known(v) for k, v in zip(targets, more, strict=True) if v is not None})
+    deleted = {k: float(v) for k, v in zip(everyone, raw_deleted, strict=False) if v is not None}
+    return Lookup(found, links, deleted)
 
 
 def stage_store(pipe: Any, learned: Mapping[str, Known], ttl_s: int) -> None:
@@ -176,14 +179,6 @@ def stage_forget(pipe: Any, forgotten: Mapping[str, float], tombstone_s: int) ->
                 keys.ATTRIBUTE_CLOCK]  # fmt: skip
     for key, received_at in forgotten.items():
         pipe.eval(_FORGET, 1, keys.DELAYED, *prefixes, key, received_at, tombstone_s)
-
-
-def tombstones(r: Any, user_keys: list[str]) -> dict[str, float]:
-    """When each of these users' delete was received, for those deleted lately."""
-    if not user_keys:
-        return {}
-    raw = r.mget([keys.deleted(k) for k in user_keys])
-    return {k: float(v) for k, v in zip(user_keys, raw, strict=True) if v is not None}
 
 
 def stage_waiting(pipe: Any, member: bytes, user_keys: Iterable[str], ttl_s: float) -> None:
