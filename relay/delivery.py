@@ -183,8 +183,8 @@ class Delivery:
         if self.settings.attribute_clock_ttl_s:
             clock_s = self.settings.attribute_clock_ttl_s
             stamps = freshness.stamps(parsed)
-            stale = freshness.reserve(self.redis, plan, stamps, clock_s, claim.done)
-            report.attributes["stale_attribute"] += stale
+            if stale := freshness.reserve(self.redis, plan, stamps, clock_s, claim.done):
+                report.attributes["stale_attribute"] += stale
 
         # An earlier run of this message got a 2xx for some events: never send them again.
         outcomes: Outcomes = {rid: _OK for rid in claim.done}
