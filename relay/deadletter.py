@@ -231,6 +231,28 @@ def replay(
     return len(entries)
 
 
+def remove_users(r: redis.Redis, user_keys: set[str]) -> int:
+    """Delete every entry whose event is of these users (`u:<userId>`, `a:<anonymousId>`);
+    returns how many. A scan of the whole queue: for the rare user deletion."""
+    found = []
+    for _, raw in r.hscan_iter(keys.DLQ_ENTRIES, count=500):
+        entry = orjson.loads(raw)
+        item = entry.get("item")
+        event = item.get("event") if isinstance(item, dict) else None
+        if isinstance(event, dict) and _user_keys(event) & user_keys:
+            found.append(entry)
+    return remove(r, found)
+
+
+def _user_keys(event: dict[str, Any]) -> set[str]:
+    out = set()
+    for field, prefix in (("userId", "u:"), ("anonymousId", "a:")):
+        value = event.get(field)
+        if isinstance(value, str | int) and not isinstance(value, bool) and str(value):
+            out.add(prefix + str(value))
+    return out
+
+
 def purge(r: redis.Redis, ids: list[str]) -> int:
     """Delete the entries with these ids; returns how many were there."""
     return remove(r, get_many(r, ids))

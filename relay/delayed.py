@@ -46,14 +46,16 @@ return 0
 """
 
 
-def stage_schedule(pipe: Any, items: list[Item], due: float, cause: str = "") -> None:
+def stage_schedule(pipe: Any, items: list[Item], due: float, cause: str = "") -> bytes | None:
     """Queue on a pipeline: these items come back to the queue at `due` (unix time);
-    `cause` (why they wait) is kept for `relay trace`."""
+    `cause` (why they wait) is kept for `relay trace`. Returns the set member (None:
+    nothing to schedule)."""
     if not items:
-        return
+        return None
     member = orjson.dumps({"id": uuid.uuid4().hex, "items": items, "cause": cause})
     pipe.zadd(keys.DELAYED, {member: due})
     pipe.incrby(keys.DELAYED_EVENTS, len(items))
+    return member
 
 
 class Mover:

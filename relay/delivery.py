@@ -20,15 +20,28 @@ from typing import Any
 import orjson
 import structlog
 
-from relay import broker, deadletter, delayed, identity, keys, names, oom, retry, status, trace
+from relay import (
+    broker,
+    deadletter,
+    delayed,
+    freshness,
+    identity,
+    keys,
+    names,
+    oom,
+    retry,
+    status,
+    trace,
+)
 from relay.churnzero import ChurnZeroClient
 from relay.dedupe import Dedupe
 from relay.mapping import Mapping
+from relay.resolution import resolve_raw_key
 from relay.runs import Claim, Runs, State
 from relay.settings import VISIBILITY_MARGIN_S, Settings
 from relay.settlement import Outcomes, Policy, Unsent, group_later, settle, worst
 from relay.throttle import ADAPT_MAX_WAIT_S, REPLAY_MAX_WAIT_S, Throttle
-from relay.translate import Command, lookup_keys, parse_items, plan_batch
+from relay.translate import Command, lookup_keys, parse_items, plan_batch, tombstone_keys
 
 log = structlog.get_logger("relay.delivery")
 Item = dict[str, Any]
@@ -53,6 +66,7 @@ class Report:
     skipped: Counter[str] = field(default_factory=Counter)
     dead: Counter[str] = field(default_factory=Counter)
     retried: Counter[str] = field(default_factory=Counter)
+    attributes: Counter[str] = field(default_factory=Counter)  # writes not sent, by reason
     requests: Counter[str] = field(default_factory=Counter)
     request_seconds: list[float] = field(default_factory=list)
 
@@ -65,6 +79,7 @@ class Report:
             "skipped": dict(self.skipped),
             "dead": dict(self.dead),
             "retried": dict(self.retried),
+            "attributes_skipped": dict(self.attributes),
             "requests": dict(self.requests),
         }
 
@@ -177,9 +192,16 @@ class Delivery:
         report.skipped["duplicate"] += len(dups)
         skipped = [(item, "duplicate") for item, _ in parsed if item["id"] in dups]
         parsed = [(item, event) for item, event in parsed if item["id"] not in dups]
-        known = identity.lookup(self.redis, lookup_keys(parsed, self.mapping))
-        plan = plan_batch(parsed, known, self.mapping)
+        found = identity.lookup(
+            self.redis, lookup_keys(parsed, self.mapping), tombstone_keys(parsed)
+        )
+        plan = plan_batch(parsed, found.known, self.mapping, found.links, found.deleted)
         held = names.guard(self.redis, plan, self.settings.new_names, claim.done)
+        if self.settings.attribute_clock_ttl_s:
+            clock_s = self.settings.attribute_clock_ttl_s
+            stamps = freshness.stamps(parsed)
+            if stale := freshness.reserve(self.redis, plan, stamps, clock_s, claim.done):
+                report.attributes["stale_attribute"] += stale
 
         # An earlier run of this message got a 2xx for some events: never send them again.
         outcomes: Outcomes = {rid: _OK for rid in claim.done}
@@ -200,9 +222,21 @@ class Delivery:
             report.dead[entry["reason"]] += 1
 
         def write(pipe: Any) -> None:
-            identity.stage_store(pipe, plan.learned, self.settings.identity_ttl_s)
+            ttl_s = self.settings.identity_ttl_s
+            # A delete outlives every event received before it: their maximum age.
+            tombstone_s = int(self.settings.max_age_s + self.settings.identity_wait_s) + 3600
+            identity.stage_forget(pipe, plan.forgotten, tombstone_s)
+            identity.stage_store(pipe, plan.learned, ttl_s)
+            identity.stage_links(pipe, plan.links, ttl_s)
+            # After the lessons, in the same MULTI: released tracks find them. Before this
+            # batch's own waits, which were planned knowing these lessons already.
+            identity.stage_release(pipe, plan.released)
             for batch, due, cause in later:
-                delayed.stage_schedule(pipe, batch, due, cause)
+                member = delayed.stage_schedule(pipe, batch, due, cause)
+                if cause == "identity_wait" and member is not None:
+                    users = [resolve_raw_key(item.get("event")) for item in batch]
+                    wait_s = self.settings.identity_wait_s + delayed.LEASE_S
+                    identity.stage_waiting(pipe, member, filter(None, users), wait_s)
             deadletter.stage_add(pipe, dead)
             _stage_stats(pipe, report, now)
             sent = [(item, cmds) for item, cmds in plan.send if item["id"] in delivered]
@@ -218,6 +252,14 @@ class Delivery:
         self._durably(lambda: self._settle_once(claim, len(items), write), deadline)
         with contextlib.suppress(*broker.QUEUE_ERRORS):  # an unreleased claim only expires
             self.dedupe.release([e["item"] for e in dead if isinstance(e["item"], dict)])
+        if plan.forgotten:
+            # Not in the MULTI (a scan); an error gives the message back, and the
+            # delete is settled already, so it is logged for the operator instead.
+            try:
+                removed = deadletter.remove_users(self.redis, set(plan.forgotten))
+                log.info("users_deleted", users=len(plan.forgotten), dead_letters=removed)
+            except broker.QUEUE_ERRORS:
+                log.error("users_deleted_dead_letters_kept", users=sorted(plan.forgotten))
         return report
 
     def _settle_once(self, claim: Claim, events: int, write: Any) -> None:
@@ -414,6 +456,7 @@ def _stage_stats(pipe: Any, report: Report, now: float) -> None:
     counts.update({f"skipped:{k}": v for k, v in report.skipped.items()})
     counts.update({f"requests:{k}": v for k, v in report.requests.items()})
     counts.update({f"retried:{k}": v for k, v in report.retried.items()})
+    counts.update({f"attributes:{k}": v for k, v in report.attributes.items()})
     for name, value in counts.items():
         if value:
             pipe.hincrby(keys.STATS, name, value)

@@ -12,9 +12,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
-# Types the relay accepts; only identify and track are delivered to ChurnZero.
+# Types the relay accepts; page and screen are counted and skipped.
 EVENT_TYPES = ("identify", "track", "page", "screen", "group", "alias", "delete")
-DELIVERED_TYPES = frozenset({"identify", "track"})
+DELIVERED_TYPES = frozenset({"identify", "track", "group", "alias", "delete"})
 
 
 class _Base(BaseModel):
@@ -98,19 +98,32 @@ class Screen(_Base):
 
 
 class Group(_Base):
-    """A group call (accepted, not delivered to ChurnZero)."""
+    """A group call: the user belongs to the account `groupId`, with account traits."""
 
     type: Literal["group"]
+    groupId: str | None = None
+    traits: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("groupId", mode="after")
+    @classmethod
+    def _blank_group(cls, value: str | None) -> str | None:
+        return value if value is None or value.strip() else None
 
 
 class Alias(_Base):
-    """An alias call (accepted, not delivered to ChurnZero)."""
+    """An alias call: `previousId` (an earlier userId or anonymousId) is `userId`."""
 
     type: Literal["alias"]
+    previousId: str | None = None
+
+    @field_validator("previousId", mode="after")
+    @classmethod
+    def _blank_previous(cls, value: str | None) -> str | None:
+        return value if value is None or value.strip() else None
 
 
 class Delete(_Base):
-    """A user deletion request (accepted, not delivered to ChurnZero)."""
+    """A user deletion request: the relay forgets the user (nothing reaches ChurnZero)."""
 
     type: Literal["delete"]
 

@@ -18,12 +18,26 @@ CELERY_UNACKED = "unacked"
 
 # ZSET of pending retry batches (member: JSON batch, score: due unix time).
 DELAYED = PREFIX + "delayed"
-# STRING per user ("u:<userId>" / "a:<anonymousId>") -> JSON [account, contact].
+# STRING per user ("u:<userId>" / "a:<anonymousId>") -> JSON [account, contact, at] (any
+# may be null; at: event time in ms of the call that named the account); STRING per
+# aliased key -> the user key it stands for; SET per user key of the delayed-set members
+# holding that user's tracks waiting for identity.
 IDENTITY = PREFIX + "identity:"
 # Dedupe claims (relay/dedupe.py): per time bucket b, a meta HASH `relay:seen:<b>` and
 # shard HASHes `relay:seen:<b>:<i>` (8-byte messageId digest -> 24-bit relay-id tag).
 # The previous version's `relay:dedupe:<messageId>` strings are no longer read.
 DEDUPE = PREFIX + "seen:"
+ALIAS = PREFIX + "alias:"
+WAITING = PREFIX + "waiting:"
+# SET per user key of the keys aliased to it (so a delete finds them); STRING per
+# deleted user key -> when the delete was received (events received before it are
+# dropped when they come out of the queue, the delayed set or a replay).
+ALIASED = PREFIX + "aliased:"
+DELETED = PREFIX + "deleted:"
+
+# HASH per ChurnZero entity (account, or contact within its account): attribute name ->
+# event time (epoch ms) of the last value sent (relay.freshness).
+ATTRIBUTE_CLOCK = PREFIX + "attrclock:"
 
 # Per Celery message (by task id): HASH of its run ("claimed", "settled", "d:<relay id>"
 # per event delivered), and the lease of the run working on it now.
@@ -91,6 +105,31 @@ def identity(user_key: str) -> str:
 def names(kind: str) -> str:
     """The names of one kind (event, account_attribute, contact_attribute) sent so far."""
     return NAMES + kind
+
+
+def alias(user_key: str) -> str:
+    """The alias link of one user key: the user key it now stands for."""
+    return ALIAS + user_key
+
+
+def aliased(user_key: str) -> str:
+    """The keys aliased to one user key."""
+    return ALIASED + user_key
+
+
+def deleted(user_key: str) -> str:
+    """The tombstone of a deleted user key (value: when the delete was received)."""
+    return DELETED + user_key
+
+
+def waiting(user_key: str) -> str:
+    """The index of one user's tracks waiting in the delayed set for identity."""
+    return WAITING + user_key
+
+
+def attribute_clock(entity: str) -> str:
+    """The attribute clock of one entity (`a:<account>` or `c:<len>:<account>:<contact>`)."""
+    return ATTRIBUTE_CLOCK + entity
 
 
 def run(message_id: str) -> str:

@@ -6,6 +6,9 @@ Example file::
     [identity]
     account_paths = ["traits.company.id"]      # tried after accountExternalId/ID
     contact_paths = ["traits.email", "context.traits.email"]
+    # Where a contact id comes from once the account is known (after the contact the
+    # relay learned for the user): a trait name, userId, anonymousId or a dotted path.
+    contact_order = ["contactExternalId", "email", "userId"]
 
     [traits]
     rename = { plan = "Plan Name" }            # trait -> ChurnZero attribute
@@ -13,6 +16,12 @@ Example file::
     ignore = ["password"]
     allow = []                                 # non-empty: only these traits are sent
     account_name_from_company = false          # true: traits.company.name -> account Name
+
+    [group]                                    # group traits -> account attributes
+    rename = { plan = "Plan Name" }
+    ignore = ["address"]
+    allow = []                                 # non-empty: only these traits are sent
+    name = false                               # true: traits.name -> account Name
 
     [events]
     rename = { "Clicked Login Button" = "Login" }
@@ -22,12 +31,17 @@ Example file::
     [events.fields]                            # properties sent as cf_<name>
     "Order Completed" = ["revenue"]
     "*" = ["plan"]
+
+    [events.increment]                         # incrementAttribute by the quantity
+    "Seat Added" = { attribute = "Seats", entity = "account" }
+    "Report Run" = { attribute = "Reports Run", track = true }   # and the trackEvent
 """
 
 from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -48,6 +62,9 @@ RESERVED_UNSENT = frozenset(
 )  # fmt: skip
 
 
+CONTACT_ID = "contactExternalId"  # in contact_order: the contactExternalId/ID traits
+
+
 class MappingError(Exception):
     """The mapping file cannot be used; the message names the file, line and key."""
 
@@ -61,6 +78,7 @@ class IdentityMap(_Section):
 
     account_paths: tuple[str, ...] = ()
     contact_paths: tuple[str, ...] = ()
+    contact_order: tuple[Annotated[str, Field(min_length=1)], ...] = (CONTACT_ID, "email", "userId")
 
 
 class TraitMap(_Section):
@@ -74,13 +92,40 @@ class TraitMap(_Section):
     account_name_from_company: bool = False
 
 
+class GroupMap(_Section):
+    """Group traits as account attributes: renames, the allow and ignore lists, and
+    whether `name` overwrites the account Name (the CRM usually owns it)."""
+
+    rename: dict[str, str] = Field(default_factory=dict)
+    ignore: frozenset[str] = frozenset()
+    allow: frozenset[str] = frozenset()
+    name: bool = False
+
+    def attribute(self, trait: str) -> str | None:
+        """The account attribute a group trait is written to; None: not sent."""
+        if trait in self.ignore or (self.allow and trait not in self.allow):
+            return None
+        if trait == "name":
+            return self.rename.get(trait, "Name") if self.name else None
+        return self.rename.get(trait, trait)
+
+
+class Increment(_Section):
+    """An event counted on an attribute (incrementAttribute by its quantity)."""
+
+    attribute: str = Field(min_length=1)
+    entity: Literal["contact", "account"] = "contact"
+    track: bool = False  # true: the trackEvent is sent as well
+
+
 class EventMap(_Section):
-    """Event renames, allow/deny lists and custom (`cf_`) fields per event."""
+    """Event renames, allow/deny lists, custom (`cf_`) fields and increments per event."""
 
     rename: dict[str, str] = Field(default_factory=dict)
     allow: frozenset[str] = frozenset()
     deny: frozenset[str] = frozenset()
     fields: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    increment: dict[str, Increment] = Field(default_factory=dict)
 
 
 class Mapping(_Section):
@@ -88,6 +133,7 @@ class Mapping(_Section):
 
     identity: IdentityMap = IdentityMap()
     traits: TraitMap = TraitMap()
+    group: GroupMap = GroupMap()
     events: EventMap = EventMap()
 
     def attribute_name(self, trait: str) -> str:

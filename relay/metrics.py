@@ -131,6 +131,7 @@ _COUNTERS = {
     "skipped": ("relay_skipped_events", "Events not delivered, by reason.", "reason"),
     "dead_letters": ("relay_dead_lettered_events", "Events dead-lettered, by reason.", "reason"),
     "requests": ("relay_churnzero_requests", "Requests to ChurnZero by outcome.", "outcome"),
+    "attributes": ("relay_skipped_attributes", "Attribute writes not sent, by reason.", "reason"),
     "retried": ("relay_retried_events", "Events put back for a later try, by cause.", "cause"),
     "replayed": ("relay_replayed_events", "Dead letters replayed.", None),
     "new_names": ("relay_new_names", "Names never sent to ChurnZero before, by kind.", "kind"),

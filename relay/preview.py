@@ -19,9 +19,10 @@ from typing import Any
 from relay import deadletter, identity, intake, keys, names, retry
 from relay.dedupe import Dedupe
 from relay.mapping import Mapping
+from relay.resolution import Known
 from relay.settings import Settings
 from relay.settlement import Outcomes, Policy, settle
-from relay.translate import Command, Ids, lookup_keys, parse_items, plan_batch
+from relay.translate import Command, lookup_keys, parse_items, plan_batch, tombstone_keys
 
 Item = dict[str, Any]
 _OK = retry.Outcome(status=200)
@@ -98,7 +99,7 @@ def preview(
     mapping: Mapping,
     settings: Settings,
     *,
-    known: dict[str, Ids] | None = None,
+    known: dict[str, Known] | None = None,
     now: float | None = None,
 ) -> list[Verdict]:
     """Each item's verdict, as a worker would settle it now (read-only).
@@ -116,10 +117,10 @@ def preview(
         if item["id"] in dups:
             verdicts[item["id"]] = _verdict(item, "skip", "duplicate")
     parsed = [(item, event) for item, event in parsed if item["id"] not in dups]
-    found = identity.lookup(r, lookup_keys(parsed, mapping))
+    found = identity.lookup(r, lookup_keys(parsed, mapping), tombstone_keys(parsed))
     if known is not None:
-        found |= known
-    plan = plan_batch(parsed, found, mapping)
+        found.known |= known
+    plan = plan_batch(parsed, found.known, mapping, found.links, found.deleted)
     if known is not None:
         known.update(plan.learned)
     new = names.unknown(r, names.sent_names(plan.send))
@@ -174,7 +175,7 @@ def dry_run(
 ) -> DryRun:
     """What replaying these pages of dead-letter entries would do now (read-only)."""
     out = DryRun()
-    known: dict[str, Ids] = {}  # identities the replay's earlier events would teach
+    known: dict[str, Known] = {}  # identities the replay's earlier events would teach
     now = time.time()
     for entries in pages:
         items = [deadletter.replay_item(e, now) for e in entries]

@@ -33,9 +33,9 @@ if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return {1, redis.call('PTTL', KEYS[2])}
 end
 if redis.call('HSETNX', KEYS[1], 'claimed', '1') == 1 then
-  -- Never below zero: a publisher that died between its publish and its count (or a
-  -- message from another producer) must not drive the estimate negative.
-  if redis.call('DECRBY', KEYS[3], ARGV[3]) < 0 then redis.call('SET', KEYS[3], 0) end
+  -- Once per message. A publisher may count its message just after a worker took it,
+  -- so the count can dip below zero for a moment; readers show at least zero.
+  redis.call('DECRBY', KEYS[3], ARGV[3])
   redis.call('INCRBY', KEYS[4], ARGV[3])
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[4])

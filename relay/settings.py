@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     identity_wait_s: float = Field(600, ge=0)
     identity_ttl_s: int = Field(365 * 24 * 3600, ge=60)  # forget users not identified since
     dedupe_window_s: int = Field(24 * 3600, ge=0)
+    # How long the event time of each attribute's last value is kept (out-of-order
+    # protection reaches back this far); 0 turns the protection off.
+    attribute_clock_ttl_s: int = Field(30 * 24 * 3600, ge=0)
     backoff_base_s: float = Field(1.0, gt=0)
     backoff_cap_s: float = Field(300.0, gt=0)
     # The longest a ChurnZero Retry-After may hold the relay back (it can say a day).

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from relay import deadletter, retry
+from relay.resolution import resolve_raw_key
 from relay.settings import Settings
 from relay.translate import Plan
 
@@ -159,7 +160,7 @@ def _wait_for_identity(
     if waited >= policy.identity_wait_s or aged:
         out.dead.append(deadletter.new_entry(
             seen, "unresolved_identity", now=now,
-            errors=["no account/contact ids, and no identify call for this user"],
+            errors=["no account for this user: no ids, and no group, identify, alias or import"],
         ))  # fmt: skip
         return
     wait = retry.compute_backoff(
@@ -188,12 +189,15 @@ def group_later(
     later: list[tuple[list[Item], float, str]],
 ) -> list[tuple[list[Item], float, str]]:
     """One delayed-set member per cause and due second keeps the set small; replayed
-    dead letters apart from live events, so they come back in their own lane."""
-    groups: dict[tuple[str, int, bool], tuple[list[Item], float]] = {}
+    dead letters apart from live events, so they come back in their own lane; identity
+    waits also per user, so the member indexed under a user (relay.identity) holds only
+    that user's tracks."""
+    groups: dict[tuple[str, int, bool, str], tuple[list[Item], float]] = {}
     for items, due, cause in later:
         for item in items:
-            key = (cause, int(due), bool(item.get("replayed_from")))
+            user = resolve_raw_key(item.get("event")) if cause == "identity_wait" else None
+            key = (cause, int(due), bool(item.get("replayed_from")), user or "")
             batch, first_due = groups.get(key, ([], due))
             batch.append(item)
             groups[key] = (batch, min(first_due, due))
-    return [(batch, due, cause) for (cause, _, _), (batch, due) in groups.items()]
+    return [(batch, due, cause) for (cause, *_), (batch, due) in groups.items()]

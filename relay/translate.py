@@ -2,15 +2,15 @@
 
 identify -> `setAttribute` commands (contact, or account for traits the mapping puts
 there; nothing reaches the account unless the mapping says so),
-track -> one `trackEvent`. Identity (account and contact external ids) comes from the
-event itself or, through the identity map, from an earlier identify; `plan_batch`
-works a whole Celery batch at once so a track resolves against an identify anywhere
-in the same batch.
+group -> `setAttribute` on the account `groupId` for its traits (the `[group]` mapping),
+track -> one `trackEvent`, alias -> nothing sent, a link in the identity map.
+Who each event is about comes from relay.resolution: the event itself or, through the
+identity map, an earlier identify, group or alias; `plan_batch` works a whole Celery
+batch at once so a track resolves against an identify anywhere in the same batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from collections.abc import Mapping as AbstractMapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,90 +19,23 @@ from pydantic import ValidationError
 
 from relay import events
 from relay.mapping import Mapping
+from relay.resolution import (
+    ID_KEYS,
+    Ids,
+    Known,
+    alias_keys,
+    explicit_ids,
+    fallback_contact,
+    identity_keys,
+    learned_contact,
+    own_account,
+    resolve_key,
+)
 
 Command = dict[str, Any]
 
-ACCOUNT_KEYS = ("accountExternalId", "accountExternalID")
-CONTACT_KEYS = ("contactExternalId", "contactExternalID")
-_ID_KEYS = frozenset(ACCOUNT_KEYS + CONTACT_KEYS)
 MAX_ID = 100
 MAX_DESCRIPTION = 255
-
-
-@dataclass(frozen=True)
-class Ids:
-    """A ChurnZero account and contact, by their external ids."""
-
-    account: str
-    contact: str
-
-
-def _lookup(source: Any, path: str) -> Any:
-    if not path:
-        return source
-    for part in path.split("."):
-        if not isinstance(source, dict):
-            return None
-        source = source.get(part)
-    return source
-
-
-def _id_value(value: Any) -> str | None:
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, int | float | str):
-        text = str(value).strip()
-        return text or None
-    return None
-
-
-def _first_id(
-    bags: Iterable[dict[str, Any]],
-    keys: tuple[str, ...],
-    event: events.AnyEvent,
-    paths: Iterable[str],
-) -> str | None:
-    for bag in bags:
-        for key in keys:
-            found = _id_value(bag.get(key))
-            if found:
-                return found
-    for path in paths:
-        head, _, rest = path.partition(".")
-        found = _id_value(_lookup(getattr(event, head, None), rest))
-        if found:
-            return found
-    return None
-
-
-def explicit_ids(event: events.AnyEvent, mapping: Mapping) -> tuple[str | None, str | None]:
-    """The account and contact ids the event itself carries (either may be missing)."""
-    own = event.traits if isinstance(event, events.Identify) else getattr(event, "properties", {})
-    context_traits = event.context.get("traits")
-    bags = [own] + ([context_traits] if isinstance(context_traits, dict) else [])
-    account = _first_id(bags, ACCOUNT_KEYS, event, mapping.identity.account_paths)
-    contact = _first_id(bags, CONTACT_KEYS, event, mapping.identity.contact_paths)
-    return account, contact
-
-
-def identity_keys(event: events.AnyEvent) -> list[str]:
-    """Identity-map keys an identify with ids teaches: its userId and its anonymousId."""
-    keys = []
-    if event.userId is not None:
-        keys.append("u:" + event.userId)
-    if event.anonymousId is not None:
-        keys.append("a:" + event.anonymousId)
-    return keys
-
-
-def resolve_key(event: events.AnyEvent) -> str | None:
-    """The one identity-map key an event without ids is resolved by: its userId when it
-    has one, never the anonymousId then (on a shared browser that is someone else's)."""
-    if event.userId is not None:
-        return "u:" + event.userId
-    if event.anonymousId is not None:
-        return "a:" + event.anonymousId
-    return None
 
 
 def skip_reason(event: events.AnyEvent, source: str, mapping: Mapping) -> str | None:
@@ -143,7 +76,7 @@ def identify_commands(event: events.Identify, ids: Ids, mapping: Mapping) -> lis
     """setAttribute commands for every sendable trait."""
     out = []
     for trait, raw in event.traits.items():
-        if trait in _ID_KEYS:
+        if trait in ID_KEYS:
             continue
         if trait == "company" and isinstance(raw, dict):
             name = raw.get("name")
@@ -160,6 +93,36 @@ def identify_commands(event: events.Identify, ids: Ids, mapping: Mapping) -> lis
     return out
 
 
+def _quantity(props: dict[str, Any]) -> int | float:
+    quantity = props.get("quantity")
+    if isinstance(quantity, int | float) and not isinstance(quantity, bool):
+        return quantity
+    return 1
+
+
+def _allow_dupes(event: events.Track) -> bool | None:
+    for key in ("ChurnZero", "Churnzero"):
+        options = event.integrations.get(key)
+        if isinstance(options, dict) and isinstance(options.get("allowDupes"), bool):
+            return bool(options["allowDupes"])
+    return None
+
+
+def track_commands(event: events.Track, ids: Ids, mapping: Mapping) -> list[Command]:
+    """A track call's commands: its trackEvent, or the increment the mapping makes of it
+    (with the trackEvent too when the mapping asks)."""
+    increment = mapping.events.increment.get(event.event)
+    if increment is None:
+        return [track_command(event, ids, mapping)]
+    command = {
+        **_base(ids, "incrementAttribute"),
+        "entity": increment.entity,
+        "name": increment.attribute,
+        "value": _quantity(event.properties),
+    }
+    return [command, track_command(event, ids, mapping)] if increment.track else [command]
+
+
 def track_command(event: events.Track, ids: Ids, mapping: Mapping) -> Command:
     """The trackEvent command of a track call."""
     stamp = event.timestamp
@@ -172,14 +135,26 @@ def track_command(event: events.Track, ids: Ids, mapping: Mapping) -> Command:
     description = props.get("description")
     if isinstance(description, str) and description:
         command["description"] = description[:MAX_DESCRIPTION]
-    quantity = props.get("quantity")
-    numeric = isinstance(quantity, int | float) and not isinstance(quantity, bool)
-    command["quantity"] = quantity if numeric else 1
+    command["quantity"] = _quantity(props)
+    allow_dupes = _allow_dupes(event)
+    if allow_dupes is not None:
+        command["allowDupes"] = allow_dupes
     for name in mapping.custom_fields(event.event):
         value = attribute_value(props.get(name))
         if value is not None:
             command[f"cf_{name}"] = value
     return command
+
+
+def group_commands(event: events.Group, ids: Ids, mapping: Mapping) -> list[Command]:
+    """setAttribute commands on the account for the group traits the mapping sends."""
+    out = []
+    for trait, raw in event.traits.items():
+        name = mapping.group.attribute(trait) if trait not in ID_KEYS else None
+        value = attribute_value(raw) if name else None
+        if name and value is not None:
+            out.append(_set(ids, "account", name, value))
+    return out
 
 
 def validate_command(command: Command) -> list[str]:
@@ -199,7 +174,7 @@ def validate_command(command: Command) -> list[str]:
             problems.append("eventDate is missing")
         if len(str(command.get("description", ""))) > MAX_DESCRIPTION:
             problems.append(f"description is longer than {MAX_DESCRIPTION} characters")
-    elif command.get("action") == "setAttribute":
+    elif command.get("action") in ("setAttribute", "incrementAttribute"):
         if not str(command.get("name", "")).strip():
             problems.append("attribute name is empty")
         if command.get("entity") not in ("account", "contact"):
@@ -209,7 +184,9 @@ def validate_command(command: Command) -> list[str]:
 
 @dataclass
 class Plan:
-    """What to do with each item of a batch (an item wraps one event with its metadata)."""
+    """What to do with each item of a batch (an item wraps one event with its metadata),
+    and what the batch taught: identities (partial, merged into the map), alias links,
+    and the users whose waiting tracks may now resolve."""
 
     send: list[tuple[dict[str, Any], list[Command]]] = field(default_factory=list)
     skipped: list[tuple[dict[str, Any], str]] = field(default_factory=list)
@@ -218,12 +195,18 @@ class Plan:
     invalid_command: list[tuple[dict[str, Any], list[str]]] = field(default_factory=list)
     # Held by the new-name guard (relay.names), with the names: never planned here.
     held: list[tuple[dict[str, Any], list[str]]] = field(default_factory=list)
-    learned: dict[str, Ids] = field(default_factory=dict)
+    learned: dict[str, Known] = field(default_factory=dict)
+    links: dict[str, str] = field(default_factory=dict)
+    released: set[str] = field(default_factory=set)
+    forgotten: dict[str, float] = field(default_factory=dict)  # user key -> delete's receipt
+
+
+Parsed = list[tuple[dict[str, Any], events.AnyEvent]]
 
 
 def parse_items(
     items: list[dict[str, Any]],
-) -> tuple[list[tuple[dict[str, Any], events.AnyEvent]], list[tuple[dict[str, Any], list[str]]]]:
+) -> tuple[Parsed, list[tuple[dict[str, Any], list[str]]]]:
     """Each item's event parsed; items whose event no longer parses, with why."""
     good, bad = [], []
     for item in items:
@@ -234,57 +217,138 @@ def parse_items(
     return good, bad
 
 
-def lookup_keys(
-    parsed: list[tuple[dict[str, Any], events.AnyEvent]], mapping: Mapping
-) -> list[str]:
-    """Identity-map keys to fetch before planning: those of events without both ids."""
+def lookup_keys(parsed: Parsed, mapping: Mapping) -> list[str]:
+    """Identity-map keys to fetch before planning: those of events without both ids,
+    and both sides of every alias."""
     keys: set[str] = set()
     for _, event in parsed:
-        if event.type in events.DELIVERED_TYPES and None in explicit_ids(event, mapping):
+        if event.type not in events.DELIVERED_TYPES:
+            continue
+        if isinstance(event, events.Alias):
+            keys.update(alias_keys(event) + identity_keys(event))
+        elif None in explicit_ids(event, mapping):
             key = resolve_key(event)
             if key is not None:
                 keys.add(key)
     return sorted(keys)
 
 
+def tombstone_keys(parsed: Parsed) -> list[str]:
+    """Every user key of the batch: a delete may have been received since its events."""
+    keys = {k for _, event in parsed for k in identity_keys(event)}
+    return sorted(keys)
+
+
+def _teaching(event: events.AnyEvent, mapping: Mapping, contact: str | None) -> Known | None:
+    """What an identify or a group call teaches about its user, if anything (`contact`:
+    the event's own contact id)."""
+    at = int(event.timestamp.timestamp() * 1000) if event.timestamp else None
+    if isinstance(event, events.Group):
+        return Known(event.groupId, None, at) if event.groupId else None
+    if isinstance(event, events.Identify):
+        account = own_account(event, mapping)
+        taught = learned_contact(event, mapping, contact)
+        update = Known(account, taught, at if account else None)
+        return update if update != Known() else None
+    return None
+
+
+class _Memory:
+    """The identity map as the batch sees it at each event: the map read before the
+    batch, updated by the batch's identify, group and alias calls in order."""
+
+    def __init__(
+        self, plan: Plan, known: AbstractMapping[str, Known], links: AbstractMapping[str, str]
+    ) -> None:
+        self.plan, self.known, self.links = plan, known, links
+        self.so_far: dict[str, Known] = {}
+        self.cut: set[str] = set()  # deleted in this batch: stored links no longer count
+
+    def own(self, key: str) -> Known | None:
+        return self.so_far.get(key) or self.known.get(key)
+
+    def recall(self, key: str) -> Known | None:
+        """What is known of `key`, through its alias link (the link's target wins)."""
+        own = self.own(key)
+        target = self.plan.links.get(key) or (None if key in self.cut else self.links.get(key))
+        linked = self.own(target) if target and target != key else None
+        return linked if own is None else own.merged(linked)
+
+    def teach(self, key: str, update: Known) -> None:
+        self.so_far[key] = (self.own(key) or Known()).merged(update)
+        self.plan.learned[key] = self.plan.learned.get(key, Known()).merged(update)
+        if update.account:  # only an account can resolve a waiting event
+            self.plan.released.add(key)
+
+    def forget(self, key: str, received_at: float) -> None:
+        self.so_far[key] = Known()
+        self.cut.add(key)
+        self.plan.learned.pop(key, None)
+        for source, target in list(self.plan.links.items()):
+            if key in (source, target):
+                del self.plan.links[source]
+        self.plan.forgotten[key] = max(received_at, self.plan.forgotten.get(key, 0.0))
+
+    def link(self, event: events.Alias) -> None:
+        assert event.userId is not None and event.previousId is not None
+        target = "u:" + event.userId
+        before = Known()
+        for key in reversed(alias_keys(event)):  # the previous userId wins over anonymousId
+            before = before.merged(self.recall(key))
+        mine = self.own(target) or Known()
+        if before.merged(mine) != mine:
+            self.teach(target, before.merged(mine))
+        for key in alias_keys(event):
+            if key != target:
+                self.plan.links[key] = target
+                self.plan.released.add(key)
+
+
 def plan_batch(
-    parsed: list[tuple[dict[str, Any], events.AnyEvent]],
-    known: AbstractMapping[str, Ids],
+    parsed: Parsed,
+    known: AbstractMapping[str, Known],
     mapping: Mapping,
+    links: AbstractMapping[str, str] | None = None,
+    deleted: AbstractMapping[str, float] | None = None,
 ) -> Plan:
-    """Decide every item's fate: commands to send, skip, wait for identity, or invalid."""
+    """Decide every item's fate: commands to send, skip, wait for identity, or invalid.
+    `deleted`: when each deleted user's delete was received (tombstones)."""
     plan = Plan()
-    wanted: list[tuple[dict[str, Any], events.AnyEvent, tuple[str | None, str | None]]] = []
-    for item, event in parsed:
-        reason = skip_reason(event, item.get("source", "api"), mapping)
+    memory = _Memory(plan, known, links or {})
+    pending = _deleted_before(parsed, deleted or {})
+    # What the whole batch teaches, for a user nobody knew yet (a track that raced ahead
+    # of its identify or group call borrows it).
+    wanted = []
+    ahead: dict[str, Known] = {}
+    for n, (item, event) in enumerate(parsed):
+        reason = skip_reason(event, item.get("source", "api"), mapping) or _incomplete(event)
+        reason = "user_deleted" if n in pending and event.type != "delete" else reason
         if reason:
             plan.skipped.append((item, reason))
             continue
-        ids = explicit_ids(event, mapping)
-        wanted.append((item, event, ids))
-        if isinstance(event, events.Identify) and None not in ids:
+        own = explicit_ids(event, mapping)
+        update = _teaching(event, mapping, own[1])
+        wanted.append((item, event, own, update))
+        for key in identity_keys(event) if update else []:
+            ahead[key] = ahead.get(key, Known()).merged(update)
+    # In batch order, an event is resolved by what was known when it happened.
+    for item, event, explicit, update in wanted:
+        if update is not None:
+            _learn(event, update, memory, soft=explicit[1] is None)
+        if isinstance(event, events.Delete):
             for key in identity_keys(event):
-                plan.learned[key] = Ids(ids[0], ids[1])  # type: ignore[arg-type]  # checked
-    # In batch order, an event is resolved by what was known when it happened: an identify
-    # earlier in the batch, else the identity map; only a user nobody knew yet borrows
-    # the batch's later identify (a track that raced ahead of its identify).
-    so_far: dict[str, Ids] = {}
-    for item, event, (account, contact) in wanted:
-        if isinstance(event, events.Identify) and account is not None and contact is not None:
-            so_far.update({key: Ids(account, contact) for key in identity_keys(event)})
-        if account is None or contact is None:
-            key = resolve_key(event) or ""
-            found = so_far.get(key) or known.get(key) or plan.learned.get(key)
-            if found is None:
-                plan.unresolved.append(item)
-                continue
-            account, contact = account or found.account, contact or found.contact
-        resolved = Ids(account, contact)
-        if isinstance(event, events.Identify):
-            commands = identify_commands(event, resolved, mapping)
-        else:
-            assert isinstance(event, events.Track)
-            commands = [track_command(event, resolved, mapping)]
+                memory.forget(key, _received_at(item))
+            plan.skipped.append((item, "delete_request"))
+            continue
+        if isinstance(event, events.Alias):
+            memory.link(event)
+            plan.skipped.append((item, "nothing_to_send"))
+            continue
+        resolved = _resolve(event, explicit, memory, ahead, mapping)
+        if resolved is None:
+            plan.unresolved.append(item)
+            continue
+        commands = _commands(event, resolved, mapping)
         problems = [p for c in commands for p in validate_command(c)]
         if problems:
             plan.invalid_command.append((item, sorted(set(problems))))
@@ -293,3 +357,72 @@ def plan_batch(
         else:
             plan.skipped.append((item, "nothing_to_send"))
     return plan
+
+
+def _received_at(item: dict[str, Any]) -> float:
+    value = item.get("received_at")
+    return float(value) if isinstance(value, int | float) else 0.0
+
+
+def _deleted_before(parsed: Parsed, deleted: AbstractMapping[str, float]) -> set[int]:
+    """Positions of events a delete has since forgotten: received before a stored
+    tombstone, or ahead of their user's delete in this batch."""
+    out = set()
+    ahead_of_delete: set[str] = set()
+    for n in range(len(parsed) - 1, -1, -1):
+        item, event = parsed[n]
+        user_keys = identity_keys(event)
+        received = _received_at(item)
+        stale = any(received < deleted.get(k, float("-inf")) for k in user_keys)
+        if stale or any(k in ahead_of_delete for k in user_keys):
+            out.add(n)
+        if isinstance(event, events.Delete):
+            ahead_of_delete.update(user_keys)
+    return out
+
+
+def _learn(event: events.AnyEvent, update: Known, memory: _Memory, *, soft: bool) -> None:
+    for key in identity_keys(event):
+        known = memory.recall(key)
+        if soft and known is not None and known.contact:
+            # An email names the contact of a user without one; a known contact id stays
+            # (in ChurnZero it is the same person, whose email changed).
+            memory.teach(key, Known(update.account, None, update.at))
+        else:
+            memory.teach(key, update)
+
+
+def _incomplete(event: events.AnyEvent) -> str | None:
+    if isinstance(event, events.Group) and event.groupId is None:
+        return "missing_group_id"
+    if isinstance(event, events.Alias) and (event.previousId is None or event.userId is None):
+        return "incomplete_alias"
+    return None
+
+
+def _resolve(
+    event: events.AnyEvent,
+    explicit: tuple[str | None, str | None],
+    memory: _Memory,
+    ahead: dict[str, Known],
+    mapping: Mapping,
+) -> Ids | None:
+    account, contact = explicit
+    key = resolve_key(event) or ""
+    found = memory.recall(key) or ahead.get(key) or Known()
+    account = account or found.account
+    if not account:
+        return None  # the contact order applies only once the account is known
+    target = memory.plan.links.get(key) or memory.links.get(key) or ""
+    aliased = target[2:] if target.startswith("u:") else None
+    contact = contact or found.contact or fallback_contact(event, mapping, aliased)
+    return Ids(account, contact) if contact else None
+
+
+def _commands(event: events.AnyEvent, ids: Ids, mapping: Mapping) -> list[Command]:
+    if isinstance(event, events.Identify):
+        return identify_commands(event, ids, mapping)
+    if isinstance(event, events.Group):
+        return group_commands(event, ids, mapping)
+    assert isinstance(event, events.Track)
+    return track_commands(event, ids, mapping)

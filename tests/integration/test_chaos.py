@@ -310,7 +310,6 @@ def test_redis_sigkill_while_ingest_and_worker_run_loses_nothing(
         figures = record("Redis SIGKILL and restart while delivering (AOF always)", load, got,
                          r, answered_503=sum(1 for *_, s in load.answers if s == 503))  # fmt: skip
         assert figures["dead_lettered"] == 0
-        assert int(r.get("relay:depth:ready") or 0) >= 0
     finally:
         server.terminate()
         server.wait(10)

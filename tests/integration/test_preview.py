@@ -49,10 +49,10 @@ def everything(r: redis.Redis) -> dict[bytes, Any]:
 def learn_identity(r: redis.Redis, user: str, account: str, contact: str) -> None:
     """An identity the workers learned from an earlier identify."""
     from relay import identity
-    from relay.translate import Ids
+    from relay.resolution import Known
 
     pipe = r.pipeline()
-    identity.stage_store(pipe, {"u:" + user: Ids(account, contact)}, 3600)
+    identity.stage_store(pipe, {"u:" + user: Known(account, contact)}, 3600)
     pipe.execute()
 
 
@@ -63,7 +63,8 @@ BATCH = {
                     "first_name": "Ann", "company": {"name": "Acme"}}},
         {"type": "track", "userId": "known", "event": "Report Run",
          "timestamp": "2024-05-01T10:00:00Z", "properties": {"quantity": 3}},
-        {"type": "group", "userId": "u1", "groupId": "g1", "traits": {"name": "Acme"}},
+        {"type": "group", "userId": "u1", "groupId": "g1",
+         "traits": {"name": "Acme", "plan": "Enterprise"}},
         {"type": "track", "userId": "u1", "event": "Muted",
          "integrations": {"ChurnZero": False}},
         {"type": "track", "userId": "stranger", "event": "Hello"},
@@ -97,7 +98,10 @@ def test_preview_prints_the_commands_and_changes_nothing(
         {"accountExternalId": "A9", "contactExternalId": "C9", "action": "trackEvent",
          "eventName": "Report Run", "eventDate": "2024-05-01T10:00:00Z", "quantity": 3},
     ]  # fmt: skip
-    assert (group["outcome"], group["reason"]) == ("skip", "unsupported_type")
+    # A group call names the account; its name only if the mapping opts in.
+    assert group["outcome"] == "deliver"
+    assert [(c["accountExternalId"], c["entity"], c["name"], c["value"])
+            for c in group["commands"]] == [("g1", "account", "plan", "Enterprise")]  # fmt: skip
     assert (muted["outcome"], muted["reason"]) == ("skip", "disabled_by_integrations")
     assert (stranger["outcome"], stranger["reason"]) == ("wait", "identity_wait")
     assert (invalid["outcome"], invalid["reason"]) == ("dead", "invalid_event")
@@ -106,7 +110,7 @@ def test_preview_prints_the_commands_and_changes_nothing(
     text = relay_cli(r, "preview", "-", stdin=json.dumps(BATCH).encode())
     assert text.returncode == 0, text.stderr
     assert "#0 identify userId=u1: would deliver, 2 commands" in text.stdout
-    assert "#2 group userId=u1: would skip (unsupported_type)" in text.stdout
+    assert "#2 group userId=u1: would deliver, 1 command" in text.stdout
     assert "#4 track userId=stranger: still unresolved" in text.stdout
     assert '"eventName": "Report Run"' in text.stdout
     assert "nothing was sent" in text.stdout
@@ -190,7 +194,7 @@ def test_admin_preview_api(r: redis.Redis, start_ingest: Callable[..., str]) -> 
     assert answer.status_code == 200, answer.text
     outcomes = [(v["outcome"], v["reason"]) for v in answer.json()["events"]]
     assert outcomes == [
-        ("deliver", None), ("wait", "identity_wait"), ("skip", "unsupported_type"),
+        ("deliver", None), ("wait", "identity_wait"), ("deliver", None),
         ("skip", "disabled_by_integrations"), ("wait", "identity_wait"),
         ("dead", "invalid_event"),
     ]  # fmt: skip
@@ -216,7 +220,7 @@ def test_admin_page_preview_box(
     expect(blocks).to_have_count(6)
     expect(blocks.nth(0)).to_contain_text("would deliver, 2 command(s)")
     expect(blocks.nth(1)).to_contain_text('"accountExternalId":"A9"')
-    expect(blocks.nth(2)).to_contain_text("would skip (unsupported_type)")
+    expect(blocks.nth(2)).to_contain_text("would deliver, 1 command(s)")
     expect(blocks.nth(4)).to_contain_text("still unresolved")
 
     page.fill("#preview-input", "{oops")

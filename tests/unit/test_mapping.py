@@ -195,3 +195,26 @@ def test_by_default_every_trait_but_segments_reserved_ones_is_wanted() -> None:
     assert not any(mapping.trait_wanted(t) for t in ("id", "avatar", "createdAt", "address"))
     renamed = Mapping(traits=TraitMap(rename={"createdAt": "Signed Up At"}))
     assert renamed.trait_wanted("createdAt")
+
+
+def test_group_increment_and_contact_order_from_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "m.toml"
+    path.write_text(
+        '[identity]\ncontact_order = ["email", "context.traits.login"]\n'
+        '[group]\nname = true\nrename = { plan = "Plan Name" }\nignore = ["secret"]\n'
+        '[events.increment]\n"Seat Added" = { attribute = "Seats", entity = "account" }\n'
+    )
+    mapping = load_mapping(path)
+    assert mapping.identity.contact_order == ("email", "context.traits.login")
+    assert [mapping.group.attribute(t) for t in ("name", "plan", "secret", "tier")] == [
+        "Name", "Plan Name", None, "tier"
+    ]  # fmt: skip
+    assert mapping.events.increment["Seat Added"].entity == "account"
+    assert Mapping().group.attribute("name") is None  # the CRM owns the Name by default
+
+
+def test_an_increment_on_an_unknown_entity_names_its_key(tmp_path: Path) -> None:
+    path = tmp_path / "m.toml"
+    path.write_text('[events.increment]\n"X" = { attribute = "A", entity = "user" }\n')
+    with pytest.raises(MappingError, match=r"key events\.increment\.X\.entity"):
+        load_mapping(path)

@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 from relay import deadletter, events, intake, translate
 from relay.mapping import EventMap, IdentityMap, Mapping, TraitMap
+from relay.resolution import Known
 
 RECEIVED = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
 ROUTES = ["webhook", *sorted(intake.SINGLE_ROUTES), *sorted(intake.BATCH_ROUTES)]
@@ -202,7 +203,7 @@ def check_translation(parsed: intake.Intake, source: str) -> None:
     good, bad = translate.parse_items(items)
     assert bad == [], "ingest accepted an event the worker cannot parse"
     translate.lookup_keys(good, MAPPING)
-    known = {"u:known": translate.Ids("A", "C")}
+    known = {"u:known": Known("A", "C")}
     plan = translate.plan_batch(good, known, MAPPING)
     for _, commands in plan.send:
         assert commands

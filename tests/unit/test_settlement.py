@@ -154,3 +154,18 @@ def test_later_events_share_a_member_per_cause_and_second() -> None:
     )
     assert sorted((len(i), cause) for i, _, cause in grouped) == [(1, "429"), (2, "5xx")]
     assert min(due for _, due, cause in grouped if cause == "5xx") == NOW + 1.2
+
+
+def test_identity_waits_are_grouped_per_user() -> None:
+    def of(rid: str, user: str) -> dict[str, Any]:
+        return item(rid, event={"type": "track", "userId": user, "event": "E"})
+
+    grouped = group_later([
+        ([of("r1", "ann")], NOW + 1.2, "identity_wait"),
+        ([of("r2", "bob")], NOW + 1.5, "identity_wait"),
+        ([of("r3", "ann")], NOW + 1.7, "identity_wait"),
+        ([of("r4", "ann")], NOW + 1.1, "5xx"), ([of("r5", "bob")], NOW + 1.3, "5xx"),
+    ])  # fmt: skip
+    assert sorted(([i["id"] for i in batch], cause) for batch, _, cause in grouped) == [
+        (["r1", "r3"], "identity_wait"), (["r2"], "identity_wait"), (["r4", "r5"], "5xx"),
+    ]  # fmt: skip

@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 
 from relay.intake import parse_api, parse_webhook
-from relay.mapping import EventMap, Mapping, TraitMap
-from relay.translate import Ids, lookup_keys, parse_items, plan_batch, validate_command
+from relay.mapping import EventMap, GroupMap, IdentityMap, Increment, Mapping, TraitMap
+from relay.resolution import Known
+from relay.translate import lookup_keys, parse_items, plan_batch, validate_command
 from tests.conftest import fixture
 
 RECEIVED = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -44,13 +45,15 @@ def fates(
     events: list[Any],
     *,
     source: str = "api",
-    known: dict[str, Ids] | None = None,
+    known: dict[str, Known] | None = None,
     mapping: Mapping | None = None,
+    links: dict[str, str] | None = None,
+    deleted: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Every item's fate: its commands, ("skipped", reason), "unresolved" or invalid."""
     parsed, bad = parse_items(items_of(events, source))
     assert bad == []
-    plan = plan_batch(parsed, known or {}, mapping or Mapping())
+    plan = plan_batch(parsed, known or {}, mapping or Mapping(), links, deleted)
     out: dict[str, Any] = {}
     for item, commands in plan.send:
         out[item["id"]] = commands
@@ -68,6 +71,11 @@ def fates(
 
 def track(event: str = "Clicked Login Button", **extra: Any) -> dict[str, Any]:
     return {"type": "track", "userId": "userId123", "event": event, "timestamp": WHEN, **extra}
+
+
+def group(group_id: str | None, traits: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"type": "group", "userId": "userId123", "groupId": group_id, "traits": traits,
+            **extra}  # fmt: skip
 
 
 def identify(traits: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -112,12 +120,14 @@ class Case:
     events: list[Any]
     expected: dict[str, Any]
     source: str = "api"
-    known: dict[str, Ids] = field(default_factory=dict)
+    known: dict[str, Known] = field(default_factory=dict)
     mapping: Mapping = field(default_factory=Mapping)
+    links: dict[str, str] = field(default_factory=dict)
+    deleted: dict[str, float] = field(default_factory=dict)
 
 
-KNOWN = {"u:userId123": Ids(ACCOUNT, CONTACT)}
-ENGAGE_KNOWN = {"u:<USER ID>": Ids("acct-1", "dpease+test@drift.com")}
+KNOWN = {"u:userId123": Known(ACCOUNT, CONTACT)}
+ENGAGE_KNOWN = {"u:<USER ID>": Known("acct-1", "dpease+test@drift.com")}
 NOTHING = ("skipped", "nothing_to_send")
 DISABLED = ("skipped", "disabled_by_integrations")
 UNSUPPORTED = ("skipped", "unsupported_type")
@@ -176,9 +186,200 @@ CASES = {
     "unresolved-track-other-user-known": Case(
         [track(userId="someone-else")], {"r0": "unresolved"}, known=KNOWN
     ),
-    "identify-with-one-id-only-does-not-teach": Case(
+    "identify-with-account-only-takes-userId-as-contact": Case(
         [identify({"accountExternalId": ACCOUNT}), track()],
+        {"r0": NOTHING, "r1": [track_event(contact="userId123")]},
+    ),
+    "identify-without-account-waits": Case(
+        [identify({"contactExternalId": CONTACT, "plan": "Pro"}), track()],
         {"r0": "unresolved", "r1": "unresolved"},
+    ),
+    # --- group calls: accounts ------------------------------------------------------
+    "group-then-tracks-land-on-the-group": Case(
+        [group("g-1", {"plan": "Pro", "name": "Acme", "employees": 40}), track()],
+        {
+            "r0": [
+                set_attr("plan", "Pro", "account", account="g-1", contact="userId123"),
+                set_attr("employees", 40, "account", account="g-1", contact="userId123"),
+            ],
+            "r1": [track_event(account="g-1", contact="userId123")],
+        },
+    ),
+    "group-keeps-the-known-contact": Case(
+        [group("g-2", {}), track()],
+        {"r0": NOTHING, "r1": [track_event(account="g-2")]},
+        known={"u:userId123": Known(ACCOUNT, CONTACT)},
+    ),
+    "group-name-with-mapping-and-renames": Case(
+        [group("g-1", {"name": "Acme", "plan": "Pro", "secret": "x"})],
+        {
+            "r0": [
+                set_attr("Name", "Acme", "account", account="g-1", contact="userId123"),
+                set_attr("Plan Name", "Pro", "account", account="g-1", contact="userId123"),
+            ]
+        },
+        mapping=Mapping(
+            group=GroupMap(name=True, rename={"plan": "Plan Name"}, ignore=frozenset({"secret"}))
+        ),
+    ),
+    "group-without-groupId-is-counted": Case(
+        [group(None, {})], {"r0": ("skipped", "missing_group_id")}
+    ),
+    "context-groupId-wins-for-its-event": Case(
+        [group("g-1", {}), track(context={"groupId": "g-9"}), track()],
+        {
+            "r0": NOTHING,
+            "r1": [track_event(account="g-9", contact="userId123")],
+            "r2": [track_event(account="g-1", contact="userId123")],
+        },
+    ),
+    "identify-email-is-the-contact-after-group": Case(
+        [group("g-1", {}), identify({"email": "ann@acme.io"}), track()],
+        {
+            "r0": NOTHING,
+            "r1": [set_attr("Email", "ann@acme.io", account="g-1", contact="ann@acme.io")],
+            "r2": [track_event(account="g-1", contact="ann@acme.io")],
+        },
+    ),
+    "a-known-contact-stays-when-an-email-arrives": Case(
+        [identify({"email": "new@acme.io"}), track()],
+        {"r0": [set_attr("Email", "new@acme.io")], "r1": [track_event()]},
+        known=KNOWN,
+    ),
+    "contact-order-from-the-mapping": Case(
+        [group("g-1", {}), track(properties={"login": "ann1", "contactExternalId": "c-7"})],
+        {"r0": NOTHING, "r1": [track_event(account="g-1", contact="ann1")]},
+        mapping=Mapping(identity=IdentityMap(contact_order=("login", "userId"))),
+    ),
+    "group-later-in-batch-resolves-a-new-user": Case(
+        [track(), group("g-1", {})],
+        {"r0": [track_event(account="g-1", contact="userId123")], "r1": NOTHING},
+    ),
+    "an-older-group-call-does-not-move-the-user-back": Case(
+        [
+            group("g-old", {}, timestamp="2024-03-19T07:21:00Z"),
+            track(),
+            group("g-newer", {}, timestamp="2024-03-19T07:23:00Z"),
+            track(),
+        ],
+        {
+            "r0": NOTHING,
+            "r1": [track_event(account="g-new", contact="userId123")],
+            "r2": NOTHING,
+            "r3": [track_event(account="g-newer", contact="userId123")],
+        },
+        known={"u:userId123": Known("g-new", None, 1710832920000)},  # 07:22:00
+    ),
+    # --- alias ---------------------------------------------------------------------
+    "alias-links-anonymous-tracks-to-the-user": Case(
+        [
+            {"type": "alias", "userId": "userId123", "previousId": "anon-1"},
+            {"type": "track", "anonymousId": "anon-1", "event": "Viewed", "timestamp": WHEN},
+        ],
+        {"r0": NOTHING, "r1": [track_event("Viewed")]},
+        known=KNOWN,
+    ),
+    "alias-carries-the-previous-ids-knowledge": Case(
+        [
+            {"type": "alias", "userId": "new-id", "previousId": "userId123"},
+            {"type": "track", "userId": "new-id", "event": "Viewed", "timestamp": WHEN},
+        ],
+        {"r0": NOTHING, "r1": [track_event("Viewed")]},
+        known=KNOWN,
+    ),
+    "alias-through-a-stored-link": Case(
+        [track()],
+        {"r0": [track_event(account="g-5", contact=CONTACT)]},
+        known={"u:new-id": Known("g-5", CONTACT)},
+        links={"u:userId123": "u:new-id"},
+    ),
+    "alias-gives-an-anonymous-visitor-the-users-contact": Case(
+        [
+            group("g-1", {}, userId="u-new"),
+            {"type": "alias", "userId": "u-new", "previousId": "anon-7"},
+            {"type": "track", "anonymousId": "anon-7", "event": "Viewed", "timestamp": WHEN},
+        ],
+        {
+            "r0": NOTHING,
+            "r1": NOTHING,
+            "r2": [track_event("Viewed", account="g-1", contact="u-new")],
+        },
+    ),
+    # --- increments and allowDupes ------------------------------------------------------
+    "increment-replaces-the-track-by-quantity": Case(
+        [track("Seat Added", properties={**IDS, "quantity": 3}), track("Report Run")],
+        {
+            "r0": [
+                {
+                    "accountExternalId": ACCOUNT,
+                    "contactExternalId": CONTACT,
+                    "action": "incrementAttribute",
+                    "entity": "account",
+                    "name": "Seats",
+                    "value": 3,
+                }
+            ],
+            "r1": [
+                {
+                    "accountExternalId": ACCOUNT,
+                    "contactExternalId": CONTACT,
+                    "action": "incrementAttribute",
+                    "entity": "contact",
+                    "name": "Reports Run",
+                    "value": 1,
+                },
+                track_event("Report Run"),
+            ],
+        },
+        known=KNOWN,
+        mapping=Mapping(
+            events=EventMap(
+                increment={
+                    "Seat Added": Increment(attribute="Seats", entity="account"),
+                    "Report Run": Increment(attribute="Reports Run", track=True),
+                }
+            )
+        ),
+    ),
+    "allowDupes-from-the-integrations-object": Case(
+        [
+            track(integrations={"ChurnZero": {"allowDupes": True}}),
+            track(integrations={"Churnzero": {"allowDupes": False}}),
+            track(integrations={"ChurnZero": {"allowDupes": "yes"}}),
+        ],
+        {
+            "r0": [{**track_event(), "allowDupes": True}],
+            "r1": [{**track_event(), "allowDupes": False}],
+            "r2": [track_event()],
+        },
+        known=KNOWN,
+    ),
+    # --- delete ------------------------------------------------------------------------
+    "delete-drops-the-users-earlier-events-and-knowledge": Case(
+        [
+            track(properties=IDS),
+            {"type": "delete", "userId": "userId123"},
+            track(),
+            track(userId="someone-else", properties=IDS),
+        ],
+        {
+            "r0": ("skipped", "user_deleted"),
+            "r1": ("skipped", "delete_request"),
+            "r2": "unresolved",
+            "r3": [track_event()],
+        },
+        known=KNOWN,
+    ),
+    "a-stored-delete-drops-events-received-before-it": Case(
+        [track(properties=IDS), track(properties=IDS, userId="other")],
+        {"r0": ("skipped", "user_deleted"), "r1": [track_event()]},
+        deleted={"u:userId123": 5.0},
+    ),
+    "events-received-after-a-delete-are-delivered": Case(
+        [track(properties=IDS)], {"r0": [track_event()]}, deleted={"u:userId123": -1.0}
+    ),
+    "alias-without-previousId-is-counted": Case(
+        [{"type": "alias", "userId": "u1"}], {"r0": ("skipped", "incomplete_alias")}
     ),
     # --- identify traits ------------------------------------------------------------
     "camel-case-renames": Case(
@@ -239,12 +440,12 @@ CASES = {
     "unknown-user-never-borrows-a-shared-browsers-anonymous-id": Case(
         [track(userId="bob", anonymousId="shared-browser")],
         {"r0": "unresolved"},
-        known={"a:shared-browser": Ids("acct-alice", "alice@example.com")},
+        known={"a:shared-browser": Known("acct-alice", "alice@example.com")},
     ),
     "anonymous-only-track-still-resolves-by-anonymous-id": Case(
         [{"type": "track", "anonymousId": "shared-browser", "event": "Viewed", "timestamp": WHEN}],
         {"r0": [track_event("Viewed", account="acct-alice", contact="alice@example.com")]},
-        known={"a:shared-browser": Ids("acct-alice", "alice@example.com")},
+        known={"a:shared-browser": Known("acct-alice", "alice@example.com")},
     ),
     "later-identify-in-the-batch-does-not-re-attribute-earlier-tracks": Case(
         [
@@ -338,7 +539,7 @@ CASES = {
     ),
     "ChurnZero-options-object-enables": Case(
         [track(integrations={"All": False, "ChurnZero": {"allowDupes": True}}, properties=IDS)],
-        {"r0": [track_event()]},
+        {"r0": [{**track_event(), "allowDupes": True}]},
     ),
     "ChurnZero-true-with-All-false": Case(
         [track(integrations={"All": False, "ChurnZero": True}, properties=IDS)],
@@ -363,17 +564,21 @@ CASES = {
         {"r0": [track_event()]},
     ),
     # --- unsupported types ------------------------------------------------------------
-    "page-screen-group-alias-api": Case(
+    "page-screen-api": Case(
         [
             {"type": "page", "userId": "u1", "name": "Home"},
             {"type": "screen", "userId": "u1", "name": "Home"},
-            {"type": "group", "userId": "u1", "groupId": "g1", "traits": IDS},
-            {"type": "alias", "userId": "u1", "previousId": "anon-1"},
         ],
-        {"r0": UNSUPPORTED, "r1": UNSUPPORTED, "r2": UNSUPPORTED, "r3": UNSUPPORTED},
+        {"r0": UNSUPPORTED, "r1": UNSUPPORTED},
+    ),
+    "group-ids-in-traits-are-not-sent": Case(
+        [{"type": "group", "userId": "u1", "groupId": "g1", "traits": IDS}],
+        {"r0": NOTHING},
     ),
     "delete-webhook": Case(
-        [{"type": "delete", "userId": "u1"}], {"r0": UNSUPPORTED}, source="webhook"
+        [{"type": "delete", "userId": "u1"}],
+        {"r0": ("skipped", "delete_request")},
+        source="webhook",
     ),
     "unsupported-type-even-with-ChurnZero-false": Case(
         [{"type": "page", "userId": "u1", "integrations": {"ChurnZero": False}}],
@@ -506,17 +711,24 @@ CASES = {
         {"r0": ("invalid_command", ["eventName is empty"])},
         mapping=Mapping(events=EventMap(rename={"Clicked Login Button": ""})),
     ),
-    "empty-id-from-identity-map": Case(
+    "empty-id-from-identity-map-is-unknown": Case(
         [track()],
-        {"r0": ("invalid_command", ["accountExternalId is empty"])},
-        known={"u:userId123": Ids("", CONTACT)},
+        {"r0": "unresolved"},
+        known={"u:userId123": Known("", CONTACT)},
     ),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
 def test_translation(case: Case) -> None:
-    got = fates(case.events, source=case.source, known=case.known, mapping=case.mapping)
+    got = fates(
+        case.events,
+        source=case.source,
+        known=case.known,
+        mapping=case.mapping,
+        links=case.links,
+        deleted=case.deleted,
+    )
     assert got == case.expected
 
 
@@ -535,10 +747,15 @@ def test_envelope_integrations_reach_every_item_of_a_batch() -> None:
     ]
 
 
+def untimed(learned: dict[str, Known]) -> dict[str, Known]:
+    return {key: Known(k.account, k.contact) for key, k in learned.items()}
+
+
 def test_seed_example_teaches_the_identity_map() -> None:
     parsed, _ = parse_items(items_of([identify(IDS), track()], "api"))
     plan = plan_batch(parsed, {}, Mapping())
-    assert plan.learned == {"u:userId123": Ids(ACCOUNT, CONTACT)}
+    assert untimed(plan.learned) == {"u:userId123": Known(ACCOUNT, CONTACT)}
+    assert plan.learned["u:userId123"].at == int(RECEIVED.timestamp() * 1000)
 
 
 def test_anonymous_only_fixture_teaches_its_anonymous_id() -> None:
@@ -546,9 +763,23 @@ def test_anonymous_only_fixture_teaches_its_anonymous_id() -> None:
     event["traits"].update(IDS)
     parsed, _ = parse_items(items_of([event], "webhook"))
     plan = plan_batch(parsed, {}, Mapping())
-    assert plan.learned == {"a:hhamed": Ids(ACCOUNT, CONTACT)}
+    assert untimed(plan.learned) == {"a:hhamed": Known(ACCOUNT, CONTACT)}
     [(_, commands)] = plan.send
     assert commands == [set_attr("chelsey_test", True), set_attr("contactId", "hhamed")]
+
+
+def test_a_delete_forgets_the_user_and_what_the_batch_taught_before_it() -> None:
+    batch = [
+        identify(IDS),
+        {"type": "alias", "userId": "userId123", "previousId": "old"},
+        {"type": "delete", "userId": "userId123", "anonymousId": "anon-1"},
+        {"type": "group", "userId": "userId123", "groupId": "g-after"},
+    ]
+    parsed, _ = parse_items(items_of(batch, "api"))
+    plan = plan_batch(parsed, {}, Mapping())
+    assert plan.forgotten == {"u:userId123": 0.0, "a:anon-1": 0.0}
+    assert plan.links == {}
+    assert untimed(plan.learned) == {"u:userId123": Known("g-after")}
 
 
 def test_lookup_keys_are_those_of_events_missing_an_id() -> None:
@@ -615,3 +846,15 @@ def test_items_whose_event_no_longer_parses_are_reported() -> None:
 )
 def test_validate_command(command: dict[str, Any], problems: list[str]) -> None:
     assert validate_command(command) == problems
+
+
+def test_only_a_lesson_with_an_account_releases_waiting_events() -> None:
+    def released(batch: list[Any]) -> set[str]:
+        parsed, _ = parse_items(items_of(batch, "api"))
+        return plan_batch(parsed, {}, Mapping()).released
+
+    assert released([identify({"email": "ann@acme.io"})]) == set()
+    assert released([group("g-1", {}, anonymousId="anon-1")]) == {"u:userId123", "a:anon-1"}
+    assert released([{"type": "alias", "userId": "userId123", "previousId": "p"}]) == {
+        "u:p", "a:p"
+    }  # fmt: skip
