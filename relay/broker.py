@@ -14,7 +14,7 @@ from kombu import serialization
 from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
-from relay import keys
+from relay import keys, redis_conn
 from relay.settings import Settings
 
 
@@ -33,17 +33,11 @@ serialization.register(
 )
 
 
-def celery_url(redis_url: str) -> str:
-    """The kombu broker URL of a redis-py URL (unix sockets are spelt differently)."""
-    if redis_url.startswith("unix://"):
-        return "redis+socket://" + redis_url.removeprefix("unix://")
-    return redis_url
-
-
 def celery_config(settings: Settings, redis_url: str) -> dict[str, Any]:
     """Celery settings of DESIGN §5: late acks, prefetch 1, JSON, no result backend."""
+    target = redis_conn.celery_broker(settings, redis_url)
     return {
-        "broker_url": celery_url(redis_url),
+        **target,
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": {
             # Above the task time limit: an unacked message comes back only if its
@@ -52,6 +46,7 @@ def celery_config(settings: Settings, redis_url: str) -> dict[str, Any]:
             "socket_timeout": 5,
             "socket_connect_timeout": 3,
             "health_check_interval": 30,
+            **target.get("broker_transport_options", {}),
         },
         "task_default_queue": keys.QUEUE,
         "task_routes": {keys.TASK_DELIVER: {"queue": keys.QUEUE}},
@@ -103,7 +98,16 @@ def publish(
             )
 
 
+class NotReplicated(Exception):
+    """WAIT found fewer replicas holding the published events than required."""
+
+
 # What a failed publish raises: kombu's connection errors and the socket's own.
-PUBLISH_ERRORS: tuple[type[Exception], ...] = (OperationalError, ConnectionError, TimeoutError)
+PUBLISH_ERRORS: tuple[type[Exception], ...] = (
+    OperationalError,
+    ConnectionError,
+    TimeoutError,
+    NotReplicated,
+)
 # What any queue operation can raise when Redis is away: the above and redis-py's own.
 QUEUE_ERRORS: tuple[type[Exception], ...] = (*PUBLISH_ERRORS, RedisError, OSError)

@@ -5,19 +5,23 @@ short timer (`flush_ms`); when it fires, or `message_events` are waiting, everyt
 waiting is published as `relay.deliver_batch` messages in a background thread (Celery's
 publishing is blocking; the event loop never waits on it). While one publish is under
 way the next group gathers, so batches grow with load. A request's future resolves only
-after the message holding its events is in Redis.
+after the message holding its events is in Redis and, with `RELAY_REDIS_WAIT_REPLICAS`,
+after WAIT confirms that many replicas hold it too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import redis
 from celery import Celery
 
-from relay import broker
+from relay import broker, keys, status
 
 Item = dict[str, Any]
 # Publishing retries briefly (a Redis failover), then fails so the client gets a 503.
@@ -92,3 +96,25 @@ class GroupCommit:
     def close(self) -> None:
         """Wait for the publish under way and stop the publishing thread."""
         self._executor.shutdown(wait=True)
+
+
+def count_published(
+    client: redis.Redis, n: int, *, wait_replicas: int = 0, wait_timeout_ms: int = 1000
+) -> None:
+    """Count `n` published events; with `wait_replicas`, raise NotReplicated unless WAIT
+    confirms that many replicas hold everything this primary took so far."""
+    pipe = client.pipeline(transaction=False)
+    pipe.incrby(keys.DEPTH_READY, n)
+    status.stage_rate(pipe, "ingested", n, time.time())
+    if not wait_replicas:
+        # After the publish: a failure here only skews a gauge, never loses events.
+        with contextlib.suppress(redis.RedisError, OSError):
+            pipe.execute()
+        return
+    # WAIT answers for the writes of its own connection: the INCRBY just before it, on the
+    # same connection, comes after the publish in the primary's replication stream, so a
+    # replica that has it has the published message too.
+    pipe.wait(wait_replicas, wait_timeout_ms)
+    reached = int(pipe.execute()[-1])
+    if reached < wait_replicas:
+        raise broker.NotReplicated(f"{reached} of {wait_replicas} replicas confirmed")
