@@ -10,7 +10,7 @@ from typing import Any
 import redis
 import structlog
 from celery import Task, signals
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Reject, SoftTimeLimitExceeded
 
 from relay import broker, deadletter, keys
 from relay.delivery import Delivery
@@ -46,7 +46,14 @@ def _close_pools(**_: Any) -> None:
 def _retry(task: Task[Any, None], exc: Exception) -> Exception:
     retries = task.request.retries
     log.warning("batch_deferred", error=type(exc).__name__, retries=retries)
-    return task.retry(exc=exc, countdown=min(2**retries, _RETRY_CAP_S), max_retries=None)
+    try:
+        return task.retry(exc=exc, countdown=min(2**retries, _RETRY_CAP_S), max_retries=None)
+    except Reject:
+        # Celery could not publish the retry (Redis away, or failing over) and would reject
+        # the message without requeue, dropping it once a Redis answers again. Requeue it;
+        # if Redis is still away the message stays unacked and returns after the
+        # visibility timeout.
+        raise Reject(exc, requeue=True) from exc
 
 
 def _dead_letter(items: Any, exc: Exception) -> None:
