@@ -14,7 +14,7 @@ from kombu import serialization
 from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
-from relay import keys, redis_conn
+from relay import keys, redis_conn, redis_transport
 from relay.settings import Settings
 
 
@@ -69,6 +69,7 @@ def celery_config(settings: Settings, redis_url: str) -> dict[str, Any]:
 
 def make_celery(settings: Settings, redis_url: str) -> Celery:
     """A Celery app bound to the relay's broker and settings."""
+    redis_transport.install()
     app = Celery("relay", set_as_current=False)
     app.conf.update(celery_config(settings, redis_url))
     app.conf.relay_message_events = settings.message_events
