@@ -97,7 +97,10 @@ class Settings(BaseSettings):
         if sentinel:
             from relay.redis_conn import parse_sentinel  # late: it imports this module
 
-            parse_sentinel(url)  # a malformed URL fails here, at start
+            try:
+                parse_sentinel(url)  # a malformed URL fails here, at start
+            except ValueError as exc:
+                raise ValueError(f"RELAY_REDIS_URL: {exc}") from exc
         if sentinel and not self.redis_master:
             raise ValueError("a sentinel:// RELAY_REDIS_URL needs RELAY_REDIS_MASTER")
         if self.redis_master and not sentinel:
@@ -142,6 +145,7 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**overrides)  # type: ignore[arg-type]  # keywords are field names
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or "settings"
-        env = f"RELAY_{field.upper()}"
-        raise ConfigError(f"bad configuration: {env}: {first['msg']}") from exc
+        field = ".".join(str(p) for p in first["loc"])
+        if not field:  # a check across fields: its message names the variables
+            raise ConfigError(f"bad configuration: {first['msg']}") from exc
+        raise ConfigError(f"bad configuration: RELAY_{field.upper()}: {first['msg']}") from exc
