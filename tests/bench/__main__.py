@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from tests.bench import e2e, harness, ingest, ratelimit, wrk
+from tests.bench import e2e, harness, ingest, ratelimit, wait, wrk
 from tests.bench.harness import Env, say
 
 BENCHMARKS: dict[str, Callable[[Env], dict[str, Any]]] = {
@@ -24,6 +24,7 @@ BENCHMARKS: dict[str, Callable[[Env], dict[str, Any]]] = {
     "ingest_batch": ingest.ingest_batch,
     "e2e": e2e.e2e,
     "ratelimit": ratelimit.ratelimit,
+    "ingest_wait": wait.ingest_wait,
 }
 
 
