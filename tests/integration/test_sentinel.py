@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,12 +28,13 @@ import requests
 from redis.sentinel import Sentinel
 
 from tests.conftest import ROOT, free_port, start_redis, start_sentinel
-from tests.integration.conftest import WRITE_KEY, Sandbox, Starter
+from tests.integration.conftest import WRITE_KEY, Sandbox, Starter, relay_env
 from tests.integration.test_delivery import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos, pytest.mark.slow]
 MASTER = "relay-primary"
 AUTH = (WRITE_KEY, "")
+ADMIN_TOKEN = "failover-admin"
 AOF = ("--appendonly", "yes", "--appendfsync", "everysec")
 RESULTS = ROOT / "bench-results" / "failover.json"
 
@@ -233,6 +235,7 @@ def test_primary_sigkill_under_load(
         "redis_wait_replicas": wait_replicas,
         "visibility_timeout_s": 20,
         "task_time_limit_s": 10,
+        "admin_token": ADMIN_TOKEN,
     }
     url = start_ingest(**settings)
     worker = start_worker(**settings)
@@ -254,8 +257,13 @@ def test_primary_sigkill_under_load(
         behind = max(sent - _offset(topology.replica_port, "slave_repl_offset"), 0)
         wait_for(lambda: watch.promoted > 0, timeout=60)
         topology.rejoin_old_primary()
-        # Delivery resumes through the same ingest and worker processes.
-        wait_for(lambda: len(load.acked(after=watch.promoted)) >= 1_000, timeout=90)
+        # Delivery resumes through the same ingest and worker processes; then ChurnZero
+        # fails for a second, sending batches through the delayed set and the mover.
+        before = len(clean_sandbox.commands())
+        wait_for(lambda: len(clean_sandbox.commands()) >= before + 200, timeout=90)
+        clean_sandbox.fault(status=503, for_s=1)
+        faulted = time.monotonic()
+        wait_for(lambda: len(load.acked(after=faulted)) >= 1_000, timeout=90)
     finally:
         load.stop()
     assert worker.proc is not None and worker.proc.poll() is None, "the worker died"
@@ -275,6 +283,17 @@ def test_primary_sigkill_under_load(
     with topology.primary_client() as r:
         leftovers = {"queued": r.llen("relay"), "unacked": r.hlen("unacked"),
                      "delayed": r.zcard("relay:delayed")}  # fmt: skip
+        stats = {str(k, "utf-8"): int(v) for k, v in r.hgetall("relay:stats").items()}
+    retried = sum(n for name, n in stats.items() if name.startswith("retried:"))
+    # The operator's tools reach the new primary too: the CLI and the admin API.
+    cli = subprocess.run(
+        [sys.executable, "-m", "relay.cli", "status", "--json"],
+        env=relay_env(topology.url, redis_master=MASTER), cwd=ROOT, capture_output=True,
+        text=True, timeout=60,
+    )  # fmt: skip
+    admin = requests.get(
+        url + "/admin/api/status", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=10
+    )
 
     # No primary: the old one dead, the replica not yet promoted. No 200 may come from then.
     blind = [code for began, end, code, _ in load.answers
@@ -300,9 +319,13 @@ def test_primary_sigkill_under_load(
         "first_200_after_kill_ms": round((first_200_after - killed) * 1000),
         "answers_without_primary": {str(c): blind.count(c) for c in sorted(set(blind))},
         "left_in_redis": leftovers,
+        "retried_after_promotion": retried,
     }
     replica = "replica in sync" if topology.synced else "replica on its first sync"
     _record(f"primary SIGKILL, {replica}, RELAY_REDIS_WAIT_REPLICAS={wait_replicas}", figures)
+    assert cli.returncode == 0 and "depth" in json.loads(cli.stdout), cli.stderr
+    assert admin.status_code == 200, admin.text
+    assert retried > 0, f"no batch went through the delayed set: {stats}"
     assert blind, "no request fell between the kill and the promotion: nothing was checked"
     assert 200 not in blind, f"ingest answered 200 while no primary was reachable: {figures}"
     if wait_replicas:
