@@ -118,8 +118,10 @@ def sync_client(
             username=parts.username,
             password=parts.password,
         )
-        master: redis.Redis = sentinel.master_for(_master(settings), **kwargs)  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
-        return master
+        primary: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]  # as above
+            _master(settings), **kwargs
+        )
+        return primary
     if url.startswith("rediss://"):
         kwargs.update(tls_options(settings))
     return redis.Redis.from_url(url, **kwargs)
