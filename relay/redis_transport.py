@@ -1,4 +1,5 @@
-"""kombu's Redis transports with one change: a message a worker has popped is never dropped.
+"""kombu's Redis transports with two changes, so a Redis failover loses no message and
+stops no worker.
 
 kombu takes a message off the queue with BRPOP and only then records it as unacked (ZADD
 and HSET). If Redis goes away between the two, for instance a primary SIGKILLed while a
@@ -6,6 +7,8 @@ worker polls, stock kombu loses the message: it is in no list and no hash, and i
 replica has replayed the pop. Here the worker keeps trying to record it until a primary
 answers again (a Sentinel failover takes a second or two), so the message becomes unacked
 on the new primary and comes back after the visibility timeout if nobody finishes it.
+And a channel closed under a running task fails its ack or reject with a connection error
+(logged, the message left unacked) rather than an AttributeError that ends the worker.
 
 `install()` points kombu's `redis://`, `rediss://` and `sentinel://` schemes at these
 classes in this process (kombu picks a transport by URL scheme, also when it fails over
@@ -50,13 +53,27 @@ class QoS(kombu_redis.QoS):
                 time.sleep(_RETRY_EVERY_S)
 
 
-class Channel(kombu_redis.Channel):
+class _ClosedAware:
+    """A closed channel says so with a connection error, which kombu and Celery handle
+    (the message stays unacked in Redis and comes back), instead of kombu's
+    AttributeError, which stops the whole worker: Celery acknowledges or rejects a task's
+    message after the consumer may already have closed its channel to reconnect."""
+
+    connection: Any
+
+    def _get_pool(self, asynchronous: bool = False) -> Any:
+        if self.connection is None or self.connection.client is None:
+            raise RedisConnectionError("the channel's broker connection is closed")
+        return super()._get_pool(asynchronous)  # type: ignore[misc]  # kombu's Channel
+
+
+class Channel(_ClosedAware, kombu_redis.Channel):
     """kombu's Redis channel with the QoS above."""
 
     QoS = QoS
 
 
-class SentinelChannel(kombu_redis.SentinelChannel):
+class SentinelChannel(_ClosedAware, kombu_redis.SentinelChannel):
     """kombu's Sentinel channel with the QoS above."""
 
     QoS = QoS
