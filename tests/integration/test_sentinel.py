@@ -35,6 +35,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.chaos, pytest.mark.slow]
 MASTER = "relay-primary"
 AUTH = (WRITE_KEY, "")
 ADMIN_TOKEN = "failover-admin"
+VISIBILITY_S = 20  # an unacked message comes back after this (the worker's time limit: 10)
 AOF = ("--appendonly", "yes", "--appendfsync", "everysec")
 RESULTS = ROOT / "bench-results" / "failover.json"
 
@@ -233,7 +234,7 @@ def test_primary_sigkill_under_load(
         "redis_url": topology.url,
         "redis_master": MASTER,
         "redis_wait_replicas": wait_replicas,
-        "visibility_timeout_s": 20,
+        "visibility_timeout_s": VISIBILITY_S,
         "task_time_limit_s": 10,
         "admin_token": ADMIN_TOKEN,
     }
@@ -273,9 +274,10 @@ def test_primary_sigkill_under_load(
     acked = load.acked()
     stopped = time.monotonic()
     accounted, changed = _accounted(topology, clean_sandbox, acked), stopped
-    # Until all are accounted for, or nothing moved for longer than the visibility timeout
-    # (the time an unacked message takes to come back): what is missing then is lost.
-    while accounted != acked and time.monotonic() - changed < 30:
+    # Until all are accounted for, or nothing moved for three visibility timeouts (an
+    # unacked message comes back after one, once a worker's periodic sweep finds it):
+    # what is missing then is lost.
+    while accounted != acked and time.monotonic() - changed < 3 * VISIBILITY_S:
         time.sleep(1)
         now = _accounted(topology, clean_sandbox, acked)
         if now != accounted:
