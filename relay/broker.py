@@ -14,7 +14,7 @@ from kombu import serialization
 from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
-from relay import keys
+from relay import keys, redis_conn, transport
 from relay.settings import VISIBILITY_MARGIN_S, Settings
 
 
@@ -33,17 +33,11 @@ serialization.register(
 )
 
 
-def celery_url(redis_url: str) -> str:
-    """The kombu broker URL of a redis-py URL (unix sockets are spelt differently)."""
-    if redis_url.startswith("unix://"):
-        return "redis+socket://" + redis_url.removeprefix("unix://")
-    return redis_url
-
-
 def celery_config(settings: Settings, redis_url: str) -> dict[str, Any]:
     """Celery settings of DESIGN §5: late acks, prefetch 1, JSON, no result backend."""
+    target = redis_conn.celery_broker(settings, redis_url)
     return {
-        "broker_url": celery_url(redis_url),
+        **target,
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": {
             # Above the task time limit: an unacked message comes back only if its
@@ -61,6 +55,7 @@ def celery_config(settings: Settings, redis_url: str) -> dict[str, Any]:
             "socket_timeout": 5,
             "socket_connect_timeout": 3,
             "health_check_interval": 30,
+            **target.get("broker_transport_options", {}),
         },
         "task_default_queue": keys.QUEUE,
         "task_routes": {keys.TASK_DELIVER: {"queue": keys.QUEUE}},
@@ -88,14 +83,13 @@ def make_celery(settings: Settings, redis_url: str, *, worker: bool = False) -> 
     """A Celery app bound to the relay's broker and settings.
 
     A worker's app uses relay.transport, whose writes still work at maxmemory (they only
-    move work already queued); ingest's does not, so its writes stop at a full Redis.
+    move work already queued) and survive a failover; ingest's does not, so its writes
+    stop at a full Redis.
     """
+    if worker:
+        transport.install()
     app = Celery("relay", set_as_current=False)
     app.conf.update(celery_config(settings, redis_url))
-    # kombu takes the transport from a `redis+socket://` URL itself: the embedded Redis
-    # (unix socket, no maxmemory) keeps the stock transport.
-    if worker and not redis_url.startswith("unix://"):
-        app.conf.broker_transport = "relay.transport:Transport"
     app.conf.relay_message_events = settings.message_events
     return app
 
@@ -137,7 +131,16 @@ def publish(
             )
 
 
+class NotReplicated(Exception):
+    """WAIT found fewer replicas holding the published events than required."""
+
+
 # What a failed publish raises: kombu's connection errors and the socket's own.
-PUBLISH_ERRORS: tuple[type[Exception], ...] = (OperationalError, ConnectionError, TimeoutError)
+PUBLISH_ERRORS: tuple[type[Exception], ...] = (
+    OperationalError,
+    ConnectionError,
+    TimeoutError,
+    NotReplicated,
+)
 # What any queue operation can raise when Redis is away: the above and redis-py's own.
 QUEUE_ERRORS: tuple[type[Exception], ...] = (*PUBLISH_ERRORS, RedisError, OSError)

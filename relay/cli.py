@@ -183,9 +183,9 @@ def dev() -> None:
 
 
 def _redis(settings: Settings) -> Any:
-    import redis
+    from relay import redis_conn
 
-    return redis.Redis.from_url(_redis_url(settings), socket_timeout=10)
+    return redis_conn.sync_client(settings, _redis_url(settings), socket_timeout=10)
 
 
 def _status_table(data: dict[str, Any]) -> Any:

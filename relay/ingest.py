@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import orjson
@@ -35,9 +36,10 @@ from relay import (
     keys,
     metrics,
     openapi,
+    publisher,
     queue_state,
+    redis_conn,
     requestlog,
-    status,
     wire,
 )
 from relay.publisher import GroupCommit
@@ -370,28 +372,36 @@ def _resources(
 ) -> Callable[[web.Application], contextlib.AbstractAsyncContextManager[None]]:
     @contextlib.asynccontextmanager
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        app[REDIS] = aioredis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=3)
-        sync = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=3)
+        app[REDIS] = redis_conn.async_client(settings, redis_url)
+        sync = redis_conn.sync_client(settings, redis_url)
         app[SYNC_REDIS] = sync
         app[CELERY] = celery or broker.make_celery(settings, redis_url)
         app[DEPLOYMENT] = CollectorRegistry(auto_describe=False)
         app[DEPLOYMENT].register(metrics.DeploymentCollector(sync))
-
-        def count_published(n: int) -> None:
-            # After the publish: a failure here only skews a gauge, never loses events.
-            with contextlib.suppress(redis.RedisError, OSError):
-                pipe = sync.pipeline(transaction=False)
-                pipe.incrby(keys.DEPTH_READY, n)
-                status.stage_rate(pipe, "ingested", n, time.time())
-                pipe.execute()
-
+        # Its own client, never retrying: a retry could land on a newly promoted primary
+        # and have WAIT confirm writes that died with the old one.
+        acker = redis_conn.sync_client(settings, redis_url, retry=False)
         pipelined = wire.Publisher(app[REDIS], settings.message_events, count_ingested=True)
+
+        async def publish_confirmed(items: list[dict[str, Any]]) -> None:
+            await pipelined.publish(items)  # the messages and their counts, in one call
+            if settings.redis_wait_replicas:
+                await asyncio.to_thread(
+                    publisher.confirm_replicated, acker,
+                    settings.redis_wait_replicas, settings.redis_wait_timeout_ms,
+                )  # fmt: skip
+
         app[COMMIT] = GroupCommit(
             app[CELERY],
             flush_ms=settings.flush_ms,
             message_events=settings.message_events,
-            after_publish=count_published,
-            publish=pipelined.publish if settings.ingest_publisher == "pipelined" else None,
+            after_publish=partial(
+                publisher.count_published,
+                acker,
+                wait_replicas=settings.redis_wait_replicas,
+                wait_timeout_ms=settings.redis_wait_timeout_ms,
+            ),
+            publish=publish_confirmed if settings.ingest_publisher == "pipelined" else None,
         )
         gate = app[GATE]
 
@@ -408,6 +418,7 @@ def _resources(
         await asyncio.to_thread(app[COMMIT].close)
         await app[REDIS].aclose()
         sync.close()
+        acker.close()
 
     return ctx
 

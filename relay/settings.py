@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, FilePath, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # Between a task's time limit and the visibility timeout: the watchdog's grace and the
@@ -29,6 +29,16 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RELAY_", extra="ignore", frozen=True)
 
     redis_url: str | None = None
+    # Sentinel: the monitored primary's name, with a sentinel://h:p;sentinel://h:p/db URL.
+    redis_master: str | None = None
+    # TLS (rediss:// URLs): the CA that signed the server's certificate (else the
+    # system's), and a client certificate and key when the server asks for one.
+    redis_tls_ca_file: FilePath | None = None
+    redis_tls_cert_file: FilePath | None = None
+    redis_tls_key_file: FilePath | None = None
+    # Answer 200 only once WAIT confirms this many replicas hold the events (0: don't wait).
+    redis_wait_replicas: int = Field(0, ge=0)
+    redis_wait_timeout_ms: int = Field(1000, ge=1)
     state_dir: Path = Path(".relay")
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
@@ -159,6 +169,28 @@ class Settings(BaseSettings):
                 "RELAY_CHURNZERO_URL must be https:// unless it is loopback "
                 "(or set RELAY_CHURNZERO_ALLOW_HTTP=true)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _redis_topology(self) -> Settings:
+        url = self.redis_url or ""
+        sentinel = url.startswith("sentinel://")
+        if sentinel:
+            from relay.redis_conn import parse_sentinel  # late: it imports this module
+
+            try:
+                parse_sentinel(url)  # a malformed URL fails here, at start
+            except ValueError as exc:
+                raise ValueError(f"RELAY_REDIS_URL: {exc}") from exc
+        if sentinel and not self.redis_master:
+            raise ValueError("a sentinel:// RELAY_REDIS_URL needs RELAY_REDIS_MASTER")
+        if self.redis_master and not sentinel:
+            raise ValueError("RELAY_REDIS_MASTER needs a sentinel://host:port;... RELAY_REDIS_URL")
+        tls = (self.redis_tls_ca_file, self.redis_tls_cert_file, self.redis_tls_key_file)
+        if any(f is not None for f in tls) and not url.startswith("rediss://"):
+            raise ValueError("RELAY_REDIS_TLS_* files need a rediss:// RELAY_REDIS_URL")
+        if (self.redis_tls_cert_file is None) != (self.redis_tls_key_file is None):
+            raise ValueError("RELAY_REDIS_TLS_CERT_FILE and RELAY_REDIS_TLS_KEY_FILE go together")
         return self
 
     @model_validator(mode="after")

@@ -24,6 +24,22 @@ only through ingest, which stays on stock kombu and its gate refuses them well b
 maxmemory (`RELAY_MAX_MEMORY_FRACTION`), so nothing else overshoots.
 
 On servers before 7 (no script flags) the stock behaviour applies.
+
+Two more changes keep a Redis failover (or restart) from losing a message or stopping a
+worker:
+
+* kombu takes a message off the queue with BRPOP and only then records it as unacked.
+  If Redis goes away between the two (a primary SIGKILLed while a worker polls), the
+  message is in no list: here the worker keeps trying to record it until a primary
+  answers again (a Sentinel failover takes a second or two).
+* Celery acknowledges a task's message after its consumer may have closed the channel to
+  reconnect; kombu then fails with an AttributeError that stops the whole worker. Here a
+  closed channel says so with a connection error, which Celery logs, and the message stays
+  unacked and comes back.
+
+`install()` points kombu's `redis://`, `rediss://` and `sentinel://` schemes at these
+classes in the worker's process: kombu picks a transport by URL scheme, also when it
+fails over to the next sentinel URL, so a Celery setting could not reach every connection.
 """
 
 from __future__ import annotations
@@ -32,14 +48,20 @@ import time
 from typing import Any
 
 import structlog
+from kombu.transport import TRANSPORT_ALIASES, get_transport_cls, virtual
 from kombu.transport import redis as kombu_redis
-from kombu.transport import virtual
 from kombu.utils.json import dumps
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ExecAbortError, OutOfMemoryError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from relay.oom import ALLOW_OOM, script_flags
 
 log = structlog.get_logger("relay.transport")
+# Longer than a failover (down-after-milliseconds plus the election); the worker's
+# consumer waits meanwhile, which it would do anyway with no primary to poll.
+RECORD_PATIENCE_S = 60.0
+_RETRY_EVERY_S = 0.25
 
 # KEYS: unacked index, unacked hash. ARGV: score, delivery tag, payload (kombu's format).
 _APPEND = (
@@ -77,8 +99,24 @@ class QoS(kombu_redis.QoS):
     """kombu's ack emulation; unacked bookkeeping and restores survive a full Redis."""
 
     def append(self, message: Any, delivery_tag: str) -> None:
-        """Record a delivered message as unacked, even at maxmemory."""
-        channel: Channel = self.channel
+        """Record a delivered message as unacked, even at maxmemory, waiting out a
+        failover rather than losing it."""
+        deadline = time.monotonic() + RECORD_PATIENCE_S
+        waited = False
+        while True:
+            try:
+                self._append(message, delivery_tag)
+                return
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                if time.monotonic() > deadline:
+                    raise
+                if not waited:
+                    log.warning("unacked_record_waits", error=type(exc).__name__)
+                waited = True
+                time.sleep(_RETRY_EVERY_S)
+
+    def _append(self, message: Any, delivery_tag: str) -> None:
+        channel: _AllowOom = self.channel
         if not channel.allow_oom:
             super().append(message, delivery_tag)
             return
@@ -126,7 +164,7 @@ class QoS(kombu_redis.QoS):
             log.warning("restore_unacked_deferred", error=type(exc).__name__)
 
     def _remove(self, delivery_tag: str) -> None:
-        channel: Channel = self.channel
+        channel: _AllowOom = self.channel
         if not channel.allow_oom:
             self._remove_from_indices(delivery_tag).execute()
             return
@@ -143,7 +181,18 @@ class QoS(kombu_redis.QoS):
             log.warning("restore_visible_deferred", error="redis at maxmemory")
 
 
-class Channel(kombu_redis.Channel):
+class _ClosedAware:
+    """A closed channel says so with a connection error (see the module docstring)."""
+
+    connection: Any
+
+    def _get_pool(self, asynchronous: bool = False) -> Any:
+        if self.connection is None or self.connection.client is None:
+            raise RedisConnectionError("the channel's broker connection is closed")
+        return super()._get_pool(asynchronous)
+
+
+class _AllowOom(kombu_redis.Channel):
     """kombu's Redis channel with the QoS above and publishes that survive a full Redis."""
 
     QoS = QoS
@@ -203,7 +252,32 @@ class Channel(kombu_redis.Channel):
         return getattr(self, "_expires", None) or {}
 
 
+class Channel(_ClosedAware, _AllowOom):
+    """`redis://` and `rediss://` channels of a worker."""
+
+
+class SentinelChannel(_ClosedAware, _AllowOom, kombu_redis.SentinelChannel):
+    """`sentinel://` channels of a worker."""
+
+
 class Transport(kombu_redis.Transport):
-    """The workers' broker transport (`broker_transport` in relay.broker)."""
+    """The workers' transport for `redis://` and `rediss://`."""
 
     Channel = Channel
+
+
+class SentinelTransport(kombu_redis.SentinelTransport):
+    """The workers' transport for `sentinel://`."""
+
+    Channel = SentinelChannel
+
+
+def install() -> None:
+    """Make kombu use these transports for Redis URLs in this process (a worker's)."""
+    TRANSPORT_ALIASES["redis"] = f"{__name__}:Transport"
+    TRANSPORT_ALIASES["rediss"] = f"{__name__}:Transport"
+    TRANSPORT_ALIASES["sentinel"] = f"{__name__}:SentinelTransport"
+    # kombu caches what it resolved: too late if something already opened a Redis broker.
+    chosen: object = get_transport_cls("redis")
+    if chosen is not Transport:
+        raise RuntimeError("relay.transport.install() ran after kombu chose a transport")

@@ -11,11 +11,10 @@ import sys
 import threading
 from typing import Any
 
-import redis
 import structlog
 from celery import signals
 
-from relay import broker, embedded, logs
+from relay import broker, embedded, logs, redis_conn
 from relay.delayed import Mover
 from relay.mapping import MappingError, load_mapping
 from relay.settings import ConfigError, load_settings
@@ -32,7 +31,7 @@ except (ConfigError, MappingError, embedded.EmbeddedRedisError) as exc:
 
 app = broker.make_celery(settings, redis_url, worker=True)
 app.conf.include = ["workers.tasks"]
-state = redis.Redis.from_url(redis_url, socket_timeout=10, socket_connect_timeout=5)
+state = redis_conn.sync_client(settings, redis_url, socket_timeout=10, socket_connect_timeout=5)
 
 log = structlog.get_logger("relay.worker")
 _stop = threading.Event()

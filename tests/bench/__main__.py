@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from tests.bench import adaptive, e2e, harness, ingest, ratelimit, replay, wrk
+from tests.bench import adaptive, e2e, harness, ingest, ratelimit, replay, wait, wrk
 from tests.bench.harness import Env, say
 
 BENCHMARKS: dict[str, Callable[[Env], dict[str, Any]]] = {
@@ -27,6 +27,7 @@ BENCHMARKS: dict[str, Callable[[Env], dict[str, Any]]] = {
     "ratelimit": ratelimit.ratelimit,
     "replay": replay.replay,
     "adaptive": adaptive.adaptive,
+    "ingest_wait": wait.ingest_wait,
 }
 
 

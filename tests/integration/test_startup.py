@@ -35,6 +35,8 @@ def test_serve_refuses_to_start_unauthenticated(tmp_path: Path) -> None:
         ({"RELAY_CHURNZERO_URL": "ftp://x"}, "RELAY_CHURNZERO_URL: must be an http"),
         ({"RELAY_VISIBILITY_TIMEOUT_S": "20", "RELAY_TASK_TIME_LIMIT_S": "60"},
          "visibility_timeout_s must be at least task_time_limit_s + 15"),
+        ({"RELAY_REDIS_URL": "sentinel://127.0.0.1:1"},
+         "a sentinel:// RELAY_REDIS_URL needs RELAY_REDIS_MASTER"),
     ],
 )  # fmt: skip
 def test_bad_configuration_is_one_line(tmp_path: Path, env: dict[str, str], message: str) -> None:

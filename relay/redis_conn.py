@@ -1,0 +1,184 @@
+"""Every Redis client the relay opens, built in one place from the settings.
+
+`RELAY_REDIS_URL` takes one of three shapes:
+
+- `redis://host:port/db` (or `unix:///path.sock`): one Redis, plain TCP.
+- `rediss://host:port/db`: one Redis over TLS, verified against `RELAY_REDIS_TLS_CA_FILE`
+  (else the system's CAs), with `RELAY_REDIS_TLS_CERT_FILE`/`_KEY_FILE` for mutual TLS.
+- `sentinel://host:port;sentinel://host:port/db` with `RELAY_REDIS_MASTER`: Redis
+  Sentinel, in the shape kombu's own Sentinel transport reads. Every client asks the
+  sentinels for the primary and asks again after a connection error, so ingest, the
+  workers, the mover, the CLI and the admin API all follow a failover.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit
+
+import redis
+import redis.asyncio as aioredis
+from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+from redis.sentinel import Sentinel
+
+from relay.settings import Settings
+
+SENTINEL_PORT = 26379
+# Asking a sentinel is cheap and a dead one must not stall discovery: the next is tried.
+SENTINEL_TIMEOUTS = {"socket_timeout": 1.0, "socket_connect_timeout": 1.0}
+
+
+@dataclass(frozen=True)
+class SentinelURL:
+    """The parts of a `sentinel://h:p;sentinel://h:p/db` URL."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    db: int
+    username: str | None
+    password: str | None
+
+
+def is_sentinel(url: str) -> bool:
+    """Whether `url` names Redis Sentinels rather than one Redis."""
+    return url.startswith("sentinel://")
+
+
+def parse_sentinel(url: str) -> SentinelURL:
+    """The sentinels, database and credentials of a Sentinel URL; ValueError if malformed."""
+    sentinels: list[tuple[str, int]] = []
+    dbs: set[int] = set()
+    username = password = None
+    for part in url.split(";"):
+        split = urlsplit(part.strip())
+        if split.scheme != "sentinel" or not split.hostname:
+            raise ValueError(f"{part!r} is not sentinel://host:port")
+        sentinels.append((split.hostname, split.port or SENTINEL_PORT))
+        if split.path.strip("/"):
+            if not split.path.strip("/").isdigit():
+                raise ValueError(f"database {split.path!r} is not a number")
+            dbs.add(int(split.path.strip("/")))
+        username = username or (unquote(split.username) if split.username else None)
+        password = password or (unquote(split.password) if split.password else None)
+    if len(dbs) > 1:
+        raise ValueError("the sentinels name different databases")
+    return SentinelURL(tuple(sentinels), dbs.pop() if dbs else 0, username, password)
+
+
+def tls_options(settings: Settings) -> dict[str, Any]:
+    """redis-py's (and kombu's) TLS keywords: always verify, with the configured CA."""
+    options: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    if settings.redis_tls_ca_file is not None:
+        options["ssl_ca_certs"] = str(settings.redis_tls_ca_file)
+    if settings.redis_tls_cert_file is not None:
+        options["ssl_certfile"] = str(settings.redis_tls_cert_file)
+    if settings.redis_tls_key_file is not None:
+        options["ssl_keyfile"] = str(settings.redis_tls_key_file)
+    return options
+
+
+def _master(settings: Settings) -> str:
+    if settings.redis_master is None:  # settings refuse this; a guard for direct callers
+        raise ValueError("a sentinel:// URL needs RELAY_REDIS_MASTER")
+    return settings.redis_master
+
+
+def _no_retry() -> Retry:
+    return Retry(NoBackoff(), 0)
+
+
+def sync_client(
+    settings: Settings,
+    url: str,
+    *,
+    socket_timeout: float = 5.0,
+    socket_connect_timeout: float = 3.0,
+    retry: bool = True,
+) -> redis.Redis:
+    """A blocking client of the primary named by `url` (following failovers with Sentinel).
+
+    `retry=False` makes a command fail on the first connection error instead of trying
+    again, perhaps on a newly promoted primary that never saw the writes before it.
+    """
+    kwargs: dict[str, Any] = {
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": socket_connect_timeout,
+    }
+    if not retry:
+        kwargs["retry"] = _no_retry()
+    if is_sentinel(url):
+        parts = parse_sentinel(url)
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+            list(parts.sentinels),
+            sentinel_kwargs=dict(SENTINEL_TIMEOUTS),
+            db=parts.db,
+            username=parts.username,
+            password=parts.password,
+        )
+        primary: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]  # as above
+            _master(settings), **kwargs
+        )
+        return primary
+    if url.startswith("rediss://"):
+        kwargs.update(tls_options(settings))
+    return redis.Redis.from_url(url, **kwargs)
+
+
+def async_client(
+    settings: Settings,
+    url: str,
+    *,
+    socket_timeout: float = 5.0,
+    socket_connect_timeout: float = 3.0,
+) -> aioredis.Redis:
+    """An asyncio client of the primary named by `url` (following failovers with Sentinel)."""
+    kwargs: dict[str, Any] = {
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": socket_connect_timeout,
+    }
+    if is_sentinel(url):
+        parts = parse_sentinel(url)
+        sentinel = AsyncSentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+            list(parts.sentinels),
+            sentinel_kwargs=dict(SENTINEL_TIMEOUTS),
+            db=parts.db,
+            username=parts.username,
+            password=parts.password,
+        )
+        primary: aioredis.Redis = sentinel.master_for(_master(settings), **kwargs)
+        return primary
+    if url.startswith("rediss://"):
+        kwargs.update(tls_options(settings))
+    return aioredis.from_url(url, **kwargs)
+
+
+def celery_broker(settings: Settings, url: str) -> dict[str, Any]:
+    """Celery's broker settings for `url`: the kombu URL, Sentinel options, TLS options."""
+    if url.startswith("unix://"):  # kombu spells unix sockets differently
+        return {"broker_url": "redis+socket://" + url.removeprefix("unix://")}
+    if is_sentinel(url):
+        parts = parse_sentinel(url)
+        # kombu reads the database from the first URL only: name it on every one.
+        return {
+            "broker_url": ";".join(
+                f"sentinel://{_credentials(parts)}{host}:{port}/{parts.db}"
+                for host, port in parts.sentinels
+            ),
+            "broker_transport_options": {
+                "master_name": _master(settings),
+                "sentinel_kwargs": dict(SENTINEL_TIMEOUTS),
+            },
+        }
+    if url.startswith("rediss://"):
+        # Without broker_use_ssl kombu would connect to rediss:// without verifying.
+        return {"broker_url": url, "broker_use_ssl": tls_options(settings)}
+    return {"broker_url": url}
+
+
+def _credentials(parts: SentinelURL) -> str:
+    if parts.password is None:
+        return ""
+    return f"{quote(parts.username or '', safe='')}:{quote(parts.password, safe='')}@"
