@@ -14,13 +14,11 @@ from typing import Any
 
 from tests.bench import harness
 from tests.bench.harness import Env, say
-from tests.bench.load import SandboxView, blast
-from tests.bench.payloads import batch_body, track
+from tests.bench.ratelimit import queue_backlog
 
 HIDDEN_RPS = 50
 COMMANDS_PER_REQUEST = 5
 EVENTS = 20_000
-BATCH = 100
 SKIP_S = 10.0
 
 
@@ -64,17 +62,7 @@ def _figures(requests: list[dict[str, Any]]) -> dict[str, Any]:
 def adaptive(env: Env) -> dict[str, Any]:
     """Achieved rate against a limit the relay must learn, and the share refused."""
     with harness.bench_context(env, "adaptive") as children:
-        sandbox = SandboxView(harness.start_sandbox(children))
-        sandbox.faults(rate_limit_rps=HIDDEN_RPS)
-        ingest = harness.start_ingest(children, env.redis_url).url
-        say(f"  backlog: {EVENTS:,} tracks ({EVENTS // COMMANDS_PER_REQUEST:,} requests)")
-        bodies = [
-            batch_body([track(i, ids=True) for i in range(start, start + BATCH)])
-            for start in range(0, EVENTS, BATCH)
-        ]
-        sent = blast(ingest + "/v1/batch", bodies, 8)
-        if sent.non_2xx or sent.errors:
-            raise RuntimeError(f"the backlog was not queued whole: {sent.as_dict()}")
+        sandbox = queue_backlog(env, children, HIDDEN_RPS, EVENTS)
         say(f"  worker: no rate given; the sandbox allows {HIDDEN_RPS} requests/s")
         worker = harness.start_relay_worker(
             children, env.redis_url, sandbox.url, churnzero_batch_size=COMMANDS_PER_REQUEST

@@ -52,20 +52,27 @@ def _window(requests: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def queue_backlog(env: Env, children: Any, limit_rps: float, events: int) -> SandboxView:
+    """A sandbox allowing `limit_rps` requests/s, and a backlog of `events` tracks
+    queued for it through a real ingest process."""
+    sandbox = SandboxView(harness.start_sandbox(children))
+    sandbox.faults(rate_limit_rps=limit_rps)
+    ingest = harness.start_ingest(children, env.redis_url).url
+    say(f"  backlog: {events:,} tracks ({events // COMMANDS_PER_REQUEST:,} requests)")
+    bodies = [
+        batch_body([track(i, ids=True) for i in range(start, start + BATCH)])
+        for start in range(0, events, BATCH)
+    ]
+    sent = blast(ingest + "/v1/batch", bodies, 8)
+    if sent.non_2xx or sent.errors:
+        raise RuntimeError(f"the backlog was not queued whole: {sent.as_dict()}")
+    return sandbox
+
+
 def ratelimit(env: Env) -> dict[str, Any]:
     """Achieved request rate against the limit, and the share of requests refused."""
     with harness.bench_context(env, "ratelimit") as children:
-        sandbox = SandboxView(harness.start_sandbox(children))
-        sandbox.faults(rate_limit_rps=LIMIT_RPS)
-        ingest = harness.start_ingest(children, env.redis_url).url
-        say(f"  backlog: {EVENTS:,} tracks ({EVENTS // COMMANDS_PER_REQUEST:,} requests)")
-        bodies = [
-            batch_body([track(i, ids=True) for i in range(start, start + BATCH)])
-            for start in range(0, EVENTS, BATCH)
-        ]
-        sent = blast(ingest + "/v1/batch", bodies, 8)
-        if sent.non_2xx or sent.errors:
-            raise RuntimeError(f"the backlog was not queued whole: {sent.as_dict()}")
+        sandbox = queue_backlog(env, children, LIMIT_RPS, EVENTS)
         say(f"  worker: {LIMIT_RPS} requests/s, {COMMANDS_PER_REQUEST} commands per request")
         worker = harness.start_relay_worker(
             children,
