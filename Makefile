@@ -23,7 +23,7 @@ run: install
 	$(BIN)/relay dev
 
 test: install
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 unit: install
 	$(BIN)/pytest -q tests/unit

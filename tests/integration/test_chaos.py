@@ -349,6 +349,7 @@ def test_broker_blip_mid_batch_delivers_each_event_once(
         blip.close()
 
 
+@pytest.mark.slow  # a minute by design: the default visibility timeout
 @pytest.mark.timeout(300)
 def test_worker_sigkill_with_default_settings_recovers_within_two_minutes(
     own_redis: Callable[..., tuple[str, redis.Redis]], clean_sandbox: Sandbox,
