@@ -35,7 +35,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.chaos, pytest.mark.slow]
 MASTER = "relay-primary"
 AUTH = (WRITE_KEY, "")
 ADMIN_TOKEN = "failover-admin"
-VISIBILITY_S = 20  # an unacked message comes back after this (the worker's time limit: 10)
+VISIBILITY_S = 25  # an unacked message comes back after this (the worker's time limit: 10)
 AOF = ("--appendonly", "yes", "--appendfsync", "everysec")
 RESULTS = ROOT / "bench-results" / "failover.json"
 
