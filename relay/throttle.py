@@ -294,7 +294,3 @@ class Throttle:
             ],
         )
         return int(pause_ms) / 1000
-
-    def release_probe(self) -> None:
-        """Give up a probe slot that was not used."""
-        self._redis.delete(keys.PROBE)
