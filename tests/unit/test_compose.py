@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,19 @@ def test_relay_services_run_the_relay_against_that_redis() -> None:
     dockerfile = services["ingest"]["build"]["dockerfile_inline"]
     for path in ("pyproject.toml", "relay", "workers"):
         assert path in dockerfile and (ROOT / path).exists()
+
+
+def test_the_default_environment_starts_ingest_and_worker() -> None:
+    # Every `${VAR:-default}` at its default, as `docker compose up` with no .env.
+    from relay.settings import load_settings
+
+    env = compose()["services"]["worker"]["environment"]
+    defaults = {
+        key: re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", str(value)) for key, value in env.items()
+    }
+    settings = load_settings(**{k.removeprefix("RELAY_").lower(): v for k, v in defaults.items()})
+    settings.require_app_key()  # what `relay worker` checks at start
+    settings.require_ingest_auth()  # what `relay serve` checks at start
 
 
 def test_scaled_ingest_does_not_fight_over_one_host_port() -> None:
