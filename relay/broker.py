@@ -34,7 +34,8 @@ serialization.register(
 
 
 def celery_config(settings: Settings, redis_url: str) -> dict[str, Any]:
-    """Celery settings of DESIGN §5: late acks, prefetch 1, JSON, no result backend."""
+    """Celery settings: late acks and prefetch 1 (a dead worker's messages come back), JSON,
+    no result backend (nothing reads task results)."""
     target = redis_conn.celery_broker(settings, redis_url)
     return {
         **target,

@@ -1,6 +1,6 @@
 """The ingest service: Segment events in over HTTP, durably into Redis, answered fast.
 
-`create_app(settings, redis_url)` builds the aiohttp application. Routes (DESIGN §3):
+`create_app(settings, redis_url)` builds the aiohttp application. Routes:
 `POST /webhook` (Segment's Webhooks destination), the tracking API under `/v1/`,
 `/livez`, `/readyz`, `/metrics`, and the admin API under `/admin/`.
 """

@@ -1,4 +1,4 @@
-"""How Segment fields map to ChurnZero: the defaults of DESIGN §4, and a TOML file
+"""How Segment fields map to ChurnZero: Segment's destination's defaults, and a TOML file
 (`RELAY_MAPPING_FILE`) that can change them.
 
 Example file::

@@ -86,8 +86,8 @@ _CONTENT_ENCODING: Schema = {
     "description": "`gzip` (analytics-python); the request limit applies after inflating too",
     "schema": {"type": "string", "enum": ["gzip", "x-gzip", "identity"]},
 }
-# Every status an ingest route answers (DESIGN §3). Segment's libraries drop a 400 and
-# retry 408 and 503, honouring Retry-After.
+# Every status an ingest route answers, chosen for what Segment's clients do with it:
+# they drop a 400 and retry 408 and 503, honouring Retry-After.
 _INGEST_RESPONSES: Schema = {
     "200": _response("the events are durably in Redis", _ref("Accepted")),
     "400": _response(

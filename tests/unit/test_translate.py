@@ -516,7 +516,7 @@ CASES = {
         source="webhook",
         known=ENGAGE_KNOWN,
     ),
-    # --- integrations object (DESIGN §4) ----------------------------------------------
+    # --- integrations object ----------------------------------------------------------
     "ChurnZero-false-api": Case([track(integrations={"ChurnZero": False})], {"r0": DISABLED}),
     "ChurnZero-false-webhook": Case(
         [track(integrations={"ChurnZero": False}, properties=IDS)],
