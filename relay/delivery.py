@@ -51,6 +51,29 @@ MAX_RATE_WAIT_S = 5.0
 SETTLE_MARGIN_S = 5.0
 
 
+@dataclass(frozen=True)
+class Budget:
+    """A run's time, from its start: until when a copy waits for a busy lease, requests
+    start, and the run settles."""
+
+    claim_by: float
+    send_by: float
+    deadline: float
+
+    @classmethod
+    def of(cls, settings: Settings, start: float) -> Budget:
+        """The budget of a run started at `start` (monotonic seconds)."""
+        deadline = start + settings.task_time_limit_s - SETTLE_MARGIN_S
+        # A request started by `send_by` is answered or times out before the deadline,
+        # so none is cut off on the wire, where ChurnZero may already have taken it.
+        send_by = deadline - min(settings.churnzero_timeout_s, (deadline - start) / 2)
+        # A copy that waits for another run's lease past `claim_by` gives its message
+        # back, to run afresh with the whole budget, rather than claim it with little
+        # time left to send.
+        claim_by = start + (send_by - start) / 2
+        return cls(claim_by, send_by, deadline)
+
+
 class MessageBusy(Exception):
     """Another run of this message still holds its lease; give the message back."""
 
@@ -128,13 +151,13 @@ class Delivery:
     def deliver(self, items: list[Item], message_id: str) -> Report:
         """Settle every item of the message once, however often it runs; see the module
         docstring. Raises MessageBusy when another run holds it past this run's time."""
-        deadline = time.monotonic() + self.settings.task_time_limit_s - SETTLE_MARGIN_S
-        claim = self._claim(message_id, len(items), deadline)
+        budget = Budget.of(self.settings, time.monotonic())
+        claim = self._claim(message_id, len(items), budget)
         if claim.state is State.SETTLED:
             return Report(received=len(items), already_settled=True)
         try:
             try:
-                return self._deliver(items, claim, deadline)
+                return self._deliver(items, claim, budget)
             except broker.QUEUE_ERRORS:
                 raise
             except Exception as exc:
@@ -171,19 +194,20 @@ class Delivery:
         oom.execute(self.redis, pipe)
         return report
 
-    def _claim(self, message_id: str, events: int, deadline: float) -> Claim:
+    def _claim(self, message_id: str, events: int, budget: Budget) -> Claim:
         while True:
             claim = self.runs.claim(message_id, events)
             if claim.state is not State.BUSY:
                 return claim
             # Another run (a copy kombu restored while the first still runs) holds the
-            # lease: wait for it to settle, or give the message back if it takes long.
-            pause = min(max(claim.busy_for_s, 0.05), 1.0)
-            if time.monotonic() + pause > deadline:
+            # lease: wait for it to settle, or give the message back if it takes long,
+            # rather than claim it with too little time left to send.
+            now = time.monotonic()
+            if now >= budget.claim_by:
                 raise MessageBusy(message_id)
-            time.sleep(pause)
+            time.sleep(min(max(claim.busy_for_s, 0.05), 1.0, budget.claim_by - now))
 
-    def _deliver(self, items: list[Item], claim: Claim, deadline: float) -> Report:
+    def _deliver(self, items: list[Item], claim: Claim, budget: Budget) -> Report:
         now = time.time()
         report = Report(received=len(items), lane=lane_of(items))
         parsed, bad = parse_items(items)
@@ -208,7 +232,7 @@ class Delivery:
         todo = [(item, commands) for item, commands in plan.send if item["id"] not in claim.done]
         chunks = _chunk(todo, self.settings.churnzero_batch_size)
         if chunks:
-            outcomes |= self._send(chunks, report, claim, deadline)
+            outcomes |= self._send(chunks, report, claim, budget)
         settled = settle(plan, outcomes, now, self.policy)
 
         report.delivered = len(settled.delivered)
@@ -249,7 +273,7 @@ class Delivery:
 
         # Past the sends, what ChurnZero accepted is known only here: hold on to it
         # through a Redis blip rather than give the message back to be sent again.
-        self._durably(lambda: self._settle_once(claim, len(items), write), deadline)
+        self._durably(lambda: self._settle_once(claim, len(items), write), budget)
         with contextlib.suppress(*broker.QUEUE_ERRORS):  # an unreleased claim only expires
             self.dedupe.release([e["item"] for e in dead if isinstance(e["item"], dict)])
         if plan.forgotten:
@@ -272,7 +296,7 @@ class Delivery:
         self.runs.stage_settled(pipe, claim, events)
         oom.execute(self.redis, pipe)  # one atomic script, accepted at maxmemory
 
-    def _durably(self, write: Any, deadline: float) -> None:
+    def _durably(self, write: Any, budget: Budget) -> None:
         """Run a Redis write, retrying through a blip until the task's time is up."""
         pause = 0.1
         while True:
@@ -280,20 +304,18 @@ class Delivery:
                 write()
                 return
             except broker.QUEUE_ERRORS:
-                if time.monotonic() + pause > deadline + SETTLE_MARGIN_S - 1:
+                if time.monotonic() + pause > budget.deadline + SETTLE_MARGIN_S - 1:
                     raise
                 time.sleep(pause)
                 pause = min(pause * 2, 1.0)
 
-    def _send(
-        self, chunks: list[_Chunk], report: Report, claim: Claim, deadline: float
-    ) -> Outcomes:
+    def _send(self, chunks: list[_Chunk], report: Report, claim: Claim, budget: Budget) -> Outcomes:
         """Send what the throttle allows before the deadline; every relay id's outcome."""
-        unsent_wait, cause = self._send_chunks(chunks, report, claim, deadline)
+        unsent_wait, cause = self._send_chunks(chunks, report, claim, budget)
         return _outcomes(chunks, Unsent(unsent_wait, cause))
 
     def _after_send(
-        self, chunks: list[_Chunk], sent: list[_Chunk], claim: Claim, deadline: float
+        self, chunks: list[_Chunk], sent: list[_Chunk], claim: Claim, budget: Budget
     ) -> float:
         """Mark delivered events done first (nothing may fail in between), then tell the
         shared throttle; returns the pause now in force."""
@@ -302,21 +324,21 @@ class Delivery:
             if rid not in claim.done and isinstance(o, retry.Outcome)
             and o.kind is retry.Kind.SUCCESS
         ]  # fmt: skip
-        self._durably(lambda: self.runs.mark_done(claim, done), deadline)
+        self._durably(lambda: self.runs.mark_done(claim, done), budget)
         try:
             return self._report_throttle(sent)
         except broker.QUEUE_ERRORS:
             return 0.0  # Redis is away: no shared pause to tell, nor to obey
 
     def _send_chunks(
-        self, chunks: list[_Chunk], report: Report, claim: Claim, deadline: float
+        self, chunks: list[_Chunk], report: Report, claim: Claim, budget: Budget
     ) -> tuple[float, str]:
         """Send; returns how long unsent chunks should wait, and why they were not sent."""
         gate = self.throttle.gate()
         for _ in range(3):
             if gate.go or gate.wait_s > SHORT_WAIT_S:
                 break
-            if time.monotonic() + gate.wait_s > deadline:
+            if time.monotonic() + gate.wait_s > budget.send_by:
                 return gate.wait_s, "deadline"
             time.sleep(gate.wait_s)
             gate = self.throttle.gate()
@@ -325,10 +347,12 @@ class Delivery:
         todo = chunks
         if gate.probe:
             # One request tests whether ChurnZero is back before anyone sends more.
-            self._run(self._send_one(chunks[0], 0.0, report, check=False), deadline)
+            if time.monotonic() > budget.send_by:
+                return 0.0, "deadline"
+            self._run(self._send_one(chunks[0], 0.0, report, check=False), budget)
             first = chunks[0].outcome
             ok = first is not None and first.kind is not retry.Kind.RETRYABLE
-            pause = self._after_send(chunks, [chunks[0]], claim, deadline)
+            pause = self._after_send(chunks, [chunks[0]], claim, budget)
             if not ok:
                 return pause, "paused"
             todo = chunks[1:]
@@ -352,31 +376,38 @@ class Delivery:
         async def send_all() -> None:
             await asyncio.gather(
                 *(
-                    self._send_one(c, d, report, check=d > 0)
+                    self._send_one(c, d, report, check=d > 0, send_by=budget.send_by)
                     for c, d in zip(todo, delays, strict=True)
                 )
             )
 
-        in_time = self._run(send_all(), deadline)
-        pause = max(self._after_send(chunks, todo, claim, deadline), rate_wait)
-        return pause, "paused" if in_time else "deadline"
+        in_time = self._run(send_all(), budget)
+        late = time.monotonic() > budget.send_by and any(c.outcome is None for c in todo)
+        pause = max(self._after_send(chunks, todo, claim, budget), rate_wait)
+        return pause, "deadline" if late or not in_time else "paused"
 
-    def _run(self, work: Any, deadline: float) -> bool:
+    def _run(self, work: Any, budget: Budget) -> bool:
         """Run sends on this thread's loop until done or the deadline; whether in time.
 
-        Requests still on the wire at the deadline are cancelled and count as unsent:
-        ChurnZero may have had them, so their events may arrive twice (rare, bounded).
+        Requests start only until `send_by`, so each ends (answered or timed out) before
+        the deadline. One still on the wire then (a stalled client) is cancelled and
+        counts as unsent: ChurnZero may have had it, so its events may arrive twice.
         """
-        remaining = max(deadline - time.monotonic(), 0.1)
+        remaining = max(budget.deadline - time.monotonic(), 0.1)
         try:
             self.loop.run_until_complete(asyncio.wait_for(work, remaining))
         except TimeoutError:
             return False
         return True
 
-    async def _send_one(self, chunk: _Chunk, delay: float, report: Report, *, check: bool) -> None:
+    async def _send_one(
+        self, chunk: _Chunk, delay: float, report: Report, *, check: bool,
+        send_by: float | None = None,
+    ) -> None:  # fmt: skip
         if delay > 0:
             await asyncio.sleep(delay)
+        if send_by is not None and time.monotonic() > send_by:
+            return  # too late to start: it could not end before the task's deadline
         if check and not self.throttle.gate().go:
             return  # a pause began while this request waited for its slot
         started = time.perf_counter()

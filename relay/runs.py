@@ -6,7 +6,8 @@ run, a Redis error makes a task give its message back, and the delayed-set mover
 publish a batch twice. So each run first claims its message:
 
     settled   the message was settled before: ack it, do nothing
-    busy      another run of it holds the lease: wait for that run to end
+    busy      another run of it holds the lease: wait for that run to end, or give the
+              message back
     claimed   this run owns it, and learns which events an earlier run already got a
               2xx for (those are not sent again)
 
@@ -30,7 +31,10 @@ from relay import keys, oom
 _CLAIM = """
 if redis.call('HEXISTS', KEYS[1], 'settled') == 1 then return {0} end
 if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return {1, redis.call('PTTL', KEYS[2])}
+  -- Our own lease: this is the same claim again (a client retrying after a lost reply).
+  if redis.call('GET', KEYS[2]) ~= ARGV[1] then
+    return {1, redis.call('PTTL', KEYS[2])}
+  end
 end
 if redis.call('HSETNX', KEYS[1], 'claimed', '1') == 1 then
   -- Once per message. A publisher may count its message just after a worker took it,
@@ -42,6 +46,12 @@ redis.call('PEXPIRE', KEYS[1], ARGV[4])
 local out = redis.call('HKEYS', KEYS[1])
 table.insert(out, 1, 2)
 return out
+"""
+
+# KEYS: lock. ARGV: token. Only the run that holds the lease gives it back.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 0
 """
 
 _DONE = "d:"
@@ -76,10 +86,15 @@ class Runs:
         self._ttl_ms = ttl_s * 1000
         # Allowed at maxmemory (Redis 7+): a worker must drain a full Redis (relay.oom).
         self._claim = r.register_script(oom.header(r) + _CLAIM)
+        self._release = r.register_script(oom.header(r) + _RELEASE)
 
-    def claim(self, message_id: str, events: int) -> Claim:
-        """Claim a message for this run; see the module docstring."""
-        token = uuid.uuid4().hex
+    def claim(self, message_id: str, events: int, token: str | None = None) -> Claim:
+        """Claim a message for this run; see the module docstring.
+
+        A claim is re-entrant for its token: redis-py resends a command whose reply a
+        broken connection lost, and the resent claim must not find its own lease busy.
+        """
+        token = token or uuid.uuid4().hex
         result = self._claim(
             keys=[keys.run(message_id), keys.run_lock(message_id),
                   keys.DEPTH_READY, keys.DEPTH_INFLIGHT],
@@ -119,5 +134,5 @@ class Runs:
         return bool(self._redis.hexists(keys.run(claim.message_id), "settled"))
 
     def release(self, claim: Claim) -> None:
-        """Give the lease back unsettled (the message will run again)."""
-        self._redis.delete(keys.run_lock(claim.message_id))
+        """Give the lease back unsettled (the message will run again), if still ours."""
+        self._release(keys=[keys.run_lock(claim.message_id)], args=[claim.token])

@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from relay import delayed, keys
-from relay.delivery import Delivery
+from relay.delivery import Budget, Delivery, MessageBusy
 from relay.mapping import load_mapping
 from relay.runs import Runs, State
 from relay.settings import Settings
@@ -114,3 +114,53 @@ def test_a_batch_moved_twice_is_counted_once_and_published_under_one_id(
     assert int(r.get(keys.DEPTH_READY)) == 3
     assert r.zcard(keys.DELAYED) == 0
     assert orjson.loads(orjson.dumps(published)) == [[3, id1], [3, id1]]
+
+
+def test_a_claim_resent_after_a_lost_reply_finds_its_own_lease(r: redis.Redis) -> None:
+    # redis-py resends a command whose reply a broken connection lost: the resent claim
+    # must not find the lease it took itself busy (its run would wait for nobody).
+    runs = Runs(r, lease_s=30, ttl_s=600)
+    r.set(keys.DEPTH_READY, 4)
+    first = runs.claim("m4", 4, token="t1")
+    again = runs.claim("m4", 4, token="t1")
+    assert first.state is again.state is State.CLAIMED
+    assert int(r.get(keys.DEPTH_READY)) == 0 and int(r.get(keys.DEPTH_INFLIGHT)) == 4
+    assert runs.claim("m4", 4).state is State.BUSY  # any other run waits
+
+
+def test_only_the_holder_gives_a_lease_back(r: redis.Redis) -> None:
+    runs = Runs(r, lease_s=30, ttl_s=600)
+    holder = runs.claim("m5", 1)
+    late = runs.claim("m5", 1)
+    runs.release(late)  # a run that never held the lease frees nothing
+    assert runs.claim("m5", 1).state is State.BUSY
+    runs.release(holder)
+    assert runs.claim("m5", 1).state is State.CLAIMED
+
+
+def test_a_copy_gives_its_message_back_rather_than_claim_it_too_late_to_send(
+    r: redis.Redis, clean_sandbox: Sandbox
+) -> None:
+    settings = Settings(
+        churnzero_url=clean_sandbox.url + "/i", churnzero_app_key=APP_KEY,
+        task_time_limit_s=9, visibility_timeout_s=30,
+    )  # fmt: skip
+    budget = Budget.of(settings, 0.0)
+    # Every request that starts in time ends before the deadline; a copy stops waiting
+    # while a run would still have half its sending time.
+    assert budget.claim_by < budget.send_by
+    assert (
+        budget.send_by + min(settings.churnzero_timeout_s, budget.deadline / 2) <= budget.deadline
+    )
+    found = Delivery(settings, r, load_mapping(None))
+    try:
+        holder = Runs(r, lease_s=60, ttl_s=600).claim("m6", 2)
+        started = time.monotonic()
+        with pytest.raises(MessageBusy):
+            found.deliver(items(2), "m6")
+        assert time.monotonic() - started >= budget.claim_by - 0.5  # it did wait a while
+        assert clean_sandbox.commands() == []
+        Runs(r, lease_s=60, ttl_s=600).release(holder)
+        assert found.deliver(items(2), "m6").delivered == 2
+    finally:
+        found.close()
