@@ -18,7 +18,8 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from relay import auth, broker, deadletter, intake, keys, preview, status, trace
-from relay.mapping import MappingError, load_mapping
+from relay.errors import MappingError
+from relay.mapping import load_mapping
 
 PAGE = resources.files("relay").joinpath("static/admin.html")
 

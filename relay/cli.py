@@ -17,7 +17,8 @@ from typing import Any
 import click
 
 from relay import cli_ops, embedded
-from relay.settings import ConfigError, Settings, load_settings
+from relay.errors import ConfigError, EmbeddedRedisError, IdentityFileError
+from relay.settings import Settings, load_settings
 
 
 def _settings() -> Settings:
@@ -30,7 +31,7 @@ def _settings() -> Settings:
 def _redis_url(settings: Settings) -> str:
     try:
         return embedded.resolve_url(settings.redis_url, settings.state_dir)
-    except embedded.EmbeddedRedisError as exc:
+    except EmbeddedRedisError as exc:
         raise click.ClickException(str(exc)) from None
 
 
@@ -273,7 +274,7 @@ def identities_import(file: Path) -> None:
 
     try:
         entries = identity_file.read(file)
-    except identity_file.IdentityFileError as exc:
+    except IdentityFileError as exc:
         raise click.ClickException(str(exc)) from None
     settings = _settings()
     released = identity.seed(_redis(settings), entries, settings.identity_ttl_s)

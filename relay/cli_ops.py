@@ -25,7 +25,8 @@ _OUTCOME_WORDS = {
 
 def mapping_of(settings: Settings) -> Any:
     """The mapping the workers use (RELAY_MAPPING_FILE, or the defaults)."""
-    from relay.mapping import MappingError, load_mapping
+    from relay.errors import MappingError
+    from relay.mapping import load_mapping
 
     try:
         return load_mapping(settings.mapping_file)

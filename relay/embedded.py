@@ -18,11 +18,9 @@ from pathlib import Path
 
 import redis
 
+from relay.errors import EmbeddedRedisError
+
 _owned: subprocess.Popen[bytes] | None = None
-
-
-class EmbeddedRedisError(Exception):
-    """The embedded Redis could not be started or reached."""
 
 
 def socket_path(state_dir: Path) -> Path:

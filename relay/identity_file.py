@@ -17,14 +17,11 @@ from typing import Any
 
 import orjson
 
+from relay.errors import IdentityFileError
 from relay.resolution import ACCOUNT_KEYS, CONTACT_KEYS, Known, id_value
 
 MAX_ID = 100
 MAX_ERRORS = 10
-
-
-class IdentityFileError(Exception):
-    """The file cannot be imported; the message names the lines and what is wrong."""
 
 
 def _rows(path: Path, text: str) -> Iterator[tuple[int, Any]]:

@@ -45,6 +45,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from relay.errors import MappingError
+
 DEFAULT_RENAMES = {
     "firstName": "FirstName",
     "first_name": "FirstName",
@@ -63,10 +65,6 @@ RESERVED_UNSENT = frozenset(
 
 
 CONTACT_ID = "contactExternalId"  # in contact_order: the contactExternalId/ID traits
-
-
-class MappingError(Exception):
-    """The mapping file cannot be used; the message names the file, line and key."""
 
 
 class _Section(BaseModel):

@@ -14,13 +14,11 @@ from urllib.parse import urlsplit
 from pydantic import Field, FilePath, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from relay.errors import ConfigError
+
 # Between a task's time limit and the visibility timeout: the watchdog's grace and the
 # settlement writes after the last send.
 VISIBILITY_MARGIN_S = 15
-
-
-class ConfigError(Exception):
-    """The configuration cannot be used; the message is one line for the operator."""
 
 
 class Settings(BaseSettings):

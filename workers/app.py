@@ -16,8 +16,9 @@ from celery import signals
 
 from relay import broker, embedded, logs, redis_conn
 from relay.delayed import Mover
-from relay.mapping import MappingError, load_mapping
-from relay.settings import ConfigError, load_settings
+from relay.errors import RelayError
+from relay.mapping import load_mapping
+from relay.settings import load_settings
 
 try:
     settings = load_settings()
@@ -25,7 +26,7 @@ try:
     redis_url = embedded.resolve_url(settings.redis_url, settings.state_dir)
     mapping = load_mapping(settings.mapping_file)  # a bad file stops the worker at start
     settings.require_app_key()  # without it ChurnZero answers 200 and drops every command
-except (ConfigError, MappingError, embedded.EmbeddedRedisError) as exc:
+except RelayError as exc:
     # One line for the operator, not a traceback through Celery's app loader.
     sys.exit(f"relay worker: {exc}")
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from relay.identity_file import IdentityFileError, read
+from relay.errors import IdentityFileError
+from relay.identity_file import read
 from relay.resolution import Known
 
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from relay.mapping import Mapping, MappingError, TraitMap, load_mapping
+from relay.errors import MappingError
+from relay.mapping import Mapping, TraitMap, load_mapping
 
 FULL = """\
 [identity]

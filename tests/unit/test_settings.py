@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from relay import cors
-from relay.settings import ConfigError, Settings, load_settings
+from relay.errors import ConfigError
+from relay.settings import Settings, load_settings
 
 
 @pytest.mark.parametrize(
