@@ -17,8 +17,8 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from relay import auth, broker, deadletter, intake, keys, preview, status, trace
-from relay.errors import MappingError
+from relay import auth, broker, deadletter, keys, preview, status, trace
+from relay.errors import MappingError, RequestError
 from relay.mapping import load_mapping
 
 PAGE = resources.files("relay").joinpath("static/admin.html")
@@ -210,7 +210,7 @@ async def preview_view(request: web.Request) -> web.Response:
             raise _BadRequest(f"the mapping file cannot be used: {exc}") from None
         try:
             items, refused = preview.items_of(body, source)
-        except intake.BadRequest as exc:
+        except RequestError as exc:
             raise _BadRequest(str(exc)) from None
         verdicts = refused + preview.preview(r, items, mapping, settings)
         return [v.as_dict() for v in sorted(verdicts, key=lambda v: v.index)]

@@ -93,8 +93,9 @@ def register(main: click.Group, settings_of: Any, redis_of: Any) -> None:
     def preview(file: str | None, entry_id: str | None, source: str | None, as_json: bool) -> None:
         """The ChurnZero commands a Segment event or batch (FILE, or - / stdin) would
         produce now, with the current mapping and identity map. Nothing is sent."""
-        from relay import deadletter, intake
+        from relay import deadletter
         from relay import preview as previewing
+        from relay.errors import RequestError
 
         if file is not None and entry_id is not None:
             raise click.UsageError("give FILE or --dlq ID, not both")
@@ -111,7 +112,7 @@ def register(main: click.Group, settings_of: Any, redis_of: Any) -> None:
                 body = handle.read()
             try:
                 items, refused = previewing.items_of(body, source)
-            except intake.BadRequest as exc:
+            except RequestError as exc:
                 raise click.ClickException(str(exc)) from None
         verdicts = refused + previewing.preview(r, items, mapping, settings)
         if as_json:

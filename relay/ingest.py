@@ -42,6 +42,7 @@ from relay import (
     requestlog,
     wire,
 )
+from relay.errors import RequestError
 from relay.publisher import GroupCommit
 from relay.settings import Settings
 
@@ -158,7 +159,7 @@ async def _read_raw(request: web.Request, limits: intake.Limits) -> bytes:
     limit = limits.request_bytes
     too_big = f"request body is larger than {intake.size_text(limit)}"
     if (request.content_length or 0) > limit:
-        raise intake.BadRequest(too_big)
+        raise RequestError(400, too_big)
     try:
         if request.content.is_eof():  # the whole body came with the headers: no wait
             body = await request.read()
@@ -166,11 +167,11 @@ async def _read_raw(request: web.Request, limits: intake.Limits) -> bytes:
             async with asyncio.timeout(BODY_TIMEOUT_S):
                 body = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise intake.BadRequest(too_big) from None
+        raise RequestError(400, too_big) from None
     except TimeoutError:
         raise _Refused(_json(408, {"error": "request body took too long"})) from None
     if len(body) > limit:
-        raise intake.BadRequest(too_big)
+        raise RequestError(400, too_big)
     return body
 
 
@@ -227,7 +228,7 @@ async def _ingest(request: web.Request, route: str, source: str) -> web.Response
         response = await _handle(request, route, source, settings, outcome)
     except _Refused as refused:
         response = refused.response
-    except intake.BadRequest as exc:
+    except RequestError as exc:
         response = _json(400, {"error": str(exc)})
         outcome["error"] = str(exc)
     elapsed = time.perf_counter() - started

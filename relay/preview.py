@@ -18,6 +18,7 @@ from typing import Any
 
 from relay import deadletter, identity, intake, keys, names, retry
 from relay.dedupe import Dedupe
+from relay.errors import RequestError
 from relay.mapping import Mapping
 from relay.resolution import Known
 from relay.settings import Settings
@@ -61,7 +62,7 @@ class Verdict:
 def items_of(body: bytes, source: str | None = None) -> tuple[list[Item], list[Verdict]]:
     """Queued items from a Segment event, an array of events or a `{"batch": [...]}`
     envelope, validated as ingest would; and a verdict for each event ingest would refuse.
-    Raises intake.BadRequest when the body as a whole is unusable."""
+    Raises RequestError (400) when the body as a whole is unusable."""
     data = intake.load_json(body)
     now = datetime.now(UTC)
     envelope = isinstance(data, dict) and isinstance(data.get("batch"), list)
@@ -71,7 +72,7 @@ def items_of(body: bytes, source: str | None = None) -> tuple[list[Item], list[V
         # One event: ingest refuses an invalid one outright; say so as its verdict.
         try:
             parsed = intake.parse_webhook(body, now)
-        except intake.BadRequest as exc:
+        except RequestError as exc:
             return [], [Verdict(0, _kind(data), _user(data), "dead", "invalid_event",
                                 errors=[str(exc)])]  # fmt: skip
     else:

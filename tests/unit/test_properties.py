@@ -1,7 +1,7 @@
 """Properties of parsing and translation, over any JSON a client could send.
 
 Whatever the body, `intake.parse_api` / `parse_webhook` give an `Intake` or raise
-`intake.BadRequest` (a 400), never anything else (a 500). A batch is handled whole:
+a `RequestError` with status 400, never anything else (a 500). A batch is handled whole:
 every event is accepted or rejected, none lost. Every accepted event can be stored
 (queued, parked for a retry, dead-lettered), translates without raising, and each
 command it yields passes `validate_command` or the event lands in `invalid_command`.
@@ -26,6 +26,7 @@ from hypothesis import event as label
 from hypothesis import strategies as st
 
 from relay import deadletter, events, intake, translate
+from relay.errors import RequestError
 from relay.mapping import EventMap, IdentityMap, Mapping, TraitMap
 from relay.resolution import Known
 
@@ -161,7 +162,8 @@ def take(route: str, body: bytes) -> intake.Intake | None:
         if route == "webhook":
             return intake.parse_webhook(body, RECEIVED)
         return intake.parse_api(route, body, RECEIVED)
-    except intake.BadRequest:
+    except RequestError as exc:
+        assert exc.status == 400
         return None
 
 
