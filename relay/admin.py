@@ -20,24 +20,13 @@ from aiohttp.typedefs import Handler
 from relay import auth, broker, deadletter, keys, preview, status, trace
 from relay.errors import MappingError, RequestError
 from relay.mapping import load_mapping
+from relay.webapp import CELERY, SETTINGS, SYNC_REDIS, json_response, refusal
 
 PAGE = resources.files("relay").joinpath("static/admin.html")
 
 
-def _json(body: Any, status_code: int = 200) -> web.Response:
-    return web.Response(
-        status=status_code, body=orjson.dumps(body), content_type="application/json"
-    )
-
-
 def _error(status_code: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    response = _json({"error": message}, status_code)
-    response.headers.update(headers or {})
-    return response
-
-
-class _BadRequest(Exception):
-    """A malformed admin request (answered 400 with a JSON error)."""
+    return json_response({"error": message}, status_code, headers)
 
 
 @web.middleware
@@ -45,9 +34,7 @@ async def require_token(request: web.Request, handler: Handler) -> web.StreamRes
     """Bearer-token check for /admin/api/*; the page and other routes pass through."""
     if not request.path.startswith("/admin"):
         return await handler(request)
-    from relay.ingest import SETTINGS
-
-    settings = request.app[SETTINGS]
+    settings = request.config_dict[SETTINGS]
     if settings.admin_token is None:
         return _error(404, "admin API is off (set RELAY_ADMIN_TOKEN)")
     if request.path.startswith("/admin/api/"):
@@ -57,16 +44,14 @@ async def require_token(request: web.Request, handler: Handler) -> web.StreamRes
             return _error(401, "missing or invalid bearer token", {"WWW-Authenticate": "Bearer"})
     try:
         return await handler(request)
-    except _BadRequest as exc:
-        return _error(400, str(exc))
+    except RequestError as exc:
+        return refusal(exc)
     except broker.QUEUE_ERRORS:
         return _error(503, "redis unreachable", {"Retry-After": "5"})
 
 
 def _sync(request: web.Request) -> Any:
-    from relay.ingest import SYNC_REDIS
-
-    return request.app[SYNC_REDIS]
+    return request.config_dict[SYNC_REDIS]
 
 
 async def page(_: web.Request) -> web.Response:
@@ -87,13 +72,13 @@ async def page(_: web.Request) -> web.Response:
 
 async def status_view(request: web.Request) -> web.Response:
     """GET /admin/api/status: the status report."""
-    return _json(await asyncio.to_thread(status.report, _sync(request)))
+    return json_response(await asyncio.to_thread(status.report, _sync(request)))
 
 
 def _reason(request: web.Request) -> str | None:
     reason = request.query.get("reason") or None
     if reason is not None and reason not in deadletter.REASONS:
-        raise _BadRequest(f"unknown reason {reason!r}")
+        raise RequestError(400, f"unknown reason {reason!r}")
     return reason
 
 
@@ -101,7 +86,7 @@ def _number(request: web.Request, name: str, default: int, high: int) -> int:
     try:
         return min(max(int(request.query.get(name, default)), 0), high)
     except ValueError:
-        raise _BadRequest(f"{name} must be a number") from None
+        raise RequestError(400, f"{name} must be a number") from None
 
 
 async def dlq_list(request: web.Request) -> web.Response:
@@ -115,13 +100,13 @@ async def dlq_list(request: web.Request) -> web.Response:
         entries = deadletter.list_entries(r, reason=reason, limit=limit, offset=offset)
         return {"total": deadletter.count(r, reason=reason), "entries": entries}
 
-    return _json(await asyncio.to_thread(read))
+    return json_response(await asyncio.to_thread(read))
 
 
 async def dlq_show(request: web.Request) -> web.Response:
     """GET /admin/api/dlq/{id}: one dead letter."""
     entry = await asyncio.to_thread(deadletter.get, _sync(request), request.match_info["id"])
-    return _json(entry) if entry else _error(404, "no such dead letter")
+    return json_response(entry) if entry else _error(404, "no such dead letter")
 
 
 # A selection is a few ids; the app's own limit is sized for Segment's webhook batches.
@@ -136,20 +121,20 @@ async def _selection(request: web.Request) -> tuple[list[str] | None, str | None
     try:
         body = orjson.loads(raw)
     except ValueError:
-        raise _BadRequest("body must be JSON") from None
+        raise RequestError(400, "body must be JSON") from None
     if not isinstance(body, dict):
-        raise _BadRequest("body must be a JSON object")
+        raise RequestError(400, "body must be a JSON object")
     ids = body.get("ids")
     if ids is not None and not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
-        raise _BadRequest("ids must be a list of strings")
+        raise RequestError(400, "ids must be a list of strings")
     reason = body.get("reason")
     if reason is not None and reason not in deadletter.REASONS:
-        raise _BadRequest(f"unknown reason {reason!r}")
+        raise RequestError(400, f"unknown reason {reason!r}")
     every = body.get("all") is True
     if ids and (every or reason):
-        raise _BadRequest("give ids, or all / reason, not both")
+        raise RequestError(400, "give ids, or all / reason, not both")
     if not ids and not every and not reason:
-        raise _BadRequest("give ids, all: true, or reason")
+        raise RequestError(400, "give ids, all: true, or reason")
     return ids, reason, every
 
 
@@ -161,14 +146,12 @@ def _pages(r: Any, ids: list[str] | None, reason: str | None) -> Any:
 
 async def dlq_replay(request: web.Request) -> web.Response:
     """POST /admin/api/dlq/replay {"ids": [...]} | {"all": true} | {"reason": R}."""
-    from relay.ingest import CELERY, SETTINGS
-
     ids, reason, _ = await _selection(request)
     r = _sync(request)
     # The replay lane, a request's worth of events per message (see broker.publish).
     publish = partial(
-        broker.publish, request.app[CELERY], queue=keys.REPLAY_QUEUE,
-        per_message=request.app[SETTINGS].churnzero_batch_size,
+        broker.publish, request.config_dict[CELERY], queue=keys.REPLAY_QUEUE,
+        per_message=request.config_dict[SETTINGS].churnzero_batch_size,
     )  # fmt: skip
 
     def run() -> int:
@@ -178,7 +161,7 @@ async def dlq_replay(request: web.Request) -> web.Response:
         replayed = await asyncio.to_thread(run)
     except broker.PUBLISH_ERRORS:
         return _error(503, "could not queue the events")
-    return _json({"replayed": replayed})
+    return json_response({"replayed": replayed})
 
 
 async def dlq_purge(request: web.Request) -> web.Response:
@@ -188,18 +171,16 @@ async def dlq_purge(request: web.Request) -> web.Response:
     purged = await asyncio.to_thread(
         lambda: sum(deadletter.purge(r, page) for page in _pages(r, ids, reason))
     )
-    return _json({"purged": purged})
+    return json_response({"purged": purged})
 
 
 async def preview_view(request: web.Request) -> web.Response:
     """POST /admin/api/preview (a Segment event, array or batch): what it would produce
     now, as `relay preview --json`. Nothing is sent or stored."""
-    from relay.ingest import SETTINGS
-
-    settings = request.app[SETTINGS]
+    settings = request.config_dict[SETTINGS]
     source = request.query.get("source") or None
     if source not in (None, "api", "webhook"):
-        raise _BadRequest("source must be api or webhook")
+        raise RequestError(400, "source must be api or webhook")
     body = await request.read()
     r = _sync(request)
 
@@ -207,21 +188,18 @@ async def preview_view(request: web.Request) -> web.Response:
         try:
             mapping = load_mapping(settings.mapping_file)
         except MappingError as exc:
-            raise _BadRequest(f"the mapping file cannot be used: {exc}") from None
-        try:
-            items, refused = preview.items_of(body, source)
-        except RequestError as exc:
-            raise _BadRequest(str(exc)) from None
+            raise RequestError(400, f"the mapping file cannot be used: {exc}") from None
+        items, refused = preview.items_of(body, source)
         verdicts = refused + preview.preview(r, items, mapping, settings)
         return [v.as_dict() for v in sorted(verdicts, key=lambda v: v.index)]
 
-    return _json({"events": await asyncio.to_thread(run)})
+    return json_response({"events": await asyncio.to_thread(run)})
 
 
 async def trace_view(request: web.Request) -> web.Response:
     """GET /admin/api/trace/{id}: where the event with this messageId (or relay id) is."""
     found = await asyncio.to_thread(trace.find, _sync(request), request.match_info["id"])
-    return _json({"found": [s.as_dict() for s in found]})
+    return json_response({"found": [s.as_dict() for s in found]})
 
 
 def add_routes(app: web.Application) -> None:
