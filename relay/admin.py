@@ -1,8 +1,11 @@
-"""The admin API and status page, served by ingest under `/admin/`.
+"""The admin API and status page: an aiohttp sub-application ingest mounts at `/admin`.
 
 Off unless `RELAY_ADMIN_TOKEN` is set. Every data route needs `Authorization: Bearer
 <token>`; the page itself holds no data and asks for the token, then calls the API.
-Redis calls here are synchronous library functions (the CLI's), run in a thread.
+Its middlewares run for its own routes only, never for `/webhook`. It reads ingest's
+settings and clients through `request.config_dict` (keys in relay.webapp), so it does
+not import ingest. Redis calls here are synchronous library functions (the CLI's), run
+in a thread.
 """
 
 from __future__ import annotations
@@ -31,9 +34,7 @@ def _error(status_code: int, message: str, headers: dict[str, str] | None = None
 
 @web.middleware
 async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Bearer-token check for /admin/api/*; the page and other routes pass through."""
-    if not request.path.startswith("/admin"):
-        return await handler(request)
+    """Off without a token; bearer-token check for /admin/api/*; the page passes through."""
     settings = request.config_dict[SETTINGS]
     if settings.admin_token is None:
         return _error(404, "admin API is off (set RELAY_ADMIN_TOKEN)")
@@ -42,6 +43,12 @@ async def require_token(request: web.Request, handler: Handler) -> web.StreamRes
         expected = settings.admin_token.get_secret_value()
         if not hmac.compare_digest(given.encode(), expected.encode()):
             return _error(401, "missing or invalid bearer token", {"WWW-Authenticate": "Bearer"})
+    return await handler(request)
+
+
+@web.middleware
+async def answer_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A refused request gets its JSON answer; Redis not answering gets a 503."""
     try:
         return await handler(request)
     except RequestError as exc:
@@ -202,15 +209,16 @@ async def trace_view(request: web.Request) -> web.Response:
     return json_response({"found": [s.as_dict() for s in found]})
 
 
-def add_routes(app: web.Application) -> None:
-    """Mount the admin page and API on the ingest app."""
-    app.middlewares.append(require_token)
-    app.router.add_get("/admin", page)
-    app.router.add_get("/admin/", page)
-    app.router.add_get("/admin/api/status", status_view)
-    app.router.add_get("/admin/api/dlq", dlq_list)
-    app.router.add_get("/admin/api/dlq/{id}", dlq_show)
-    app.router.add_post("/admin/api/dlq/replay", dlq_replay)
-    app.router.add_post("/admin/api/dlq/purge", dlq_purge)
-    app.router.add_post("/admin/api/preview", preview_view)
-    app.router.add_get("/admin/api/trace/{id}", trace_view)
+def create_app() -> web.Application:
+    """The admin page and API, to mount on the ingest app at `/admin`."""
+    app = web.Application(middlewares=[require_token, answer_errors])
+    app.router.add_get("", page)
+    app.router.add_get("/", page)
+    app.router.add_get("/api/status", status_view)
+    app.router.add_get("/api/dlq", dlq_list)
+    app.router.add_get("/api/dlq/{id}", dlq_show)
+    app.router.add_post("/api/dlq/replay", dlq_replay)
+    app.router.add_post("/api/dlq/purge", dlq_purge)
+    app.router.add_post("/api/preview", preview_view)
+    app.router.add_get("/api/trace/{id}", trace_view)
+    return app

@@ -2,8 +2,8 @@
 
 `create_app(settings, redis_url)` builds the aiohttp application. Routes:
 `POST /webhook` (Segment's Webhooks destination) and the tracking API under `/v1/`
-(relay.receive), `/livez`, `/readyz`, `/metrics`, `/openapi.json`, and the admin API
-under `/admin/` (relay.admin).
+(relay.receive), `/livez`, `/readyz`, `/metrics`, `/openapi.json`, and the admin page
+and API, a sub-application under `/admin` (relay.admin).
 """
 
 from __future__ import annotations
@@ -144,8 +144,8 @@ def create_app(
     app.router.add_get("/livez", livez)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)
-    admin.add_routes(app)
     openapi.add_routes(app)
+    app.add_subapp("/admin", admin.create_app())
     return app
 
 
