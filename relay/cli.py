@@ -17,21 +17,21 @@ from typing import Any
 import click
 
 from relay import cli_ops, embedded
-from relay.errors import ConfigError, EmbeddedRedisError, IdentityFileError
+from relay.errors import RelayError
 from relay.settings import Settings, load_settings
 
 
 def _settings() -> Settings:
     try:
         return load_settings()
-    except ConfigError as exc:
+    except RelayError as exc:
         raise click.ClickException(str(exc)) from None
 
 
 def _redis_url(settings: Settings) -> str:
     try:
         return embedded.resolve_url(settings.redis_url, settings.state_dir)
-    except EmbeddedRedisError as exc:
+    except RelayError as exc:
         raise click.ClickException(str(exc)) from None
 
 
@@ -55,7 +55,7 @@ def serve(processes: int | None) -> None:
     settings = _settings()
     try:
         settings.require_ingest_auth()
-    except ConfigError as exc:
+    except RelayError as exc:
         raise click.ClickException(str(exc)) from None
     logs.configure(settings.log_level, settings.log_format)
     url = _redis_url(settings)
@@ -72,7 +72,7 @@ def worker(celery_args: tuple[str, ...]) -> None:
     settings = _settings()
     try:
         settings.require_app_key()
-    except ConfigError as exc:
+    except RelayError as exc:
         raise click.ClickException(str(exc)) from None
     env = dict(os.environ, RELAY_REDIS_URL=_redis_url(settings))
     command = [
@@ -274,7 +274,7 @@ def identities_import(file: Path) -> None:
 
     try:
         entries = identity_file.read(file)
-    except IdentityFileError as exc:
+    except RelayError as exc:
         raise click.ClickException(str(exc)) from None
     settings = _settings()
     released = identity.seed(_redis(settings), entries, settings.identity_ttl_s)
