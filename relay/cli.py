@@ -18,6 +18,7 @@ import click
 
 from relay import cli_ops, embedded
 from relay.errors import ConfigError, EmbeddedRedisError, IdentityFileError
+from relay.reasons import Reason
 from relay.settings import Settings, load_settings
 
 
@@ -330,11 +331,11 @@ _SINCE = click.option("--since", type=float, default=None, help="Failed at/after
 _UNTIL = click.option("--until", type=float, default=None, help="Failed at/before (unix time).")
 
 
-def _check_reason(reason: str | None) -> None:
-    from relay.deadletter import REASONS
-
-    if reason is not None and reason not in REASONS:
-        raise click.BadParameter(f"one of {', '.join(REASONS)}", param_hint="--reason")
+def _check_reason(reason: str | None) -> Reason | None:
+    try:
+        return None if reason is None else Reason(reason)
+    except ValueError:
+        raise click.BadParameter(f"one of {', '.join(Reason)}", param_hint="--reason") from None
 
 
 @dlq.command("list")
@@ -355,24 +356,24 @@ def dlq_list(
 
     from relay import deadletter
 
-    _check_reason(reason)
+    reason = _check_reason(reason)
     r = _redis(_settings())
     entries = deadletter.list_entries(r, reason=reason, since=since, until=until, limit=limit)
     if as_json:
         for entry in entries:
-            click.echo(json.dumps(entry))
+            click.echo(json.dumps(entry.as_dict()))
         return
     table = Table(show_header=True, header_style="bold")
     for column in ("id", "reason", "status", "attempts", "last failure", "event"):
         table.add_column(column)
     for e in entries:
-        event = e["item"].get("event") if isinstance(e["item"], dict) else None
+        event = e.item.get("event")
         what = (
             f"{event.get('type')} {event.get('event') or ''} {event.get('userId') or ''}".strip()
             if isinstance(event, dict) else str(event)[:40]
         )  # fmt: skip
-        when = datetime.fromtimestamp(e["last_failure"], UTC).strftime("%Y-%m-%d %H:%M:%S")
-        table.add_row(e["id"], e["reason"], str(e["status"] or ""), str(e["attempts"]), when, what)
+        when = datetime.fromtimestamp(e.last_failure, UTC).strftime("%Y-%m-%d %H:%M:%S")
+        table.add_row(e.id, e.reason.value, str(e.status or ""), str(e.attempts), when, what)
     total = deadletter.count(r, reason=reason, since=since, until=until)
     Console().print(table)
     click.echo(f"{len(entries)} of {total} shown")
@@ -389,24 +390,24 @@ def dlq_show(entry_id: str) -> None:
     entry = deadletter.get(_redis(_settings()), entry_id)
     if entry is None:
         raise click.ClickException(f"no dead letter {entry_id}")
-    click.echo(json.dumps(entry, indent=2))
+    click.echo(json.dumps(entry.as_dict(), indent=2))
 
 
-def _selected(
-    r: Any, ids: tuple[str, ...], every: bool, reason: str | None,
-    since: float | None, until: float | None,
-) -> tuple[int, Any]:  # fmt: skip
+def _select(
+    ids: tuple[str, ...], every: bool, reason: str | None, since: float | None,
+    until: float | None,
+) -> Any:  # fmt: skip
     from relay import deadletter
 
-    _check_reason(reason)
-    if ids and (every or reason):
-        raise click.UsageError("give ids, or --all / --reason, not both")
-    if ids:
-        return len(ids), iter([list(ids)])
-    if not every and not reason:
-        raise click.UsageError("give entry ids, --all or --reason")
-    total = deadletter.count(r, reason=reason, since=since, until=until)
-    return total, deadletter.iter_ids(r, reason=reason, since=since, until=until)
+    try:
+        return deadletter.select(
+            ids, every=every, reason=_check_reason(reason), since=since, until=until
+        )
+    except deadletter.SelectionError as exc:
+        raise click.UsageError(
+            "give ids, or --all / --reason, not both" if exc.mixed
+            else "give entry ids, --all or --reason"
+        ) from None  # fmt: skip
 
 
 @dlq.command("replay")
@@ -428,10 +429,11 @@ def dlq_replay(
 
     from relay import broker, deadletter, keys
 
+    selection = _select(ids, every, reason, since, until)
     settings = _settings()
     r = _redis(settings)
     if dry_run:
-        _dry_run(settings, r, ids, every, reason, since, until, as_json)
+        cli_ops.print_dry_run(settings, r, selection, as_json)
         return
     celery = broker.make_celery(settings, _redis_url(settings))
     # Replays go to their own lane: a bounded share of the rate while live events flow.
@@ -440,32 +442,14 @@ def dlq_replay(
         per_message=settings.churnzero_batch_size,
     )  # fmt: skip
 
-    total, pages = _selected(r, ids, every, reason, since, until)
+    total = selection.count(r)
     replayed = 0
     with Progress(disable=total < 1000) as progress:
         task = progress.add_task("replaying", total=total)
-        for page in pages:
+        for page in selection.pages(r):
             replayed += deadletter.replay(r, page, publish)
             progress.update(task, advance=len(page))
     click.echo(f"replayed {replayed} of {total}")
-
-
-def _dry_run(
-    settings: Settings, r: Any, ids: tuple[str, ...], every: bool, reason: str | None,
-    since: float | None, until: float | None, as_json: bool,
-) -> None:  # fmt: skip
-    _check_reason(reason)
-    if ids and (every or reason):
-        raise click.UsageError("give ids, or --all / --reason, not both")
-    if not ids and not every and not reason:
-        raise click.UsageError("give entry ids, --all or --reason")
-    selection = {
-        "reason": reason,
-        "ids": list(ids) if ids else None,
-        "since": since,
-        "until": until,
-    }
-    cli_ops.print_dry_run(settings, r, selection, as_json)
 
 
 @dlq.command("purge")
@@ -482,11 +466,12 @@ def dlq_purge(
     """Delete dead letters for good (asks for --yes)."""
     from relay import deadletter
 
+    selection = _select(ids, every, reason, since, until)
     r = _redis(_settings())
-    total, pages = _selected(r, ids, every, reason, since, until)
+    total = selection.count(r)
     if not yes:
         raise click.ClickException(f"this deletes {total} dead letters for good; add --yes")
-    purged = sum(deadletter.purge(r, page) for page in pages)
+    purged = sum(deadletter.purge(r, page) for page in selection.pages(r))
     click.echo(f"purged {purged}")
 
 
@@ -497,10 +482,10 @@ def dlq_export(file: str, reason: str | None) -> None:
     """Write dead letters as JSON Lines to FILE (- for stdout)."""
     from relay import deadletter
 
-    _check_reason(reason)
+    selected = _check_reason(reason)
     r = _redis(_settings())
     with click.open_file(file, "wb") as out:
-        written = deadletter.export(r, out.write, reason=reason)
+        written = deadletter.export(r, out.write, reason=selected)
     click.echo(f"exported {written}", err=True)
 
 

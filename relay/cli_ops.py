@@ -55,11 +55,14 @@ def print_verdicts(verdicts: list[Any]) -> None:
             click.echo("    " + json.dumps(command))
 
 
-def print_dry_run(settings: Settings, r: Any, selection: dict[str, Any], as_json: bool) -> None:
+def print_dry_run(settings: Settings, r: Any, selection: Any, as_json: bool) -> None:
     """`relay dlq replay --dry-run`: what a replay of the selected entries would do now."""
     from relay import preview
 
-    pages = preview.entries_pages(r, **selection)
+    pages = preview.entries_pages(
+        r, reason=selection.reason, ids=list(selection.ids) or None,
+        since=selection.since, until=selection.until,
+    )  # fmt: skip
     result = preview.dry_run(r, pages, mapping_of(settings), settings)
     if as_json:
         click.echo(json.dumps(result.as_dict()))

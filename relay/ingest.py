@@ -43,6 +43,7 @@ from relay import (
     wire,
 )
 from relay.publisher import GroupCommit
+from relay.reasons import Reason
 from relay.settings import Settings
 
 log = structlog.get_logger("relay.ingest")
@@ -263,7 +264,7 @@ async def _handle(
         deadletter.new_entry(
             {"id": _new_id(), "source": source, "received_at": stamp, "attempts": 0,
              "event": r.event},
-            "invalid_event",
+            Reason.INVALID_EVENT,
             errors=r.errors,
             now=stamp,
             entry_id=deadletter.entry_id_of(r.event),
