@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -103,85 +102,25 @@ def sandbox(host: str, port: int | None, eiv_secret: str | None) -> None:
     sandbox_server.run(host, port, eiv_secret=eiv_secret or None)
 
 
-def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "relay.cli", *args], env=env, start_new_session=True
-    )
-
-
-def _wait_http(url: str, timeout_s: float = 20) -> bool:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return True
-        except OSError:
-            time.sleep(0.1)
-    return False
-
-
 @main.command()
 def dev() -> None:
     """Everything on one machine: Redis, ingest, a worker and (without an app key) the sandbox."""
+    from relay import supervise
+
     settings = _settings()
-    redis_url = _redis_url(settings)
-    env = dict(os.environ, RELAY_REDIS_URL=redis_url)
-    children: list[subprocess.Popen[bytes]] = []
-    notes = []
-    if settings.uses_sandbox:
-        port = settings.sandbox_port
-        children.append(_spawn(["sandbox", "--port", str(port)], env))
-        env["RELAY_CHURNZERO_URL"] = f"http://127.0.0.1:{port}/i"
-        env["RELAY_CHURNZERO_APP_KEY"] = "relay-dev-sandbox"
-        notes.append(f"ChurnZero sandbox  http://127.0.0.1:{port}/_sandbox/commands")
-    if not settings.authenticated:
-        env["RELAY_ALLOW_UNAUTHENTICATED"] = "true"
-        notes.append("authentication is OFF (set RELAY_WEBHOOK_SECRET or RELAY_WRITE_KEYS)")
-    children.append(_spawn(["serve"], env))
-    children.append(_spawn(["worker"], env))
-
-    def stop(*_: Any) -> None:
-        for child in children:
-            if child.poll() is None:
-                os.killpg(child.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        for child in children:
-            try:
-                child.wait(timeout=max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                os.killpg(child.pid, signal.SIGKILL)
-        embedded.stop()
-
+    stack = supervise.DevStack(settings, _redis_url(settings))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    base = f"http://{settings.host}:{settings.port}"
     try:
-        if not _wait_http(base + "/livez"):
+        stack.start()
+        if not stack.ready():
             raise click.ClickException("ingest did not start; see the output above")
-        where = "embedded " + redis_url if not settings.redis_url else redis_url
-        click.echo(
-            "\nchurnzero-relay is running\n"
-            f"  ingest             {base}/webhook  and  {base}/v1/batch\n"
-            f"  metrics            {base}/metrics\n"
-            f"  redis              {where}\n" + "".join(f"  {n}\n" for n in notes) + "\n"
-            "Try it:\n"
-            f"  curl -s {base}/v1/identify -H 'Content-Type: application/json' -d "
-            "'{\"userId\":\"userId123\",\"traits\":{\"accountExternalId\":\"12345678\","
-            "\"contactExternalId\":\"john.smith@company.com\",\"firstName\":\"John\"}}'\n"
-            f"  curl -s {base}/v1/track -H 'Content-Type: application/json' -d "
-            "'{\"userId\":\"userId123\",\"event\":\"Clicked Login Button\"}'\n"
-            + (f"  curl -s http://127.0.0.1:{settings.sandbox_port}/_sandbox/commands\n"
-               if settings.uses_sandbox else "")
-            + "\nCtrl-C stops everything.\n"
-        )  # fmt: skip
-        while all(child.poll() is None for child in children):
-            time.sleep(0.5)
+        click.echo(stack.banner())
+        stack.wait()
         raise click.ClickException("a relay process exited; stopping the rest")
     except KeyboardInterrupt:
         click.echo("\nstopping…")
     finally:
-        stop()
+        stack.stop()
 
 
 def _redis(settings: Settings) -> Any:
