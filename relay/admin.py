@@ -23,6 +23,7 @@ from aiohttp.typedefs import Handler
 from relay import auth, broker, deadletter, keys, preview, status, trace
 from relay.errors import MappingError, RequestError
 from relay.mapping import load_mapping
+from relay.reasons import Reason
 from relay.webapp import CELERY, SETTINGS, SYNC_REDIS, json_response, refusal
 
 PAGE = resources.files("relay").joinpath("static/admin.html")
@@ -82,11 +83,13 @@ async def status_view(request: web.Request) -> web.Response:
     return json_response(await asyncio.to_thread(status.report, _sync(request)))
 
 
-def _reason(request: web.Request) -> str | None:
-    reason = request.query.get("reason") or None
-    if reason is not None and reason not in deadletter.REASONS:
-        raise RequestError(400, f"unknown reason {reason!r}")
-    return reason
+def _reason(value: Any) -> Reason | None:
+    if value is None:
+        return None
+    try:
+        return Reason(value)
+    except ValueError:
+        raise RequestError(400, f"unknown reason {value!r}") from None
 
 
 def _number(request: web.Request, name: str, default: int, high: int) -> int:
@@ -98,14 +101,15 @@ def _number(request: web.Request, name: str, default: int, high: int) -> int:
 
 async def dlq_list(request: web.Request) -> web.Response:
     """GET /admin/api/dlq?reason=&limit=&offset=: a page of dead letters, newest first."""
-    reason = _reason(request)
+    reason = _reason(request.query.get("reason") or None)
     limit = _number(request, "limit", 50, 500)
     offset = _number(request, "offset", 0, 10**9)
     r = _sync(request)
 
     def read() -> dict[str, Any]:
         entries = deadletter.list_entries(r, reason=reason, limit=limit, offset=offset)
-        return {"total": deadletter.count(r, reason=reason), "entries": entries}
+        total = deadletter.count(r, reason=reason)
+        return {"total": total, "entries": [e.as_dict() for e in entries]}
 
     return json_response(await asyncio.to_thread(read))
 
@@ -113,14 +117,14 @@ async def dlq_list(request: web.Request) -> web.Response:
 async def dlq_show(request: web.Request) -> web.Response:
     """GET /admin/api/dlq/{id}: one dead letter."""
     entry = await asyncio.to_thread(deadletter.get, _sync(request), request.match_info["id"])
-    return json_response(entry) if entry else _error(404, "no such dead letter")
+    return json_response(entry.as_dict()) if entry else _error(404, "no such dead letter")
 
 
 # A selection is a few ids; the app's own limit is sized for Segment's webhook batches.
 MAX_BODY_BYTES = 512 * 1024
 
 
-async def _selection(request: web.Request) -> tuple[list[str] | None, str | None, bool]:
+async def _selection(request: web.Request) -> deadletter.Selection:
     size = request.content_length or 0
     raw = b"" if size > MAX_BODY_BYTES else await request.read()
     if max(size, len(raw)) > MAX_BODY_BYTES:
@@ -134,26 +138,21 @@ async def _selection(request: web.Request) -> tuple[list[str] | None, str | None
     ids = body.get("ids")
     if ids is not None and not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
         raise RequestError(400, "ids must be a list of strings")
-    reason = body.get("reason")
-    if reason is not None and reason not in deadletter.REASONS:
-        raise RequestError(400, f"unknown reason {reason!r}")
-    every = body.get("all") is True
-    if ids and (every or reason):
-        raise RequestError(400, "give ids, or all / reason, not both")
-    if not ids and not every and not reason:
-        raise RequestError(400, "give ids, all: true, or reason")
-    return ids, reason, every
-
-
-def _pages(r: Any, ids: list[str] | None, reason: str | None) -> Any:
-    if ids:
-        return iter([ids])
-    return deadletter.iter_ids(r, reason=reason)
+    reason = _reason(body.get("reason"))
+    try:
+        return deadletter.select(ids or (), every=body.get("all") is True, reason=reason)
+    except deadletter.SelectionError as exc:
+        raise RequestError(
+            400,
+            "give ids, or all / reason, not both"
+            if exc.mixed
+            else "give ids, all: true, or reason",
+        ) from None
 
 
 async def dlq_replay(request: web.Request) -> web.Response:
     """POST /admin/api/dlq/replay {"ids": [...]} | {"all": true} | {"reason": R}."""
-    ids, reason, _ = await _selection(request)
+    selection = await _selection(request)
     r = _sync(request)
     # The replay lane, a request's worth of events per message (see broker.publish).
     publish = partial(
@@ -162,7 +161,7 @@ async def dlq_replay(request: web.Request) -> web.Response:
     )  # fmt: skip
 
     def run() -> int:
-        return sum(deadletter.replay(r, page, publish) for page in _pages(r, ids, reason))
+        return sum(deadletter.replay(r, page, publish) for page in selection.pages(r))
 
     try:
         replayed = await asyncio.to_thread(run)
@@ -173,10 +172,10 @@ async def dlq_replay(request: web.Request) -> web.Response:
 
 async def dlq_purge(request: web.Request) -> web.Response:
     """POST /admin/api/dlq/purge (same selection as replay)."""
-    ids, reason, _ = await _selection(request)
+    selection = await _selection(request)
     r = _sync(request)
     purged = await asyncio.to_thread(
-        lambda: sum(deadletter.purge(r, page) for page in _pages(r, ids, reason))
+        lambda: sum(deadletter.purge(r, page) for page in selection.pages(r))
     )
     return json_response({"purged": purged})
 

@@ -137,8 +137,8 @@ def preview(
     for item, reason in plan.skipped:
         verdicts[item["id"]] = _verdict(item, "skip", reason)
     for entry in settled.dead:
-        item = entry["item"]
-        verdicts[item["id"]] = _verdict(item, "dead", entry["reason"], errors=entry["errors"])
+        item = entry.item
+        verdicts[item["id"]] = _verdict(item, "dead", entry.reason.value, errors=entry.errors)
     for batch, _, cause in settled.later:
         for item in batch:
             verdicts[item["id"]] = _verdict(item, "wait", cause, errors=_WAIT_NOTE.get(cause, []))
@@ -168,7 +168,7 @@ class DryRun:
 
 def dry_run(
     r: Any,
-    pages: Iterable[list[dict[str, Any]]],
+    pages: Iterable[list[deadletter.DeadLetter]],
     mapping: Mapping,
     settings: Settings,
     *,
@@ -186,7 +186,7 @@ def dry_run(
             out.outcomes[verdict.label] += 1
             examples = out.samples.setdefault(verdict.label, [])
             if len(examples) < sample:
-                examples.append({"entry": entry["id"], **verdict.as_dict()})
+                examples.append({"entry": entry.id, **verdict.as_dict()})
     return out
 
 
@@ -198,7 +198,7 @@ def entries_pages(
     since: float | None = None,
     until: float | None = None,
     page: int = 500,
-) -> Iterable[list[dict[str, Any]]]:
+) -> Iterable[list[deadletter.DeadLetter]]:
     """Pages of dead-letter entries, read without writing anything (no index snapshot,
     unlike a replay's: a dry run changes nothing, so a plain scan of the index will do)."""
     if ids is not None:

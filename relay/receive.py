@@ -20,6 +20,7 @@ from aiohttp import web
 
 from relay import auth, broker, cors, deadletter, intake, metrics
 from relay.errors import QueueUnavailable, RequestError
+from relay.reasons import Reason
 from relay.settings import Settings
 from relay.webapp import COMMIT, GATE, REDIS, REQUEST_LOG, SETTINGS, json_response, refusal
 
@@ -142,7 +143,7 @@ async def _handle(
         deadletter.new_entry(
             {"id": _new_id(), "source": source, "received_at": stamp, "attempts": 0,
              "event": r.event},
-            "invalid_event",
+            Reason.INVALID_EVENT,
             errors=r.errors,
             now=stamp,
             entry_id=deadletter.entry_id_of(r.event),
