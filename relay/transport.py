@@ -63,36 +63,21 @@ log = structlog.get_logger("relay.transport")
 RECORD_PATIENCE_S = 60.0
 _RETRY_EVERY_S = 0.25
 
+
+def _script(*calls: str) -> str:
+    """A script of these `redis.call`s that Redis 7+ runs at maxmemory too."""
+    return ALLOW_OOM + "".join(f"redis.call({call})\n" for call in calls) + "return 0\n"
+
+
 # KEYS: unacked index, unacked hash. ARGV: score, delivery tag, payload (kombu's format).
-_APPEND = (
-    ALLOW_OOM
-    + """
-redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
-redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
-return 0
-"""
-)
+_APPEND = _script("'ZADD', KEYS[1], ARGV[1], ARGV[2]", "'HSET', KEYS[2], ARGV[2], ARGV[3]")
 # KEYS: unacked index, unacked hash. ARGV: delivery tag. (kombu runs these in MULTI,
 # and Redis refuses every command queued in a MULTI at maxmemory, even deletions.)
-_REMOVE = (
-    ALLOW_OOM
-    + """
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('HDEL', KEYS[2], ARGV[1])
-return 0
-"""
-)
+_REMOVE = _script("'ZREM', KEYS[1], ARGV[1]", "'HDEL', KEYS[2], ARGV[1]")
 # KEYS: the queue list. ARGV: the message.
-_PUT = ALLOW_OOM + "return redis.call('LPUSH', KEYS[1], ARGV[1])\n"
+_PUT = _script("'LPUSH', KEYS[1], ARGV[1]")
 # KEYS: the exchange's binding table and its permanent twin. ARGV: the member.
-_BIND = (
-    ALLOW_OOM
-    + """
-redis.call('SADD', KEYS[1], ARGV[1])
-redis.call('SADD', KEYS[2], ARGV[1])
-return 0
-"""
-)
+_BIND = _script("'SADD', KEYS[1], ARGV[1]", "'SADD', KEYS[2], ARGV[1]")
 
 
 class QoS(kombu_redis.QoS):
