@@ -17,7 +17,7 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from relay import auth, broker, deadletter, intake, keys, preview, status, trace
+from relay import auth, broker, deadletter, intake, preview, status, trace
 from relay.errors import MappingError
 from relay.mapping import load_mapping
 
@@ -161,15 +161,14 @@ def _pages(r: Any, ids: list[str] | None, reason: str | None) -> Any:
 
 async def dlq_replay(request: web.Request) -> web.Response:
     """POST /admin/api/dlq/replay {"ids": [...]} | {"all": true} | {"reason": R}."""
-    from relay.ingest import CELERY, SETTINGS
+    from relay.ingest import SETTINGS
 
     ids, reason, _ = await _selection(request)
     r = _sync(request)
-    # The replay lane, a request's worth of events per message (see broker.publish).
-    publish = partial(
-        broker.publish, request.app[CELERY], queue=keys.REPLAY_QUEUE,
-        per_message=request.app[SETTINGS].churnzero_batch_size,
-    )  # fmt: skip
+    settings = request.app[SETTINGS]
+    # The replay lane, a request's worth of events per message.
+    queue = broker.Queue(r, settings.message_events)
+    publish = partial(queue.publish, per_message=settings.churnzero_batch_size)
 
     def run() -> int:
         return sum(deadletter.replay(r, page, publish) for page in _pages(r, ids, reason))

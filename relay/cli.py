@@ -304,7 +304,7 @@ def identities_forget(user_id: str, yes: bool) -> None:
     import uuid
     from datetime import UTC, datetime
 
-    from relay import broker, keys
+    from relay import broker
 
     if not yes:
         raise click.ClickException("forgetting a user cannot be undone: add --yes")
@@ -315,8 +315,7 @@ def identities_forget(user_id: str, yes: bool) -> None:
              "timestamp": now.isoformat().replace("+00:00", "Z")}  # fmt: skip
     item = {"id": uuid.uuid4().hex, "source": "api", "received_at": now.timestamp(),
             "attempts": 0, "event": event}  # fmt: skip
-    broker.publish(broker.make_celery(settings, _redis_url(settings)), [item])
-    r.incrby(keys.DEPTH_READY, 1)
+    broker.Queue(r, settings.message_events).publish([item])
     click.echo(f"queued the deletion of {user_id}")
 
 
@@ -426,19 +425,16 @@ def dlq_replay(
 
     from rich.progress import Progress
 
-    from relay import broker, deadletter, keys
+    from relay import broker, deadletter
 
     settings = _settings()
     r = _redis(settings)
     if dry_run:
         _dry_run(settings, r, ids, every, reason, since, until, as_json)
         return
-    celery = broker.make_celery(settings, _redis_url(settings))
     # Replays go to their own lane: a bounded share of the rate while live events flow.
-    publish = partial(
-        broker.publish, celery, queue=keys.REPLAY_QUEUE,
-        per_message=settings.churnzero_batch_size,
-    )  # fmt: skip
+    queue = broker.Queue(r, settings.message_events)
+    publish = partial(queue.publish, per_message=settings.churnzero_batch_size)
 
     total, pages = _selected(r, ids, every, reason, since, until)
     replayed = 0
