@@ -229,7 +229,7 @@ class AsyncQueue(_Publisher):
 
     async def publish(self, items: list[Item], message_id: str | None = None) -> None:
         """Return once `items` are queued and counted; raise a RedisError if not."""
-        rate = status.rate_key("ingested", time.time())
+        rate = status.rate_key(status.Rate.INGESTED, time.time())
         keys_, args = self._call(items, [rate], "rate", status.RATE_TTL_S, message_id=message_id)
         for attempt in range(RETRIES + 1):
             try:
@@ -268,7 +268,7 @@ def count_sent(
     WAIT confirms that many replicas hold everything this primary took so far."""
     pipe = client.pipeline(transaction=False)
     pipe.incrby(keys.DEPTH_READY, n)
-    status.stage_rate(pipe, "ingested", n, time.time())
+    status.stage_rate(pipe, status.Rate.INGESTED, n, time.time())
     if not wait_replicas:
         # After the publish: a failure here only skews a gauge, never loses events.
         with contextlib.suppress(redis.RedisError, OSError):
@@ -281,7 +281,7 @@ def confirm_replicated(client: redis.Redis, replicas: int, timeout_ms: int) -> N
     """Raise NotReplicated unless WAIT confirms that `replicas` replicas hold everything
     this primary took so far (`AsyncQueue`'s messages included)."""
     pipe = client.pipeline(transaction=False)
-    pipe.hincrby(keys.STATS, "replication_waits", 1)
+    pipe.hincrby(keys.STATS, keys.Stat.REPLICATION_WAITS, 1)
     _confirm(pipe, replicas, timeout_ms)
 
 

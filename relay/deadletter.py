@@ -81,7 +81,7 @@ def stage_add(pipe: Any, entries: list[dict[str, Any]]) -> None:
         by_reason.setdefault(e["reason"], {})[e["id"]] = e["last_failure"]
     for reason, members in by_reason.items():
         pipe.zadd(keys.dlq_reason(reason), members)
-        pipe.hincrby(keys.STATS, f"dead_letters:{reason}", len(members))
+        pipe.hincrby(keys.STATS, keys.Stat.DEAD_LETTERS.of(reason), len(members))
 
 
 def add(r: redis.Redis, entries: list[dict[str, Any]]) -> None:
@@ -219,7 +219,7 @@ def replay(
         items = [replay_item(entry, now) for entry in entries]
         if items:
             publish(items)  # queued and counted ready
-            r.hincrby(keys.STATS, "replayed", len(items))
+            r.hincrby(keys.STATS, keys.Stat.REPLAYED, len(items))
             remove(r, entries)
     finally:
         # Released whatever happened: a failed publish leaves the entries replayable.

@@ -36,9 +36,9 @@ from relay import (
     keys,
     metrics,
     openapi,
-    queue_state,
     redis_conn,
     requestlog,
+    status,
 )
 from relay.publisher import GroupCommit
 from relay.settings import Settings
@@ -110,7 +110,7 @@ class QueueGate:
             pipe.info("memory")
             counted = self._queued_bytes
             ready, delayed, live, replay, memory = await pipe.execute()
-            self.waiting = queue_state.backlog(ready, delayed, int(live) + int(replay))
+            self.waiting = status.backlog(ready, delayed, int(live) + int(replay))
             self.used_memory = int(memory.get("used_memory", 0))
             self.maxmemory = int(memory.get("maxmemory", 0))
             self._queued_bytes -= counted  # now inside used_memory

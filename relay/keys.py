@@ -8,6 +8,7 @@ Celery's, named by the queue.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 PREFIX = "relay:"
 
@@ -58,7 +59,8 @@ DEPTH_READY = PREFIX + "depth:ready"
 DEPTH_INFLIGHT = PREFIX + "depth:inflight"
 DELAYED_EVENTS = PREFIX + "depth:delayed"
 
-# Deployment-wide counters (HASH name -> int) so any ingest's /metrics shows them all.
+# Deployment-wide counters (HASH field -> int, the fields named by `Stat` below) so any
+# ingest's /metrics shows them all.
 STATS = PREFIX + "stats"
 # Per-second delivered/ingested counts for `relay status` rates (HASH second -> n).
 RATE = PREFIX + "rate:"
@@ -125,3 +127,29 @@ attribute_clock = Family(ATTRIBUTE_CLOCK)
 # The run record of one Celery message, and the lease of the run working on it now.
 run = Family(RUN)
 run_lock = Family(RUN, ":lock")
+
+
+class Stat(StrEnum):
+    """The counters in the `STATS` hash. A labelled one is a field per label
+    (`Stat.SKIPPED.of("duplicate")` is `skipped:duplicate`)."""
+
+    DELIVERED = "delivered"
+    REPLAY_DELIVERED = "replay_delivered"  # of them, events of the replay lane
+    SKIPPED = "skipped"  # :<reason>
+    REQUESTS = "requests"  # :<outcome>, requests to ChurnZero
+    RETRIED = "retried"  # :<cause>
+    ATTRIBUTES = "attributes"  # :<reason>, attribute writes not sent
+    DEAD_LETTERS = "dead_letters"  # :<reason>
+    REPLAYED = "replayed"
+    NEW_NAMES = "new_names"  # :<kind>
+    RATELIMIT_WAITS = "ratelimit_waits"
+    REPLICATION_WAITS = "replication_waits"
+    # The ChurnZero request-duration histogram: count per bucket (:<upper bound>), total
+    # count and sum in microseconds.
+    REQUEST_SECONDS_BUCKET = "request_seconds_bucket"
+    REQUEST_SECONDS_COUNT = "request_seconds_count"
+    REQUEST_SECONDS_SUM_US = "request_seconds_sum_us"
+
+    def of(self, label: str) -> str:
+        """The field of this counter for one label."""
+        return f"{self.value}:{label}"
