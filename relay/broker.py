@@ -147,7 +147,7 @@ QUEUE_ERRORS: tuple[type[Exception], ...] = (*PUBLISH_ERRORS, redis.RedisError, 
 # CPU), and atomic like MULTI: the counts move with the messages or not at all.
 _PUSH = """
 if ARGV[2] == 'move' then
-  -- Published already by another mover, whose claim outlived this one's lease.
+  -- Gone: another mover claimed it after this one's lease ran out, and published it.
   if redis.call('ZREM', KEYS[3], ARGV[3]) == 0 then return 0 end
   redis.call('DECRBY', KEYS[4], ARGV[1])
 end

@@ -145,7 +145,7 @@ def _oldest_received(message: bytes | None) -> float | None:
     if not message:
         return None
     try:
-        return float(wire.decode(message)[0]["received_at"])
+        return float(wire.items_of(orjson.loads(message))[0]["received_at"])
     except (ValueError, KeyError, IndexError, TypeError):
         return None
 

@@ -107,10 +107,9 @@ class MessageWriter:
         ]
 
 
-def decode(message: bytes) -> list[Item]:
-    """The items of a `relay.deliver_batch` message read from a queue; ValueError (or
-    KeyError, IndexError, TypeError) if it is not one."""
-    envelope = orjson.loads(message)
+def items_of(envelope: Any) -> list[Item]:
+    """The items of a `relay.deliver_batch` message, its kombu envelope parsed from JSON;
+    ValueError (or KeyError, IndexError, TypeError) if it is not one."""
     body = envelope["body"]
     if envelope.get("properties", {}).get("body_encoding") == "base64":
         body = base64.b64decode(body)
