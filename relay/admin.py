@@ -20,11 +20,11 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from relay import auth, broker, deadletter, keys, preview, status, trace
+from relay import auth, broker, deadletter, preview, status, trace
 from relay.errors import MappingError, RequestError
 from relay.mapping import load_mapping
 from relay.reasons import Reason
-from relay.webapp import CELERY, SETTINGS, SYNC_REDIS, json_response, refusal
+from relay.webapp import SETTINGS, SYNC_REDIS, json_response, refusal
 
 PAGE = resources.files("relay").joinpath("static/admin.html")
 
@@ -154,11 +154,10 @@ async def dlq_replay(request: web.Request) -> web.Response:
     """POST /admin/api/dlq/replay {"ids": [...]} | {"all": true} | {"reason": R}."""
     selection = await _selection(request)
     r = _sync(request)
-    # The replay lane, a request's worth of events per message (see broker.publish).
-    publish = partial(
-        broker.publish, request.config_dict[CELERY], queue=keys.REPLAY_QUEUE,
-        per_message=request.config_dict[SETTINGS].churnzero_batch_size,
-    )  # fmt: skip
+    settings = request.config_dict[SETTINGS]
+    # The replay lane, a request's worth of events per message.
+    queue = broker.Queue(r, settings.message_events)
+    publish = partial(queue.publish, per_message=settings.churnzero_batch_size)
 
     def run() -> int:
         return sum(deadletter.replay(r, page, publish) for page in selection.pages(r))

@@ -1,21 +1,43 @@
-"""The Celery app's configuration, shared by ingest (which publishes) and workers.
+"""The relay's queue: the one way events enter it, and the count of events ready in it.
 
-It lives in relay/ so ingest can publish `relay.deliver_batch` by name through Celery's
-own machinery without importing workers/.
+Events wait in Celery's queue `relay` (replayed dead letters in their own lane,
+`relay.replay`) as `relay.deliver_batch` messages, written as Celery writes them
+(relay.wire). Celery counts messages; the relay counts events in `keys.DEPTH_READY`,
+which `relay status`, `/metrics` and ingest's high-water mark read and a worker's first
+claim of a message moves to in flight (relay.runs). So a publish counts what it queues in
+the same script call: the count moves with the messages or not at all.
+
+- Ingest's group commits: `AsyncQueue.publish`, which counts this second's ingest rate
+  too; or, with `RELAY_INGEST_PUBLISHER=celery`, Celery's own `send`, then `count_sent`.
+- The delayed-set mover: `Queue.move`, which publishes a due batch only if the same call
+  takes it out of the delayed set, so two movers never both publish it.
+- Dead-letter replays and `relay identities forget`: `Queue.publish`.
+
+The Celery app's configuration lives here too, shared by ingest and workers: in relay/,
+so that ingest never imports workers/.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
 from typing import Any
 
 import orjson
+import redis
+import redis.asyncio as aioredis
 from celery import Celery
 from kombu import serialization
 from kombu.exceptions import OperationalError
-from redis.exceptions import RedisError
 
-from relay import keys, redis_conn, transport
+from relay import keys, oom, redis_conn, status, transport, wire
+from relay.errors import QueueUnavailable
 from relay.settings import VISIBILITY_MARGIN_S, Settings
+
+Item = dict[str, Any]
+# Ingest's publishing retries briefly (a Redis failover), then fails: the client gets a 503.
+RETRIES = 2
 
 
 def _dumps(value: Any) -> bytes:
@@ -95,53 +117,179 @@ def make_celery(settings: Settings, redis_url: str, *, worker: bool = False) -> 
     return app
 
 
-def queue_of(items: list[dict[str, Any]]) -> str:
+def queue_of(items: list[Item]) -> str:
     """The queue of a batch: the replay lane when every item is a replayed dead letter."""
     replayed = all(isinstance(i, dict) and i.get("replayed_from") for i in items)
     return keys.REPLAY_QUEUE if items and replayed else keys.QUEUE
 
 
-def publish(
-    celery: Celery,
-    items: list[dict[str, Any]],
-    *,
-    retry_policy: dict[str, float] | None = None,
-    message_id: str | None = None,
-    queue: str = keys.QUEUE,
-    per_message: int | None = None,
-) -> None:
-    """Queue items as `relay.deliver_batch` messages of at most `message_events` each.
+class NotReplicated(QueueUnavailable):
+    """WAIT found fewer replicas holding the published events than required."""
 
-    The one way items enter the queue: ingest, the delayed-set mover and replays. With a
-    `message_id`, publishing the same items again makes the same messages (ids
-    `<message_id>.<n>`), which the workers settle once (relay.runs). Replays go to
-    `keys.REPLAY_QUEUE`, the replay lane, in messages of one request's worth of events
-    (`per_message`), so a replay task never holds a worker thread long.
+
+# What a failed publish raises: kombu's connection errors, redis-py's and the socket's.
+PUBLISH_ERRORS: tuple[type[Exception], ...] = (
+    OperationalError,
+    redis.ConnectionError,
+    redis.TimeoutError,
+    ConnectionError,
+    TimeoutError,
+    NotReplicated,
+)
+# What any queue operation can raise when Redis is away: the above and redis-py's own.
+QUEUE_ERRORS: tuple[type[Exception], ...] = (*PUBLISH_ERRORS, redis.RedisError, OSError)
+
+
+# KEYS: the queue, the ready count, then for ARGV[2] = 'rate' this second's ingest rate,
+# for 'move' the delayed set and its event count. ARGV: events, 'rate' | 'move' | '', the
+# rate's ttl or the delayed-set member, then the messages. One command, so one round trip
+# and one reply to parse (a MULTI pipeline of the same writes cost ingest three times the
+# CPU), and atomic like MULTI: the counts move with the messages or not at all.
+_PUSH = """
+if ARGV[2] == 'move' then
+  -- Gone: another mover claimed it after this one's lease ran out, and published it.
+  if redis.call('ZREM', KEYS[3], ARGV[3]) == 0 then return 0 end
+  redis.call('DECRBY', KEYS[4], ARGV[1])
+end
+for i = 4, #ARGV do redis.call('LPUSH', KEYS[1], ARGV[i]) end
+redis.call('INCRBY', KEYS[2], ARGV[1])
+if ARGV[2] == 'rate' then
+  redis.call('INCRBY', KEYS[3], ARGV[1])
+  redis.call('EXPIRE', KEYS[3], ARGV[3])
+end
+return 1
+"""
+
+
+class _Publisher:
+    """Items as the keys and arguments of one `_PUSH` call."""
+
+    def __init__(self, message_events: int) -> None:
+        self._writer = wire.MessageWriter()
+        self._max = message_events
+
+    def _call(
+        self,
+        items: list[Item],
+        counts: list[str],
+        how: str = "",
+        arg: Any = "",
+        *,
+        message_id: str | None = None,
+        per_message: int | None = None,
+    ) -> tuple[list[Any], list[Any]]:
+        queue = queue_of(items)
+        size = per_message or self._max
+        messages = self._writer.encode_all(items, size, message_id, queue)
+        # kombu pushes on the left and workers pop on the right: first in, first out.
+        return [queue, keys.DEPTH_READY, *counts], [len(items), how, arg, *messages]
+
+
+class Queue(_Publisher):
+    """Publishes items, counted ready, in one script call each (sync Redis client).
+
+    The lane is the items': replayed dead letters go to `keys.REPLAY_QUEUE`. With a
+    `message_id`, the same items published again make the same messages (ids
+    `<message_id>.<n>`), which the workers settle once (relay.runs).
     """
-    size = per_message or int(celery.conf.get("relay_message_events", 500))
+
+    def __init__(self, r: redis.Redis, message_events: int, *, allow_oom: bool = False) -> None:
+        super().__init__(message_events)
+        # `allow_oom`, a worker's: its publishes move work already in Redis, so they go
+        # through at maxmemory too (relay.oom), as draining a full Redis needs.
+        self._push = r.register_script((oom.header(r) if allow_oom else "") + _PUSH)
+
+    def publish(
+        self, items: list[Item], *, message_id: str | None = None, per_message: int | None = None
+    ) -> None:
+        """Queue `items` in messages of at most `per_message` events (default the
+        deployment's `message_events`); raise a RedisError if they are not queued."""
+        if items:
+            keys_, args = self._call(items, [], message_id=message_id, per_message=per_message)
+            self._push(keys=keys_, args=args)
+
+    def move(self, member: bytes, items: list[Item], message_id: str) -> bool:
+        """Queue the items of `member`, a batch of the delayed set, and remove it there, in
+        one step; False, publishing nothing, when it was no longer there."""
+        counts = [keys.DELAYED, keys.DELAYED_EVENTS]
+        keys_, args = self._call(items, counts, "move", member, message_id=message_id)
+        return bool(self._push(keys=keys_, args=args))
+
+
+class AsyncQueue(_Publisher):
+    """Ingest's publisher: items, their ready count and this second's ingest rate in one
+    script call (asyncio Redis client).
+
+    On the event loop: handing each group to a publishing thread cost more (the hop, and
+    the thread contending for the GIL) than the round trip it kept off the loop."""
+
+    def __init__(self, client: aioredis.Redis, message_events: int) -> None:
+        super().__init__(message_events)
+        self._push = client.register_script(_PUSH)
+
+    async def publish(self, items: list[Item], message_id: str | None = None) -> None:
+        """Return once `items` are queued and counted; raise a RedisError if not."""
+        rate = status.rate_key(status.Rate.INGESTED, time.time())
+        keys_, args = self._call(items, [rate], "rate", status.RATE_TTL_S, message_id=message_id)
+        for attempt in range(RETRIES + 1):
+            try:
+                await self._push(keys=keys_, args=args)
+                return
+            except (redis.ConnectionError, redis.TimeoutError):
+                # The same bytes again: if the first call did land, the copies carry the
+                # same task ids and the workers settle each message once (relay.runs).
+                if attempt == RETRIES:
+                    raise
+                await asyncio.sleep(0.1 * (attempt + 1))
+
+
+def send(
+    celery: Celery, items: list[Item], *, retry_policy: dict[str, float] | None = None
+) -> None:
+    """Queue items through Celery's own `send_task`, in messages of at most `message_events`
+    (`RELAY_INGEST_PUBLISHER=celery`); `count_sent` counts them after."""
+    size = int(celery.conf.get("relay_message_events", 500))
     with celery.producer_or_acquire() as producer:
-        for n, start in enumerate(range(0, len(items), size)):
+        for start in range(0, len(items), size):
             celery.send_task(
                 keys.TASK_DELIVER,
                 args=[items[start : start + size]],
-                task_id=f"{message_id}.{n}" if message_id else None,
-                queue=queue,
+                queue=queue_of(items),
                 producer=producer,
                 retry=True,
                 retry_policy=retry_policy or {},  # {}: Celery's default policy
             )
 
 
-class NotReplicated(Exception):
-    """WAIT found fewer replicas holding the published events than required."""
+def count_sent(
+    client: redis.Redis, n: int, *, wait_replicas: int = 0, wait_timeout_ms: int = 1000
+) -> None:
+    """Count `n` events `send` queued; with `wait_replicas`, raise NotReplicated unless
+    WAIT confirms that many replicas hold everything this primary took so far."""
+    pipe = client.pipeline(transaction=False)
+    pipe.incrby(keys.DEPTH_READY, n)
+    status.stage_rate(pipe, status.Rate.INGESTED, n, time.time())
+    if not wait_replicas:
+        # After the publish: a failure here only skews a gauge, never loses events.
+        with contextlib.suppress(redis.RedisError, OSError):
+            pipe.execute()
+        return
+    _confirm(pipe, wait_replicas, wait_timeout_ms)
 
 
-# What a failed publish raises: kombu's connection errors and the socket's own.
-PUBLISH_ERRORS: tuple[type[Exception], ...] = (
-    OperationalError,
-    ConnectionError,
-    TimeoutError,
-    NotReplicated,
-)
-# What any queue operation can raise when Redis is away: the above and redis-py's own.
-QUEUE_ERRORS: tuple[type[Exception], ...] = (*PUBLISH_ERRORS, RedisError, OSError)
+def confirm_replicated(client: redis.Redis, replicas: int, timeout_ms: int) -> None:
+    """Raise NotReplicated unless WAIT confirms that `replicas` replicas hold everything
+    this primary took so far (`AsyncQueue`'s messages included)."""
+    pipe = client.pipeline(transaction=False)
+    pipe.hincrby(keys.STATS, keys.Stat.REPLICATION_WAITS, 1)
+    _confirm(pipe, replicas, timeout_ms)
+
+
+def _confirm(pipe: Any, replicas: int, timeout_ms: int) -> None:
+    # WAIT answers for the writes of its own connection: the write just before it, on the
+    # same connection, comes after the publish in the primary's replication stream, so a
+    # replica that has it has the published message too.
+    pipe.wait(replicas, timeout_ms)
+    reached = int(pipe.execute()[-1])
+    if reached < replicas:
+        raise NotReplicated(f"{reached} of {replicas} replicas confirmed")

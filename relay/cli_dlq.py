@@ -147,7 +147,7 @@ def dlq_replay(
 
     from rich.progress import Progress
 
-    from relay import broker, keys
+    from relay import broker
 
     selection = _select(ids, every, reason, since, until)
     r = deployment.redis
@@ -155,10 +155,8 @@ def dlq_replay(
         _print_dry_run(deployment, selection, as_json)
         return
     # Replays go to their own lane: a bounded share of the rate while live events flow.
-    publish = partial(
-        broker.publish, deployment.celery, queue=keys.REPLAY_QUEUE,
-        per_message=deployment.settings.churnzero_batch_size,
-    )  # fmt: skip
+    queue = broker.Queue(r, deployment.settings.message_events)
+    publish = partial(queue.publish, per_message=deployment.settings.churnzero_batch_size)
     total = selection.count(r)
     replayed = 0
     with Progress(disable=total < 1000) as progress:

@@ -57,7 +57,7 @@ def identities_forget(deployment: Deployment, user_id: str, yes: bool) -> None:
     import uuid
     from datetime import UTC, datetime
 
-    from relay import broker, keys
+    from relay import broker
 
     if not yes:
         raise click.ClickException("forgetting a user cannot be undone: add --yes")
@@ -67,6 +67,5 @@ def identities_forget(deployment: Deployment, user_id: str, yes: bool) -> None:
              "timestamp": now.isoformat().replace("+00:00", "Z")}  # fmt: skip
     item = {"id": uuid.uuid4().hex, "source": "api", "received_at": now.timestamp(),
             "attempts": 0, "event": event}  # fmt: skip
-    broker.publish(deployment.celery, [item])
-    r.incrby(keys.DEPTH_READY, 1)
+    broker.Queue(r, deployment.settings.message_events).publish([item])
     click.echo(f"queued the deletion of {user_id}")

@@ -141,7 +141,7 @@ def stage_add(pipe: Any, entries: list[DeadLetter]) -> None:
         by_reason.setdefault(e.reason, {})[e.id] = e.last_failure
     for reason, members in by_reason.items():
         pipe.zadd(keys.dlq_reason(reason), members)
-        pipe.hincrby(keys.STATS, f"dead_letters:{reason}", len(members))
+        pipe.hincrby(keys.STATS, keys.Stat.DEAD_LETTERS.of(reason), len(members))
 
 
 def add(r: redis.Redis, entries: list[DeadLetter]) -> None:
@@ -327,11 +327,8 @@ def replay(
         now = time.time()
         items = [replay_item(entry, now) for entry in entries]
         if items:
-            publish(items)
-            pipe = r.pipeline(transaction=False)
-            pipe.incrby(keys.DEPTH_READY, len(items))
-            pipe.hincrby(keys.STATS, "replayed", len(items))
-            pipe.execute()
+            publish(items)  # queued and counted ready
+            r.hincrby(keys.STATS, keys.Stat.REPLAYED, len(items))
             remove(r, entries)
     finally:
         # Released whatever happened: a failed publish leaves the entries replayable.

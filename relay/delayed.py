@@ -3,24 +3,23 @@ waits), kept in Redis rather than as Celery ETA tasks.
 
 A Celery ETA past the visibility timeout is delivered twice, and ETA tasks sit in worker
 memory. Here a ZSET holds them by due time; a mover in every worker moves due batches
-back to the queue. Moving is claim, publish, remove: a claim pushes the member's due
-time forward by a lease (on Redis's clock, so hosts' clocks do not matter), so a mover
-that dies mid-way loses nothing. The batch then comes due again after the lease and is
-published again under the same message ids, which the workers settle once (relay.runs).
+back to the queue. Moving is claim, then publish-and-remove: a claim pushes the member's
+due time forward by a lease (on Redis's clock, so hosts' clocks do not matter), so a
+mover that dies in between loses nothing: the batch comes due again after the lease. The
+publish removes the member and moves its count from delayed to ready in the same script
+call (`broker.Queue.move`), so of two movers holding the same batch only one publishes it.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 import orjson
 
-from relay import keys, oom
+from relay import broker, keys, oom
 
 Item = dict[str, Any]
-Publish = Callable[[list[Item], str], None]  # items, message id
 LEASE_S = 60
 
 # KEYS: delayed. ARGV: limit, lease_s. Claims up to `limit` members due by Redis's clock.
@@ -32,17 +31,6 @@ for _, member in ipairs(due) do
   redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), member)
 end
 return due
-"""
-
-# KEYS: delayed, delayed events, ready events. ARGV: member, events. The counters move
-# only if this mover removed the member (another may have, after its lease ran out).
-_DONE = """
-if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
-  redis.call('DECRBY', KEYS[2], ARGV[2])
-  redis.call('INCRBY', KEYS[3], ARGV[2])
-  return 1
-end
-return 0
 """
 
 
@@ -61,14 +49,14 @@ def stage_schedule(pipe: Any, items: list[Item], due: float, cause: str = "") ->
 class Mover:
     """Moves due batches from the delayed set back to the Celery queue."""
 
-    def __init__(self, r: Any, publish: Publish, page: int = 200, lease_s: float = LEASE_S) -> None:
-        self._publish = publish
+    def __init__(
+        self, r: Any, queue: broker.Queue, page: int = 200, lease_s: float = LEASE_S
+    ) -> None:
+        self._queue = queue
         self._page = page
         self._lease_s = lease_s
         # Allowed at maxmemory (Redis 7+): moving work back frees as much as it writes.
-        allow_oom = oom.header(r)
-        self._claim = r.register_script(allow_oom + _CLAIM)
-        self._done = r.register_script(allow_oom + _DONE)
+        self._claim = r.register_script(oom.header(r) + _CLAIM)
 
     def move_due(self) -> int:
         """Move what is due; returns the number of events moved."""
@@ -77,10 +65,6 @@ class Mover:
         for member in members:
             batch = orjson.loads(member)
             items = batch["items"]
-            self._publish(items, "d-" + str(batch["id"]))
-            removed = self._done(
-                keys=[keys.DELAYED, keys.DELAYED_EVENTS, keys.DEPTH_READY],
-                args=[member, len(items)],
-            )
-            moved += len(items) if int(removed) else 0
+            if self._queue.move(member, items, "d-" + str(batch["id"])):
+                moved += len(items)
         return moved

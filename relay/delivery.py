@@ -366,10 +366,10 @@ class Delivery:
             len(todo), min(REPLAY_MAX_WAIT_S, horizon) if replay else horizon, report.lane
         )
         if isinstance(delays, float):
-            self.redis.hincrby(keys.STATS, "ratelimit_waits", 1)
+            self.redis.hincrby(keys.STATS, keys.Stat.RATELIMIT_WAITS, 1)
             return delays, "replay_share" if replay else "paused"
         if any(d > 0 for d in delays):
-            self.redis.hincrby(keys.STATS, "ratelimit_waits", 1)
+            self.redis.hincrby(keys.STATS, keys.Stat.RATELIMIT_WAITS, 1)
         # Chunks beyond the reserved slots stay unsent and come back after the last slot.
         rate_wait = delays[-1] if len(delays) < len(todo) else 0.0
         todo = todo[: len(delays)]
@@ -482,16 +482,18 @@ def lane_of(items: list[Any]) -> str:
 
 
 def _stage_stats(pipe: Any, report: Report, now: float) -> None:
-    counts = {"delivered": report.delivered}
+    counts: dict[str, int] = {keys.Stat.DELIVERED: report.delivered}
     if report.lane == "replay":
-        counts["replay_delivered"] = report.delivered
-    counts.update({f"skipped:{k}": v for k, v in report.skipped.items()})
-    counts.update({f"requests:{k}": v for k, v in report.requests.items()})
-    counts.update({f"retried:{k}": v for k, v in report.retried.items()})
-    counts.update({f"attributes:{k}": v for k, v in report.attributes.items()})
-    for name, value in counts.items():
-        if value:
-            pipe.hincrby(keys.STATS, name, value)
+        counts[keys.Stat.REPLAY_DELIVERED] = report.delivered
+    labelled = {
+        keys.Stat.SKIPPED: report.skipped,
+        keys.Stat.REQUESTS: report.requests,
+        keys.Stat.RETRIED: report.retried,
+        keys.Stat.ATTRIBUTES: report.attributes,
+    }
+    for stat, by_label in labelled.items():
+        counts.update({stat.of(k): v for k, v in by_label.items()})
+    status.stage_counts(pipe, counts)
     if report.delivered:
-        status.stage_rate(pipe, "delivered", report.delivered, now)
+        status.stage_rate(pipe, status.Rate.DELIVERED, report.delivered, now)
     status.stage_request_seconds(pipe, report.request_seconds)

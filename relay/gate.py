@@ -10,7 +10,7 @@ from __future__ import annotations
 import redis
 import redis.asyncio as aioredis
 
-from relay import keys, queue_state
+from relay import keys, status
 
 # Redis bytes per byte of decoded request body: a queued event is its JSON inside kombu's
 # envelope, base64-encoded (measured about 1.4); 2 leaves margin.
@@ -67,7 +67,7 @@ class QueueGate:
             pipe.info("memory")
             counted = self._queued_bytes
             ready, delayed, live, replay, memory = await pipe.execute()
-            self.waiting = queue_state.backlog(ready, delayed, int(live) + int(replay))
+            self.waiting = status.backlog(ready, delayed, int(live) + int(replay))
             self.used_memory = int(memory.get("used_memory", 0))
             self.maxmemory = int(memory.get("maxmemory", 0))
             self._queued_bytes -= counted  # now inside used_memory

@@ -20,7 +20,7 @@ from aiohttp import web
 from celery import Celery
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from relay import admin, broker, intake, metrics, openapi, publisher, receive, redis_conn, wire
+from relay import admin, broker, intake, metrics, openapi, receive, redis_conn
 from relay.gate import QueueGate
 from relay.publisher import GroupCommit
 from relay.requestlog import RequestLog
@@ -81,13 +81,13 @@ def _resources(
         # Its own client, never retrying: a retry could land on a newly promoted primary
         # and have WAIT confirm writes that died with the old one.
         acker = redis_conn.sync_client(settings, redis_url, retry=False)
-        pipelined = wire.Publisher(app[REDIS], settings.message_events, count_ingested=True)
+        pipelined = broker.AsyncQueue(app[REDIS], settings.message_events)
 
         async def publish_confirmed(items: list[dict[str, Any]]) -> None:
             await pipelined.publish(items)  # the messages and their counts, in one call
             if settings.redis_wait_replicas:
                 await asyncio.to_thread(
-                    publisher.confirm_replicated, acker,
+                    broker.confirm_replicated, acker,
                     settings.redis_wait_replicas, settings.redis_wait_timeout_ms,
                 )  # fmt: skip
 
@@ -96,7 +96,7 @@ def _resources(
             flush_ms=settings.flush_ms,
             message_events=settings.message_events,
             after_publish=partial(
-                publisher.count_published,
+                broker.count_sent,
                 acker,
                 wait_replicas=settings.redis_wait_replicas,
                 wait_timeout_ms=settings.redis_wait_timeout_ms,

@@ -7,6 +7,9 @@ Celery's, named by the queue.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from enum import StrEnum
+
 PREFIX = "relay:"
 
 # The Celery queue ingest publishes to and workers consume, and the replay lane's queue.
@@ -56,7 +59,8 @@ DEPTH_READY = PREFIX + "depth:ready"
 DEPTH_INFLIGHT = PREFIX + "depth:inflight"
 DELAYED_EVENTS = PREFIX + "depth:delayed"
 
-# Deployment-wide counters (HASH name -> int) so any ingest's /metrics shows them all.
+# Deployment-wide counters (HASH field -> int, the fields named by `Stat` below) so any
+# ingest's /metrics shows them all.
 STATS = PREFIX + "stats"
 # Per-second delivered/ingested counts for `relay status` rates (HASH second -> n).
 RATE = PREFIX + "rate:"
@@ -92,51 +96,60 @@ NAMES_HELD = PREFIX + "names:held"
 # Embedded-Redis ownership (a lock file, not a key) lives in the state dir.
 
 
-def dlq_reason(reason: str) -> str:
-    """The per-reason index of dead letters."""
-    return DLQ_REASON + reason
+@dataclass(frozen=True, slots=True)
+class Family:
+    """Keys of one kind, one per name: `keys.identity("u:42")` is that user's entry; the
+    family's `prefix` (the constant beside it) matches them all in a SCAN."""
+
+    prefix: str
+    suffix: str = ""
+
+    def __call__(self, name: str) -> str:
+        return self.prefix + name + self.suffix
 
 
-def identity(user_key: str) -> str:
-    """The identity-map entry of one user key (`u:<userId>` or `a:<anonymousId>`)."""
-    return IDENTITY + user_key
+# The per-reason index of dead letters.
+dlq_reason = Family(DLQ_REASON)
+# The identity-map entry of one user key (`u:<userId>` or `a:<anonymousId>`).
+identity = Family(IDENTITY)
+# The names of one kind (event, account_attribute, contact_attribute) sent so far.
+names = Family(NAMES)
+# The alias link of one user key: the user key it now stands for.
+alias = Family(ALIAS)
+# The keys aliased to one user key.
+aliased = Family(ALIASED)
+# The tombstone of a deleted user key (value: when the delete was received).
+deleted = Family(DELETED)
+# The index of one user's tracks waiting in the delayed set for identity.
+waiting = Family(WAITING)
+# The attribute clock of one entity (`a:<account>` or `c:<len>:<account>:<contact>`).
+attribute_clock = Family(ATTRIBUTE_CLOCK)
+# The run record of one Celery message, and the lease of the run working on it now.
+run = Family(RUN)
+run_lock = Family(RUN, ":lock")
 
 
-def names(kind: str) -> str:
-    """The names of one kind (event, account_attribute, contact_attribute) sent so far."""
-    return NAMES + kind
+class Stat(StrEnum):
+    """The counters in the `STATS` hash. A labelled one is a field per label
+    (`Stat.SKIPPED.of("duplicate")` is `skipped:duplicate`)."""
 
+    DELIVERED = "delivered"
+    REPLAY_DELIVERED = "replay_delivered"  # of them, events of the replay lane
+    SKIPPED = "skipped"  # :<reason>
+    REQUESTS = "requests"  # :<outcome>, requests to ChurnZero
+    RETRIED = "retried"  # :<cause>
+    ATTRIBUTES = "attributes"  # :<reason>, attribute writes not sent
+    DEAD_LETTERS = "dead_letters"  # :<reason>
+    REPLAYED = "replayed"
+    NEW_NAMES = "new_names"  # :<kind>
+    RATELIMIT_WAITS = "ratelimit_waits"
+    REPLICATION_WAITS = "replication_waits"
+    # The ChurnZero request-duration histogram: count per bucket (:<upper bound>), total
+    # count and sum in microseconds.
+    REQUEST_SECONDS_BUCKET = "request_seconds_bucket"
+    REQUEST_SECONDS_COUNT = "request_seconds_count"
+    REQUEST_SECONDS_SUM_US = "request_seconds_sum_us"
 
-def alias(user_key: str) -> str:
-    """The alias link of one user key: the user key it now stands for."""
-    return ALIAS + user_key
-
-
-def aliased(user_key: str) -> str:
-    """The keys aliased to one user key."""
-    return ALIASED + user_key
-
-
-def deleted(user_key: str) -> str:
-    """The tombstone of a deleted user key (value: when the delete was received)."""
-    return DELETED + user_key
-
-
-def waiting(user_key: str) -> str:
-    """The index of one user's tracks waiting in the delayed set for identity."""
-    return WAITING + user_key
-
-
-def attribute_clock(entity: str) -> str:
-    """The attribute clock of one entity (`a:<account>` or `c:<len>:<account>:<contact>`)."""
-    return ATTRIBUTE_CLOCK + entity
-
-
-def run(message_id: str) -> str:
-    """The run record of one Celery message."""
-    return RUN + message_id
-
-
-def run_lock(message_id: str) -> str:
-    """The lease of the run working on one Celery message."""
-    return RUN + message_id + ":lock"
+    def of(self, label: str) -> str:
+        """The field of this counter for one label."""
+        return f"{self.value}:{label}"

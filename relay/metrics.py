@@ -2,8 +2,8 @@
 
 Ingest's own request figures are ordinary in-process metrics. Queue and delivery figures
 belong to the whole deployment (many workers on many hosts), so workers count them in
-Redis (`relay:stats`) and `DeploymentCollector` reads them at scrape time: one scrape of
-any ingest instance shows them all.
+Redis and `DeploymentCollector` shows them at scrape time, as relay.status reads them:
+one scrape of any ingest instance shows them all.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from prometheus_client.core import (
     Metric,
 )
 
-from relay import queue_state, status
+from relay import status
+from relay.keys import Stat
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -81,7 +82,7 @@ class DeploymentCollector:
         return []  # values are read at collect time; nothing to pre-register
 
     def collect(self) -> Iterator[Metric]:
-        snapshot = queue_state.snapshot(self._redis)
+        snapshot = status.snapshot(self._redis)
         depth = GaugeMetricFamily(
             "relay_queue_events", "Events in the relay by state.", labels=["state"]
         )
@@ -125,31 +126,34 @@ class DeploymentCollector:
         yield from _counters(snapshot.stats)
 
 
-# Counter name in relay:stats (prefix before ":") -> (metric, help, label).
-_COUNTERS = {
-    "delivered": ("relay_delivered_events", "Events delivered to ChurnZero.", None),
-    "skipped": ("relay_skipped_events", "Events not delivered, by reason.", "reason"),
-    "dead_letters": ("relay_dead_lettered_events", "Events dead-lettered, by reason.", "reason"),
-    "requests": ("relay_churnzero_requests", "Requests to ChurnZero by outcome.", "outcome"),
-    "attributes": ("relay_skipped_attributes", "Attribute writes not sent, by reason.", "reason"),
-    "retried": ("relay_retried_events", "Events put back for a later try, by cause.", "cause"),
-    "replayed": ("relay_replayed_events", "Dead letters replayed.", None),
-    "new_names": ("relay_new_names", "Names never sent to ChurnZero before, by kind.", "kind"),
-    "ratelimit_waits": ("relay_ratelimit_waits", "Times a worker waited for the rate limit.", None),
+# Each counter of relay:stats shown: (metric, help, label name; None: unlabelled).
+_COUNTERS: dict[Stat, tuple[str, str, str | None]] = {
+    Stat.DELIVERED: ("relay_delivered_events", "Events delivered to ChurnZero.", None),
+    Stat.SKIPPED: ("relay_skipped_events", "Events not delivered, by reason.", "reason"),
+    Stat.DEAD_LETTERS: ("relay_dead_lettered_events", "Events dead-lettered, by reason.", "reason"),
+    Stat.REQUESTS: ("relay_churnzero_requests", "Requests to ChurnZero by outcome.", "outcome"),
+    Stat.ATTRIBUTES: (
+        "relay_skipped_attributes",
+        "Attribute writes not sent, by reason.",
+        "reason",
+    ),
+    Stat.RETRIED: ("relay_retried_events", "Events put back for a later try, by cause.", "cause"),
+    Stat.REPLAYED: ("relay_replayed_events", "Dead letters replayed.", None),
+    Stat.NEW_NAMES: ("relay_new_names", "Names never sent to ChurnZero before, by kind.", "kind"),
+    Stat.RATELIMIT_WAITS: (
+        "relay_ratelimit_waits",
+        "Times a worker waited for the rate limit.",
+        None,
+    ),
 }
 
 
 def _counters(stats: dict[str, int]) -> Iterator[Metric]:
-    families: dict[str, CounterMetricFamily] = {}
-    for name, (metric, help_text, label) in _COUNTERS.items():
-        families[name] = CounterMetricFamily(metric, help_text, labels=[label] if label else [])
-    for key, value in stats.items():
-        prefix, _, label_value = key.partition(":")
-        family = families.get(prefix)
-        if family is None:
-            continue
-        family.add_metric([label_value] if label_value else [], value)
-    for name, (_, _, label) in _COUNTERS.items():
-        if label is None and not families[name].samples:
-            families[name].add_metric([], 0)
-    yield from families.values()
+    by_stat = status.counters(stats)
+    for stat, (metric, help_text, label) in _COUNTERS.items():
+        family = CounterMetricFamily(metric, help_text, labels=[label] if label else [])
+        for label_value, value in by_stat.get(stat, {}).items():
+            family.add_metric([label_value] if label_value else [], value)
+        if label is None and not family.samples:
+            family.add_metric([], 0)
+        yield family

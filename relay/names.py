@@ -28,17 +28,18 @@ KINDS = ("event", "account_attribute", "contact_attribute")
 LISTED = 200  # new names kept for listing, per deployment
 Name = tuple[str, str]  # kind, name
 
-# KEYS: known set, stats, new-names zset. ARGV: kind, max, now, listed, names...
-# Remembers each name not known yet while the set has room; counts and lists each one.
+# KEYS: known set, stats, new-names zset. ARGV: kind, max, now, listed, the kind's stats
+# field, names... Remembers each name not known yet while the set has room; counts and
+# lists each one.
 _LEARN = """
 local added = 0
-for i = 5, #ARGV do
+for i = 6, #ARGV do
   local name = ARGV[i]
   if redis.call('SISMEMBER', KEYS[1], name) == 0 then
     if redis.call('SCARD', KEYS[1]) < tonumber(ARGV[2]) then
       redis.call('SADD', KEYS[1], name)
     end
-    redis.call('HINCRBY', KEYS[2], 'new_names:' .. ARGV[1], 1)
+    redis.call('HINCRBY', KEYS[2], ARGV[5], 1)
     redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1] .. ':' .. name)
     added = added + 1
   end
@@ -49,13 +50,14 @@ end
 return added
 """
 
-# KEYS: held zset, stats. ARGV: now, then kind, name pairs. Lists each name as held, and
-# counts it as new the first time it is held (a name held again is not counted again).
+# KEYS: held zset, stats. ARGV: now, then kind, name, the kind's stats field triples.
+# Lists each name as held, and counts it as new the first time it is held (a name held
+# again is not counted again).
 _HOLD = """
-for i = 2, #ARGV, 2 do
+for i = 2, #ARGV, 3 do
   local member = ARGV[i] .. ':' .. ARGV[i + 1]
   if redis.call('ZADD', KEYS[1], 'NX', ARGV[1], member) == 1 then
-    redis.call('HINCRBY', KEYS[2], 'new_names:' .. ARGV[i], 1)
+    redis.call('HINCRBY', KEYS[2], ARGV[i + 2], 1)
   end
 end
 return 0
@@ -131,8 +133,10 @@ class Names:
     def stage_held(self, pipe: Any, held: set[Name]) -> None:
         """Queue on the settlement's MULTI: list the held names (counted once each)."""
         if held:
-            pairs = [part for name in sorted(held) for part in name]
-            self._hold(keys=[keys.NAMES_HELD, keys.STATS], args=[time.time(), *pairs], client=pipe)
+            args: list[Any] = [time.time()]
+            for kind, name in sorted(held):
+                args += [kind, name, keys.Stat.NEW_NAMES.of(kind)]
+            self._hold(keys=[keys.NAMES_HELD, keys.STATS], args=args, client=pipe)
 
     def stage_learn(self, pipe: Any, sent: set[Name]) -> None:
         """Queue on the settlement's MULTI: these names were sent; count the new ones."""
@@ -142,7 +146,7 @@ class Names:
             if names:
                 self._learn(
                     keys=[keys.names(kind), keys.STATS, keys.NAMES_NEW],
-                    args=[kind, self._max, now, LISTED, *names],
+                    args=[kind, self._max, now, LISTED, keys.Stat.NEW_NAMES.of(kind), *names],
                     client=pipe,
                 )
 

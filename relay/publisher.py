@@ -6,23 +6,21 @@ waiting is published as `relay.deliver_batch` messages in a background thread (C
 publishing is blocking; the event loop never waits on it). While one publish is under
 way the next group gathers, so batches grow with load. A request's future resolves only
 after the message holding its events is in Redis and, with `RELAY_REDIS_WAIT_REPLICAS`,
-after WAIT confirms that many replicas hold it too. Ingest passes `publish`, relay.wire's
-writer of the same messages, which runs on the event loop instead of the thread.
+after WAIT confirms that many replicas hold it too. Ingest passes `publish`,
+`broker.AsyncQueue`'s writer of the same messages, which runs on the event loop instead
+of the thread.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import redis
 from celery import Celery
 
-from relay import broker, keys, status
+from relay import broker
 
 Item = dict[str, Any]
 # Publishing retries briefly (a Redis failover), then fails so the client gets a 503.
@@ -42,7 +40,7 @@ class GroupCommit:
         publish: Callable[[list[Item]], Coroutine[Any, Any, None]] | None = None,
     ) -> None:
         # `publish`, when given, replaces Celery's send_task in the thread (and
-        # `after_publish`): relay.wire's pipelined writer, run on the event loop.
+        # `after_publish`): broker.AsyncQueue's writer, run on the event loop.
         self._send = publish
         self._celery = celery
         self._delay = flush_ms / 1000
@@ -86,7 +84,7 @@ class GroupCommit:
         future.add_done_callback(lambda f: self._done(f, waiters))
 
     def _publish(self, items: list[Item]) -> None:
-        broker.publish(self._celery, items, retry_policy=RETRY_POLICY)
+        broker.send(self._celery, items, retry_policy=RETRY_POLICY)
         if self._after_publish is not None:
             self._after_publish(len(items))
 
@@ -106,37 +104,3 @@ class GroupCommit:
     def close(self) -> None:
         """Wait for the publish under way and stop the publishing thread."""
         self._executor.shutdown(wait=True)
-
-
-def count_published(
-    client: redis.Redis, n: int, *, wait_replicas: int = 0, wait_timeout_ms: int = 1000
-) -> None:
-    """Count `n` published events; with `wait_replicas`, raise NotReplicated unless WAIT
-    confirms that many replicas hold everything this primary took so far."""
-    pipe = client.pipeline(transaction=False)
-    pipe.incrby(keys.DEPTH_READY, n)
-    status.stage_rate(pipe, "ingested", n, time.time())
-    if not wait_replicas:
-        # After the publish: a failure here only skews a gauge, never loses events.
-        with contextlib.suppress(redis.RedisError, OSError):
-            pipe.execute()
-        return
-    _confirm(pipe, wait_replicas, wait_timeout_ms)
-
-
-def confirm_replicated(client: redis.Redis, replicas: int, timeout_ms: int) -> None:
-    """Raise NotReplicated unless WAIT confirms that `replicas` replicas hold everything
-    this primary took so far (the pipelined publisher's messages included)."""
-    pipe = client.pipeline(transaction=False)
-    pipe.hincrby(keys.STATS, "replication_waits", 1)
-    _confirm(pipe, replicas, timeout_ms)
-
-
-def _confirm(pipe: Any, replicas: int, timeout_ms: int) -> None:
-    # WAIT answers for the writes of its own connection: the write just before it, on the
-    # same connection, comes after the publish in the primary's replication stream, so a
-    # replica that has it has the published message too.
-    pipe.wait(replicas, timeout_ms)
-    reached = int(pipe.execute()[-1])
-    if reached < replicas:
-        raise broker.NotReplicated(f"{reached} of {replicas} replicas confirmed")

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
@@ -86,10 +87,6 @@ def _master(settings: Settings) -> str:
     return settings.redis_master
 
 
-def _no_retry() -> Retry:
-    return Retry(NoBackoff(), 0)
-
-
 def sync_client(
     settings: Settings,
     url: str,
@@ -103,28 +100,11 @@ def sync_client(
     `retry=False` makes a command fail on the first connection error instead of trying
     again, perhaps on a newly promoted primary that never saw the writes before it.
     """
-    kwargs: dict[str, Any] = {
-        "socket_timeout": socket_timeout,
-        "socket_connect_timeout": socket_connect_timeout,
-    }
+    options = _options(socket_timeout, socket_connect_timeout)
     if not retry:
-        kwargs["retry"] = _no_retry()
-    if is_sentinel(url):
-        parts = parse_sentinel(url)
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
-            list(parts.sentinels),
-            sentinel_kwargs=dict(SENTINEL_TIMEOUTS),
-            db=parts.db,
-            username=parts.username,
-            password=parts.password,
-        )
-        primary: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]  # as above
-            _master(settings), **kwargs
-        )
-        return primary
-    if url.startswith("rediss://"):
-        kwargs.update(tls_options(settings))
-    return redis.Redis.from_url(url, **kwargs)
+        options["retry"] = Retry(NoBackoff(), 0)
+    client: redis.Redis = _primary(settings, url, options, Sentinel, redis.Redis.from_url)
+    return client
 
 
 def async_client(
@@ -135,24 +115,36 @@ def async_client(
     socket_connect_timeout: float = 3.0,
 ) -> aioredis.Redis:
     """An asyncio client of the primary named by `url` (following failovers with Sentinel)."""
-    kwargs: dict[str, Any] = {
-        "socket_timeout": socket_timeout,
-        "socket_connect_timeout": socket_connect_timeout,
-    }
+    options = _options(socket_timeout, socket_connect_timeout)
+    client: aioredis.Redis = _primary(settings, url, options, AsyncSentinel, aioredis.from_url)
+    return client
+
+
+def _options(socket_timeout: float, socket_connect_timeout: float) -> dict[str, Any]:
+    return {"socket_timeout": socket_timeout, "socket_connect_timeout": socket_connect_timeout}
+
+
+def _primary(
+    settings: Settings,
+    url: str,
+    options: dict[str, Any],
+    sentinel_class: type[Sentinel] | type[AsyncSentinel],
+    from_url: Callable[..., Any],
+) -> Any:
+    # The same steps for blocking and asyncio clients; only the classes differ.
     if is_sentinel(url):
         parts = parse_sentinel(url)
-        sentinel = AsyncSentinel(  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+        sentinel = sentinel_class(
             list(parts.sentinels),
             sentinel_kwargs=dict(SENTINEL_TIMEOUTS),
             db=parts.db,
             username=parts.username,
             password=parts.password,
         )
-        primary: aioredis.Redis = sentinel.master_for(_master(settings), **kwargs)
-        return primary
+        return sentinel.master_for(_master(settings), **options)
     if url.startswith("rediss://"):
-        kwargs.update(tls_options(settings))
-    return aioredis.from_url(url, **kwargs)
+        options = {**options, **tls_options(settings)}
+    return from_url(url, **options)
 
 
 def celery_broker(settings: Settings, url: str) -> dict[str, Any]:

@@ -2,8 +2,8 @@
 
 A message can run more than once: kombu hands a dead worker's messages out again, a
 broker connection blip makes kombu restore every unacked message while its tasks still
-run, a Redis error makes a task give its message back, and the delayed-set mover may
-publish a batch twice. So each run first claims its message:
+run, a Redis error makes a task give its message back, and a publish whose reply a
+broken connection lost is sent again. So each run first claims its message:
 
     settled   the message was settled before: ack it, do nothing
     busy      another run of it holds the lease: wait for that run to end, or give the

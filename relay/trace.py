@@ -15,14 +15,13 @@ operator's tool, O(what is there), never on the delivery path.
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
-from relay import deadletter, keys
+from relay import deadletter, keys, wire
 from relay.translate import Command
 
 Item = dict[str, Any]
@@ -152,10 +151,7 @@ def _message_items(raw: bytes, needle: bytes, *, unacked: bool = False) -> list[
         envelope = orjson.loads(raw)
         if unacked:  # kombu keeps [message, exchange, routing key]
             envelope = envelope[0]
-        body = envelope["body"]
-        if envelope.get("properties", {}).get("body_encoding") == "base64":
-            body = base64.b64decode(body)
-        items = orjson.loads(body)[0][0]
+        items = wire.items_of(envelope)
     except (ValueError, KeyError, IndexError, TypeError):
         return []
     return [i for i in items if isinstance(i, dict)] if isinstance(items, list) else []

@@ -9,17 +9,17 @@ tests/integration/test_memory.py):
   "Unrecoverable error" and the message it popped is in neither list: lost.
 * `QoS.restore_visible` takes a mutex (SET NX PX) at start and every few polls. Refused,
   the worker stops before it consumes anything.
-* A worker's own publishes (a retried batch, the delayed-set mover) are LPUSHes.
 * Acks and rejects delete inside MULTI, and Redis refuses every command queued in a
   MULTI at maxmemory, even a deletion.
 * When Celery gives up on a task (its retry could not be published, or its retries ran
   out) it rejects the message without requeue, and kombu deletes it: events lost. Here
   such a message stays unacked and is redelivered after the visibility timeout.
 
-Everything a worker writes here moves work that is already in Redis (queue to unacked,
-delayed set to queue) or is a few bytes of bookkeeping, while each acknowledged message
-frees its whole body: draining only ever shrinks Redis. So these writes run as scripts
-flagged `allow-oom` (Redis 7+), which Redis lets write at maxmemory. New events come in
+Everything a worker writes here moves work that is already in Redis (queue to unacked)
+or is a few bytes of bookkeeping, while each acknowledged message frees its whole body:
+draining only ever shrinks Redis. So these writes run as scripts flagged `allow-oom`
+(Redis 7+), which Redis lets write at maxmemory, as do the worker's other writes (its
+settlements, relay.oom; the delayed-set mover's publishes, relay.broker). New events come in
 only through ingest, which stays on stock kombu and its gate refuses them well before
 maxmemory (`RELAY_MAX_MEMORY_FRACTION`), so nothing else overshoots.
 
@@ -63,36 +63,19 @@ log = structlog.get_logger("relay.transport")
 RECORD_PATIENCE_S = 60.0
 _RETRY_EVERY_S = 0.25
 
+
+def _script(*calls: str) -> str:
+    """A script of these `redis.call`s that Redis 7+ runs at maxmemory too."""
+    return ALLOW_OOM + "".join(f"redis.call({call})\n" for call in calls) + "return 0\n"
+
+
 # KEYS: unacked index, unacked hash. ARGV: score, delivery tag, payload (kombu's format).
-_APPEND = (
-    ALLOW_OOM
-    + """
-redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
-redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
-return 0
-"""
-)
+_APPEND = _script("'ZADD', KEYS[1], ARGV[1], ARGV[2]", "'HSET', KEYS[2], ARGV[2], ARGV[3]")
 # KEYS: unacked index, unacked hash. ARGV: delivery tag. (kombu runs these in MULTI,
 # and Redis refuses every command queued in a MULTI at maxmemory, even deletions.)
-_REMOVE = (
-    ALLOW_OOM
-    + """
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('HDEL', KEYS[2], ARGV[1])
-return 0
-"""
-)
-# KEYS: the queue list. ARGV: the message.
-_PUT = ALLOW_OOM + "return redis.call('LPUSH', KEYS[1], ARGV[1])\n"
+_REMOVE = _script("'ZREM', KEYS[1], ARGV[1]", "'HDEL', KEYS[2], ARGV[1]")
 # KEYS: the exchange's binding table and its permanent twin. ARGV: the member.
-_BIND = (
-    ALLOW_OOM
-    + """
-redis.call('SADD', KEYS[1], ARGV[1])
-redis.call('SADD', KEYS[2], ARGV[1])
-return 0
-"""
-)
+_BIND = _script("'SADD', KEYS[1], ARGV[1]", "'SADD', KEYS[2], ARGV[1]")
 
 
 class QoS(kombu_redis.QoS):
@@ -193,7 +176,7 @@ class _ClosedAware:
 
 
 class _AllowOom(kombu_redis.Channel):
-    """kombu's Redis channel with the QoS above and publishes that survive a full Redis."""
+    """kombu's Redis channel with the QoS above and bindings that survive a full Redis."""
 
     QoS = QoS
 
@@ -208,20 +191,6 @@ class _AllowOom(kombu_redis.Channel):
             with self.conn_or_acquire() as client:
                 self._allow_oom = not self.global_keyprefix and script_flags(client)
         return self._allow_oom
-
-    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
-        # A worker publishes only work already in Redis: a retried batch (its message is
-        # acked right after) or a due batch from the delayed set.
-        if (
-            not self.allow_oom
-            or kwargs.get("_publish_batch") is not None
-            or queue in self._queue_expiries()
-        ):
-            super()._put(queue, message, **kwargs)
-            return
-        key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
-        with self.conn_or_acquire() as client:
-            client.eval(_PUT, 1, key, dumps(message))
 
     def _size(self, queue: str) -> int:
         # Read without MULTI: Redis refuses a MULTI at maxmemory, even of reads.

@@ -39,10 +39,7 @@ _stop = threading.Event()
 
 
 def _move_forever() -> None:
-    def publish(items: list[dict[str, Any]], message_id: str) -> None:
-        broker.publish(app, items, message_id=message_id, queue=broker.queue_of(items))
-
-    mover = Mover(state, publish)
+    mover = Mover(state, broker.Queue(state, settings.message_events, allow_oom=True))
     while not _stop.is_set():
         try:
             moved = mover.move_due()

@@ -120,7 +120,7 @@ def fill_until_full(r: redis.Redis) -> list[str]:
             for i in range(500)
         ]  # fmt: skip
         try:
-            broker.publish(celery, items, retry_policy={"max_retries": 0})
+            broker.send(celery, items, retry_policy={"max_retries": 0})
         except OperationalError:
             return queued
         queued += [i["event"]["messageId"] for i in items]

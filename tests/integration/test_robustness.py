@@ -176,7 +176,7 @@ def test_a_batch_the_worker_cannot_handle_is_dead_lettered_not_dropped(
     # the same (another producer, a hand-edited replay). Celery would drop a failed one.
     event = {"type": "track", "userId": "u1", "event": "E", "messageId": "no-id-1"}
     celery = broker.make_celery(Settings(), url_of(r))
-    broker.publish(celery, [{"source": "api", "event": event}, {"event": event}])
+    broker.send(celery, [{"source": "api", "event": event}, {"event": event}])
     wait_for(lambda: r.zcard("relay:dlq:reason:worker_error") == 2 and settled(r))
     entries = [json.loads(v) for v in r.hvals("relay:dlq:entries")]
     assert [e["item"]["event"] for e in entries] == [event, event]

@@ -1,5 +1,6 @@
-"""Ingest's pipelined publisher (relay.wire): what it writes is a Celery message the
-unchanged `relay worker` consumes, with the items' JSON as `broker.publish` writes it."""
+"""The relay's own publisher (relay.broker, relay.wire): what it writes is a Celery message
+the unchanged `relay worker` consumes, with the items' JSON as Celery's `send_task` writes
+it, and the counts that go with it."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from relay import broker, keys, wire
+from relay import broker, keys
 from relay.settings import Settings
 from tests.conftest import free_port
 from tests.integration.conftest import (
@@ -43,15 +44,14 @@ def messages(r: redis.Redis) -> list[dict[str, Any]]:
 
 
 def publish(url: str, groups: list[list[dict[str, Any]]], message_events: int, **kw: Any) -> None:
-    """Publish each group through one Publisher, as one ingest process does."""
+    """Publish each group through one AsyncQueue, as one ingest process does."""
 
     async def run() -> None:
         client = aioredis.from_url(url, socket_connect_timeout=1)
-        count = kw.pop("count_ingested", False)
-        publisher = wire.Publisher(client, message_events, count_ingested=count)
+        queue = broker.AsyncQueue(client, message_events)
         try:
             for group in groups:
-                await publisher.publish(group, **kw)
+                await queue.publish(group, **kw)
         finally:
             await client.aclose()
 
@@ -61,7 +61,7 @@ def publish(url: str, groups: list[list[dict[str, Any]]], message_events: int, *
 def test_pipelined_messages_reach_churnzero_through_the_real_worker(
     r: redis.Redis, clean_sandbox: Sandbox, start_worker: Starter
 ) -> None:
-    publish(url_of(r), [[item(f"e{i}") for i in range(7)], [item("e7")]], 3, count_ingested=True)
+    publish(url_of(r), [[item(f"e{i}") for i in range(7)], [item("e7")]], 3)
     assert r.llen(keys.QUEUE) == 4  # 3 + 3 + 1, then 1: one message per group of 3
     assert int(r.get(keys.DEPTH_READY) or 0) == 8  # counted in the same script call
     assert sum(int(r.get(k) or 0) for k in r.keys("relay:rate:ingested:*")) == 8
@@ -77,7 +77,7 @@ def test_pipelined_messages_reach_churnzero_through_the_real_worker(
 
 def test_a_pipelined_message_is_shaped_like_celerys_own(r: redis.Redis) -> None:
     items = [item("a"), item("b")]
-    broker.publish(broker.make_celery(Settings(), url_of(r)), items)
+    broker.send(broker.make_celery(Settings(), url_of(r)), items)
     publish(url_of(r), [items], 500)
     celerys, ours = messages(r)
     assert ours.keys() == celerys.keys()
@@ -92,6 +92,18 @@ def test_a_pipelined_message_is_shaped_like_celerys_own(r: redis.Redis) -> None:
     # The same body, byte for byte: the items' wire JSON is unchanged.
     assert base64.b64decode(ours["body"]) == base64.b64decode(celerys["body"])
     assert queued_items(r) == items + items
+
+
+def test_a_replay_is_queued_in_its_lane_as_celery_routes_it_and_counted(r: redis.Redis) -> None:
+    items = [{**item(f"p{i}"), "replayed_from": f"dead-{i}"} for i in range(3)]
+    broker.send(broker.make_celery(Settings(), url_of(r)), items)
+    broker.Queue(r, message_events=500).publish(items, per_message=2)
+    celerys, *ours = [json.loads(raw) for raw in reversed(r.lrange(keys.REPLAY_QUEUE, 0, -1))]
+    assert r.llen(keys.QUEUE) == 0 and len(ours) == 2  # 2 + 1 events
+    for message in ours:
+        assert message["properties"]["delivery_info"] == celerys["properties"]["delivery_info"]
+    assert queued_items(r, keys.REPLAY_QUEUE) == items + items
+    assert int(r.get(keys.DEPTH_READY) or 0) == 3  # Celery's own send counts nothing
 
 
 def test_every_message_has_its_own_task_id_and_delivery_tag(r: redis.Redis) -> None:

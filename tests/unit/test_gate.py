@@ -4,7 +4,7 @@ maxmemory is unlimited, and count what was queued since the last reading."""
 from __future__ import annotations
 
 from relay.gate import REDIS_BYTES_PER_BODY_BYTE, QueueGate
-from relay.queue_state import memory_fraction
+from relay.status import memory_fraction
 
 MB = 1024 * 1024
 
