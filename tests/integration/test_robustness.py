@@ -59,7 +59,7 @@ def test_503_for_a_while_then_everything_once(
     clean_sandbox.fault(status=503, for_s=3)
     start_worker()
     identify_then_tracks(ingest, 300)
-    wait_for(lambda: len(tracked(clean_sandbox)) >= 300 and settled(r), timeout=40)
+    wait_for(lambda: len(tracked(clean_sandbox)) >= 300 and settled(r), timeout=90)
     got = tracked(clean_sandbox)
     assert sorted(got) == sorted(f"ev-{i}" for i in range(300))  # each exactly once
     assert r.hlen("relay:dlq:entries") == 0
@@ -155,7 +155,7 @@ def test_retries_stop_at_max_age_into_dead_letters(
     clean_sandbox.fault(status=503)
     start_worker(max_age_s=3, outage_threshold=1000)
     identify_then_tracks(ingest, 3)
-    wait_for(lambda: r.zcard("relay:dlq:reason:retries_exhausted") == 3 and settled(r), timeout=30)
+    wait_for(lambda: r.zcard("relay:dlq:reason:retries_exhausted") == 3 and settled(r), timeout=60)
     entries = [json.loads(v) for v in r.hvals("relay:dlq:entries")]
     assert {e["status"] for e in entries} == {503}
     assert all(e["attempts"] >= 2 for e in entries)
