@@ -79,6 +79,9 @@ class Proc:
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
 
+    def exited(self) -> bool:
+        return self.proc is not None and self.proc.poll() is not None
+
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 20) -> None:
     """Wait until `predicate` holds: progress, never a fixed sleep, decides a test."""
@@ -194,7 +197,7 @@ def start_worker(redis_url: str, sandbox: Sandbox, tmp_path: Path) -> Iterator[S
     """Start Celery worker processes (stopped after the test)."""
     started: list[Proc] = []
 
-    def start(*, concurrency: int = 4, **settings: Any) -> Proc:
+    def start(*, concurrency: int = 4, wait_ready: bool = True, **settings: Any) -> Proc:
         settings.setdefault("churnzero_url", sandbox.url + "/i")
         env = relay_env(settings.pop("redis_url", redis_url), **settings)
         proc = Proc(
@@ -207,6 +210,11 @@ def start_worker(redis_url: str, sandbox: Sandbox, tmp_path: Path) -> Iterator[S
             tmp_path / f"worker{len(started)}.log",
         ).start()  # fmt: skip
         started.append(proc)
+        # Consuming before the test goes on: a test's faults and ages run from its next
+        # step, however long a worker takes to start on this machine.
+        if wait_ready:
+            wait_for(lambda: " ready." in proc.log.read_text(errors="replace") or proc.exited(), 60)
+            assert not proc.exited(), proc.tail()
         return proc
 
     yield start

@@ -56,8 +56,8 @@ def ingest(r: redis.Redis, clean_sandbox: Sandbox, start_ingest: Callable[..., s
 def test_503_for_a_while_then_everything_once(
     ingest: str, r: redis.Redis, clean_sandbox: Sandbox, start_worker: Starter
 ) -> None:
-    clean_sandbox.fault(status=503, for_s=3)
     start_worker()
+    clean_sandbox.fault(status=503, for_s=3)
     identify_then_tracks(ingest, 300)
     wait_for(lambda: len(tracked(clean_sandbox)) >= 300 and settled(r), timeout=90)
     got = tracked(clean_sandbox)
@@ -128,8 +128,8 @@ def test_same_message_id_twice_is_delivered_once(
 def test_long_outage_few_probes_bounded_memory_full_drain(
     ingest: str, r: redis.Redis, clean_sandbox: Sandbox, start_worker: Starter
 ) -> None:
-    clean_sandbox.fault(drop_connection=True, for_s=20)
     worker = start_worker()
+    clean_sandbox.fault(drop_connection=True, for_s=20)
     identify_then_tracks(ingest, 5000, prefix="o")
     # The circuit opens after a few failures: measure from then, however long that took.
     wait_for(lambda: r.exists("relay:throttle:trips") == 1, timeout=30)
