@@ -4,16 +4,13 @@ that stays compact (listpack shards) and bounded (buckets expire) at any event r
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import pytest
 import redis
 
 from relay.dedupe import Dedupe, relay_tag
 from tests.bench.dedupe_memory import measure
-from tests.conftest import free_port, start_redis
+from tests.integration.conftest import OwnRedis
 
 DAY = 24 * 3600
 
@@ -95,20 +92,9 @@ def test_a_zero_window_turns_dedupe_off(r: redis.Redis) -> None:
     assert r.dbsize() == 0
 
 
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[redis.Redis]:
-    """A redis-server of the test's own: used_memory is the whole server's."""
-    port = free_port()
-    proc = start_redis(port, tmp_path / "redis")
-    client = redis.Redis(port=port)
-    yield client
-    client.close()
-    proc.terminate()
-    proc.wait(10)
-
-
-def test_memory_per_event_is_a_tenth_of_a_key_per_message_id(own_redis: redis.Redis) -> None:
-    figures = measure(own_redis, 50_000)
+def test_memory_per_event_is_a_tenth_of_a_key_per_message_id(own_redis: OwnRedis) -> None:
+    _, server = own_redis()  # a redis-server of its own: used_memory is the whole server's
+    figures = measure(server, 50_000)
     assert figures["old_bytes_per_event"] > 150
     assert figures["new_bytes_per_event"] < 25, figures
     assert figures["new_shards_not_listpack"] == 0

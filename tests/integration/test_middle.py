@@ -20,8 +20,8 @@ from relay.mapping import load_mapping
 from relay.publisher import GroupCommit
 from relay.settings import Settings
 from relay.throttle import Throttle
-from tests.conftest import free_port
 from tests.integration.conftest import APP_KEY, Sandbox, queued_items, url_of
+from tests.procs import free_port
 
 pytestmark = pytest.mark.integration
 

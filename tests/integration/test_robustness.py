@@ -133,7 +133,7 @@ def test_long_outage_few_probes_bounded_memory_full_drain(
     identify_then_tracks(ingest, 5000, prefix="o")
     # The circuit opens after a few failures: measure from then, however long that took.
     wait_for(lambda: r.exists("relay:throttle:trips") == 1, timeout=30)
-    proc = psutil.Process(worker.proc.pid)  # type: ignore[union-attr]
+    proc = psutil.Process(worker.pid)
     rss = []
     probes_start = len(clean_sandbox.requests_log())
     t0 = time.monotonic()

@@ -13,15 +13,8 @@ import pytest
 import redis
 import requests
 
-from tests.conftest import free_port
-from tests.integration.conftest import (
-    WRITE_KEY,
-    Proc,
-    queued_items,
-    relay_env,
-    wait_for,
-    wait_http,
-)
+from tests.integration.conftest import WRITE_KEY, queued_items, relay_env, wait_for
+from tests.procs import Proc, free_port, wait_http
 
 pytestmark = pytest.mark.integration
 AUTH = (WRITE_KEY, "")
@@ -35,8 +28,7 @@ class Served:
 
     @property
     def pid(self) -> int:
-        assert self.proc.proc is not None
-        return self.proc.proc.pid
+        return self.proc.pid
 
     def children(self) -> list[psutil.Process]:
         return psutil.Process(self.pid).children()
@@ -111,16 +103,16 @@ def test_a_signal_stops_every_process_and_keeps_what_was_answered(
 ) -> None:
     post(served.url, 20)
     pids = [served.pid] + [c.pid for c in served.children()]
-    served.proc.proc.send_signal(sig)  # type: ignore[union-attr]  # started above
-    assert served.proc.proc.wait(30) == 0  # type: ignore[union-attr]
+    served.proc.popen.send_signal(sig)  # started above
+    assert served.proc.popen.wait(30) == 0
     wait_for(lambda: gone(pids))
     assert len(queued_items(r)) == 20
 
 
 def test_no_process_outlives_a_killed_supervisor(served: Served) -> None:
     children = [c.pid for c in served.children()]
-    served.proc.proc.kill()  # type: ignore[union-attr]  # the supervisor alone, SIGKILL
-    served.proc.proc.wait(10)  # type: ignore[union-attr]
+    served.proc.popen.kill()  # the supervisor alone, SIGKILL
+    served.proc.popen.wait(10)
     wait_for(lambda: gone(children))
     with pytest.raises(requests.ConnectionError):  # nothing listens on the port any more
         requests.get(served.url + "/livez", timeout=2)
