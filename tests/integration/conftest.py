@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 import redis
@@ -23,6 +23,9 @@ import requests
 from tests import procs
 from tests.conftest import IN_CI, ROOT
 from tests.procs import Proc, free_port, redis_answers, start_redis
+
+if TYPE_CHECKING:
+    from relay.delivery import Delivery
 
 DB = int(os.environ.get("RELAY_TEST_REDIS_DB", "13"))
 SECRET = "test-webhook-secret"
@@ -280,8 +283,8 @@ class Blip:
                 with contextlib.suppress(OSError):
                     s.close()
 
-    def cut(self, seconds: float) -> None:
-        """Drop every connection now, refuse new ones for `seconds`, then let them in."""
+    def refuse(self) -> None:
+        """Drop every connection now and refuse new ones until `admit`."""
         import socket
 
         self._open.clear()
@@ -291,13 +294,66 @@ class Blip:
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
                 s.close()
-        time.sleep(seconds)  # the blip's length is the fault itself, not a wait for progress
+
+    def admit(self) -> None:
+        """Let new connections through again."""
         self._open.set()
+
+    def cut(self, seconds: float) -> None:
+        """Drop every connection now, refuse new ones for `seconds`, then let them in."""
+        self.refuse()
+        time.sleep(seconds)  # the blip's length is the fault itself, not a wait for progress
+        self.admit()
 
     def close(self) -> None:
         self._stop = True
         self._listener.close()
         self.cut(0)
+
+
+# --- the middle layer in-process -------------------------------------------------------
+
+
+def event_item(rid: str, **event: Any) -> dict[str, Any]:
+    """A queued item as ingest writes it: a track named `rid` of a user with ChurnZero ids."""
+    ids = {"accountExternalId": "A", "contactExternalId": "C"}
+    body = {"type": "track", "userId": "u", "event": rid, "timestamp": "2026-11-29T10:00:00Z",
+            "properties": ids, **event}  # fmt: skip
+    return {"id": rid, "source": "api", "received_at": time.time(), "attempts": 0, "event": body}
+
+
+def delayed_items(r: redis.Redis) -> list[dict[str, Any]]:
+    """Every item waiting in the delayed set for its next try."""
+    import orjson
+
+    return [i for m in r.zrange("relay:delayed", 0, -1) for i in orjson.loads(m)["items"]]
+
+
+@pytest.fixture
+def make_delivery(r: redis.Redis, clean_sandbox: Sandbox) -> Iterator[Callable[..., Delivery]]:
+    """A worker thread's Delivery on the test database, sending to the sandbox (with these
+    settings); closed after the test."""
+    from relay.delivery import Delivery
+    from relay.mapping import load_mapping
+    from relay.settings import Settings
+
+    made: list[Delivery] = []
+
+    def make(**settings: Any) -> Delivery:
+        settings = {"churnzero_url": clean_sandbox.url + "/i", "churnzero_app_key": APP_KEY,
+                    **settings}  # fmt: skip
+        made.append(Delivery(Settings(**settings), r, load_mapping(None)))
+        return made[-1]
+
+    yield make
+    for found in made:
+        found.close()
+
+
+@pytest.fixture
+def delivery(make_delivery: Callable[..., Delivery]) -> Delivery:
+    """A Delivery with the default settings."""
+    return make_delivery()
 
 
 @pytest.fixture
