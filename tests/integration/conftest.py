@@ -108,6 +108,14 @@ class Sandbox:
     def fault(self, **fault: Any) -> None:
         requests.post(self.url + "/_sandbox/faults", json=fault, timeout=5).raise_for_status()
 
+    def clear_faults(self) -> None:
+        """ChurnZero is back: no more faults (what it received stays)."""
+        requests.delete(self.url + "/_sandbox/faults", timeout=5).raise_for_status()
+
+    def answered(self, status: int) -> bool:
+        """Whether a request to /i has been answered with `status` (0: dropped)."""
+        return any(x["status"] == status for x in self.requests_log())
+
     def reset(self) -> None:
         requests.delete(self.url + "/_sandbox/faults", timeout=5)
         requests.delete(self.url + "/_sandbox/commands", timeout=5)

@@ -32,8 +32,9 @@ PAD = "x" * 1000  # fills Redis faster; not a ChurnZero field, so never sent
 
 @pytest.fixture
 def small_redis(own_redis: OwnRedis) -> redis.Redis:
-    """A redis-server of 40 MB that refuses writes when full, as docker-compose's does."""
-    return own_redis("--maxmemory", "40mb", "--maxmemory-policy", "noeviction")[1]
+    """A redis-server of 20 MB that refuses writes when full, as docker-compose's does
+    (small: what fills it is delivered afterwards, and that takes most of a test's time)."""
+    return own_redis("--maxmemory", "20mb", "--maxmemory-policy", "noeviction")[1]
 
 
 def track(message_id: str) -> dict[str, Any]:
@@ -70,7 +71,7 @@ def test_ingest_answers_503_before_redis_is_full_and_a_worker_drains_every_event
     acknowledged: list[str] = []
     refused = 0
     ready = None
-    for n in range(3000):  # about 250 batches fill 90 % of 40 MB
+    for n in range(3000):  # about 100 batches fill 90 % of 20 MB
         batch = [track(f"m-{n}-{i}") for i in range(100)]
         answer = requests.post(url + "/v1/batch", auth=AUTH, json={"batch": batch}, timeout=10)
         if answer.status_code == 200:
@@ -90,7 +91,7 @@ def test_ingest_answers_503_before_redis_is_full_and_a_worker_drains_every_event
     memory = r.info("memory")
     assert memory["used_memory"] < memory["maxmemory"]
     assert oom_refusals(r) == 0
-    assert len(acknowledged) > 10_000
+    assert len(acknowledged) > 5_000  # most of what 90 % of 20 MB holds (about 10,000)
 
     start_worker(redis_url=url_of(r))
     wait_for(lambda: sandbox_count(clean_sandbox) >= len(acknowledged) and settled(r), 120)
