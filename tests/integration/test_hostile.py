@@ -33,8 +33,8 @@ from pydantic import TypeAdapter
 from schemathesis import checks as sc
 
 from relay import bodies, intake, openapi
-from tests.conftest import free_port
-from tests.integration.conftest import WRITE_KEY, Proc, queued_items, relay_env, sign, wait_http
+from tests import procs
+from tests.integration.conftest import WRITE_KEY, queued_items, relay_env, sign
 
 pytestmark = pytest.mark.integration
 ADMIN_TOKEN = "test-admin-token"
@@ -75,14 +75,11 @@ def summary(request: pytest.FixtureRequest) -> Iterator[None]:
 @pytest.fixture(scope="module")
 def ingest(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """One ingest process for the module, admin API on, /openapi.json mounted."""
-    port = free_port()
-    env = relay_env(redis_url, port=port, admin_token=ADMIN_TOKEN)
-    log = tmp_path_factory.mktemp("hostile") / "ingest.log"
-    proc = Proc([sys.executable, "-m", "relay.cli", "serve"], env, log).start()
-    url = f"http://127.0.0.1:{port}"
-    wait_http(url + "/livez", proc)
-    yield url
-    proc.stop()
+    children = procs.Children(tmp_path_factory.mktemp("hostile"))
+    try:
+        yield procs.start_ingest(children, relay_env(redis_url, admin_token=ADMIN_TOKEN)).url
+    finally:
+        children.stop_all()
     redis.Redis.from_url(redis_url).flushdb()
 
 

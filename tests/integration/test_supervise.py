@@ -16,16 +16,8 @@ import pytest
 import redis
 import requests
 
-from tests.conftest import free_port
-from tests.integration.conftest import (
-    WRITE_KEY,
-    Proc,
-    Sandbox,
-    queued_items,
-    relay_env,
-    wait_for,
-    wait_http,
-)
+from tests.integration.conftest import WRITE_KEY, Sandbox, queued_items, relay_env, wait_for
+from tests.procs import Proc, free_port, wait_http
 
 pytestmark = pytest.mark.integration
 AUTH = (WRITE_KEY, "")
@@ -39,8 +31,7 @@ class Served:
 
     @property
     def pid(self) -> int:
-        assert self.proc.proc is not None
-        return self.proc.proc.pid
+        return self.proc.pid
 
     def children(self) -> list[psutil.Process]:
         return psutil.Process(self.pid).children()
@@ -115,16 +106,16 @@ def test_a_signal_stops_every_process_and_keeps_what_was_answered(
 ) -> None:
     post(served.url, 20)
     pids = [served.pid] + [c.pid for c in served.children()]
-    served.proc.proc.send_signal(sig)  # type: ignore[union-attr]  # started above
-    assert served.proc.proc.wait(30) == 0  # type: ignore[union-attr]
+    served.proc.popen.send_signal(sig)  # started above
+    assert served.proc.popen.wait(30) == 0
     wait_for(lambda: gone(pids))
     assert len(queued_items(r)) == 20
 
 
 def test_no_process_outlives_a_killed_supervisor(served: Served) -> None:
     children = [c.pid for c in served.children()]
-    served.proc.proc.kill()  # type: ignore[union-attr]  # the supervisor alone, SIGKILL
-    served.proc.proc.wait(10)  # type: ignore[union-attr]
+    served.proc.popen.kill()  # the supervisor alone, SIGKILL
+    served.proc.popen.wait(10)
     wait_for(lambda: gone(children))
     with pytest.raises(requests.ConnectionError):  # nothing listens on the port any more
         requests.get(served.url + "/livez", timeout=2)
@@ -149,8 +140,7 @@ def test_relay_worker_runs_the_replay_lane_in_a_nicer_process_of_its_own(
     args = [sys.executable, "-m", "relay.cli", "worker", "-n", f"sup-{os.getpid()}@%h"]
     proc = Proc(args, env, tmp_path / "worker.log").start()
     try:
-        assert proc.proc is not None
-        supervisor = psutil.Process(proc.proc.pid)
+        supervisor = psutil.Process(proc.pid)
         wait_for(lambda: len(supervisor.children()) == 2)
         lanes = {queues_of(c): c for c in supervisor.children()}
         assert set(lanes) == {"relay", "relay.replay"}
@@ -170,8 +160,8 @@ def test_relay_worker_runs_the_replay_lane_in_a_nicer_process_of_its_own(
         subprocess.run(relay_cli, env=env, check=True, capture_output=True, timeout=60)
         wait_for(lambda: {c["eventName"] for c in clean_sandbox.commands()} >= {"Live", "Replayed"})
         children = [c.pid for c in supervisor.children()]
-        proc.proc.send_signal(signal.SIGTERM)
-        assert proc.proc.wait(60) == 0
+        proc.popen.send_signal(signal.SIGTERM)
+        assert proc.popen.wait(60) == 0
         wait_for(lambda: gone(children))
     finally:
         proc.stop(signal.SIGKILL)
