@@ -36,13 +36,14 @@ from relay import (
 from relay.churnzero import ChurnZeroClient
 from relay.dedupe import Dedupe
 from relay.mapping import Mapping
+from relay.plan import lookup_keys, parse_items, plan_batch, tombstone_keys
 from relay.reasons import Reason
 from relay.resolution import resolve_raw_key
 from relay.runs import Claim, Runs, State
 from relay.settings import VISIBILITY_MARGIN_S, Settings
 from relay.settlement import Outcomes, Policy, Unsent, group_later, settle, worst
 from relay.throttle import ADAPT_MAX_WAIT_S, REPLAY_MAX_WAIT_S, Throttle
-from relay.translate import Command, lookup_keys, parse_items, plan_batch, tombstone_keys
+from relay.translate import Command
 
 log = structlog.get_logger("relay.delivery")
 Item = dict[str, Any]

@@ -21,7 +21,7 @@ from collections.abc import Collection
 from typing import Any
 
 from relay import keys
-from relay.translate import Parsed, Plan
+from relay.plan import Parsed, Plan
 
 # KEYS: one entity hash per write. ARGV: ttl_s, then (attribute, event ms) per write.
 # Returns 1 (send) or 0 (stale) per write, in order.

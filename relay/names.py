@@ -22,7 +22,8 @@ import time
 from typing import Any
 
 from relay import keys
-from relay.translate import Command, Plan
+from relay.plan import Plan
+from relay.translate import Command
 
 KINDS = ("event", "account_attribute", "contact_attribute")
 LISTED = 200  # new names kept for listing, per deployment

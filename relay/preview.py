@@ -20,10 +20,11 @@ from relay import deadletter, identity, intake, keys, names, retry
 from relay.dedupe import Dedupe
 from relay.errors import RequestError
 from relay.mapping import Mapping
+from relay.plan import lookup_keys, parse_items, plan_batch, tombstone_keys
 from relay.resolution import Known
 from relay.settings import Settings
 from relay.settlement import Outcomes, Policy, settle
-from relay.translate import Command, lookup_keys, parse_items, plan_batch, tombstone_keys
+from relay.translate import Command
 
 Item = dict[str, Any]
 _OK = retry.Outcome(status=200)

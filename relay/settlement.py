@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from relay import deadletter, retry
+from relay.plan import Plan
 from relay.reasons import Reason
 from relay.resolution import resolve_raw_key
 from relay.settings import Settings
-from relay.translate import Plan
 
 Item = dict[str, Any]
 IDENTITY_RETRY_CAP_S = 60.0

@@ -17,8 +17,8 @@ from typing import Any
 import redis
 
 from relay import freshness, identity, keys
+from relay.plan import Plan
 from relay.resolution import Known
-from relay.translate import Plan
 
 N = 20_000
 TTL_S = 30 * 24 * 3600

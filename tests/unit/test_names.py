@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from relay import names
-from relay.translate import Plan
+from relay.plan import Plan
 
 IDS = {"accountExternalId": "A", "contactExternalId": "C"}
 

@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from relay import deadletter, events, intake, translate
 from relay.errors import RequestError
 from relay.mapping import EventMap, IdentityMap, Mapping, TraitMap
+from relay.plan import lookup_keys, parse_items, plan_batch
 from relay.reasons import Reason
 from relay.resolution import Known
 
@@ -203,11 +204,11 @@ def check_translation(parsed: intake.Intake, source: str) -> None:
         json.dumps(item)
         orjson.dumps({"id": "x", "items": [item]})
         deadletter.new_entry(item, Reason.INVALID_COMMAND).to_json()
-    good, bad = translate.parse_items(items)
+    good, bad = parse_items(items)
     assert bad == [], "ingest accepted an event the worker cannot parse"
-    translate.lookup_keys(good, MAPPING)
+    lookup_keys(good, MAPPING)
     known = {"u:known": Known("A", "C")}
-    plan = translate.plan_batch(good, known, MAPPING)
+    plan = plan_batch(good, known, MAPPING)
     for _, commands in plan.send:
         assert commands
         for command in commands:

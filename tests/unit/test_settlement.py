@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
+from relay.plan import Plan
 from relay.retry import Outcome
 from relay.settlement import Policy, Settlement, Unsent, group_later, settle, worst
-from relay.translate import Plan
 
 NOW = 1_800_000_000.0
 POLICY = Policy(

@@ -15,8 +15,9 @@ import pytest
 
 from relay.intake import parse_api, parse_webhook
 from relay.mapping import EventMap, GroupMap, IdentityMap, Increment, Mapping, TraitMap
+from relay.plan import lookup_keys, parse_items, plan_batch
 from relay.resolution import Known
-from relay.translate import lookup_keys, parse_items, plan_batch, validate_command
+from relay.translate import validate_command
 from tests.conftest import fixture
 
 RECEIVED = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
