@@ -12,9 +12,10 @@ import pytest
 import redis
 
 from relay import broker, delayed, keys
-from relay.delivery import Budget, Delivery, MessageBusy
+from relay.delivery import Delivery, MessageBusy
 from relay.mapping import load_mapping
 from relay.runs import Runs, State
+from relay.sending import Budget
 from relay.settings import Settings
 from tests.integration.conftest import APP_KEY, Sandbox, queued_items
 
