@@ -32,7 +32,9 @@ from relay import (
     trace,
 )
 from relay.churnzero import ChurnZeroClient
+from relay.deadletter import DeadLetter
 from relay.dedupe import Dedupe
+from relay.envelope import decode_all
 from relay.mapping import Mapping
 from relay.plan import lookup_keys, parse_items, plan_batch, tombstone_keys
 from relay.reasons import Reason
@@ -40,11 +42,10 @@ from relay.resolution import resolve_raw_key
 from relay.runs import Claim, Runs, State
 from relay.sending import OK, Budget, Sender, chunked, durably
 from relay.settings import VISIBILITY_MARGIN_S, Settings
-from relay.settlement import Outcomes, Policy, group_later, settle
+from relay.settlement import Outcomes, Policy, dead_letter, group_later, settle
 from relay.throttle import Throttle
 
 log = structlog.get_logger("relay.delivery")
-Item = dict[str, Any]
 
 
 class MessageBusy(Exception):
@@ -113,9 +114,10 @@ class Delivery:
         """Close the connection pool and the loop."""
         self.sender.close()
 
-    def deliver(self, items: list[Item], message_id: str) -> Report:
-        """Settle every item of the message once, however often it runs; see the module
-        docstring. Raises MessageBusy when another run holds it past this run's time."""
+    def deliver(self, items: list[Any], message_id: str) -> Report:
+        """Settle every item of the message (its envelopes, as queued) once, however often
+        it runs; see the module docstring. Raises MessageBusy when another run holds it
+        past this run's time."""
         budget = Budget.of(self.settings, time.monotonic())
         claim = self._claim(message_id, len(items), budget)
         if claim.state is State.SETTLED:
@@ -145,12 +147,7 @@ class Delivery:
             if isinstance(item, dict) and item.get("id") in claim.done:
                 report.delivered += 1
                 continue
-            wrapped = item if isinstance(item, dict) else {"event": item}
-            try:
-                orjson.dumps(wrapped)
-            except (TypeError, orjson.JSONEncodeError):
-                wrapped = {"event": repr(item)[:32_000]}  # kept, if only as text
-            dead.append(deadletter.new_entry(wrapped, Reason.WORKER_ERROR, errors=[error]))
+            dead.append(_worker_error(item, error))
         report.dead[Reason.WORKER_ERROR.value] = len(dead)
         pipe = self.redis.pipeline(transaction=True)
         deadletter.stage_add(pipe, dead)
@@ -172,15 +169,17 @@ class Delivery:
                 raise MessageBusy(message_id)
             time.sleep(min(max(claim.busy_for_s, 0.05), 1.0, budget.claim_by - now))
 
-    def _deliver(self, items: list[Item], claim: Claim, budget: Budget) -> Report:
+    def _deliver(self, items: list[Any], claim: Claim, budget: Budget) -> Report:
         now = time.time()
         report = Report(received=len(items), lane=lane_of(items))
-        parsed, bad = parse_items(items)
-        dead = [deadletter.new_entry(i, Reason.INVALID_EVENT, errors=e, now=now) for i, e in bad]
+        envelopes, undecodable = decode_all(items)
+        dead = [_worker_error(item, f"DecodeError: {exc}", now) for item, exc in undecodable]
+        parsed, bad = parse_items(envelopes)
+        dead += [dead_letter(i, Reason.INVALID_EVENT, now, errors=e) for i, e in bad]
         dups = self.dedupe.duplicates([item for item, _ in parsed])
         report.skipped["duplicate"] += len(dups)
-        skipped = [(item, "duplicate") for item, _ in parsed if item["id"] in dups]
-        parsed = [(item, event) for item, event in parsed if item["id"] not in dups]
+        skipped = [(item, "duplicate") for item, _ in parsed if item.id in dups]
+        parsed = [(item, event) for item, event in parsed if item.id not in dups]
         found = identity.lookup(
             self.redis, lookup_keys(parsed, self.mapping), tombstone_keys(parsed)
         )
@@ -194,14 +193,14 @@ class Delivery:
 
         # An earlier run of this message got a 2xx for some events: never send them again.
         outcomes: Outcomes = {rid: OK for rid in claim.done}
-        todo = [(item, commands) for item, commands in plan.send if item["id"] not in claim.done]
+        todo = [(item, commands) for item, commands in plan.send if item.id not in claim.done]
         chunks = chunked(todo, self.settings.churnzero_batch_size)
         if chunks:
             outcomes |= self.sender.send(chunks, report, claim, budget)
         settled = settle(plan, outcomes, now, self.policy)
 
         report.delivered = len(settled.delivered)
-        delivered = {item["id"] for item in settled.delivered}
+        delivered = {item.id for item in settled.delivered}
         report.skipped.update(settled.skipped)
         dead += settled.dead
         later = group_later(settled.later)
@@ -223,12 +222,12 @@ class Delivery:
             for batch, due, cause in later:
                 member = delayed.stage_schedule(pipe, batch, due, cause)
                 if cause == "identity_wait" and member is not None:
-                    users = [resolve_raw_key(item.get("event")) for item in batch]
+                    users = [resolve_raw_key(item.event) for item in batch]
                     wait_s = self.settings.identity_wait_s + delayed.LEASE_S
                     identity.stage_waiting(pipe, member, filter(None, users), wait_s)
             deadletter.stage_add(pipe, dead)
             _stage_stats(pipe, report, now)
-            sent = [(item, cmds) for item, cmds in plan.send if item["id"] in delivered]
+            sent = [(item, cmds) for item, cmds in plan.send if item.id in delivered]
             self.names.stage_learn(pipe, names.sent_names(sent))
             self.names.stage_held(pipe, held)
             trace.stage_record(
@@ -239,8 +238,9 @@ class Delivery:
         # Past the sends, what ChurnZero accepted is known only here: hold on to it
         # through a Redis blip rather than give the message back to be sent again.
         durably(lambda: self._settle_once(claim, len(items), write), budget)
+        gone = {entry.item["id"] for entry in settled.dead}
         with contextlib.suppress(*broker.QUEUE_ERRORS):  # an unreleased claim only expires
-            self.dedupe.release([e.item for e in dead])
+            self.dedupe.release([i for i, _ in bad] + [i for i, _ in parsed if i.id in gone])
         if plan.forgotten:
             # Not in the MULTI (a scan); an error gives the message back, and the
             # delete is settled already, so it is logged for the operator instead.
@@ -260,6 +260,17 @@ class Delivery:
         write(pipe)
         self.runs.stage_settled(pipe, claim, events)
         oom.execute(self.redis, pipe)  # one atomic script, accepted at maxmemory
+
+
+def _worker_error(item: Any, error: str, now: float | None = None) -> DeadLetter:
+    # A message the relay did not write (another producer, a hand-edited replay), or a
+    # bug: the item is kept as it came when it is JSON, else as text.
+    stored = item if isinstance(item, dict) else {"event": item}
+    try:
+        orjson.dumps(stored)
+    except (TypeError, orjson.JSONEncodeError):
+        stored = {"event": repr(item)[:32_000]}
+    return deadletter.new_entry(stored, Reason.WORKER_ERROR, errors=[error], now=now)
 
 
 def lane_of(items: list[Any]) -> str:

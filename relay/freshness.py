@@ -56,7 +56,7 @@ def entity_key(command: dict[str, Any]) -> str:
 def stamps(parsed: Parsed) -> dict[str, int]:
     """Each item's event time in epoch milliseconds (items without one are absent)."""
     return {
-        item["id"]: int(event.timestamp.timestamp() * 1000)
+        item.id: int(event.timestamp.timestamp() * 1000)
         for item, event in parsed
         if event.timestamp is not None
     }
@@ -73,8 +73,8 @@ def reserve(
     names: list[str] = []
     args: list[Any] = [ttl_s]
     for n, (item, commands) in enumerate(plan.send):
-        stamp = stamps.get(item["id"])
-        if stamp is None or item["id"] in done:
+        stamp = stamps.get(item.id)
+        if stamp is None or item.id in done:
             continue
         for m, command in enumerate(commands):
             if command.get("action") == "setAttribute":

@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 from relay import keys
+from relay.envelope import Envelope
 from relay.plan import Plan
 from relay.translate import Command
 
@@ -98,7 +99,7 @@ def guard(
     return hold(plan, new, exempt)
 
 
-def sent_names(send: list[tuple[dict[str, Any], list[Command]]]) -> set[Name]:
+def sent_names(send: list[tuple[Envelope, list[Command]]]) -> set[Name]:
     """Every name the commands of these events would send."""
     return {name for _, commands in send for name in names_of(commands)}
 
@@ -110,7 +111,7 @@ def hold(plan: Plan, new: set[Name], exempt: set[str] | frozenset[str] = frozens
     held, keep, names = [], [], set()
     for item, commands in plan.send:
         fresh = sorted(names_of(commands) & new)
-        if fresh and item["id"] not in exempt:
+        if fresh and item.id not in exempt:
             names.update(fresh)
             held.append(
                 (item, [f"new {kind.replace('_', ' ')} name: {name}" for kind, name in fresh])

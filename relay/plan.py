@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping as AbstractMapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from pydantic import ValidationError
 
 from relay import events, translate
+from relay.envelope import Envelope
 from relay.mapping import Mapping
 from relay.resolution import (
     Ids,
@@ -39,31 +39,31 @@ class Plan:
     and what the batch taught: identities (partial, merged into the map), alias links,
     and the users whose waiting tracks may now resolve."""
 
-    send: list[tuple[dict[str, Any], list[Command]]] = field(default_factory=list)
-    skipped: list[tuple[dict[str, Any], str]] = field(default_factory=list)
-    unresolved: list[dict[str, Any]] = field(default_factory=list)
-    invalid_event: list[tuple[dict[str, Any], list[str]]] = field(default_factory=list)
-    invalid_command: list[tuple[dict[str, Any], list[str]]] = field(default_factory=list)
+    send: list[tuple[Envelope, list[Command]]] = field(default_factory=list)
+    skipped: list[tuple[Envelope, str]] = field(default_factory=list)
+    unresolved: list[Envelope] = field(default_factory=list)
+    invalid_event: list[tuple[Envelope, list[str]]] = field(default_factory=list)
+    invalid_command: list[tuple[Envelope, list[str]]] = field(default_factory=list)
     # Held by the new-name guard (relay.names), with the names: never planned here.
-    held: list[tuple[dict[str, Any], list[str]]] = field(default_factory=list)
+    held: list[tuple[Envelope, list[str]]] = field(default_factory=list)
     learned: dict[str, Known] = field(default_factory=dict)
     links: dict[str, str] = field(default_factory=dict)
     released: set[str] = field(default_factory=set)
     forgotten: dict[str, float] = field(default_factory=dict)  # user key -> delete's receipt
 
 
-Parsed = list[tuple[dict[str, Any], events.AnyEvent]]
+Parsed = list[tuple[Envelope, events.AnyEvent]]
 
 
 def parse_items(
-    items: list[dict[str, Any]],
-) -> tuple[Parsed, list[tuple[dict[str, Any], list[str]]]]:
+    items: list[Envelope],
+) -> tuple[Parsed, list[tuple[Envelope, list[str]]]]:
     """Each item's event parsed; items whose event no longer parses, with why."""
     good, bad = [], []
     for item in items:
         try:
-            good.append((item, events.parse(item["event"])))
-        except (ValidationError, KeyError, TypeError, AttributeError) as exc:
+            good.append((item, events.parse(item.event)))
+        except ValidationError as exc:
             bad.append((item, [str(exc).splitlines()[0]]))
     return good, bad
 
@@ -172,8 +172,7 @@ def plan_batch(
     wanted = []
     ahead: dict[str, Known] = {}
     for n, (item, event) in enumerate(parsed):
-        source = item.get("source", "api")
-        reason = translate.skip_reason(event, source, mapping) or _incomplete(event)
+        reason = translate.skip_reason(event, item.source, mapping) or _incomplete(event)
         reason = "user_deleted" if n in pending and event.type != "delete" else reason
         if reason:
             plan.skipped.append((item, reason))
@@ -211,9 +210,8 @@ def plan_batch(
     return plan
 
 
-def _received_at(item: dict[str, Any]) -> float:
-    value = item.get("received_at")
-    return float(value) if isinstance(value, int | float) else 0.0
+def _received_at(item: Envelope) -> float:
+    return 0.0 if item.received_at is None else item.received_at
 
 
 def _deleted_before(parsed: Parsed, deleted: AbstractMapping[str, float]) -> set[int]:

@@ -23,6 +23,7 @@ import structlog
 
 from relay import broker, keys, retry, status
 from relay.churnzero import ChurnZeroClient
+from relay.envelope import Envelope
 from relay.runs import Claim, Runs
 from relay.settings import Settings
 from relay.settlement import Outcomes, Unsent, worst
@@ -30,7 +31,6 @@ from relay.throttle import ADAPT_MAX_WAIT_S, REPLAY_MAX_WAIT_S, Throttle
 from relay.translate import Command
 
 log = structlog.get_logger("relay.delivery")  # one logger for all of a batch's delivery
-Item = dict[str, Any]
 
 SHORT_WAIT_S = 2.0  # pauses up to this long are waited out in the task; longer ones deferred
 MAX_RATE_WAIT_S = 5.0
@@ -258,7 +258,7 @@ def outcomes_of(chunks: list[Chunk], unsent: Unsent) -> Outcomes:
     return outcomes
 
 
-def chunked(send: list[tuple[Item, list[Command]]], size: int) -> list[Chunk]:
+def chunked(send: list[tuple[Envelope, list[Command]]], size: int) -> list[Chunk]:
     """The events' commands in requests of at most `size`, each event's together when
     they fit (one with more than `size` commands gets requests of its own)."""
     chunks: list[Chunk] = []
@@ -269,10 +269,10 @@ def chunked(send: list[tuple[Item, list[Command]]], size: int) -> list[Chunk]:
             current = Chunk([], [])
         if len(commands) > size:  # one event with many traits: several requests of its own
             for start in range(0, len(commands), size):
-                chunks.append(Chunk(commands[start : start + size], [item["id"]]))
+                chunks.append(Chunk(commands[start : start + size], [item.id]))
             continue
         current.commands.extend(commands)
-        current.rids.append(item["id"])
+        current.rids.append(item.id)
     if current.commands:
         chunks.append(current)
     return chunks

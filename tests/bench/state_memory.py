@@ -17,6 +17,7 @@ from typing import Any
 import redis
 
 from relay import freshness, identity, keys
+from relay.envelope import Envelope
 from relay.plan import Plan
 from relay.resolution import Known
 
@@ -46,7 +47,8 @@ def _clock(attributes: int, entity: str) -> Callable[[Any, int], str]:
             {**ids, "action": "setAttribute", "entity": entity, "name": f"Attribute {a}",
              "value": 1} for a in range(attributes)
         ]  # fmt: skip
-        plan = Plan(send=[({"id": "r"}, commands)])
+        item = Envelope.new({"type": "identify"}, source="api", received_at=0.0, rid="r")
+        plan = Plan(send=[(item, commands)])
         freshness.reserve(r, plan, {"r": 1_793_577_600_000 + n}, TTL_S)
         return freshness.entity_key(commands[0])
 

@@ -159,6 +159,18 @@ def test_a_4xx_dead_letters_with_the_answer(
     assert entry.status == 400 and entry.item["id"] == "f2"
 
 
+def test_an_item_that_is_no_envelope_is_dead_lettered_alone(
+    delivery: Delivery, r: redis.Redis, clean_sandbox: Sandbox
+) -> None:
+    # Another producer's item in a message of the relay's own: the others are delivered.
+    stranger = {"source": "api", "event": event_item("no-id")["event"]}
+    report = delivery.deliver([event_item("f4"), stranger, event_item("f5")], "m-stranger")
+    assert report.delivered == 2 and report.dead == {"worker_error": 1}
+    assert sorted(c["eventName"] for c in clean_sandbox.commands()) == ["f4", "f5"]
+    [entry] = deadletter.list_entries(r)
+    assert entry["item"] == stranger and entry["errors"][0].startswith("DecodeError")
+
+
 def test_a_pause_in_force_sends_nothing_and_defers_past_it(
     delivery: Delivery, r: redis.Redis, clean_sandbox: Sandbox
 ) -> None:

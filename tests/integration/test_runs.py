@@ -13,6 +13,7 @@ import redis
 
 from relay import broker, delayed, keys
 from relay.delivery import Delivery, MessageBusy
+from relay.envelope import Envelope
 from relay.mapping import load_mapping
 from relay.runs import Runs, State
 from relay.sending import Budget
@@ -92,7 +93,7 @@ def test_a_copy_waits_for_the_run_that_holds_its_message(
 
 def test_a_batch_two_movers_hold_is_published_once_and_counted_once(r: redis.Redis) -> None:
     pipe = r.pipeline()
-    delayed.stage_schedule(pipe, items(3), due=0)
+    delayed.stage_schedule(pipe, [Envelope.from_dict(i) for i in items(3)], due=0)
     pipe.execute()
     [member] = r.zrange(keys.DELAYED, 0, -1)
     batch = orjson.loads(member)

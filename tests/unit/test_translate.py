@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from relay.envelope import Envelope
 from relay.intake import parse_api, parse_webhook
 from relay.mapping import EventMap, GroupMap, IdentityMap, Increment, Mapping, TraitMap
 from relay.plan import lookup_keys, parse_items, plan_batch
@@ -27,8 +28,8 @@ ACCOUNT, CONTACT = "12345678", "john.smith@company.com"
 IDS = {"accountExternalId": ACCOUNT, "contactExternalId": CONTACT}
 
 
-def items_of(events: list[Any], source: str) -> list[dict[str, Any]]:
-    """Queue items built through the real ingest parsing (fixture names are loaded)."""
+def items_of(events: list[Any], source: str) -> list[Envelope]:
+    """Queued envelopes built through the real ingest parsing (fixture names are loaded)."""
     raw = [fixture(e) if isinstance(e, str) else e for e in events]
     if source == "webhook":
         body = json.dumps(raw[0] if len(raw) == 1 else raw).encode()
@@ -37,7 +38,7 @@ def items_of(events: list[Any], source: str) -> list[dict[str, Any]]:
         intake = parse_api("batch", json.dumps({"batch": raw}).encode(), RECEIVED)
     assert intake.rejected == []
     return [
-        {"id": f"r{n}", "source": source, "received_at": 0.0, "attempts": 0, "event": event}
+        Envelope.new(event, source=source, received_at=0.0, rid=f"r{n}")
         for n, event in enumerate(intake.accepted)
     ]
 
@@ -57,15 +58,15 @@ def fates(
     plan = plan_batch(parsed, known or {}, mapping or Mapping(), links, deleted)
     out: dict[str, Any] = {}
     for item, commands in plan.send:
-        out[item["id"]] = commands
+        out[item.id] = commands
     for item, reason in plan.skipped:
-        out[item["id"]] = ("skipped", reason)
+        out[item.id] = ("skipped", reason)
     for item in plan.unresolved:
-        out[item["id"]] = "unresolved"
+        out[item.id] = "unresolved"
     for item, problems in plan.invalid_command:
-        out[item["id"]] = ("invalid_command", problems)
+        out[item.id] = ("invalid_command", problems)
     for item, problems in plan.invalid_event:
-        out[item["id"]] = ("invalid_event", problems)
+        out[item.id] = ("invalid_event", problems)
     assert len(out) == len(parsed), "every item has exactly one fate"
     return out
 
@@ -739,7 +740,10 @@ def test_envelope_integrations_reach_every_item_of_a_batch() -> None:
         "integrations": {"ChurnZero": False},
     }
     intake = parse_api("batch", json.dumps(body).encode(), RECEIVED)
-    items = [{"id": f"r{n}", "source": "api", "event": e} for n, e in enumerate(intake.accepted)]
+    items = [
+        Envelope.new(e, source="api", received_at=0.0, rid=f"r{n}")
+        for n, e in enumerate(intake.accepted)
+    ]
     parsed, _ = parse_items(items)
     plan = plan_batch(parsed, {}, Mapping())
     assert [reason for _, reason in plan.skipped] == [
@@ -800,11 +804,12 @@ def test_lookup_keys_are_those_of_events_missing_an_id() -> None:
 
 def test_items_whose_event_no_longer_parses_are_reported() -> None:
     good_item = items_of([track(properties=IDS)], "api")[0]
-    broken = {"id": "r9", "source": "api", "event": {"type": "track", "userId": "u1"}}
-    missing = {"id": "r8", "source": "api"}
-    parsed, bad = parse_items([good_item, broken, missing])
-    assert [item["id"] for item, _ in parsed] == ["r0"]
-    assert [item["id"] for item, _ in bad] == ["r9", "r8"]
+    broken = Envelope.new(
+        {"type": "track", "userId": "u1"}, source="api", received_at=0.0, rid="r9"
+    )
+    parsed, bad = parse_items([good_item, broken])
+    assert [item.id for item, _ in parsed] == ["r0"]
+    assert [item.id for item, _ in bad] == ["r9"]
     assert all(problems and problems[0] for _, problems in bad)
 
 
