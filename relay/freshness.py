@@ -21,6 +21,7 @@ from collections.abc import Collection
 from typing import Any
 
 from relay import keys
+from relay.commands import SetAttribute
 from relay.plan import Parsed, Plan
 
 # KEYS: one entity hash per write. ARGV: ttl_s, then (attribute, event ms) per write.
@@ -42,15 +43,15 @@ return out
 """
 
 
-def entity_key(command: dict[str, Any]) -> str:
+def entity_key(command: SetAttribute) -> str:
     """The clock of the entity a setAttribute command writes to."""
-    account = str(command["accountExternalId"])
-    if command.get("entity") == "account":
+    account = command.account
+    if command.entity == "account":
         return keys.attribute_clock("a:" + account)
     # Contact ids are unique within an account only; the length prefix keeps
     # ("a:b", "c") and ("a", "b:c") apart.
     size = len(account.encode())
-    return keys.attribute_clock(f"c:{size}:{account}:{command['contactExternalId']}")
+    return keys.attribute_clock(f"c:{size}:{account}:{command.contact}")
 
 
 def stamps(parsed: Parsed) -> dict[str, int]:
@@ -77,10 +78,10 @@ def reserve(
         if stamp is None or item.id in done:
             continue
         for m, command in enumerate(commands):
-            if command.get("action") == "setAttribute":
+            if isinstance(command, SetAttribute):
                 writes.append((n, m))
                 names.append(entity_key(command))
-                args += [command["name"], stamp]
+                args += [command.name, stamp]
     if not writes:
         return 0
     verdicts = r.eval(_RESERVE, len(names), *names, *args)

@@ -22,9 +22,9 @@ import time
 from typing import Any
 
 from relay import keys
+from relay.commands import Command, SetAttribute, TrackEvent
 from relay.envelope import Envelope
 from relay.plan import Plan
-from relay.translate import Command
 
 KINDS = ("event", "account_attribute", "contact_attribute")
 LISTED = 200  # new names kept for listing, per deployment
@@ -70,10 +70,10 @@ def names_of(commands: list[Command]) -> set[Name]:
     """The ChurnZero names these commands would send."""
     out: set[Name] = set()
     for command in commands:
-        if command.get("action") == "trackEvent":
-            out.add(("event", str(command.get("eventName"))))
-        elif command.get("action") == "setAttribute":
-            out.add((f"{command.get('entity')}_attribute", str(command.get("name"))))
+        if isinstance(command, TrackEvent):
+            out.add(("event", command.event_name))
+        elif isinstance(command, SetAttribute):
+            out.add((f"{command.entity}_attribute", command.name))
     return out
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pydantic import ValidationError
 
 from relay import events, translate
+from relay.commands import Command
 from relay.envelope import Envelope
 from relay.mapping import Mapping
 from relay.resolution import (
@@ -30,7 +31,6 @@ from relay.resolution import (
     own_account,
     resolve_key,
 )
-from relay.translate import Command
 
 
 @dataclass
@@ -200,7 +200,7 @@ def plan_batch(
             plan.unresolved.append(item)
             continue
         commands = translate.commands(event, resolved, mapping)
-        problems = [p for c in commands for p in translate.validate_command(c)]
+        problems = [p for c in commands for p in c.problems()]
         if problems:
             plan.invalid_command.append((item, sorted(set(problems))))
         elif commands:

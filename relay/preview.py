@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from relay import deadletter, identity, intake, keys, names, retry
+from relay.commands import Command
 from relay.dedupe import Dedupe
 from relay.envelope import Envelope
 from relay.errors import DecodeError, RequestError
@@ -25,7 +26,6 @@ from relay.plan import lookup_keys, parse_items, plan_batch, tombstone_keys
 from relay.resolution import Known
 from relay.settings import Settings
 from relay.settlement import Outcomes, Policy, settle
-from relay.translate import Command
 
 _OK = retry.Outcome(status=200)
 # A previewed event's relay id names its place in the request, for its verdict's index.
@@ -41,7 +41,7 @@ class Verdict:
     user: str
     outcome: str
     reason: str | None = None
-    commands: list[Command] = field(default_factory=list)
+    commands: list[dict[str, Any]] = field(default_factory=list)  # their JSON, sans appKey
     errors: list[Any] = field(default_factory=list)
 
     @property
@@ -245,7 +245,7 @@ def _verdict(
         user=_user(item.event),
         outcome=outcome,
         reason=reason,
-        commands=commands or [],
+        commands=[c.to_dict() for c in commands or []],
         errors=errors or [],
     )
 

@@ -23,12 +23,12 @@ import structlog
 
 from relay import broker, keys, retry, status
 from relay.churnzero import ChurnZeroClient
+from relay.commands import Command
 from relay.envelope import Envelope
 from relay.runs import Claim, Runs
 from relay.settings import Settings
 from relay.settlement import Outcomes, Unsent, worst
 from relay.throttle import ADAPT_MAX_WAIT_S, REPLAY_MAX_WAIT_S, Throttle
-from relay.translate import Command
 
 log = structlog.get_logger("relay.delivery")  # one logger for all of a batch's delivery
 

@@ -22,8 +22,8 @@ from typing import Any
 import orjson
 
 from relay import deadletter, keys, wire
+from relay.commands import Command
 from relay.envelope import Envelope, decode_all
-from relay.translate import Command
 
 PAGE = 500
 DLQ_SCAN = 10_000  # newest dead letters searched when the record has no sign of the event
@@ -54,7 +54,8 @@ def stage_record(
     if size <= 0:
         return
     for item, commands in delivered:
-        _stage(pipe, size, item.id, item.event, {"o": "delivered", "c": orjson.dumps(commands)})
+        sent = orjson.dumps([c.to_dict() for c in commands])
+        _stage(pipe, size, item.id, item.event, {"o": "delivered", "c": sent})
     for item, reason in skipped:
         _stage(pipe, size, item.id, item.event, {"o": "skipped", "why": reason})
     for entry in dead:

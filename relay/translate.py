@@ -14,13 +14,15 @@ from __future__ import annotations
 from typing import Any
 
 from relay import events
+from relay.commands import (
+    MAX_DESCRIPTION,
+    Command,
+    IncrementAttribute,
+    SetAttribute,
+    TrackEvent,
+)
 from relay.mapping import Mapping
 from relay.resolution import ID_KEYS, Ids
-
-Command = dict[str, Any]
-
-MAX_ID = 100
-MAX_DESCRIPTION = 255
 
 
 def skip_reason(event: events.AnyEvent, source: str, mapping: Mapping) -> str | None:
@@ -39,7 +41,7 @@ def skip_reason(event: events.AnyEvent, source: str, mapping: Mapping) -> str | 
     return None
 
 
-def attribute_value(value: Any) -> Any:
+def attribute_value(value: Any) -> bool | int | float | str | None:
     """A trait value as ChurnZero takes it, or None when it cannot be sent."""
     if isinstance(value, bool | int | float | str):
         return value
@@ -49,17 +51,15 @@ def attribute_value(value: Any) -> Any:
     return None  # nested objects and nulls
 
 
-def _base(ids: Ids, action: str) -> Command:
-    return {"accountExternalId": ids.account, "contactExternalId": ids.contact, "action": action}
-
-
-def _set(ids: Ids, entity: str, name: str, value: Any) -> Command:
-    return {**_base(ids, "setAttribute"), "entity": entity, "name": name, "value": value}
+def _set(ids: Ids, entity: str, name: str, value: bool | int | float | str) -> SetAttribute:
+    return SetAttribute(
+        account=ids.account, contact=ids.contact, entity=entity, name=name, value=value
+    )
 
 
 def identify_commands(event: events.Identify, ids: Ids, mapping: Mapping) -> list[Command]:
     """setAttribute commands for every sendable trait."""
-    out = []
+    out: list[Command] = []
     for trait, raw in event.traits.items():
         if trait in ID_KEYS:
             continue
@@ -99,72 +99,43 @@ def track_commands(event: events.Track, ids: Ids, mapping: Mapping) -> list[Comm
     increment = mapping.events.increment.get(event.event)
     if increment is None:
         return [track_command(event, ids, mapping)]
-    command = {
-        **_base(ids, "incrementAttribute"),
-        "entity": increment.entity,
-        "name": increment.attribute,
-        "value": _quantity(event.properties),
-    }
+    command = IncrementAttribute(
+        account=ids.account,
+        contact=ids.contact,
+        entity=increment.entity,
+        name=increment.attribute,
+        value=_quantity(event.properties),
+    )
     return [command, track_command(event, ids, mapping)] if increment.track else [command]
 
 
-def track_command(event: events.Track, ids: Ids, mapping: Mapping) -> Command:
+def track_command(event: events.Track, ids: Ids, mapping: Mapping) -> TrackEvent:
     """The trackEvent command of a track call."""
     stamp = event.timestamp
-    command = {
-        **_base(ids, "trackEvent"),
-        "eventName": mapping.event_name(event.event),
-        "eventDate": stamp.isoformat().replace("+00:00", "Z") if stamp else None,
-    }
     props = event.properties
-    description = props.get("description")
-    if isinstance(description, str) and description:
-        command["description"] = description[:MAX_DESCRIPTION]
-    command["quantity"] = _quantity(props)
-    allow_dupes = _allow_dupes(event)
-    if allow_dupes is not None:
-        command["allowDupes"] = allow_dupes
-    for name in mapping.custom_fields(event.event):
-        value = attribute_value(props.get(name))
-        if value is not None:
-            command[f"cf_{name}"] = value
-    return command
+    text = props.get("description")
+    fields = {name: attribute_value(props.get(name)) for name in mapping.custom_fields(event.event)}
+    return TrackEvent(
+        account=ids.account,
+        contact=ids.contact,
+        event_name=mapping.event_name(event.event),
+        event_date=stamp.isoformat().replace("+00:00", "Z") if stamp else None,
+        description=(text[:MAX_DESCRIPTION] or None) if isinstance(text, str) else None,
+        quantity=_quantity(props),
+        allow_dupes=_allow_dupes(event),
+        custom={name: value for name, value in fields.items() if value is not None},
+    )
 
 
 def group_commands(event: events.Group, ids: Ids, mapping: Mapping) -> list[Command]:
     """setAttribute commands on the account for the group traits the mapping sends."""
-    out = []
+    out: list[Command] = []
     for trait, raw in event.traits.items():
         name = mapping.group.attribute(trait) if trait not in ID_KEYS else None
         value = attribute_value(raw) if name else None
         if name and value is not None:
             out.append(_set(ids, "account", name, value))
     return out
-
-
-def validate_command(command: Command) -> list[str]:
-    """What is wrong with a command ChurnZero would silently swallow (empty: nothing)."""
-    problems = []
-    for key in ("accountExternalId", "contactExternalId"):
-        value = command.get(key)
-        if not isinstance(value, str) or not value:
-            problems.append(f"{key} is empty")
-        elif len(value) > MAX_ID:
-            problems.append(f"{key} is longer than {MAX_ID} characters")
-    if command.get("action") == "trackEvent":
-        name = command.get("eventName")
-        if not isinstance(name, str) or not name.strip():
-            problems.append("eventName is empty")
-        if not command.get("eventDate"):
-            problems.append("eventDate is missing")
-        if len(str(command.get("description", ""))) > MAX_DESCRIPTION:
-            problems.append(f"description is longer than {MAX_DESCRIPTION} characters")
-    elif command.get("action") in ("setAttribute", "incrementAttribute"):
-        if not str(command.get("name", "")).strip():
-            problems.append("attribute name is empty")
-        if command.get("entity") not in ("account", "contact"):
-            problems.append("entity must be account or contact")
-    return problems
 
 
 def commands(event: events.AnyEvent, ids: Ids, mapping: Mapping) -> list[Command]:

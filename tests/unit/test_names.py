@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 from relay import names
+from relay.commands import SetAttribute, TrackEvent
 from relay.envelope import Envelope
 from relay.plan import Plan
 
-IDS = {"accountExternalId": "A", "contactExternalId": "C"}
+
+def track(name: str) -> TrackEvent:
+    return TrackEvent(account="A", contact="C", event_name=name, event_date="2024-01-01T00:00:00Z")
 
 
-def track(name: str) -> dict[str, object]:
-    return {**IDS, "action": "trackEvent", "eventName": name, "eventDate": "2024-01-01T00:00:00Z"}
-
-
-def attribute(entity: str, name: str) -> dict[str, object]:
-    return {**IDS, "action": "setAttribute", "entity": entity, "name": name, "value": 1}
+def attribute(entity: str, name: str) -> SetAttribute:
+    return SetAttribute(account="A", contact="C", entity=entity, name=name, value=1)
 
 
 def test_names_of_each_kind() -> None:

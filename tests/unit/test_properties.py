@@ -4,7 +4,7 @@ Whatever the body, `intake.parse_api` / `parse_webhook` give an `Intake` or rais
 a `RequestError` with status 400, never anything else (a 500). A batch is handled whole:
 every event is accepted or rejected, none lost. Every accepted event can be stored
 (queued, parked for a retry, dead-lettered), translates without raising, and each
-command it yields passes `validate_command` or the event lands in `invalid_command`.
+command it yields passes its own check (`problems`) or the event lands in `invalid_command`.
 
 Three bugs these properties found (an event nested 253+ levels deep, an aware timestamp
 at the edge of datetime's range, an event nested ~251 deep that could be accepted but not
@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import event as label
 from hypothesis import strategies as st
 
-from relay import deadletter, envelope, events, intake, translate
+from relay import deadletter, envelope, events, intake
 from relay.envelope import Envelope
 from relay.errors import RequestError
 from relay.mapping import EventMap, IdentityMap, Mapping, TraitMap
@@ -214,7 +214,7 @@ def check_translation(parsed: intake.Intake, source: str) -> None:
     for _, commands in plan.send:
         assert commands
         for command in commands:
-            assert translate.validate_command(command) == []
+            assert command.problems() == []
     fates = (
         [i.id for i, _ in plan.send]
         + [i.id for i, _ in plan.skipped]
