@@ -22,15 +22,13 @@ An absent or null optional field reads as None, and None is never written, so a 
 an earlier version reads what this one writes. Keys this version does not know are
 ignored. Whatever else fails to read raises `DecodeError`, naming the field.
 
-The Celery message around a batch of envelopes (protocol 2 in kombu's Redis envelope, as
-`broker.publish` and relay.wire write it) is read by `message_items`. Ingest writes new
-envelopes' JSON directly (`fresh`): at tens of thousands of events a second an object per
-event costs more than the dict it becomes.
+A Celery message carries a batch of envelopes' JSON (relay.wire writes and reads the
+message). Ingest writes new envelopes' JSON directly (`fresh`): at tens of thousands of
+events a second an object per event costs more than the dict it becomes.
 """
 
 from __future__ import annotations
 
-import base64
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -128,11 +126,14 @@ class Envelope:
     @classmethod
     def from_json(cls, raw: bytes | str) -> Envelope:
         """The envelope of its JSON text; raises DecodeError if it is not one."""
-        try:
-            data = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise DecodeError(f"not JSON: {exc}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(_loads(raw))
+
+
+def _loads(raw: bytes | str) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError(f"not JSON: {exc}") from None
 
 
 def _time(data: Json, key: str) -> float | None:
@@ -163,22 +164,3 @@ def fresh(
         {"id": new_id(), "source": source, "received_at": received_at, "attempts": 0, "event": e}
         for e in events
     ]
-
-
-def message_items(raw: bytes, *, unacked: bool = False) -> list[Any]:
-    """The items of one `relay.deliver_batch` Celery message as it sits in Redis (kombu
-    keeps an unacked one as [message, exchange, routing key]), undecoded; raises
-    DecodeError when it is not such a message."""
-    try:
-        envelope = orjson.loads(raw)
-        if unacked:
-            envelope = envelope[0]
-        body = envelope["body"]
-        if envelope.get("properties", {}).get("body_encoding") == "base64":
-            body = base64.b64decode(body)
-        items = orjson.loads(body)[0][0]  # protocol 2: [args, kwargs, embed]; args: [items]
-    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
-        raise DecodeError(f"not a relay message: {type(exc).__name__}: {exc}") from None
-    if not isinstance(items, list):
-        raise DecodeError(f"not a relay message: its argument is {type(items).__name__}")
-    return items

@@ -168,7 +168,7 @@ def test_an_item_that_is_no_envelope_is_dead_lettered_alone(
     assert report.delivered == 2 and report.dead == {"worker_error": 1}
     assert sorted(c["eventName"] for c in clean_sandbox.commands()) == ["f4", "f5"]
     [entry] = deadletter.list_entries(r)
-    assert entry["item"] == stranger and entry["errors"][0].startswith("DecodeError")
+    assert entry.item == stranger and entry.errors[0].startswith("DecodeError")
 
 
 def test_a_pause_in_force_sends_nothing_and_defers_past_it(

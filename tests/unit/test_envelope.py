@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from relay import envelope, wire
-from relay.envelope import Envelope, message_items
+from relay.envelope import Envelope
 from relay.errors import DecodeError
 from tests.conftest import ROOT
 
@@ -35,7 +35,7 @@ def test_every_writer_of_the_earlier_relay_is_in_the_fixtures() -> None:
 
 @pytest.mark.parametrize("raw", old_messages())
 def test_old_envelopes_decode_and_encode_to_the_same_bytes(raw: bytes) -> None:
-    items = message_items(raw)
+    items = wire.items_of(json.loads(raw))
     assert items
     for item in items:
         decoded = Envelope.from_dict(item)
@@ -47,7 +47,7 @@ def test_old_envelopes_decode_and_encode_to_the_same_bytes(raw: bytes) -> None:
 def test_ingest_writes_the_message_body_the_earlier_relay_wrote() -> None:
     [raw] = old_messages(WIRE / "ingest-pipelined.jsonl")
     old = json.loads(raw)
-    items = [Envelope.from_dict(item).to_dict() for item in message_items(raw)]
+    items = [Envelope.from_dict(item).to_dict() for item in wire.items_of(old)]
     ours = json.loads(wire.MessageWriter().encode(items, old["headers"]["id"]))
     assert base64.b64decode(ours["body"]) == base64.b64decode(old["body"])
 
@@ -138,12 +138,3 @@ def test_decode_all_keeps_what_is_not_an_envelope_apart() -> None:
     assert envelopes == [good]
     assert [item for item, _ in failed] == [{"event": EVENT}, "x"]
     assert all(isinstance(exc, DecodeError) for _, exc in failed)
-
-
-def test_message_items_reads_an_unacked_copy_and_refuses_other_messages() -> None:
-    [raw] = old_messages(WIRE / "ingest-webhook.jsonl")
-    unacked = orjson.dumps([orjson.loads(raw), "", "relay"])  # as kombu keeps it
-    assert message_items(unacked, unacked=True) == message_items(raw)
-    for other in (b"not json", b"{}", orjson.dumps({"body": "e30=", "properties": {}})):
-        with pytest.raises(DecodeError, match="not a relay message"):
-            message_items(other)
