@@ -32,10 +32,10 @@ from kombu import serialization
 from kombu.exceptions import OperationalError
 
 from relay import keys, oom, redis_conn, status, transport, wire
+from relay.envelope import Json
 from relay.errors import QueueUnavailable
 from relay.settings import VISIBILITY_MARGIN_S, Settings
 
-Item = dict[str, Any]
 # Ingest's publishing retries briefly (a Redis failover), then fails: the client gets a 503.
 RETRIES = 2
 
@@ -117,7 +117,7 @@ def make_celery(settings: Settings, redis_url: str, *, worker: bool = False) -> 
     return app
 
 
-def queue_of(items: list[Item]) -> str:
+def queue_of(items: list[Json]) -> str:
     """The queue of a batch: the replay lane when every item is a replayed dead letter."""
     replayed = all(isinstance(i, dict) and i.get("replayed_from") for i in items)
     return keys.REPLAY_QUEUE if items and replayed else keys.QUEUE
@@ -170,7 +170,7 @@ class _Publisher:
 
     def _call(
         self,
-        items: list[Item],
+        items: list[Json],
         counts: list[str],
         how: str = "",
         arg: Any = "",
@@ -200,7 +200,7 @@ class Queue(_Publisher):
         self._push = r.register_script((oom.header(r) if allow_oom else "") + _PUSH)
 
     def publish(
-        self, items: list[Item], *, message_id: str | None = None, per_message: int | None = None
+        self, items: list[Json], *, message_id: str | None = None, per_message: int | None = None
     ) -> None:
         """Queue `items` in messages of at most `per_message` events (default the
         deployment's `message_events`); raise a RedisError if they are not queued."""
@@ -208,7 +208,7 @@ class Queue(_Publisher):
             keys_, args = self._call(items, [], message_id=message_id, per_message=per_message)
             self._push(keys=keys_, args=args)
 
-    def move(self, member: bytes, items: list[Item], message_id: str) -> bool:
+    def move(self, member: bytes, items: list[Json], message_id: str) -> bool:
         """Queue the items of `member`, a batch of the delayed set, and remove it there, in
         one step; False, publishing nothing, when it was no longer there."""
         counts = [keys.DELAYED, keys.DELAYED_EVENTS]
@@ -227,7 +227,7 @@ class AsyncQueue(_Publisher):
         super().__init__(message_events)
         self._push = client.register_script(_PUSH)
 
-    async def publish(self, items: list[Item], message_id: str | None = None) -> None:
+    async def publish(self, items: list[Json], message_id: str | None = None) -> None:
         """Return once `items` are queued and counted; raise a RedisError if not."""
         rate = status.rate_key(status.Rate.INGESTED, time.time())
         keys_, args = self._call(items, [rate], "rate", status.RATE_TTL_S, message_id=message_id)
@@ -244,7 +244,7 @@ class AsyncQueue(_Publisher):
 
 
 def send(
-    celery: Celery, items: list[Item], *, retry_policy: dict[str, float] | None = None
+    celery: Celery, items: list[Json], *, retry_policy: dict[str, float] | None = None
 ) -> None:
     """Queue items through Celery's own `send_task`, in messages of at most `message_events`
     (`RELAY_INGEST_PUBLISHER=celery`); `count_sent` counts them after."""

@@ -19,8 +19,8 @@ import aiohttp
 import orjson
 
 from relay import eiv
+from relay.commands import Command
 from relay.retry import Outcome, parse_retry_after
-from relay.translate import Command
 
 
 class ChurnZeroClient:
@@ -57,10 +57,10 @@ class ChurnZeroClient:
 
     async def send(self, commands: list[Command]) -> Outcome:
         """POST one JSON array of commands; the outcome, whatever happened."""
-        signed = (
-            [eiv.signed(c, self._eiv_secret) for c in commands] if self._eiv_secret else commands
-        )
-        body = orjson.dumps([{"appKey": self._app_key, **c} for c in signed])
+        sent = [c.to_dict() for c in commands]
+        if self._eiv_secret:
+            sent = [eiv.signed(c, self._eiv_secret) for c in sent]
+        body = orjson.dumps([{"appKey": self._app_key, **c} for c in sent])
         try:
             async with self._open().post(
                 self._url,

@@ -58,6 +58,7 @@ def identities_forget(deployment: Deployment, user_id: str, yes: bool) -> None:
     from datetime import UTC, datetime
 
     from relay import broker
+    from relay.envelope import Envelope
 
     if not yes:
         raise click.ClickException("forgetting a user cannot be undone: add --yes")
@@ -65,7 +66,6 @@ def identities_forget(deployment: Deployment, user_id: str, yes: bool) -> None:
     now = datetime.now(UTC)
     event = {"type": "delete", "userId": user_id, "messageId": f"forget-{uuid.uuid4().hex}",
              "timestamp": now.isoformat().replace("+00:00", "Z")}  # fmt: skip
-    item = {"id": uuid.uuid4().hex, "source": "api", "received_at": now.timestamp(),
-            "attempts": 0, "event": event}  # fmt: skip
-    broker.Queue(r, deployment.settings.message_events).publish([item])
+    item = Envelope.new(event, source="api", received_at=now.timestamp())
+    broker.Queue(r, deployment.settings.message_events).publish([item.to_dict()])
     click.echo(f"queued the deletion of {user_id}")

@@ -17,6 +17,7 @@ million entries.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 import uuid
@@ -28,6 +29,7 @@ import orjson
 import redis
 
 from relay import keys
+from relay.envelope import Envelope, Json
 from relay.errors import DecodeError
 from relay.reasons import Reason
 
@@ -293,39 +295,36 @@ def select(
     return Selection(reason=reason, since=since, until=until)
 
 
-def replay_item(entry: DeadLetter, now: float) -> dict[str, Any]:
-    """The queued item a replay of this entry publishes (a dry run previews the same)."""
-    item = dict(entry.item)
-    # A fresh start: attempts and max age count from the replay.
-    item["attempts"] = 0
-    item["first_failure"] = None
-    item["received_at"] = now
-    item["replayed_from"] = entry.id
-    # Parsed again from scratch (a relaxed rule may take it now); the identity
-    # wait starts again too.
-    item.pop("rejected", None)
-    item.pop("first_seen", None)
-    return item
+def replay_item(entry: DeadLetter, now: float) -> Envelope:
+    """The envelope a replay of this entry queues (a dry run previews the same); its
+    event is parsed again from scratch, so a relaxed rule may take it now. Raises
+    DecodeError when the entry's item is not an envelope (a worker_error of a message
+    the relay did not write)."""
+    return Envelope.from_dict(entry.item).replayed(entry.id, now)
 
 
 def replay(
     r: redis.Redis,
     ids: list[str],
-    publish: Callable[[list[dict[str, Any]]], None],
+    publish: Callable[[list[Json]], None],
 ) -> int:
     """Re-enqueue these entries through the normal path; remove each once queued.
 
     Safe to run twice, even at once: each entry is claimed before it is published.
-    Returns how many were replayed.
+    Entries whose item is not an envelope stay where they are. Returns how many were
+    replayed.
     """
     pipe = r.pipeline(transaction=False)
     for entry_id in ids:
         pipe.set(keys.DLQ_REPLAYING + entry_id, b"1", nx=True, ex=CLAIM_S)
     claimed = [entry_id for entry_id, won in zip(ids, pipe.execute(), strict=True) if won]
     try:
-        entries = get_many(r, claimed)
+        entries, items = [], []
         now = time.time()
-        items = [replay_item(entry, now) for entry in entries]
+        for entry in get_many(r, claimed):
+            with contextlib.suppress(DecodeError):
+                items.append(replay_item(entry, now).to_dict())
+                entries.append(entry)
         if items:
             publish(items)  # queued and counted ready
             r.hincrby(keys.STATS, keys.Stat.REPLAYED, len(items))

@@ -27,6 +27,7 @@ from typing import Any
 import redis
 
 from relay import keys, oom
+from relay.envelope import Envelope
 
 BUCKETS_PER_WINDOW = 24
 # Redis's default hash-max-listpack-entries; 128 in the oldest configs, hence the fallback.
@@ -166,7 +167,7 @@ class Dedupe:
         self._release = r.register_script(header + _COMMON + _RELEASE)
         self._peek = r.register_script(_COMMON + _PEEK)
 
-    def duplicates(self, items: list[dict[str, Any]]) -> set[str]:
+    def duplicates(self, items: list[Envelope]) -> set[str]:
         """Relay ids of items whose messageId another copy already claimed."""
         pairs = _pairs(items)
         if not pairs or self._window <= 0:
@@ -177,7 +178,7 @@ class Dedupe:
         flags = self._claim(keys=[keys.DEDUPE], args=args)
         return {rid for (_, _, rid), dup in zip(pairs, flags, strict=True) if int(dup)}
 
-    def peek(self, items: list[dict[str, Any]]) -> set[str]:
+    def peek(self, items: list[Envelope]) -> set[str]:
         """What `duplicates` would say now, claiming nothing (a preview, a dry run)."""
         pairs = _pairs(items)
         if not pairs or self._window <= 0:
@@ -188,7 +189,7 @@ class Dedupe:
         flags = self._peek(keys=[keys.DEDUPE], args=args)
         return {rid for (_, _, rid), dup in zip(pairs, flags, strict=True) if int(dup)}
 
-    def release(self, items: list[dict[str, Any]]) -> None:
+    def release(self, items: list[Envelope]) -> None:
         """Give back the claims of items that were not delivered."""
         pairs = _pairs(items)
         if not pairs or self._window <= 0:
@@ -210,15 +211,12 @@ def relay_tag(rid: str) -> str:
     return str(int.from_bytes(tag, "big", signed=True))
 
 
-def _pairs(items: list[dict[str, Any]]) -> list[tuple[bytes, str, str]]:
-    pairs = []
-    for item in items:
-        event = item.get("event")
-        message_id = event.get("messageId") if isinstance(event, dict) else None
-        if isinstance(message_id, str) and message_id:
-            rid = str(item["id"])
-            pairs.append((message_digest(message_id), relay_tag(rid), rid))
-    return pairs
+def _pairs(items: list[Envelope]) -> list[tuple[bytes, str, str]]:
+    return [
+        (message_digest(item.message_id), relay_tag(item.id), item.id)
+        for item in items
+        if item.message_id is not None
+    ]
 
 
 def _listpack_entries(r: Any) -> int:

@@ -18,8 +18,8 @@ from typing import Any
 import orjson
 
 from relay import broker, keys, oom
+from relay.envelope import Envelope
 
-Item = dict[str, Any]
 LEASE_S = 60
 
 # KEYS: delayed. ARGV: limit, lease_s. Claims up to `limit` members due by Redis's clock.
@@ -34,13 +34,14 @@ return due
 """
 
 
-def stage_schedule(pipe: Any, items: list[Item], due: float, cause: str = "") -> bytes | None:
-    """Queue on a pipeline: these items come back to the queue at `due` (unix time);
+def stage_schedule(pipe: Any, items: list[Envelope], due: float, cause: str = "") -> bytes | None:
+    """Queue on a pipeline: these envelopes come back to the queue at `due` (unix time);
     `cause` (why they wait) is kept for `relay trace`. Returns the set member (None:
     nothing to schedule)."""
     if not items:
         return None
-    member = orjson.dumps({"id": uuid.uuid4().hex, "items": items, "cause": cause})
+    stored = [item.to_dict() for item in items]
+    member = orjson.dumps({"id": uuid.uuid4().hex, "items": stored, "cause": cause})
     pipe.zadd(keys.DELAYED, {member: due})
     pipe.incrby(keys.DELAYED_EVENTS, len(items))
     return member
@@ -64,7 +65,7 @@ class Mover:
         moved = 0
         for member in members:
             batch = orjson.loads(member)
-            items = batch["items"]
+            items = batch["items"]  # moved as stored, undecoded
             if self._queue.move(member, items, "d-" + str(batch["id"])):
                 moved += len(items)
         return moved

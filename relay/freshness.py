@@ -21,7 +21,8 @@ from collections.abc import Collection
 from typing import Any
 
 from relay import keys
-from relay.translate import Parsed, Plan
+from relay.commands import SetAttribute
+from relay.plan import Parsed, Plan
 
 # KEYS: one entity hash per write. ARGV: ttl_s, then (attribute, event ms) per write.
 # Returns 1 (send) or 0 (stale) per write, in order.
@@ -42,21 +43,21 @@ return out
 """
 
 
-def entity_key(command: dict[str, Any]) -> str:
+def entity_key(command: SetAttribute) -> str:
     """The clock of the entity a setAttribute command writes to."""
-    account = str(command["accountExternalId"])
-    if command.get("entity") == "account":
+    account = command.account
+    if command.entity == "account":
         return keys.attribute_clock("a:" + account)
     # Contact ids are unique within an account only; the length prefix keeps
     # ("a:b", "c") and ("a", "b:c") apart.
     size = len(account.encode())
-    return keys.attribute_clock(f"c:{size}:{account}:{command['contactExternalId']}")
+    return keys.attribute_clock(f"c:{size}:{account}:{command.contact}")
 
 
 def stamps(parsed: Parsed) -> dict[str, int]:
     """Each item's event time in epoch milliseconds (items without one are absent)."""
     return {
-        item["id"]: int(event.timestamp.timestamp() * 1000)
+        item.id: int(event.timestamp.timestamp() * 1000)
         for item, event in parsed
         if event.timestamp is not None
     }
@@ -73,14 +74,14 @@ def reserve(
     names: list[str] = []
     args: list[Any] = [ttl_s]
     for n, (item, commands) in enumerate(plan.send):
-        stamp = stamps.get(item["id"])
-        if stamp is None or item["id"] in done:
+        stamp = stamps.get(item.id)
+        if stamp is None or item.id in done:
             continue
         for m, command in enumerate(commands):
-            if command.get("action") == "setAttribute":
+            if isinstance(command, SetAttribute):
                 writes.append((n, m))
                 names.append(entity_key(command))
-                args += [command["name"], stamp]
+                args += [command.name, stamp]
     if not writes:
         return 0
     verdicts = r.eval(_RESERVE, len(names), *names, *args)

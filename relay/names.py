@@ -22,7 +22,9 @@ import time
 from typing import Any
 
 from relay import keys
-from relay.translate import Command, Plan
+from relay.commands import Command, SetAttribute, TrackEvent
+from relay.envelope import Envelope
+from relay.plan import Plan
 
 KINDS = ("event", "account_attribute", "contact_attribute")
 LISTED = 200  # new names kept for listing, per deployment
@@ -68,10 +70,10 @@ def names_of(commands: list[Command]) -> set[Name]:
     """The ChurnZero names these commands would send."""
     out: set[Name] = set()
     for command in commands:
-        if command.get("action") == "trackEvent":
-            out.add(("event", str(command.get("eventName"))))
-        elif command.get("action") == "setAttribute":
-            out.add((f"{command.get('entity')}_attribute", str(command.get("name"))))
+        if isinstance(command, TrackEvent):
+            out.add(("event", command.event_name))
+        elif isinstance(command, SetAttribute):
+            out.add((f"{command.entity}_attribute", command.name))
     return out
 
 
@@ -97,7 +99,7 @@ def guard(
     return hold(plan, new, exempt)
 
 
-def sent_names(send: list[tuple[dict[str, Any], list[Command]]]) -> set[Name]:
+def sent_names(send: list[tuple[Envelope, list[Command]]]) -> set[Name]:
     """Every name the commands of these events would send."""
     return {name for _, commands in send for name in names_of(commands)}
 
@@ -109,7 +111,7 @@ def hold(plan: Plan, new: set[Name], exempt: set[str] | frozenset[str] = frozens
     held, keep, names = [], [], set()
     for item, commands in plan.send:
         fresh = sorted(names_of(commands) & new)
-        if fresh and item["id"] not in exempt:
+        if fresh and item.id not in exempt:
             names.update(fresh)
             held.append(
                 (item, [f"new {kind.replace('_', ' ')} name: {name}" for kind, name in fresh])

@@ -17,16 +17,19 @@ from datetime import UTC, datetime
 from typing import Any
 
 from relay import deadletter, identity, intake, keys, names, retry
+from relay.commands import Command
 from relay.dedupe import Dedupe
-from relay.errors import RequestError
+from relay.envelope import Envelope
+from relay.errors import DecodeError, RequestError
 from relay.mapping import Mapping
+from relay.plan import lookup_keys, parse_items, plan_batch, tombstone_keys
 from relay.resolution import Known
 from relay.settings import Settings
 from relay.settlement import Outcomes, Policy, settle
-from relay.translate import Command, lookup_keys, parse_items, plan_batch, tombstone_keys
 
-Item = dict[str, Any]
 _OK = retry.Outcome(status=200)
+# A previewed event's relay id names its place in the request, for its verdict's index.
+_PLACE = "preview-"
 
 
 @dataclass
@@ -38,7 +41,7 @@ class Verdict:
     user: str
     outcome: str
     reason: str | None = None
-    commands: list[Command] = field(default_factory=list)
+    commands: list[dict[str, Any]] = field(default_factory=list)  # their JSON, sans appKey
     errors: list[Any] = field(default_factory=list)
 
     @property
@@ -59,8 +62,8 @@ class Verdict:
         }
 
 
-def items_of(body: bytes, source: str | None = None) -> tuple[list[Item], list[Verdict]]:
-    """Queued items from a Segment event, an array of events or a `{"batch": [...]}`
+def items_of(body: bytes, source: str | None = None) -> tuple[list[Envelope], list[Verdict]]:
+    """Queued envelopes from a Segment event, an array of events or a `{"batch": [...]}`
     envelope, validated as ingest would; and a verdict for each event ingest would refuse.
     Raises RequestError (400) when the body as a whole is unusable."""
     data = intake.load_json(body)
@@ -78,25 +81,24 @@ def items_of(body: bytes, source: str | None = None) -> tuple[list[Item], list[V
     else:
         parsed = intake.parse_webhook(body, now)
     source = source or ("api" if envelope else "webhook")
-    stamp = now.timestamp()
-    items = [
-        {"id": f"preview-{n}", "source": source, "received_at": stamp, "attempts": 0, "event": e}
-        for n, e in enumerate(parsed.accepted)
-    ]
     refused = [
         Verdict(r.index, _kind(r.event), _user(r.event), "dead", "invalid_event", [], r.errors)
         for r in parsed.rejected
     ]
     # Accepted events keep their place in the request for the output.
-    places = [i for i in range(len(items) + len(refused)) if i not in {r.index for r in refused}]
-    for item, place in zip(items, places, strict=True):
-        item["preview_index"] = place
+    size = len(parsed.accepted) + len(refused)
+    places = [i for i in range(size) if i not in {r.index for r in refused}]
+    stamp = now.timestamp()
+    items = [
+        Envelope.new(e, source=source, received_at=stamp, rid=f"{_PLACE}{place}")
+        for e, place in zip(parsed.accepted, places, strict=True)
+    ]
     return items, refused
 
 
 def preview(
     r: Any,
-    items: list[Item],
+    items: list[Envelope],
     mapping: Mapping,
     settings: Settings,
     *,
@@ -112,12 +114,12 @@ def preview(
     verdicts: dict[str, Verdict] = {}
     parsed, bad = parse_items(items)
     for item, errors in bad:
-        verdicts[item["id"]] = _verdict(item, "dead", "invalid_event", errors=errors)
+        verdicts[item.id] = _verdict(item, "dead", "invalid_event", errors=errors)
     dups = _duplicates(r, [item for item, _ in parsed], settings.dedupe_window_s)
     for item, _ in parsed:
-        if item["id"] in dups:
-            verdicts[item["id"]] = _verdict(item, "skip", "duplicate")
-    parsed = [(item, event) for item, event in parsed if item["id"] not in dups]
+        if item.id in dups:
+            verdicts[item.id] = _verdict(item, "skip", "duplicate")
+    parsed = [(item, event) for item, event in parsed if item.id not in dups]
     found = identity.lookup(r, lookup_keys(parsed, mapping), tombstone_keys(parsed))
     if known is not None:
         found.known |= known
@@ -127,22 +129,23 @@ def preview(
     new = names.unknown(r, names.sent_names(plan.send))
     if settings.new_names == "hold":
         names.hold(plan, new)
-    outcomes: Outcomes = {item["id"]: _OK for item, _ in plan.send}
+    outcomes: Outcomes = {item.id: _OK for item, _ in plan.send}
     settled = settle(plan, outcomes, now, Policy.of(settings))
-    commands = {item["id"]: cmds for item, cmds in plan.send}
+    commands = {item.id: cmds for item, cmds in plan.send}
     for item in settled.delivered:
-        fresh = sorted(names.names_of(commands[item["id"]]) & new)
+        fresh = sorted(names.names_of(commands[item.id]) & new)
         notes = [f"new {kind.replace('_', ' ')} name: {name}" for kind, name in fresh]
-        verdicts[item["id"]] = _verdict(item, "deliver", None, commands[item["id"]], notes)
+        verdicts[item.id] = _verdict(item, "deliver", None, commands[item.id], notes)
     for item, reason in plan.skipped:
-        verdicts[item["id"]] = _verdict(item, "skip", reason)
+        verdicts[item.id] = _verdict(item, "skip", reason)
+    by_id = {item.id: item for item in items}
     for entry in settled.dead:
-        item = entry.item
-        verdicts[item["id"]] = _verdict(item, "dead", entry.reason.value, errors=entry.errors)
+        item = by_id[entry.item["id"]]
+        verdicts[item.id] = _verdict(item, "dead", entry.reason.value, errors=entry.errors)
     for batch, _, cause in settled.later:
         for item in batch:
-            verdicts[item["id"]] = _verdict(item, "wait", cause, errors=_WAIT_NOTE.get(cause, []))
-    return [verdicts[item["id"]] for item in items]
+            verdicts[item.id] = _verdict(item, "wait", cause, errors=_WAIT_NOTE.get(cause, []))
+    return [verdicts[item.id] for item in items]
 
 
 _WAIT_NOTE = {
@@ -178,10 +181,16 @@ def dry_run(
     out = DryRun()
     known: dict[str, Known] = {}  # identities the replay's earlier events would teach
     now = time.time()
-    for entries in pages:
-        items = [deadletter.replay_item(e, now) for e in entries]
+    for page in pages:
+        entries, items, kept = [], [], []
+        for entry in page:
+            try:
+                items.append(deadletter.replay_item(entry, now))
+                entries.append(entry)
+            except DecodeError as exc:  # a replay leaves it where it is
+                kept.append((entry, _verdict_kept(entry, exc)))
         verdicts = preview(r, items, mapping, settings, known=known, now=now)
-        for entry, verdict in zip(entries, verdicts, strict=True):
+        for entry, verdict in [*zip(entries, verdicts, strict=True), *kept]:
             out.total += 1
             out.outcomes[verdict.label] += 1
             examples = out.samples.setdefault(verdict.label, [])
@@ -220,25 +229,31 @@ def entries_pages(
         yield deadletter.get_many(r, batch)
 
 
-def _duplicates(r: Any, items: list[Item], window_s: int) -> set[str]:
+def _duplicates(r: Any, items: list[Envelope], window_s: int) -> set[str]:
     # Dedupe's claim, read only: another copy (another relay id) holds the messageId.
     return Dedupe(r, window_s).peek(items)
 
 
 def _verdict(
-    item: Item, outcome: str, reason: str | None, commands: list[Command] | None = None,
+    item: Envelope, outcome: str, reason: str | None, commands: list[Command] | None = None,
     errors: list[Any] | None = None,
 ) -> Verdict:  # fmt: skip
-    event = item.get("event")
+    place = item.id.removeprefix(_PLACE)
     return Verdict(
-        index=int(item.get("preview_index", 0)),
-        type=_kind(event),
-        user=_user(event),
+        index=int(place) if item.id.startswith(_PLACE) and place.isdigit() else 0,
+        type=_kind(item.event),
+        user=_user(item.event),
         outcome=outcome,
         reason=reason,
-        commands=commands or [],
+        commands=[c.to_dict() for c in commands or []],
         errors=errors or [],
     )
+
+
+def _verdict_kept(entry: deadletter.DeadLetter, exc: DecodeError) -> Verdict:
+    event = entry.item.get("event")
+    errors = [f"not replayable: {exc}"]
+    return Verdict(0, _kind(event), _user(event), "dead", entry.reason.value, errors=errors)
 
 
 def _kind(event: Any) -> str:

@@ -21,8 +21,8 @@ from typing import Any
 from celery import Celery
 
 from relay import broker
+from relay.envelope import Json
 
-Item = dict[str, Any]
 # Publishing retries briefly (a Redis failover), then fails so the client gets a 503.
 RETRY_POLICY = {"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2, "interval_max": 0.5}
 
@@ -37,7 +37,7 @@ class GroupCommit:
         flush_ms: float,
         message_events: int,
         after_publish: Callable[[int], None] | None = None,
-        publish: Callable[[list[Item]], Coroutine[Any, Any, None]] | None = None,
+        publish: Callable[[list[Json]], Coroutine[Any, Any, None]] | None = None,
     ) -> None:
         # `publish`, when given, replaces Celery's send_task in the thread (and
         # `after_publish`): broker.AsyncQueue's writer, run on the event loop.
@@ -47,12 +47,12 @@ class GroupCommit:
         self._max = message_events
         self._after_publish = after_publish
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-publish")
-        self._items: list[Item] = []
+        self._items: list[Json] = []
         self._waiters: list[asyncio.Future[None]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._busy = False
 
-    async def submit(self, items: list[Item]) -> None:
+    async def submit(self, items: list[Json]) -> None:
         """Return once `items` are durably queued; raise if publishing failed."""
         if not items:
             return
@@ -83,7 +83,7 @@ class GroupCommit:
         )
         future.add_done_callback(lambda f: self._done(f, waiters))
 
-    def _publish(self, items: list[Item]) -> None:
+    def _publish(self, items: list[Json]) -> None:
         broker.send(self._celery, items, retry_policy=RETRY_POLICY)
         if self._after_publish is not None:
             self._after_publish(len(items))

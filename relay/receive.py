@@ -18,7 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
-from relay import auth, broker, cors, deadletter, intake, metrics
+from relay import auth, broker, cors, deadletter, envelope, intake, metrics
 from relay.errors import QueueUnavailable, RequestError
 from relay.reasons import Reason
 from relay.settings import Settings
@@ -92,10 +92,7 @@ def _new_id() -> str:
 
 
 def _items(accepted: list[dict[str, Any]], source: str, now: float) -> list[dict[str, Any]]:
-    return [
-        {"id": _new_id(), "source": source, "received_at": now, "attempts": 0, "event": e}
-        for e in accepted
-    ]
+    return envelope.fresh(accepted, source, now, _new_id)
 
 
 async def _ingest(request: web.Request, route: str, source: str) -> web.Response:
@@ -141,8 +138,7 @@ async def _handle(
     items = _items(parsed.accepted, source, stamp)
     rejected = [
         deadletter.new_entry(
-            {"id": _new_id(), "source": source, "received_at": stamp, "attempts": 0,
-             "event": r.event},
+            envelope.fresh([r.event], source, stamp, _new_id)[0],
             Reason.INVALID_EVENT,
             errors=r.errors,
             now=stamp,

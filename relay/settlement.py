@@ -21,16 +21,16 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from relay import deadletter, retry
+from relay.envelope import Envelope
+from relay.plan import Plan
 from relay.reasons import Reason
 from relay.resolution import resolve_raw_key
 from relay.settings import Settings
-from relay.translate import Plan
 
-Item = dict[str, Any]
 IDENTITY_RETRY_CAP_S = 60.0
 _SEVERITY = {retry.Kind.SUCCESS: 0, retry.Kind.RETRYABLE: 1, retry.Kind.PERMANENT: 2}
 
@@ -69,10 +69,10 @@ class Policy:
 class Settlement:
     """Every event of a batch, settled: see the module docstring."""
 
-    delivered: list[Item] = field(default_factory=list)
+    delivered: list[Envelope] = field(default_factory=list)
     skipped: Counter[str] = field(default_factory=Counter)
     dead: list[deadletter.DeadLetter] = field(default_factory=list)
-    later: list[tuple[list[Item], float, str]] = field(default_factory=list)  # items, due, cause
+    later: list[tuple[list[Envelope], float, str]] = field(default_factory=list)  # due, cause
 
 
 Outcomes = dict[str, retry.Outcome | Unsent]
@@ -99,21 +99,19 @@ def settle(
     for _item, reason in plan.skipped:
         out.skipped[reason] += 1
     for item, problems in plan.invalid_event + plan.invalid_command:
-        out.dead.append(
-            deadletter.new_entry(item, Reason.INVALID_COMMAND, errors=problems, now=now)
-        )
+        out.dead.append(dead_letter(item, Reason.INVALID_COMMAND, now, errors=problems))
     for item, problems in plan.held:
-        out.dead.append(deadletter.new_entry(item, Reason.NEW_NAME, errors=problems, now=now))
+        out.dead.append(dead_letter(item, Reason.NEW_NAME, now, errors=problems))
     for item in plan.unresolved:
         _wait_for_identity(item, now, policy, out, rng)
     for item, _ in plan.send:
-        outcome = outcomes[item["id"]]
+        outcome = outcomes[item.id]
         if isinstance(outcome, retry.Outcome) and outcome.kind is retry.Kind.SUCCESS:
             out.delivered.append(item)
         elif isinstance(outcome, retry.Outcome) and outcome.kind is retry.Kind.PERMANENT:
-            out.dead.append(deadletter.new_entry(
-                attempted(item, now), Reason.REJECTED, status=outcome.status,
-                response=outcome.excerpt, now=now,
+            out.dead.append(dead_letter(
+                item.attempted(now), Reason.REJECTED, now, status=outcome.status,
+                response=outcome.excerpt,
             ))  # fmt: skip
         else:
             _defer(item, outcome, now, policy, out, rng)
@@ -121,14 +119,14 @@ def settle(
 
 
 def _defer(
-    item: Item,
+    item: Envelope,
     outcome: retry.Outcome | Unsent,
     now: float,
     policy: Policy,
     out: Settlement,
     rng: random.Random | None,
 ) -> None:
-    tried = attempted(item, now) if isinstance(outcome, retry.Outcome) else dict(item)
+    tried = item.attempted(now) if isinstance(outcome, retry.Outcome) else item
     received = received_at(tried, now)
     if retry.expired(received, now, policy.max_age_s):
         status: int | None = None
@@ -137,15 +135,15 @@ def _defer(
             status, response = outcome.status, outcome.excerpt or outcome.error
         else:
             response = f"never sent: {outcome.cause}"
-        out.dead.append(deadletter.new_entry(
-            tried, Reason.RETRIES_EXHAUSTED, status=status, response=response, now=now,
-        ))  # fmt: skip
+        out.dead.append(
+            dead_letter(tried, Reason.RETRIES_EXHAUSTED, now, status=status, response=response)
+        )
         return
     if isinstance(outcome, Unsent):
         wait, cause = outcome.wait_s + (rng or random).uniform(0, 1.0), outcome.cause
     else:
         wait = retry.next_delay(
-            outcome, int(tried["attempts"]), base_s=policy.backoff_base_s,
+            outcome, tried.attempts, base_s=policy.backoff_base_s,
             cap_s=policy.backoff_cap_s, retry_after_cap_s=policy.retry_after_cap_s,
         )  # fmt: skip
         cause = outcome.label
@@ -154,52 +152,48 @@ def _defer(
 
 
 def _wait_for_identity(
-    item: Item, now: float, policy: Policy, out: Settlement, rng: random.Random | None
+    item: Envelope, now: float, policy: Policy, out: Settlement, rng: random.Random | None
 ) -> None:
-    seen = dict(item)
-    seen.setdefault("first_seen", now)
-    waited = now - float(seen["first_seen"])
+    first_seen = now if item.first_seen is None else item.first_seen
+    seen = replace(item, first_seen=first_seen)
+    waited = now - first_seen
     aged = retry.expired(received_at(seen, now), now, policy.max_age_s)
     if waited >= policy.identity_wait_s or aged:
-        out.dead.append(deadletter.new_entry(
-            seen, Reason.UNRESOLVED_IDENTITY, now=now,
+        out.dead.append(dead_letter(
+            seen, Reason.UNRESOLVED_IDENTITY, now,
             errors=["no account for this user: no ids, and no group, identify, alias or import"],
         ))  # fmt: skip
         return
-    wait = retry.compute_backoff(
-        int(seen.get("attempts", 0)), base_s=1.0, cap_s=IDENTITY_RETRY_CAP_S, rng=rng
-    )
+    wait = retry.compute_backoff(seen.attempts, base_s=1.0, cap_s=IDENTITY_RETRY_CAP_S, rng=rng)
     wait = min(max(wait, 0.5), policy.identity_wait_s - waited)
-    seen["attempts"] = int(seen.get("attempts", 0)) + 1
-    out.later.append(([seen], now + wait, "identity_wait"))
+    # Each wait counts as an attempt: the backoff grows with them.
+    out.later.append(([replace(seen, attempts=seen.attempts + 1)], now + wait, "identity_wait"))
 
 
-def received_at(item: Item, now: float) -> float:
-    """When ingest received the event (an item without it counts from now)."""
-    value = item.get("received_at")
-    return float(value) if isinstance(value, int | float) else now
+def received_at(item: Envelope, now: float) -> float:
+    """When ingest received the event (an envelope without it counts from now)."""
+    return now if item.received_at is None else item.received_at
 
 
-def attempted(item: Item, now: float) -> Item:
-    """The item after one more failed attempt at delivery."""
-    out = dict(item)
-    out["attempts"] = int(item.get("attempts", 0)) + 1
-    out["first_failure"] = item.get("first_failure") or now
-    return out
+def dead_letter(
+    item: Envelope, reason: Reason, now: float, **details: Any
+) -> deadletter.DeadLetter:
+    """The dead-letter entry of an envelope (`details`: as `deadletter.new_entry` takes)."""
+    return deadletter.new_entry(item.to_dict(), reason, now=now, **details)
 
 
 def group_later(
-    later: list[tuple[list[Item], float, str]],
-) -> list[tuple[list[Item], float, str]]:
+    later: list[tuple[list[Envelope], float, str]],
+) -> list[tuple[list[Envelope], float, str]]:
     """One delayed-set member per cause and due second keeps the set small; replayed
     dead letters apart from live events, so they come back in their own lane; identity
     waits also per user, so the member indexed under a user (relay.identity) holds only
     that user's tracks."""
-    groups: dict[tuple[str, int, bool, str], tuple[list[Item], float]] = {}
+    groups: dict[tuple[str, int, bool, str], tuple[list[Envelope], float]] = {}
     for items, due, cause in later:
         for item in items:
-            user = resolve_raw_key(item.get("event")) if cause == "identity_wait" else None
-            key = (cause, int(due), bool(item.get("replayed_from")), user or "")
+            user = resolve_raw_key(item.event) if cause == "identity_wait" else None
+            key = (cause, int(due), bool(item.replayed_from), user or "")
             batch, first_due = groups.get(key, ([], due))
             batch.append(item)
             groups[key] = (batch, min(first_due, due))

@@ -19,6 +19,8 @@ from typing import Any
 import orjson
 
 from relay import keys, names, wire
+from relay.envelope import Envelope
+from relay.errors import DecodeError
 from relay.reasons import Reason
 
 WINDOW_S = 60
@@ -146,8 +148,8 @@ def _oldest_received(message: bytes | None) -> float | None:
     if not message:
         return None
     try:
-        return float(wire.items_of(orjson.loads(message))[0]["received_at"])
-    except (ValueError, KeyError, IndexError, TypeError):
+        return Envelope.from_dict(wire.items_of(orjson.loads(message))[0]).received_at
+    except (ValueError, KeyError, IndexError, TypeError, DecodeError):
         return None
 
 

@@ -22,9 +22,9 @@ from typing import Any
 import orjson
 
 from relay import deadletter, keys, wire
-from relay.translate import Command
+from relay.commands import Command
+from relay.envelope import Envelope, decode_all
 
-Item = dict[str, Any]
 PAGE = 500
 DLQ_SCAN = 10_000  # newest dead letters searched when the record has no sign of the event
 
@@ -46,26 +46,28 @@ def stage_record(
     pipe: Any,
     size: int,
     *,
-    delivered: Iterable[tuple[Item, list[Command]]] = (),
-    skipped: Iterable[tuple[Item, str]] = (),
+    delivered: Iterable[tuple[Envelope, list[Command]]] = (),
+    skipped: Iterable[tuple[Envelope, str]] = (),
     dead: Iterable[deadletter.DeadLetter] = (),
 ) -> None:
     """Queue on the settlement's pipeline: one record entry per event settled."""
     if size <= 0:
         return
     for item, commands in delivered:
-        _stage(pipe, size, item, {"o": "delivered", "c": orjson.dumps(commands)})
+        sent = orjson.dumps([c.to_dict() for c in commands])
+        _stage(pipe, size, item.id, item.event, {"o": "delivered", "c": sent})
     for item, reason in skipped:
-        _stage(pipe, size, item, {"o": "skipped", "why": reason})
+        _stage(pipe, size, item.id, item.event, {"o": "skipped", "why": reason})
     for entry in dead:
-        _stage(pipe, size, entry.item, {"o": "dead", "why": entry.reason.value, "e": entry.id})
+        # An entry's item as stored: not always an envelope (a message the relay did not write).
+        fields = {"o": "dead", "why": entry.reason.value, "e": entry.id}
+        _stage(pipe, size, str(entry.item.get("id", "")), entry.item.get("event"), fields)
 
 
-def _stage(pipe: Any, size: int, item: Item, fields: dict[str, Any]) -> None:
-    event = item.get("event")
+def _stage(pipe: Any, size: int, rid: str, event: Any, fields: dict[str, Any]) -> None:
     message_id = event.get("messageId") if isinstance(event, dict) else None
     fields["m"] = message_id if isinstance(message_id, str) else ""
-    fields["r"] = str(item.get("id", ""))
+    fields["r"] = rid
     # Approximate trimming: Redis drops whole stream nodes, far cheaper than exact.
     pipe.xadd(keys.TRACE, fields, maxlen=size, approximate=True)
 
@@ -90,7 +92,7 @@ def find(
         if needle not in member:
             continue
         batch = orjson.loads(member)
-        for item in batch["items"]:
+        for item in _decoded(batch["items"]):
             if _matches(item, wanted):
                 about = _about(item, cause=batch.get("cause"))
                 found.append(Sighting("delayed", float(due), about))
@@ -137,14 +139,15 @@ def _dead(r: Any, wanted: str, needle: bytes) -> list[Sighting]:
             if raw is None or needle not in raw:
                 continue
             entry = orjson.loads(raw)
-            if isinstance(entry["item"], dict) and _matches(entry["item"], wanted):
-                about = _about(entry["item"], reason=entry["reason"], entry=entry_id.decode())
-                out.append(Sighting("dead", entry["last_failure"], about))
+            for item in _decoded([entry["item"]]):
+                if _matches(item, wanted):
+                    about = _about(item, reason=entry["reason"], entry=entry_id.decode())
+                    out.append(Sighting("dead", entry["last_failure"], about))
     return out
 
 
-def _message_items(raw: bytes, needle: bytes, *, unacked: bool = False) -> list[Item]:
-    """The items of a Celery message (kombu's Redis envelope), if it mentions `needle`."""
+def _message_items(raw: bytes, needle: bytes, *, unacked: bool = False) -> list[Envelope]:
+    """The envelopes of a Celery message, if it mentions `needle`."""
     if needle not in raw and b"base64" not in raw:
         return []
     try:
@@ -154,24 +157,23 @@ def _message_items(raw: bytes, needle: bytes, *, unacked: bool = False) -> list[
         items = wire.items_of(envelope)
     except (ValueError, KeyError, IndexError, TypeError):
         return []
-    return [i for i in items if isinstance(i, dict)] if isinstance(items, list) else []
+    return _decoded(items) if isinstance(items, list) else []
 
 
-def _matches(item: Item, wanted: str) -> bool:
-    event = item.get("event")
-    return item.get("id") == wanted or (
-        isinstance(event, dict) and event.get("messageId") == wanted
-    )
+def _decoded(items: list[Any]) -> list[Envelope]:
+    # What does not decode is no relay event to find (a message another producer wrote).
+    return decode_all(items)[0]
 
 
-def _about(item: Item, **extra: Any) -> dict[str, Any]:
-    event = item.get("event")
-    if not isinstance(event, dict):
-        event = {}
+def _matches(item: Envelope, wanted: str) -> bool:
+    return wanted in (item.id, item.message_id)
+
+
+def _about(item: Envelope, **extra: Any) -> dict[str, Any]:
     about = {
-        "relay_id": item.get("id"),
-        "message_id": event.get("messageId"),
-        "type": event.get("type"),
-        "attempts": item.get("attempts", 0),
+        "relay_id": item.id,
+        "message_id": item.event.get("messageId"),
+        "type": item.event.get("type"),
+        "attempts": item.attempts,
     }
     return about | {k: v for k, v in extra.items() if v is not None}

@@ -1,41 +1,28 @@
-"""Segment events into ChurnZero commands: pure functions, no I/O.
+"""Segment events into ChurnZero commands, one call at a time: pure functions, no I/O.
 
 identify -> `setAttribute` commands (contact, or account for traits the mapping puts
 there; nothing reaches the account unless the mapping says so),
 group -> `setAttribute` on the account `groupId` for its traits (the `[group]` mapping),
-track -> one `trackEvent`, alias -> nothing sent, a link in the identity map.
-Who each event is about comes from relay.resolution: the event itself or, through the
-identity map, an earlier identify, group or alias; `plan_batch` works a whole Celery
-batch at once so a track resolves against an identify anywhere in the same batch.
+track -> one `trackEvent` (or the increment the mapping makes of it),
+alias -> nothing sent, a link in the identity map.
+Who each event is about (its `Ids`) is decided before, for the whole batch, by
+relay.plan; this module only says what a call tells ChurnZero about them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping as AbstractMapping
-from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import ValidationError
-
 from relay import events
-from relay.mapping import Mapping
-from relay.resolution import (
-    ID_KEYS,
-    Ids,
-    Known,
-    alias_keys,
-    explicit_ids,
-    fallback_contact,
-    identity_keys,
-    learned_contact,
-    own_account,
-    resolve_key,
+from relay.commands import (
+    MAX_DESCRIPTION,
+    Command,
+    IncrementAttribute,
+    SetAttribute,
+    TrackEvent,
 )
-
-Command = dict[str, Any]
-
-MAX_ID = 100
-MAX_DESCRIPTION = 255
+from relay.mapping import Mapping
+from relay.resolution import ID_KEYS, Ids
 
 
 def skip_reason(event: events.AnyEvent, source: str, mapping: Mapping) -> str | None:
@@ -54,7 +41,7 @@ def skip_reason(event: events.AnyEvent, source: str, mapping: Mapping) -> str | 
     return None
 
 
-def attribute_value(value: Any) -> Any:
+def attribute_value(value: Any) -> bool | int | float | str | None:
     """A trait value as ChurnZero takes it, or None when it cannot be sent."""
     if isinstance(value, bool | int | float | str):
         return value
@@ -64,17 +51,15 @@ def attribute_value(value: Any) -> Any:
     return None  # nested objects and nulls
 
 
-def _base(ids: Ids, action: str) -> Command:
-    return {"accountExternalId": ids.account, "contactExternalId": ids.contact, "action": action}
-
-
-def _set(ids: Ids, entity: str, name: str, value: Any) -> Command:
-    return {**_base(ids, "setAttribute"), "entity": entity, "name": name, "value": value}
+def _set(ids: Ids, entity: str, name: str, value: bool | int | float | str) -> SetAttribute:
+    return SetAttribute(
+        account=ids.account, contact=ids.contact, entity=entity, name=name, value=value
+    )
 
 
 def identify_commands(event: events.Identify, ids: Ids, mapping: Mapping) -> list[Command]:
     """setAttribute commands for every sendable trait."""
-    out = []
+    out: list[Command] = []
     for trait, raw in event.traits.items():
         if trait in ID_KEYS:
             continue
@@ -114,41 +99,37 @@ def track_commands(event: events.Track, ids: Ids, mapping: Mapping) -> list[Comm
     increment = mapping.events.increment.get(event.event)
     if increment is None:
         return [track_command(event, ids, mapping)]
-    command = {
-        **_base(ids, "incrementAttribute"),
-        "entity": increment.entity,
-        "name": increment.attribute,
-        "value": _quantity(event.properties),
-    }
+    command = IncrementAttribute(
+        account=ids.account,
+        contact=ids.contact,
+        entity=increment.entity,
+        name=increment.attribute,
+        value=_quantity(event.properties),
+    )
     return [command, track_command(event, ids, mapping)] if increment.track else [command]
 
 
-def track_command(event: events.Track, ids: Ids, mapping: Mapping) -> Command:
+def track_command(event: events.Track, ids: Ids, mapping: Mapping) -> TrackEvent:
     """The trackEvent command of a track call."""
     stamp = event.timestamp
-    command = {
-        **_base(ids, "trackEvent"),
-        "eventName": mapping.event_name(event.event),
-        "eventDate": stamp.isoformat().replace("+00:00", "Z") if stamp else None,
-    }
     props = event.properties
-    description = props.get("description")
-    if isinstance(description, str) and description:
-        command["description"] = description[:MAX_DESCRIPTION]
-    command["quantity"] = _quantity(props)
-    allow_dupes = _allow_dupes(event)
-    if allow_dupes is not None:
-        command["allowDupes"] = allow_dupes
-    for name in mapping.custom_fields(event.event):
-        value = attribute_value(props.get(name))
-        if value is not None:
-            command[f"cf_{name}"] = value
-    return command
+    text = props.get("description")
+    fields = {name: attribute_value(props.get(name)) for name in mapping.custom_fields(event.event)}
+    return TrackEvent(
+        account=ids.account,
+        contact=ids.contact,
+        event_name=mapping.event_name(event.event),
+        event_date=stamp.isoformat().replace("+00:00", "Z") if stamp else None,
+        description=(text[:MAX_DESCRIPTION] or None) if isinstance(text, str) else None,
+        quantity=_quantity(props),
+        allow_dupes=_allow_dupes(event),
+        custom={name: value for name, value in fields.items() if value is not None},
+    )
 
 
 def group_commands(event: events.Group, ids: Ids, mapping: Mapping) -> list[Command]:
     """setAttribute commands on the account for the group traits the mapping sends."""
-    out = []
+    out: list[Command] = []
     for trait, raw in event.traits.items():
         name = mapping.group.attribute(trait) if trait not in ID_KEYS else None
         value = attribute_value(raw) if name else None
@@ -157,269 +138,8 @@ def group_commands(event: events.Group, ids: Ids, mapping: Mapping) -> list[Comm
     return out
 
 
-def validate_command(command: Command) -> list[str]:
-    """What is wrong with a command ChurnZero would silently swallow (empty: nothing)."""
-    problems = []
-    for key in ("accountExternalId", "contactExternalId"):
-        value = command.get(key)
-        if not isinstance(value, str) or not value:
-            problems.append(f"{key} is empty")
-        elif len(value) > MAX_ID:
-            problems.append(f"{key} is longer than {MAX_ID} characters")
-    if command.get("action") == "trackEvent":
-        name = command.get("eventName")
-        if not isinstance(name, str) or not name.strip():
-            problems.append("eventName is empty")
-        if not command.get("eventDate"):
-            problems.append("eventDate is missing")
-        if len(str(command.get("description", ""))) > MAX_DESCRIPTION:
-            problems.append(f"description is longer than {MAX_DESCRIPTION} characters")
-    elif command.get("action") in ("setAttribute", "incrementAttribute"):
-        if not str(command.get("name", "")).strip():
-            problems.append("attribute name is empty")
-        if command.get("entity") not in ("account", "contact"):
-            problems.append("entity must be account or contact")
-    return problems
-
-
-@dataclass
-class Plan:
-    """What to do with each item of a batch (an item wraps one event with its metadata),
-    and what the batch taught: identities (partial, merged into the map), alias links,
-    and the users whose waiting tracks may now resolve."""
-
-    send: list[tuple[dict[str, Any], list[Command]]] = field(default_factory=list)
-    skipped: list[tuple[dict[str, Any], str]] = field(default_factory=list)
-    unresolved: list[dict[str, Any]] = field(default_factory=list)
-    invalid_event: list[tuple[dict[str, Any], list[str]]] = field(default_factory=list)
-    invalid_command: list[tuple[dict[str, Any], list[str]]] = field(default_factory=list)
-    # Held by the new-name guard (relay.names), with the names: never planned here.
-    held: list[tuple[dict[str, Any], list[str]]] = field(default_factory=list)
-    learned: dict[str, Known] = field(default_factory=dict)
-    links: dict[str, str] = field(default_factory=dict)
-    released: set[str] = field(default_factory=set)
-    forgotten: dict[str, float] = field(default_factory=dict)  # user key -> delete's receipt
-
-
-Parsed = list[tuple[dict[str, Any], events.AnyEvent]]
-
-
-def parse_items(
-    items: list[dict[str, Any]],
-) -> tuple[Parsed, list[tuple[dict[str, Any], list[str]]]]:
-    """Each item's event parsed; items whose event no longer parses, with why."""
-    good, bad = [], []
-    for item in items:
-        try:
-            good.append((item, events.parse(item["event"])))
-        except (ValidationError, KeyError, TypeError, AttributeError) as exc:
-            bad.append((item, [str(exc).splitlines()[0]]))
-    return good, bad
-
-
-def lookup_keys(parsed: Parsed, mapping: Mapping) -> list[str]:
-    """Identity-map keys to fetch before planning: those of events without both ids,
-    and both sides of every alias."""
-    keys: set[str] = set()
-    for _, event in parsed:
-        if event.type not in events.DELIVERED_TYPES:
-            continue
-        if isinstance(event, events.Alias):
-            keys.update(alias_keys(event) + identity_keys(event))
-        elif None in explicit_ids(event, mapping):
-            key = resolve_key(event)
-            if key is not None:
-                keys.add(key)
-    return sorted(keys)
-
-
-def tombstone_keys(parsed: Parsed) -> list[str]:
-    """Every user key of the batch: a delete may have been received since its events."""
-    keys = {k for _, event in parsed for k in identity_keys(event)}
-    return sorted(keys)
-
-
-def _teaching(event: events.AnyEvent, mapping: Mapping, contact: str | None) -> Known | None:
-    """What an identify or a group call teaches about its user, if anything (`contact`:
-    the event's own contact id)."""
-    at = int(event.timestamp.timestamp() * 1000) if event.timestamp else None
-    if isinstance(event, events.Group):
-        return Known(event.groupId, None, at) if event.groupId else None
-    if isinstance(event, events.Identify):
-        account = own_account(event, mapping)
-        taught = learned_contact(event, mapping, contact)
-        update = Known(account, taught, at if account else None)
-        return update if update != Known() else None
-    return None
-
-
-class _Memory:
-    """The identity map as the batch sees it at each event: the map read before the
-    batch, updated by the batch's identify, group and alias calls in order."""
-
-    def __init__(
-        self, plan: Plan, known: AbstractMapping[str, Known], links: AbstractMapping[str, str]
-    ) -> None:
-        self.plan, self.known, self.links = plan, known, links
-        self.so_far: dict[str, Known] = {}
-        self.cut: set[str] = set()  # deleted in this batch: stored links no longer count
-
-    def own(self, key: str) -> Known | None:
-        return self.so_far.get(key) or self.known.get(key)
-
-    def recall(self, key: str) -> Known | None:
-        """What is known of `key`, through its alias link (the link's target wins)."""
-        own = self.own(key)
-        target = self.plan.links.get(key) or (None if key in self.cut else self.links.get(key))
-        linked = self.own(target) if target and target != key else None
-        return linked if own is None else own.merged(linked)
-
-    def teach(self, key: str, update: Known) -> None:
-        self.so_far[key] = (self.own(key) or Known()).merged(update)
-        self.plan.learned[key] = self.plan.learned.get(key, Known()).merged(update)
-        if update.account:  # only an account can resolve a waiting event
-            self.plan.released.add(key)
-
-    def forget(self, key: str, received_at: float) -> None:
-        self.so_far[key] = Known()
-        self.cut.add(key)
-        self.plan.learned.pop(key, None)
-        for source, target in list(self.plan.links.items()):
-            if key in (source, target):
-                del self.plan.links[source]
-        self.plan.forgotten[key] = max(received_at, self.plan.forgotten.get(key, 0.0))
-
-    def link(self, event: events.Alias) -> None:
-        assert event.userId is not None and event.previousId is not None
-        target = "u:" + event.userId
-        before = Known()
-        for key in reversed(alias_keys(event)):  # the previous userId wins over anonymousId
-            before = before.merged(self.recall(key))
-        mine = self.own(target) or Known()
-        if before.merged(mine) != mine:
-            self.teach(target, before.merged(mine))
-        for key in alias_keys(event):
-            if key != target:
-                self.plan.links[key] = target
-                self.plan.released.add(key)
-
-
-def plan_batch(
-    parsed: Parsed,
-    known: AbstractMapping[str, Known],
-    mapping: Mapping,
-    links: AbstractMapping[str, str] | None = None,
-    deleted: AbstractMapping[str, float] | None = None,
-) -> Plan:
-    """Decide every item's fate: commands to send, skip, wait for identity, or invalid.
-    `deleted`: when each deleted user's delete was received (tombstones)."""
-    plan = Plan()
-    memory = _Memory(plan, known, links or {})
-    pending = _deleted_before(parsed, deleted or {})
-    # What the whole batch teaches, for a user nobody knew yet (a track that raced ahead
-    # of its identify or group call borrows it).
-    wanted = []
-    ahead: dict[str, Known] = {}
-    for n, (item, event) in enumerate(parsed):
-        reason = skip_reason(event, item.get("source", "api"), mapping) or _incomplete(event)
-        reason = "user_deleted" if n in pending and event.type != "delete" else reason
-        if reason:
-            plan.skipped.append((item, reason))
-            continue
-        own = explicit_ids(event, mapping)
-        update = _teaching(event, mapping, own[1])
-        wanted.append((item, event, own, update))
-        for key in identity_keys(event) if update else []:
-            ahead[key] = ahead.get(key, Known()).merged(update)
-    # In batch order, an event is resolved by what was known when it happened.
-    for item, event, explicit, update in wanted:
-        if update is not None:
-            _learn(event, update, memory, soft=explicit[1] is None)
-        if isinstance(event, events.Delete):
-            for key in identity_keys(event):
-                memory.forget(key, _received_at(item))
-            plan.skipped.append((item, "delete_request"))
-            continue
-        if isinstance(event, events.Alias):
-            memory.link(event)
-            plan.skipped.append((item, "nothing_to_send"))
-            continue
-        resolved = _resolve(event, explicit, memory, ahead, mapping)
-        if resolved is None:
-            plan.unresolved.append(item)
-            continue
-        commands = _commands(event, resolved, mapping)
-        problems = [p for c in commands for p in validate_command(c)]
-        if problems:
-            plan.invalid_command.append((item, sorted(set(problems))))
-        elif commands:
-            plan.send.append((item, commands))
-        else:
-            plan.skipped.append((item, "nothing_to_send"))
-    return plan
-
-
-def _received_at(item: dict[str, Any]) -> float:
-    value = item.get("received_at")
-    return float(value) if isinstance(value, int | float) else 0.0
-
-
-def _deleted_before(parsed: Parsed, deleted: AbstractMapping[str, float]) -> set[int]:
-    """Positions of events a delete has since forgotten: received before a stored
-    tombstone, or ahead of their user's delete in this batch."""
-    out = set()
-    ahead_of_delete: set[str] = set()
-    for n in range(len(parsed) - 1, -1, -1):
-        item, event = parsed[n]
-        user_keys = identity_keys(event)
-        received = _received_at(item)
-        stale = any(received < deleted.get(k, float("-inf")) for k in user_keys)
-        if stale or any(k in ahead_of_delete for k in user_keys):
-            out.add(n)
-        if isinstance(event, events.Delete):
-            ahead_of_delete.update(user_keys)
-    return out
-
-
-def _learn(event: events.AnyEvent, update: Known, memory: _Memory, *, soft: bool) -> None:
-    for key in identity_keys(event):
-        known = memory.recall(key)
-        if soft and known is not None and known.contact:
-            # An email names the contact of a user without one; a known contact id stays
-            # (in ChurnZero it is the same person, whose email changed).
-            memory.teach(key, Known(update.account, None, update.at))
-        else:
-            memory.teach(key, update)
-
-
-def _incomplete(event: events.AnyEvent) -> str | None:
-    if isinstance(event, events.Group) and event.groupId is None:
-        return "missing_group_id"
-    if isinstance(event, events.Alias) and (event.previousId is None or event.userId is None):
-        return "incomplete_alias"
-    return None
-
-
-def _resolve(
-    event: events.AnyEvent,
-    explicit: tuple[str | None, str | None],
-    memory: _Memory,
-    ahead: dict[str, Known],
-    mapping: Mapping,
-) -> Ids | None:
-    account, contact = explicit
-    key = resolve_key(event) or ""
-    found = memory.recall(key) or ahead.get(key) or Known()
-    account = account or found.account
-    if not account:
-        return None  # the contact order applies only once the account is known
-    target = memory.plan.links.get(key) or memory.links.get(key) or ""
-    aliased = target[2:] if target.startswith("u:") else None
-    contact = contact or found.contact or fallback_contact(event, mapping, aliased)
-    return Ids(account, contact) if contact else None
-
-
-def _commands(event: events.AnyEvent, ids: Ids, mapping: Mapping) -> list[Command]:
+def commands(event: events.AnyEvent, ids: Ids, mapping: Mapping) -> list[Command]:
+    """The commands of an identify, group or track call about `ids`."""
     if isinstance(event, events.Identify):
         return identify_commands(event, ids, mapping)
     if isinstance(event, events.Group):

@@ -20,8 +20,8 @@ from typing import Any
 import orjson
 
 from relay import keys
+from relay.envelope import Json
 
-Item = dict[str, Any]
 # Celery's protocol 2 body is [args, kwargs, embed]; a relay task has no links.
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 
@@ -42,7 +42,7 @@ class MessageWriter:
         return f"{self._prefix}-{self._count:x}"
 
     def encode(
-        self, items: list[Item], task_id: str | None = None, queue: str = keys.QUEUE
+        self, items: list[Json], task_id: str | None = None, queue: str = keys.QUEUE
     ) -> bytes:
         """One message for `queue` carrying `items` as the task's only argument."""
         task_id = task_id or self._next()
@@ -88,7 +88,7 @@ class MessageWriter:
 
     def encode_all(
         self,
-        items: list[Item],
+        items: list[Json],
         message_events: int,
         message_id: str | None = None,
         queue: str = keys.QUEUE,
@@ -107,12 +107,12 @@ class MessageWriter:
         ]
 
 
-def items_of(envelope: Any) -> list[Item]:
+def items_of(envelope: Any) -> list[Json]:
     """The items of a `relay.deliver_batch` message, its kombu envelope parsed from JSON;
     ValueError (or KeyError, IndexError, TypeError) if it is not one."""
     body = envelope["body"]
     if envelope.get("properties", {}).get("body_encoding") == "base64":
         body = base64.b64decode(body)
     args, _kwargs, _embed = orjson.loads(body)
-    items: list[Item] = args[0]
+    items: list[Json] = args[0]
     return items

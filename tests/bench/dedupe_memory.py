@@ -13,11 +13,11 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import redis
 
 from relay.dedupe import Dedupe
+from relay.envelope import Envelope
 from tests.procs import free_port, start_redis
 
 BATCH = 500
@@ -31,12 +31,17 @@ return 0
 """
 
 
-def _items(n: int) -> list[dict[str, Any]]:
+def _items(n: int) -> list[Envelope]:
     # Segment libraries send uuid4 messageIds (analytics.js prefixes "ajs-next-"); relay
     # ids are 16 hex digits and a hex counter, as ingest makes them.
     prefix = uuid.uuid4().hex[:16]
     return [
-        {"id": f"{prefix}{i:x}", "event": {"messageId": f"ajs-next-{uuid.uuid4()}"}}
+        Envelope.new(
+            {"messageId": f"ajs-next-{uuid.uuid4()}"},
+            source="api",
+            received_at=0.0,
+            rid=f"{prefix}{i:x}",
+        )
         for i in range(n)
     ]
 
@@ -55,8 +60,8 @@ def measure(r: redis.Redis, n: int) -> dict[str, float]:
     for start in range(0, n, BATCH):
         batch = items[start : start + BATCH]
         old(
-            keys=[f"relay:dedupe:{i['event']['messageId']}" for i in batch],
-            args=[WINDOW_S, *(i["id"] for i in batch)],
+            keys=[f"relay:dedupe:{i.message_id}" for i in batch],
+            args=[WINDOW_S, *(i.id for i in batch)],
         )
     out["old_bytes_per_event"] = (_used(r) - before) / n
     r.flushall()

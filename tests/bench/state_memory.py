@@ -17,8 +17,10 @@ from typing import Any
 import redis
 
 from relay import freshness, identity, keys
+from relay.commands import Command, SetAttribute
+from relay.envelope import Envelope
+from relay.plan import Plan
 from relay.resolution import Known
-from relay.translate import Plan
 
 N = 20_000
 TTL_S = 30 * 24 * 3600
@@ -41,12 +43,12 @@ def _alias(r: Any, n: int) -> str:
 
 def _clock(attributes: int, entity: str) -> Callable[[Any, int], str]:
     def write(r: Any, n: int) -> str:
-        ids = {"accountExternalId": f"acct-{n:06d}", "contactExternalId": f"u{n:06d}@ex.com"}
         commands = [
-            {**ids, "action": "setAttribute", "entity": entity, "name": f"Attribute {a}",
-             "value": 1} for a in range(attributes)
+            SetAttribute(account=f"acct-{n:06d}", contact=f"u{n:06d}@ex.com", entity=entity,
+                         name=f"Attribute {a}", value=1) for a in range(attributes)
         ]  # fmt: skip
-        plan = Plan(send=[({"id": "r"}, commands)])
+        item = Envelope.new({"type": "identify"}, source="api", received_at=0.0, rid="r")
+        plan = Plan(send=[(item, list[Command](commands))])
         freshness.reserve(r, plan, {"r": 1_793_577_600_000 + n}, TTL_S)
         return freshness.entity_key(commands[0])
 

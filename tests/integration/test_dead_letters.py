@@ -86,7 +86,12 @@ def test_a_previous_versions_entry_replays_into_the_replay_lane(
     [item] = queued_items(r, keys.REPLAY_QUEUE)
     stored = json.loads(legacy[REJECTED])["item"]
     assert item["event"] == stored["event"] and item["id"] == stored["id"]
-    assert (item["attempts"], item["first_failure"], item["replayed_from"]) == (0, None, REJECTED)
+    # A fresh start: no failure yet (absent, which reads as None: relay.envelope).
+    assert (item["attempts"], item.get("first_failure"), item["replayed_from"]) == (
+        0,
+        None,
+        REJECTED,
+    )
     assert r.hkeys(keys.DLQ_ENTRIES) == [INVALID.encode()]
     assert r.zcard(keys.dlq_reason(Reason.REJECTED)) == 0
 

@@ -10,6 +10,7 @@ import pytest
 import redis
 
 from relay.dedupe import Dedupe, relay_tag
+from relay.envelope import Envelope
 from tests.bench.dedupe_memory import measure
 from tests.integration.conftest import OwnRedis
 
@@ -17,9 +18,13 @@ DAY = 24 * 3600
 BUCKET = DAY // 24  # claims are kept in buckets of 1/24 of the window
 
 
-def items(n: int, copy: str, start: int = 0) -> list[dict[str, Any]]:
+def item(rid: str, event: dict[str, Any]) -> Envelope:
+    return Envelope.new(event, source="api", received_at=0.0, rid=rid)
+
+
+def items(n: int, copy: str, start: int = 0) -> list[Envelope]:
     """n items with messageIds m<start>…; `copy` names the relay ids (one copy each)."""
-    return [{"id": f"{copy}-{i}", "event": {"messageId": f"m{i}"}} for i in range(start, n)]
+    return [item(f"{copy}-{i}", {"messageId": f"m{i}"}) for i in range(start, n)]
 
 
 def tag_clash(i: int) -> bool:
@@ -41,13 +46,10 @@ def test_other_copies_are_duplicates_and_the_same_copy_passes(r: redis.Redis) ->
     assert dedupe.duplicates(items(300, "a")) == set()
     # Other copies (Segment resending), including two copies in one batch.
     assert dedupe.duplicates(items(300, "b")) == {f"b-{i}" for i in range(300)}
-    batch = [
-        {"id": "c-1", "event": {"messageId": "new"}},
-        {"id": "c-2", "event": {"messageId": "new"}},
-    ]
+    batch = [item("c-1", {"messageId": "new"}), item("c-2", {"messageId": "new"})]
     assert dedupe.duplicates(batch) == {"c-2"}
     # Items without a messageId are never duplicates.
-    assert dedupe.duplicates([{"id": "d", "event": {"type": "track"}}]) == set()
+    assert dedupe.duplicates([item("d", {"type": "track"})]) == set()
 
 
 def test_a_released_claim_lets_a_later_copy_through(r: redis.Redis) -> None:

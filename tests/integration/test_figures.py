@@ -12,6 +12,7 @@ import redis
 from prometheus_client import CollectorRegistry, generate_latest
 
 from relay import broker, deadletter, delayed, keys, status
+from relay.envelope import Envelope
 from relay.keys import Stat
 from relay.metrics import DeploymentCollector
 from relay.reasons import Reason
@@ -36,7 +37,7 @@ def test_every_way_into_the_queue_counts_what_it_queued(r: redis.Redis) -> None:
     queue = broker.Queue(r, message_events=2)
     queue.publish(items(3))  # relay identities forget, in messages of 2 and 1
     pipe = r.pipeline()
-    delayed.stage_schedule(pipe, items(2, "retry"), due=0)
+    delayed.stage_schedule(pipe, [Envelope.from_dict(i) for i in items(2, "retry")], due=0)
     pipe.execute()
     assert delayed.Mover(r, queue).move_due() == 2  # the mover
     dead = [deadletter.new_entry(item, Reason.REJECTED) for item in items(4, "dead")]

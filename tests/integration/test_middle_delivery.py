@@ -142,18 +142,27 @@ def test_an_answer_not_from_churnzero_is_logged_and_pauses_every_worker(
     assert len(delayed_items(r)) == 2  # nothing counted as delivered, nothing lost
 
 
-def test_a_batch_that_breaks_the_worker_is_dead_lettered_and_logged(
+def test_a_batch_of_items_that_are_no_envelopes_is_dead_lettered(
     delivery: Delivery, r: redis.Redis, clean_sandbox: Sandbox
 ) -> None:
     # Items without the relay's id: nothing ingest writes, but another producer might.
     event = {"type": "track", "userId": "u", "event": "E", "messageId": "no-id"}
-    with capture_logs() as logs:
-        report = delivery.deliver([{"source": "api", "event": event}, {"event": event}], "m-bad")
+    report = delivery.deliver([{"source": "api", "event": event}, {"event": event}], "m-bad")
     assert report.dead == {"worker_error": 2}
-    [line] = [e for e in logs if e["event"] == "batch_failed"]
-    assert line["log_level"] == "error" and line["events"] == 2 and line["exc_info"]
     entries = deadletter.list_entries(r, reason=Reason.WORKER_ERROR)
     assert [e.item["event"] for e in entries] == [event, event]
-    assert all(e.errors[0].startswith("KeyError") for e in entries)
+    assert all(e.errors[0].startswith("DecodeError: no relay id") for e in entries)
     assert clean_sandbox.commands() == []
     assert int(r.get(keys.DEPTH_INFLIGHT) or 0) == 0  # settled: the message is not redone
+
+
+def test_an_item_that_is_no_envelope_is_dead_lettered_alone(
+    delivery: Delivery, r: redis.Redis, clean_sandbox: Sandbox
+) -> None:
+    # Another producer's item in a message of the relay's own: the others are delivered.
+    stranger = {"source": "api", "event": event_item("no-id")["event"]}
+    report = delivery.deliver([event_item("f4"), stranger, event_item("f5")], "m-stranger")
+    assert report.delivered == 2 and report.dead == {"worker_error": 1}
+    assert sorted(c["eventName"] for c in clean_sandbox.commands()) == ["f4", "f5"]
+    [entry] = deadletter.list_entries(r)
+    assert entry.item == stranger and entry.errors[0].startswith("DecodeError")

@@ -188,5 +188,5 @@ def test_a_batch_the_worker_cannot_handle_is_dead_lettered_not_dropped(
     wait_for(lambda: r.zcard("relay:dlq:reason:worker_error") == 2 and settled(r))
     entries = [json.loads(v) for v in r.hvals("relay:dlq:entries")]
     assert [e["item"]["event"] for e in entries] == [event, event]
-    assert all(e["errors"][0].startswith("KeyError") for e in entries)
+    assert all(e["errors"][0].startswith("DecodeError: no relay id") for e in entries)
     assert tracked(clean_sandbox) == []

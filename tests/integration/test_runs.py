@@ -15,8 +15,10 @@ import pytest
 import redis
 
 from relay import broker, delayed, keys
-from relay.delivery import Budget, Delivery, MessageBusy
+from relay.delivery import Delivery, MessageBusy
+from relay.envelope import Envelope
 from relay.runs import Runs, State
+from relay.sending import Budget
 from tests.integration.conftest import Sandbox, event_item, queued_items
 
 pytestmark = pytest.mark.integration
@@ -80,7 +82,7 @@ def test_a_copy_waits_for_the_run_that_holds_its_message(
 
 def test_a_batch_two_movers_hold_is_published_once_and_counted_once(r: redis.Redis) -> None:
     pipe = r.pipeline()
-    delayed.stage_schedule(pipe, items(3), due=0)
+    delayed.stage_schedule(pipe, [Envelope.from_dict(i) for i in items(3)], due=0)
     pipe.execute()
     [member] = r.zrange(keys.DELAYED, 0, -1)
     batch = orjson.loads(member)
@@ -101,8 +103,9 @@ def test_a_batch_two_movers_hold_is_published_once_and_counted_once(r: redis.Red
 def test_two_movers_at_once_move_each_due_batch_once(r: redis.Redis) -> None:
     pipe = r.pipeline()
     for n in range(30):
-        delayed.stage_schedule(pipe, items(2, f"b{n}-"), due=0)
-    delayed.stage_schedule(pipe, items(1, "later"), due=time.time() + 3600)
+        delayed.stage_schedule(pipe, [Envelope.from_dict(i) for i in items(2, f"b{n}-")], due=0)
+    later = [Envelope.from_dict(i) for i in items(1, "later")]
+    delayed.stage_schedule(pipe, later, due=time.time() + 3600)
     pipe.execute()
     # Each mover's first publish waits until the other has claimed a page too: both hold
     # claims at once, whatever the machine's speed.

@@ -11,6 +11,7 @@ import redis
 import requests
 
 from relay import trace
+from relay.envelope import Envelope
 from tests.integration.conftest import WRITE_KEY, Sandbox, Starter, relay_cli, wait_for
 
 pytestmark = pytest.mark.integration
@@ -96,7 +97,8 @@ def test_dead_letters_written_at_ingest_are_found(
 def test_the_record_is_capped(r: redis.Redis) -> None:
     pipe = r.pipeline()
     items = [
-        ({"id": f"r{i}", "event": {"messageId": f"m{i}"}}, [{"action": "x"}]) for i in range(3000)
+        (Envelope.new({"messageId": f"m{i}"}, source="api", received_at=0.0, rid=f"r{i}"), [])
+        for i in range(3000)
     ]
     trace.stage_record(pipe, 1000, delivered=items)
     pipe.execute()

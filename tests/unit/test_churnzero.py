@@ -14,17 +14,15 @@ from aiohttp.test_utils import TestServer
 
 from relay import eiv, sandbox
 from relay.churnzero import ChurnZeroClient, misconfiguration
+from relay.commands import TrackEvent
 from relay.retry import Kind
-from relay.translate import Command
 
-COMMAND: Command = {
-    "accountExternalId": "acct-1",
-    "contactExternalId": "jane@example.com",
-    "action": "trackEvent",
-    "eventName": "Login",
-    "eventDate": "2030-01-02T03:04:05Z",
-    "quantity": 1,
-}
+COMMAND = TrackEvent(
+    account="acct-1",
+    contact="jane@example.com",
+    event_name="Login",
+    event_date="2030-01-02T03:04:05Z",
+)
 
 
 async def send(server: TestServer, *, eiv_secret: str | None = None) -> Any:
@@ -148,7 +146,25 @@ async def test_strict_sandbox_drops_unhashed_commands_and_takes_hashed_ones() ->
 
 
 def test_signed_command_carries_both_hashes() -> None:
-    signed = eiv.signed(COMMAND, "k")
+    signed = eiv.signed(COMMAND.to_dict(), "k")
     assert signed[eiv.ACCOUNT_HASH] == eiv.id_hash("k", "acct-1")
     assert signed[eiv.CONTACT_HASH] == eiv.id_hash("k", "jane@example.com")
-    assert eiv.verified(signed, "k") and not eiv.verified(COMMAND, "k")
+    assert eiv.verified(signed, "k") and not eiv.verified(COMMAND.to_dict(), "k")
+
+
+async def test_churnzero_receives_the_commands_json_after_the_app_key() -> None:
+    server = await sandbox_server()
+    try:
+        await send(server)
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(server.make_url("/_sandbox/commands")) as response,
+        ):
+            [received] = await response.json()
+        assert list(received.items()) == [
+            ("appKey", "app-key"), ("accountExternalId", "acct-1"),
+            ("contactExternalId", "jane@example.com"), ("action", "trackEvent"),
+            ("eventName", "Login"), ("eventDate", "2030-01-02T03:04:05Z"), ("quantity", 1),
+        ]  # fmt: skip
+    finally:
+        await server.close()

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 from relay import names
-from relay.translate import Plan
-
-IDS = {"accountExternalId": "A", "contactExternalId": "C"}
-
-
-def track(name: str) -> dict[str, object]:
-    return {**IDS, "action": "trackEvent", "eventName": name, "eventDate": "2024-01-01T00:00:00Z"}
+from relay.commands import SetAttribute, TrackEvent
+from relay.envelope import Envelope
+from relay.plan import Plan
 
 
-def attribute(entity: str, name: str) -> dict[str, object]:
-    return {**IDS, "action": "setAttribute", "entity": entity, "name": name, "value": 1}
+def track(name: str) -> TrackEvent:
+    return TrackEvent(account="A", contact="C", event_name=name, event_date="2024-01-01T00:00:00Z")
+
+
+def attribute(entity: str, name: str) -> SetAttribute:
+    return SetAttribute(account="A", contact="C", entity=entity, name=name, value=1)
 
 
 def test_names_of_each_kind() -> None:
@@ -23,14 +23,18 @@ def test_names_of_each_kind() -> None:
     }  # fmt: skip
 
 
+def item(rid: str) -> Envelope:
+    return Envelope.new({"type": "track"}, source="api", received_at=0.0, rid=rid)
+
+
 def test_hold_moves_only_events_with_a_new_name() -> None:
     plan = Plan(send=[
-        ({"id": "old"}, [track("Known")]),
-        ({"id": "new"}, [attribute("contact", "Known"), attribute("contact", "Plna")]),
-        ({"id": "sent-before"}, [track("Brand New")]),
+        (item("old"), [track("Known")]),
+        (item("new"), [attribute("contact", "Known"), attribute("contact", "Plna")]),
+        (item("sent-before"), [track("Brand New")]),
     ])  # fmt: skip
     new = {("contact_attribute", "Plna"), ("event", "Brand New")}
     held = names.hold(plan, new, exempt={"sent-before"})
     assert held == {("contact_attribute", "Plna")}
-    assert [item["id"] for item, _ in plan.send] == ["old", "sent-before"]
-    assert plan.held == [({"id": "new"}, ["new contact attribute name: Plna"])]
+    assert [item.id for item, _ in plan.send] == ["old", "sent-before"]
+    assert plan.held == [(item("new"), ["new contact attribute name: Plna"])]

@@ -4,7 +4,7 @@ Whatever the body, `intake.parse_api` / `parse_webhook` give an `Intake` or rais
 a `RequestError` with status 400, never anything else (a 500). A batch is handled whole:
 every event is accepted or rejected, none lost. Every accepted event can be stored
 (queued, parked for a retry, dead-lettered), translates without raising, and each
-command it yields passes `validate_command` or the event lands in `invalid_command`.
+command it yields passes its own check (`problems`) or the event lands in `invalid_command`.
 
 Three bugs these properties found (an event nested 253+ levels deep, an aware timestamp
 at the edge of datetime's range, an event nested ~251 deep that could be accepted but not
@@ -14,6 +14,7 @@ examples of the full-strength property.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from datetime import UTC, datetime, timedelta, timezone
@@ -25,9 +26,11 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import event as label
 from hypothesis import strategies as st
 
-from relay import deadletter, events, intake, translate
+from relay import deadletter, envelope, events, intake
+from relay.envelope import Envelope
 from relay.errors import RequestError
 from relay.mapping import EventMap, IdentityMap, Mapping, TraitMap
+from relay.plan import lookup_keys, parse_items, plan_batch
 from relay.reasons import Reason
 from relay.resolution import Known
 
@@ -169,10 +172,8 @@ def take(route: str, body: bytes) -> intake.Intake | None:
 
 
 def items_of(parsed: intake.Intake, source: str) -> list[dict[str, Any]]:
-    return [
-        {"id": f"i{n}", "source": source, "received_at": 0.0, "attempts": 0, "event": e}
-        for n, e in enumerate(parsed.accepted)
-    ]
+    """What ingest queues for the accepted events."""
+    return envelope.fresh(parsed.accepted, source, 0.0, map(str, itertools.count()).__next__)
 
 
 def carried(route: str, body: bytes) -> int:
@@ -192,34 +193,36 @@ def check_request(route: str, body: bytes) -> None:
     assert len(parsed.accepted) + len(parsed.rejected) == size
     assert indices == sorted(set(indices)) and set(indices) <= set(range(size))
     for rejected in parsed.rejected:  # what ingest writes to the dead-letter queue
-        wrapped = {"id": "x", "source": "api", "received_at": 0.0, "attempts": 0}
-        deadletter.new_entry({**wrapped, "event": rejected.event}, Reason.INVALID_EVENT).to_json()
+        [item] = envelope.fresh([rejected.event], "api", 0.0, lambda: "x")
+        deadletter.new_entry(item, Reason.INVALID_EVENT).to_json()
     check_translation(parsed, "webhook" if route == "webhook" else "api")
 
 
 def check_translation(parsed: intake.Intake, source: str) -> None:
-    items = items_of(parsed, source)
-    for item in items:  # queued, parked for a retry, dead-lettered: each is serialised
+    queued = items_of(parsed, source)
+    for item in queued:  # queued, parked for a retry, dead-lettered: each is serialised
         json.dumps(item)
         orjson.dumps({"id": "x", "items": [item]})
         deadletter.new_entry(item, Reason.INVALID_COMMAND).to_json()
-    good, bad = translate.parse_items(items)
+    # A worker reads what ingest queued: every envelope decodes.
+    items = [Envelope.from_json(orjson.dumps(item)) for item in queued]
+    good, bad = parse_items(items)
     assert bad == [], "ingest accepted an event the worker cannot parse"
-    translate.lookup_keys(good, MAPPING)
+    lookup_keys(good, MAPPING)
     known = {"u:known": Known("A", "C")}
-    plan = translate.plan_batch(good, known, MAPPING)
+    plan = plan_batch(good, known, MAPPING)
     for _, commands in plan.send:
         assert commands
         for command in commands:
-            assert translate.validate_command(command) == []
+            assert command.problems() == []
     fates = (
-        [i["id"] for i, _ in plan.send]
-        + [i["id"] for i, _ in plan.skipped]
-        + [i["id"] for i in plan.unresolved]
-        + [i["id"] for i, _ in plan.invalid_event]
-        + [i["id"] for i, _ in plan.invalid_command]
+        [i.id for i, _ in plan.send]
+        + [i.id for i, _ in plan.skipped]
+        + [i.id for i in plan.unresolved]
+        + [i.id for i, _ in plan.invalid_event]
+        + [i.id for i, _ in plan.invalid_command]
     )
-    assert sorted(fates) == sorted(i["id"] for i in items)  # each item exactly one fate
+    assert sorted(fates) == sorted(i.id for i in items)  # each item exactly one fate
     for name in ("send", "skipped", "unresolved", "invalid_event", "invalid_command"):
         if getattr(plan, name):
             label(f"plan has {name}")

@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 
+from relay.envelope import Envelope
+from relay.plan import Plan
 from relay.retry import Outcome
 from relay.settlement import Policy, Settlement, Unsent, group_later, settle, worst
-from relay.translate import Plan
 
 NOW = 1_800_000_000.0
 POLICY = Policy(
@@ -23,9 +24,9 @@ POLICY = Policy(
 COMMAND = {"action": "trackEvent", "eventName": "E"}
 
 
-def item(rid: str = "r1", *, age_s: float = 1.0, **extra: Any) -> dict[str, Any]:
-    return {"id": rid, "source": "api", "received_at": NOW - age_s, "attempts": 0,
-            "event": {"type": "track", "userId": "u", "event": "E"}, **extra}  # fmt: skip
+def item(rid: str = "r1", *, age_s: float = 1.0, user: str = "u", **extra: Any) -> Envelope:
+    event = {"type": "track", "userId": user, "event": "E"}
+    return Envelope(id=rid, source="api", received_at=NOW - age_s, event=event, **extra)
 
 
 @dataclass
@@ -38,7 +39,7 @@ class Case:
     skipped: dict[str, int] = field(default_factory=dict)
 
 
-def sending(*items: dict[str, Any]) -> Plan:
+def sending(*items: Envelope) -> Plan:
     return Plan(send=[(i, [COMMAND]) for i in items])
 
 
@@ -105,20 +106,20 @@ def _events(plan: Plan) -> int:
             + len(plan.invalid_event) + len(plan.invalid_command))  # fmt: skip
 
 
-def _only_later(out: Settlement) -> tuple[dict[str, Any], float]:
+def _only_later(out: Settlement) -> tuple[Envelope, float]:
     [([deferred], due, _)] = out.later
     return deferred, due - NOW
 
 
 def test_a_failed_attempt_is_counted_and_stamped() -> None:
     deferred, wait = _only_later(settle(sending(item()), {"r1": Outcome(503)}, NOW, POLICY))
-    assert deferred["attempts"] == 1 and deferred["first_failure"] == NOW
+    assert deferred.attempts == 1 and deferred.first_failure == NOW
     assert 0 <= wait <= POLICY.backoff_base_s * 2
 
 
 def test_an_unsent_event_is_not_an_attempt() -> None:
     deferred, wait = _only_later(settle(sending(item()), {"r1": Unsent(30)}, NOW, POLICY))
-    assert deferred["attempts"] == 0 and "first_failure" not in deferred
+    assert deferred.attempts == 0 and deferred.first_failure is None
     assert 30 <= wait <= 31
 
 
@@ -136,9 +137,9 @@ def test_no_wait_outlives_the_max_age() -> None:
 
 def test_the_identity_wait_starts_at_first_sight_and_keeps_it() -> None:
     first, wait = _only_later(settle(Plan(unresolved=[item(age_s=900)]), {}, NOW, POLICY))
-    assert first["first_seen"] == NOW and 0.5 <= wait <= 60
+    assert first.first_seen == NOW and 0.5 <= wait <= 60
     again, _ = _only_later(settle(Plan(unresolved=[first]), {}, NOW + 30, POLICY))
-    assert again["first_seen"] == NOW and again["attempts"] == 2
+    assert again.first_seen == NOW and again.attempts == 2
 
 
 def test_the_worst_outcome_of_an_event_decides() -> None:
@@ -157,8 +158,8 @@ def test_later_events_share_a_member_per_cause_and_second() -> None:
 
 
 def test_identity_waits_are_grouped_per_user() -> None:
-    def of(rid: str, user: str) -> dict[str, Any]:
-        return item(rid, event={"type": "track", "userId": user, "event": "E"})
+    def of(rid: str, user: str) -> Envelope:
+        return item(rid, user=user)
 
     grouped = group_later([
         ([of("r1", "ann")], NOW + 1.2, "identity_wait"),
@@ -166,6 +167,6 @@ def test_identity_waits_are_grouped_per_user() -> None:
         ([of("r3", "ann")], NOW + 1.7, "identity_wait"),
         ([of("r4", "ann")], NOW + 1.1, "5xx"), ([of("r5", "bob")], NOW + 1.3, "5xx"),
     ])  # fmt: skip
-    assert sorted(([i["id"] for i in batch], cause) for batch, _, cause in grouped) == [
+    assert sorted(([i.id for i in batch], cause) for batch, _, cause in grouped) == [
         (["r1", "r3"], "identity_wait"), (["r2"], "identity_wait"), (["r4", "r5"], "5xx"),
     ]  # fmt: skip

@@ -7,16 +7,18 @@ of every item exactly (the commands sent, or why it is not).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
+from relay.commands import Command, IncrementAttribute, SetAttribute, TrackEvent
+from relay.envelope import Envelope
 from relay.intake import parse_api, parse_webhook
 from relay.mapping import EventMap, GroupMap, IdentityMap, Increment, Mapping, TraitMap
+from relay.plan import lookup_keys, parse_items, plan_batch
 from relay.resolution import Known
-from relay.translate import lookup_keys, parse_items, plan_batch, validate_command
 from tests.conftest import fixture
 
 RECEIVED = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -26,8 +28,8 @@ ACCOUNT, CONTACT = "12345678", "john.smith@company.com"
 IDS = {"accountExternalId": ACCOUNT, "contactExternalId": CONTACT}
 
 
-def items_of(events: list[Any], source: str) -> list[dict[str, Any]]:
-    """Queue items built through the real ingest parsing (fixture names are loaded)."""
+def items_of(events: list[Any], source: str) -> list[Envelope]:
+    """Queued envelopes built through the real ingest parsing (fixture names are loaded)."""
     raw = [fixture(e) if isinstance(e, str) else e for e in events]
     if source == "webhook":
         body = json.dumps(raw[0] if len(raw) == 1 else raw).encode()
@@ -36,7 +38,7 @@ def items_of(events: list[Any], source: str) -> list[dict[str, Any]]:
         intake = parse_api("batch", json.dumps({"batch": raw}).encode(), RECEIVED)
     assert intake.rejected == []
     return [
-        {"id": f"r{n}", "source": source, "received_at": 0.0, "attempts": 0, "event": event}
+        Envelope.new(event, source=source, received_at=0.0, rid=f"r{n}")
         for n, event in enumerate(intake.accepted)
     ]
 
@@ -56,15 +58,15 @@ def fates(
     plan = plan_batch(parsed, known or {}, mapping or Mapping(), links, deleted)
     out: dict[str, Any] = {}
     for item, commands in plan.send:
-        out[item["id"]] = commands
+        out[item.id] = [c.to_dict() for c in commands]  # the JSON ChurnZero receives
     for item, reason in plan.skipped:
-        out[item["id"]] = ("skipped", reason)
+        out[item.id] = ("skipped", reason)
     for item in plan.unresolved:
-        out[item["id"]] = "unresolved"
+        out[item.id] = "unresolved"
     for item, problems in plan.invalid_command:
-        out[item["id"]] = ("invalid_command", problems)
+        out[item.id] = ("invalid_command", problems)
     for item, problems in plan.invalid_event:
-        out[item["id"]] = ("invalid_event", problems)
+        out[item.id] = ("invalid_event", problems)
     assert len(out) == len(parsed), "every item has exactly one fate"
     return out
 
@@ -738,7 +740,10 @@ def test_envelope_integrations_reach_every_item_of_a_batch() -> None:
         "integrations": {"ChurnZero": False},
     }
     intake = parse_api("batch", json.dumps(body).encode(), RECEIVED)
-    items = [{"id": f"r{n}", "source": "api", "event": e} for n, e in enumerate(intake.accepted)]
+    items = [
+        Envelope.new(e, source="api", received_at=0.0, rid=f"r{n}")
+        for n, e in enumerate(intake.accepted)
+    ]
     parsed, _ = parse_items(items)
     plan = plan_batch(parsed, {}, Mapping())
     assert [reason for _, reason in plan.skipped] == [
@@ -765,7 +770,10 @@ def test_anonymous_only_fixture_teaches_its_anonymous_id() -> None:
     plan = plan_batch(parsed, {}, Mapping())
     assert untimed(plan.learned) == {"a:hhamed": Known(ACCOUNT, CONTACT)}
     [(_, commands)] = plan.send
-    assert commands == [set_attr("chelsey_test", True), set_attr("contactId", "hhamed")]
+    assert [c.to_dict() for c in commands] == [
+        set_attr("chelsey_test", True),
+        set_attr("contactId", "hhamed"),
+    ]
 
 
 def test_a_delete_forgets_the_user_and_what_the_batch_taught_before_it() -> None:
@@ -799,53 +807,62 @@ def test_lookup_keys_are_those_of_events_missing_an_id() -> None:
 
 def test_items_whose_event_no_longer_parses_are_reported() -> None:
     good_item = items_of([track(properties=IDS)], "api")[0]
-    broken = {"id": "r9", "source": "api", "event": {"type": "track", "userId": "u1"}}
-    missing = {"id": "r8", "source": "api"}
-    parsed, bad = parse_items([good_item, broken, missing])
-    assert [item["id"] for item, _ in parsed] == ["r0"]
-    assert [item["id"] for item, _ in bad] == ["r9", "r8"]
+    broken = Envelope.new(
+        {"type": "track", "userId": "u1"}, source="api", received_at=0.0, rid="r9"
+    )
+    parsed, bad = parse_items([good_item, broken])
+    assert [item.id for item, _ in parsed] == ["r0"]
+    assert [item.id for item, _ in bad] == ["r9"]
     assert all(problems and problems[0] for _, problems in bad)
 
 
-@pytest.mark.parametrize(
-    ("command", "problems"),
-    [
-        pytest.param(track_event(), [], id="valid-track"),
-        pytest.param(set_attr("Plan", "pro"), [], id="valid-attribute"),
-        pytest.param(track_event(account=""), ["accountExternalId is empty"], id="empty-account"),
-        pytest.param(
-            {**track_event(), "contactExternalId": None},
-            ["contactExternalId is empty"],
-            id="missing-contact",
-        ),
-        pytest.param(
-            track_event(account=LONG_ID, contact=LONG_ID),
-            [
-                "accountExternalId is longer than 100 characters",
-                "contactExternalId is longer than 100 characters",
-            ],
-            id="both-ids-too-long",
-        ),
-        pytest.param(track_event(name=""), ["eventName is empty"], id="empty-event-name"),
-        pytest.param(
-            {**track_event(), "eventDate": None}, ["eventDate is missing"], id="no-event-date"
-        ),
-        pytest.param(
-            track_event(description="d" * 256),
-            ["description is longer than 255 characters"],
-            id="long-description",
-        ),
-        pytest.param(track_event(description="d" * 255), [], id="description-255"),
-        pytest.param(set_attr(" ", "x"), ["attribute name is empty"], id="blank-attribute"),
-        pytest.param(
-            set_attr("Plan", "x", entity="user"),
-            ["entity must be account or contact"],
-            id="bad-entity",
-        ),
-    ],
-)
-def test_validate_command(command: dict[str, Any], problems: list[str]) -> None:
-    assert validate_command(command) == problems
+TRACK = TrackEvent(account=ACCOUNT, contact=CONTACT, event_name="Login", event_date=WHEN)
+ATTRIBUTE = SetAttribute(account=ACCOUNT, contact=CONTACT, entity="contact", name="Plan", value=1)
+INCREMENT = IncrementAttribute(account=ACCOUNT, contact=CONTACT, entity="account", name="Logins",
+                               value=1)  # fmt: skip
+PROBLEMS = {
+    "valid-track": (TRACK, []),
+    "valid-attribute": (ATTRIBUTE, []),
+    "valid-increment": (INCREMENT, []),
+    "empty-account": (replace(TRACK, account=""), ["accountExternalId is empty"]),
+    "empty-contact": (replace(ATTRIBUTE, contact=""), ["contactExternalId is empty"]),
+    "both-ids-too-long": (
+        replace(TRACK, account=LONG_ID, contact=LONG_ID),
+        [
+            "accountExternalId is longer than 100 characters",
+            "contactExternalId is longer than 100 characters",
+        ],
+    ),
+    "empty-event-name": (replace(TRACK, event_name=" "), ["eventName is empty"]),
+    "no-event-date": (replace(TRACK, event_date=None), ["eventDate is missing"]),
+    "long-description": (
+        replace(TRACK, description="d" * 256),
+        ["description is longer than 255 characters"],
+    ),
+    "description-255": (replace(TRACK, description="d" * 255), []),
+    "blank-attribute": (replace(ATTRIBUTE, name=" "), ["attribute name is empty"]),
+    "blank-increment": (replace(INCREMENT, name=""), ["attribute name is empty"]),
+    "bad-entity": (replace(ATTRIBUTE, entity="user"), ["entity must be account or contact"]),
+}
+
+
+@pytest.mark.parametrize(("command", "problems"), PROBLEMS.values(), ids=PROBLEMS.keys())
+def test_what_churnzero_would_swallow_is_found(command: Command, problems: list[str]) -> None:
+    assert command.problems() == problems
+
+
+def test_each_command_is_the_json_churnzero_takes() -> None:
+    assert TRACK.to_dict() == track_event("Login", quantity=1)
+    assert ATTRIBUTE.to_dict() == set_attr("Plan", 1)
+    assert INCREMENT.to_dict() == {
+        "accountExternalId": ACCOUNT, "contactExternalId": CONTACT,
+        "action": "incrementAttribute", "entity": "account", "name": "Logins", "value": 1,
+    }  # fmt: skip
+    full = replace(TRACK, description="d", allow_dupes=True, custom={"Plan": "pro"})
+    assert list(full.to_dict()) == [
+        "accountExternalId", "contactExternalId", "action", "eventName", "eventDate",
+        "description", "quantity", "allowDupes", "cf_Plan",
+    ]  # fmt: skip
 
 
 def test_only_a_lesson_with_an_account_releases_waiting_events() -> None:
