@@ -1,8 +1,7 @@
-"""`relay preview`, `relay trace` and `relay names`: the operator's look into what the
-relay would send, where an event is, and which ChurnZero names it has created.
+"""`relay preview` and `relay trace`: the operator's look into what the relay would send
+and where an event is; and the words both, and `relay dlq replay --dry-run`, print.
 
-Registered on the `relay` group by relay.cli; each command calls the same library
-functions the workers use.
+Each command calls the same library functions the workers use.
 """
 
 from __future__ import annotations
@@ -13,6 +12,8 @@ from typing import Any
 
 import click
 
+from relay.cli_context import Deployment, pass_deployment
+from relay.errors import RequestError
 from relay.settings import Settings
 
 _OUTCOME_WORDS = {
@@ -55,136 +56,73 @@ def print_verdicts(verdicts: list[Any]) -> None:
             click.echo("    " + json.dumps(command))
 
 
-def print_dry_run(settings: Settings, r: Any, selection: dict[str, Any], as_json: bool) -> None:
-    """`relay dlq replay --dry-run`: what a replay of the selected entries would do now."""
-    from relay import preview
+@click.command()
+@click.argument("file", required=False, type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--dlq", "entry_id", default=None, help="Preview a dead letter's replay.")
+@click.option(
+    "--source", type=click.Choice(["api", "webhook"]), default=None,
+    help="Which route the events came by (default: api for a {\"batch\"} envelope, "
+    "webhook otherwise); only `integrations.All: false` depends on it.",
+)  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_deployment
+def preview(
+    deployment: Deployment, file: str | None, entry_id: str | None, source: str | None,
+    as_json: bool,
+) -> None:  # fmt: skip
+    """The ChurnZero commands a Segment event or batch (FILE, or - / stdin) would
+    produce now, with the current mapping and identity map. Nothing is sent."""
+    from relay import deadletter
+    from relay import preview as previewing
 
-    pages = preview.entries_pages(r, **selection)
-    result = preview.dry_run(r, pages, mapping_of(settings), settings)
+    if file is not None and entry_id is not None:
+        raise click.UsageError("give FILE or --dlq ID, not both")
+    settings = deployment.settings
+    mapping = mapping_of(settings)
+    r = deployment.redis
+    if entry_id is not None:
+        entry = deadletter.get(r, entry_id)
+        if entry is None:
+            raise click.ClickException(f"no dead letter {entry_id}")
+        items, refused = [deadletter.replay_item(entry, time.time())], list[Any]()
+    else:
+        with click.open_file(file or "-", "rb") as handle:
+            body = handle.read()
+        try:
+            items, refused = previewing.items_of(body, source)
+        except RequestError as exc:
+            raise click.ClickException(str(exc)) from None
+    verdicts = refused + previewing.preview(r, items, mapping, settings)
     if as_json:
-        click.echo(json.dumps(result.as_dict()))
+        click.echo(json.dumps([v.as_dict() for v in sorted(verdicts, key=lambda v: v.index)]))
         return
-    click.echo(f"dry run: a replay of {result.total:,} dead letters now would")
-    for label, n in result.outcomes.most_common():
-        click.echo(f"  {n:>9,}  {words(label)}")
-    for label, examples in result.samples.items():
-        click.echo(f"\nfor example, {words(label)}:")
-        for example in examples:
-            click.echo(f"  entry {example['entry']}")
-            for command in example["commands"][:5]:
-                click.echo("    " + json.dumps(command))
-            for error in example["errors"][:3]:
-                click.echo(f"    ! {error if isinstance(error, str) else json.dumps(error)}")
-    click.echo("\n(dry run: nothing was sent or changed)")
+    print_verdicts(verdicts)
+    click.echo("(preview: nothing was sent)")
 
 
-def register(main: click.Group, settings_of: Any, redis_of: Any) -> None:
-    """Add the commands to the `relay` group (settings and Redis built as relay.cli does)."""
+@click.command("trace")
+@click.argument("message_id")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_deployment
+def trace_command(deployment: Deployment, message_id: str, as_json: bool) -> None:
+    """Where an event is, by its Segment messageId (or relay id): queued, in flight,
+    delayed, dead, delivered or skipped (from the record of recent settlements)."""
+    from relay import trace
 
-    @main.command()
-    @click.argument("file", required=False, type=click.Path(dir_okay=False, allow_dash=True))
-    @click.option("--dlq", "entry_id", default=None, help="Preview a dead letter's replay.")
-    @click.option(
-        "--source", type=click.Choice(["api", "webhook"]), default=None,
-        help="Which route the events came by (default: api for a {\"batch\"} envelope, "
-        "webhook otherwise); only `integrations.All: false` depends on it.",
-    )  # fmt: skip
-    @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-    def preview(file: str | None, entry_id: str | None, source: str | None, as_json: bool) -> None:
-        """The ChurnZero commands a Segment event or batch (FILE, or - / stdin) would
-        produce now, with the current mapping and identity map. Nothing is sent."""
-        from relay import deadletter, intake
-        from relay import preview as previewing
-
-        if file is not None and entry_id is not None:
-            raise click.UsageError("give FILE or --dlq ID, not both")
-        settings = settings_of()
-        mapping = mapping_of(settings)
-        r = redis_of(settings)
-        if entry_id is not None:
-            entry = deadletter.get(r, entry_id)
-            if entry is None:
-                raise click.ClickException(f"no dead letter {entry_id}")
-            items, refused = [deadletter.replay_item(entry, time.time())], list[Any]()
-        else:
-            with click.open_file(file or "-", "rb") as handle:
-                body = handle.read()
-            try:
-                items, refused = previewing.items_of(body, source)
-            except intake.BadRequest as exc:
-                raise click.ClickException(str(exc)) from None
-        verdicts = refused + previewing.preview(r, items, mapping, settings)
-        if as_json:
-            click.echo(json.dumps([v.as_dict() for v in sorted(verdicts, key=lambda v: v.index)]))
-            return
-        print_verdicts(verdicts)
-        click.echo("(preview: nothing was sent)")
-
-    @main.command("trace")
-    @click.argument("message_id")
-    @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-    def trace_command(message_id: str, as_json: bool) -> None:
-        """Where an event is, by its Segment messageId (or relay id): queued, in flight,
-        delayed, dead, delivered or skipped (from the record of recent settlements)."""
-        from relay import trace
-
-        settings = settings_of()
-        found = trace.find(redis_of(settings), message_id)
-        if as_json:
-            click.echo(json.dumps([s.as_dict() for s in found]))
-            return
-        if not found:
-            raise click.ClickException(
-                f"{message_id} is nowhere: not queued, in flight, delayed or among the newest "
-                f"dead letters, and not in the record of the last {settings.trace_size:,} "
-                "settled events"
-            )
-        for sighting in found:
-            click.echo(describe(sighting))
-            for command in sighting.detail.get("commands", []):
-                click.echo("    " + json.dumps(command))
-
-
-def register_names(main: click.Group, settings_of: Any, redis_of: Any) -> None:
-    """Add `relay names list` and `relay names allow` to the `relay` group."""
-
-    @main.group("names")
-    def names_group() -> None:
-        """The ChurnZero names (event types, fields) the relay has sent, new and held."""
-
-    @names_group.command("list")
-    @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-    def names_list(as_json: bool) -> None:
-        """How many names are known per kind, the newest new names, the names held."""
-        from relay import names
-
-        report = names.report(redis_of(settings_of()), limit=50)
-        if as_json:
-            click.echo(json.dumps(report))
-            return
-        known = ", ".join(f"{n:,} {kind.replace('_', ' ')}s" for kind, n in report["known"].items())
-        click.echo(f"known: {known}")
-        for title, rows in (("held (RELAY_NEW_NAMES=hold)", report["held"]),
-                            ("newest new names", report["new"])):  # fmt: skip
-            click.echo(f"{title}: {'none' if not rows else ''}")
-            for row in rows:
-                click.echo(f"  {row['kind']:<18} {row['name']}")
-
-    @names_group.command("allow")
-    @click.argument("name")
-    @click.option(
-        "--kind", type=click.Choice(["event", "account_attribute", "contact_attribute"]),
-        default=None, help="Default: every kind NAME is held in.",
-    )  # fmt: skip
-    def names_allow(name: str, kind: str | None) -> None:
-        """Let NAME through the new-name guard; then `relay dlq replay --reason new_name`."""
-        from relay import names
-
-        allowed = names.allow(redis_of(settings_of()), name, kind)
-        if not allowed:
-            raise click.ClickException(f"{name!r} is not held; give --kind to allow it anyway")
-        click.echo(f"allowed {name!r} as {', '.join(allowed)}; now replay: "
-                   "relay dlq replay --reason new_name")  # fmt: skip
+    found = trace.find(deployment.redis, message_id)
+    if as_json:
+        click.echo(json.dumps([s.as_dict() for s in found]))
+        return
+    if not found:
+        raise click.ClickException(
+            f"{message_id} is nowhere: not queued, in flight, delayed or among the newest "
+            f"dead letters, and not in the record of the last "
+            f"{deployment.settings.trace_size:,} settled events"
+        )
+    for sighting in found:
+        click.echo(describe(sighting))
+        for command in sighting.detail.get("commands", []):
+            click.echo("    " + json.dumps(command))
 
 
 def describe(sighting: Any) -> str:

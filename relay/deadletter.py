@@ -1,9 +1,14 @@
 """The dead-letter queue: every event the relay could not deliver, with why.
 
-One store for every reason. An entry is one event::
+One store for every reason. An entry is one event, a `DeadLetter`, stored as JSON::
 
     {"id", "reason", "item" (the queued item: relay id, source, event),
      "errors", "status", "response", "attempts", "first_failure", "last_failure"}
+
+The JSON is the contract with entries written by earlier versions: a field added must be
+optional, and a `Reason` once written is never renamed. Replay and purge act on a
+`Selection` (ids, or all entries or one reason's, within a time window), which the CLI
+and the admin API both build with `select`.
 
 Layout (keys.py): a HASH id -> JSON entry, a ZSET of ids by last failure time and one
 ZSET per reason, so a page of entries or one entry is a couple of O(log n) calls at a
@@ -15,49 +20,104 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, fields
 from typing import Any
 
 import orjson
 import redis
 
 from relay import keys
+from relay.errors import DecodeError
+from relay.reasons import Reason
 
-REASONS = (
-    "invalid_event",
-    "invalid_command",
-    "unresolved_identity",
-    "rejected",
-    "retries_exhausted",
-    "worker_error",
-    "new_name",
-)
 CLAIM_S = 300  # a replay's hold on an entry; a crashed replay frees it after this
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """One dead-letter entry: one event (its queued item) and why it was not delivered."""
+
+    id: str
+    reason: Reason
+    item: dict[str, Any]  # the queued item: relay id, source, attempts, event...
+    errors: list[Any]  # field errors, command problems, a worker's exception
+    status: int | None  # ChurnZero's answer, when it gave one
+    response: str | None  # an excerpt of that answer, or why nothing was sent
+    attempts: int
+    first_failure: float
+    last_failure: float
+
+    def as_dict(self) -> dict[str, Any]:
+        """The entry as JSON-ready data, in the stored JSON's shape."""
+        return {f.name: getattr(self, f.name) for f in fields(self)} | {"reason": self.reason.value}
+
+    def to_json(self) -> bytes:
+        """The entry as stored."""
+        return orjson.dumps(self.as_dict())
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> DeadLetter:
+        """The entry stored as `raw`; DecodeError if it is not one the relay writes."""
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise DecodeError(f"a dead letter is not JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise DecodeError("a dead letter is not a JSON object")
+        wrong = [
+            name
+            for name, kinds in _FIELD_TYPES.items()
+            if not isinstance(data.get(name, ...), kinds)
+        ]
+        if wrong:
+            raise DecodeError(f"dead letter {data.get('id')!r}: bad or missing {', '.join(wrong)}")
+        try:
+            reason = Reason(data["reason"])
+        except ValueError:
+            raise DecodeError(
+                f"dead letter {data['id']!r}: unknown reason {data['reason']!r}"
+            ) from None
+        return cls(**{name: data[name] for name in _FIELD_TYPES} | {"reason": reason})
+
+
+# What each stored field may hold; numbers are kept as read, so the JSON comes out as it went in.
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "id": str,
+    "reason": str,
+    "item": dict,
+    "errors": list,
+    "status": (int, type(None)),
+    "response": (str, type(None)),
+    "attempts": int,
+    "first_failure": (int, float),
+    "last_failure": (int, float),
+}
 
 
 def new_entry(
     item: dict[str, Any],
-    reason: str,
+    reason: Reason,
     *,
     errors: list[Any] | None = None,
     status: int | None = None,
     response: str | None = None,
     now: float | None = None,
     entry_id: str | None = None,
-) -> dict[str, Any]:
+) -> DeadLetter:
     """A dead-letter entry for one queued item (or raw rejected event wrapped as one)."""
     now = time.time() if now is None else now
-    return {
-        "id": entry_id or uuid.uuid4().hex,
-        "reason": reason,
-        "item": item,
-        "errors": errors or [],
-        "status": status,
-        "response": (response or "")[:500] or None,
-        "attempts": attempts if isinstance(attempts := item.get("attempts"), int) else 0,
-        "first_failure": item.get("first_failure") or now,
-        "last_failure": now,
-    }
+    return DeadLetter(
+        id=entry_id or uuid.uuid4().hex,
+        reason=reason,
+        item=item,
+        errors=errors or [],
+        status=status,
+        response=(response or "")[:500] or None,
+        attempts=attempts if isinstance(attempts := item.get("attempts"), int) else 0,
+        first_failure=item.get("first_failure") or now,
+        last_failure=now,
+    )
 
 
 def entry_id_of(event: Any) -> str:
@@ -70,33 +130,31 @@ def entry_id_of(event: Any) -> str:
     return hashlib.blake2b(content, digest_size=16).hexdigest()
 
 
-def stage_add(pipe: Any, entries: list[dict[str, Any]]) -> None:
+def stage_add(pipe: Any, entries: list[DeadLetter]) -> None:
     """Queue the writes of `entries` on a (sync or asyncio) Redis pipeline."""
     if not entries:
         return
-    pipe.hset(keys.DLQ_ENTRIES, mapping={e["id"]: orjson.dumps(e) for e in entries})
-    pipe.zadd(keys.DLQ_INDEX, {e["id"]: e["last_failure"] for e in entries})
-    by_reason: dict[str, dict[str, float]] = {}
+    pipe.hset(keys.DLQ_ENTRIES, mapping={e.id: e.to_json() for e in entries})
+    pipe.zadd(keys.DLQ_INDEX, {e.id: e.last_failure for e in entries})
+    by_reason: dict[Reason, dict[str, float]] = {}
     for e in entries:
-        by_reason.setdefault(e["reason"], {})[e["id"]] = e["last_failure"]
+        by_reason.setdefault(e.reason, {})[e.id] = e.last_failure
     for reason, members in by_reason.items():
         pipe.zadd(keys.dlq_reason(reason), members)
         pipe.hincrby(keys.STATS, keys.Stat.DEAD_LETTERS.of(reason), len(members))
 
 
-def add(r: redis.Redis, entries: list[dict[str, Any]]) -> None:
+def add(r: redis.Redis, entries: list[DeadLetter]) -> None:
     """Store entries in one round trip."""
     pipe = r.pipeline(transaction=True)
     stage_add(pipe, entries)
     pipe.execute()
 
 
-def _selection(
-    reason: str | None, since: float | None, until: float | None
+def _range(
+    reason: Reason | None, since: float | None, until: float | None
 ) -> tuple[str, float | str, float | str]:
     """The index to read and its score bounds for these filters."""
-    if reason is not None and reason not in REASONS:
-        raise ValueError(f"unknown reason {reason!r} (one of {', '.join(REASONS)})")
     index = keys.dlq_reason(reason) if reason else keys.DLQ_INDEX
     return index, "-inf" if since is None else since, "+inf" if until is None else until
 
@@ -108,53 +166,53 @@ def _strings(ids: list[Any]) -> list[str]:
 def list_ids(
     r: redis.Redis,
     *,
-    reason: str | None = None,
+    reason: Reason | None = None,
     since: float | None = None,
     until: float | None = None,
     limit: int = 50,
     offset: int = 0,
 ) -> list[str]:
     """Ids of entries, newest failure first."""
-    index, low, high = _selection(reason, since, until)
+    index, low, high = _range(reason, since, until)
     return _strings(r.zrevrangebyscore(index, high, low, start=offset, num=limit))
 
 
-def get_many(r: redis.Redis, ids: list[str]) -> list[dict[str, Any]]:
-    """The entries with these ids (missing ones left out)."""
+def get_many(r: redis.Redis, ids: list[str]) -> list[DeadLetter]:
+    """The entries with these ids (missing ones left out); DecodeError on a bad one."""
     if not ids:
         return []
     raw = r.hmget(keys.DLQ_ENTRIES, ids)
-    return [orjson.loads(v) for v in raw if v is not None]
+    return [DeadLetter.from_json(v) for v in raw if v is not None]
 
 
-def list_entries(r: redis.Redis, **filters: Any) -> list[dict[str, Any]]:
+def list_entries(r: redis.Redis, **filters: Any) -> list[DeadLetter]:
     """A page of entries, newest first (filters as `list_ids`)."""
     return get_many(r, list_ids(r, **filters))
 
 
-def get(r: redis.Redis, entry_id: str) -> dict[str, Any] | None:
+def get(r: redis.Redis, entry_id: str) -> DeadLetter | None:
     """One entry, or None."""
     found = get_many(r, [entry_id])
     return found[0] if found else None
 
 
-def remove(r: redis.Redis, entries: list[dict[str, Any]]) -> int:
+def remove(r: redis.Redis, entries: list[DeadLetter]) -> int:
     """Delete these entries; returns how many were there."""
     if not entries:
         return 0
     pipe = r.pipeline(transaction=True)
-    ids = [e["id"] for e in entries]
+    ids = [e.id for e in entries]
     pipe.hdel(keys.DLQ_ENTRIES, *ids)
     pipe.zrem(keys.DLQ_INDEX, *ids)
     for e in entries:
-        pipe.zrem(keys.dlq_reason(e["reason"]), e["id"])
+        pipe.zrem(keys.dlq_reason(e.reason), e.id)
     return int(pipe.execute()[0])
 
 
 def iter_ids(
     r: redis.Redis,
     *,
-    reason: str | None = None,
+    reason: Reason | None = None,
     since: float | None = None,
     until: float | None = None,
     page: int = 500,
@@ -165,7 +223,7 @@ def iter_ids(
     while iterating (replay, purge) neither skips nor repeats any.
     """
     snapshot = f"{keys.DLQ_SNAPSHOT}{uuid.uuid4().hex}"
-    index, low, high = _selection(reason, since, until)
+    index, low, high = _range(reason, since, until)
     total = r.zrangestore(snapshot, index, low, high, byscore=True)
     r.expire(snapshot, 3600)
     try:
@@ -176,22 +234,73 @@ def iter_ids(
 
 
 def count(
-    r: redis.Redis, *, reason: str | None = None, since: float | None = None,
+    r: redis.Redis, *, reason: Reason | None = None, since: float | None = None,
     until: float | None = None,
 ) -> int:  # fmt: skip
     """How many entries match the filters."""
-    index, low, high = _selection(reason, since, until)
+    index, low, high = _range(reason, since, until)
     return int(r.zcount(index, low, high))
 
 
-def replay_item(entry: dict[str, Any], now: float) -> dict[str, Any]:
+class SelectionError(ValueError):
+    """A selection of ids and of all entries or a reason at once (`mixed`), or of nothing."""
+
+    def __init__(self, *, mixed: bool) -> None:
+        super().__init__("ids, or all / a reason, not both" if mixed else "ids, all or a reason")
+        self.mixed = mixed
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The dead letters a replay or purge acts on: these ids, or every entry (of one
+    reason) that last failed between `since` and `until` (unbounded when None)."""
+
+    ids: tuple[str, ...] = ()
+    reason: Reason | None = None
+    since: float | None = None
+    until: float | None = None
+
+    def count(self, r: redis.Redis) -> int:
+        """How many entries are selected (ids counted as given)."""
+        if self.ids:
+            return len(self.ids)
+        return count(r, reason=self.reason, since=self.since, until=self.until)
+
+    def pages(self, r: redis.Redis) -> Iterator[list[str]]:
+        """Pages of the selected ids, safe to remove entries from while iterating."""
+        if self.ids:
+            return iter([list(self.ids)])
+        return iter_ids(r, reason=self.reason, since=self.since, until=self.until)
+
+
+def select(
+    ids: Iterable[str] = (),
+    *,
+    every: bool = False,
+    reason: Reason | None = None,
+    since: float | None = None,
+    until: float | None = None,
+) -> Selection:
+    """An operator's selection: entry ids, or `every` entry or those of `reason` (within
+    the time window, which ids ignore). SelectionError for both, or for neither."""
+    ids = tuple(ids)
+    if ids and (every or reason):
+        raise SelectionError(mixed=True)
+    if ids:
+        return Selection(ids)
+    if not every and not reason:
+        raise SelectionError(mixed=False)
+    return Selection(reason=reason, since=since, until=until)
+
+
+def replay_item(entry: DeadLetter, now: float) -> dict[str, Any]:
     """The queued item a replay of this entry publishes (a dry run previews the same)."""
-    item = dict(entry["item"])
+    item = dict(entry.item)
     # A fresh start: attempts and max age count from the replay.
     item["attempts"] = 0
     item["first_failure"] = None
     item["received_at"] = now
-    item["replayed_from"] = entry["id"]
+    item["replayed_from"] = entry.id
     # Parsed again from scratch (a relaxed rule may take it now); the identity
     # wait starts again too.
     item.pop("rejected", None)
@@ -233,9 +342,8 @@ def remove_users(r: redis.Redis, user_keys: set[str]) -> int:
     returns how many. A scan of the whole queue: for the rare user deletion."""
     found = []
     for _, raw in r.hscan_iter(keys.DLQ_ENTRIES, count=500):
-        entry = orjson.loads(raw)
-        item = entry.get("item")
-        event = item.get("event") if isinstance(item, dict) else None
+        entry = DeadLetter.from_json(raw)
+        event = entry.item.get("event")
         if isinstance(event, dict) and _user_keys(event) & user_keys:
             found.append(entry)
     return remove(r, found)
@@ -255,11 +363,11 @@ def purge(r: redis.Redis, ids: list[str]) -> int:
     return remove(r, get_many(r, ids))
 
 
-def export(r: redis.Redis, write: Callable[[bytes], Any], *, reason: str | None = None) -> int:
+def export(r: redis.Redis, write: Callable[[bytes], Any], *, reason: Reason | None = None) -> int:
     """Write every matching entry as a JSON line; returns the count."""
     written = 0
     for ids in iter_ids(r, reason=reason):
         for entry in get_many(r, ids):
-            write(orjson.dumps(entry) + b"\n")
+            write(entry.to_json() + b"\n")
             written += 1
     return written

@@ -36,6 +36,7 @@ from relay import (
 from relay.churnzero import ChurnZeroClient
 from relay.dedupe import Dedupe
 from relay.mapping import Mapping
+from relay.reasons import Reason
 from relay.resolution import resolve_raw_key
 from relay.runs import Claim, Runs, State
 from relay.settings import VISIBILITY_MARGIN_S, Settings
@@ -185,8 +186,8 @@ class Delivery:
                 orjson.dumps(wrapped)
             except (TypeError, orjson.JSONEncodeError):
                 wrapped = {"event": repr(item)[:32_000]}  # kept, if only as text
-            dead.append(deadletter.new_entry(wrapped, "worker_error", errors=[error]))
-        report.dead["worker_error"] = len(dead)
+            dead.append(deadletter.new_entry(wrapped, Reason.WORKER_ERROR, errors=[error]))
+        report.dead[Reason.WORKER_ERROR.value] = len(dead)
         pipe = self.redis.pipeline(transaction=True)
         deadletter.stage_add(pipe, dead)
         _stage_stats(pipe, report, time.time())
@@ -211,7 +212,7 @@ class Delivery:
         now = time.time()
         report = Report(received=len(items), lane=lane_of(items))
         parsed, bad = parse_items(items)
-        dead = [deadletter.new_entry(i, "invalid_event", errors=e, now=now) for i, e in bad]
+        dead = [deadletter.new_entry(i, Reason.INVALID_EVENT, errors=e, now=now) for i, e in bad]
         dups = self.dedupe.duplicates([item for item, _ in parsed])
         report.skipped["duplicate"] += len(dups)
         skipped = [(item, "duplicate") for item, _ in parsed if item["id"] in dups]
@@ -243,7 +244,7 @@ class Delivery:
         for batch, _, cause in later:
             report.retried[cause] += len(batch)
         for entry in dead:
-            report.dead[entry["reason"]] += 1
+            report.dead[entry.reason.value] += 1
 
         def write(pipe: Any) -> None:
             ttl_s = self.settings.identity_ttl_s
@@ -275,7 +276,7 @@ class Delivery:
         # through a Redis blip rather than give the message back to be sent again.
         self._durably(lambda: self._settle_once(claim, len(items), write), budget)
         with contextlib.suppress(*broker.QUEUE_ERRORS):  # an unreleased claim only expires
-            self.dedupe.release([e["item"] for e in dead if isinstance(e["item"], dict)])
+            self.dedupe.release([e.item for e in dead])
         if plan.forgotten:
             # Not in the MULTI (a scan); an error gives the message back, and the
             # delete is settled already, so it is logged for the operator instead.

@@ -1,7 +1,7 @@
 """Request bodies into events: decoding, size limits, batch envelopes, validation.
 
 Pure: bytes in, an `Intake` (accepted events, rejected ones with their errors) out,
-or `BadRequest` naming what is wrong with the request as a whole.
+or a `RequestError` (400) naming what is wrong with the request as a whole.
 
 Two sets of limits: the tracking API (`/v1/*`) keeps Segment's own, which its libraries
 respect; `/webhook` takes what Segment's Webhooks (Actions) destination sends, with
@@ -19,6 +19,7 @@ import orjson
 from pydantic import ValidationError
 
 from relay import clock, events
+from relay.errors import RequestError
 
 
 @dataclass(frozen=True)
@@ -63,10 +64,6 @@ SINGLE_ROUTES = {
 BATCH_ROUTES = frozenset({"batch", "import", "b"})
 
 
-class BadRequest(Exception):
-    """The request as a whole is unusable (answered 400, nothing enqueued)."""
-
-
 @dataclass(frozen=True)
 class Rejected:
     """One event of a batch that failed validation, with its field errors."""
@@ -97,33 +94,33 @@ def decode_body(body: bytes, content_encoding: str | None, limits: Limits = API_
     """The body, gunzipped if it says so, within the request size limit."""
     limit = limits.request_bytes
     if len(body) > limit:
-        raise BadRequest(f"request body is larger than {size_text(limit)}")
+        raise RequestError(400, f"request body is larger than {size_text(limit)}")
     encoding = (content_encoding or "").strip().lower()
     if encoding in ("", "identity"):
         return body
     if encoding not in ("gzip", "x-gzip"):
-        raise BadRequest(f"unsupported Content-Encoding: {content_encoding}")
+        raise RequestError(400, f"unsupported Content-Encoding: {content_encoding}")
     # Decompress at most one byte past the limit, so a gzip bomb costs nothing.
     inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
     try:
         plain = inflater.decompress(body, limit + 1)
     except zlib.error as exc:
-        raise BadRequest(f"body is not valid gzip: {exc}") from None
+        raise RequestError(400, f"body is not valid gzip: {exc}") from None
     if len(plain) > limit:
-        raise BadRequest(f"decompressed request body is larger than {size_text(limit)}")
+        raise RequestError(400, f"decompressed request body is larger than {size_text(limit)}")
     if not inflater.eof:
-        raise BadRequest("body is not valid gzip: truncated")
+        raise RequestError(400, "body is not valid gzip: truncated")
     return plain
 
 
 def load_json(body: bytes) -> Any:
-    """The body as JSON, or BadRequest."""
+    """The body as JSON, or a RequestError (400)."""
     if not body.strip():
-        raise BadRequest("body is empty")
+        raise RequestError(400, "body is empty")
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"body is not valid JSON: {exc}") from None
+        raise RequestError(400, f"body is not valid JSON: {exc}") from None
 
 
 def field_errors(exc: ValidationError) -> list[dict[str, str]]:
@@ -235,13 +232,15 @@ def _single(intake: Intake, raw: dict[str, Any], route: _Route) -> Intake:
     if intake.rejected:
         errors = intake.rejected[0].errors
         detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
-        raise BadRequest(f"invalid event: {detail}")
+        raise RequestError(400, f"invalid event: {detail}")
     return intake
 
 
 def _check_count(items: list[Any], limits: Limits) -> None:
     if len(items) > limits.batch_events:
-        raise BadRequest(f"batch has {len(items)} events; the limit is {limits.batch_events}")
+        raise RequestError(
+            400, f"batch has {len(items)} events; the limit is {limits.batch_events}"
+        )
 
 
 def parse_webhook(body: bytes, received_at: datetime) -> Intake:
@@ -257,24 +256,24 @@ def parse_webhook(body: bytes, received_at: datetime) -> Intake:
         return intake
     if isinstance(data, list):
         if not data:
-            raise BadRequest("batch is empty")
+            raise RequestError(400, "batch is empty")
         _check_count(data, WEBHOOK_LIMITS)
         for index, raw in enumerate(data):
             _accept(intake, index, raw, route)
         return intake
-    raise BadRequest("body must be a JSON object (an event) or an array of events")
+    raise RequestError(400, "body must be a JSON object (an event) or an array of events")
 
 
 def parse_api(route: str, body: bytes, received_at: datetime) -> Intake:
     """A tracking API request to `/v1/<route>` (single-event route or batch)."""
     data = load_json(body)
     if not isinstance(data, dict):
-        raise BadRequest("body must be a JSON object")
+        raise RequestError(400, "body must be a JSON object")
     intake = Intake(write_key=_string(data.get("writeKey")))
     if route in BATCH_ROUTES:
         items = data.get("batch")
         if not isinstance(items, list):
-            raise BadRequest("batch: must be an array of events")
+            raise RequestError(400, "batch: must be an array of events")
         _check_count(items, API_LIMITS)
         context = data.get("context")
         integrations = data.get("integrations")

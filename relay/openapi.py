@@ -1,7 +1,7 @@
 """The ingest service's HTTP API as an OpenAPI 3.0.3 document, served at `/openapi.json`.
 
 Built in code from the tables the server routes by (`intake.SINGLE_ROUTES`,
-`intake.BATCH_ROUTES`, `events.EVENT_TYPES`, `deadletter.REASONS`), so a route added
+`intake.BATCH_ROUTES`, `events.EVENT_TYPES`, `reasons.Reason`), so a route added
 there is described here. Request schemas are permissive (Segment sends keys nobody
 lists) but typed for the fields the relay reads; responses list every status the
 server answers on each route, so contract tests can hold it to them.
@@ -14,7 +14,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from relay import deadletter, events, intake
+from relay import events, intake
+from relay.reasons import Reason
 
 Schema = dict[str, Any]
 
@@ -23,7 +24,7 @@ _STRING: Schema = {"type": "string"}
 _INTEGER: Schema = {"type": "integer"}
 _OBJECT: Schema = {"type": "object", "additionalProperties": True}
 _STRING_OR_NUMBER: Schema = {"anyOf": [_STRING, {"type": "number"}]}
-_REASON: Schema = {"type": "string", "enum": list(deadletter.REASONS)}
+_REASON: Schema = {"type": "string", "enum": [reason.value for reason in Reason]}
 
 
 def _ref(name: str) -> Schema:

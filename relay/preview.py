@@ -18,6 +18,7 @@ from typing import Any
 
 from relay import deadletter, identity, intake, keys, names, retry
 from relay.dedupe import Dedupe
+from relay.errors import RequestError
 from relay.mapping import Mapping
 from relay.resolution import Known
 from relay.settings import Settings
@@ -61,7 +62,7 @@ class Verdict:
 def items_of(body: bytes, source: str | None = None) -> tuple[list[Item], list[Verdict]]:
     """Queued items from a Segment event, an array of events or a `{"batch": [...]}`
     envelope, validated as ingest would; and a verdict for each event ingest would refuse.
-    Raises intake.BadRequest when the body as a whole is unusable."""
+    Raises RequestError (400) when the body as a whole is unusable."""
     data = intake.load_json(body)
     now = datetime.now(UTC)
     envelope = isinstance(data, dict) and isinstance(data.get("batch"), list)
@@ -71,7 +72,7 @@ def items_of(body: bytes, source: str | None = None) -> tuple[list[Item], list[V
         # One event: ingest refuses an invalid one outright; say so as its verdict.
         try:
             parsed = intake.parse_webhook(body, now)
-        except intake.BadRequest as exc:
+        except RequestError as exc:
             return [], [Verdict(0, _kind(data), _user(data), "dead", "invalid_event",
                                 errors=[str(exc)])]  # fmt: skip
     else:
@@ -136,8 +137,8 @@ def preview(
     for item, reason in plan.skipped:
         verdicts[item["id"]] = _verdict(item, "skip", reason)
     for entry in settled.dead:
-        item = entry["item"]
-        verdicts[item["id"]] = _verdict(item, "dead", entry["reason"], errors=entry["errors"])
+        item = entry.item
+        verdicts[item["id"]] = _verdict(item, "dead", entry.reason.value, errors=entry.errors)
     for batch, _, cause in settled.later:
         for item in batch:
             verdicts[item["id"]] = _verdict(item, "wait", cause, errors=_WAIT_NOTE.get(cause, []))
@@ -167,7 +168,7 @@ class DryRun:
 
 def dry_run(
     r: Any,
-    pages: Iterable[list[dict[str, Any]]],
+    pages: Iterable[list[deadletter.DeadLetter]],
     mapping: Mapping,
     settings: Settings,
     *,
@@ -185,7 +186,7 @@ def dry_run(
             out.outcomes[verdict.label] += 1
             examples = out.samples.setdefault(verdict.label, [])
             if len(examples) < sample:
-                examples.append({"entry": entry["id"], **verdict.as_dict()})
+                examples.append({"entry": entry.id, **verdict.as_dict()})
     return out
 
 
@@ -197,7 +198,7 @@ def entries_pages(
     since: float | None = None,
     until: float | None = None,
     page: int = 500,
-) -> Iterable[list[dict[str, Any]]]:
+) -> Iterable[list[deadletter.DeadLetter]]:
     """Pages of dead-letter entries, read without writing anything (no index snapshot,
     unlike a replay's: a dry run changes nothing, so a plain scan of the index will do)."""
     if ids is not None:

@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import structlog
-from aiohttp import web
 
 log = structlog.get_logger("relay.ingest")
 
@@ -63,22 +62,17 @@ class RequestLog:
         )
         self._reset()
 
+    async def summaries(self, _app: object) -> AsyncIterator[None]:
+        """cleanup_ctx: flush the summary every interval, and a last time at shutdown."""
 
-REQUEST_LOG = web.AppKey("request_log", RequestLog)
+        async def every_interval() -> None:
+            while True:
+                await asyncio.sleep(SUMMARY_INTERVAL_S)
+                self.flush()
 
-
-async def summaries(app: web.Application) -> AsyncIterator[None]:
-    """cleanup_ctx: flush the summary every interval, and a last time at shutdown."""
-    request_log = app[REQUEST_LOG]
-
-    async def every_interval() -> None:
-        while True:
-            await asyncio.sleep(SUMMARY_INTERVAL_S)
-            request_log.flush()
-
-    task = asyncio.create_task(every_interval())
-    yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    request_log.flush()
+        task = asyncio.create_task(every_interval())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        self.flush()

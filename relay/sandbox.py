@@ -39,6 +39,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from relay import eiv
+from relay.webapp import json_response
 
 # The transparent 1x1 GIF89a that tracking pixels, ChurnZero's included, answer with.
 _PIXEL = (
@@ -242,31 +243,26 @@ def _refusal(status: int, retry_after: float | str | None) -> web.Response:
     return web.Response(status=status, text=text, headers=headers)
 
 
-def _json_response(value: Any, status: int = 200) -> web.Response:
-    """A JSON answer, serialised by orjson (the command list can be large)."""
-    return web.Response(body=orjson.dumps(value), status=status, content_type="application/json")
-
-
 async def _get_commands(request: web.Request) -> web.Response:
     """Every command accepted, in arrival order."""
-    return _json_response(request.app[_STATE].commands)
+    return json_response(request.app[_STATE].commands)
 
 
 async def _delete_commands(request: web.Request) -> web.Response:
     """Forget commands, the request log and stats (faults stay)."""
     request.app[_STATE].clear_received()
-    return _json_response({"cleared": True})
+    return json_response({"cleared": True})
 
 
 async def _get_requests(request: web.Request) -> web.Response:
     """Every request to `/i`, in arrival order."""
-    return _json_response(request.app[_STATE].requests)
+    return json_response(request.app[_STATE].requests)
 
 
 async def _get_stats(request: web.Request) -> web.Response:
     """Counters that are kept even when recording is off."""
     state = request.app[_STATE]
-    return _json_response(
+    return json_response(
         {
             "requests": state.request_count,
             "by_status": {str(k): v for k, v in sorted(state.by_status.items())},
@@ -280,7 +276,7 @@ async def _get_stats(request: web.Request) -> web.Response:
 async def _get_faults(request: web.Request) -> web.Response:
     """The fault set in force, as it was posted."""
     faults = request.app[_STATE].current_faults()
-    return _json_response(faults.model_dump(exclude_defaults=True))
+    return json_response(faults.model_dump(exclude_defaults=True))
 
 
 async def _post_faults(request: web.Request) -> web.Response:
@@ -292,15 +288,15 @@ async def _post_faults(request: web.Request) -> web.Response:
             f"{'.'.join(str(part) for part in error['loc']) or 'body'}: {error['msg']}"
             for error in exc.errors(include_url=False)
         ]
-        return _json_response({"error": "; ".join(problems)}, status=400)
+        return json_response({"error": "; ".join(problems)}, status=400)
     request.app[_STATE].set_faults(faults)
-    return _json_response(faults.model_dump(exclude_defaults=True))
+    return json_response(faults.model_dump(exclude_defaults=True))
 
 
 async def _delete_faults(request: web.Request) -> web.Response:
     """Clear every fault."""
     request.app[_STATE].set_faults(_Faults())
-    return _json_response({})
+    return json_response({})
 
 
 async def _healthz(_: web.Request) -> web.Response:

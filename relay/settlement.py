@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from relay import deadletter, retry
+from relay.reasons import Reason
 from relay.resolution import resolve_raw_key
 from relay.settings import Settings
 from relay.translate import Plan
@@ -70,7 +71,7 @@ class Settlement:
 
     delivered: list[Item] = field(default_factory=list)
     skipped: Counter[str] = field(default_factory=Counter)
-    dead: list[dict[str, Any]] = field(default_factory=list)
+    dead: list[deadletter.DeadLetter] = field(default_factory=list)
     later: list[tuple[list[Item], float, str]] = field(default_factory=list)  # items, due, cause
 
 
@@ -98,9 +99,11 @@ def settle(
     for _item, reason in plan.skipped:
         out.skipped[reason] += 1
     for item, problems in plan.invalid_event + plan.invalid_command:
-        out.dead.append(deadletter.new_entry(item, "invalid_command", errors=problems, now=now))
+        out.dead.append(
+            deadletter.new_entry(item, Reason.INVALID_COMMAND, errors=problems, now=now)
+        )
     for item, problems in plan.held:
-        out.dead.append(deadletter.new_entry(item, "new_name", errors=problems, now=now))
+        out.dead.append(deadletter.new_entry(item, Reason.NEW_NAME, errors=problems, now=now))
     for item in plan.unresolved:
         _wait_for_identity(item, now, policy, out, rng)
     for item, _ in plan.send:
@@ -109,7 +112,7 @@ def settle(
             out.delivered.append(item)
         elif isinstance(outcome, retry.Outcome) and outcome.kind is retry.Kind.PERMANENT:
             out.dead.append(deadletter.new_entry(
-                attempted(item, now), "rejected", status=outcome.status,
+                attempted(item, now), Reason.REJECTED, status=outcome.status,
                 response=outcome.excerpt, now=now,
             ))  # fmt: skip
         else:
@@ -135,7 +138,7 @@ def _defer(
         else:
             response = f"never sent: {outcome.cause}"
         out.dead.append(deadletter.new_entry(
-            tried, "retries_exhausted", status=status, response=response, now=now,
+            tried, Reason.RETRIES_EXHAUSTED, status=status, response=response, now=now,
         ))  # fmt: skip
         return
     if isinstance(outcome, Unsent):
@@ -159,7 +162,7 @@ def _wait_for_identity(
     aged = retry.expired(received_at(seen, now), now, policy.max_age_s)
     if waited >= policy.identity_wait_s or aged:
         out.dead.append(deadletter.new_entry(
-            seen, "unresolved_identity", now=now,
+            seen, Reason.UNRESOLVED_IDENTITY, now=now,
             errors=["no account for this user: no ids, and no group, identify, alias or import"],
         ))  # fmt: skip
         return

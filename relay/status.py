@@ -18,7 +18,8 @@ from typing import Any
 
 import orjson
 
-from relay import deadletter, keys, names, wire
+from relay import keys, names, wire
+from relay.reasons import Reason
 
 WINDOW_S = 60
 RATE_TTL_S = 3 * WINDOW_S
@@ -164,7 +165,7 @@ def snapshot(r: Any, now: float | None = None) -> Snapshot:
     pipe.hgetall(keys.STATS)
     pipe.hlen(keys.CELERY_UNACKED)
     pipe.info("memory")
-    for reason in deadletter.REASONS:
+    for reason in Reason:
         pipe.zcard(keys.dlq_reason(reason))
     ready, inflight, delayed, live, oldest, replay, pause, stats, unacked, memory, *dead = (
         pipe.execute()
@@ -172,7 +173,7 @@ def snapshot(r: Any, now: float | None = None) -> Snapshot:
     messages = _int(live) + _int(replay)
     if not unacked:  # as for ready_events: nothing unacked, nothing in flight
         inflight = 0
-    dead_by_reason = dict(zip(deadletter.REASONS, (_int(d) for d in dead), strict=True))
+    dead_by_reason = {reason.value: _int(d) for reason, d in zip(Reason, dead, strict=True)}
     received = _oldest_received(oldest)
     return Snapshot(
         depth={

@@ -48,7 +48,7 @@ def stage_record(
     *,
     delivered: Iterable[tuple[Item, list[Command]]] = (),
     skipped: Iterable[tuple[Item, str]] = (),
-    dead: Iterable[dict[str, Any]] = (),
+    dead: Iterable[deadletter.DeadLetter] = (),
 ) -> None:
     """Queue on the settlement's pipeline: one record entry per event settled."""
     if size <= 0:
@@ -58,8 +58,7 @@ def stage_record(
     for item, reason in skipped:
         _stage(pipe, size, item, {"o": "skipped", "why": reason})
     for entry in dead:
-        item = entry["item"] if isinstance(entry["item"], dict) else {}
-        _stage(pipe, size, item, {"o": "dead", "why": entry["reason"], "e": entry["id"]})
+        _stage(pipe, size, entry.item, {"o": "dead", "why": entry.reason.value, "e": entry.id})
 
 
 def _stage(pipe: Any, size: int, item: Item, fields: dict[str, Any]) -> None:

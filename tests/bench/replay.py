@@ -31,6 +31,7 @@ LATENCY_MS = 20
 def _seed(env: Env) -> None:
     """200,000 dead letters (tracks with their ids), written straight into the DLQ."""
     from relay import deadletter
+    from relay.reasons import Reason
 
     r = env.redis()
     try:
@@ -42,7 +43,7 @@ def _seed(env: Env) -> None:
                 event.pop("context")
                 item = {"id": f"dead-{i}", "source": "api", "received_at": now, "attempts": 3,
                         "event": event}  # fmt: skip
-                entries.append(deadletter.new_entry(item, "retries_exhausted", now=now))
+                entries.append(deadletter.new_entry(item, Reason.RETRIES_EXHAUSTED, now=now))
             deadletter.add(r, entries)
     finally:
         r.close()

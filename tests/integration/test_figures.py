@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from relay import broker, deadletter, delayed, keys, status
 from relay.keys import Stat
 from relay.metrics import DeploymentCollector
+from relay.reasons import Reason
 from tests.integration.conftest import metric, queued_items
 
 pytestmark = pytest.mark.integration
@@ -38,7 +39,7 @@ def test_every_way_into_the_queue_counts_what_it_queued(r: redis.Redis) -> None:
     delayed.stage_schedule(pipe, items(2, "retry"), due=0)
     pipe.execute()
     assert delayed.Mover(r, queue).move_due() == 2  # the mover
-    dead = [deadletter.new_entry(item, "rejected") for item in items(4, "dead")]
+    dead = [deadletter.new_entry(item, Reason.REJECTED) for item in items(4, "dead")]
     deadletter.add(r, dead)
     replayed = deadletter.replay(r, [e["id"] for e in dead], queue.publish)  # a replay
     assert replayed == 4

@@ -18,6 +18,7 @@ from relay import broker, deadletter, keys
 from relay.delivery import Delivery
 from relay.mapping import load_mapping
 from relay.publisher import GroupCommit
+from relay.reasons import Reason
 from relay.settings import Settings
 from relay.throttle import Throttle
 from tests.conftest import free_port
@@ -105,9 +106,9 @@ async def test_group_commit_fails_the_requests_when_redis_is_away() -> None:
 
 
 def test_replay_requeues_once_and_a_failed_publish_keeps_the_entries(r: redis.Redis) -> None:
-    entries = [deadletter.new_entry(event_item(f"d{i}"), "rejected") for i in range(3)]
+    entries = [deadletter.new_entry(event_item(f"d{i}"), Reason.REJECTED) for i in range(3)]
     deadletter.add(r, entries)
-    ids = [e["id"] for e in entries]
+    ids = [e.id for e in entries]
 
     def broken(_: list[dict[str, Any]]) -> None:
         raise ConnectionError("Redis went away mid-replay")
@@ -155,7 +156,7 @@ def test_a_4xx_dead_letters_with_the_answer(
     report = delivery.deliver([event_item("f2")], "m-4xx")
     assert report.dead == {"rejected": 1}
     [entry] = deadletter.list_entries(r)
-    assert entry["status"] == 400 and entry["item"]["id"] == "f2"
+    assert entry.status == 400 and entry.item["id"] == "f2"
 
 
 def test_a_pause_in_force_sends_nothing_and_defers_past_it(

@@ -131,8 +131,9 @@ def test_preview_refuses_bad_input_clearly(r: redis.Redis) -> None:
 def _dead_letters(r: redis.Redis) -> list[str]:
     """Dead letters of three kinds: fixable, still unresolved, and skipped on replay."""
     from relay import deadletter
+    from relay.reasons import Reason
 
-    def entry(event: dict[str, Any], reason: str, n: int) -> dict[str, Any]:
+    def entry(event: dict[str, Any], reason: Reason, n: int) -> deadletter.DeadLetter:
         item = {"id": f"rid-{n}", "source": "api", "received_at": time.time(), "attempts": 3,
                 "event": event}  # fmt: skip
         return deadletter.new_entry(item, reason, entry_id=f"dead-{n}")
@@ -140,15 +141,15 @@ def _dead_letters(r: redis.Redis) -> list[str]:
     stamp = "2024-05-01T10:00:00Z"
     entries = [
         entry({"type": "track", "userId": "known", "event": f"E{n}", "timestamp": stamp},
-              "unresolved_identity", n)
+              Reason.UNRESOLVED_IDENTITY, n)
         for n in range(4)
     ] + [
         entry({"type": "track", "userId": "stranger", "event": "Lost", "timestamp": stamp},
-              "unresolved_identity", 4),
-        entry({"type": "page", "userId": "known", "timestamp": stamp}, "worker_error", 5),
+              Reason.UNRESOLVED_IDENTITY, 4),
+        entry({"type": "page", "userId": "known", "timestamp": stamp}, Reason.WORKER_ERROR, 5),
     ]  # fmt: skip
     deadletter.add(r, entries)
-    return [e["id"] for e in entries]
+    return [e.id for e in entries]
 
 
 def test_dry_run_replay_reports_outcomes_and_changes_nothing(

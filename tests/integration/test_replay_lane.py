@@ -14,6 +14,7 @@ import redis
 import requests
 
 from relay import deadletter
+from relay.reasons import Reason
 from tests.integration.conftest import WRITE_KEY, Sandbox, Starter, relay_cli, settled, wait_for
 
 pytestmark = pytest.mark.integration
@@ -30,7 +31,7 @@ def seed_dead_letters(r: redis.Redis, n: int) -> None:
             {"id": f"rid-{i}", "source": "api", "received_at": time.time(), "attempts": 1,
              "event": {"type": "track", "userId": "u", "event": f"Replayed {i}",
                        "timestamp": stamp, "properties": IDS}},
-            "retries_exhausted",
+            Reason.RETRIES_EXHAUSTED,
         )
         for i in range(n)
     ])  # fmt: skip

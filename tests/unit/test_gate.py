@@ -3,7 +3,7 @@ maxmemory is unlimited, and count what was queued since the last reading."""
 
 from __future__ import annotations
 
-from relay.ingest import REDIS_BYTES_PER_BODY_BYTE, QueueGate
+from relay.gate import REDIS_BYTES_PER_BODY_BYTE, QueueGate
 from relay.status import memory_fraction
 
 MB = 1024 * 1024

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from relay import auth, clock, intake
-from relay.intake import WEBHOOK_LIMITS, BadRequest, decode_body, parse_api, parse_webhook
+from relay.errors import RequestError
+from relay.intake import WEBHOOK_LIMITS, decode_body, parse_api, parse_webhook
 from tests.conftest import fixture
 
 RECEIVED = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -203,7 +204,7 @@ def test_single_route_overrides_the_type_in_the_body() -> None:
 
 def test_single_route_body_type_does_not_excuse_a_missing_event_name() -> None:
     body = {"type": "page", "userId": "u1", "name": "Home"}
-    with pytest.raises(BadRequest, match="event"):
+    with pytest.raises(RequestError, match="event"):
         parse_api("track", dumps(body), RECEIVED)
 
 
@@ -371,7 +372,7 @@ def test_event_limit_counts_bytes_not_characters() -> None:
 
 
 def test_single_event_over_32kb_is_a_bad_request() -> None:
-    with pytest.raises(BadRequest, match="32 KB"):
+    with pytest.raises(RequestError, match="32 KB"):
         parse_api("track", dumps(oversized_track(1)), RECEIVED)
 
 
@@ -399,7 +400,7 @@ def test_request_over_500kb_is_a_bad_request() -> None:
     payload = {"batch": [{**small_track(n), "properties": {"b": "x" * 20_000}} for n in range(30)]}
     body = dumps(payload)
     assert len(body) > 500 * 1024
-    with pytest.raises(BadRequest, match="500 KB"):
+    with pytest.raises(RequestError, match="500 KB"):
         decode_body(body, None)
 
 
@@ -413,7 +414,7 @@ def test_gzipped_request_is_limited_after_decompression() -> None:
     payload = {"batch": [{**small_track(n), "properties": {"b": "x" * 20_000}} for n in range(30)]}
     compressed = gzip.compress(dumps(payload))
     assert len(compressed) < 500 * 1024
-    with pytest.raises(BadRequest, match="500 KB"):
+    with pytest.raises(RequestError, match="500 KB"):
         decode_body(compressed, "gzip")
 
 
@@ -434,7 +435,7 @@ def gzip_bomb() -> bytes:
 def test_gzip_bomb_is_refused_without_inflating_it(gzip_bomb: bytes) -> None:
     assert len(gzip_bomb) < 500 * 1024  # small on the wire: only the inflated size is too big
     started = time.perf_counter()
-    with pytest.raises(BadRequest, match="500 KB"):
+    with pytest.raises(RequestError, match="500 KB"):
         decode_body(gzip_bomb, "gzip")
     assert time.perf_counter() - started < 0.5
 
@@ -448,18 +449,18 @@ def test_gzip_bomb_is_refused_without_inflating_it(gzip_bomb: bytes) -> None:
     ],
 )
 def test_invalid_gzip_is_a_bad_request(body: bytes) -> None:
-    with pytest.raises(BadRequest, match="gzip"):
+    with pytest.raises(RequestError, match="gzip"):
         decode_body(body, "gzip")
 
 
 def test_unsupported_content_encoding_is_a_bad_request() -> None:
-    with pytest.raises(BadRequest, match="br"):
+    with pytest.raises(RequestError, match="br"):
         decode_body(b"{}", "br")
 
 
 def test_batch_over_2500_events_is_a_bad_request() -> None:
     body = dumps({"batch": [small_track(n) for n in range(2501)]})
-    with pytest.raises(BadRequest, match="2500"):
+    with pytest.raises(RequestError, match="2500"):
         parse_api("batch", body, RECEIVED)
 
 
@@ -469,7 +470,7 @@ def test_webhook_takes_the_actions_maximum_of_4000_events() -> None:
 
 
 def test_webhook_array_over_8000_events_is_a_bad_request() -> None:
-    with pytest.raises(BadRequest, match="8000"):
+    with pytest.raises(RequestError, match="8000"):
         parse_webhook(dumps([small_track(n) for n in range(8001)]), RECEIVED)
 
 
@@ -477,9 +478,9 @@ def test_webhook_body_limit_is_8_mb_after_decompression() -> None:
     body = dumps([{**small_track(n), "properties": {"b": "x" * 3000}} for n in range(2000)])
     assert 4 * 1024 * 1024 < len(body) < 8 * 1024 * 1024  # beyond /v1/*, within /webhook
     assert decode_body(gzip.compress(body), "gzip", WEBHOOK_LIMITS) == body
-    with pytest.raises(BadRequest, match="500 KB"):
+    with pytest.raises(RequestError, match="500 KB"):
         decode_body(body, None)
-    with pytest.raises(BadRequest, match="8 MB"):
+    with pytest.raises(RequestError, match="8 MB"):
         decode_body(gzip.compress(body + b" " * (4 * 1024 * 1024)), "gzip", WEBHOOK_LIMITS)
 
 
@@ -494,7 +495,7 @@ def test_batch_of_exactly_2500_events_is_accepted() -> None:
 @pytest.mark.parametrize("body", [b"", b"   \n\t "])
 @pytest.mark.parametrize("where", ["api", "webhook"])
 def test_empty_body_is_a_bad_request(body: bytes, where: str) -> None:
-    with pytest.raises(BadRequest, match="empty"):
+    with pytest.raises(RequestError, match="empty"):
         parse(where, body)
 
 
@@ -503,7 +504,7 @@ def test_empty_body_is_a_bad_request(body: bytes, where: str) -> None:
 )
 @pytest.mark.parametrize("where", ["api", "webhook"])
 def test_invalid_json_is_a_bad_request(body: bytes, where: str) -> None:
-    with pytest.raises(BadRequest, match="not valid JSON"):
+    with pytest.raises(RequestError, match="not valid JSON"):
         parse(where, body)
 
 
@@ -516,18 +517,18 @@ def parse(where: str, body: bytes) -> intake.Intake:
 @pytest.mark.parametrize("body", [b"[]", b"[{}]", b'"track"', b"42", b"null", b"true"])
 @pytest.mark.parametrize("route", ["track", "batch"])
 def test_api_body_that_is_not_an_object_is_a_bad_request(body: bytes, route: str) -> None:
-    with pytest.raises(BadRequest, match="JSON object"):
+    with pytest.raises(RequestError, match="JSON object"):
         parse_api(route, body, RECEIVED)
 
 
 @pytest.mark.parametrize("body", [b'"track"', b"42", b"null", b"true"])
 def test_webhook_body_that_is_neither_event_nor_array_is_a_bad_request(body: bytes) -> None:
-    with pytest.raises(BadRequest, match="JSON object"):
+    with pytest.raises(RequestError, match="JSON object"):
         parse_webhook(body, RECEIVED)
 
 
 def test_webhook_empty_array_is_a_bad_request() -> None:
-    with pytest.raises(BadRequest, match="empty"):
+    with pytest.raises(RequestError, match="empty"):
         parse_webhook(b"[]", RECEIVED)
 
 
@@ -541,12 +542,12 @@ def test_webhook_empty_array_is_a_bad_request() -> None:
     ],
 )
 def test_batch_that_is_not_a_list_is_a_bad_request(payload: dict[str, Any]) -> None:
-    with pytest.raises(BadRequest, match="batch"):
+    with pytest.raises(RequestError, match="batch"):
         parse_api("batch", dumps(payload), RECEIVED)
 
 
 def test_invalid_single_event_is_a_bad_request_naming_the_field() -> None:
-    with pytest.raises(BadRequest, match="event: Field required"):
+    with pytest.raises(RequestError, match="event: Field required"):
         parse_api("track", dumps({"userId": "u1"}), RECEIVED)
 
 

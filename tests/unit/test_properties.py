@@ -1,7 +1,7 @@
 """Properties of parsing and translation, over any JSON a client could send.
 
 Whatever the body, `intake.parse_api` / `parse_webhook` give an `Intake` or raise
-`intake.BadRequest` (a 400), never anything else (a 500). A batch is handled whole:
+a `RequestError` with status 400, never anything else (a 500). A batch is handled whole:
 every event is accepted or rejected, none lost. Every accepted event can be stored
 (queued, parked for a retry, dead-lettered), translates without raising, and each
 command it yields passes `validate_command` or the event lands in `invalid_command`.
@@ -26,7 +26,9 @@ from hypothesis import event as label
 from hypothesis import strategies as st
 
 from relay import deadletter, events, intake, translate
+from relay.errors import RequestError
 from relay.mapping import EventMap, IdentityMap, Mapping, TraitMap
+from relay.reasons import Reason
 from relay.resolution import Known
 
 RECEIVED = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -161,7 +163,8 @@ def take(route: str, body: bytes) -> intake.Intake | None:
         if route == "webhook":
             return intake.parse_webhook(body, RECEIVED)
         return intake.parse_api(route, body, RECEIVED)
-    except intake.BadRequest:
+    except RequestError as exc:
+        assert exc.status == 400
         return None
 
 
@@ -190,7 +193,7 @@ def check_request(route: str, body: bytes) -> None:
     assert indices == sorted(set(indices)) and set(indices) <= set(range(size))
     for rejected in parsed.rejected:  # what ingest writes to the dead-letter queue
         wrapped = {"id": "x", "source": "api", "received_at": 0.0, "attempts": 0}
-        orjson.dumps(deadletter.new_entry({**wrapped, "event": rejected.event}, "invalid_event"))
+        deadletter.new_entry({**wrapped, "event": rejected.event}, Reason.INVALID_EVENT).to_json()
     check_translation(parsed, "webhook" if route == "webhook" else "api")
 
 
@@ -199,7 +202,7 @@ def check_translation(parsed: intake.Intake, source: str) -> None:
     for item in items:  # queued, parked for a retry, dead-lettered: each is serialised
         json.dumps(item)
         orjson.dumps({"id": "x", "items": [item]})
-        orjson.dumps(deadletter.new_entry(item, "invalid_command"))
+        deadletter.new_entry(item, Reason.INVALID_COMMAND).to_json()
     good, bad = translate.parse_items(items)
     assert bad == [], "ingest accepted an event the worker cannot parse"
     translate.lookup_keys(good, MAPPING)
@@ -269,7 +272,7 @@ def test_deeply_nested_event_is_a_400(route: str) -> None:
     parsed = take(route, body)
     if parsed is not None:  # a batch may reject the one event instead
         assert parsed.accepted == [] and len(parsed.rejected) == 1
-        orjson.dumps(deadletter.new_entry({"event": parsed.rejected[0].event}, "invalid_event"))
+        deadletter.new_entry({"event": parsed.rejected[0].event}, Reason.INVALID_EVENT).to_json()
 
 
 @pytest.mark.parametrize("stamp", [BUG_TIMESTAMP, "9999-12-31T23:59:59-01:00"])
@@ -283,4 +286,4 @@ def test_deep_event_is_refused_and_its_dead_letter_can_be_stored() -> None:
     assert parsed.rejected[0].errors == [
         {"field": "event", "message": f"nested deeper than {intake.MAX_DEPTH} levels"}
     ]
-    orjson.dumps(deadletter.new_entry({"event": parsed.rejected[0].event}, "invalid_event"))
+    deadletter.new_entry({"event": parsed.rejected[0].event}, Reason.INVALID_EVENT).to_json()

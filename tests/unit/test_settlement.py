@@ -93,7 +93,7 @@ CASES = {
 def test_every_event_ends_in_exactly_one_place(case: Case) -> None:
     out = settle(case.plan, case.outcomes, NOW, POLICY, random.Random(1))
     assert len(out.delivered) == case.delivered
-    assert [e["reason"] for e in out.dead] == case.dead
+    assert [e.reason for e in out.dead] == case.dead
     assert [cause for _, _, cause in out.later] == case.later
     assert dict(out.skipped) == case.skipped
     total = len(out.delivered) + len(out.dead) + sum(len(i) for i, _, _ in out.later)
