@@ -8,7 +8,6 @@ library functions the services use; each group of operator commands has a module
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import time
@@ -55,24 +54,17 @@ def serve(deployment: Deployment, processes: int | None) -> None:
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 @pass_deployment
 def worker(deployment: Deployment, celery_args: tuple[str, ...]) -> None:
-    """Run a Celery worker of both queues, live and replay (extra arguments go to
-    `celery worker`)."""
-    from relay import keys
+    """Run the Celery workers: one of the live queue, one of the replay lane at a lower
+    CPU priority (extra arguments go to both `celery worker`s; with -Q, one worker of
+    those queues)."""
+    from relay import supervise
 
     settings = deployment.settings
     try:
         settings.require_app_key()
     except RelayError as exc:
         raise click.ClickException(str(exc)) from None
-    env = dict(os.environ, RELAY_REDIS_URL=deployment.redis_url)
-    command = [
-        sys.executable, "-m", "celery", "-A", "workers.app", "worker",
-        "-Q", f"{keys.QUEUE},{keys.REPLAY_QUEUE}", "--pool", "threads",
-        "-c", str(settings.worker_concurrency),
-        "--without-gossip", "--without-mingle", "--loglevel", settings.log_level.upper(),
-        *celery_args,
-    ]  # fmt: skip
-    os.execvpe(sys.executable, command, env)
+    sys.exit(supervise.worker(settings, deployment.redis_url, celery_args, click.echo))
 
 
 @main.command()

@@ -3,6 +3,10 @@
 Lenient where the meaning is clear (as Segment's own tracking API is): timestamps with
 ms, µs or ns and any offset, or epoch milliseconds; numeric ids become strings;
 `version` of any type; unknown keys kept. `traits` and `properties` stay free-form.
+
+The models are also the OpenAPI document's event schemas (relay.openapi): where what is
+accepted is wider than the Python type, a `WithJsonSchema` says so, without changing
+validation.
 """
 
 from __future__ import annotations
@@ -10,22 +14,46 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+from typing_extensions import TypeAliasType
 
 # Types the relay accepts; page and screen are counted and skipped.
 EVENT_TYPES = ("identify", "track", "page", "screen", "group", "alias", "delete")
 DELIVERED_TYPES = frozenset({"identify", "track", "group", "alias", "delete"})
 
+# Segment libraries send numeric ids too: they are kept as their text.
+_Id = Annotated[str, WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "number"}]})]
+_Timestamp = Annotated[
+    datetime,
+    WithJsonSchema({"anyOf": [{"type": "string", "format": "date-time"}, {"type": "number"}]}),
+]
+
 
 class _Base(BaseModel):
     model_config = ConfigDict(extra="allow", coerce_numbers_to_str=True)
 
-    userId: str | None = None
-    anonymousId: str | None = None
-    messageId: str | None = None
-    timestamp: datetime | None = None
+    userId: _Id | None = None
+    anonymousId: _Id | None = None
+    messageId: _Id | None = None
+    timestamp: _Timestamp | None = Field(
+        None,
+        description="ISO-8601 with any offset, or epoch milliseconds; absent or unreadable: "
+        "the time of receipt",
+    )
     context: dict[str, Any] = Field(default_factory=dict)
-    integrations: dict[str, Any] = Field(default_factory=dict)
+    integrations: dict[str, Any] = Field(
+        default_factory=dict,
+        description="`ChurnZero: false` (or `Churnzero: false`) skips the event; so does "
+        "`All: false` on /v1/* unless ChurnZero is enabled",
+    )
     version: Any = None
 
     @field_validator("userId", "anonymousId", "messageId", mode="after")
@@ -76,7 +104,7 @@ class Track(_Base):
     """A track call: something the user did, with properties."""
 
     type: Literal["track"]
-    event: str = Field(min_length=1)
+    event: str = Field(min_length=1, description="the event's name (ChurnZero's eventName)")
     properties: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -101,7 +129,7 @@ class Group(_Base):
     """A group call: the user belongs to the account `groupId`, with account traits."""
 
     type: Literal["group"]
-    groupId: str | None = None
+    groupId: _Id | None = None
     traits: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("groupId", mode="after")
@@ -114,7 +142,7 @@ class Alias(_Base):
     """An alias call: `previousId` (an earlier userId or anonymousId) is `userId`."""
 
     type: Literal["alias"]
-    previousId: str | None = None
+    previousId: _Id | None = None
 
     @field_validator("previousId", mode="after")
     @classmethod
@@ -128,12 +156,10 @@ class Delete(_Base):
     type: Literal["delete"]
 
 
-Event = Annotated[
-    Identify | Track | Page | Screen | Group | Alias | Delete, Field(discriminator="type")
-]
-EVENT: TypeAdapter[Identify | Track | Page | Screen | Group | Alias | Delete] = TypeAdapter(Event)
-
 AnyEvent = Identify | Track | Page | Screen | Group | Alias | Delete
+# A named alias, so that JSON Schema gives the union one definition that others refer to.
+Event = TypeAliasType("Event", Annotated[AnyEvent, Field(discriminator="type")])
+EVENT: TypeAdapter[AnyEvent] = TypeAdapter(Event)
 
 
 def parse(raw: dict[str, Any]) -> AnyEvent:

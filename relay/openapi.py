@@ -1,10 +1,11 @@
 """The ingest service's HTTP API as an OpenAPI 3.0.3 document, served at `/openapi.json`.
 
-Built in code from the tables the server routes by (`intake.SINGLE_ROUTES`,
-`intake.BATCH_ROUTES`, `events.EVENT_TYPES`, `reasons.Reason`), so a route added
-there is described here. Request schemas are permissive (Segment sends keys nobody
-lists) but typed for the fields the relay reads; responses list every status the
-server answers on each route, so contract tests can hold it to them.
+No schema is written here: the component schemas are generated from the pydantic types
+the bodies are declared as (`events`, `bodies`), in OpenAPI 3.0's dialect of JSON Schema,
+so a field is described once, where it is declared. What is written here is the route
+table, built from the tables the server routes by (`intake.SINGLE_ROUTES`,
+`intake.BATCH_ROUTES`) and listing every status each route answers, so that contract
+tests can hold the server to it.
 """
 
 from __future__ import annotations
@@ -13,346 +14,262 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from pydantic import TypeAdapter
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaMode, JsonSchemaValue
+from pydantic_core import CoreSchema, core_schema
 
-from relay import events, intake
-from relay.reasons import Reason
+from relay import bodies, events, intake
 
 Schema = dict[str, Any]
 
+REF = "#/components/schemas/{model}"
 _JSON = "application/json"
 _STRING: Schema = {"type": "string"}
-_INTEGER: Schema = {"type": "integer"}
-_OBJECT: Schema = {"type": "object", "additionalProperties": True}
-_STRING_OR_NUMBER: Schema = {"anyOf": [_STRING, {"type": "number"}]}
-_REASON: Schema = {"type": "string", "enum": [reason.value for reason in Reason]}
 
 
-def _ref(name: str) -> Schema:
-    return {"$ref": f"#/components/schemas/{name}"}
+class OpenAPI30Schema(GenerateJsonSchema):
+    """pydantic's JSON Schema in OpenAPI 3.0's dialect: `nullable` instead of a null
+    type, `enum` instead of `const`; titles on types, not on each field."""
+
+    def nullable_schema(self, schema: core_schema.NullableSchema) -> JsonSchemaValue:
+        inner = self.generate_inner(schema["schema"])
+        if "$ref" in inner:  # a reference takes no sibling keywords in 3.0
+            return {"allOf": [inner], "nullable": True}
+        return {**inner, "nullable": True}
+
+    def literal_schema(self, schema: core_schema.LiteralSchema) -> JsonSchemaValue:
+        out = super().literal_schema(schema)
+        if "const" in out:
+            out["enum"] = [out.pop("const")]
+        return out
+
+    def field_title_should_be_set(self, schema: CoreSchema) -> bool:
+        return False
 
 
-def _object(properties: Schema, *required: str, **extra: Any) -> Schema:
-    out: Schema = {"type": "object", "properties": properties, **extra}
-    if required:
-        out["required"] = list(required)
-    return out
+# The types the routes name; the schemas of the types they use come along.
+DOCUMENTED: tuple[Any, ...] = (
+    events.Event, bodies.BatchRequest, bodies.Selection, bodies.Accepted, bodies.Error,
+    bodies.Liveness, bodies.Readiness, bodies.StatusReport, bodies.DeadLetterPage,
+    bodies.Replayed, bodies.Purged, bodies.Preview, bodies.Trace,
+)  # fmt: skip
 
 
-def _content(schema: Schema, media_type: str = _JSON) -> Schema:
-    return {media_type: {"schema": schema}}
-
-
-def _response(description: str, schema: Schema, media_type: str = _JSON) -> Schema:
-    return {"description": description, "content": _content(schema, media_type)}
-
-
-def _event(kind: str | None) -> Schema:
-    """A Segment event; `kind` set: the body of `/v1/<kind>`, whose path fixes `type`."""
-    properties: Schema = {
-        "type": {"type": "string", "enum": list(events.EVENT_TYPES)},
-        "userId": _STRING_OR_NUMBER,
-        "anonymousId": _STRING_OR_NUMBER,
-        "messageId": _STRING_OR_NUMBER,
-        "event": {"type": "string", "description": "a track call's event name"},
-        "timestamp": {
-            **_STRING_OR_NUMBER,
-            "description": "ISO-8601 with any offset, or epoch milliseconds (default: receipt)",
-        },
-        "traits": _OBJECT,
-        "properties": _OBJECT,
-        "context": _OBJECT,
-        "integrations": {
-            **_OBJECT,
-            "description": "`ChurnZero: false` (or `Churnzero: false`) skips the event; "
-            "so does `All: false` on /v1/* unless ChurnZero is enabled",
-        },
-        "version": {},
-        "writeKey": {**_STRING, "description": "on /v1/*, instead of HTTP Basic; never stored"},
+def _call(schemas: Schema, kind: str) -> Schema:
+    """The body of `/v1/<kind>`: that event, but its path sets `type`, and it may carry
+    the write key."""
+    event = schemas[schemas["Event"]["discriminator"]["mapping"][kind].rpartition("/")[2]]
+    properties = {
+        **event["properties"],
+        "type": {**_STRING, "description": f"ignored: the path makes it `{kind}`"},
+        "writeKey": schemas["BatchRequest"]["properties"]["writeKey"],
     }
-    if kind is not None:
-        properties["type"] = {**_STRING, "description": f"ignored: the path makes it `{kind}`"}
-    required = ["type"] if kind is None else ["event"] if kind == "track" else []
-    return _object(properties, *required, additionalProperties=True)
+    call = {**event, "title": f"{event['title']} call", "properties": properties}
+    required = [name for name in call.pop("required") if name != "type"]
+    return {**call, "required": required} if required else call
 
 
-def _ingest_body(schema: Schema) -> Schema:
-    # analytics.js posts its JSON as text/plain, which needs no CORS preflight.
-    text = {**_STRING, "description": "JSON text"}
-    return {"required": True, "content": {**_content(schema), **_content(text, "text/plain")}}
+def _call_name(kind: str) -> str:
+    return f"{kind.capitalize()}Call"
 
 
-_CONTENT_ENCODING: Schema = {
-    "name": "Content-Encoding",
-    "in": "header",
-    "description": "`gzip` (analytics-python); the request limit applies after inflating too",
-    "schema": {"type": "string", "enum": ["gzip", "x-gzip", "identity"]},
-}
+def components() -> Schema:
+    """The schemas of the documented types, and of the tracking API's single calls."""
+    mode: JsonSchemaMode = "validation"
+    adapters = [(n, mode, TypeAdapter(t)) for n, t in enumerate(DOCUMENTED)]
+    _, out = TypeAdapter.json_schemas(adapters, ref_template=REF, schema_generator=OpenAPI30Schema)
+    schemas: Schema = out["$defs"]
+    for kind in sorted(set(intake.SINGLE_ROUTES.values())):
+        schemas[_call_name(kind)] = _call(schemas, kind)
+    return schemas
+
+
+# --- the route table ---------------------------------------------------------------------
+
+
+def _schema(documented: Any) -> Schema:
+    """A reference to a documented type (or to a schema by name); a schema as it is."""
+    if isinstance(documented, dict):
+        return documented
+    name = documented if isinstance(documented, str) else documented.__name__
+    return {"$ref": REF.format(model=name)}
+
+
+def _content(documented: Any, media_type: str = _JSON) -> Schema:
+    return {media_type: {"schema": _schema(documented)}}
+
+
+def _answer(description: str, documented: Any, media: str = _JSON) -> Schema:
+    return {"description": description, "content": _content(documented, media)}
+
+
+def _error(description: str) -> Schema:
+    return _answer(description, bodies.Error)
+
+
+def _param(name: str, where: str, schema: Schema, **extra: Any) -> Schema:
+    return {"name": name, "in": where, "schema": schema, **extra}
+
+
+def _operation(operation_id: str, summary: str, responses: Schema, **extra: Any) -> Schema:
+    return {"operationId": operation_id, "summary": summary, "responses": responses, **extra}
+
+
+_EVENT = _schema(events.Event)
+_TEXT = _content(_STRING, "text/plain")
 # Every status an ingest route answers, chosen for what Segment's clients do with it:
 # they drop a 400 and retry 408 and 503, honouring Retry-After.
 _INGEST_RESPONSES: Schema = {
-    "200": _response("the events are durably in Redis", _ref("Accepted")),
-    "400": _response(
+    "200": _answer("the events are durably in Redis", bodies.Accepted),
+    "400": _error(
         "not JSON, not an event or batch, an invalid single event, or over a limit "
-        "(32 KB per event, 500 KB per request, 2,500 events per batch); nothing queued",
-        _ref("Error"),
+        "(32 KB per event, 500 KB per request, 2,500 events per batch); nothing queued"
     ),
-    "401": _response("missing or invalid credentials; nothing queued", _ref("Error")),
-    "408": _response("the body took longer than 10 s to arrive; retry", _ref("Error")),
+    "401": _error("missing or invalid credentials; nothing queued"),
+    "408": _error("the body took longer than 10 s to arrive; retry"),
     "503": {
-        **_response("Redis unreachable, or the queue over its high-water mark", _ref("Error")),
-        "headers": {"Retry-After": {"description": "seconds", "schema": _INTEGER}},
+        **_error("Redis unreachable, or the queue over its high-water mark"),
+        "headers": {"Retry-After": {"description": "seconds", "schema": {"type": "integer"}}},
     },
 }
 
 
-_WEBHOOK_RESPONSES: Schema = {
-    **_INGEST_RESPONSES,
-    "200": _response(
-        "the events are durably in Redis; invalid or oversized (64 KB) events of an "
-        "authenticated delivery are dead-lettered and listed in `rejected`, never refused",
-        _ref("Accepted"),
-    ),
-    "400": _response(
-        "not JSON, not an event or array, or over a limit (8 MB per request after "
-        "inflating, 8,000 events per batch: twice what Segment's Actions webhook sends)",
-        _ref("Error"),
-    ),
-}
+def _ingest(operation_id: str, summary: str, body: Any, tag: str, **extra: Any) -> Schema:
+    encodings = {"type": "string", "enum": ["gzip", "x-gzip", "identity"]}
+    gzip = "`gzip` (analytics-python); the request limit applies after inflating too"
+    # analytics.js posts its JSON as text/plain, which needs no CORS preflight.
+    content = {**_content(body), **_content({**_STRING, "description": "JSON text"}, "text/plain")}
+    return {"operationId": operation_id, "summary": summary, "tags": [tag],
+            "parameters": [_param("Content-Encoding", "header", encodings, description=gzip)],
+            "requestBody": {"required": True, "content": content},
+            "responses": _INGEST_RESPONSES, **extra}  # fmt: skip
 
 
-def _ingest(
-    operation_id: str,
-    tag: str,
-    summary: str,
-    body: Schema,
-    methods: tuple[str, ...] = ("post",),
-    responses: Schema = _INGEST_RESPONSES,
-    **extra: Any,
-) -> Schema:
-    request = {"parameters": [_CONTENT_ENCODING], "requestBody": _ingest_body(body)}
-    out = {}
-    for method in methods:
-        suffix = "" if method == "post" else f"_{method}"
-        operation = {"operationId": operation_id + suffix, "tags": [tag], "summary": summary}
-        out[method] = {**operation, **request, "responses": responses, **extra}
-    return out
-
-
-def _preflight(route: str) -> Schema:
-    origin = {"name": "Origin", "in": "header", "required": True, "schema": _STRING}
-    allowed = {"description": "the origin may post (CORS headers in the answer)"}
-    refused = _response("the origin is not in RELAY_CORS_ORIGINS", _ref("Error"))
-    return {
-        "operationId": f"v1_{route}_preflight",
-        "tags": ["tracking API"],
-        "summary": "CORS preflight of a browser (analytics.js)",
-        "parameters": [origin],
-        "responses": {"204": allowed, "403": refused},
+def _webhook() -> Schema:
+    batch = {"type": "array", "items": _EVENT, "maxItems": intake.WEBHOOK_LIMITS.batch_events}
+    responses = {
+        **_INGEST_RESPONSES,
+        "200": _answer(
+            "the events are durably in Redis; invalid or oversized (64 KB) events of an "
+            "authenticated delivery are dead-lettered and listed in `rejected`, never refused",
+            bodies.Accepted,
+        ),
+        "400": _error(
+            "not JSON, not an event or array, or over a limit (8 MB per request after "
+            "inflating, 8,000 events per batch: twice what Segment's Actions webhook sends)"
+        ),
     }
+    operation = _ingest(
+        "webhook",
+        "Segment Webhooks destination: one event, or an array when batching",
+        {"anyOf": [_EVENT, batch]},
+        "webhook",
+        responses=responses,
+        description="`X-Signature` is the hex HMAC-SHA1 of the body with the shared "
+        "secret (for an array, of its first element's exact bytes). A write key as "
+        "HTTP Basic username is accepted too. PUT and PATCH do the same as POST "
+        "(Segment's Actions webhook lets its user pick the method).",
+        security=[{"webhookSignature": []}, {"writeKey": []}],
+    )
+    methods = {"post": "webhook", "put": "webhook_put", "patch": "webhook_patch"}
+    return {method: {**operation, "operationId": name} for method, name in methods.items()}
 
 
 def _v1(route: str) -> Schema:
-    if route in intake.BATCH_ROUTES:
-        body, summary = _ref("BatchRequest"), "a batch of events"
-    else:
-        kind = intake.SINGLE_ROUTES[route]
-        body, summary = _event(kind), f"one {kind} call"
+    kind = intake.SINGLE_ROUTES.get(route)
+    post = _ingest(
+        f"v1_{route}",
+        f"Segment HTTP Tracking API: {f'one {kind} call' if kind else 'a batch of events'}",
+        _call_name(kind) if kind else bodies.BatchRequest,
+        "tracking API",
+        description="The write key goes as HTTP Basic username, or as `writeKey` in the "
+        "body. A batch's invalid events are dead-lettered (`invalid_event`) and listed in "
+        "`rejected`; an invalid single event is a 400. Client clocks are corrected as "
+        "Segment does: timestamp = receivedAt - (sentAt - timestamp as sent), the sent "
+        "one kept as `originalTimestamp`.",
+        security=[{"writeKey": []}],
+    )
+    allowed = {"description": "the origin may post (CORS headers in the answer)"}
+    refused = _error("the origin is not in RELAY_CORS_ORIGINS")
+    preflight = _operation(
+        f"v1_{route}_preflight", "CORS preflight of a browser (analytics.js)",
+        {"204": allowed, "403": refused}, tags=["tracking API"],
+        parameters=[_param("Origin", "header", _STRING, required=True)],
+    )  # fmt: skip
+    return {"post": post, "options": preflight}
+
+
+_ADMIN_OFF = _error("the admin API is off (RELAY_ADMIN_TOKEN unset)")
+_ADMIN_400 = {"description": "a bad query or selection", "content": _content(bodies.Error) | _TEXT}
+_TOO_BIG = {"description": "body over the server's size limit", "content": _TEXT}
+
+
+def _admin_api(method: str, operation_id: str, summary: str, answer: Any, **extra: Any) -> Schema:
+    """An admin API operation: `answer`, or the refusals every one has (no token, the API
+    off, and for one with a body, a bad or oversized body), or its own `errors`."""
+    responses = {"200": _answer(summary, answer), "404": _ADMIN_OFF,
+                 "401": _error("missing or invalid bearer token")}  # fmt: skip
+    if "requestBody" in extra:
+        responses |= {"400": _ADMIN_400, "413": _TOO_BIG}
+    responses |= extra.pop("errors", {})
+    operation = _operation(operation_id, summary, responses, **extra)
+    return {method: {**operation, "tags": ["admin"], "security": [{"adminToken": []}]}}
+
+
+def _admin() -> Schema:
+    limit = {"type": "integer", "minimum": 0, "maximum": 500, "default": 50}
+    listing = [_param("reason", "query", bodies.REASON_SCHEMA), _param("limit", "query", limit),
+               _param("offset", "query", {"type": "integer", "minimum": 0})]  # fmt: skip
+    by_id = [_param("id", "path", _STRING, required=True)]
+    source = _param("source", "query", {"type": "string", "enum": ["api", "webhook"]})
+    some = {"anyOf": [_EVENT, {"type": "array", "items": _EVENT}, _schema(bodies.BatchRequest)]}
+    selection = {"required": True, "content": _content(bodies.Selection)}
+    page = _answer("the page (it asks for the token)", _STRING, "text/html")
     return {
-        **_ingest(
-            f"v1_{route}",
-            "tracking API",
-            f"Segment HTTP Tracking API: {summary}",
-            body,
-            description="The write key goes as HTTP Basic username, or as `writeKey` in the "
-            "body. A batch's invalid events are dead-lettered (`invalid_event`) and listed in "
-            "`rejected`; an invalid single event is a 400. Client clocks are corrected as "
-            "Segment does: timestamp = receivedAt - (sentAt - timestamp as sent), the sent "
-            "one kept as `originalTimestamp`.",
-            security=[{"writeKey": []}],
-        ),
-        "options": _preflight(route),
-    }
-
-
-def _get(operation_id: str, summary: str, responses: Schema, **extra: Any) -> Schema:
-    operation = {"operationId": operation_id, "summary": summary, "responses": responses}
-    return {"get": {**operation, **extra}}
-
-
-_ADMIN = {"tags": ["admin"], "security": [{"adminToken": []}]}
-_ADMIN_OFF = _response("the admin API is off (RELAY_ADMIN_TOKEN unset)", _ref("Error"))
-_ADMIN_401 = _response("missing or invalid bearer token", _ref("Error"))
-_ADMIN_ERRORS: Schema = {"401": _ADMIN_401, "404": _ADMIN_OFF}
-_ADMIN_400: Schema = {
-    "description": "a bad query or selection",
-    "content": {**_content(_ref("Error")), **_content(_STRING, "text/plain")},
-}
-_SELECTION = _object(
-    {"ids": {"type": "array", "items": _STRING}, "all": {"type": "boolean"}, "reason": _REASON},
-    description="which dead letters: `ids`, `all: true`, or `reason`",
-)
-
-
-def _admin_post(operation_id: str, summary: str, counted: str) -> Schema:
-    done = _response(summary, _object({counted: _INTEGER}, counted))
-    too_big = _response("body over the server's size limit", _STRING, "text/plain")
-    responses = {"200": done, "400": _ADMIN_400, **_ADMIN_ERRORS, "413": too_big}
-    if counted == "replayed":
-        responses["503"] = _response("could not queue the events", _ref("Error"))
-    operation = {"operationId": operation_id, "summary": summary, "responses": responses}
-    body = {"required": True, "content": _content(_SELECTION)}
-    return {"post": {**operation, **_ADMIN, "requestBody": body}}
-
-
-WEBHOOK_BATCH = intake.WEBHOOK_LIMITS.batch_events
+        "/admin": {"get": _operation("admin_page", "status page",
+                                     {"200": page, "404": _ADMIN_OFF}, tags=["admin"])},
+        "/admin/api/status": _admin_api(
+            "get", "admin_status", "status report", bodies.StatusReport),
+        "/admin/api/dlq": _admin_api(
+            "get", "admin_dlq_list", "a page of dead letters, newest first",
+            bodies.DeadLetterPage, parameters=listing, errors={"400": _ADMIN_400}),
+        "/admin/api/dlq/{id}": _admin_api(
+            "get", "admin_dlq_show", "one dead letter", bodies.DeadLetter, parameters=by_id,
+            errors={"404": _error("no such dead letter, or the admin API is off")}),
+        "/admin/api/dlq/replay": _admin_api(
+            "post", "admin_dlq_replay", "dead letters sent through delivery again",
+            bodies.Replayed, requestBody=selection,
+            errors={"503": _error("could not queue the events")}),
+        "/admin/api/dlq/purge": _admin_api(
+            "post", "admin_dlq_purge", "dead letters deleted", bodies.Purged,
+            requestBody=selection),
+        "/admin/api/preview": _admin_api(
+            "post", "admin_preview",
+            "the ChurnZero commands these events would produce now (nothing is sent)",
+            bodies.Preview, parameters=[source],
+            requestBody={"required": True, "content": _content(some)}),
+        "/admin/api/trace/{id}": _admin_api(
+            "get", "admin_trace", "where the event with this messageId (or relay id) is",
+            bodies.Trace, parameters=by_id),
+    }  # fmt: skip
 
 
 def _paths() -> Schema:
-    array = {"type": "array", "items": _ref("Event"), "maxItems": WEBHOOK_BATCH}
-    webhook_body = {"anyOf": [_ref("Event"), array]}
-    paths: Schema = {
-        "/webhook": _ingest(
-            "webhook",
-            "webhook",
-            "Segment Webhooks destination: one event, or an array when batching",
-            webhook_body,
-            methods=("post", "put", "patch"),
-            responses=_WEBHOOK_RESPONSES,
-            description="`X-Signature` is the hex HMAC-SHA1 of the body with the shared "
-            "secret (for an array, of its first element's exact bytes). A write key as "
-            "HTTP Basic username is accepted too. PUT and PATCH do the same as POST "
-            "(Segment's Actions webhook lets its user pick the method).",
-            security=[{"webhookSignature": []}, {"writeKey": []}],
-        )
-    }
+    paths: Schema = {"/webhook": _webhook()}
     for route in sorted([*intake.SINGLE_ROUTES, *intake.BATCH_ROUTES]):
         paths[f"/v1/{route}"] = _v1(route)
-    status = _ref("Status")
-    paths["/livez"] = _get("livez", "the process answers", {"200": _response("alive", status)})
-    paths["/readyz"] = _get(
-        "readyz",
-        "Redis answers and the queue is under its high-water mark",
-        {"200": _response("ready", status), "503": _response("not ready: see reason", status)},
-    )
-    text = _response("Prometheus text exposition format", _STRING, "text/plain")
-    paths["/metrics"] = _get("metrics", "Prometheus metrics", {"200": text})
-    spec = _response("OpenAPI 3.0.3", _OBJECT)
-    paths["/openapi.json"] = _get("openapi", "this document", {"200": spec})
-    html = _response("the page (it asks for the token)", _STRING, "text/html")
-    paths["/admin"] = _get(
-        "admin_page", "status page", {"200": html, "404": _ADMIN_OFF}, tags=["admin"]
-    )
-    report = _response("queue depths, dead letters, rates", _OBJECT)
-    paths["/admin/api/status"] = _get(
-        "admin_status", "status report", {"200": report, **_ADMIN_ERRORS}, **_ADMIN
-    )
-    listed = {"type": "array", "items": _ref("DeadLetter")}
-    entries = _object({"total": _INTEGER, "entries": listed}, "total", "entries")
-    limit = {"type": "integer", "minimum": 0, "maximum": 500, "default": 50}
-    paths["/admin/api/dlq"] = _get(
-        "admin_dlq_list",
-        "a page of dead letters, newest first",
-        {"200": _response("dead letters", entries), "400": _ADMIN_400, **_ADMIN_ERRORS},
-        parameters=[
-            {"name": "reason", "in": "query", "schema": _REASON},
-            {"name": "limit", "in": "query", "schema": limit},
-            {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
-        ],
-        **_ADMIN,
-    )
-    missing = _response("no such dead letter, or the admin API is off", _ref("Error"))
-    paths["/admin/api/dlq/{id}"] = _get(
-        "admin_dlq_show",
-        "one dead letter",
-        {**_ADMIN_ERRORS, "200": _response("the entry", _ref("DeadLetter")), "404": missing},
-        parameters=[{"name": "id", "in": "path", "required": True, "schema": _STRING}],
-        **_ADMIN,
-    )
-    paths["/admin/api/dlq/replay"] = _admin_post(
-        "admin_dlq_replay", "dead letters sent through delivery again", "replayed"
-    )
-    paths["/admin/api/dlq/purge"] = _admin_post("admin_dlq_purge", "dead letters deleted", "purged")
-    verdict = _object(
-        {"index": _INTEGER, "type": _STRING, "user": _STRING, "outcome": _STRING,
-         "reason": {**_STRING, "nullable": True}, "commands": {"type": "array", "items": _OBJECT},
-         "errors": {"type": "array"}},
-        "index", "outcome", "commands",
-    )  # fmt: skip
-    previewed = _object({"events": {"type": "array", "items": verdict}}, "events")
-    preview_body = {"anyOf": [_ref("Event"), {"type": "array", "items": _ref("Event")},
-                              _ref("BatchRequest")]}  # fmt: skip
-    too_big = _response("body over the server's size limit", _STRING, "text/plain")
-    paths["/admin/api/preview"] = {
-        "post": {
-            "operationId": "admin_preview",
-            "summary": "the ChurnZero commands these events would produce now (nothing is sent)",
-            "parameters": [
-                {
-                    "name": "source",
-                    "in": "query",
-                    "schema": {"type": "string", "enum": ["api", "webhook"]},
-                },
-            ],
-            "requestBody": {"required": True, "content": _content(preview_body)},
-            "responses": {
-                "200": _response("a verdict per event", previewed),
-                "400": _ADMIN_400,
-                **_ADMIN_ERRORS,
-                "413": too_big,
-            },
-            **_ADMIN,
-        }
-    }
-    found = _object({"found": {"type": "array", "items": _OBJECT}}, "found")
-    paths["/admin/api/trace/{id}"] = _get(
-        "admin_trace",
-        "where the event with this messageId (or relay id) is",
-        {"200": _response("every place it was found", found), **_ADMIN_ERRORS},
-        parameters=[{"name": "id", "in": "path", "required": True, "schema": _STRING}],
-        **_ADMIN,
-    )
-    return paths
-
-
-def _schemas() -> Schema:
-    field_error = _object({"field": _STRING, "message": _STRING}, "field", "message")
-    rejected = _object(
-        {"index": _INTEGER, "errors": {"type": "array", "items": field_error}}, "index", "errors"
-    )
-    batch = {"type": "array", "items": _ref("Event"), "maxItems": intake.MAX_BATCH_EVENTS}
-    return {
-        "Event": _event(None),
-        "BatchRequest": _object(
-            {
-                "batch": batch,
-                "context": {**_OBJECT, "description": "defaults for each event's context"},
-                "integrations": {**_OBJECT, "description": "defaults for each event's"},
-                "writeKey": _STRING,
-            },
-            "batch",
-            additionalProperties=True,
-        ),
-        "Accepted": _object(
-            {
-                "success": {"type": "boolean", "enum": [True]},
-                "accepted": {"type": "integer", "minimum": 0},
-                "rejected": {"type": "array", "items": rejected},
-            },
-            "success",
-        ),
-        "Error": _object({"error": _STRING}, "error"),
-        "Status": _object(
-            {
-                "status": {"type": "string", "enum": ["ok", "ready", "unready"]},
-                "waiting": _INTEGER,
-                "reason": _STRING,
-            },
-            "status",
-        ),
-        "DeadLetter": _object(
-            {"id": _STRING, "reason": _REASON}, "id", "reason", additionalProperties=True
-        ),
-    }
+    ready = {"200": _answer("ready", bodies.Readiness),
+             "503": _answer("not ready: see reason", bodies.Readiness)}  # fmt: skip
+    probes = {
+        "/livez": ("livez", "the process answers", {"200": _answer("alive", bodies.Liveness)}),
+        "/readyz": ("readyz", "Redis answers and the queue is under its high-water mark", ready),
+        "/metrics": ("metrics", "Prometheus metrics",
+                     {"200": _answer("Prometheus text exposition format", _STRING, "text/plain")}),
+        "/openapi.json": ("openapi", "this document",
+                          {"200": _answer("OpenAPI 3.0.3", {"type": "object"})}),
+    }  # fmt: skip
+    paths.update({path: {"get": _operation(*operation)} for path, operation in probes.items()})
+    return paths | _admin()
 
 
 SPEC: Schema = {
@@ -371,7 +288,7 @@ SPEC: Schema = {
             "webhookSignature": {"type": "apiKey", "in": "header", "name": "X-Signature"},
             "adminToken": {"type": "http", "scheme": "bearer", "description": "admin token"},
         },
-        "schemas": _schemas(),
+        "schemas": components(),
     },
 }
 _BODY = orjson.dumps(SPEC)

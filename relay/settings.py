@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     message_events: int = Field(500, ge=1, le=10_000)
 
     worker_concurrency: int = Field(4, ge=1)
+    # `relay worker`'s replay-lane process runs this much nicer than the live one, so a
+    # host busy with both gives live work the CPU first (0: the same priority).
+    replay_nice: int = Field(10, ge=0, le=19)
     rate_limit_rps: float = Field(0.0, ge=0)  # requests/s to ChurnZero, all workers; 0 = none
     # Learn ChurnZero's unpublished limit from its 429s (AIMD), under rate_limit_rps if set.
     adaptive_rate: bool = True

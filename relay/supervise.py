@@ -1,14 +1,19 @@
-"""The relay's process supervisors: `relay serve --processes N` and `relay dev`.
+"""Supervised processes: `relay serve --processes N` and `relay worker`.
 
-`serve`: one Python process answers on one core; the ingest processes share the port
-through SO_REUSEPORT (the kernel spreads connections over them). The supervisor starts
-them, starts again one that dies, and on SIGTERM or SIGINT stops them all (each finishes
-the requests under way, so their events get queued) before it exits. A child is also
-told to stop if the supervisor itself dies, so none is left behind.
+`relay serve --processes N` runs N ingest processes on one port: one Python process
+answers on one core, and they share the port through SO_REUSEPORT (the kernel spreads
+connections over them).
 
-`dev`: everything on one machine, each part a process of its own as in production (the
-sandbox, ingest, a worker); one that exits stops the rest, as does Ctrl-C, and the
-embedded Redis goes with them.
+`relay worker` runs two Celery workers: one of the live queue, and one of the replay
+lane at a lower CPU priority (`RELAY_REPLAY_NICE`). In one process, a replay's batches
+would hold the interpreter lock while live batches wait, and on a busy host the kernel
+now gives live work the CPU first: a replay of a million dead letters does not slow
+live delivery. Given its own `-Q`, `relay worker` is that one Celery worker instead.
+
+The supervisor starts its children, starts again one that dies, and on SIGTERM or
+SIGINT stops them all (each finishes the work under way: requests, or running tasks)
+before it exits. A child is also told to stop if the supervisor itself dies, so none is
+left behind.
 """
 
 from __future__ import annotations
@@ -20,10 +25,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
 from types import FrameType
 
-from relay.settings import Settings
+from relay import keys
+from relay.settings import VISIBILITY_MARGIN_S, Settings
 
 # A child that dies this soon after its start counts as failing to start; after this
 # many such deaths in a row the supervisor gives up rather than loop.
@@ -53,9 +61,11 @@ _PRCTL = _prctl()
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec (only a C call, no import or lock): the
-    # kernel sends the child SIGTERM when the supervisor dies, even by SIGKILL.
+def _prepare_child(nice: int) -> None:
+    # Runs in the child between fork and exec (only C calls, no import or lock): its CPU
+    # priority, and the kernel sends it SIGTERM when the supervisor dies, even by SIGKILL.
+    if nice:
+        os.nice(nice)
     if _PRCTL is not None:
         _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
@@ -63,23 +73,38 @@ def _die_with_parent() -> None:
 Say = Callable[[str], None]
 
 
-class Supervisor:
-    """Keeps `count` ingest processes running until told to stop."""
+@dataclass(frozen=True)
+class Child:
+    """A process to keep running: what it is called in messages, its command, its
+    niceness (0: the supervisor's own CPU priority)."""
 
-    def __init__(self, count: int, env: dict[str, str], say: Say) -> None:
-        self.count = count
+    label: str
+    argv: Sequence[str]
+    nice: int = 0
+
+
+class Supervisor:
+    """Keeps its children running until told to stop."""
+
+    def __init__(
+        self, children: Sequence[Child], env: dict[str, str], say: Say,
+        stop_timeout_s: float = STOP_TIMEOUT_S,
+    ) -> None:  # fmt: skip
+        self.specs = list(children)
         self._env = env
         self._say = say
+        self._stop_timeout_s = stop_timeout_s
         self._children: dict[int, tuple[subprocess.Popen[bytes], float]] = {}
         self._stopping = False
         self._early_deaths = 0
 
     def _start(self, slot: int) -> None:
+        spec = self.specs[slot]
         child = subprocess.Popen(
-            [sys.executable, "-m", "relay.cli", "serve", "--processes", "1"],
+            list(spec.argv),
             env=self._env,
             stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
+            preexec_fn=partial(_prepare_child, spec.nice),
         )
         self._children[slot] = (child, time.monotonic())
 
@@ -90,7 +115,7 @@ class Supervisor:
         """Run until SIGTERM/SIGINT (exit 0) or until children keep dying at start (1)."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._stop_signal)
-        for slot in range(self.count):
+        for slot in range(len(self.specs)):
             self._start(slot)
         try:
             while not self._stopping:
@@ -108,10 +133,11 @@ class Supervisor:
                 continue
             early = time.monotonic() - started < EARLY_DEATH_S
             self._early_deaths = self._early_deaths + 1 if early else 0
+            label = self.specs[slot].label
             if self._early_deaths >= MAX_EARLY_DEATHS:
-                self._say(f"ingest processes keep exiting at start (last: {code}); giving up")
+                self._say(f"{label} processes keep exiting at start (last: {code}); giving up")
                 return False
-            self._say(f"ingest process {child.pid} exited ({code}); starting another")
+            self._say(f"{label} process {child.pid} exited ({code}); starting another")
             self._start(slot)
         return True
 
@@ -121,7 +147,7 @@ class Supervisor:
             if child.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     child.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT_S
+        deadline = time.monotonic() + self._stop_timeout_s
         for child in children:
             try:
                 child.wait(timeout=max(deadline - time.monotonic(), 0.1))
@@ -138,7 +164,8 @@ def serve(settings: Settings, redis_url: str, processes: int | None, say: Say) -
         # The children share the resolved Redis (an embedded one is started once, here).
         env = dict(os.environ, RELAY_REDIS_URL=redis_url)
         say(f"relay ingest on http://{settings.host}:{settings.port} ({count} processes)")
-        return Supervisor(count, env, say).run()
+        one = Child("ingest", [sys.executable, "-m", "relay.cli", "serve", "--processes", "1"])
+        return Supervisor([one] * count, env, say).run()
     from relay import ingest
 
     with asyncio.Runner(loop_factory=_loop_factory(settings)) as runner:
@@ -150,6 +177,40 @@ def serve(settings: Settings, redis_url: str, processes: int | None, say: Say) -
             )
         )
     return 0
+
+
+def worker(settings: Settings, redis_url: str, celery_args: Sequence[str], say: Say) -> int:
+    """`relay worker`: a live and a replay Celery worker, supervised (see the module
+    docstring), or, given its own `-Q`, that one worker in this process."""
+    env = dict(os.environ, RELAY_REDIS_URL=redis_url)
+    command = [
+        sys.executable, "-m", "celery", "-A", "workers.app", "worker", "--pool", "threads",
+        "-c", str(settings.worker_concurrency), "--without-gossip", "--without-mingle",
+        "--loglevel", settings.log_level.upper(),
+    ]  # fmt: skip
+    if any(a in ("-Q", "--queues") or a.startswith(("-Q", "--queues=")) for a in celery_args):
+        os.execvpe(sys.executable, [*command, *celery_args], env)
+    live = Child("live worker", [*command, "-Q", keys.QUEUE, *celery_args])
+    name = _option(celery_args, "-n", "--hostname") or "celery@%h"
+    replay = Child(
+        "replay worker",
+        [*command, "-Q", keys.REPLAY_QUEUE, *celery_args, "-n", f"replay-{name}"],
+        nice=settings.replay_nice,
+    )
+    # Celery's warm shutdown lets running tasks finish: up to a task's whole time.
+    stop_s = settings.task_time_limit_s + VISIBILITY_MARGIN_S
+    return Supervisor([live, replay], env, say, stop_timeout_s=stop_s).run()
+
+
+def _option(args: Sequence[str], short: str, long: str) -> str | None:
+    """The last value given to an option as `-n V`, `--name V` or `--name=V`."""
+    found = None
+    for i, arg in enumerate(args):
+        if arg in (short, long) and i + 1 < len(args):
+            found = args[i + 1]
+        elif arg.startswith(long + "="):
+            found = arg.split("=", 1)[1]
+    return found
 
 
 def _loop_factory(settings: Settings) -> Callable[[], asyncio.AbstractEventLoop] | None:

@@ -18,7 +18,7 @@ from typing import Any
 import redis
 
 from relay.dedupe import Dedupe
-from tests.conftest import free_port, start_redis
+from tests.procs import free_port, start_redis
 
 BATCH = 500
 WINDOW_S = 24 * 3600

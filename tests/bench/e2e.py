@@ -19,8 +19,9 @@ from typing import Any
 
 import psutil
 
+from tests import procs
 from tests.bench import harness, naive
-from tests.bench.harness import Children, Env, say
+from tests.bench.harness import Env, say
 from tests.bench.load import SandboxView, blast, paced
 from tests.bench.payloads import batch_body, identify, track
 
@@ -62,7 +63,7 @@ class PeakRss:
         self._thread.join()
 
 
-def _wait_delivered(env: Env, count: int, worker: harness.Proc, timeout: float) -> None:
+def _wait_delivered(env: Env, count: int, worker: procs.Proc, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while env.relay_stats().get("delivered", 0) < count:
         worker.check_alive()
@@ -81,9 +82,7 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[rank]
 
 
-def _throughput(
-    env: Env, ingest: str, sandbox: SandboxView, worker: harness.Proc
-) -> dict[str, Any]:
+def _throughput(env: Env, ingest: str, sandbox: SandboxView, worker: procs.Proc) -> dict[str, Any]:
     say(f"  warm-up: {USERS:,} identifies")
     identifies = [
         batch_body([identify(u) for u in range(start, min(start + BATCH, USERS))])
@@ -111,9 +110,7 @@ def _throughput(
     }
 
 
-def _latency(
-    ingest: str, sandbox: SandboxView, worker: harness.Proc, rate: float
-) -> dict[str, Any]:
+def _latency(ingest: str, sandbox: SandboxView, worker: procs.Proc, rate: float) -> dict[str, Any]:
     sandbox.clear()
     counter = iter(range(10**9))
 
@@ -150,7 +147,7 @@ def _latency(
     }
 
 
-def _naive(env: Env, children: Children, sandbox: SandboxView) -> dict[str, Any]:
+def _naive(env: Env, children: procs.Children, sandbox: SandboxView) -> dict[str, Any]:
     proc_env = dict(
         os.environ,
         BENCH_REDIS_URL=env.redis_url,
@@ -184,7 +181,7 @@ def _naive(env: Env, children: Children, sandbox: SandboxView) -> dict[str, Any]
     )
     last = _last_arrival(sandbox.requests_log())
     seconds = last - started if last else 0.0
-    children.stop(worker)
+    worker.stop()
     return {
         "events": NAIVE_EVENTS,
         "delivered": got,
@@ -196,7 +193,7 @@ def _naive(env: Env, children: Children, sandbox: SandboxView) -> dict[str, Any]
 def e2e(env: Env) -> dict[str, Any]:
     """Delivered events/s of the relay and of the naive pipeline, latency, worker RSS."""
     with harness.bench_context(env, "e2e") as children:
-        sandbox = SandboxView(harness.start_sandbox(children))
+        sandbox = SandboxView(procs.start_sandbox(children).url)
         sandbox.faults(latency_ms=LATENCY_MS)
         ingest = harness.start_ingest(children, env.redis_url).url
         worker = harness.start_relay_worker(children, env.redis_url, sandbox.url)
@@ -206,7 +203,7 @@ def e2e(env: Env) -> dict[str, Any]:
                 raise RuntimeError(f"nothing was delivered: {throughput}\n{worker.tail()}")
             latency = _latency(ingest, sandbox, worker, throughput["events_per_s"] / 2)
         relay_stats = env.relay_stats()
-        children.stop(worker)
+        worker.stop()
         naive_run = _naive(env, children, sandbox)
     events_per_s = throughput["events_per_s"]
     baseline = naive_run["events_per_s"]

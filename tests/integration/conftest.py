@@ -8,20 +8,24 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 import redis
 import requests
 
-from tests.conftest import IN_CI, ROOT, free_port, redis_answers, start_redis
+from tests import procs
+from tests.conftest import IN_CI, ROOT
+from tests.procs import Proc, free_port, redis_answers, start_redis
+
+if TYPE_CHECKING:
+    from relay.delivery import Delivery
 
 DB = int(os.environ.get("RELAY_TEST_REDIS_DB", "13"))
 SECRET = "test-webhook-secret"
@@ -52,34 +56,6 @@ def r(redis_url: str) -> Iterator[redis.Redis]:
     client.close()
 
 
-class Proc:
-    """A child process of the suite, killed with its process group at the end."""
-
-    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
-        self.args, self.env, self.log = args, env, log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Proc:
-        out = open(self.log, "ab")  # noqa: SIM115  # kept open for the child's lifetime
-        self.proc = subprocess.Popen(
-            self.args, env=self.env, stdout=out, stderr=out, cwd=ROOT, start_new_session=True
-        )
-        return self
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, sig)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(5)
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
-
-
 def wait_for(predicate: Callable[[], bool], timeout: float = 20) -> None:
     """Wait until `predicate` holds: progress, never a fixed sleep, decides a test."""
     deadline = time.monotonic() + timeout
@@ -97,40 +73,24 @@ def settled(r: redis.Redis) -> bool:
     )  # fmt: skip
 
 
-def wait_http(url: str, proc: Proc, timeout: float = 30) -> None:
-    """Wait until `url` answers, or fail with the process's log."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.proc is not None and proc.proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited:\n{proc.tail()}")
-        try:
-            requests.get(url, timeout=0.5)
-            return
-        except requests.RequestException:
-            time.sleep(0.1)
-    raise RuntimeError(f"{url} did not answer:\n{proc.tail()}")
+# The relay's settings in every process a test starts: test credentials, fast retries.
+TEST_SETTINGS: dict[str, Any] = {
+    "webhook_secret": SECRET,
+    "write_keys": WRITE_KEY,
+    "churnzero_app_key": APP_KEY,
+    "backoff_base_s": 0.2,
+    "backoff_cap_s": 2,
+    "identity_wait_s": 4,
+    "outage_threshold": 3,
+    # One process per `relay serve` (the default is one per core): a test that kills
+    # ingest kills the process that holds the requests. test_supervise runs several.
+    "ingest_processes": 1,
+}
 
 
 def relay_env(redis_url: str, **settings: Any) -> dict[str, str]:
     """The environment of a relay process: test Redis, test credentials, fast retries."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
-    env.update(
-        RELAY_REDIS_URL=redis_url,
-        RELAY_WEBHOOK_SECRET=SECRET,
-        RELAY_WRITE_KEYS=WRITE_KEY,
-        RELAY_CHURNZERO_APP_KEY=APP_KEY,
-        RELAY_BACKOFF_BASE_S="0.2",
-        RELAY_BACKOFF_CAP_S="2",
-        RELAY_IDENTITY_WAIT_S="4",
-        RELAY_OUTAGE_THRESHOLD="3",
-        RELAY_LOG_FORMAT="json",
-        # One process per `relay serve` (the default is one per core): a test that kills
-        # ingest kills the process that holds the requests. test_supervise runs several.
-        RELAY_INGEST_PROCESSES="1",
-        PYTHONUNBUFFERED="1",
-    )
-    env.update({f"RELAY_{k.upper()}": str(v) for k, v in settings.items()})
-    return env
+    return procs.relay_env(redis_url, **{**TEST_SETTINGS, **settings})
 
 
 class Sandbox:
@@ -147,6 +107,14 @@ class Sandbox:
 
     def fault(self, **fault: Any) -> None:
         requests.post(self.url + "/_sandbox/faults", json=fault, timeout=5).raise_for_status()
+
+    def clear_faults(self) -> None:
+        """ChurnZero is back: no more faults (what it received stays)."""
+        requests.delete(self.url + "/_sandbox/faults", timeout=5).raise_for_status()
+
+    def answered(self, status: int) -> bool:
+        """Whether a request to /i has been answered with `status` (0: dropped)."""
+        return any(x["status"] == status for x in self.requests_log())
 
     def reset(self) -> None:
         requests.delete(self.url + "/_sandbox/faults", timeout=5)
@@ -165,17 +133,11 @@ class Sandbox:
 @pytest.fixture(scope="session")
 def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
     """A sandbox server process for the session."""
-    port = free_port()
-    logs = tmp_path_factory.mktemp("logs")
-    proc = Proc(
-        [sys.executable, "-m", "relay.cli", "sandbox", "--port", str(port)],
-        dict(os.environ),
-        logs / "sandbox.log",
-    ).start()
-    url = f"http://127.0.0.1:{port}"
-    wait_http(url + "/healthz", proc)
-    yield Sandbox(url)
-    proc.stop()
+    children = procs.Children(tmp_path_factory.mktemp("logs"))
+    try:
+        yield Sandbox(procs.start_sandbox(children).url)
+    finally:
+        children.stop_all()
 
 
 @pytest.fixture
@@ -192,47 +154,64 @@ Starter = Callable[..., Proc]
 @pytest.fixture
 def start_worker(redis_url: str, sandbox: Sandbox, tmp_path: Path) -> Iterator[Starter]:
     """Start Celery worker processes (stopped after the test)."""
-    started: list[Proc] = []
+    children = procs.Children(tmp_path)
 
-    def start(*, concurrency: int = 4, **settings: Any) -> Proc:
+    def start(*, concurrency: int = 4, wait_ready: bool = True, **settings: Any) -> Proc:
         settings.setdefault("churnzero_url", sandbox.url + "/i")
         env = relay_env(settings.pop("redis_url", redis_url), **settings)
-        proc = Proc(
-            [sys.executable, "-m", "celery", "-A", "workers.app", "worker",
-             "-Q", "relay,relay.replay", "--pool", "threads", "-c", str(concurrency),
-             "--without-gossip",
-             "--without-mingle", "--without-heartbeat", "-l", "INFO",
-             "-n", f"w{len(started)}-{os.getpid()}@%h"],
-            env,
-            tmp_path / f"worker{len(started)}.log",
-        ).start()  # fmt: skip
-        started.append(proc)
+        n = len(children.procs)
+        proc = procs.start_worker(
+            children, env, f"w{n}-{os.getpid()}", label=f"worker{n}", concurrency=concurrency
+        )
+        # Consuming before the test goes on: a test's faults and ages run from its next
+        # step, however long a worker takes to start on this machine.
+        if wait_ready:
+            wait_for(lambda: " ready." in proc.log.read_text(errors="replace") or proc.exited(), 60)
+            proc.check_alive()
         return proc
 
     yield start
-    for proc in started:
-        proc.stop()
+    children.stop_all()
 
 
 @pytest.fixture
 def start_ingest(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., str]]:
     """Start ingest processes; returns each one's base URL."""
-    started: list[Proc] = []
+    children = procs.Children(tmp_path)
 
     def start(**settings: Any) -> str:
-        port = free_port()
-        env = relay_env(settings.pop("redis_url", redis_url), port=port, **settings)
-        proc = Proc(
-            [sys.executable, "-m", "relay.cli", "serve"], env, tmp_path / f"ingest{port}.log"
-        ).start()
-        started.append(proc)
-        url = f"http://127.0.0.1:{port}"
-        wait_http(url + "/livez", proc)
-        return url
+        env = relay_env(settings.pop("redis_url", redis_url), **settings)
+        return procs.start_ingest(children, env, f"ingest{len(children.procs)}").url
 
     yield start
-    for proc in started:
-        proc.stop()
+    children.stop_all()
+
+
+OwnRedis = Callable[..., tuple[str, redis.Redis]]
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
+    """Start redis-servers of the test's own, with these extra arguments (to kill one, cut
+    its clients, fill it, or measure its memory whole); each gives the URL of its
+    database 0 and a client of it. Stopped after the test."""
+    servers: list[subprocess.Popen[bytes]] = []
+    clients: list[redis.Redis] = []
+
+    def start(*extra: str, port: int | None = None) -> tuple[str, redis.Redis]:
+        port = port or free_port()
+        servers.append(start_redis(port, tmp_path / f"redis{port}", *extra))
+        url = f"redis://127.0.0.1:{port}/0"
+        clients.append(redis.Redis.from_url(url))
+        return url, clients[-1]
+
+    yield start
+    for client in clients:
+        client.close()
+    for server in servers:
+        if server.poll() is None:
+            server.terminate()
+            server.wait(10)
 
 
 def url_of(r: redis.Redis) -> str:
@@ -318,8 +297,8 @@ class Blip:
                 with contextlib.suppress(OSError):
                     s.close()
 
-    def cut(self, seconds: float) -> None:
-        """Drop every connection now, refuse new ones for `seconds`, then let them in."""
+    def refuse(self) -> None:
+        """Drop every connection now and refuse new ones until `admit`."""
         import socket
 
         self._open.clear()
@@ -329,13 +308,66 @@ class Blip:
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
                 s.close()
-        time.sleep(seconds)  # the blip's length is the fault itself, not a wait for progress
+
+    def admit(self) -> None:
+        """Let new connections through again."""
         self._open.set()
+
+    def cut(self, seconds: float) -> None:
+        """Drop every connection now, refuse new ones for `seconds`, then let them in."""
+        self.refuse()
+        time.sleep(seconds)  # the blip's length is the fault itself, not a wait for progress
+        self.admit()
 
     def close(self) -> None:
         self._stop = True
         self._listener.close()
         self.cut(0)
+
+
+# --- the middle layer in-process -------------------------------------------------------
+
+
+def event_item(rid: str, **event: Any) -> dict[str, Any]:
+    """A queued item as ingest writes it: a track named `rid` of a user with ChurnZero ids."""
+    ids = {"accountExternalId": "A", "contactExternalId": "C"}
+    body = {"type": "track", "userId": "u", "event": rid, "timestamp": "2026-11-29T10:00:00Z",
+            "properties": ids, **event}  # fmt: skip
+    return {"id": rid, "source": "api", "received_at": time.time(), "attempts": 0, "event": body}
+
+
+def delayed_items(r: redis.Redis) -> list[dict[str, Any]]:
+    """Every item waiting in the delayed set for its next try."""
+    import orjson
+
+    return [i for m in r.zrange("relay:delayed", 0, -1) for i in orjson.loads(m)["items"]]
+
+
+@pytest.fixture
+def make_delivery(r: redis.Redis, clean_sandbox: Sandbox) -> Iterator[Callable[..., Delivery]]:
+    """A worker thread's Delivery on the test database, sending to the sandbox (with these
+    settings); closed after the test."""
+    from relay.delivery import Delivery
+    from relay.mapping import load_mapping
+    from relay.settings import Settings
+
+    made: list[Delivery] = []
+
+    def make(**settings: Any) -> Delivery:
+        settings = {"churnzero_url": clean_sandbox.url + "/i", "churnzero_app_key": APP_KEY,
+                    **settings}  # fmt: skip
+        made.append(Delivery(Settings(**settings), r, load_mapping(None)))
+        return made[-1]
+
+    yield make
+    for found in made:
+        found.close()
+
+
+@pytest.fixture
+def delivery(make_delivery: Callable[..., Delivery]) -> Delivery:
+    """A Delivery with the default settings."""
+    return make_delivery()
 
 
 @pytest.fixture

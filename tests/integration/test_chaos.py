@@ -8,7 +8,6 @@ bench-results/reliability.json for the README.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import threading
 import time
@@ -21,12 +20,25 @@ import pytest
 import redis
 import requests
 
-from tests.conftest import ROOT, free_port, start_redis
-from tests.integration.conftest import WRITE_KEY, Blip, Proc, Sandbox, Starter, settled, wait_for
+from tests import procs
+from tests.integration.conftest import (
+    WRITE_KEY,
+    Blip,
+    OwnRedis,
+    Sandbox,
+    Starter,
+    relay_env,
+    settled,
+    wait_for,
+)
+from tests.procs import ROOT, free_port, start_redis
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 AUTH = (WRITE_KEY, "")
 RESULTS = ROOT / "bench-results" / "reliability.json"
+# Messages held by a worker that died, or whose Redis did, come back after the visibility
+# timeout: 25 s rather than the default 60 where that wait is not what a test is about.
+SHORT_LEASE = {"visibility_timeout_s": 25, "task_time_limit_s": 10}
 
 
 class Load:
@@ -134,17 +146,16 @@ def drained(r: redis.Redis, sandbox: Sandbox, want: set[str]) -> Callable[[], bo
 def test_worker_sigkill_mid_delivery(
     r: redis.Redis, clean_sandbox: Sandbox, start_ingest: Callable[..., str], start_worker: Starter
 ) -> None:
-    timing = {"visibility_timeout_s": 25, "task_time_limit_s": 10}
     clean_sandbox.fault(latency_ms=20)
     url = start_ingest()
     identify(url)
-    worker = start_worker(**timing)
+    worker = start_worker(**SHORT_LEASE)
     load = Load([url], 50_000).start()
     wait_for(lambda: len(clean_sandbox.commands()) > 8_000, timeout=60)
     worker.stop(signal.SIGKILL)
     killed_at = len(clean_sandbox.commands())
     load.join()
-    start_worker(**timing)
+    start_worker(**SHORT_LEASE)
     wait_for(drained(r, clean_sandbox, load.acked), timeout=150)
     figures = record("worker SIGKILL mid-delivery", load, delivered(clean_sandbox), r,
                      delivered_before_kill=killed_at)  # fmt: skip
@@ -187,23 +198,19 @@ def test_redis_stop_and_restart_during_ingest(
 
 
 def test_ingest_sigkill_under_load(
-    r: redis.Redis, clean_sandbox: Sandbox, start_ingest: Callable[..., str],
-    start_worker: Starter, redis_url: str, tmp_path: Path,
+    r: redis.Redis, clean_sandbox: Sandbox, start_worker: Starter, redis_url: str,
+    tmp_path: Path,
 ) -> None:  # fmt: skip
-    from tests.integration.conftest import relay_env, wait_http
-
-    port = free_port()
-    ingest = Proc([os.environ.get("PYTHON", "python"), "-m", "relay.cli", "serve"],
-                  relay_env(redis_url, port=port), tmp_path / "victim.log")  # fmt: skip
-    ingest.args[0] = __import__("sys").executable
-    ingest.start()
-    url = f"http://127.0.0.1:{port}"
-    wait_http(url + "/livez", ingest)
-    identify(url)
-    load = Load([url], 40_000, batch=50).start()
-    load.wait_acked(1 / 3)
-    ingest.stop(signal.SIGKILL)
-    load.join()
+    children = procs.Children(tmp_path)
+    try:
+        ingest = procs.start_ingest(children, relay_env(redis_url), "victim")
+        identify(ingest.url)
+        load = Load([ingest.url], 40_000, batch=50).start()
+        load.wait_acked(1 / 3)
+        ingest.stop(signal.SIGKILL)
+        load.join()
+    finally:
+        children.stop_all()
     start_worker()
     wait_for(drained(r, clean_sandbox, load.acked), timeout=90)
     figures = record("ingest SIGKILL under load", load, delivered(clean_sandbox), r)
@@ -247,24 +254,6 @@ def test_sandbox_down_a_minute_then_429_storm(
     assert figures["dead_lettered"] == 0
 
 
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Callable[..., tuple[str, redis.Redis]]:
-    """A redis-server of the test's own (so it can be killed or have its clients cut)."""
-    servers: list[Any] = []
-
-    def start(*extra: str, port: int | None = None) -> tuple[str, redis.Redis]:
-        port = port or free_port()
-        servers.append(start_redis(port, tmp_path / f"redis{port}", *extra))
-        url = f"redis://127.0.0.1:{port}/0"
-        return url, redis.Redis.from_url(url)
-
-    yield start  # type: ignore[misc]
-    for server in servers:
-        if server.poll() is None:
-            server.terminate()
-            server.wait(10)
-
-
 AOF_ALWAYS = ("--appendonly", "yes", "--appendfsync", "always")
 
 
@@ -282,7 +271,7 @@ def test_redis_sigkill_while_ingest_and_worker_run_loses_nothing(
         clean_sandbox.fault(latency_ms=20)
         url = start_ingest(redis_url=url_redis)
         identify(url)
-        start_worker(redis_url=url_redis)
+        start_worker(redis_url=url_redis, **SHORT_LEASE)
         # The worker is up and working (it learned the identity) before the load starts.
         wait_for(lambda: r.exists("relay:identity:u:u1") == 1, timeout=60)
         # More load than the test needs: it is stopped once the fault has played out, so
@@ -317,7 +306,7 @@ def test_redis_sigkill_while_ingest_and_worker_run_loses_nothing(
 
 @pytest.mark.timeout(300)
 def test_broker_blip_mid_batch_delivers_each_event_once(
-    own_redis: Callable[..., tuple[str, redis.Redis]], clean_sandbox: Sandbox,
+    own_redis: OwnRedis, clean_sandbox: Sandbox,
     start_ingest: Callable[..., str], start_worker: Starter,
 ) -> None:  # fmt: skip
     url_redis, r = own_redis()
@@ -352,7 +341,7 @@ def test_broker_blip_mid_batch_delivers_each_event_once(
 @pytest.mark.slow  # a minute by design: the default visibility timeout
 @pytest.mark.timeout(300)
 def test_worker_sigkill_with_default_settings_recovers_within_two_minutes(
-    own_redis: Callable[..., tuple[str, redis.Redis]], clean_sandbox: Sandbox,
+    own_redis: OwnRedis, clean_sandbox: Sandbox,
     start_ingest: Callable[..., str], start_worker: Starter,
 ) -> None:  # fmt: skip
     url_redis, r = own_redis()
@@ -377,7 +366,7 @@ def test_worker_sigkill_with_default_settings_recovers_within_two_minutes(
 
 
 def test_retry_after_a_day_pauses_no_longer_than_the_cap(
-    own_redis: Callable[..., tuple[str, redis.Redis]], clean_sandbox: Sandbox,
+    own_redis: OwnRedis, clean_sandbox: Sandbox,
     start_ingest: Callable[..., str], start_worker: Starter,
 ) -> None:  # fmt: skip
     url_redis, r = own_redis()

@@ -18,15 +18,9 @@ import redis
 import requests
 
 from relay import status
-from tests.conftest import ROOT, free_port
-from tests.integration.conftest import (
-    WRITE_KEY,
-    Proc,
-    Sandbox,
-    Starter,
-    relay_env,
-    wait_http,
-)
+from tests import procs
+from tests.integration.conftest import WRITE_KEY, Sandbox, Starter, relay_env
+from tests.procs import ROOT, Proc
 
 pytestmark = pytest.mark.integration
 AUTH = (WRITE_KEY, "")
@@ -187,14 +181,12 @@ def test_worker_pointed_at_the_sandbox_needs_no_app_key(
 @pytest.fixture
 def strict_sandbox(tmp_path: Path) -> Iterator[Sandbox]:
     """A sandbox in strict mode: commands without the right EIV hashes are dropped."""
-    port = free_port()
     env = {**os.environ, "RELAY_SANDBOX_EIV_SECRET": "tenant-eiv-secret"}
-    proc = Proc([sys.executable, "-m", "relay.cli", "sandbox", "--port", str(port)], env,
-                tmp_path / "strict-sandbox.log").start()  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    wait_http(url + "/healthz", proc)
-    yield Sandbox(url)
-    proc.stop()
+    children = procs.Children(tmp_path)
+    try:
+        yield Sandbox(procs.start_sandbox(children, "strict-sandbox", env).url)
+    finally:
+        children.stop_all()
 
 
 def sandbox_stats(sandbox: Sandbox) -> dict[str, Any]:

@@ -4,8 +4,6 @@ that stays compact (listpack shards) and bounded (buckets expire) at any event r
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,9 +11,10 @@ import redis
 
 from relay.dedupe import Dedupe, relay_tag
 from tests.bench.dedupe_memory import measure
-from tests.conftest import free_port, start_redis
+from tests.integration.conftest import OwnRedis
 
 DAY = 24 * 3600
+BUCKET = DAY // 24  # claims are kept in buckets of 1/24 of the window
 
 
 def items(n: int, copy: str, start: int = 0) -> list[dict[str, Any]]:
@@ -88,6 +87,40 @@ def test_the_window_ends_and_buckets_expire_with_it(r: redis.Redis) -> None:
     assert dedupe.duplicates(items(50, "c")) == set()
 
 
+def copy(rid: str, message_id: str) -> list[dict[str, Any]]:
+    return [{"id": rid, "event": {"messageId": message_id}}]
+
+
+@pytest.mark.parametrize("into_bucket_s", [0, BUCKET - 1])
+def test_a_claim_lasts_the_window_wherever_it_falls_in_its_bucket(
+    r: redis.Redis, into_bucket_s: int
+) -> None:
+    clock = Clock()
+    clock.now = (clock.now // BUCKET + 1) * BUCKET + into_bucket_s
+    claimed_at = clock.now
+    dedupe = Dedupe(r, DAY, clock=clock)
+    assert dedupe.duplicates(copy("a", "m")) == set()
+    clock.now = claimed_at + DAY - 1  # the last second of its window
+    assert dedupe.peek(copy("b", "m")) == {"b"}
+    # Gone at most a bucket after its window: claims expire a bucket at a time.
+    clock.now = claimed_at + DAY + BUCKET + 1
+    assert dedupe.duplicates(copy("b", "m")) == set()
+
+
+def test_a_claim_is_found_and_released_from_a_later_bucket(r: redis.Redis) -> None:
+    clock = Clock()
+    dedupe = Dedupe(r, DAY, clock=clock)
+    dedupe.duplicates(copy("a", "m"))
+    clock.now += 2 * BUCKET + 1  # two buckets on: a worker retrying after a long outage
+    dedupe.duplicates(copy("x", "n"))  # claims go to a newer bucket now
+    assert dedupe.peek(copy("b", "m")) == {"b"}  # another copy is still a duplicate
+    assert dedupe.duplicates(copy("a", "m")) == set()  # the claimer still passes
+    dedupe.release(copy("a", "m"))  # it ended in the dead-letter queue
+    assert dedupe.peek(copy("b", "m")) == set()  # a peek claims nothing ...
+    assert dedupe.duplicates(copy("b", "m")) == set()  # ... so a later resend goes through
+    assert dedupe.duplicates(copy("c", "m")) == {"c"}
+
+
 def test_a_zero_window_turns_dedupe_off(r: redis.Redis) -> None:
     dedupe = Dedupe(r, 0)
     dedupe.duplicates(items(5, "a"))
@@ -95,20 +128,9 @@ def test_a_zero_window_turns_dedupe_off(r: redis.Redis) -> None:
     assert r.dbsize() == 0
 
 
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[redis.Redis]:
-    """A redis-server of the test's own: used_memory is the whole server's."""
-    port = free_port()
-    proc = start_redis(port, tmp_path / "redis")
-    client = redis.Redis(port=port)
-    yield client
-    client.close()
-    proc.terminate()
-    proc.wait(10)
-
-
-def test_memory_per_event_is_a_tenth_of_a_key_per_message_id(own_redis: redis.Redis) -> None:
-    figures = measure(own_redis, 50_000)
+def test_memory_per_event_is_a_tenth_of_a_key_per_message_id(own_redis: OwnRedis) -> None:
+    _, server = own_redis()  # a redis-server of its own: used_memory is the whole server's
+    figures = measure(server, 50_000)
     assert figures["old_bytes_per_event"] > 150
     assert figures["new_bytes_per_event"] < 25, figures
     assert figures["new_shards_not_listpack"] == 0

@@ -13,7 +13,7 @@ import psutil
 import pytest
 import requests
 
-from tests.conftest import ROOT, free_port
+from tests.procs import ROOT, free_port
 
 pytestmark = pytest.mark.integration
 

@@ -1,37 +1,31 @@
-"""The middle layer in-process, against a real Redis (the test database) and the sandbox:
-the shared throttle, ingest's group commit, dead-letter replay and a batch's delivery
-under ChurnZero's faults. Parts are injected, never patched."""
+"""The middle layer in-process, against a real Redis (the test database): the shared
+throttle, ingest's group commit and dead-letter replay. Parts are injected (a Redis
+behind a proxy that can refuse, a publish function), never patched; a batch's delivery
+is in test_middle_delivery, runs and the delayed-set mover in test_runs."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
-import orjson
 import pytest
 import redis
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from relay import broker, deadletter, keys
-from relay.delivery import Delivery
-from relay.mapping import load_mapping
 from relay.publisher import GroupCommit
 from relay.reasons import Reason
 from relay.settings import Settings
-from relay.throttle import Throttle
-from tests.conftest import free_port
-from tests.integration.conftest import APP_KEY, Sandbox, queued_items, url_of
+from relay.throttle import FIRST_OUTAGE_PAUSE_S, Throttle
+from tests.integration.conftest import Blip, event_item, queued_items, url_of
+from tests.procs import free_port
 
 pytestmark = pytest.mark.integration
-
-
-def event_item(rid: str, **event: Any) -> dict[str, Any]:
-    ids = {"accountExternalId": "A", "contactExternalId": "C"}
-    body = {"type": "track", "userId": "u", "event": rid, "timestamp": "2026-11-29T10:00:00Z",
-            "properties": ids, **event}  # fmt: skip
-    return {"id": rid, "source": "api", "received_at": time.time(), "attempts": 0, "event": body}
 
 
 # --- the shared throttle ----------------------------------------------------------------
@@ -52,6 +46,24 @@ def test_failures_past_the_threshold_pause_every_worker_then_one_probe(r: redis.
     assert not one.gate().go  # only one probe at a time
     other.report(successes=1, failures=0, retry_after_s=None)
     assert one.gate().go and not one.gate().probe
+
+
+def test_a_failed_probe_doubles_the_pause_and_a_good_one_ends_the_outage(
+    r: redis.Redis,
+) -> None:
+    throttle = Throttle(r, rate_limit_rps=0, outage_threshold=2, adaptive=False)
+    # Each pause is counted on Redis's clock from the report that set it: exact.
+    assert throttle.report(successes=0, failures=2, retry_after_s=None) == FIRST_OUTAGE_PAUSE_S
+    r.delete(keys.PAUSE_UNTIL)  # the pause ran out
+    assert throttle.gate().probe
+    assert throttle.report(successes=0, failures=1, retry_after_s=None) == 2 * FIRST_OUTAGE_PAUSE_S
+    r.delete(keys.PAUSE_UNTIL)
+    assert throttle.gate().probe
+    assert throttle.report(successes=1, failures=0, retry_after_s=None) == 0
+    gate = throttle.gate()
+    assert gate.go and not gate.probe
+    # The next outage starts again from the first pause.
+    assert throttle.report(successes=0, failures=2, retry_after_s=None) == FIRST_OUTAGE_PAUSE_S
 
 
 def test_retry_after_pauses_everyone_for_that_long(r: redis.Redis) -> None:
@@ -102,6 +114,40 @@ async def test_group_commit_fails_the_requests_when_redis_is_away() -> None:
         commit.close()
 
 
+async def test_group_commit_fails_every_request_of_a_refused_group_then_recovers(
+    r: redis.Redis,
+) -> None:
+    # Ingest's own path: the pipelined writer, on a Redis behind a proxy that can refuse.
+    # redis-py's own retries off (they only add seconds): the writer's retries remain.
+    blip = Blip(int(r.connection_pool.connection_kwargs["port"]))
+    db = r.connection_pool.connection_kwargs["db"]
+    client = aioredis.Redis(port=blip.port, db=db, retry=Retry(NoBackoff(), 0))
+    publisher = broker.AsyncQueue(client, message_events=500)
+    celery = broker.make_celery(Settings(), url_of(r))
+    commit = GroupCommit(celery, flush_ms=5, message_events=500, publish=publisher.publish)
+
+    def submit_all(prefix: str) -> Any:
+        requests = (commit.submit([event_item(f"{prefix}{i}")]) for i in range(20))
+        return asyncio.wait_for(asyncio.gather(*requests, return_exceptions=True), 30)
+
+    try:
+        await commit.submit([event_item("before")])  # connected, and working
+        blip.refuse()
+        refused = await submit_all("refused-")
+        blip.admit()
+        taken = await submit_all("after-")
+    finally:
+        commit.close()
+        await client.aclose()
+        blip.close()
+    # Every request of the refused groups was told (its client resends), none hangs ...
+    assert all(isinstance(answer, broker.QUEUE_ERRORS) for answer in refused), refused
+    # ... and the next requests are queued as if nothing happened.
+    assert taken == [None] * 20
+    queued = sorted(i["id"] for i in queued_items(r))
+    assert queued == sorted(["before", *(f"after-{i}" for i in range(20))])
+
+
 # --- dead-letter replay -----------------------------------------------------------------
 
 
@@ -124,46 +170,42 @@ def test_replay_requeues_once_and_a_failed_publish_keeps_the_entries(r: redis.Re
     assert r.hlen(keys.DLQ_ENTRIES) == 0
 
 
-# --- one batch against ChurnZero's faults -----------------------------------------------
+def test_a_large_replay_pages_through_a_snapshot_beside_another_replay(r: redis.Redis) -> None:
+    # 1,200 dead letters: three pages of 500. Two replays at once (an operator's CLI and
+    # the admin page): while the first is publishing its first page, the second runs
+    # from start to end.
+    deadletter.add(
+        r, [deadletter.new_entry(event_item(f"d{i}"), Reason.REJECTED) for i in range(1200)]
+    )
+    published: list[str] = []
+    first_publishing, second_done = threading.Event(), threading.Event()
 
+    def first_publish(items: list[dict[str, Any]]) -> None:
+        if not first_publishing.is_set():
+            first_publishing.set()
+            assert second_done.wait(30)
+        published.extend(i["id"] for i in items)
 
-@pytest.fixture
-def delivery(r: redis.Redis, clean_sandbox: Sandbox) -> Iterator[Delivery]:
-    settings = Settings(churnzero_url=clean_sandbox.url + "/i", churnzero_app_key=APP_KEY)
-    found = Delivery(settings, r, load_mapping(None))
-    yield found
-    found.close()
+    def replay_all(publish: Any) -> int:
+        return sum(deadletter.replay(r, page, publish) for page in deadletter.iter_ids(r))
 
-
-def delayed_items(r: redis.Redis) -> list[dict[str, Any]]:
-    return [i for m in r.zrange(keys.DELAYED, 0, -1) for i in orjson.loads(m)["items"]]
-
-
-def test_a_5xx_defers_the_batch_with_an_attempt_counted(
-    delivery: Delivery, r: redis.Redis, clean_sandbox: Sandbox
-) -> None:
-    clean_sandbox.fault(status=503)
-    report = delivery.deliver([event_item("f0"), event_item("f1")], "m-5xx")
-    assert report.delivered == 0 and report.retried == {"5xx": 2}
-    assert sorted((i["id"], i["attempts"]) for i in delayed_items(r)) == [("f0", 1), ("f1", 1)]
-    assert int(r.get(keys.DELAYED_EVENTS)) == 2
-
-
-def test_a_4xx_dead_letters_with_the_answer(
-    delivery: Delivery, r: redis.Redis, clean_sandbox: Sandbox
-) -> None:
-    clean_sandbox.fault(status=400)
-    report = delivery.deliver([event_item("f2")], "m-4xx")
-    assert report.dead == {"rejected": 1}
-    [entry] = deadletter.list_entries(r)
-    assert entry.status == 400 and entry.item["id"] == "f2"
-
-
-def test_a_pause_in_force_sends_nothing_and_defers_past_it(
-    delivery: Delivery, r: redis.Redis, clean_sandbox: Sandbox
-) -> None:
-    delivery.throttle.report(successes=0, failures=0, retry_after_s=30)
-    report = delivery.deliver([event_item("f3")], "m-paused")
-    assert clean_sandbox.commands() == [] and report.retried == {"paused": 1}
-    [(_, due)] = r.zrange(keys.DELAYED, 0, -1, withscores=True)
-    assert due - time.time() >= 28  # past the pause, not at the next backoff
+    first: list[int] = []
+    runner = threading.Thread(target=lambda: first.append(replay_all(first_publish)))
+    runner.start()
+    try:
+        assert first_publishing.wait(30)
+        second = replay_all(lambda items: published.extend(i["id"] for i in items))
+        # Dead letters of events failing now: after both snapshots, left for a later replay.
+        deadletter.add(r, [deadletter.new_entry(event_item(f"late{i}"), Reason.REJECTED)
+                           for i in range(5)])  # fmt: skip
+    finally:
+        second_done.set()
+        runner.join(30)
+    # Each entry published once: none skipped as entries vanished under the pages, none
+    # taken by both replays.
+    assert sorted(published) == sorted(f"d{i}" for i in range(1200))
+    assert first[0] + second == 1200 and first[0] > 0 and second > 0
+    assert sorted(e.item["id"] for e in deadletter.list_entries(r)) == [
+        f"late{i}" for i in range(5)
+    ]
+    assert int(r.hget(keys.STATS, "replayed")) == 1200

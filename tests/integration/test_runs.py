@@ -1,10 +1,13 @@
 """The middle layer in-process, on a real Redis and the sandbox: a message that runs
-twice is settled once, and the counters move once."""
+twice is settled once, a delayed batch moved twice or by two movers at once is published
+under one id, and the counters move once."""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import orjson
@@ -13,28 +16,14 @@ import redis
 
 from relay import broker, delayed, keys
 from relay.delivery import Budget, Delivery, MessageBusy
-from relay.mapping import load_mapping
 from relay.runs import Runs, State
-from relay.settings import Settings
-from tests.integration.conftest import APP_KEY, Sandbox, queued_items
+from tests.integration.conftest import Sandbox, event_item, queued_items
 
 pytestmark = pytest.mark.integration
 
 
 def items(n: int, prefix: str = "e") -> list[dict[str, Any]]:
-    return [{"id": f"{prefix}{i}", "source": "api", "received_at": time.time(), "attempts": 0,
-             "event": {"type": "track", "userId": "u", "event": f"{prefix}{i}",
-                       "timestamp": "2026-11-29T10:00:00Z",
-                       "properties": {"accountExternalId": "A", "contactExternalId": "C"}}}
-            for i in range(n)]  # fmt: skip
-
-
-@pytest.fixture
-def delivery(r: redis.Redis, clean_sandbox: Sandbox) -> Any:
-    settings = Settings(churnzero_url=clean_sandbox.url + "/i", churnzero_app_key=APP_KEY)
-    found = Delivery(settings, r, load_mapping(None))
-    yield found
-    found.close()
+    return [event_item(f"{prefix}{i}") for i in range(n)]
 
 
 def sent(sandbox: Sandbox) -> list[str]:
@@ -109,6 +98,46 @@ def test_a_batch_two_movers_hold_is_published_once_and_counted_once(r: redis.Red
     assert r.zcard(keys.DELAYED) == 0
 
 
+def test_two_movers_at_once_move_each_due_batch_once(r: redis.Redis) -> None:
+    pipe = r.pipeline()
+    for n in range(30):
+        delayed.stage_schedule(pipe, items(2, f"b{n}-"), due=0)
+    delayed.stage_schedule(pipe, items(1, "later"), due=time.time() + 3600)
+    pipe.execute()
+    # Each mover's first publish waits until the other has claimed a page too: both hold
+    # claims at once, whatever the machine's speed.
+    both_claimed = threading.Barrier(2, timeout=30)
+    published: list[str] = []
+
+    class FirstWaits(broker.Queue):
+        """The queue, but its first move waits for the other mover's first."""
+
+        first = True
+
+        def move(self, member: bytes, items: list[dict[str, Any]], message_id: str) -> bool:
+            if self.first:
+                self.first = False
+                both_claimed.wait()
+            moved = super().move(member, items, message_id)
+            if moved:
+                published.append(message_id)
+            return moved
+
+    def run_mover() -> int:
+        mover, moved = delayed.Mover(r, FirstWaits(r, message_events=500), page=10), 0
+        while step := mover.move_due():
+            moved += step
+        return moved
+
+    with ThreadPoolExecutor(2) as pool:
+        movers = [pool.submit(run_mover) for _ in range(2)]
+        moved = [m.result(timeout=60) for m in movers]
+    assert len(published) == len(set(published)) == 30  # each batch once
+    assert sum(moved) == 60 and all(moved)  # both moved, neither moved it all
+    assert int(r.get(keys.DEPTH_READY)) == 60
+    assert int(r.get(keys.DELAYED_EVENTS)) == 1 and r.zcard(keys.DELAYED) == 1  # not due
+
+
 def test_a_claim_resent_after_a_lost_reply_finds_its_own_lease(r: redis.Redis) -> None:
     # redis-py resends a command whose reply a broken connection lost: the resent claim
     # must not find the lease it took itself busy (its run would wait for nobody).
@@ -132,28 +161,20 @@ def test_only_the_holder_gives_a_lease_back(r: redis.Redis) -> None:
 
 
 def test_a_copy_gives_its_message_back_rather_than_claim_it_too_late_to_send(
-    r: redis.Redis, clean_sandbox: Sandbox
+    make_delivery: Callable[..., Delivery], r: redis.Redis, clean_sandbox: Sandbox
 ) -> None:
-    settings = Settings(
-        churnzero_url=clean_sandbox.url + "/i", churnzero_app_key=APP_KEY,
-        task_time_limit_s=9, visibility_timeout_s=30,
-    )  # fmt: skip
-    budget = Budget.of(settings, 0.0)
+    found = make_delivery(task_time_limit_s=9, visibility_timeout_s=30)
+    budget = Budget.of(found.settings, 0.0)
     # Every request that starts in time ends before the deadline; a copy stops waiting
     # while a run would still have half its sending time.
     assert budget.claim_by < budget.send_by
-    assert (
-        budget.send_by + min(settings.churnzero_timeout_s, budget.deadline / 2) <= budget.deadline
-    )
-    found = Delivery(settings, r, load_mapping(None))
-    try:
-        holder = Runs(r, lease_s=60, ttl_s=600).claim("m6", 2)
-        started = time.monotonic()
-        with pytest.raises(MessageBusy):
-            found.deliver(items(2), "m6")
-        assert time.monotonic() - started >= budget.claim_by - 0.5  # it did wait a while
-        assert clean_sandbox.commands() == []
-        Runs(r, lease_s=60, ttl_s=600).release(holder)
-        assert found.deliver(items(2), "m6").delivered == 2
-    finally:
-        found.close()
+    timeout_s = found.settings.churnzero_timeout_s
+    assert budget.send_by + min(timeout_s, budget.deadline / 2) <= budget.deadline
+    holder = Runs(r, lease_s=60, ttl_s=600).claim("m6", 2)
+    started = time.monotonic()
+    with pytest.raises(MessageBusy):
+        found.deliver(items(2), "m6")
+    assert time.monotonic() - started >= budget.claim_by - 0.5  # it did wait a while
+    assert clean_sandbox.commands() == []
+    Runs(r, lease_s=60, ttl_s=600).release(holder)
+    assert found.deliver(items(2), "m6").delivered == 2

@@ -27,9 +27,8 @@ import redis
 import requests
 from redis.sentinel import Sentinel
 
-from tests.conftest import ROOT, free_port, start_redis, start_sentinel
-from tests.integration.conftest import WRITE_KEY, Sandbox, Starter, relay_env
-from tests.integration.test_delivery import wait_for
+from tests.integration.conftest import WRITE_KEY, Sandbox, Starter, relay_env, wait_for
+from tests.procs import ROOT, free_port, start_redis, start_sentinel
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos, pytest.mark.slow]
 MASTER = "relay-primary"
@@ -269,7 +268,7 @@ def test_primary_sigkill_under_load(
         wait_for(lambda: len(clean_sandbox.commands()) >= faulted + 200, timeout=90)
     finally:
         load.stop()
-    assert worker.proc is not None and worker.proc.poll() is None, "the worker died"
+    assert worker.popen.poll() is None, "the worker died"
 
     acked = load.acked()
     stopped = time.monotonic()

@@ -3,9 +3,12 @@ replaced, and SIGTERM, SIGINT (or the supervisor's own death) leaves no process 
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -13,15 +16,8 @@ import pytest
 import redis
 import requests
 
-from tests.conftest import free_port
-from tests.integration.conftest import (
-    WRITE_KEY,
-    Proc,
-    queued_items,
-    relay_env,
-    wait_for,
-    wait_http,
-)
+from tests.integration.conftest import WRITE_KEY, Sandbox, queued_items, relay_env, wait_for
+from tests.procs import Proc, free_port, wait_http
 
 pytestmark = pytest.mark.integration
 AUTH = (WRITE_KEY, "")
@@ -35,8 +31,7 @@ class Served:
 
     @property
     def pid(self) -> int:
-        assert self.proc.proc is not None
-        return self.proc.proc.pid
+        return self.proc.pid
 
     def children(self) -> list[psutil.Process]:
         return psutil.Process(self.pid).children()
@@ -111,16 +106,62 @@ def test_a_signal_stops_every_process_and_keeps_what_was_answered(
 ) -> None:
     post(served.url, 20)
     pids = [served.pid] + [c.pid for c in served.children()]
-    served.proc.proc.send_signal(sig)  # type: ignore[union-attr]  # started above
-    assert served.proc.proc.wait(30) == 0  # type: ignore[union-attr]
+    served.proc.popen.send_signal(sig)  # started above
+    assert served.proc.popen.wait(30) == 0
     wait_for(lambda: gone(pids))
     assert len(queued_items(r)) == 20
 
 
 def test_no_process_outlives_a_killed_supervisor(served: Served) -> None:
     children = [c.pid for c in served.children()]
-    served.proc.proc.kill()  # type: ignore[union-attr]  # the supervisor alone, SIGKILL
-    served.proc.proc.wait(10)  # type: ignore[union-attr]
+    served.proc.popen.kill()  # the supervisor alone, SIGKILL
+    served.proc.popen.wait(10)
     wait_for(lambda: gone(children))
     with pytest.raises(requests.ConnectionError):  # nothing listens on the port any more
         requests.get(served.url + "/livez", timeout=2)
+
+
+# --- relay worker: a live and a replay Celery worker -------------------------------------
+
+
+def queues_of(process: psutil.Process) -> str:
+    args = process.cmdline()
+    return args[args.index("-Q") + 1]
+
+
+def test_relay_worker_runs_the_replay_lane_in_a_nicer_process_of_its_own(
+    redis_url: str, r: redis.Redis, clean_sandbox: Sandbox, start_ingest: Callable[..., str],
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    from relay import deadletter
+    from relay.reasons import Reason
+
+    env = relay_env(redis_url, churnzero_url=clean_sandbox.url + "/i", replay_nice=7)
+    args = [sys.executable, "-m", "relay.cli", "worker", "-n", f"sup-{os.getpid()}@%h"]
+    proc = Proc(args, env, tmp_path / "worker.log").start()
+    try:
+        supervisor = psutil.Process(proc.pid)
+        wait_for(lambda: len(supervisor.children()) == 2)
+        lanes = {queues_of(c): c for c in supervisor.children()}
+        assert set(lanes) == {"relay", "relay.replay"}
+        own = supervisor.nice()
+        assert lanes["relay"].nice() == own and lanes["relay.replay"].nice() == own + 7
+        # Both lanes deliver: a live event, and a dead letter replayed into its lane.
+        ingest = start_ingest()
+        track = {"userId": "u1", "event": "Live", "messageId": "live-1",
+                 "properties": {"accountExternalId": "A", "contactExternalId": "C"}}  # fmt: skip
+        assert requests.post(ingest + "/v1/track", auth=AUTH, json=track).status_code == 200
+        item = {"id": "dead-1", "source": "api", "received_at": time.time(), "attempts": 3,
+                "event": {**track, "type": "track", "event": "Replayed", "messageId": "dead-1",
+                          "timestamp": "2026-11-29T10:00:00Z"}}  # fmt: skip
+        entry = deadletter.new_entry(item, Reason.RETRIES_EXHAUSTED)
+        deadletter.add(r, [entry])
+        relay_cli = [sys.executable, "-m", "relay.cli", "dlq", "replay", entry.id]
+        subprocess.run(relay_cli, env=env, check=True, capture_output=True, timeout=60)
+        wait_for(lambda: {c["eventName"] for c in clean_sandbox.commands()} >= {"Live", "Replayed"})
+        children = [c.pid for c in supervisor.children()]
+        proc.popen.send_signal(signal.SIGTERM)
+        assert proc.popen.wait(60) == 0
+        wait_for(lambda: gone(children))
+    finally:
+        proc.stop(signal.SIGKILL)

@@ -14,9 +14,9 @@ import pytest
 import redis
 import requests
 
-from tests.conftest import free_port, make_certs
-from tests.integration.conftest import WRITE_KEY, Sandbox, Starter
-from tests.integration.test_delivery import wait_for
+from tests.conftest import make_certs
+from tests.integration.conftest import WRITE_KEY, Sandbox, Starter, wait_for
+from tests.procs import free_port
 
 pytestmark = pytest.mark.integration
 AUTH = (WRITE_KEY, "")

@@ -16,9 +16,8 @@ import pytest
 import redis
 import requests
 
-from tests.conftest import free_port, start_redis
-from tests.integration.conftest import WRITE_KEY
-from tests.integration.test_delivery import wait_for
+from tests.integration.conftest import WRITE_KEY, wait_for
+from tests.procs import free_port, start_redis
 
 pytestmark = pytest.mark.integration
 AUTH = (WRITE_KEY, "")

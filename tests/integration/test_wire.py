@@ -16,7 +16,6 @@ import redis.asyncio as aioredis
 
 from relay import broker, keys
 from relay.settings import Settings
-from tests.conftest import free_port
 from tests.integration.conftest import (
     APP_KEY,
     Sandbox,
@@ -26,6 +25,7 @@ from tests.integration.conftest import (
     url_of,
     wait_for,
 )
+from tests.procs import free_port
 
 pytestmark = pytest.mark.integration
 

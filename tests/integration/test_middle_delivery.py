@@ -1,0 +1,159 @@
+"""One batch's delivery in-process (`Delivery.deliver`, what a worker thread runs), on the
+test database, against the sandbox's faults: what ChurnZero's gateways answer decides
+what becomes of each event, and how long every worker holds back. Log lines are asserted
+as structlog event dicts."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import redis
+from structlog.testing import capture_logs
+
+from relay import deadletter, keys
+from relay.delivery import Delivery
+from relay.reasons import Reason
+from relay.throttle import FIRST_OUTAGE_PAUSE_S
+from tests.integration.conftest import Sandbox, delayed_items, event_item
+
+pytestmark = pytest.mark.integration
+Make = Callable[..., Delivery]
+
+
+def batch(prefix: str, n: int) -> list[dict[str, Any]]:
+    return [event_item(f"{prefix}{i}") for i in range(n)]
+
+
+def requests_made(sandbox: Sandbox) -> int:
+    return len(sandbox.requests_log())
+
+
+def test_a_5xx_defers_the_batch_with_an_attempt_counted(
+    delivery: Delivery, r: redis.Redis, clean_sandbox: Sandbox
+) -> None:
+    clean_sandbox.fault(status=503)
+    report = delivery.deliver(batch("f", 2), "m-5xx")
+    assert report.delivered == 0 and report.retried == {"5xx": 2}
+    assert sorted((i["id"], i["attempts"]) for i in delayed_items(r)) == [("f0", 1), ("f1", 1)]
+    assert int(r.get(keys.DELAYED_EVENTS)) == 2
+
+
+def test_a_4xx_dead_letters_with_the_answer(
+    delivery: Delivery, r: redis.Redis, clean_sandbox: Sandbox
+) -> None:
+    clean_sandbox.fault(status=400)
+    report = delivery.deliver([event_item("f2")], "m-4xx")
+    assert report.dead == {"rejected": 1}
+    [entry] = deadletter.list_entries(r)
+    assert entry.status == 400 and entry.item["id"] == "f2"
+
+
+def test_a_pause_in_force_sends_nothing_and_defers_past_it(
+    delivery: Delivery, r: redis.Redis, clean_sandbox: Sandbox
+) -> None:
+    delivery.throttle.report(successes=0, failures=0, retry_after_s=30)
+    report = delivery.deliver([event_item("f3")], "m-paused")
+    assert clean_sandbox.commands() == [] and report.retried == {"paused": 1}
+    [(_, due)] = r.zrange(keys.DELAYED, 0, -1, withscores=True)
+    assert due - time.time() >= 28  # past the pause, not at the next backoff
+
+
+def test_a_429_with_retry_after_holds_back_every_worker_that_long(
+    make_delivery: Make, r: redis.Redis, clean_sandbox: Sandbox
+) -> None:
+    one, other = make_delivery(), make_delivery()  # two worker threads
+    clean_sandbox.fault(status=429, retry_after=20)
+    sent_at = time.time()
+    report = one.deliver(batch("r", 2), "m-429")
+    assert report.delivered == 0 and report.retried == {"429": 2}
+    # The events come back after the Retry-After, not at the next backoff.
+    assert all(i["attempts"] == 1 for i in delayed_items(r))
+    assert min(due for _, due in r.zrange(keys.DELAYED, 0, -1, withscores=True)) >= sent_at + 20
+    # The other worker sends nothing meanwhile, though ChurnZero would take it now.
+    clean_sandbox.reset()
+    later = other.deliver([event_item("r2")], "m-after-429")
+    assert later.retried == {"paused": 1} and requests_made(clean_sandbox) == 0
+    assert 15 < other.throttle.gate().wait_s <= 20
+
+
+def test_an_outage_costs_one_probe_per_pause_and_the_first_good_probe_resumes(
+    make_delivery: Make, r: redis.Redis, clean_sandbox: Sandbox
+) -> None:
+    # One request per event (batch size 1), so requests are counted per event.
+    delivery = make_delivery(outage_threshold=2, churnzero_batch_size=1)
+    clean_sandbox.fault(status=500)
+    delivery.deliver(batch("a", 1), "m-a")
+    assert delivery.throttle.gate().go  # one failure: under the threshold
+    delivery.deliver(batch("b", 1), "m-b")
+    assert not delivery.throttle.gate().go  # two: every worker pauses
+    r.delete(keys.PAUSE_UNTIL)  # the pause ran out
+    before = requests_made(clean_sandbox)
+    probed = delivery.deliver(batch("c", 3), "m-c")  # ChurnZero still down
+    assert requests_made(clean_sandbox) - before == 1  # a probe, not the batch
+    assert probed.retried == {"5xx": 1, "paused": 2}
+    assert delivery.throttle.gate().wait_s > FIRST_OUTAGE_PAUSE_S  # the pause doubled
+    clean_sandbox.reset()  # ChurnZero is back
+    r.delete(keys.PAUSE_UNTIL)
+    resumed = delivery.deliver(batch("d", 3), "m-d")
+    assert resumed.delivered == 3 and requests_made(clean_sandbox) == 3
+    gate = delivery.throttle.gate()
+    assert gate.go and not gate.probe
+
+
+@pytest.mark.parametrize(
+    ("fault", "settings", "label"),
+    [
+        # ChurnZero took the request but answered too late: it may have the commands.
+        ({"latency_ms": 5_000}, {"churnzero_timeout_s": 0.5}, "timeout"),
+        ({"drop_connection": True}, {}, "connection_error"),
+    ],
+)
+def test_no_answer_is_retried_and_may_arrive_twice(
+    make_delivery: Make, r: redis.Redis, clean_sandbox: Sandbox,
+    fault: dict[str, Any], settings: dict[str, Any], label: str,
+) -> None:  # fmt: skip
+    delivery = make_delivery(**settings)
+    clean_sandbox.fault(**fault)
+    report = delivery.deliver([event_item("n0")], "m-no-answer")
+    assert report.delivered == 0 and report.retried == {label: 1}
+    assert report.requests == {label: 1}
+    assert [(i["id"], i["attempts"]) for i in delayed_items(r)] == [("n0", 1)]
+    if label == "timeout":
+        # The sandbox had the command before it stalled: the retry sends it again.
+        assert [c["eventName"] for c in clean_sandbox.wait_commands(1)] == ["n0"]
+
+
+def test_an_answer_not_from_churnzero_is_logged_and_pauses_every_worker(
+    make_delivery: Make, r: redis.Redis, clean_sandbox: Sandbox
+) -> None:
+    delivery = make_delivery(churnzero_misconfigured_pause_s=30)
+    clean_sandbox.fault(redirect=301, location="https://elsewhere.example/i")
+    with capture_logs() as logs:
+        report = delivery.deliver(batch("x", 2), "m-moved")
+    assert report.delivered == 0 and report.retried == {"misconfigured": 2}
+    [line] = [e for e in logs if e["event"] == "churnzero_misconfigured"]
+    assert line["log_level"] == "error" and line["status"] == 301
+    assert "redirect 301 to https://elsewhere.example/i" in line["problem"]
+    assert line["url"] == clean_sandbox.url + "/i"
+    assert 25 < delivery.throttle.gate().wait_s <= 30  # the operator has to fix the URL
+    assert len(delayed_items(r)) == 2  # nothing counted as delivered, nothing lost
+
+
+def test_a_batch_that_breaks_the_worker_is_dead_lettered_and_logged(
+    delivery: Delivery, r: redis.Redis, clean_sandbox: Sandbox
+) -> None:
+    # Items without the relay's id: nothing ingest writes, but another producer might.
+    event = {"type": "track", "userId": "u", "event": "E", "messageId": "no-id"}
+    with capture_logs() as logs:
+        report = delivery.deliver([{"source": "api", "event": event}, {"event": event}], "m-bad")
+    assert report.dead == {"worker_error": 2}
+    [line] = [e for e in logs if e["event"] == "batch_failed"]
+    assert line["log_level"] == "error" and line["events"] == 2 and line["exc_info"]
+    entries = deadletter.list_entries(r, reason=Reason.WORKER_ERROR)
+    assert [e.item["event"] for e in entries] == [event, event]
+    assert all(e.errors[0].startswith("KeyError") for e in entries)
+    assert clean_sandbox.commands() == []
+    assert int(r.get(keys.DEPTH_INFLIGHT) or 0) == 0  # settled: the message is not redone
