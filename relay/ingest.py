@@ -105,13 +105,19 @@ def _resources(
         )
         gate = app[GATE]
 
+        stop = asyncio.Event()
+
         async def watch() -> None:
-            while True:
+            # Ends on `stop` as well as on cancellation: a cancellation that lands while
+            # redis-py connects can be swallowed, and shutdown would wait for ever.
+            while not stop.is_set():
                 await gate.refresh(app[REDIS])
-                await asyncio.sleep(0.25)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 0.25)
 
         watcher = asyncio.create_task(watch())
         yield
+        stop.set()
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher

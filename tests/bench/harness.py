@@ -144,10 +144,15 @@ def start_relay_worker(
     children: procs.Children, redis_url: str, sandbox_url: str, label: str = "worker",
     **settings: Any,
 ) -> procs.Proc:  # fmt: skip
-    """One relay Celery worker (threads pool, 4 threads) delivering to the sandbox."""
-    env = relay_env(redis_url, churnzero_url=sandbox_url + "/i", **settings)
-    name = f"bench-{label}-{os.getpid()}"
-    return procs.start_worker(children, env, name, label=label, loglevel="WARNING")
+    """`relay worker` as an operator runs it (a live and a replay Celery worker, threads
+    pool, 4 threads each) delivering to the sandbox."""
+    env = relay_env(redis_url, churnzero_url=sandbox_url + "/i", log_level="WARNING", **settings)
+    name = f"bench-{label}-{os.getpid()}@%h"
+    return children.start(
+        label,
+        [sys.executable, "-m", "relay.cli", "worker", "-c", "4", "--without-heartbeat", "-n", name],
+        env,
+    )
 
 
 def http_json(method: str, url: str, body: Any = None, timeout: float = 30) -> Any:

@@ -24,8 +24,8 @@ from pytest_aiohttp import AiohttpClient
 from relay import bodies, openapi
 from relay.ingest import create_app
 from relay.settings import Settings
-from tests.conftest import free_port
 from tests.integration.conftest import SECRET, WRITE_KEY, sign, url_of
+from tests.procs import free_port
 
 pytestmark = pytest.mark.integration
 
