@@ -2,8 +2,8 @@
 
 `relay` puts one `Deployment` on the click context, as rq's CLI does with its
 `pass_cli_config`; a command takes it with `@pass_deployment`. The settings are read from
-the environment once, on first use, and the Redis URL, client and Celery app are built
-from them once: `relay --help` reads nothing, and a test hands `Deployment(settings)` to
+the environment once, on first use, and the Redis URL, client and queue are built from
+them once: `relay --help` reads nothing, and a test hands `Deployment(settings)` to
 click's runner instead of setting environment variables.
 """
 
@@ -19,11 +19,12 @@ from relay.settings import Settings, load_settings
 
 if TYPE_CHECKING:
     import redis
-    from celery import Celery
+
+    from relay import broker
 
 
 class Deployment:
-    """The settings of the deployment a command acts on, and its Redis and Celery."""
+    """The settings of the deployment a command acts on, its Redis and its queue."""
 
     def __init__(self, settings: Settings | None = None) -> None:
         self._settings = settings
@@ -56,11 +57,11 @@ class Deployment:
         return redis_conn.sync_client(self.settings, self.redis_url, socket_timeout=10)
 
     @cached_property
-    def celery(self) -> Celery:
-        """The Celery app that publishes to the deployment's queues."""
+    def queue(self) -> broker.Queue:
+        """The deployment's queue, to publish events to (counted, as ingest does)."""
         from relay import broker
 
-        return broker.make_celery(self.settings, self.redis_url)
+        return broker.Queue(self.redis, self.settings.message_events)
 
 
 pass_deployment = click.make_pass_decorator(Deployment, ensure=True)

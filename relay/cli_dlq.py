@@ -147,16 +147,14 @@ def dlq_replay(
 
     from rich.progress import Progress
 
-    from relay import broker
-
     selection = _select(ids, every, reason, since, until)
     r = deployment.redis
     if dry_run:
         _print_dry_run(deployment, selection, as_json)
         return
     # Replays go to their own lane: a bounded share of the rate while live events flow.
-    queue = broker.Queue(r, deployment.settings.message_events)
-    publish = partial(queue.publish, per_message=deployment.settings.churnzero_batch_size)
+    per_message = deployment.settings.churnzero_batch_size
+    publish = partial(deployment.queue.publish, per_message=per_message)
     total = selection.count(r)
     replayed = 0
     with Progress(disable=total < 1000) as progress:

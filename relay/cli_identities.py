@@ -57,15 +57,13 @@ def identities_forget(deployment: Deployment, user_id: str, yes: bool) -> None:
     import uuid
     from datetime import UTC, datetime
 
-    from relay import broker
     from relay.envelope import Envelope
 
     if not yes:
         raise click.ClickException("forgetting a user cannot be undone: add --yes")
-    r = deployment.redis
     now = datetime.now(UTC)
     event = {"type": "delete", "userId": user_id, "messageId": f"forget-{uuid.uuid4().hex}",
              "timestamp": now.isoformat().replace("+00:00", "Z")}  # fmt: skip
     item = Envelope.new(event, source="api", received_at=now.timestamp())
-    broker.Queue(r, deployment.settings.message_events).publish([item.to_dict()])
+    deployment.queue.publish([item.to_dict()])
     click.echo(f"queued the deletion of {user_id}")

@@ -6,7 +6,7 @@ relay.broker.
 are encoded with orjson, and relay.broker pushes them with their counts in one script
 call. Each is a Celery protocol 2 message in kombu's Redis envelope (base64 body, a
 delivery tag), the same shape `broker.send` makes through Celery, so `relay worker`
-consumes it unchanged; tests publish through here and run the real worker on it.
+consumes it unchanged (tests/integration/test_wire.py runs the real worker on them).
 """
 
 from __future__ import annotations
