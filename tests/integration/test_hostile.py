@@ -157,7 +157,7 @@ CHECKS = [
 
 
 @schema.parametrize()
-@settings(max_examples=50, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
 def test_api_conforms_to_its_openapi(case: Any, ingest: str) -> None:
     token = f"Bearer {ADMIN_TOKEN}" if case.path.startswith("/admin") else BASIC
     headers = {"Authorization": token}
