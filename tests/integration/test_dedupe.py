@@ -89,8 +89,8 @@ def test_the_window_ends_and_buckets_expire_with_it(r: redis.Redis) -> None:
     assert dedupe.duplicates(items(50, "c")) == set()
 
 
-def copy(rid: str, message_id: str) -> list[dict[str, Any]]:
-    return [{"id": rid, "event": {"messageId": message_id}}]
+def copy(rid: str, message_id: str) -> list[Envelope]:
+    return [item(rid, {"messageId": message_id})]
 
 
 @pytest.mark.parametrize("into_bucket_s", [0, BUCKET - 1])
