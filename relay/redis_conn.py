@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote
 
 import redis
 import redis.asyncio as aioredis
@@ -26,47 +25,15 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from relay.settings import Settings
+from relay.settings import SentinelURL, Settings, parse_sentinel
 
-SENTINEL_PORT = 26379
 # Asking a sentinel is cheap and a dead one must not stall discovery: the next is tried.
 SENTINEL_TIMEOUTS = {"socket_timeout": 1.0, "socket_connect_timeout": 1.0}
-
-
-@dataclass(frozen=True)
-class SentinelURL:
-    """The parts of a `sentinel://h:p;sentinel://h:p/db` URL."""
-
-    sentinels: tuple[tuple[str, int], ...]
-    db: int
-    username: str | None
-    password: str | None
 
 
 def is_sentinel(url: str) -> bool:
     """Whether `url` names Redis Sentinels rather than one Redis."""
     return url.startswith("sentinel://")
-
-
-def parse_sentinel(url: str) -> SentinelURL:
-    """The sentinels, database and credentials of a Sentinel URL; ValueError if malformed."""
-    sentinels: list[tuple[str, int]] = []
-    dbs: set[int] = set()
-    username = password = None
-    for part in url.split(";"):
-        split = urlsplit(part.strip())
-        if split.scheme != "sentinel" or not split.hostname:
-            raise ValueError(f"{part!r} is not sentinel://host:port")
-        sentinels.append((split.hostname, split.port or SENTINEL_PORT))
-        if split.path.strip("/"):
-            if not split.path.strip("/").isdigit():
-                raise ValueError(f"database {split.path!r} is not a number")
-            dbs.add(int(split.path.strip("/")))
-        username = username or (unquote(split.username) if split.username else None)
-        password = password or (unquote(split.password) if split.password else None)
-    if len(dbs) > 1:
-        raise ValueError("the sentinels name different databases")
-    return SentinelURL(tuple(sentinels), dbs.pop() if dbs else 0, username, password)
 
 
 def tls_options(settings: Settings) -> dict[str, Any]:

@@ -7,9 +7,10 @@ with keywords. A bad value fails at start with one line naming the variable.
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, FilePath, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -177,8 +178,6 @@ class Settings(BaseSettings):
         url = self.redis_url or ""
         sentinel = url.startswith("sentinel://")
         if sentinel:
-            from relay.redis_conn import parse_sentinel  # late: it imports this module
-
             try:
                 parse_sentinel(url)  # a malformed URL fails here, at start
             except ValueError as exc:
@@ -253,3 +252,37 @@ def load_settings(**overrides: object) -> Settings:
         if not field:  # a rule across settings names its variables itself
             raise ConfigError(f"bad configuration: {message}") from exc
         raise ConfigError(f"bad configuration: RELAY_{field.upper()}: {message}") from exc
+
+
+SENTINEL_PORT = 26379
+
+
+@dataclass(frozen=True)
+class SentinelURL:
+    """The parts of a `sentinel://h:p;sentinel://h:p/db` URL."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    db: int
+    username: str | None
+    password: str | None
+
+
+def parse_sentinel(url: str) -> SentinelURL:
+    """The sentinels, database and credentials of a Sentinel URL; ValueError if malformed."""
+    sentinels: list[tuple[str, int]] = []
+    dbs: set[int] = set()
+    username = password = None
+    for part in url.split(";"):
+        split = urlsplit(part.strip())
+        if split.scheme != "sentinel" or not split.hostname:
+            raise ValueError(f"{part!r} is not sentinel://host:port")
+        sentinels.append((split.hostname, split.port or SENTINEL_PORT))
+        if split.path.strip("/"):
+            if not split.path.strip("/").isdigit():
+                raise ValueError(f"database {split.path!r} is not a number")
+            dbs.add(int(split.path.strip("/")))
+        username = username or (unquote(split.username) if split.username else None)
+        password = password or (unquote(split.password) if split.password else None)
+    if len(dbs) > 1:
+        raise ValueError("the sentinels name different databases")
+    return SentinelURL(tuple(sentinels), dbs.pop() if dbs else 0, username, password)
