@@ -4,7 +4,7 @@ Lenient where the meaning is clear (as Segment's own tracking API is): timestamp
 ms, µs or ns and any offset, or epoch milliseconds; numeric ids become strings;
 `version` of any type; unknown keys kept. `traits` and `properties` stay free-form.
 
-The models are also the OpenAPI document's event schemas (relay.openapi): where what is
+The models are also the OpenAPI document's event schemas (relay.ingest.openapi): where what is
 accepted is wider than the Python type, a `WithJsonSchema` says so, without changing
 validation.
 """

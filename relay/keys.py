@@ -26,7 +26,7 @@ DELAYED = PREFIX + "delayed"
 # aliased key -> the user key it stands for; SET per user key of the delayed-set members
 # holding that user's tracks waiting for identity.
 IDENTITY = PREFIX + "identity:"
-# Dedupe claims (relay/dedupe.py): per time bucket b, a meta HASH `relay:seen:<b>` and
+# Dedupe claims (relay/delivery/dedupe.py): per time bucket b, a meta HASH `relay:seen:<b>` and
 # shard HASHes `relay:seen:<b>:<i>` (8-byte messageId digest -> 24-bit relay-id tag).
 # The previous version's `relay:dedupe:<messageId>` strings are no longer read.
 DEDUPE = PREFIX + "seen:"
@@ -39,7 +39,7 @@ ALIASED = PREFIX + "aliased:"
 DELETED = PREFIX + "deleted:"
 
 # HASH per ChurnZero entity (account, or contact within its account): attribute name ->
-# event time (epoch ms) of the last value sent (relay.freshness).
+# event time (epoch ms) of the last value sent (relay.delivery.freshness).
 ATTRIBUTE_CLOCK = PREFIX + "attrclock:"
 
 # Per Celery message (by task id): HASH of its run ("claimed", "settled", "d:<relay id>"
@@ -87,7 +87,7 @@ ADAPTIVE_RATE = PREFIX + "throttle:adaptive"
 # entries, one per event delivered (with its commands), skipped or dead-lettered.
 TRACE = PREFIX + "trace"
 
-# The new-name guard (relay.names): a SET per kind of the names sent to ChurnZero, a ZSET
+# The new-name guard (relay.state.names): a SET per kind of the names sent to ChurnZero, a ZSET
 # of the newest new names ("kind:name" -> first sent) and one of the names held.
 NAMES = PREFIX + "names:known:"
 NAMES_NEW = PREFIX + "names:new"

@@ -44,7 +44,7 @@ class Plan:
     unresolved: list[Envelope] = field(default_factory=list)
     invalid_event: list[tuple[Envelope, list[str]]] = field(default_factory=list)
     invalid_command: list[tuple[Envelope, list[str]]] = field(default_factory=list)
-    # Held by the new-name guard (relay.names), with the names: never planned here.
+    # Held by the new-name guard (relay.state.names), with the names: never planned here.
     held: list[tuple[Envelope, list[str]]] = field(default_factory=list)
     learned: dict[str, Known] = field(default_factory=dict)
     links: dict[str, str] = field(default_factory=dict)

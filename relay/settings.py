@@ -121,7 +121,7 @@ class Settings(BaseSettings):
     # libuv's event loop for ingest (uvloop): measured faster here; false = asyncio's own.
     ingest_uvloop: bool = True
     # How ingest queues its group commits: `pipelined` writes the Celery messages with one
-    # Redis script call (relay.broker); `celery` publishes them through Celery's send_task.
+    # Redis script call (relay.state.broker); `celery` publishes them through Celery's send_task.
     ingest_publisher: Literal["pipelined", "celery"] = "pipelined"
 
     @field_validator("write_keys", "cors_origins", mode="before")

@@ -1,9 +1,9 @@
 """`relay.deliver_batch` messages as Celery writes them to Redis: encoded here, pushed by
-relay.broker.
+relay.state.broker.
 
 `celery.send_task` costs a few hundred microseconds of Python per message (routing,
 `saferepr` of the arguments, kombu's envelope, one LPUSH each); here a group's messages
-are encoded with orjson, and relay.broker pushes them with their counts in one script
+are encoded with orjson, and relay.state.broker pushes them with their counts in one script
 call. Each is a Celery protocol 2 message in kombu's Redis envelope (base64 body, a
 delivery tag), the same shape `broker.send` makes through Celery, so `relay worker`
 consumes it unchanged (tests/integration/test_wire.py runs the real worker on them).
@@ -96,7 +96,7 @@ class MessageWriter:
         """`items` split into messages of at most `message_events`, in order.
 
         With a `message_id` the task ids are `<message_id>.<n>`: publishing the same items
-        again makes the same messages, which the workers settle once (relay.runs)."""
+        again makes the same messages, which the workers settle once (relay.delivery.runs)."""
         return [
             self.encode(
                 items[start : start + message_events],

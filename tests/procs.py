@@ -143,7 +143,7 @@ def start_ingest(children: Children, env: dict[str, str], label: str = "ingest")
     """`relay serve` on a free port, once it answers (its base URL is `.url`)."""
     port = free_port()
     proc = children.start(
-        label, [sys.executable, "-m", "relay.cli", "serve"], {**env, "RELAY_PORT": str(port)}
+        label, [sys.executable, "-m", "relay.ops.cli", "serve"], {**env, "RELAY_PORT": str(port)}
     )
     proc.url = f"http://127.0.0.1:{port}"
     wait_http(proc.url + "/livez", proc)
@@ -172,7 +172,7 @@ def start_sandbox(
     """The ChurnZero sandbox on a free port, once it answers (its base URL is `.url`)."""
     port = free_port()
     proc = children.start(
-        label, [sys.executable, "-m", "relay.cli", "sandbox", "--port", str(port)], env
+        label, [sys.executable, "-m", "relay.ops.cli", "sandbox", "--port", str(port)], env
     )
     proc.url = f"http://127.0.0.1:{port}"
     wait_http(proc.url + "/healthz", proc)

@@ -14,11 +14,12 @@ from typing import Any
 import structlog
 from celery import signals
 
-from relay import broker, embedded, logs, redis_conn
-from relay.delayed import Mover
+from relay import logs
+from relay.delivery.delayed import Mover
 from relay.errors import RelayError
 from relay.mapping import load_mapping
 from relay.settings import load_settings
+from relay.state import broker, embedded, redis_conn
 
 try:
     settings = load_settings()

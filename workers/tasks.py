@@ -1,4 +1,4 @@
-"""The relay's one Celery task: thin, like a web view. The work is relay.delivery.
+"""The relay's one Celery task: thin, like a web view. The work is relay.delivery.batch.
 
 How a message leaves Redis, and nothing else:
 - settled (delivered, skipped, delayed, dead-lettered, in one MULTI with its run's
@@ -23,9 +23,9 @@ import structlog
 from celery import Task, signals
 from celery.exceptions import Reject
 
-from relay import broker
-from relay.delivery import Delivery, MessageBusy
+from relay.delivery.batch import Delivery, MessageBusy
 from relay.settings import VISIBILITY_MARGIN_S
+from relay.state import broker
 from workers.app import app, mapping, settings, state
 
 log = structlog.get_logger("relay.worker")
@@ -79,7 +79,7 @@ def _close_pools(**_: Any) -> None:
 
 @app.task(name="relay.deliver_batch", bind=True, acks_on_failure_or_timeout=False)
 def deliver_batch(self: Task[Any, None], items: Any) -> None:
-    """Deliver one batch of queued items to ChurnZero (see relay.delivery)."""
+    """Deliver one batch of queued items to ChurnZero (see relay.delivery.batch)."""
     task_id = str(self.request.id)
     structlog.contextvars.bind_contextvars(task_id=task_id)
     started = time.perf_counter()
@@ -91,7 +91,7 @@ def deliver_batch(self: Task[Any, None], items: Any) -> None:
         time.sleep(REQUEUE_PAUSE_S)
         raise Reject(exc, requeue=True) from exc
     except Exception as exc:
-        # Not even dead-lettering worked (relay.delivery dead-letters what it cannot
+        # Not even dead-lettering worked (relay.delivery.batch dead-letters what it cannot
         # handle). Celery would drop a failed message: give it back instead.
         log.exception("batch_unsettled")
         time.sleep(REQUEUE_PAUSE_S)

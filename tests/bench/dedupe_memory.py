@@ -3,7 +3,7 @@
 Starts its own redis-server (other processes' keys would skew `used_memory`), claims N
 messageIds (default 200,000) in batches of 500 as workers do, spread over one 24 h window
 (a clock given to Dedupe), and prints used_memory per
-event for the previous scheme (a `SET NX EX` string per messageId) and relay/dedupe.py.
+event for the previous scheme (a `SET NX EX` string per messageId) and relay/delivery/dedupe.py.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import redis
 
-from relay.dedupe import Dedupe
+from relay.delivery.dedupe import Dedupe
 from relay.envelope import Envelope
 from tests.procs import free_port, start_redis
 

@@ -150,7 +150,17 @@ def start_relay_worker(
     name = f"bench-{label}-{os.getpid()}@%h"
     return children.start(
         label,
-        [sys.executable, "-m", "relay.cli", "worker", "-c", "4", "--without-heartbeat", "-n", name],
+        [
+            sys.executable,
+            "-m",
+            "relay.ops.cli",
+            "worker",
+            "-c",
+            "4",
+            "--without-heartbeat",
+            "-n",
+            name,
+        ],
         env,
     )
 
@@ -194,7 +204,7 @@ def bench_context(env: Env, name: str) -> Iterator[procs.Children]:
 
 def signature(body: bytes) -> str:
     """The X-Signature Segment sends for this body."""
-    from relay.auth import signature as hmac_sha1
+    from relay.ingest.auth import signature as hmac_sha1
 
     return hmac_sha1(SECRET, body)
 

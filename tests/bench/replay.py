@@ -31,8 +31,8 @@ LATENCY_MS = 20
 
 def _seed(env: Env) -> None:
     """200,000 dead letters (tracks with their ids), written straight into the DLQ."""
-    from relay import deadletter
     from relay.reasons import Reason
+    from relay.state import deadletter
 
     r = env.redis()
     try:
@@ -105,7 +105,7 @@ def replay(env: Env) -> dict[str, Any]:
         say("  replaying them (relay dlq replay --all) while live events flow")
         replaying = children.start(
             "replay-cli",
-            [sys.executable, "-m", "relay.cli", "dlq", "replay", "--all"],
+            [sys.executable, "-m", "relay.ops.cli", "dlq", "replay", "--all"],
             harness.relay_env(env.redis_url, rate_limit_rps=RATE_RPS),
         )
         published = time.monotonic()

@@ -16,11 +16,13 @@ from typing import Any
 
 import redis
 
-from relay import freshness, identity, keys
+from relay import keys
 from relay.commands import Command, SetAttribute
+from relay.delivery import freshness
 from relay.envelope import Envelope
 from relay.plan import Plan
 from relay.resolution import Known
+from relay.state import identity
 
 N = 20_000
 TTL_S = 30 * 24 * 3600

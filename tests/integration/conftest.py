@@ -25,7 +25,7 @@ from tests.conftest import IN_CI, ROOT
 from tests.procs import Proc, free_port, redis_answers, start_redis
 
 if TYPE_CHECKING:
-    from relay.delivery import Delivery
+    from relay.delivery.batch import Delivery
 
 DB = int(os.environ.get("RELAY_TEST_REDIS_DB", "13"))
 SECRET = "test-webhook-secret"
@@ -240,7 +240,7 @@ def queued_items(r: redis.Redis, queue: str = "relay") -> list[dict[str, Any]]:
 
 def sign(body: bytes) -> str:
     """The X-Signature Segment would send for this body."""
-    from relay.auth import signature
+    from relay.ingest.auth import signature
 
     return signature(SECRET, body)
 
@@ -347,7 +347,7 @@ def delayed_items(r: redis.Redis) -> list[dict[str, Any]]:
 def make_delivery(r: redis.Redis, clean_sandbox: Sandbox) -> Iterator[Callable[..., Delivery]]:
     """A worker thread's Delivery on the test database, sending to the sandbox (with these
     settings); closed after the test."""
-    from relay.delivery import Delivery
+    from relay.delivery.batch import Delivery
     from relay.mapping import load_mapping
     from relay.settings import Settings
 
@@ -460,7 +460,7 @@ def relay_cli(
 ) -> subprocess.CompletedProcess[str]:
     """Run the `relay` CLI against the test database (with these settings)."""
     return subprocess.run(
-        [sys.executable, "-m", "relay.cli", *args],
+        [sys.executable, "-m", "relay.ops.cli", *args],
         input=stdin.decode() if stdin is not None else None,
         capture_output=True, text=True, cwd=ROOT, env=relay_env(url_of(r), **settings),
         timeout=60,

@@ -58,7 +58,7 @@ def who(commands: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
 
 def relay_cli(r: redis.Redis, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "relay.cli", *args], env=relay_env(url_of(r)), cwd=ROOT,
+        [sys.executable, "-m", "relay.ops.cli", *args], env=relay_env(url_of(r)), cwd=ROOT,
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
 

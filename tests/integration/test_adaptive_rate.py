@@ -55,7 +55,7 @@ def test_the_relay_learns_a_hidden_limit(
 
 
 def test_an_explicit_rate_caps_the_learned_one(r: redis.Redis) -> None:
-    from relay.throttle import Throttle
+    from relay.delivery.throttle import Throttle
 
     throttle = Throttle(r, rate_limit_rps=10, outage_threshold=3)
     r.hset("relay:throttle:adaptive", "rate", 50)  # learned above the explicit rate
@@ -67,7 +67,7 @@ def test_an_explicit_rate_caps_the_learned_one(r: redis.Redis) -> None:
 
 
 def test_an_explicit_rate_holds_from_the_first_request(r: redis.Redis) -> None:
-    from relay.throttle import Throttle
+    from relay.delivery.throttle import Throttle
 
     # Nothing learned yet: the explicit rate, not the first guess of a deployment without.
     delays = Throttle(r, rate_limit_rps=50, outage_threshold=3).reserve(5, 5.0)

@@ -3,7 +3,7 @@
 The handlers build their answers as dict literals (no model on the hot path), so nothing
 but this keeps them and the document together: each answer ingest, its probes and the
 admin API give here must be a status the document lists for the route, and its body must
-validate, strictly and with no key left over, against the type (`relay.bodies`) the
+validate, strictly and with no key left over, against the type (`relay.ingest.bodies`) the
 document names for that status. (The 408 of a slow body is checked in test_hostile.)
 """
 
@@ -21,8 +21,8 @@ from aiohttp.test_utils import TestClient
 from pydantic import TypeAdapter
 from pytest_aiohttp import AiohttpClient
 
-from relay import bodies, openapi
-from relay.ingest import create_app
+from relay.ingest import bodies, openapi
+from relay.ops.server import create_app
 from relay.settings import Settings
 from tests.integration.conftest import SECRET, WRITE_KEY, sign, url_of
 from tests.procs import free_port

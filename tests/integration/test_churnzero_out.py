@@ -17,7 +17,7 @@ import pytest
 import redis
 import requests
 
-from relay import status
+from relay.state import status
 from tests import procs
 from tests.integration.conftest import WRITE_KEY, Sandbox, Starter, relay_env
 from tests.procs import ROOT, Proc
@@ -105,7 +105,7 @@ def test_status_and_metrics_show_the_misconfiguration(
     assert 'relay_churnzero_requests_total{outcome="misconfigured"} 1.0' in metrics
     assert "relay_churnzero_paused 1.0" in metrics
     out = subprocess.run(
-        [sys.executable, "-m", "relay.cli", "status"], capture_output=True, text=True, cwd=ROOT,
+        [sys.executable, "-m", "relay.ops.cli", "status"], capture_output=True, text=True, cwd=ROOT,
         env={**os.environ, "RELAY_REDIS_URL": url_of(r)}, timeout=30,
     )  # fmt: skip
     assert "ChurnZero misconfigured" in out.stdout, out.stdout + out.stderr
@@ -127,7 +127,7 @@ def run_worker(args: list[str], tmp_path: Path, **env: str) -> subprocess.Comple
 
 
 WORKERS = [
-    pytest.param(["relay.cli", "worker"], id="relay-worker"),
+    pytest.param(["relay.ops.cli", "worker"], id="relay-worker"),
     pytest.param(["celery", "-A", "workers.app", "worker", "-Q", "relay"], id="celery-worker"),
 ]
 
@@ -163,7 +163,7 @@ def test_worker_pointed_at_the_sandbox_needs_no_app_key(
 ) -> None:
     env = relay_env(redis_url, churnzero_url=clean_sandbox.url + "/i")
     del env["RELAY_CHURNZERO_APP_KEY"]
-    args = [sys.executable, "-m", "relay.cli", "worker", "-c", "1", "--without-heartbeat",
+    args = [sys.executable, "-m", "relay.ops.cli", "worker", "-c", "1", "--without-heartbeat",
             "-n", f"nokey-{os.getpid()}@%h"]  # fmt: skip
     worker = Proc(args, env, tmp_path / "worker.log").start()
     try:

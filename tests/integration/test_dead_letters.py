@@ -16,11 +16,12 @@ import pytest
 import redis
 from click.testing import CliRunner, Result
 
-from relay import deadletter, keys
-from relay.cli import main
-from relay.cli_context import Deployment
+from relay import keys
+from relay.ops.cli import main
+from relay.ops.cli_context import Deployment
 from relay.reasons import Reason
 from relay.settings import Settings
+from relay.state import deadletter
 from tests.conftest import ROOT
 from tests.integration.conftest import queued_items, url_of
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import redis
 
-from relay.dedupe import Dedupe, relay_tag
+from relay.delivery.dedupe import Dedupe, relay_tag
 from relay.envelope import Envelope
 from tests.bench.dedupe_memory import measure
 from tests.integration.conftest import OwnRedis

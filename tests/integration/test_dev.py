@@ -25,7 +25,7 @@ def test_relay_dev_runs_everything_and_stops_cleanly(tmp_path: Path) -> None:
                RELAY_STATE_DIR=str(tmp_path / "state"), PYTHONUNBUFFERED="1")  # fmt: skip
     log = open(tmp_path / "dev.log", "wb")  # noqa: SIM115  # the child's output
     proc = subprocess.Popen(
-        [sys.executable, "-m", "relay.cli", "dev"],
+        [sys.executable, "-m", "relay.ops.cli", "dev"],
         env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     family: list[psutil.Process] = []

@@ -11,11 +11,13 @@ import pytest
 import redis
 from prometheus_client import CollectorRegistry, generate_latest
 
-from relay import broker, deadletter, delayed, keys, status
+from relay import keys
+from relay.delivery import delayed
 from relay.envelope import Envelope
+from relay.ingest.metrics import DeploymentCollector
 from relay.keys import Stat
-from relay.metrics import DeploymentCollector
 from relay.reasons import Reason
+from relay.state import broker, deadletter, status
 from tests.integration.conftest import metric, queued_items
 
 pytestmark = pytest.mark.integration

@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, settings
 from pydantic import TypeAdapter
 from schemathesis import checks as sc
 
-from relay import bodies, intake, openapi
+from relay.ingest import bodies, intake, openapi
 from tests import procs
 from tests.integration.conftest import WRITE_KEY, queued_items, relay_env, sign
 
@@ -140,7 +140,7 @@ def empty_queue(r: redis.Redis) -> None:
 
 # schemathesis.pytest.from_fixture (the lazy loader, which would read the live
 # /openapi.json) fails on pytest 9.2 (it sets `request.node._nodeid`, which pytest
-# removed), so the schema is loaded from relay.openapi.SPEC, and
+# removed), so the schema is loaded from relay.ingest.openapi.SPEC, and
 # test_the_server_serves_its_spec checks the live document is that one.
 schema = schemathesis.openapi.from_dict(openapi.SPEC)
 CHECKS = [

@@ -103,8 +103,8 @@ def test_ingest_answers_503_before_redis_is_full_and_a_worker_drains_every_event
 
 def fill_until_full(r: redis.Redis) -> list[str]:
     """Publish straight into the queue (no gate) until Redis refuses; the queued ids."""
-    from relay import broker
     from relay.settings import Settings
+    from relay.state import broker
 
     celery = broker.make_celery(Settings(), url_of(r))
     queued: list[str] = []
@@ -174,7 +174,7 @@ def test_workers_on_a_full_redis_lose_nothing_and_drain_it_once_there_is_room(
     settings = {"visibility_timeout_s": 21, "task_time_limit_s": 6}
     first = start_worker(redis_url=url_of(r), **settings)
     # It works on (taking messages while Redis refuses its writes), or drains it outright
-    # if all its own writes are let through at maxmemory (relay.oom).
+    # if all its own writes are let through at maxmemory (relay.state.oom).
     wait_for(
         lambda: (
             (r.hlen("unacked") > 0 and oom_refusals(r) > refused_before + 20)
@@ -203,7 +203,7 @@ def test_workers_on_a_full_redis_lose_nothing_and_drain_it_once_there_is_room(
 def test_staged_writes_refused_at_maxmemory_run_through_relay_oom(
     small_redis: redis.Redis,
 ) -> None:
-    from relay import oom
+    from relay.state import oom
 
     r = small_redis
     r.config_set("maxmemory", str(r.info("memory")["used_memory"]))  # full from now on

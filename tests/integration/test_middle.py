@@ -17,11 +17,12 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from relay import broker, deadletter, keys
-from relay.publisher import GroupCommit
+from relay import keys
+from relay.delivery.throttle import FIRST_OUTAGE_PAUSE_S, Throttle
+from relay.ingest.publisher import GroupCommit
 from relay.reasons import Reason
 from relay.settings import Settings
-from relay.throttle import FIRST_OUTAGE_PAUSE_S, Throttle
+from relay.state import broker, deadletter
 from tests.integration.conftest import Blip, event_item, queued_items, url_of
 from tests.procs import free_port
 

@@ -13,10 +13,11 @@ import pytest
 import redis
 from structlog.testing import capture_logs
 
-from relay import deadletter, keys
-from relay.delivery import Delivery
+from relay import keys
+from relay.delivery.batch import Delivery
+from relay.delivery.throttle import FIRST_OUTAGE_PAUSE_S
 from relay.reasons import Reason
-from relay.throttle import FIRST_OUTAGE_PAUSE_S
+from relay.state import deadletter
 from tests.integration.conftest import Sandbox, delayed_items, event_item
 
 pytestmark = pytest.mark.integration

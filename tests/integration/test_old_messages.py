@@ -11,8 +11,9 @@ from __future__ import annotations
 import pytest
 import redis
 
-from relay import identity, keys
+from relay import keys
 from relay.resolution import Known
+from relay.state import identity
 from tests.conftest import ROOT
 from tests.integration.conftest import Sandbox, Starter, settled, wait_for
 

@@ -74,7 +74,7 @@ def test_status_json_matches_the_queue(r: redis.Redis, start_ingest: Callable[..
             {"type": "identify", "messageId": f"no-user-{n}"}]
         }).raise_for_status()  # fmt: skip
     env = relay_env(url_of(r))
-    out = subprocess.run([sys.executable, "-m", "relay.cli", "status", "--json"], env=env,
+    out = subprocess.run([sys.executable, "-m", "relay.ops.cli", "status", "--json"], env=env,
                          cwd=ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
@@ -83,7 +83,7 @@ def test_status_json_matches_the_queue(r: redis.Redis, start_ingest: Callable[..
     assert data["dead_letters"]["invalid_event"] == 3
     assert data["depth"]["dead"] == 3
     assert data["rates"]["ingested"]["per_s"] >= 0
-    table = subprocess.run([sys.executable, "-m", "relay.cli", "status"], env=env, cwd=ROOT,
+    table = subprocess.run([sys.executable, "-m", "relay.ops.cli", "status"], env=env, cwd=ROOT,
                            capture_output=True, text=True, timeout=60)  # fmt: skip
     assert re.search(r"ready\s.*\b21\b", table.stdout), table.stdout
 

@@ -48,8 +48,8 @@ def everything(r: redis.Redis) -> dict[bytes, Any]:
 
 def learn_identity(r: redis.Redis, user: str, account: str, contact: str) -> None:
     """An identity the workers learned from an earlier identify."""
-    from relay import identity
     from relay.resolution import Known
+    from relay.state import identity
 
     pipe = r.pipeline()
     identity.stage_store(pipe, {"u:" + user: Known(account, contact)}, 3600)
@@ -130,8 +130,8 @@ def test_preview_refuses_bad_input_clearly(r: redis.Redis) -> None:
 
 def _dead_letters(r: redis.Redis) -> list[str]:
     """Dead letters of three kinds: fixable, still unresolved, and skipped on replay."""
-    from relay import deadletter
     from relay.reasons import Reason
+    from relay.state import deadletter
 
     def entry(event: dict[str, Any], reason: Reason, n: int) -> deadletter.DeadLetter:
         item = {"id": f"rid-{n}", "source": "api", "received_at": time.time(), "attempts": 3,

@@ -13,8 +13,8 @@ import pytest
 import redis
 import requests
 
-from relay import deadletter
 from relay.reasons import Reason
+from relay.state import deadletter
 from tests.integration.conftest import WRITE_KEY, Sandbox, Starter, relay_cli, settled, wait_for
 
 pytestmark = pytest.mark.integration
@@ -94,7 +94,7 @@ def test_a_replay_takes_its_share_while_live_events_flow(
 
 
 def test_without_a_rate_a_replay_waits_for_live_events(r: redis.Redis) -> None:
-    from relay.throttle import Throttle
+    from relay.delivery.throttle import Throttle
 
     throttle = Throttle(r, rate_limit_rps=0, outage_threshold=3, adaptive=False)
     assert throttle.reserve(3, 0.5, "replay") == [0.0, 0.0, 0.0]  # alone: no limit

@@ -104,7 +104,7 @@ def test_400_dead_letters_then_replay_delivers_once(
     assert tracked(clean_sandbox) == []
     clean_sandbox.reset()
     env = relay_env(url_of(r))
-    replay = [sys.executable, "-m", "relay.cli", "dlq", "replay", "--reason", "rejected"]
+    replay = [sys.executable, "-m", "relay.ops.cli", "dlq", "replay", "--reason", "rejected"]
     out = subprocess.run(replay, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "replayed 5 of 5" in out.stdout
@@ -176,8 +176,8 @@ def test_retries_stop_at_max_age_into_dead_letters(
 def test_a_batch_the_worker_cannot_handle_is_dead_lettered_not_dropped(
     r: redis.Redis, clean_sandbox: Sandbox, start_worker: Starter
 ) -> None:
-    from relay import broker
     from relay.settings import Settings
+    from relay.state import broker
 
     start_worker()
     # Items without the relay's id: nothing ingest writes, but a message in the queue all

@@ -14,11 +14,13 @@ import orjson
 import pytest
 import redis
 
-from relay import broker, delayed, keys
-from relay.delivery import Delivery, MessageBusy
+from relay import keys
+from relay.delivery import delayed
+from relay.delivery.batch import Delivery, MessageBusy
+from relay.delivery.runs import Runs, State
+from relay.delivery.sending import Budget
 from relay.envelope import Envelope
-from relay.runs import Runs, State
-from relay.sending import Budget
+from relay.state import broker
 from tests.integration.conftest import Sandbox, event_item, queued_items
 
 pytestmark = pytest.mark.integration

@@ -290,7 +290,7 @@ def test_primary_sigkill_under_load(
     retried = sum(n for name, n in stats.items() if name.startswith("retried:"))
     # The operator's tools reach the new primary too: the CLI and the admin API.
     cli = subprocess.run(
-        [sys.executable, "-m", "relay.cli", "status", "--json"],
+        [sys.executable, "-m", "relay.ops.cli", "status", "--json"],
         env=relay_env(topology.url, redis_master=MASTER), cwd=ROOT, capture_output=True,
         text=True, timeout=60,
     )  # fmt: skip

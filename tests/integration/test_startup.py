@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 def run(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
     clean.update(RELAY_STATE_DIR=str(tmp_path / "state"), **env)
-    return subprocess.run([sys.executable, "-m", "relay.cli", *args], env=clean, cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "relay.ops.cli", *args], env=clean, cwd=ROOT,
                           capture_output=True, text=True, timeout=60)  # fmt: skip
 
 

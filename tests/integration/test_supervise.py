@@ -53,7 +53,7 @@ class Served:
 def served(redis_url: str, r: redis.Redis, tmp_path: Path) -> Iterator[Served]:
     port = free_port()
     env = relay_env(redis_url, port=port)
-    args = [sys.executable, "-m", "relay.cli", "serve", "--processes", "2"]
+    args = [sys.executable, "-m", "relay.ops.cli", "serve", "--processes", "2"]
     proc = Proc(args, env, tmp_path / "serve.log").start()
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/livez", proc)
@@ -133,11 +133,11 @@ def test_relay_worker_runs_the_replay_lane_in_a_nicer_process_of_its_own(
     redis_url: str, r: redis.Redis, clean_sandbox: Sandbox, start_ingest: Callable[..., str],
     tmp_path: Path,
 ) -> None:  # fmt: skip
-    from relay import deadletter
     from relay.reasons import Reason
+    from relay.state import deadletter
 
     env = relay_env(redis_url, churnzero_url=clean_sandbox.url + "/i", replay_nice=7)
-    args = [sys.executable, "-m", "relay.cli", "worker", "-n", f"sup-{os.getpid()}@%h"]
+    args = [sys.executable, "-m", "relay.ops.cli", "worker", "-n", f"sup-{os.getpid()}@%h"]
     proc = Proc(args, env, tmp_path / "worker.log").start()
     try:
         supervisor = psutil.Process(proc.pid)
@@ -156,7 +156,7 @@ def test_relay_worker_runs_the_replay_lane_in_a_nicer_process_of_its_own(
                           "timestamp": "2026-11-29T10:00:00Z"}}  # fmt: skip
         entry = deadletter.new_entry(item, Reason.RETRIES_EXHAUSTED)
         deadletter.add(r, [entry])
-        relay_cli = [sys.executable, "-m", "relay.cli", "dlq", "replay", entry.id]
+        relay_cli = [sys.executable, "-m", "relay.ops.cli", "dlq", "replay", entry.id]
         subprocess.run(relay_cli, env=env, check=True, capture_output=True, timeout=60)
         wait_for(lambda: {c["eventName"] for c in clean_sandbox.commands()} >= {"Live", "Replayed"})
         children = [c.pid for c in supervisor.children()]

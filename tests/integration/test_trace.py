@@ -10,8 +10,8 @@ import pytest
 import redis
 import requests
 
-from relay import trace
 from relay.envelope import Envelope
+from relay.state import trace
 from tests.integration.conftest import WRITE_KEY, Sandbox, Starter, relay_cli, wait_for
 
 pytestmark = pytest.mark.integration

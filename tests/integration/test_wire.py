@@ -1,4 +1,4 @@
-"""The relay's own publisher (relay.broker, relay.wire): what it writes is a Celery message
+"""The relay's own publisher (relay.state.broker, relay.wire): what it writes is a Celery message
 the unchanged `relay worker` consumes, with the items' JSON as Celery's `send_task` writes
 it, and the counts that go with it."""
 
@@ -14,8 +14,9 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from relay import broker, keys
+from relay import keys
 from relay.settings import Settings
+from relay.state import broker
 from tests.integration.conftest import (
     APP_KEY,
     Sandbox,

@@ -11,10 +11,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, make_mocked_request
 from pytest_aiohttp import AiohttpClient
 
-from relay import admin, ingest
 from relay.errors import RequestError
+from relay.ingest.webapp import SETTINGS, refusal
+from relay.ops import admin, server
 from relay.settings import Settings
-from relay.webapp import SETTINGS, refusal
 
 TOKEN = {"Authorization": "Bearer t0k"}
 Client = TestClient[Any, Any]
@@ -71,7 +71,7 @@ async def test_without_a_token_the_admin_is_off(aiohttp_client: AiohttpClient) -
 
 async def test_webhook_requests_pass_through_no_admin_middleware() -> None:
     # Built, never started: no Redis is reached.
-    app = ingest.create_app(Settings(admin_token="t0k"), "redis://127.0.0.1:1/0")
+    app = server.create_app(Settings(admin_token="t0k"), "redis://127.0.0.1:1/0")
     # A handler runs inside the middlewares of the root app and of each sub-application
     # its route belongs to.
     assert not app.middlewares

@@ -1,4 +1,4 @@
-"""relay.auth: Segment's webhook signature, write keys in Basic auth, admin bearer tokens."""
+"""relay.ingest.auth: Segment's webhook signature, write keys in Basic auth, admin bearer tokens."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from relay.auth import (
+from relay.ingest.auth import (
     basic_username,
     bearer_token,
     first_element,

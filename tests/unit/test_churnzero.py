@@ -12,9 +12,10 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from relay import eiv, sandbox
-from relay.churnzero import ChurnZeroClient, misconfiguration
+from relay import eiv
 from relay.commands import TrackEvent
+from relay.delivery.churnzero import ChurnZeroClient, misconfiguration
+from relay.dev import sandbox
 from relay.retry import Kind
 
 COMMAND = TrackEvent(

@@ -5,10 +5,10 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from relay import deadletter
-from relay.deadletter import DeadLetter, Selection, SelectionError, select
 from relay.errors import DecodeError
 from relay.reasons import Reason
+from relay.state import deadletter
+from relay.state.deadletter import DeadLetter, Selection, SelectionError, select
 
 ITEM = {"id": "r1", "source": "api", "received_at": 1.5, "attempts": 2,
         "event": {"type": "track", "userId": "u", "event": "E"}}  # fmt: skip

@@ -3,8 +3,8 @@ maxmemory is unlimited, and count what was queued since the last reading."""
 
 from __future__ import annotations
 
-from relay.gate import REDIS_BYTES_PER_BODY_BYTE, QueueGate
-from relay.status import memory_fraction
+from relay.ingest.gate import REDIS_BYTES_PER_BODY_BYTE, QueueGate
+from relay.state.status import memory_fraction
 
 MB = 1024 * 1024
 

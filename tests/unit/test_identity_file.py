@@ -1,4 +1,4 @@
-"""relay.identity_file: the files `relay identities import` reads."""
+"""relay.ops.identity_file: the files `relay identities import` reads."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from relay.errors import IdentityFileError
-from relay.identity_file import read
+from relay.ops.identity_file import read
 from relay.resolution import Known
 
 

@@ -1,4 +1,4 @@
-"""relay.intake: request bodies as Segment's libraries and Webhooks destination send them."""
+"""relay.ingest.intake: request bodies as Segment's libraries and Webhooks destination send them."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from typing import Any
 
 import pytest
 
-from relay import auth, clock, intake
+from relay import clock
 from relay.errors import RequestError
-from relay.intake import WEBHOOK_LIMITS, decode_body, parse_api, parse_webhook
+from relay.ingest import auth, intake
+from relay.ingest.intake import WEBHOOK_LIMITS, decode_body, parse_api, parse_webhook
 from tests.conftest import fixture
 
 RECEIVED = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from relay import names
 from relay.commands import SetAttribute, TrackEvent
 from relay.envelope import Envelope
 from relay.plan import Plan
+from relay.state import names
 
 
 def track(name: str) -> TrackEvent:

@@ -13,9 +13,9 @@ import orjson
 import pytest
 import schemathesis
 
-from relay import intake
 from relay.errors import RequestError
-from relay.openapi import SPEC
+from relay.ingest import intake
+from relay.ingest.openapi import SPEC
 from tests.conftest import fixture
 
 SCHEMAS = SPEC["components"]["schemas"]

@@ -26,13 +26,15 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import event as label
 from hypothesis import strategies as st
 
-from relay import deadletter, envelope, events, intake
+from relay import envelope, events
 from relay.envelope import Envelope
 from relay.errors import RequestError
+from relay.ingest import intake
 from relay.mapping import EventMap, IdentityMap, Mapping, TraitMap
 from relay.plan import lookup_keys, parse_items, plan_batch
 from relay.reasons import Reason
 from relay.resolution import Known
+from relay.state import deadletter
 
 RECEIVED = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
 ROUTES = ["webhook", *sorted(intake.SINGLE_ROUTES), *sorted(intake.BATCH_ROUTES)]

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from relay import broker, redis_conn
 from relay.errors import ConfigError
 from relay.settings import Settings, load_settings
+from relay.state import broker, redis_conn
 
 SENTINELS = "sentinel://10.0.0.1:26379;sentinel://10.0.0.2;sentinel://10.0.0.3:26380/2"
 

@@ -11,7 +11,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
-from relay import sandbox
+from relay.dev import sandbox
 
 GIF_1X1 = b"GIF89a\x01\x00\x01\x00"
 

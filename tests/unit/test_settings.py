@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from relay import cors
 from relay.errors import ConfigError
+from relay.ingest import cors
 from relay.settings import Settings, load_settings
 
 

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
+from relay.delivery.settlement import Policy, Settlement, Unsent, group_later, settle, worst
 from relay.envelope import Envelope
 from relay.plan import Plan
 from relay.retry import Outcome
-from relay.settlement import Policy, Settlement, Unsent, group_later, settle, worst
 
 NOW = 1_800_000_000.0
 POLICY = Policy(

@@ -1,4 +1,4 @@
-"""relay.translate: Segment events (parsed by relay.intake) into ChurnZero commands.
+"""relay.translate: Segment events (parsed by relay.ingest.intake) into ChurnZero commands.
 
 Table-driven: each case is the events of one batch as a client sends them, and the fate
 of every item exactly (the commands sent, or why it is not).
@@ -15,7 +15,7 @@ import pytest
 
 from relay.commands import Command, IncrementAttribute, SetAttribute, TrackEvent
 from relay.envelope import Envelope
-from relay.intake import parse_api, parse_webhook
+from relay.ingest.intake import parse_api, parse_webhook
 from relay.mapping import EventMap, GroupMap, IdentityMap, Increment, Mapping, TraitMap
 from relay.plan import lookup_keys, parse_items, plan_batch
 from relay.resolution import Known

@@ -1,0 +1,287 @@
+"""Delivering one batch of queued items to ChurnZero: the worker's whole job.
+
+`Delivery.deliver(items, message_id)` claims the message (see relay.delivery.runs: a message
+that runs twice is settled once), parses, drops duplicates, resolves identities,
+translates, sends (relay.delivery.sending: through the shared throttle, within the task's time
+limit) and then settles every item exactly once (relay.delivery.settlement decides; this module
+does the I/O): delivered, skipped (with a counted reason), put in the delayed set for a
+later try, or dead-lettered. Celery is not involved here; the task only calls this.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import structlog
+
+from relay import keys
+from relay.delivery import delayed, freshness
+from relay.delivery.churnzero import ChurnZeroClient
+from relay.delivery.dedupe import Dedupe
+from relay.delivery.runs import Claim, Runs, State
+from relay.delivery.sending import OK, Budget, Sender, chunked, durably
+from relay.delivery.settlement import Outcomes, Policy, dead_letter, group_later, settle
+from relay.delivery.throttle import Throttle
+from relay.envelope import decode_all
+from relay.mapping import Mapping
+from relay.plan import lookup_keys, parse_items, plan_batch, tombstone_keys
+from relay.reasons import Reason
+from relay.resolution import resolve_raw_key
+from relay.settings import VISIBILITY_MARGIN_S, Settings
+from relay.state import broker, deadletter, identity, names, oom, status, trace
+from relay.state.deadletter import DeadLetter
+
+log = structlog.get_logger("relay.delivery")
+
+
+class MessageBusy(Exception):
+    """Another run of this message still holds its lease; give the message back."""
+
+
+@dataclass
+class Report:
+    """What became of a batch, for the canonical log line and the counters."""
+
+    received: int = 0
+    delivered: int = 0
+    lane: str = "live"  # or "replay": every event of the message is a replayed dead letter
+    already_settled: bool = False
+    skipped: Counter[str] = field(default_factory=Counter)
+    dead: Counter[str] = field(default_factory=Counter)
+    retried: Counter[str] = field(default_factory=Counter)
+    attributes: Counter[str] = field(default_factory=Counter)  # writes not sent, by reason
+    requests: Counter[str] = field(default_factory=Counter)
+    request_seconds: list[float] = field(default_factory=list)
+
+    def as_log(self) -> dict[str, Any]:
+        """Flat fields for a log line."""
+        return {
+            "received": self.received,
+            "delivered": self.delivered,
+            "already_settled": self.already_settled,
+            "skipped": dict(self.skipped),
+            "dead": dict(self.dead),
+            "retried": dict(self.retried),
+            "attributes_skipped": dict(self.attributes),
+            "requests": dict(self.requests),
+        }
+
+
+class Delivery:
+    """Delivers batches for one thread (it owns an event loop and a connection pool)."""
+
+    def __init__(self, settings: Settings, r: Any, mapping: Mapping) -> None:
+        self.settings = settings
+        self.redis = r
+        self.mapping = mapping
+        self.policy = Policy.of(settings)
+        self.dedupe = Dedupe(r, settings.dedupe_window_s)
+        self.runs = Runs(
+            r,
+            lease_s=settings.task_time_limit_s + VISIBILITY_MARGIN_S,
+            ttl_s=settings.run_record_ttl_s,
+        )
+        self.names = names.Names(r, max_per_kind=settings.names_max)
+        self.throttle = Throttle(
+            r, rate_limit_rps=settings.rate_limit_rps, outage_threshold=settings.outage_threshold,
+            replay_share=settings.replay_share, adaptive=settings.adaptive_rate,
+        )  # fmt: skip
+        key, eiv = settings.churnzero_app_key, settings.churnzero_eiv_secret
+        self.client = ChurnZeroClient(
+            settings.churnzero_url,
+            key.get_secret_value() if key else "",
+            timeout_s=settings.churnzero_timeout_s,
+            misconfigured_pause_s=settings.churnzero_misconfigured_pause_s,
+            eiv_secret=eiv.get_secret_value() if eiv else None,
+        )
+        self.sender = Sender(settings, r, self.runs, self.throttle, self.client)
+
+    def close(self) -> None:
+        """Close the connection pool and the loop."""
+        self.sender.close()
+
+    def deliver(self, items: list[Any], message_id: str) -> Report:
+        """Settle every item of the message (its envelopes, as queued) once, however often
+        it runs; see the module docstring. Raises MessageBusy when another run holds it
+        past this run's time."""
+        budget = Budget.of(self.settings, time.monotonic())
+        claim = self._claim(message_id, len(items), budget)
+        if claim.state is State.SETTLED:
+            return Report(received=len(items), already_settled=True)
+        try:
+            try:
+                return self._deliver(items, claim, budget)
+            except broker.QUEUE_ERRORS:
+                raise
+            except Exception as exc:
+                # A malformed message or a bug. Celery would drop the message: keep its
+                # events as dead letters instead, with the error.
+                log.exception("batch_failed", events=len(items))
+                return self._dead_letter_all(items, claim, exc)
+        except BaseException:
+            # Unsettled: the message runs again (Redis hands it out again), and the
+            # events marked done are not sent twice.
+            with contextlib.suppress(Exception):  # Redis is away: the lease expires anyway
+                self.runs.release(claim)
+            raise
+
+    def _dead_letter_all(self, items: list[Any], claim: Claim, exc: Exception) -> Report:
+        error = f"{type(exc).__name__}: {exc}"[:500]
+        report = Report(received=len(items))
+        dead = []
+        for item in items:
+            if isinstance(item, dict) and item.get("id") in claim.done:
+                report.delivered += 1
+                continue
+            dead.append(_worker_error(item, error))
+        report.dead[Reason.WORKER_ERROR.value] = len(dead)
+        pipe = self.redis.pipeline(transaction=True)
+        deadletter.stage_add(pipe, dead)
+        _stage_stats(pipe, report, time.time())
+        self.runs.stage_settled(pipe, claim, len(items))
+        oom.execute(self.redis, pipe)
+        return report
+
+    def _claim(self, message_id: str, events: int, budget: Budget) -> Claim:
+        while True:
+            claim = self.runs.claim(message_id, events)
+            if claim.state is not State.BUSY:
+                return claim
+            # Another run (a copy kombu restored while the first still runs) holds the
+            # lease: wait for it to settle, or give the message back if it takes long,
+            # rather than claim it with too little time left to send.
+            now = time.monotonic()
+            if now >= budget.claim_by:
+                raise MessageBusy(message_id)
+            time.sleep(min(max(claim.busy_for_s, 0.05), 1.0, budget.claim_by - now))
+
+    def _deliver(self, items: list[Any], claim: Claim, budget: Budget) -> Report:
+        now = time.time()
+        report = Report(received=len(items), lane=lane_of(items))
+        envelopes, undecodable = decode_all(items)
+        dead = [_worker_error(item, f"DecodeError: {exc}", now) for item, exc in undecodable]
+        parsed, bad = parse_items(envelopes)
+        dead += [dead_letter(i, Reason.INVALID_EVENT, now, errors=e) for i, e in bad]
+        dups = self.dedupe.duplicates([item for item, _ in parsed])
+        report.skipped["duplicate"] += len(dups)
+        skipped = [(item, "duplicate") for item, _ in parsed if item.id in dups]
+        parsed = [(item, event) for item, event in parsed if item.id not in dups]
+        found = identity.lookup(
+            self.redis, lookup_keys(parsed, self.mapping), tombstone_keys(parsed)
+        )
+        plan = plan_batch(parsed, found.known, self.mapping, found.links, found.deleted)
+        held = names.guard(self.redis, plan, self.settings.new_names, claim.done)
+        if self.settings.attribute_clock_ttl_s:
+            clock_s = self.settings.attribute_clock_ttl_s
+            stamps = freshness.stamps(parsed)
+            if stale := freshness.reserve(self.redis, plan, stamps, clock_s, claim.done):
+                report.attributes["stale_attribute"] += stale
+
+        # An earlier run of this message got a 2xx for some events: never send them again.
+        outcomes: Outcomes = {rid: OK for rid in claim.done}
+        todo = [(item, commands) for item, commands in plan.send if item.id not in claim.done]
+        chunks = chunked(todo, self.settings.churnzero_batch_size)
+        if chunks:
+            outcomes |= self.sender.send(chunks, report, claim, budget)
+        settled = settle(plan, outcomes, now, self.policy)
+
+        report.delivered = len(settled.delivered)
+        delivered = {item.id for item in settled.delivered}
+        report.skipped.update(settled.skipped)
+        dead += settled.dead
+        later = group_later(settled.later)
+        for batch, _, cause in later:
+            report.retried[cause] += len(batch)
+        for entry in dead:
+            report.dead[entry.reason.value] += 1
+
+        def write(pipe: Any) -> None:
+            ttl_s = self.settings.identity_ttl_s
+            # A delete outlives every event received before it: their maximum age.
+            tombstone_s = int(self.settings.max_age_s + self.settings.identity_wait_s) + 3600
+            identity.stage_forget(pipe, plan.forgotten, tombstone_s)
+            identity.stage_store(pipe, plan.learned, ttl_s)
+            identity.stage_links(pipe, plan.links, ttl_s)
+            # After the lessons, in the same MULTI: released tracks find them. Before this
+            # batch's own waits, which were planned knowing these lessons already.
+            identity.stage_release(pipe, plan.released)
+            for batch, due, cause in later:
+                member = delayed.stage_schedule(pipe, batch, due, cause)
+                if cause == "identity_wait" and member is not None:
+                    users = [resolve_raw_key(item.event) for item in batch]
+                    wait_s = self.settings.identity_wait_s + delayed.LEASE_S
+                    identity.stage_waiting(pipe, member, filter(None, users), wait_s)
+            deadletter.stage_add(pipe, dead)
+            _stage_stats(pipe, report, now)
+            sent = [(item, cmds) for item, cmds in plan.send if item.id in delivered]
+            self.names.stage_learn(pipe, names.sent_names(sent))
+            self.names.stage_held(pipe, held)
+            trace.stage_record(
+                pipe, self.settings.trace_size, delivered=sent,
+                skipped=skipped + plan.skipped, dead=dead,
+            )  # fmt: skip
+
+        # Past the sends, what ChurnZero accepted is known only here: hold on to it
+        # through a Redis blip rather than give the message back to be sent again.
+        durably(lambda: self._settle_once(claim, len(items), write), budget)
+        gone = {entry.item["id"] for entry in settled.dead}
+        with contextlib.suppress(*broker.QUEUE_ERRORS):  # an unreleased claim only expires
+            self.dedupe.release([i for i, _ in bad] + [i for i, _ in parsed if i.id in gone])
+        if plan.forgotten:
+            # Not in the MULTI (a scan); an error gives the message back, and the
+            # delete is settled already, so it is logged for the operator instead.
+            try:
+                removed = deadletter.remove_users(self.redis, set(plan.forgotten))
+                log.info("users_deleted", users=len(plan.forgotten), dead_letters=removed)
+            except broker.QUEUE_ERRORS:
+                log.error("users_deleted_dead_letters_kept", users=sorted(plan.forgotten))
+        return report
+
+    def _settle_once(self, claim: Claim, events: int, write: Any) -> None:
+        # A MULTI whose answer was lost may have been applied: its settled mark says so.
+        if claim.settle_tried and self.runs.is_settled(claim):
+            return
+        claim.settle_tried = True
+        pipe = self.redis.pipeline(transaction=True)
+        write(pipe)
+        self.runs.stage_settled(pipe, claim, events)
+        oom.execute(self.redis, pipe)  # one atomic script, accepted at maxmemory
+
+
+def _worker_error(item: Any, error: str, now: float | None = None) -> DeadLetter:
+    # A message the relay did not write (another producer, a hand-edited replay), or a
+    # bug: the item is kept as it came when it is JSON, else as text.
+    stored = item if isinstance(item, dict) else {"event": item}
+    try:
+        orjson.dumps(stored)
+    except (TypeError, orjson.JSONEncodeError):
+        stored = {"event": repr(item)[:32_000]}
+    return deadletter.new_entry(stored, Reason.WORKER_ERROR, errors=[error], now=now)
+
+
+def lane_of(items: list[Any]) -> str:
+    """`replay` when every item is a replayed dead letter, else `live`."""
+    return "replay" if broker.queue_of(items) == keys.REPLAY_QUEUE else "live"
+
+
+def _stage_stats(pipe: Any, report: Report, now: float) -> None:
+    counts: dict[str, int] = {keys.Stat.DELIVERED: report.delivered}
+    if report.lane == "replay":
+        counts[keys.Stat.REPLAY_DELIVERED] = report.delivered
+    labelled = {
+        keys.Stat.SKIPPED: report.skipped,
+        keys.Stat.REQUESTS: report.requests,
+        keys.Stat.RETRIED: report.retried,
+        keys.Stat.ATTRIBUTES: report.attributes,
+    }
+    for stat, by_label in labelled.items():
+        counts.update({stat.of(k): v for k, v in by_label.items()})
+    status.stage_counts(pipe, counts)
+    if report.delivered:
+        status.stage_rate(pipe, status.Rate.DELIVERED, report.delivered, now)
+    status.stage_request_seconds(pipe, report.request_seconds)

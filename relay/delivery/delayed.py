@@ -1,0 +1,72 @@
+"""The delayed set: batches waiting for their next try (retry backoff, pauses, identity
+waits), kept in Redis rather than as Celery ETA tasks.
+
+A Celery ETA past the visibility timeout is delivered twice, and ETA tasks sit in worker
+memory. Here a ZSET holds them by due time; a mover in every worker moves due batches
+back to the queue. Moving is claim, then publish-and-remove: a claim pushes the member's
+due time forward by a lease (on Redis's clock, so hosts' clocks do not matter), so a
+mover that dies in between loses nothing: the batch comes due again after the lease. The
+publish removes the member and moves its count from delayed to ready in the same script
+call (`broker.Queue.move`), so of two movers holding the same batch only one publishes it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import orjson
+
+from relay import keys
+from relay.envelope import Envelope
+from relay.state import broker, oom
+
+LEASE_S = 60
+
+# KEYS: delayed. ARGV: limit, lease_s. Claims up to `limit` members due by Redis's clock.
+_CLAIM = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, ARGV[1])
+for _, member in ipairs(due) do
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), member)
+end
+return due
+"""
+
+
+def stage_schedule(pipe: Any, items: list[Envelope], due: float, cause: str = "") -> bytes | None:
+    """Queue on a pipeline: these envelopes come back to the queue at `due` (unix time);
+    `cause` (why they wait) is kept for `relay trace`. Returns the set member (None:
+    nothing to schedule)."""
+    if not items:
+        return None
+    stored = [item.to_dict() for item in items]
+    member = orjson.dumps({"id": uuid.uuid4().hex, "items": stored, "cause": cause})
+    pipe.zadd(keys.DELAYED, {member: due})
+    pipe.incrby(keys.DELAYED_EVENTS, len(items))
+    return member
+
+
+class Mover:
+    """Moves due batches from the delayed set back to the Celery queue."""
+
+    def __init__(
+        self, r: Any, queue: broker.Queue, page: int = 200, lease_s: float = LEASE_S
+    ) -> None:
+        self._queue = queue
+        self._page = page
+        self._lease_s = lease_s
+        # Allowed at maxmemory (Redis 7+): moving work back frees as much as it writes.
+        self._claim = r.register_script(oom.header(r) + _CLAIM)
+
+    def move_due(self) -> int:
+        """Move what is due; returns the number of events moved."""
+        members = self._claim(keys=[keys.DELAYED], args=[self._page, self._lease_s])
+        moved = 0
+        for member in members:
+            batch = orjson.loads(member)
+            items = batch["items"]  # moved as stored, undecoded
+            if self._queue.move(member, items, "d-" + str(batch["id"])):
+                moved += len(items)
+        return moved

@@ -1,0 +1,2 @@
+"""Stand-ins for development and tests: the ChurnZero sandbox. Imports the core only
+(see relay)."""

@@ -1,0 +1,182 @@
+"""The ingest service: Segment events in over HTTP, durably into Redis, answered fast.
+
+`create_app(settings, redis_url)` builds the aiohttp application. Routes:
+`POST /webhook` (Segment's Webhooks destination) and the tracking API under `/v1/`
+(relay.ingest.receive), `/livez`, `/readyz`, `/metrics` and `/openapi.json`. What
+`relay serve` runs adds the admin page and API, a sub-application under `/admin`
+(relay.ops.server), which ingest does not import.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+from collections.abc import AsyncIterator, Callable
+from functools import partial
+from typing import Any
+
+import redis
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from relay.ingest import intake, metrics, openapi, receive
+from relay.ingest.gate import QueueGate
+from relay.ingest.publisher import GroupCommit
+from relay.ingest.requestlog import RequestLog
+from relay.ingest.webapp import (
+    CELERY,
+    COMMIT,
+    DEPLOYMENT,
+    GATE,
+    REDIS,
+    REQUEST_LOG,
+    SETTINGS,
+    SYNC_REDIS,
+    json_response,
+)
+from relay.settings import Settings
+from relay.state import broker, redis_conn
+
+
+async def livez(_: web.Request) -> web.Response:
+    """GET /livez: the process answers (no dependencies checked)."""
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """GET /readyz: Redis answers, the queue is under its high-water mark and Redis's
+    memory under RELAY_MAX_MEMORY_FRACTION of maxmemory."""
+    gate = request.app[GATE]
+    try:
+        await asyncio.wait_for(request.app[REDIS].ping(), timeout=2)
+        await gate.refresh(request.app[REDIS])
+    except (redis.RedisError, OSError, TimeoutError):
+        gate.redis_ok, gate.reason = False, "redis unreachable"
+    figures = {"waiting": gate.waiting, "memory_fraction": round(gate.memory_fraction, 4)}
+    if not gate.open:
+        return json_response({"status": "unready", "reason": gate.reason, **figures}, 503)
+    return json_response({"status": "ready", **figures})
+
+
+async def metrics_view(request: web.Request) -> web.Response:
+    """GET /metrics: Prometheus text format (deployment figures read from Redis)."""
+    body = generate_latest(metrics.REGISTRY)
+    # The deployment's figures are left out (not faked) while Redis does not answer.
+    with contextlib.suppress(redis.RedisError, OSError):
+        body += await asyncio.to_thread(generate_latest, request.app[DEPLOYMENT])
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _resources(
+    settings: Settings, redis_url: str
+) -> Callable[[web.Application], contextlib.AbstractAsyncContextManager[None]]:
+    @contextlib.asynccontextmanager
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        app[REDIS] = redis_conn.async_client(settings, redis_url)
+        sync = redis_conn.sync_client(settings, redis_url)
+        app[SYNC_REDIS] = sync
+        app[CELERY] = broker.make_celery(settings, redis_url)
+        app[DEPLOYMENT] = CollectorRegistry(auto_describe=False)
+        app[DEPLOYMENT].register(metrics.DeploymentCollector(sync))
+        # Its own client, never retrying: a retry could land on a newly promoted primary
+        # and have WAIT confirm writes that died with the old one.
+        acker = redis_conn.sync_client(settings, redis_url, retry=False)
+        pipelined = broker.AsyncQueue(app[REDIS], settings.message_events)
+
+        async def publish_confirmed(items: list[dict[str, Any]]) -> None:
+            await pipelined.publish(items)  # the messages and their counts, in one call
+            if settings.redis_wait_replicas:
+                await asyncio.to_thread(
+                    broker.confirm_replicated, acker,
+                    settings.redis_wait_replicas, settings.redis_wait_timeout_ms,
+                )  # fmt: skip
+
+        app[COMMIT] = GroupCommit(
+            app[CELERY],
+            flush_ms=settings.flush_ms,
+            message_events=settings.message_events,
+            after_publish=partial(
+                broker.count_sent,
+                acker,
+                wait_replicas=settings.redis_wait_replicas,
+                wait_timeout_ms=settings.redis_wait_timeout_ms,
+            ),
+            publish=publish_confirmed if settings.ingest_publisher == "pipelined" else None,
+        )
+        gate = app[GATE]
+
+        stop = asyncio.Event()
+
+        async def watch() -> None:
+            # Ends on `stop` as well as on cancellation: a cancellation that lands while
+            # redis-py connects can be swallowed, and shutdown would wait for ever.
+            while not stop.is_set():
+                await gate.refresh(app[REDIS])
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 0.25)
+
+        watcher = asyncio.create_task(watch())
+        yield
+        stop.set()
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        await asyncio.to_thread(app[COMMIT].close)
+        await app[REDIS].aclose()
+        sync.close()
+        acker.close()
+
+    return ctx
+
+
+def create_app(settings: Settings, redis_url: str) -> web.Application:
+    """The ingest application, bound to one Redis."""
+    # Room above the body limits so an oversized body gets our 400, not aiohttp's 413;
+    # each route applies its own limit while reading.
+    largest = max(intake.API_LIMITS.request_bytes, intake.WEBHOOK_LIMITS.request_bytes)
+    app = web.Application(client_max_size=largest + 1024)
+    app[SETTINGS] = settings
+    app[GATE] = QueueGate(settings.max_queue_depth, settings.max_memory_fraction)
+    app[REQUEST_LOG] = RequestLog(settings.ingest_log == "aggregate")
+    app.cleanup_ctx.append(_resources(settings, redis_url))
+    app.cleanup_ctx.append(app[REQUEST_LOG].summaries)
+    # Segment's Actions webhook lets its user pick POST, PUT or PATCH.
+    for method in ("POST", "PUT", "PATCH"):
+        app.router.add_route(method, "/webhook", receive.webhook)
+    app.router.add_post("/v1/{route}", receive.tracking_api)
+    app.router.add_route("OPTIONS", "/v1/{route}", receive.tracking_api_preflight)
+    app.router.add_get("/livez", livez)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_view)
+    openapi.add_routes(app)
+    return app
+
+
+async def serve(app: web.Application, *, ready: Callable[[], None] | None = None) -> None:
+    """Run `app` (built by `create_app`) until cancelled or signalled (SIGINT/SIGTERM stop
+    it cleanly)."""
+    import signal
+
+    settings = app[SETTINGS]
+    # Bodies are decoded by intake.decode_body, with its limits; aiohttp must not inflate
+    # them first (a gzip bomb would be inflated before any limit applies).
+    runner = web.AppRunner(app, auto_decompress=False, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_port=True, backlog=1024)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    # Parsing a batch allocates thousands of short-lived objects; with the default
+    # thresholds the cyclic GC ran every few hundred and rescanned the whole heap.
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
+    if ready is not None:
+        ready()
+    try:
+        await stop.wait()
+    finally:
+        # Stop taking connections, finish requests under way (their events get queued).
+        await runner.cleanup()

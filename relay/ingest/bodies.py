@@ -1,0 +1,219 @@
+"""The HTTP API's JSON bodies other than Segment's events (`relay.events`): what ingest,
+its probes and the admin API answer, and the two envelopes they read.
+
+Typed dicts, because a body is a dict: the handlers build their answers as dict literals
+for orjson (no model instance on the hot path) and read their envelopes key by key.
+pydantic makes these types the OpenAPI document's schemas (`relay.ingest.openapi`), and the tests
+validate what the server answers against them, so the document cannot drift from the
+code. A body's keys are closed, except where it carries what other code wrote (a dead
+letter, a trace sighting).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, NotRequired
+
+from pydantic import ConfigDict, Field, WithJsonSchema, with_config
+from typing_extensions import TypedDict  # not typing's: pydantic needs this one before 3.12
+
+from relay import reasons
+from relay.events import Event
+from relay.ingest import intake
+
+_CLOSED = ConfigDict(extra="forbid")
+_OPEN = ConfigDict(extra="allow")
+
+Count = Annotated[int, Field(ge=0)]
+REASON_SCHEMA = {"type": "string", "enum": [reason.value for reason in reasons.Reason]}
+Reason = Annotated[
+    str, WithJsonSchema(REASON_SCHEMA), Field(description="why the event was dead-lettered")
+]
+
+
+# --- ingest ------------------------------------------------------------------------------
+
+
+@with_config(_CLOSED)
+class Error(TypedDict):
+    """A refused request: nothing was queued."""
+
+    error: Annotated[str, Field(description="what was wrong, in words")]
+
+
+@with_config(_CLOSED)
+class FieldError(TypedDict):
+    """One reason an event is invalid."""
+
+    field: Annotated[str, Field(description="the field, dotted (`properties.quantity`)")]
+    message: str
+
+
+@with_config(_CLOSED)
+class RejectedEvent(TypedDict):
+    """An invalid event of an accepted request: dead-lettered as `invalid_event`."""
+
+    index: Annotated[Count, Field(description="its place in the request's events")]
+    errors: list[FieldError]
+
+
+@with_config(_CLOSED)
+class Accepted(TypedDict):
+    """The events are durably in Redis; the invalid ones of a batch are listed."""
+
+    success: Literal[True]
+    accepted: NotRequired[Annotated[Count, Field(description="events queued")]]
+    rejected: NotRequired[list[RejectedEvent]]
+
+
+@with_config(_CLOSED)
+class Liveness(TypedDict):
+    """The process answers."""
+
+    status: Literal["ok"]
+
+
+@with_config(_CLOSED)
+class Readiness(TypedDict):
+    """Whether ingest accepts events now, and the figures it decides by."""
+
+    status: Literal["ready", "unready"]
+    reason: NotRequired[Annotated[str, Field(description="why not ready")]]
+    waiting: Annotated[Count, Field(description="events waiting for delivery")]
+    memory_fraction: Annotated[float, Field(description="Redis used_memory / maxmemory")]
+
+
+# --- requests read key by key ------------------------------------------------------------
+
+
+@with_config(_OPEN)
+class BatchRequest(TypedDict):
+    """A tracking-API batch (`/v1/batch`, `/v1/import`); its invalid events are
+    dead-lettered and listed, the others queued."""
+
+    batch: Annotated[list[Event], Field(max_length=intake.MAX_BATCH_EVENTS)]
+    context: NotRequired[Annotated[dict[str, Any], Field(description="each event's default")]]
+    integrations: NotRequired[Annotated[dict[str, Any], Field(description="each event's default")]]
+    sentAt: NotRequired[
+        Annotated[str | float, Field(description="when the client sent it: to correct clocks")]
+    ]
+    writeKey: NotRequired[
+        Annotated[str, Field(description="on /v1/*, instead of HTTP Basic; never stored")]
+    ]
+
+
+class Selection(TypedDict, total=False):
+    """Which dead letters: `ids`, or `all: true`, or a `reason`."""
+
+    ids: list[str]
+    all: bool
+    reason: Reason
+
+
+# --- the admin API -----------------------------------------------------------------------
+
+
+@with_config(_CLOSED)
+class Rate(TypedDict):
+    """Events per second over the last minute."""
+
+    per_s: float
+    series: list[int]
+
+
+@with_config(_CLOSED)
+class Problem(TypedDict):
+    """A ChurnZero configuration problem seen lately."""
+
+    problem: str
+    at: float
+
+
+@with_config(_CLOSED)
+class StatusReport(TypedDict):
+    """Queue depths, dead letters and rates: what `relay status --json` prints."""
+
+    time: float
+    depth: dict[str, int]
+    messages: int
+    oldest_age_s: float
+    paused_for_s: float
+    redis_memory_fraction: float
+    dead_letters: Annotated[dict[str, int], Field(description="by reason")]
+    rates: dict[str, Rate]
+    counters: dict[str, int]
+    churnzero_problem: Problem | None
+    names: dict[str, Any]
+    replay: dict[str, int]
+    learned_rate_rps: float | None
+
+
+@with_config(_OPEN)
+class DeadLetter(TypedDict):
+    """A dead-lettered event, with why and how its delivery failed."""
+
+    id: str
+    reason: Reason
+    item: NotRequired[Annotated[Any, Field(description="the queued item: relay id, event")]]
+    errors: NotRequired[list[Any]]
+    status: NotRequired[Annotated[int | None, Field(description="ChurnZero's HTTP status")]]
+    response: NotRequired[Annotated[str | None, Field(description="its answer, cut short")]]
+    attempts: NotRequired[int]
+    first_failure: NotRequired[float]
+    last_failure: NotRequired[float]
+
+
+@with_config(_CLOSED)
+class DeadLetterPage(TypedDict):
+    """A page of dead letters, newest first, and how many there are in all."""
+
+    total: Count
+    entries: list[DeadLetter]
+
+
+@with_config(_CLOSED)
+class Replayed(TypedDict):
+    """Dead letters sent through delivery again."""
+
+    replayed: Count
+
+
+@with_config(_CLOSED)
+class Purged(TypedDict):
+    """Dead letters deleted."""
+
+    purged: Count
+
+
+@with_config(_CLOSED)
+class Verdict(TypedDict):
+    """What would become of one event now, and why."""
+
+    index: Count
+    type: str
+    user: str
+    outcome: Literal["deliver", "skip", "wait", "dead"]
+    reason: str | None
+    commands: Annotated[list[dict[str, Any]], Field(description="ChurnZero commands")]
+    errors: list[Any]
+
+
+@with_config(_CLOSED)
+class Preview(TypedDict):
+    """A verdict per event (nothing was sent or stored)."""
+
+    events: list[Verdict]
+
+
+@with_config(_OPEN)
+class Sighting(TypedDict):
+    """One place the event was found, with what that place knows about it."""
+
+    state: Literal["queued", "in_flight", "delayed", "dead", "delivered", "skipped"]
+    at: Annotated[float | None, Field(description="when it got there, or is due")]
+
+
+@with_config(_CLOSED)
+class Trace(TypedDict):
+    """Every place the event was found."""
+
+    found: list[Sighting]

@@ -1,0 +1,224 @@
+"""The admin API and status page: an aiohttp sub-application ingest mounts at `/admin`.
+
+Off unless `RELAY_ADMIN_TOKEN` is set. Every data route needs `Authorization: Bearer
+<token>`; the page itself holds no data and asks for the token, then calls the API.
+Its middlewares run for its own routes only, never for `/webhook`. It reads ingest's
+settings and clients through `request.config_dict` (keys in relay.ingest.webapp), so it does
+not import ingest. Redis calls here are synchronous library functions (the CLI's), run
+in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from functools import partial
+from importlib import resources
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from relay.errors import MappingError, RequestError
+from relay.ingest import auth
+from relay.ingest.webapp import SETTINGS, SYNC_REDIS, json_response, refusal
+from relay.mapping import load_mapping
+from relay.ops import preview
+from relay.reasons import Reason
+from relay.state import broker, deadletter, status, trace
+
+PAGE = resources.files("relay").joinpath("static/admin.html")
+
+
+def _error(status_code: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return json_response({"error": message}, status_code, headers)
+
+
+@web.middleware
+async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Off without a token; bearer-token check for /admin/api/*; the page passes through."""
+    settings = request.config_dict[SETTINGS]
+    if settings.admin_token is None:
+        return _error(404, "admin API is off (set RELAY_ADMIN_TOKEN)")
+    if request.path.startswith("/admin/api/"):
+        given = auth.bearer_token(request.headers.get("Authorization")) or ""
+        expected = settings.admin_token.get_secret_value()
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            return _error(401, "missing or invalid bearer token", {"WWW-Authenticate": "Bearer"})
+    return await handler(request)
+
+
+@web.middleware
+async def answer_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A refused request gets its JSON answer; Redis not answering gets a 503."""
+    try:
+        return await handler(request)
+    except RequestError as exc:
+        return refusal(exc)
+    except broker.QUEUE_ERRORS:
+        return _error(503, "redis unreachable", {"Retry-After": "5"})
+
+
+def _sync(request: web.Request) -> Any:
+    return request.config_dict[SYNC_REDIS]
+
+
+async def page(_: web.Request) -> web.Response:
+    """GET /admin: the status page (plain HTML and JS)."""
+    return web.Response(
+        text=PAGE.read_text(encoding="utf-8"),
+        content_type="text/html",
+        headers={
+            "Cache-Control": "no-store",
+            "X-Content-Type-Options": "nosniff",
+            # The page is self-contained: the browser may talk to this origin only.
+            "Content-Security-Policy": "default-src 'none'; connect-src 'self'; "
+            "script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src 'self' data:; "
+            "frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+        },
+    )
+
+
+async def status_view(request: web.Request) -> web.Response:
+    """GET /admin/api/status: the status report."""
+    return json_response(await asyncio.to_thread(status.report, _sync(request)))
+
+
+def _reason(value: Any) -> Reason | None:
+    if value is None:
+        return None
+    try:
+        return Reason(value)
+    except ValueError:
+        raise RequestError(400, f"unknown reason {value!r}") from None
+
+
+def _number(request: web.Request, name: str, default: int, high: int) -> int:
+    try:
+        return min(max(int(request.query.get(name, default)), 0), high)
+    except ValueError:
+        raise RequestError(400, f"{name} must be a number") from None
+
+
+async def dlq_list(request: web.Request) -> web.Response:
+    """GET /admin/api/dlq?reason=&limit=&offset=: a page of dead letters, newest first."""
+    reason = _reason(request.query.get("reason") or None)
+    limit = _number(request, "limit", 50, 500)
+    offset = _number(request, "offset", 0, 10**9)
+    r = _sync(request)
+
+    def read() -> dict[str, Any]:
+        entries = deadletter.list_entries(r, reason=reason, limit=limit, offset=offset)
+        total = deadletter.count(r, reason=reason)
+        return {"total": total, "entries": [e.as_dict() for e in entries]}
+
+    return json_response(await asyncio.to_thread(read))
+
+
+async def dlq_show(request: web.Request) -> web.Response:
+    """GET /admin/api/dlq/{id}: one dead letter."""
+    entry = await asyncio.to_thread(deadletter.get, _sync(request), request.match_info["id"])
+    return json_response(entry.as_dict()) if entry else _error(404, "no such dead letter")
+
+
+# A selection is a few ids; the app's own limit is sized for Segment's webhook batches.
+MAX_BODY_BYTES = 512 * 1024
+
+
+async def _selection(request: web.Request) -> deadletter.Selection:
+    size = request.content_length or 0
+    raw = b"" if size > MAX_BODY_BYTES else await request.read()
+    if max(size, len(raw)) > MAX_BODY_BYTES:
+        raise web.HTTPRequestEntityTooLarge(MAX_BODY_BYTES, max(size, len(raw)))
+    try:
+        body = orjson.loads(raw)
+    except ValueError:
+        raise RequestError(400, "body must be JSON") from None
+    if not isinstance(body, dict):
+        raise RequestError(400, "body must be a JSON object")
+    ids = body.get("ids")
+    if ids is not None and not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
+        raise RequestError(400, "ids must be a list of strings")
+    reason = _reason(body.get("reason"))
+    try:
+        return deadletter.select(ids or (), every=body.get("all") is True, reason=reason)
+    except deadletter.SelectionError as exc:
+        raise RequestError(
+            400,
+            "give ids, or all / reason, not both"
+            if exc.mixed
+            else "give ids, all: true, or reason",
+        ) from None
+
+
+async def dlq_replay(request: web.Request) -> web.Response:
+    """POST /admin/api/dlq/replay {"ids": [...]} | {"all": true} | {"reason": R}."""
+    selection = await _selection(request)
+    r = _sync(request)
+    settings = request.config_dict[SETTINGS]
+    # The replay lane, a request's worth of events per message.
+    queue = broker.Queue(r, settings.message_events)
+    publish = partial(queue.publish, per_message=settings.churnzero_batch_size)
+
+    def run() -> int:
+        return sum(deadletter.replay(r, page, publish) for page in selection.pages(r))
+
+    try:
+        replayed = await asyncio.to_thread(run)
+    except broker.PUBLISH_ERRORS:
+        return _error(503, "could not queue the events")
+    return json_response({"replayed": replayed})
+
+
+async def dlq_purge(request: web.Request) -> web.Response:
+    """POST /admin/api/dlq/purge (same selection as replay)."""
+    selection = await _selection(request)
+    r = _sync(request)
+    purged = await asyncio.to_thread(
+        lambda: sum(deadletter.purge(r, page) for page in selection.pages(r))
+    )
+    return json_response({"purged": purged})
+
+
+async def preview_view(request: web.Request) -> web.Response:
+    """POST /admin/api/preview (a Segment event, array or batch): what it would produce
+    now, as `relay preview --json`. Nothing is sent or stored."""
+    settings = request.config_dict[SETTINGS]
+    source = request.query.get("source") or None
+    if source not in (None, "api", "webhook"):
+        raise RequestError(400, "source must be api or webhook")
+    body = await request.read()
+    r = _sync(request)
+
+    def run() -> list[dict[str, Any]]:
+        try:
+            mapping = load_mapping(settings.mapping_file)
+        except MappingError as exc:
+            raise RequestError(400, f"the mapping file cannot be used: {exc}") from None
+        items, refused = preview.items_of(body, source)
+        verdicts = refused + preview.preview(r, items, mapping, settings)
+        return [v.as_dict() for v in sorted(verdicts, key=lambda v: v.index)]
+
+    return json_response({"events": await asyncio.to_thread(run)})
+
+
+async def trace_view(request: web.Request) -> web.Response:
+    """GET /admin/api/trace/{id}: where the event with this messageId (or relay id) is."""
+    found = await asyncio.to_thread(trace.find, _sync(request), request.match_info["id"])
+    return json_response({"found": [s.as_dict() for s in found]})
+
+
+def create_app() -> web.Application:
+    """The admin page and API, to mount on the ingest app at `/admin`."""
+    app = web.Application(middlewares=[require_token, answer_errors])
+    app.router.add_get("", page)
+    app.router.add_get("/", page)
+    app.router.add_get("/api/status", status_view)
+    app.router.add_get("/api/dlq", dlq_list)
+    app.router.add_get("/api/dlq/{id}", dlq_show)
+    app.router.add_post("/api/dlq/replay", dlq_replay)
+    app.router.add_post("/api/dlq/purge", dlq_purge)
+    app.router.add_post("/api/preview", preview_view)
+    app.router.add_get("/api/trace/{id}", trace_view)
+    return app

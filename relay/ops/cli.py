@@ -1,0 +1,189 @@
+"""`relay`: run the relay and operate it.
+
+Commands read the deployment's settings once (relay.ops.cli_context) and call the same
+library functions the services use; each group of operator commands has a module:
+`relay dlq` (cli_dlq), `relay identities` (cli_identities), `relay names` (cli_names),
+`relay preview` and `relay trace` (cli_ops).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from typing import Any
+
+import click
+
+from relay.errors import RelayError
+from relay.ops import cli_dlq, cli_identities, cli_names, cli_ops
+from relay.ops.cli_context import Deployment, pass_deployment
+
+
+@click.group()
+@click.version_option(package_name="churnzero-relay")
+@click.pass_context
+def main(ctx: click.Context) -> None:
+    """churnzero-relay: Segment events into ChurnZero."""
+    ctx.ensure_object(Deployment)
+
+
+@main.command()
+@click.option(
+    "--processes",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Ingest processes on the port. Default: RELAY_INGEST_PROCESSES (0: one per core).",
+)
+@pass_deployment
+def serve(deployment: Deployment, processes: int | None) -> None:
+    """Run the ingest server."""
+    from relay import logs
+    from relay.ops import supervise
+
+    settings = deployment.settings
+    try:
+        settings.require_ingest_auth()
+    except RelayError as exc:
+        raise click.ClickException(str(exc)) from None
+    logs.configure(settings.log_level, settings.log_format)
+    url = deployment.redis_url
+    sys.exit(supervise.serve(settings, url, processes, click.echo))
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
+@pass_deployment
+def worker(deployment: Deployment, celery_args: tuple[str, ...]) -> None:
+    """Run the Celery workers: one of the live queue, one of the replay lane at a lower
+    CPU priority (extra arguments go to both `celery worker`s; with -Q, one worker of
+    those queues)."""
+    from relay.ops import supervise
+
+    settings = deployment.settings
+    try:
+        settings.require_app_key()
+    except RelayError as exc:
+        raise click.ClickException(str(exc)) from None
+    sys.exit(supervise.worker(settings, deployment.redis_url, celery_args, click.echo))
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=None, help="Default: RELAY_SANDBOX_PORT.")
+@click.option(
+    "--eiv-secret",
+    envvar="RELAY_SANDBOX_EIV_SECRET",
+    default=None,
+    help="Strict mode: drop commands without the right EIV hashes, as ChurnZero does.",
+)
+@pass_deployment
+def sandbox(deployment: Deployment, host: str, port: int | None, eiv_secret: str | None) -> None:
+    """Run the ChurnZero sandbox (a stand-in for ChurnZero's /i endpoint)."""
+    from relay.dev import sandbox as sandbox_server
+
+    port = port if port is not None else deployment.settings.sandbox_port
+    sandbox_server.run(host, port, eiv_secret=eiv_secret or None)
+
+
+@main.command()
+@pass_deployment
+def dev(deployment: Deployment) -> None:
+    """Everything on one machine: Redis, ingest, a worker and (without an app key) the sandbox."""
+    from relay.ops import supervise
+
+    stack = supervise.DevStack(deployment.settings, deployment.redis_url)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        stack.start()
+        if not stack.ready():
+            raise click.ClickException("ingest did not start; see the output above")
+        click.echo(stack.banner())
+        stack.wait()
+        raise click.ClickException("a relay process exited; stopping the rest")
+    except KeyboardInterrupt:
+        click.echo("\nstopping…")
+    finally:
+        stack.stop()
+
+
+def _status_table(data: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    table = Table(title="churnzero-relay", show_header=True, header_style="bold")
+    table.add_column("")
+    table.add_column("events", justify="right")
+    depth = data["depth"]
+    table.add_row("ready", f"{depth['ready']:,}")
+    table.add_row("in flight", f"{depth['in_flight']:,}")
+    table.add_row("delayed (retries)", f"{depth['delayed']:,}")
+    table.add_row("dead letters", f"{depth['dead']:,}")
+    table.add_row("oldest waiting", f"{data['oldest_age_s']:.1f} s")
+    table.add_row("ingested /s (1 min)", f"{data['rates']['ingested']['per_s']:,}")
+    table.add_row("delivered /s (1 min)", f"{data['rates']['delivered']['per_s']:,}")
+    if data["redis_memory_fraction"]:
+        table.add_row("Redis memory (of maxmemory)", f"{data['redis_memory_fraction']:.0%}")
+    replay = data["replay"]
+    if replay["replayed"] or replay["queued_messages"]:
+        table.add_row(
+            "replay lane",
+            f"{replay['delivered']:,} of {replay['replayed']:,} delivered, "
+            f"{replay['queued_messages']:,} messages queued",
+        )
+    if data["learned_rate_rps"] is not None:
+        table.add_row("learned rate", f"{data['learned_rate_rps']:,} req/s")
+    if data["paused_for_s"]:
+        table.add_row("[yellow]ChurnZero paused[/]", f"{data['paused_for_s']:.1f} s")
+    if data.get("churnzero_problem"):
+        table.add_row("[red]ChurnZero misconfigured[/]", data["churnzero_problem"]["problem"])
+    for reason, n in data["dead_letters"].items():
+        if n:
+            table.add_row(f"  dead: {reason}", f"{n:,}")
+    for row in data["names"]["held"]:
+        table.add_row(f"[yellow]held new name[/] {row['kind']}", row["name"])
+    for row in data["names"]["new"][:10]:
+        table.add_row(f"new name {row['kind']}", row["name"])
+    return table
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--watch", is_flag=True, help="Refresh every second until Ctrl-C.")
+@pass_deployment
+def status(deployment: Deployment, as_json: bool, watch: bool) -> None:
+    """Queue depths, rates, oldest age and dead letters of the whole deployment."""
+    import json
+
+    from rich.console import Console
+    from rich.live import Live
+
+    from relay.state import status as status_report
+
+    r = deployment.redis
+    if as_json and not watch:
+        click.echo(json.dumps(status_report.report(r)))
+        return
+    if not watch:
+        Console().print(_status_table(status_report.report(r)))
+        return
+    try:
+        with Live(_status_table(status_report.report(r)), refresh_per_second=2) as live:
+            while True:
+                time.sleep(1)
+                data = status_report.report(r)
+                if as_json:
+                    click.echo(json.dumps(data))
+                else:
+                    live.update(_status_table(data))
+    except KeyboardInterrupt:
+        pass
+
+
+for command in (
+    cli_dlq.dlq, cli_identities.identities, cli_names.names_group, cli_ops.preview,
+    cli_ops.trace_command,
+):  # fmt: skip
+    main.add_command(command)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,318 @@
+"""Supervised processes: `relay serve --processes N` and `relay worker`.
+
+`relay serve --processes N` runs N ingest processes on one port: one Python process
+answers on one core, and they share the port through SO_REUSEPORT (the kernel spreads
+connections over them).
+
+`relay worker` runs two Celery workers: one of the live queue, and one of the replay
+lane at a lower CPU priority (`RELAY_REPLAY_NICE`). In one process, a replay's batches
+would hold the interpreter lock while live batches wait, and on a busy host the kernel
+now gives live work the CPU first: a replay of a million dead letters does not slow
+live delivery. Given its own `-Q`, `relay worker` is that one Celery worker instead.
+
+The supervisor starts its children, starts again one that dies, and on SIGTERM or
+SIGINT stops them all (each finishes the work under way: requests, or running tasks)
+before it exits. A child is also told to stop if the supervisor itself dies, so none is
+left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from types import FrameType
+
+from relay import keys
+from relay.settings import VISIBILITY_MARGIN_S, Settings
+
+# A child that dies this soon after its start counts as failing to start; after this
+# many such deaths in a row the supervisor gives up rather than loop.
+EARLY_DEATH_S = 5.0
+MAX_EARLY_DEATHS = 5
+STOP_TIMEOUT_S = 20.0
+
+
+def default_processes() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _prctl() -> Callable[..., int] | None:
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux: no parent-death signal
+        return None
+
+
+_PRCTL = _prctl()
+_PR_SET_PDEATHSIG = 1
+
+
+def _prepare_child(nice: int) -> None:
+    # Runs in the child between fork and exec (only C calls, no import or lock): its CPU
+    # priority, and the kernel sends it SIGTERM when the supervisor dies, even by SIGKILL.
+    if nice:
+        os.nice(nice)
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Child:
+    """A process to keep running: what it is called in messages, its command, its
+    niceness (0: the supervisor's own CPU priority)."""
+
+    label: str
+    argv: Sequence[str]
+    nice: int = 0
+
+
+class Supervisor:
+    """Keeps its children running until told to stop."""
+
+    def __init__(
+        self, children: Sequence[Child], env: dict[str, str], say: Say,
+        stop_timeout_s: float = STOP_TIMEOUT_S,
+    ) -> None:  # fmt: skip
+        self.specs = list(children)
+        self._env = env
+        self._say = say
+        self._stop_timeout_s = stop_timeout_s
+        self._children: dict[int, tuple[subprocess.Popen[bytes], float]] = {}
+        self._stopping = False
+        self._early_deaths = 0
+
+    def _start(self, slot: int) -> None:
+        spec = self.specs[slot]
+        child = subprocess.Popen(
+            list(spec.argv),
+            env=self._env,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=partial(_prepare_child, spec.nice),
+        )
+        self._children[slot] = (child, time.monotonic())
+
+    def _stop_signal(self, signum: int, _: FrameType | None) -> None:
+        self._stopping = True
+
+    def run(self) -> int:
+        """Run until SIGTERM/SIGINT (exit 0) or until children keep dying at start (1)."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._stop_signal)
+        for slot in range(len(self.specs)):
+            self._start(slot)
+        try:
+            while not self._stopping:
+                time.sleep(0.2)
+                if not self._check():
+                    return 1
+            return 0
+        finally:
+            self._stop_all()
+
+    def _check(self) -> bool:
+        for slot, (child, started) in list(self._children.items()):
+            code = child.poll()
+            if code is None or self._stopping:
+                continue
+            early = time.monotonic() - started < EARLY_DEATH_S
+            self._early_deaths = self._early_deaths + 1 if early else 0
+            label = self.specs[slot].label
+            if self._early_deaths >= MAX_EARLY_DEATHS:
+                self._say(f"{label} processes keep exiting at start (last: {code}); giving up")
+                return False
+            self._say(f"{label} process {child.pid} exited ({code}); starting another")
+            self._start(slot)
+        return True
+
+    def _stop_all(self) -> None:
+        children = [child for child, _ in self._children.values()]
+        for child in children:
+            if child.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self._stop_timeout_s
+        for child in children:
+            try:
+                child.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+
+def serve(settings: Settings, redis_url: str, processes: int | None, say: Say) -> int:
+    """`relay serve`: one ingest process here, or a supervisor of several; the exit status."""
+    count = settings.ingest_processes if processes is None else processes
+    count = count or default_processes()
+    if count > 1:
+        # The children share the resolved Redis (an embedded one is started once, here).
+        env = dict(os.environ, RELAY_REDIS_URL=redis_url)
+        say(f"relay ingest on http://{settings.host}:{settings.port} ({count} processes)")
+        one = Child("ingest", [sys.executable, "-m", "relay.ops.cli", "serve", "--processes", "1"])
+        return Supervisor([one] * count, env, say).run()
+    from relay.ingest import app as ingest
+    from relay.ops import server
+
+    with asyncio.Runner(loop_factory=_loop_factory(settings)) as runner:
+        runner.run(
+            ingest.serve(
+                server.create_app(settings, redis_url),
+                ready=lambda: say(f"relay ingest on http://{settings.host}:{settings.port}"),
+            )
+        )
+    return 0
+
+
+def worker(settings: Settings, redis_url: str, celery_args: Sequence[str], say: Say) -> int:
+    """`relay worker`: a live and a replay Celery worker, supervised (see the module
+    docstring), or, given its own `-Q`, that one worker in this process."""
+    env = dict(os.environ, RELAY_REDIS_URL=redis_url)
+    command = [
+        sys.executable, "-m", "celery", "-A", "workers.app", "worker", "--pool", "threads",
+        "-c", str(settings.worker_concurrency), "--without-gossip", "--without-mingle",
+        "--loglevel", settings.log_level.upper(),
+    ]  # fmt: skip
+    if any(a in ("-Q", "--queues") or a.startswith(("-Q", "--queues=")) for a in celery_args):
+        os.execvpe(sys.executable, [*command, *celery_args], env)
+    live = Child("live worker", [*command, "-Q", keys.QUEUE, *celery_args])
+    name = _option(celery_args, "-n", "--hostname") or "celery@%h"
+    replay = Child(
+        "replay worker",
+        [*command, "-Q", keys.REPLAY_QUEUE, *celery_args, "-n", f"replay-{name}"],
+        nice=settings.replay_nice,
+    )
+    # Celery's warm shutdown lets running tasks finish: up to a task's whole time.
+    stop_s = settings.task_time_limit_s + VISIBILITY_MARGIN_S
+    return Supervisor([live, replay], env, say, stop_timeout_s=stop_s).run()
+
+
+def _option(args: Sequence[str], short: str, long: str) -> str | None:
+    """The last value given to an option as `-n V`, `--name V` or `--name=V`."""
+    found = None
+    for i, arg in enumerate(args):
+        if arg in (short, long) and i + 1 < len(args):
+            found = args[i + 1]
+        elif arg.startswith(long + "="):
+            found = arg.split("=", 1)[1]
+    return found
+
+
+def _loop_factory(settings: Settings) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    if not settings.ingest_uvloop:
+        return None
+    try:
+        import uvloop
+    except ImportError:  # not installed on this platform (Windows): asyncio's own loop
+        return None
+    return uvloop.new_event_loop
+
+
+class DevStack:
+    """`relay dev`'s processes: the ChurnZero sandbox (without an app key), ingest and a
+    worker, each in its own process group, on the same Redis."""
+
+    def __init__(self, settings: Settings, redis_url: str) -> None:
+        self.settings = settings
+        self.redis_url = redis_url
+        self.notes: list[str] = []  # what the banner says of the set-up
+        self._env = dict(os.environ, RELAY_REDIS_URL=redis_url)
+        self._children: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def base(self) -> str:
+        """The URL of the ingest server."""
+        return f"http://{self.settings.host}:{self.settings.port}"
+
+    def start(self) -> None:
+        """Start the processes (the sandbox first: the worker sends to it)."""
+        if self.settings.uses_sandbox:
+            port = self.settings.sandbox_port
+            self._spawn("sandbox", "--port", str(port))
+            self._env["RELAY_CHURNZERO_URL"] = f"http://127.0.0.1:{port}/i"
+            self._env["RELAY_CHURNZERO_APP_KEY"] = "relay-dev-sandbox"
+            self.notes.append(f"ChurnZero sandbox  http://127.0.0.1:{port}/_sandbox/commands")
+        if not self.settings.authenticated:
+            self._env["RELAY_ALLOW_UNAUTHENTICATED"] = "true"
+            self.notes.append(
+                "authentication is OFF (set RELAY_WEBHOOK_SECRET or RELAY_WRITE_KEYS)"
+            )
+        self._spawn("serve")
+        self._spawn("worker")
+
+    def _spawn(self, *args: str) -> None:
+        self._children.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "relay.ops.cli", *args],
+                env=self._env,
+                start_new_session=True,
+            )
+        )
+
+    def ready(self, timeout_s: float = 20) -> bool:
+        """Whether ingest answered /livez within the timeout."""
+        import urllib.request
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.base + "/livez", timeout=1):
+                    return True
+            except OSError:
+                time.sleep(0.1)
+        return False
+
+    def wait(self) -> None:
+        """Return once any of the processes has exited."""
+        while all(child.poll() is None for child in self._children):
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        """Stop every process (SIGTERM, then SIGKILL after 15 s) and the embedded Redis."""
+        from relay.state import embedded
+
+        for child in self._children:
+            if child.poll() is None:
+                os.killpg(child.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for child in self._children:
+            try:
+                child.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)
+        embedded.stop()
+
+    def banner(self) -> str:
+        """What is running where, and curl lines to try it."""
+        base, settings = self.base, self.settings
+        where = "embedded " + self.redis_url if not settings.redis_url else self.redis_url
+        return (
+            "\nchurnzero-relay is running\n"
+            f"  ingest             {base}/webhook  and  {base}/v1/batch\n"
+            f"  metrics            {base}/metrics\n"
+            f"  redis              {where}\n" + "".join(f"  {n}\n" for n in self.notes) + "\n"
+            "Try it:\n"
+            f"  curl -s {base}/v1/identify -H 'Content-Type: application/json' -d "
+            "'{\"userId\":\"userId123\",\"traits\":{\"accountExternalId\":\"12345678\","
+            "\"contactExternalId\":\"john.smith@company.com\",\"firstName\":\"John\"}}'\n"
+            f"  curl -s {base}/v1/track -H 'Content-Type: application/json' -d "
+            "'{\"userId\":\"userId123\",\"event\":\"Clicked Login Button\"}'\n"
+            + (f"  curl -s http://127.0.0.1:{settings.sandbox_port}/_sandbox/commands\n"
+               if settings.uses_sandbox else "")
+            + "\nCtrl-C stops everything.\n"
+        )  # fmt: skip

@@ -1,0 +1,236 @@
+"""The identity map: Segment userId / anonymousId -> ChurnZero account and contact.
+
+Identify, group and alias calls (and `relay identities import`) teach it; events without
+ids are resolved through it. One key per user (`relay:identity:u:<userId>`,
+`relay:identity:a:<anonymousId>`, JSON `[account, contact, at]`: any may be null, `at` is
+the event time in ms of the call that named the account) that
+expires `identity_ttl_s` after the user's last lesson, so the map stays the size of the
+active users in a Redis that must not evict. A lesson merges into the entry (a group
+call sets the account and keeps the contact). An alias is a link key
+(`relay:alias:<key>` -> the userId key it now stands for).
+
+Tracks waiting for their user (cause `identity_wait` in the delayed set) are indexed by
+user key (`relay:waiting:<key>`, a SET of delayed-set members); when the user is taught,
+those members are made due now, so the mover publishes them at once. Making a member due
+is `ZADD XX LT`: it never re-creates a member the mover already removed, and a member a
+mover holds under its lease only comes due again, which publishes it under the same
+message id (settled once, relay.delivery.runs), as an expired lease would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from relay import keys
+from relay.resolution import Known
+
+# KEYS: entries. ARGV: ttl_s, then per entry account, contact and the account's event
+# time in ms ("" for each: unknown, keep the old). Merges as Known.merged does: an
+# account from an older call than the stored one's (both times known) is not taken.
+_MERGE = """
+local function json(s) if s == '' then return 'null' end return cjson.encode(s) end
+for i, key in ipairs(KEYS) do
+  local a, c, at = ARGV[3 * i - 1], ARGV[3 * i], ARGV[3 * i + 1]
+  local old = redis.call('GET', key)
+  if old then
+    local v = cjson.decode(old)
+    local old_at = v[3]
+    if type(old_at) ~= 'number' then old_at = nil end
+    local older = at ~= '' and old_at ~= nil and tonumber(at) < old_at
+    if (a == '' or older) and type(v[1]) == 'string' then
+      a = v[1]
+      at = old_at and string.format('%d', old_at) or ''
+    end
+    if c == '' and type(v[2]) == 'string' then c = v[2] end
+  end
+  local stamp = 'null'
+  if at ~= '' then stamp = at end
+  redis.call('SET', key, '[' .. json(a) .. ',' .. json(c) .. ',' .. stamp .. ']', 'EX', ARGV[1])
+end
+return #KEYS
+"""
+
+# KEYS: delayed, then waiting sets. Makes every indexed member due now; returns how many.
+_RELEASE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local released = 0
+for i = 2, #KEYS do
+  for _, member in ipairs(redis.call('SMEMBERS', KEYS[i])) do
+    released = released + redis.call('ZADD', KEYS[1], 'XX', 'LT', 'CH', now, member)
+  end
+  redis.call('DEL', KEYS[i])
+end
+return released
+"""
+
+
+# KEYS: delayed. ARGV: the identity, alias, aliased, waiting, deleted and attribute-clock
+# key prefixes (relay.keys), the user key, the delete's received-at, the tombstone's ttl.
+_FORGET = """
+local user = ARGV[7]
+local forgotten = redis.call('SMEMBERS', ARGV[3] .. user)
+table.insert(forgotten, user)
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+for _, key in ipairs(forgotten) do
+  local tomb = ARGV[5] .. key
+  local old = tonumber(redis.call('GET', tomb) or '0')
+  redis.call('SET', tomb, math.max(old, tonumber(ARGV[8])), 'EX', ARGV[9])
+  local entry = redis.call('GET', ARGV[1] .. key)
+  if entry then
+    -- The contact's attribute clock (relay.delivery.freshness) is the user's too.
+    local v = cjson.decode(entry)
+    local contact = v[2]
+    if type(contact) ~= 'string' and string.sub(key, 1, 2) == 'u:' then
+      contact = string.sub(key, 3)
+    end
+    if type(v[1]) == 'string' and type(contact) == 'string' then
+      redis.call('DEL', ARGV[6] .. 'c:' .. string.len(v[1]) .. ':' .. v[1] .. ':' .. contact)
+    end
+  end
+  redis.call('DEL', ARGV[1] .. key, ARGV[2] .. key, ARGV[3] .. key)
+  for _, member in ipairs(redis.call('SMEMBERS', ARGV[4] .. key)) do
+    redis.call('ZADD', KEYS[1], 'XX', 'LT', now, member)
+  end
+  redis.call('DEL', ARGV[4] .. key)
+end
+return #forgotten
+"""
+
+
+# KEYS: delayed, waiting set. ARGV: member, ttl_s.
+_INDEX = """
+for _, old in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  if not redis.call('ZSCORE', KEYS[1], old) then redis.call('SREM', KEYS[2], old) end
+end
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
+
+
+@dataclass
+class Lookup:
+    """The map's answer for a batch: what is known, the alias links, and when each
+    deleted user's delete was received (tombstones)."""
+
+    known: dict[str, Known]
+    links: dict[str, str]
+    deleted: dict[str, float]
+
+
+def _known(raw: bytes) -> Known:
+    account, contact, *rest = orjson.loads(raw)  # older entries have two fields
+    at = rest[0] if rest and isinstance(rest[0], int) else None
+    return Known(account or None, contact or None, at)
+
+
+def lookup(r: Any, wanted: Sequence[str], everyone: Sequence[str] = ()) -> Lookup:
+    """What is known of the `wanted` keys (`u:<userId>`, `a:<anonymousId>`) and their
+    links, and the tombstones of `everyone`: one round trip, two when a link is found."""
+    # MGET needs a key: an empty list asks for one that never exists.
+    pipe = r.pipeline(transaction=False)
+    pipe.mget([keys.alias(k) for k in wanted] or [keys.alias("")])
+    pipe.mget([keys.identity(k) for k in wanted] or [keys.identity("")])
+    pipe.mget([keys.deleted(k) for k in everyone] or [keys.deleted("")])
+    raw_links, raw_known, raw_deleted = pipe.execute()
+    links = {k: v.decode() for k, v in zip(wanted, raw_links, strict=False) if v is not None}
+    found = {k: _known(v) for k, v in zip(wanted, raw_known, strict=False) if v is not None}
+    targets = sorted(set(links.values()) - set(wanted))
+    if targets:
+        more = r.mget([keys.identity(k) for k in targets])
+        found.update({k: _known(v) for k, v in zip(targets, more, strict=True) if v is not None})
+    deleted = {k: float(v) for k, v in zip(everyone, raw_deleted, strict=False) if v is not None}
+    return Lookup(found, links, deleted)
+
+
+def stage_store(pipe: Any, learned: Mapping[str, Known], ttl_s: int) -> None:
+    """Queue on a pipeline: merge these lessons into the map, kept `ttl_s` seconds."""
+    if not learned:
+        return
+    names = [keys.identity(key) for key in learned]
+    values = [
+        v
+        for known in learned.values()
+        for v in (known.account or "", known.contact or "", "" if known.at is None else known.at)
+    ]
+    pipe.eval(_MERGE, len(names), *names, ttl_s, *values)
+
+
+def stage_links(pipe: Any, links: Mapping[str, str], ttl_s: int) -> None:
+    """Queue on a pipeline: each key now stands for its alias target."""
+    for key, target in links.items():
+        pipe.set(keys.alias(key), target, ex=ttl_s)
+        pipe.sadd(keys.aliased(target), key)
+        pipe.expire(keys.aliased(target), ttl_s)
+
+
+def stage_forget(pipe: Any, forgotten: Mapping[str, float], tombstone_s: int) -> None:
+    """Queue on a pipeline: forget these users (received-at of their delete) and the
+    keys aliased to them: entries, links, the contact's attribute clock, and a tombstone
+    that drops their events received before the delete; their waiting tracks come due
+    now (to be dropped)."""
+    prefixes = [keys.IDENTITY, keys.ALIAS, keys.ALIASED, keys.WAITING, keys.DELETED,
+                keys.ATTRIBUTE_CLOCK]  # fmt: skip
+    for key, received_at in forgotten.items():
+        pipe.eval(_FORGET, 1, keys.DELAYED, *prefixes, key, received_at, tombstone_s)
+
+
+def stage_waiting(pipe: Any, member: bytes, user_keys: Iterable[str], ttl_s: float) -> None:
+    """Queue on a pipeline: index a delayed-set member under the users it waits for
+    (dropping members the mover has moved since, so a track retried many times is not
+    indexed many times)."""
+    for key in sorted(set(user_keys)):
+        pipe.eval(_INDEX, 2, keys.DELAYED, keys.waiting(key), member, max(int(ttl_s), 1))
+
+
+def stage_release(pipe: Any, user_keys: Iterable[str]) -> None:
+    """Queue on a pipeline: these users' waiting tracks come due now."""
+    names = [keys.waiting(key) for key in sorted(set(user_keys))]
+    if names:
+        pipe.eval(_RELEASE, 1 + len(names), keys.DELAYED, *names)
+
+
+def seed(r: Any, entries: Mapping[str, Known], ttl_s: int, chunk: int = 1000) -> int:
+    """Merge imported identities into the map (theirs win) and release the tracks
+    waiting for those users; returns how many waiting batches came due."""
+    released = 0
+    items = list(entries.items())
+    for start in range(0, len(items), chunk):
+        part = dict(items[start : start + chunk])
+        pipe = r.pipeline(transaction=True)
+        stage_store(pipe, part, ttl_s)
+        stage_release(pipe, part)
+        released += int(pipe.execute()[-1])
+    return released
+
+
+def describe(r: Any, user_id: str) -> dict[str, Any]:
+    """Everything the map holds about an id, as a userId and as an anonymousId."""
+    out: dict[str, Any] = {}
+    for key in ("u:" + user_id, "a:" + user_id):
+        raw = r.get(keys.identity(key))
+        link = r.get(keys.alias(key))
+        waiting = r.scard(keys.waiting(key))
+        deleted = r.get(keys.deleted(key))
+        if raw is None and link is None and not waiting and deleted is None:
+            continue
+        entry: dict[str, Any] = {}
+        if deleted is not None:
+            entry["deleted_at"] = float(deleted)
+        if raw is not None:
+            known = _known(raw)
+            entry.update(account=known.account, contact=known.contact,
+                         account_named_at_ms=known.at,
+                         expires_in_s=r.ttl(keys.identity(key)))  # fmt: skip
+        if link is not None:
+            entry["alias_of"] = link.decode()
+        if waiting:
+            entry["waiting_batches"] = waiting
+        out[key] = entry
+    return out
