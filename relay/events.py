@@ -12,7 +12,7 @@ validation.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -56,7 +56,9 @@ class _Base(BaseModel):
     )
     version: Any = None
 
-    @field_validator("userId", "anonymousId", "messageId", mode="after")
+    # groupId and previousId belong to subclasses, as traits and properties below do.
+    @field_validator("userId", "anonymousId", "messageId", "groupId", "previousId",
+                     mode="after", check_fields=False)  # fmt: skip
     @classmethod
     def _blank_is_missing(cls, value: str | None) -> str | None:
         # Libraries send "" for "not set"; treating it as an id would merge strangers.
@@ -83,34 +85,30 @@ class _Base(BaseModel):
     def _null_is_empty(cls, value: object) -> object:
         return {} if value is None else value
 
-    def _needs_identity(self) -> None:
+
+class _Identified(_Base):
+    """A call that must say who it is about: a userId or an anonymousId."""
+
+    @model_validator(mode="after")
+    def _needs_identity(self) -> Self:
         if self.userId is None and self.anonymousId is None:
             raise ValueError("userId or anonymousId is required")
+        return self
 
 
-class Identify(_Base):
+class Identify(_Identified):
     """An identify call: who the user is, with traits."""
 
     type: Literal["identify"]
     traits: dict[str, Any] = Field(default_factory=dict)
 
-    @model_validator(mode="after")
-    def _identity(self) -> Identify:
-        self._needs_identity()
-        return self
 
-
-class Track(_Base):
+class Track(_Identified):
     """A track call: something the user did, with properties."""
 
     type: Literal["track"]
     event: str = Field(min_length=1, description="the event's name (ChurnZero's eventName)")
     properties: dict[str, Any] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _identity(self) -> Track:
-        self._needs_identity()
-        return self
 
 
 class Page(_Base):
@@ -132,22 +130,12 @@ class Group(_Base):
     groupId: _Id | None = None
     traits: dict[str, Any] = Field(default_factory=dict)
 
-    @field_validator("groupId", mode="after")
-    @classmethod
-    def _blank_group(cls, value: str | None) -> str | None:
-        return value if value is None or value.strip() else None
-
 
 class Alias(_Base):
     """An alias call: `previousId` (an earlier userId or anonymousId) is `userId`."""
 
     type: Literal["alias"]
     previousId: _Id | None = None
-
-    @field_validator("previousId", mode="after")
-    @classmethod
-    def _blank_previous(cls, value: str | None) -> str | None:
-        return value if value is None or value.strip() else None
 
 
 class Delete(_Base):

@@ -173,6 +173,11 @@ def _parse_commands(
     return commands, len(items) - len(commands)
 
 
+routes = web.RouteTableDef()
+
+
+@routes.get("/i")
+@routes.post("/i")
 async def _track(request: web.Request) -> web.StreamResponse:
     """`/i`: like ChurnZero, 200 and a pixel, unless a fault says otherwise."""
     received = time.time()
@@ -247,22 +252,26 @@ def _refusal(status: int, retry_after: float | str | None) -> web.Response:
     return web.Response(status=status, text=text, headers=headers)
 
 
+@routes.get("/_sandbox/commands")
 async def _get_commands(request: web.Request) -> web.Response:
     """Every command accepted, in arrival order."""
     return json_response(request.app[_STATE].commands)
 
 
+@routes.delete("/_sandbox/commands")
 async def _delete_commands(request: web.Request) -> web.Response:
     """Forget commands, the request log and stats (faults stay)."""
     request.app[_STATE].clear_received()
     return json_response({"cleared": True})
 
 
+@routes.get("/_sandbox/requests")
 async def _get_requests(request: web.Request) -> web.Response:
     """Every request to `/i`, in arrival order."""
     return json_response(request.app[_STATE].requests)
 
 
+@routes.get("/_sandbox/stats")
 async def _get_stats(request: web.Request) -> web.Response:
     """Counters that are kept even when recording is off."""
     state = request.app[_STATE]
@@ -277,12 +286,14 @@ async def _get_stats(request: web.Request) -> web.Response:
     )
 
 
+@routes.get("/_sandbox/faults")
 async def _get_faults(request: web.Request) -> web.Response:
     """The fault set in force, as it was posted."""
     faults = request.app[_STATE].current_faults()
     return json_response(faults.model_dump(exclude_defaults=True))
 
 
+@routes.post("/_sandbox/faults")
 async def _post_faults(request: web.Request) -> web.Response:
     """Replace the fault set; 400 naming the problem when it is not a valid one."""
     try:
@@ -297,12 +308,14 @@ async def _post_faults(request: web.Request) -> web.Response:
     return json_response(faults.model_dump(exclude_defaults=True))
 
 
+@routes.delete("/_sandbox/faults")
 async def _delete_faults(request: web.Request) -> web.Response:
     """Clear every fault."""
     request.app[_STATE].set_faults(_Faults())
     return json_response({})
 
 
+@routes.get("/healthz")
 async def _healthz(_: web.Request) -> web.Response:
     """Liveness for whoever started the sandbox."""
     return web.Response(text="ok")
@@ -315,16 +328,7 @@ def create_app(*, record: bool = True, eiv_secret: str | None = None) -> web.App
     # far above any sane batch of commands.
     app = web.Application(client_max_size=4 * 1024 * 1024)
     app[_STATE] = _State(record=record, eiv_secret=eiv_secret)
-    app.router.add_route("GET", "/i", _track)
-    app.router.add_route("POST", "/i", _track)
-    app.router.add_get("/_sandbox/commands", _get_commands)
-    app.router.add_delete("/_sandbox/commands", _delete_commands)
-    app.router.add_get("/_sandbox/requests", _get_requests)
-    app.router.add_get("/_sandbox/stats", _get_stats)
-    app.router.add_get("/_sandbox/faults", _get_faults)
-    app.router.add_post("/_sandbox/faults", _post_faults)
-    app.router.add_delete("/_sandbox/faults", _delete_faults)
-    app.router.add_get("/healthz", _healthz)
+    app.add_routes(routes)
     return app
 
 

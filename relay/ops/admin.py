@@ -64,6 +64,11 @@ def _sync(request: web.Request) -> Any:
     return request.config_dict[SYNC_REDIS]
 
 
+routes = web.RouteTableDef()
+
+
+@routes.get("")
+@routes.get("/")
 async def page(_: web.Request) -> web.Response:
     """GET /admin: the status page (plain HTML and JS)."""
     return web.Response(
@@ -80,6 +85,7 @@ async def page(_: web.Request) -> web.Response:
     )
 
 
+@routes.get("/api/status")
 async def status_view(request: web.Request) -> web.Response:
     """GET /admin/api/status: the status report."""
     return json_response(await asyncio.to_thread(status.report, _sync(request)))
@@ -101,6 +107,7 @@ def _number(request: web.Request, name: str, default: int, high: int) -> int:
         raise RequestError(400, f"{name} must be a number") from None
 
 
+@routes.get("/api/dlq")
 async def dlq_list(request: web.Request) -> web.Response:
     """GET /admin/api/dlq?reason=&limit=&offset=: a page of dead letters, newest first."""
     reason = _reason(request.query.get("reason") or None)
@@ -116,6 +123,7 @@ async def dlq_list(request: web.Request) -> web.Response:
     return json_response(await asyncio.to_thread(read))
 
 
+@routes.get("/api/dlq/{id}")
 async def dlq_show(request: web.Request) -> web.Response:
     """GET /admin/api/dlq/{id}: one dead letter."""
     entry = await asyncio.to_thread(deadletter.get, _sync(request), request.match_info["id"])
@@ -152,6 +160,7 @@ async def _selection(request: web.Request) -> deadletter.Selection:
         ) from None
 
 
+@routes.post("/api/dlq/replay")
 async def dlq_replay(request: web.Request) -> web.Response:
     """POST /admin/api/dlq/replay {"ids": [...]} | {"all": true} | {"reason": R}."""
     selection = await _selection(request)
@@ -171,6 +180,7 @@ async def dlq_replay(request: web.Request) -> web.Response:
     return json_response({"replayed": replayed})
 
 
+@routes.post("/api/dlq/purge")
 async def dlq_purge(request: web.Request) -> web.Response:
     """POST /admin/api/dlq/purge (same selection as replay)."""
     selection = await _selection(request)
@@ -181,6 +191,7 @@ async def dlq_purge(request: web.Request) -> web.Response:
     return json_response({"purged": purged})
 
 
+@routes.post("/api/preview")
 async def preview_view(request: web.Request) -> web.Response:
     """POST /admin/api/preview (a Segment event, array or batch): what it would produce
     now, as `relay preview --json`. Nothing is sent or stored."""
@@ -203,6 +214,7 @@ async def preview_view(request: web.Request) -> web.Response:
     return json_response({"events": await asyncio.to_thread(run)})
 
 
+@routes.get("/api/trace/{id}")
 async def trace_view(request: web.Request) -> web.Response:
     """GET /admin/api/trace/{id}: where the event with this messageId (or relay id) is."""
     found = await asyncio.to_thread(trace.find, _sync(request), request.match_info["id"])
@@ -212,13 +224,5 @@ async def trace_view(request: web.Request) -> web.Response:
 def create_app() -> web.Application:
     """The admin page and API, to mount on the ingest app at `/admin`."""
     app = web.Application(middlewares=[require_token, answer_errors])
-    app.router.add_get("", page)
-    app.router.add_get("/", page)
-    app.router.add_get("/api/status", status_view)
-    app.router.add_get("/api/dlq", dlq_list)
-    app.router.add_get("/api/dlq/{id}", dlq_show)
-    app.router.add_post("/api/dlq/replay", dlq_replay)
-    app.router.add_post("/api/dlq/purge", dlq_purge)
-    app.router.add_post("/api/preview", preview_view)
-    app.router.add_get("/api/trace/{id}", trace_view)
+    app.add_routes(routes)
     return app

@@ -9,8 +9,9 @@ click's runner instead of setting environment variables.
 
 from __future__ import annotations
 
+import json
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -65,3 +66,10 @@ class Deployment:
 
 
 pass_deployment = click.make_pass_decorator(Deployment, ensure=True)
+
+
+def show(found: Any, missing: str) -> None:
+    """Print what a `show` command found as indented JSON, or fail with `missing`."""
+    if not found:
+        raise click.ClickException(missing)
+    click.echo(json.dumps(found, indent=2))

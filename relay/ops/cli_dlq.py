@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from relay.ops import cli_ops
-from relay.ops.cli_context import Deployment, pass_deployment
+from relay.ops.cli_context import Deployment, pass_deployment, show
 from relay.reasons import Reason
 from relay.state import deadletter
 
@@ -112,9 +112,7 @@ def dlq_list(
 def dlq_show(deployment: Deployment, entry_id: str) -> None:
     """One dead letter, whole, as JSON."""
     entry = deadletter.get(deployment.redis, entry_id)
-    if entry is None:
-        raise click.ClickException(f"no dead letter {entry_id}")
-    click.echo(json.dumps(entry.as_dict(), indent=2))
+    show(entry and entry.as_dict(), f"no dead letter {entry_id}")
 
 
 def _select(

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from relay.errors import RelayError
-from relay.ops.cli_context import Deployment, pass_deployment
+from relay.ops.cli_context import Deployment, pass_deployment, show
 
 
 @click.group()
@@ -38,14 +38,9 @@ def identities_import(deployment: Deployment, file: Path) -> None:
 @pass_deployment
 def identities_show(deployment: Deployment, user_id: str) -> None:
     """What the relay knows of USER_ID, as a userId and as an anonymousId (JSON)."""
-    import json
-
     from relay.state import identity
 
-    known = identity.describe(deployment.redis, user_id)
-    if not known:
-        raise click.ClickException(f"the relay knows nothing of {user_id}")
-    click.echo(json.dumps(known, indent=2))
+    show(identity.describe(deployment.redis, user_id), f"the relay knows nothing of {user_id}")
 
 
 @identities.command("forget")
