@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -39,6 +40,21 @@ log = structlog.get_logger("relay.worker")
 _stop = threading.Event()
 
 
+def beside_the_worker(name: str) -> Callable[[Callable[[], None]], Callable[[], None]]:
+    """Run the decorated function in a daemon thread of its own, named `name`, once the
+    worker is ready."""
+
+    def decorate(target: Callable[[], None]) -> Callable[[], None]:
+        def start(**_: Any) -> None:
+            threading.Thread(target=target, name=name, daemon=True).start()
+
+        signals.worker_ready.connect(start, weak=False)
+        return target
+
+    return decorate
+
+
+@beside_the_worker("relay-mover")
 def _move_forever() -> None:
     mover = Mover(state, broker.Queue(state, settings.message_events, allow_oom=True))
     while not _stop.is_set():
@@ -57,11 +73,6 @@ def _move_forever() -> None:
             log.info("moved_due", events=moved)
         else:
             _stop.wait(0.25)
-
-
-@signals.worker_ready.connect
-def _start_mover(**_: Any) -> None:
-    threading.Thread(target=_move_forever, name="relay-mover", daemon=True).start()
 
 
 @signals.worker_shutdown.connect

@@ -26,7 +26,7 @@ from celery.exceptions import Reject
 from relay.delivery.batch import Delivery, MessageBusy
 from relay.settings import VISIBILITY_MARGIN_S
 from relay.state import broker
-from workers.app import app, mapping, settings, state
+from workers.app import app, beside_the_worker, mapping, settings, state
 
 log = structlog.get_logger("relay.worker")
 _local = threading.local()
@@ -51,6 +51,7 @@ def _delivery() -> Delivery:
     return found
 
 
+@beside_the_worker("relay-watchdog")
 def _watch() -> None:
     # A hung task (a Redis call that never returns, a bug) would hold its message past
     # its lease. Exit instead, as prefork's hard time limit would: kombu hands every
@@ -62,11 +63,6 @@ def _watch() -> None:
             if now - started > HUNG_AFTER_S:
                 log.critical("task_hung_exiting", task_id=task_id, after_s=round(now - started))
                 os._exit(70)
-
-
-@signals.worker_ready.connect
-def _start_watchdog(**_: Any) -> None:
-    threading.Thread(target=_watch, name="relay-watchdog", daemon=True).start()
 
 
 @signals.worker_shutdown.connect

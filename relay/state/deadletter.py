@@ -211,30 +211,6 @@ def remove(r: redis.Redis, entries: list[DeadLetter]) -> int:
     return int(pipe.execute()[0])
 
 
-def iter_ids(
-    r: redis.Redis,
-    *,
-    reason: Reason | None = None,
-    since: float | None = None,
-    until: float | None = None,
-    page: int = 500,
-) -> Iterator[list[str]]:
-    """Pages of ids matching the filters, oldest first.
-
-    Pages come from a snapshot of the index taken at the start, so removing entries
-    while iterating (replay, purge) neither skips nor repeats any.
-    """
-    snapshot = f"{keys.DLQ_SNAPSHOT}{uuid.uuid4().hex}"
-    index, low, high = _range(reason, since, until)
-    total = r.zrangestore(snapshot, index, low, high, byscore=True)
-    r.expire(snapshot, 3600)
-    try:
-        for start in range(0, int(total), page):
-            yield _strings(r.zrange(snapshot, start, start + page - 1))
-    finally:
-        r.delete(snapshot)
-
-
 def count(
     r: redis.Redis, *, reason: Reason | None = None, since: float | None = None,
     until: float | None = None,
@@ -268,11 +244,24 @@ class Selection:
             return len(self.ids)
         return count(r, reason=self.reason, since=self.since, until=self.until)
 
-    def pages(self, r: redis.Redis) -> Iterator[list[str]]:
-        """Pages of the selected ids, safe to remove entries from while iterating."""
+    def pages(self, r: redis.Redis, size: int = 500) -> Iterator[list[str]]:
+        """Pages of the selected ids, oldest failure first.
+
+        Pages come from a snapshot of the index taken at the start, so removing entries
+        while iterating (replay, purge) neither skips nor repeats any.
+        """
         if self.ids:
-            return iter([list(self.ids)])
-        return iter_ids(r, reason=self.reason, since=self.since, until=self.until)
+            yield list(self.ids)
+            return
+        snapshot = f"{keys.DLQ_SNAPSHOT}{uuid.uuid4().hex}"
+        index, low, high = _range(self.reason, self.since, self.until)
+        total = r.zrangestore(snapshot, index, low, high, byscore=True)
+        r.expire(snapshot, 3600)
+        try:
+            for start in range(0, int(total), size):
+                yield _strings(r.zrange(snapshot, start, start + size - 1))
+        finally:
+            r.delete(snapshot)
 
 
 def select(
@@ -365,7 +354,7 @@ def purge(r: redis.Redis, ids: list[str]) -> int:
 def export(r: redis.Redis, write: Callable[[bytes], Any], *, reason: Reason | None = None) -> int:
     """Write every matching entry as a JSON line; returns the count."""
     written = 0
-    for ids in iter_ids(r, reason=reason):
+    for ids in Selection(reason=reason).pages(r):
         for entry in get_many(r, ids):
             write(entry.to_json() + b"\n")
             written += 1

@@ -188,7 +188,7 @@ def test_a_large_replay_pages_through_a_snapshot_beside_another_replay(r: redis.
         published.extend(i["id"] for i in items)
 
     def replay_all(publish: Any) -> int:
-        return sum(deadletter.replay(r, page, publish) for page in deadletter.iter_ids(r))
+        return sum(deadletter.replay(r, page, publish) for page in deadletter.Selection().pages(r))
 
     first: list[int] = []
     runner = threading.Thread(target=lambda: first.append(replay_all(first_publish)))
