@@ -78,6 +78,7 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(numeric)
+    logging.captureWarnings(True)  # a library's warning (Celery's, run as root) too
     # A line per task received and succeeded repeats the relay's own canonical "batch"
     # line; their warnings (a task given back) still come through.
     for noisy in ("celery.worker.strategy", "celery.app.trace"):

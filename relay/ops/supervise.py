@@ -184,8 +184,10 @@ def worker(settings: Settings, redis_url: str, celery_args: Sequence[str], say: 
     docstring), or, given its own `-Q`, that one worker in this process."""
     env = dict(os.environ, RELAY_REDIS_URL=redis_url)
     command = [
-        sys.executable, "-m", "celery", "-A", "workers.app", "worker", "--pool", "threads",
-        "-c", str(settings.worker_concurrency), "--without-gossip", "--without-mingle",
+        # --quiet: no banner; Celery's own log lines come through structlog (relay.logs).
+        sys.executable, "-m", "celery", "--quiet", "-A", "workers.app", "worker",
+        "--pool", "threads", "-c", str(settings.worker_concurrency),
+        "--without-gossip", "--without-mingle",
         "--loglevel", settings.log_level.upper(),
     ]  # fmt: skip
     if any(a in ("-Q", "--queues") or a.startswith(("-Q", "--queues=")) for a in celery_args):
