@@ -15,7 +15,8 @@ message, with no I/O (no Redis, HTTP or Celery). Around it, one subpackage per r
     ├── delivery/          the worker side: a batch delivered (batch, sending, settlement),
     │                      the ChurnZero client, throttle, dedupe, runs, the delayed set
     ├── ops/               the operator's side, which puts the others together: the `relay`
-    │                      CLI, the admin API, preview, the supervisor, what `relay serve` runs
+    │                      CLI, the admin API, preview, the supervisor, what `relay serve` and
+    │                      `relay dev` run
     └── dev/               stand-ins for development and tests: the ChurnZero sandbox
     workers/ (beside relay/): the Celery app and its one task, over relay.delivery
 

@@ -90,9 +90,9 @@ def sandbox(deployment: Deployment, host: str, port: int | None, eiv_secret: str
 @pass_deployment
 def dev(deployment: Deployment) -> None:
     """Everything on one machine: Redis, ingest, a worker and (without an app key) the sandbox."""
-    from relay.ops import supervise
+    from relay.ops import devstack
 
-    stack = supervise.DevStack(deployment.settings, deployment.redis_url)
+    stack = devstack.DevStack(deployment.settings, deployment.redis_url)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         stack.start()
