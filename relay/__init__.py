@@ -30,6 +30,7 @@ The import rule, checked by tests/unit/test_layout.py:
     ops       imports anything
     workers   imports the core, state and delivery
 
-so an ingest process never loads the worker's code, a worker never loads aiohttp's
-server, and the core can be read, and tested, without a Redis.
+so each side can be read, changed and tested without the other, and the core without a
+Redis. (What `relay serve` runs also mounts the admin, from ops, whose preview reuses the
+worker's rules: that is the one place the two sides meet in a process.)
 """
