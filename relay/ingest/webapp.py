@@ -16,7 +16,7 @@ from aiohttp import web
 from relay.errors import RequestError
 
 if TYPE_CHECKING:
-    # Named for the type checker only: the sandbox answers JSON too, without Celery or Redis.
+    # Named for the type checker only: the admin reads these keys without importing them.
     import redis
     import redis.asyncio as aioredis
     from celery import Celery
