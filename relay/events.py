@@ -25,6 +25,8 @@ from pydantic import (
 )
 from typing_extensions import TypeAliasType
 
+from relay import clock
+
 # Types the relay accepts; page and screen are counted and skipped.
 EVENT_TYPES = ("identify", "track", "page", "screen", "group", "alias", "delete")
 DELIVERED_TYPES = frozenset({"identify", "track", "group", "alias", "delete"})
@@ -173,5 +175,5 @@ def normalized(
         else:
             out[key] = value
     stamp = stamp or event.timestamp or received_at
-    out["timestamp"] = stamp.isoformat().replace("+00:00", "Z")
+    out["timestamp"] = clock.iso(stamp)
     return out

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from relay import events
+from relay import clock, events
 from relay.commands import (
     MAX_DESCRIPTION,
     Command,
@@ -119,7 +119,7 @@ def track_command(event: events.Track, ids: Ids, mapping: Mapping) -> TrackEvent
         account=ids.account,
         contact=ids.contact,
         event_name=mapping.event_name(event.event),
-        event_date=stamp.isoformat().replace("+00:00", "Z") if stamp else None,
+        event_date=clock.iso(stamp) if stamp else None,
         description=(text[:MAX_DESCRIPTION] or None) if isinstance(text, str) else None,
         quantity=_quantity(props),
         allow_dupes=_allow_dupes(event),

@@ -37,8 +37,6 @@ API_LIMITS = Limits(event_bytes=32 * 1024, request_bytes=500 * 1024, batch_event
 # twice that is headroom. Events grow on their way through Segment (receivedAt, context
 # enrichment), so one may pass 32 KB: above 64 KB it is dead-lettered, never refused.
 WEBHOOK_LIMITS = Limits(event_bytes=64 * 1024, request_bytes=8 * 1024 * 1024, batch_events=8000)
-MAX_EVENT_BYTES = API_LIMITS.event_bytes
-MAX_REQUEST_BYTES = API_LIMITS.request_bytes
 MAX_BATCH_EVENTS = API_LIMITS.batch_events
 # Flags an event whose timestamp could not be read (the receive time stands in for it).
 TIMESTAMP_UNPARSEABLE = "timestampUnparseable"

@@ -53,13 +53,14 @@ def identities_forget(deployment: Deployment, user_id: str, yes: bool) -> None:
     import uuid
     from datetime import UTC, datetime
 
+    from relay import clock
     from relay.envelope import Envelope
 
     if not yes:
         raise click.ClickException("forgetting a user cannot be undone: add --yes")
     now = datetime.now(UTC)
     event = {"type": "delete", "userId": user_id, "messageId": f"forget-{uuid.uuid4().hex}",
-             "timestamp": now.isoformat().replace("+00:00", "Z")}  # fmt: skip
+             "timestamp": clock.iso(now)}  # fmt: skip
     item = Envelope.new(event, source="api", received_at=now.timestamp())
     deployment.queue.publish([item.to_dict()])
     click.echo(f"queued the deletion of {user_id}")

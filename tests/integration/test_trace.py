@@ -52,8 +52,15 @@ def test_trace_finds_an_event_in_each_state(
     clean_sandbox.fault(status=503, for_s=60)
     send(url, {"type": "track", "userId": "u", "event": "Later", "messageId": "m-2",
                "properties": IDS})  # fmt: skip
-    wait_for(lambda: "delayed" in states(r, "m-2"))
-    delayed = next(s for s in trace.find(r, "m-2") if s.state == "delayed")
+    # Retries come and go while ChurnZero fails: keep the very look that saw it delayed.
+    seen: list[trace.Sighting] = []
+
+    def delayed_now() -> bool:
+        seen.extend(s for s in trace.find(r, "m-2") if s.state == "delayed")
+        return bool(seen)
+
+    wait_for(delayed_now)
+    delayed = seen[0]
     assert delayed.detail["cause"] in ("5xx", "paused")
     assert delayed.at is not None
     clean_sandbox.reset()
