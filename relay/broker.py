@@ -19,7 +19,6 @@ so that ingest never imports workers/.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from typing import Any
@@ -35,9 +34,6 @@ from relay import keys, oom, redis_conn, status, transport, wire
 from relay.envelope import Json
 from relay.errors import QueueUnavailable
 from relay.settings import VISIBILITY_MARGIN_S, Settings
-
-# Ingest's publishing retries briefly (a Redis failover), then fails: the client gets a 503.
-RETRIES = 2
 
 
 def _dumps(value: Any) -> bytes:
@@ -228,19 +224,15 @@ class AsyncQueue(_Publisher):
         self._push = client.register_script(_PUSH)
 
     async def publish(self, items: list[Json], message_id: str | None = None) -> None:
-        """Return once `items` are queued and counted; raise a RedisError if not."""
+        """Return once `items` are queued and counted; raise a RedisError if not.
+
+        Tried again only as the client tries every command (relay.redis_conn), so a
+        Redis that is down fails it within the client's bound. A call sent again is the
+        same bytes: if the first did land, the copies carry the same task ids and the
+        workers settle each message once (relay.runs)."""
         rate = status.rate_key(status.Rate.INGESTED, time.time())
         keys_, args = self._call(items, [rate], "rate", status.RATE_TTL_S, message_id=message_id)
-        for attempt in range(RETRIES + 1):
-            try:
-                await self._push(keys=keys_, args=args)
-                return
-            except (redis.ConnectionError, redis.TimeoutError):
-                # The same bytes again: if the first call did land, the copies carry the
-                # same task ids and the workers settle each message once (relay.runs).
-                if attempt == RETRIES:
-                    raise
-                await asyncio.sleep(0.1 * (attempt + 1))
+        await self._push(keys=keys_, args=args)
 
 
 def send(
