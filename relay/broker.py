@@ -109,6 +109,13 @@ def make_celery(settings: Settings, redis_url: str, *, worker: bool = False) -> 
         transport.install()
     app = Celery("relay", set_as_current=False)
     app.conf.update(celery_config(settings, redis_url))
+    if not worker:
+        # Ingest's (RELAY_INGEST_PUBLISHER=celery): it must answer 503 within about a
+        # second while Redis is gone from the network, as its own client does.
+        app.conf.broker_transport_options = {
+            **app.conf.broker_transport_options,
+            "socket_connect_timeout": redis_conn.ANSWER_CONNECT_TIMEOUT_S,
+        }
     app.conf.relay_message_events = settings.message_events
     return app
 
