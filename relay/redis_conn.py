@@ -109,7 +109,9 @@ def sync_client(
     """A blocking client of the primary named by `url` (following failovers with Sentinel).
 
     `retry=False` makes a command fail on the first connection error instead of trying
-    again, perhaps on a newly promoted primary that never saw the writes before it.
+    again, perhaps on a newly promoted primary that never saw the writes before it; it
+    pins that whatever redis-py's defaults (today a client made from a URL, as this one,
+    tries nothing again either way).
     """
     options = _options(socket_timeout, socket_connect_timeout)
     if not retry:
@@ -130,8 +132,9 @@ def async_client(
     A command whose connection is refused or dropped is tried again once, at once: that
     rides a pooled connection that died with a restarted Redis, at no cost when Redis is
     down. A timeout is not tried again: it has cost its bound already. The command is sent
-    again as it was, so a command whose reply was lost may run twice: ingest's writes are
-    made to be run twice (relay.broker, relay.deadletter).
+    again as it was, so one whose reply was lost may run twice: ingest's messages are then
+    settled once (relay.runs) and its dead letters keep their ids (only a count may move
+    twice).
     """
     options = _options(socket_timeout, socket_connect_timeout)
     options["retry"] = AsyncRetry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
