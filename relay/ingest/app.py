@@ -38,6 +38,10 @@ from relay.ingest.webapp import (
 from relay.settings import Settings
 from relay.state import broker, redis_conn
 
+# A Redis that is down fails the ping within the client's connect timeout; this bounds a
+# Redis that takes connections but does not answer.
+READY_TIMEOUT_S = 2
+
 
 async def livez(_: web.Request) -> web.Response:
     """GET /livez: the process answers (no dependencies checked)."""
@@ -46,11 +50,12 @@ async def livez(_: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """GET /readyz: Redis answers, the queue is under its high-water mark and Redis's
-    memory under RELAY_MAX_MEMORY_FRACTION of maxmemory."""
+    memory under RELAY_MAX_MEMORY_FRACTION of maxmemory; answered within READY_TIMEOUT_S."""
     gate = request.app[GATE]
     try:
-        await asyncio.wait_for(request.app[REDIS].ping(), timeout=2)
-        await gate.refresh(request.app[REDIS])
+        async with asyncio.timeout(READY_TIMEOUT_S):
+            await request.app[REDIS].ping()
+            await gate.refresh(request.app[REDIS])
     except (redis.RedisError, OSError, TimeoutError):
         gate.redis_ok, gate.reason = False, "redis unreachable"
     figures = {"waiting": gate.waiting, "memory_fraction": round(gate.memory_fraction, 4)}
@@ -74,14 +79,17 @@ def _resources(
     @contextlib.asynccontextmanager
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         app[REDIS] = redis_conn.async_client(settings, redis_url)
-        sync = redis_conn.sync_client(settings, redis_url)
+        fast = redis_conn.ANSWER_CONNECT_TIMEOUT_S  # /metrics and WAIT answer requests too
+        sync = redis_conn.sync_client(settings, redis_url, socket_connect_timeout=fast)
         app[SYNC_REDIS] = sync
         app[CELERY] = broker.make_celery(settings, redis_url)
         app[DEPLOYMENT] = CollectorRegistry(auto_describe=False)
         app[DEPLOYMENT].register(metrics.DeploymentCollector(sync))
         # Its own client, never retrying: a retry could land on a newly promoted primary
         # and have WAIT confirm writes that died with the old one.
-        acker = redis_conn.sync_client(settings, redis_url, retry=False)
+        acker = redis_conn.sync_client(
+            settings, redis_url, socket_connect_timeout=fast, retry=False
+        )
         pipelined = broker.AsyncQueue(app[REDIS], settings.message_events)
 
         async def publish_confirmed(items: list[dict[str, Any]]) -> None:

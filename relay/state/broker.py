@@ -19,7 +19,6 @@ so that ingest never imports workers/.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from typing import Any
@@ -36,9 +35,6 @@ from relay.envelope import Json
 from relay.errors import QueueUnavailable
 from relay.settings import VISIBILITY_MARGIN_S, Settings
 from relay.state import oom, redis_conn, status, transport
-
-# Ingest's publishing retries briefly (a Redis failover), then fails: the client gets a 503.
-RETRIES = 2
 
 
 def _dumps(value: Any) -> bytes:
@@ -114,6 +110,13 @@ def make_celery(settings: Settings, redis_url: str, *, worker: bool = False) -> 
         transport.install()
     app = Celery("relay", set_as_current=False)
     app.conf.update(celery_config(settings, redis_url))
+    if not worker:
+        # Ingest's (RELAY_INGEST_PUBLISHER=celery): it must answer 503 within about a
+        # second while Redis is gone from the network, as its own client does.
+        app.conf.broker_transport_options = {
+            **app.conf.broker_transport_options,
+            "socket_connect_timeout": redis_conn.ANSWER_CONNECT_TIMEOUT_S,
+        }
     app.conf.relay_message_events = settings.message_events
     return app
 
@@ -229,19 +232,15 @@ class AsyncQueue(_Publisher):
         self._push = client.register_script(_PUSH)
 
     async def publish(self, items: list[Json], message_id: str | None = None) -> None:
-        """Return once `items` are queued and counted; raise a RedisError if not."""
+        """Return once `items` are queued and counted; raise a RedisError if not.
+
+        Tried again only as the client tries every command (relay.state.redis_conn), so a
+        Redis that is down fails it within the client's bound. A call sent again is the
+        same bytes: if the first did land, the copies carry the same task ids and the
+        workers settle each message once (relay.delivery.runs)."""
         rate = status.rate_key(status.Rate.INGESTED, time.time())
         keys_, args = self._call(items, [rate], "rate", status.RATE_TTL_S, message_id=message_id)
-        for attempt in range(RETRIES + 1):
-            try:
-                await self._push(keys=keys_, args=args)
-                return
-            except (redis.ConnectionError, redis.TimeoutError):
-                # The same bytes again: if the first call did land, the copies carry the
-                # same task ids and the workers settle each message once (relay.delivery.runs).
-                if attempt == RETRIES:
-                    raise
-                await asyncio.sleep(0.1 * (attempt + 1))
+        await self._push(keys=keys_, args=args)
 
 
 def send(

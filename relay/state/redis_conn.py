@@ -9,6 +9,12 @@
   Sentinel, in the shape kombu's own Sentinel transport reads. Every client asks the
   sentinels for the primary and asks again after a connection error, so ingest, the
   workers, the mover, the CLI and the admin API all follow a failover.
+
+Retrying is decided here, not left to redis-py's defaults, which differ by how a client
+is built: one made from a URL tries nothing again, one made by `Redis(host, port)` (as
+redis-py makes its sentinel clients) tries 10 times more with backoff. Ingest's client
+reconnects once at once after a refused or dropped connection and never after a timeout,
+so that it answers 503 within about a second while Redis is down (README "Redis down").
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from urllib.parse import quote
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -29,6 +36,10 @@ from relay.settings import SentinelURL, Settings, parse_sentinel
 
 # Asking a sentinel is cheap and a dead one must not stall discovery: the next is tried.
 SENTINEL_TIMEOUTS = {"socket_timeout": 1.0, "socket_connect_timeout": 1.0}
+# A process that answers HTTP must answer within Segment's timeout (5-10 s), and a slow
+# 503 holds connections and hides the outage. Connecting, TLS handshake included, takes
+# milliseconds on any network a Redis is used over: a second is ample.
+ANSWER_CONNECT_TIMEOUT_S = 1.0
 
 
 def is_sentinel(url: str) -> bool:
@@ -65,7 +76,9 @@ def sync_client(
     """A blocking client of the primary named by `url` (following failovers with Sentinel).
 
     `retry=False` makes a command fail on the first connection error instead of trying
-    again, perhaps on a newly promoted primary that never saw the writes before it.
+    again, perhaps on a newly promoted primary that never saw the writes before it; it
+    pins that whatever redis-py's defaults (today a client made from a URL, as this one,
+    tries nothing again either way).
     """
     options = _options(socket_timeout, socket_connect_timeout)
     if not retry:
@@ -79,10 +92,19 @@ def async_client(
     url: str,
     *,
     socket_timeout: float = 5.0,
-    socket_connect_timeout: float = 3.0,
+    socket_connect_timeout: float = ANSWER_CONNECT_TIMEOUT_S,
 ) -> aioredis.Redis:
-    """An asyncio client of the primary named by `url` (following failovers with Sentinel)."""
+    """An asyncio client of the primary named by `url` (following failovers with Sentinel).
+
+    A command whose connection is refused or dropped is tried again once, at once: that
+    rides a pooled connection that died with a restarted Redis, at no cost when Redis is
+    down. A timeout is not tried again: it has cost its bound already. The command is sent
+    again as it was, so one whose reply was lost may run twice: ingest's messages are then
+    settled once (relay.delivery.runs) and its dead letters keep their ids (only a count may move
+    twice).
+    """
     options = _options(socket_timeout, socket_connect_timeout)
+    options["retry"] = AsyncRetry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
     client: aioredis.Redis = _primary(settings, url, options, AsyncSentinel, aioredis.from_url)
     return client
 
@@ -101,9 +123,11 @@ def _primary(
     # The same steps for blocking and asyncio clients; only the classes differ.
     if is_sentinel(url):
         parts = parse_sentinel(url)
+        # redis-py's sentinel clients would try a dead sentinel 10 times with backoff.
+        no_retry = (AsyncRetry if sentinel_class is AsyncSentinel else Retry)(NoBackoff(), 0)
         sentinel = sentinel_class(
             list(parts.sentinels),
-            sentinel_kwargs=dict(SENTINEL_TIMEOUTS),
+            sentinel_kwargs={**SENTINEL_TIMEOUTS, "retry": no_retry},
             db=parts.db,
             username=parts.username,
             password=parts.password,

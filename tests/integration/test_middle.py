@@ -13,16 +13,13 @@ from typing import Any
 
 import pytest
 import redis
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from relay import keys
 from relay.delivery.throttle import FIRST_OUTAGE_PAUSE_S, Throttle
 from relay.ingest.publisher import GroupCommit
 from relay.reasons import Reason
 from relay.settings import Settings
-from relay.state import broker, deadletter
+from relay.state import broker, deadletter, redis_conn
 from tests.integration.conftest import Blip, event_item, queued_items, url_of
 from tests.procs import free_port
 
@@ -118,11 +115,11 @@ async def test_group_commit_fails_the_requests_when_redis_is_away() -> None:
 async def test_group_commit_fails_every_request_of_a_refused_group_then_recovers(
     r: redis.Redis,
 ) -> None:
-    # Ingest's own path: the pipelined writer, on a Redis behind a proxy that can refuse.
-    # redis-py's own retries off (they only add seconds): the writer's retries remain.
+    # Ingest's own path: the pipelined writer and ingest's client (one reconnect at once),
+    # on a Redis behind a proxy that can refuse.
     blip = Blip(int(r.connection_pool.connection_kwargs["port"]))
     db = r.connection_pool.connection_kwargs["db"]
-    client = aioredis.Redis(port=blip.port, db=db, retry=Retry(NoBackoff(), 0))
+    client = redis_conn.async_client(Settings(), f"redis://127.0.0.1:{blip.port}/{db}")
     publisher = broker.AsyncQueue(client, message_events=500)
     celery = broker.make_celery(Settings(), url_of(r))
     commit = GroupCommit(celery, flush_ms=5, message_events=500, publish=publisher.publish)
