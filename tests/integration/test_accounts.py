@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from tests.conftest import ROOT
 from tests.integration.conftest import (
     WRITE_KEY,
     Sandbox,
+    SharedRelay,
     Starter,
     relay_env,
     settled,
@@ -33,12 +34,10 @@ WHEN = "2026-11-01T10:00:00Z"
 
 
 @pytest.fixture
-def relay(
-    r: redis.Redis, clean_sandbox: Sandbox, start_ingest: Callable[..., str], start_worker: Starter
-) -> str:
+def relay(r: redis.Redis, clean_sandbox: Sandbox, shared_relay: SharedRelay) -> Iterator[str]:
     # A long identity wait: a track waits for its user rather than being dead-lettered.
-    start_worker(identity_wait_s=300)
-    return start_ingest()
+    yield shared_relay.get(identity_wait_s=300)
+    shared_relay.release(r)
 
 
 def post(url: str, *calls: dict[str, Any]) -> None:
