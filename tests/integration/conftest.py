@@ -430,7 +430,7 @@ class SharedRelay:
 def _no_shared_relay_unasked(request: pytest.FixtureRequest) -> None:
     """A test that did not ask for `relay` runs without a shared worker left consuming
     beside it by the module's previous test."""
-    if "relay" not in request.fixturenames:
+    if "shared_relay" not in request.fixturenames:
         for shared in list(SharedRelay.running):
             shared.stop()
 
@@ -448,11 +448,21 @@ def shared_relay(
 
 
 @pytest.fixture
-def relay(r: redis.Redis, clean_sandbox: Sandbox, shared_relay: SharedRelay) -> Iterator[str]:
+def relay_with(
+    r: redis.Redis, clean_sandbox: Sandbox, shared_relay: SharedRelay
+) -> Iterator[Callable[..., str]]:
+    """Give a worker and an ingest process with these settings (relay_env's); returns
+    the ingest URL. Shared with the module's other tests while their work is done (see
+    SharedRelay)."""
+    yield shared_relay.get
+    shared_relay.release(r)
+
+
+@pytest.fixture
+def relay(relay_with: Callable[..., str]) -> str:
     """A worker and an ingest process on the test database, delivering to the sandbox
     (shared with the module's other tests while their work is done; see SharedRelay)."""
-    yield shared_relay.get()
-    shared_relay.release(r)
+    return relay_with()
 
 
 CHROMIUM = Path("/usr/bin/chromium")

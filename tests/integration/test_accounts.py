@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,6 @@ from tests.conftest import ROOT
 from tests.integration.conftest import (
     WRITE_KEY,
     Sandbox,
-    SharedRelay,
     Starter,
     relay_env,
     settled,
@@ -34,10 +33,9 @@ WHEN = "2026-11-01T10:00:00Z"
 
 
 @pytest.fixture
-def relay(r: redis.Redis, clean_sandbox: Sandbox, shared_relay: SharedRelay) -> Iterator[str]:
+def relay(relay_with: Callable[..., str]) -> str:
     # A long identity wait: a track waits for its user rather than being dead-lettered.
-    yield shared_relay.get(identity_wait_s=300)
-    shared_relay.release(r)
+    return relay_with(identity_wait_s=300)
 
 
 def post(url: str, *calls: dict[str, Any]) -> None:
