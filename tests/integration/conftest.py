@@ -395,12 +395,17 @@ class SharedRelay:
         alive = self._worker is not None and not any(p.exited() for p in self.children.procs)
         if settings != self.settings or not alive:
             self.stop()
-            env = relay_env(self.redis_url, churnzero_url=self.sandbox.url + "/i", **settings)
+            # As the start_worker and start_ingest fixtures do: the worker sends to the
+            # sandbox unless told otherwise.
+            worker_env = relay_env(
+                self.redis_url, **{"churnzero_url": self.sandbox.url + "/i", **settings}
+            )
             n, self._started = self._started, self._started + 1
             # Started side by side: the worker imports Celery while ingest comes up.
             worker = procs.start_worker(
-                self.children, env, f"w{n}-{os.getpid()}", label=f"worker{n}"
+                self.children, worker_env, f"w{n}-{os.getpid()}", label=f"worker{n}"
             )
+            env = relay_env(self.redis_url, **settings)
             self.url = procs.start_ingest(self.children, env, f"ingest{n}").url
             wait_for(
                 lambda: " ready." in worker.log.read_text(errors="replace") or worker.exited(), 60
