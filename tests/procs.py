@@ -77,13 +77,22 @@ class Proc:
         if self.popen.poll() is not None:
             raise RuntimeError(f"{self.label} exited ({self.popen.returncode}):\n{self.tail()}")
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> None:
-        """Send `sig` to the process group, SIGKILL the group if the leader lingers."""
+    def send(self, sig: int = signal.SIGTERM) -> None:
+        """Send `sig` to the process group, if the leader still runs."""
+        if self._popen is not None and self._popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._popen.pid, sig)
+
+    def stop(
+        self, sig: int = signal.SIGTERM, timeout: float = 15, *, signalled: bool = False
+    ) -> None:
+        """Send `sig` to the process group (unless `signalled` already), SIGKILL the group
+        if the leader lingers."""
         if self._popen is None:
             return
         if self._popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self._popen.pid, sig)
+            if not signalled:
+                self.send(sig)
             try:
                 self._popen.wait(timeout)
                 return
@@ -113,8 +122,11 @@ class Children:
         return proc
 
     def stop_all(self) -> None:
+        # Signalled together, then waited for: each shuts down while the others do.
         for proc in reversed(self.procs):
-            proc.stop()
+            proc.send()
+        for proc in reversed(self.procs):
+            proc.stop(signalled=True)
 
 
 def wait_http(url: str, proc: Proc, timeout: float = 30) -> None:

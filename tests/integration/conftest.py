@@ -1,7 +1,9 @@
 """The integration suite's real parts: a Redis, the ChurnZero sandbox, ingest and a
 Celery worker, each a real process. Tests use their own Redis database (13, or
 RELAY_TEST_REDIS_DB so that two checkouts can test side by side), flushed before each
-test; the processes are shared by the session and reset between tests.
+test. The sandbox is shared by the session and reset between tests; the worker and
+ingest process of the `relay` fixture by a module's tests, while each test's work is done
+when it ends (SharedRelay); the others are started by the test that needs them.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
 import pytest
 import redis
@@ -370,13 +372,111 @@ def delivery(make_delivery: Callable[..., Delivery]) -> Delivery:
     return make_delivery()
 
 
+class SharedRelay:
+    """A worker and an ingest process on the test database, delivering to the sandbox,
+    shared by the tests of a module that ask for the same settings: starting the pair
+    cost more than most of those tests. A test hands them on only once nothing is
+    queued, in flight or delayed, so no work of its own reaches the next test's Redis or
+    sandbox; otherwise (or when a process died) they are stopped, and the next test
+    starts its own."""
+
+    running: ClassVar[list[SharedRelay]] = []  # those with processes up
+
+    def __init__(self, redis_url: str, sandbox: Sandbox, logs: Path) -> None:
+        self.redis_url, self.sandbox = redis_url, sandbox
+        self.children = procs.Children(logs)
+        self.settings: dict[str, Any] | None = None
+        self.url = ""
+        self._worker: Proc | None = None
+        self._started = 0  # pairs started: each logs to files of its own
+
+    def get(self, **settings: Any) -> str:
+        """The base URL of an ingest process beside a ready worker, with these settings."""
+        alive = self._worker is not None and not any(p.exited() for p in self.children.procs)
+        if settings != self.settings or not alive:
+            self.stop()
+            # As the start_worker and start_ingest fixtures do: the worker sends to the
+            # sandbox unless told otherwise.
+            worker_env = relay_env(
+                self.redis_url, **{"churnzero_url": self.sandbox.url + "/i", **settings}
+            )
+            n, self._started = self._started, self._started + 1
+            # Started side by side: the worker imports Celery while ingest comes up.
+            worker = procs.start_worker(
+                self.children, worker_env, f"w{n}-{os.getpid()}", label=f"worker{n}"
+            )
+            env = relay_env(self.redis_url, **settings)
+            self.url = procs.start_ingest(self.children, env, f"ingest{n}").url
+            wait_for(
+                lambda: " ready." in worker.log.read_text(errors="replace") or worker.exited(), 60
+            )
+            worker.check_alive()
+            self._worker, self.settings = worker, settings
+            SharedRelay.running.append(self)
+        return self.url
+
+    def release(self, r: redis.Redis) -> None:
+        """The test is over: keep the pair for the next one only if its work is done."""
+        deadline = time.monotonic() + 3
+        while _busy_soon(r) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not settled(r):  # work left (a track waiting for its identify...): a fresh pair
+            self.stop()
+
+    def stop(self) -> None:
+        self.children.stop_all()
+        self.children.procs.clear()
+        self._worker, self.settings = None, None
+        if self in SharedRelay.running:
+            SharedRelay.running.remove(self)
+
+
+@pytest.fixture(autouse=True)
+def _no_shared_relay_unasked(request: pytest.FixtureRequest) -> None:
+    """A test that did not ask for `relay` runs without a shared worker left consuming
+    beside it by the module's previous test."""
+    if "shared_relay" not in request.fixturenames:
+        for shared in list(SharedRelay.running):
+            shared.stop()
+
+
+def _busy_soon(r: redis.Redis) -> bool:
+    """Work queued, in flight, or due back from the delayed set within 3 s."""
+    due_by = float(r.time()[0]) + 3
+    return (
+        r.llen("relay") > 0 or r.llen("relay.replay") > 0 or r.hlen("unacked") > 0
+        or r.zcount("relay:delayed", "-inf", due_by) > 0
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def shared_relay(
+    redis_url: str, sandbox: Sandbox, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SharedRelay]:
+    """The module's shared worker and ingest process (see SharedRelay)."""
+    shared = SharedRelay(redis_url, sandbox, tmp_path_factory.mktemp("relay"))
+    try:
+        yield shared
+    finally:
+        shared.stop()
+
+
 @pytest.fixture
-def relay(
-    r: redis.Redis, clean_sandbox: Sandbox, start_ingest: Callable[..., str], start_worker: Starter
-) -> str:
-    """A worker and an ingest process on the test database, delivering to the sandbox."""
-    start_worker()
-    return start_ingest()
+def relay_with(
+    r: redis.Redis, clean_sandbox: Sandbox, shared_relay: SharedRelay
+) -> Iterator[Callable[..., str]]:
+    """Give a worker and an ingest process with these settings (relay_env's); returns
+    the ingest URL. Shared with the module's other tests while their work is done (see
+    SharedRelay)."""
+    yield shared_relay.get
+    shared_relay.release(r)
+
+
+@pytest.fixture
+def relay(relay_with: Callable[..., str]) -> str:
+    """A worker and an ingest process on the test database, delivering to the sandbox
+    (shared with the module's other tests while their work is done; see SharedRelay)."""
+    return relay_with()
 
 
 CHROMIUM = Path("/usr/bin/chromium")

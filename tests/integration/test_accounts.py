@@ -33,12 +33,9 @@ WHEN = "2026-11-01T10:00:00Z"
 
 
 @pytest.fixture
-def relay(
-    r: redis.Redis, clean_sandbox: Sandbox, start_ingest: Callable[..., str], start_worker: Starter
-) -> str:
+def relay(relay_with: Callable[..., str]) -> str:
     # A long identity wait: a track waits for its user rather than being dead-lettered.
-    start_worker(identity_wait_s=300)
-    return start_ingest()
+    return relay_with(identity_wait_s=300)
 
 
 def post(url: str, *calls: dict[str, Any]) -> None:

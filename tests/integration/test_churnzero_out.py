@@ -58,16 +58,15 @@ def post_tracks(ingest: str, count: int) -> None:
 def test_misconfigured_churnzero_url_delivers_nothing_as_delivered_and_keeps_events(
     r: redis.Redis,
     clean_sandbox: Sandbox,
-    start_ingest: Callable[..., str],
-    start_worker: Starter,
+    relay_with: Callable[..., str],
     fault: dict[str, Any],
 ) -> None:
+    # The four faults share a worker and ingest (see SharedRelay).
+    ingest = relay_with(churnzero_misconfigured_pause_s=1)
     if "redirect" in fault:
         # Back to the sandbox itself: a client that follows it would "deliver" a bodyless GET.
         fault = {**fault, "location": clean_sandbox.url + "/i"}
     clean_sandbox.fault(**fault)
-    start_worker(churnzero_misconfigured_pause_s=1)
-    ingest = start_ingest()
     post_tracks(ingest, 5)
     wait_for(
         lambda: stats(r).get("requests:misconfigured", 0) >= 2, "repeated misconfigured answers"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -14,15 +14,22 @@ import requests
 import segment.analytics as analytics_module
 from segment.analytics import Client
 
+from tests import procs
 from tests.conftest import fixture
-from tests.integration.conftest import WRITE_KEY, queued_items, sign
+from tests.integration.conftest import WRITE_KEY, queued_items, relay_env, sign
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def ingest(r: redis.Redis, start_ingest: Callable[..., str]) -> str:
-    return start_ingest()
+@pytest.fixture(scope="module")
+def ingest(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One ingest process for the module: what a test checks is in Redis (the queue, dead
+    letters), which `r` empties before each test."""
+    children = procs.Children(tmp_path_factory.mktemp("ingest"))
+    try:
+        yield procs.start_ingest(children, relay_env(redis_url)).url
+    finally:
+        children.stop_all()
 
 
 def test_real_analytics_python_client_lands_in_queue(ingest: str, r: redis.Redis) -> None:

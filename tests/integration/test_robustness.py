@@ -53,12 +53,15 @@ def ingest(r: redis.Redis, clean_sandbox: Sandbox, start_ingest: Callable[..., s
     return start_ingest()
 
 
+# The first four share a worker and ingest (the `relay` fixture, see SharedRelay): each
+# ends with its work done. The others start workers of their own.
+
+
 def test_503_for_a_while_then_everything_once(
-    ingest: str, r: redis.Redis, clean_sandbox: Sandbox, start_worker: Starter
+    relay: str, r: redis.Redis, clean_sandbox: Sandbox
 ) -> None:
-    start_worker()
     clean_sandbox.fault(status=503)
-    identify_then_tracks(ingest, 300)
+    identify_then_tracks(relay, 300)
     # Down until the worker has met it, however long the worker took to start.
     wait_for(lambda: clean_sandbox.answered(503))
     clean_sandbox.clear_faults()
@@ -66,6 +69,60 @@ def test_503_for_a_while_then_everything_once(
     got = tracked(clean_sandbox)
     assert sorted(got) == sorted(f"ev-{i}" for i in range(300))  # each exactly once
     assert r.hlen("relay:dlq:entries") == 0
+
+
+def test_400_dead_letters_then_replay_delivers_once(
+    relay: str, r: redis.Redis, clean_sandbox: Sandbox
+) -> None:
+    clean_sandbox.fault(status=400)
+    identify_then_tracks(relay, 5)
+    wait_for(lambda: r.zcard("relay:dlq:reason:rejected") == 5 and settled(r))
+    entry = json.loads(next(iter(r.hvals("relay:dlq:entries"))))
+    assert entry["status"] == 400 and entry["reason"] == "rejected"
+    assert entry["response"]
+    assert tracked(clean_sandbox) == []
+    clean_sandbox.reset()
+    env = relay_env(url_of(r))
+    replay = [sys.executable, "-m", "relay.ops.cli", "dlq", "replay", "--reason", "rejected"]
+    out = subprocess.run(replay, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "replayed 5 of 5" in out.stdout
+    again = subprocess.run(replay, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert "replayed 0 of 0" in again.stdout  # safe to run twice
+    wait_for(lambda: len(tracked(clean_sandbox)) >= 5 and settled(r))
+    time.sleep(0.5)
+    assert sorted(tracked(clean_sandbox)) == sorted(f"ev-{i}" for i in range(5))
+    assert r.hlen("relay:dlq:entries") == 0
+
+
+def test_same_message_id_twice_is_delivered_once(
+    relay: str, r: redis.Redis, clean_sandbox: Sandbox
+) -> None:
+    identify_then_tracks(relay, 20, prefix="dup")
+    identify_then_tracks(relay, 20, prefix="dup")  # Segment library retrying
+    wait_for(lambda: len(tracked(clean_sandbox)) >= 20 and settled(r))
+    time.sleep(0.5)
+    assert sorted(tracked(clean_sandbox)) == sorted(f"dup-{i}" for i in range(20))
+    assert int(r.hget("relay:stats", "skipped:duplicate")) == 21
+
+
+@pytest.mark.usefixtures("relay")
+def test_a_batch_the_worker_cannot_handle_is_dead_lettered_not_dropped(
+    r: redis.Redis, clean_sandbox: Sandbox
+) -> None:
+    from relay.settings import Settings
+    from relay.state import broker
+
+    # Items without the relay's id: nothing ingest writes, but a message in the queue all
+    # the same (another producer, a hand-edited replay). Celery would drop a failed one.
+    event = {"type": "track", "userId": "u1", "event": "E", "messageId": "no-id-1"}
+    celery = broker.make_celery(Settings(), url_of(r))
+    broker.send(celery, [{"source": "api", "event": event}, {"event": event}])
+    wait_for(lambda: r.zcard("relay:dlq:reason:worker_error") == 2 and settled(r))
+    entries = [json.loads(v) for v in r.hvals("relay:dlq:entries")]
+    assert [e["item"]["event"] for e in entries] == [event, event]
+    assert all(e["errors"][0].startswith("DecodeError: no relay id") for e in entries)
+    assert tracked(clean_sandbox) == []
 
 
 def test_429_retry_after_holds_every_worker(
@@ -89,43 +146,6 @@ def test_429_retry_after_holds_every_worker(
     assert inside == []
     assert sorted(tracked(clean_sandbox)) == sorted(f"t-{i}" for i in range(400))
     assert r.hlen("relay:dlq:entries") == 0
-
-
-def test_400_dead_letters_then_replay_delivers_once(
-    ingest: str, r: redis.Redis, clean_sandbox: Sandbox, start_worker: Starter
-) -> None:
-    clean_sandbox.fault(status=400)
-    start_worker()
-    identify_then_tracks(ingest, 5)
-    wait_for(lambda: r.zcard("relay:dlq:reason:rejected") == 5 and settled(r))
-    entry = json.loads(next(iter(r.hvals("relay:dlq:entries"))))
-    assert entry["status"] == 400 and entry["reason"] == "rejected"
-    assert entry["response"]
-    assert tracked(clean_sandbox) == []
-    clean_sandbox.reset()
-    env = relay_env(url_of(r))
-    replay = [sys.executable, "-m", "relay.ops.cli", "dlq", "replay", "--reason", "rejected"]
-    out = subprocess.run(replay, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert "replayed 5 of 5" in out.stdout
-    again = subprocess.run(replay, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert "replayed 0 of 0" in again.stdout  # safe to run twice
-    wait_for(lambda: len(tracked(clean_sandbox)) >= 5 and settled(r))
-    time.sleep(0.5)
-    assert sorted(tracked(clean_sandbox)) == sorted(f"ev-{i}" for i in range(5))
-    assert r.hlen("relay:dlq:entries") == 0
-
-
-def test_same_message_id_twice_is_delivered_once(
-    ingest: str, r: redis.Redis, clean_sandbox: Sandbox, start_worker: Starter
-) -> None:
-    start_worker()
-    identify_then_tracks(ingest, 20, prefix="dup")
-    identify_then_tracks(ingest, 20, prefix="dup")  # Segment library retrying
-    wait_for(lambda: len(tracked(clean_sandbox)) >= 20 and settled(r))
-    time.sleep(0.5)
-    assert sorted(tracked(clean_sandbox)) == sorted(f"dup-{i}" for i in range(20))
-    assert int(r.hget("relay:stats", "skipped:duplicate")) == 21
 
 
 def test_long_outage_few_probes_bounded_memory_full_drain(
@@ -171,22 +191,3 @@ def test_retries_stop_at_max_age_into_dead_letters(
     assert all(e["last_failure"] - e["item"]["received_at"] >= 3 for e in entries)
     assert all(e["item"]["received_at"] <= e["first_failure"] < e["last_failure"] for e in entries)
     assert tracked(clean_sandbox) == ["warm-0"]
-
-
-def test_a_batch_the_worker_cannot_handle_is_dead_lettered_not_dropped(
-    r: redis.Redis, clean_sandbox: Sandbox, start_worker: Starter
-) -> None:
-    from relay.settings import Settings
-    from relay.state import broker
-
-    start_worker()
-    # Items without the relay's id: nothing ingest writes, but a message in the queue all
-    # the same (another producer, a hand-edited replay). Celery would drop a failed one.
-    event = {"type": "track", "userId": "u1", "event": "E", "messageId": "no-id-1"}
-    celery = broker.make_celery(Settings(), url_of(r))
-    broker.send(celery, [{"source": "api", "event": event}, {"event": event}])
-    wait_for(lambda: r.zcard("relay:dlq:reason:worker_error") == 2 and settled(r))
-    entries = [json.loads(v) for v in r.hvals("relay:dlq:entries")]
-    assert [e["item"]["event"] for e in entries] == [event, event]
-    assert all(e["errors"][0].startswith("DecodeError: no relay id") for e in entries)
-    assert tracked(clean_sandbox) == []
