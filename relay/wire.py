@@ -18,6 +18,7 @@ import uuid
 from typing import Any
 
 import orjson
+import pybase64
 
 from relay import keys
 from relay.envelope import Json
@@ -48,7 +49,9 @@ class MessageWriter:
         task_id = task_id or self._next()
         body = orjson.dumps([[items], {}, _EMBED])
         envelope = {
-            "body": base64.b64encode(body).decode(),
+            # pybase64: the same text as the standard library's, tens of times faster (the
+            # standard library's took 6 % of ingest's time on batches).
+            "body": pybase64.b64encode(body).decode(),
             "content-encoding": "utf-8",
             "content-type": "application/json",
             "headers": {
