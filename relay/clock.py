@@ -12,6 +12,7 @@ is laid onto the server's clock. The client's value is kept as `originalTimestam
 
 from __future__ import annotations
 
+import functools
 import re
 from datetime import UTC, datetime
 from typing import Any
@@ -29,6 +30,22 @@ def parse_instant(value: Any) -> datetime | None:
     """A timestamp as Segment's libraries send it (ISO-8601 or epoch ms), in UTC, or None."""
     if value is None or isinstance(value, bool):
         return None
+    if isinstance(value, str) and len(value) <= _REMEMBERED_CHARS:
+        return _parse_text(value)
+    return _parse(value)
+
+
+# The events of a batch usually carry one and the same sentAt: read once, not per event
+# (datetimes are immutable, so sharing one is safe). Longer strings are no timestamp.
+_REMEMBERED_CHARS = 64
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_text(value: str) -> datetime | None:
+    return _parse(value)
+
+
+def _parse(value: Any) -> datetime | None:
     try:
         if isinstance(value, str) and _RFC3339.fullmatch(value):
             when = datetime.fromisoformat(value)

@@ -7,6 +7,14 @@ are encoded with orjson, and relay.state.broker pushes them with their counts in
 call. Each is a Celery protocol 2 message in kombu's Redis envelope (base64 body, a
 delivery tag), the same shape `broker.send` makes through Celery, so `relay worker`
 consumes it unchanged (tests/integration/test_wire.py runs the real worker on them).
+
+The body is zlib-compressed, as Celery's own `compression="zlib"` publishes it (kombu's
+`compression` header; any Celery consumer inflates it before decoding). A batch of
+events repeats its keys and context in every event, so it shrinks many times over, and
+with it what Redis receives, keeps and writes to its AOF for every event: Redis spent
+more CPU per queued event than on any other work of ingest, and two ingest processes on
+two cores left it none to spare. Messages written before, without the header, read as
+they always did.
 """
 
 from __future__ import annotations
@@ -15,15 +23,21 @@ import base64
 import os
 import socket
 import uuid
+import zlib
 from typing import Any
 
 import orjson
+import pybase64
 
 from relay import keys
 from relay.envelope import Json
 
 # Celery's protocol 2 body is [args, kwargs, embed]; a relay task has no links.
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+# kombu's name of zlib (`compression="zlib"` in Celery). Level 1: on event batches it
+# shrinks nearly as much as the default level, in a third of the time.
+COMPRESSION = "application/x-gzip"
+ZLIB_LEVEL = 1
 
 
 class MessageWriter:
@@ -46,9 +60,10 @@ class MessageWriter:
     ) -> bytes:
         """One message for `queue` carrying `items` as the task's only argument."""
         task_id = task_id or self._next()
-        body = orjson.dumps([[items], {}, _EMBED])
+        body = zlib.compress(orjson.dumps([[items], {}, _EMBED]), ZLIB_LEVEL)
         envelope = {
-            "body": base64.b64encode(body).decode(),
+            # pybase64: the same text as the standard library's, tens of times faster.
+            "body": pybase64.b64encode(body).decode(),
             "content-encoding": "utf-8",
             "content-type": "application/json",
             "headers": {
@@ -72,6 +87,7 @@ class MessageWriter:
                 "replaced_task_nesting": 0,
                 "stamped_headers": None,
                 "stamps": {},
+                "compression": COMPRESSION,
             },
             "properties": {
                 "correlation_id": task_id,
@@ -107,12 +123,29 @@ class MessageWriter:
         ]
 
 
-def items_of(envelope: Any) -> list[Json]:
-    """The items of a `relay.deliver_batch` message, its kombu envelope parsed from JSON;
-    ValueError (or KeyError, IndexError, TypeError) if it is not one."""
+def body_of(envelope: Any) -> bytes:
+    """The Celery body of a message's kombu envelope (parsed from JSON): base64-decoded
+    and inflated as its properties and headers say; ValueError (or KeyError, TypeError)
+    if it is not one."""
     body = envelope["body"]
     if envelope.get("properties", {}).get("body_encoding") == "base64":
         body = base64.b64decode(body)
-    args, _kwargs, _embed = orjson.loads(body)
+    elif isinstance(body, str):
+        body = body.encode()
+    compression = (envelope.get("headers") or {}).get("compression")
+    if compression:
+        if compression not in (COMPRESSION, "gzip", "zlib"):
+            raise ValueError(f"unsupported compression: {compression}")
+        try:
+            body = zlib.decompress(body)
+        except zlib.error as exc:
+            raise ValueError(f"body does not inflate: {exc}") from None
+    return bytes(body)
+
+
+def items_of(envelope: Any) -> list[Json]:
+    """The items of a `relay.deliver_batch` message, its kombu envelope parsed from JSON;
+    ValueError (or KeyError, IndexError, TypeError) if it is not one."""
+    args, _kwargs, _embed = orjson.loads(body_of(envelope))
     items: list[Json] = args[0]
     return items

@@ -258,6 +258,7 @@ def send(
                 producer=producer,
                 retry=True,
                 retry_policy=retry_policy or {},  # {}: Celery's default policy
+                compression="zlib",  # as relay.wire writes them
             )
 
 

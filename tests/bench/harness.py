@@ -137,7 +137,32 @@ def start_ingest(
     """`relay serve` on a free port, once it answers (its base URL is `.url`)."""
     # One ingest process unless asked: the per-process figures are the ones compared.
     settings.setdefault("ingest_processes", 1)
-    return procs.start_ingest(children, relay_env(redis_url, **settings), label)
+    proc = procs.start_ingest(children, relay_env(redis_url, **settings), label)
+    _wait_listening(proc, int(settings["ingest_processes"]))
+    return proc
+
+
+def _wait_listening(proc: procs.Proc, count: int, timeout: float = 60) -> None:
+    """Wait until `count` ingest processes listen: the first one answering says nothing
+    of the others, and a connection made before one listens never reaches it."""
+    if count <= 1:
+        return
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        proc.check_alive()
+        listening = 0
+        for child in psutil.Process(proc.pid).children():
+            try:
+                tcp = child.net_connections(kind="tcp")
+            except psutil.Error:
+                continue
+            listening += any(c.status == psutil.CONN_LISTEN for c in tcp)
+        if listening >= count:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"{count} ingest processes did not all listen in {timeout} s")
 
 
 def start_relay_worker(

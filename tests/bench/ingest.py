@@ -7,7 +7,6 @@ events in the `relay` list.
 
 from __future__ import annotations
 
-import base64
 import os
 import sys
 import time
@@ -15,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from relay import wire
 from tests import procs
 from tests.bench import harness, wrk
 from tests.bench.harness import Env, say
@@ -32,12 +32,7 @@ def queued_events(env: Env) -> tuple[int, int, int]:
         length = r.llen("relay")
         for start in range(0, length, 500):
             for raw in r.lrange("relay", start, start + 499):
-                envelope = orjson.loads(raw)
-                body = envelope["body"]
-                if envelope["properties"].get("body_encoding") == "base64":
-                    body = base64.b64decode(body)
-                args = orjson.loads(body)[0]
-                total += len(args[0])
+                total += len(wire.items_of(orjson.loads(raw)))
                 messages += 1
         depth = int(r.get("relay:depth:ready") or 0)
         return total, messages, depth

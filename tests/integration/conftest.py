@@ -225,18 +225,15 @@ def url_of(r: redis.Redis) -> str:
 def queued_items(r: redis.Redis, queue: str = "relay") -> list[dict[str, Any]]:
     """Every item waiting in a Celery queue (`relay`, or the replay lane's `relay.replay`),
     oldest first (read-only peek)."""
-    import base64
     import json
+
+    from relay import wire
 
     out = []
     for raw in reversed(r.lrange(queue, 0, -1)):
         envelope = json.loads(raw)
         assert envelope["headers"]["task"] == "relay.deliver_batch"
-        body = envelope["body"]
-        if envelope["properties"].get("body_encoding") == "base64":
-            body = base64.b64decode(body)
-        args, _kwargs, _embed = json.loads(body)
-        out.extend(args[0])
+        out.extend(wire.items_of(envelope))
     return out
 
 

@@ -8,13 +8,14 @@ import asyncio
 import base64
 import json
 import time
+import zlib
 from typing import Any
 
 import pytest
 import redis
 import redis.asyncio as aioredis
 
-from relay import keys
+from relay import keys, wire
 from relay.settings import Settings
 from relay.state import broker
 from tests.integration.conftest import (
@@ -86,12 +87,15 @@ def test_a_pipelined_message_is_shaped_like_celerys_own(r: redis.Redis) -> None:
     assert ours["properties"].keys() == celerys["properties"].keys()
     for field in ("content-type", "content-encoding"):
         assert ours[field] == celerys[field]
-    for field in ("task", "lang", "retries", "timelimit", "kwargsrepr"):
+    for field in ("task", "lang", "retries", "timelimit", "kwargsrepr", "compression"):
         assert ours["headers"][field] == celerys["headers"][field]
     for field in ("delivery_mode", "delivery_info", "priority", "body_encoding"):
         assert ours["properties"][field] == celerys["properties"][field]
-    # The same body, byte for byte: the items' wire JSON is unchanged.
-    assert base64.b64decode(ours["body"]) == base64.b64decode(celerys["body"])
+    # Both zlib-compressed, as Celery's compression="zlib" does, to the same body byte
+    # for byte once inflated: the items' wire JSON is unchanged.
+    assert ours["headers"]["compression"] == wire.COMPRESSION
+    assert wire.body_of(ours) == wire.body_of(celerys)
+    assert zlib.decompress(base64.b64decode(ours["body"])) == wire.body_of(ours)
     assert queued_items(r) == items + items
 
 
