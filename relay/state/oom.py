@@ -9,6 +9,7 @@ message it acknowledges frees its whole body, so they are let through; ingest's 
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 ALLOW_OOM = "#!lua flags=allow-oom\n"
@@ -32,9 +33,17 @@ return 0
 _SCRIPT_COMMANDS = frozenset({"EVAL", "EVALSHA", "EVAL_RO", "EVALSHA_RO", "FCALL", "FCALL_RO"})
 
 
+# Asked once per client: the scripts of a client's users carry the header they chose at
+# start (`header`) anyway, and an INFO per settlement was a round trip per write.
+_FLAGS: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+
 def script_flags(r: Any) -> bool:
-    """Whether the server knows script flags (Redis 7+)."""
-    return int(str(r.info("server").get("redis_version", "0")).split(".")[0]) >= 7
+    """Whether the server knows script flags (Redis 7+); asked once per client."""
+    flags = _FLAGS.get(r)
+    if flags is None:
+        flags = _FLAGS[r] = int(str(r.info("server").get("redis_version", "0")).split(".")[0]) >= 7
+    return flags
 
 
 def header(r: Any) -> str:
