@@ -27,7 +27,7 @@ import psutil
 from relay import keys
 from tests import procs
 from tests.bench import harness
-from tests.bench.e2e import BATCH, CONCURRENCY, LATENCY_MS, USERS
+from tests.bench.e2e import BATCH, CONCURRENCY, LATENCY_MS, USERS, PeakRss
 from tests.bench.harness import Env, say
 from tests.bench.load import SandboxView, blast
 from tests.bench.payloads import batch_body, identify, track
@@ -167,7 +167,8 @@ def run_once(env: Env, events: int) -> dict[str, Any]:
                  "--format", "raw", "-r", "200", "-o", profile],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
-        got = sandbox.wait_commands(events, timeout=300, stall=20, alive=worker.check_alive)
+        with PeakRss(worker.pid) as rss:
+            got = sandbox.wait_commands(events, timeout=300, stall=20, alive=worker.check_alive)
         cpu1, stats1, t1 = _tree_cpu(worker.pid), _commandstats(env), time.monotonic()
         live1 = _cpu(live)
         messages = _runs(env) - runs_before
@@ -185,6 +186,7 @@ def run_once(env: Env, events: int) -> dict[str, Any]:
         "live_cpu_us_per_command": round((live1 - live0) / delivered * 1e6, 1),
         "commands_per_s": round(delivered / (t1 - t0), 1),
         "messages": messages,
+        "worker_rss_mb": round(rss.peak / 2**20, 1),
         "redis_calls_per_message": round(sum(calls.values()) / max(messages, 1), 1),
         "redis_calls": calls,
         "round_trips_per_message": (
