@@ -9,32 +9,54 @@ message it acknowledges frees its whole body, so they are let through; ingest's 
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 ALLOW_OOM = "#!lua flags=allow-oom\n"
 
-# ARGV: for each command its argument count, then its arguments. One script: atomic, as
-# the MULTI it replaces (and, like MULTI, not rolled back if a command fails).
-_RUN = (
-    ALLOW_OOM
-    + """
+# The staged scripts, each a function of its own KEYS and ARGV (a script cannot call
+# another script, but it can hold its text). ARGV: per command its argument count, then
+# its arguments; per staged script 0, the script's number, its key count, the count of
+# its keys and arguments together, then those. One script: atomic, as the MULTI it
+# replaces (and, like MULTI, not rolled back if a command fails).
+_SCRIPT = "SCRIPTS[{n}] = function(KEYS, ARGV)\n{body}\nend\n"
+_RUN = """
 local i = 1
 while i <= #ARGV do
   local n = tonumber(ARGV[i])
-  redis.call(unpack(ARGV, i + 1, i + n))
-  i = i + n + 1
+  if n > 0 then
+    redis.call(unpack(ARGV, i + 1, i + n))
+    i = i + n + 1
+  else
+    local f, k, m = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
+    local first, keys, argv = i + 4, {}, {}
+    for j = 1, k do keys[j] = ARGV[first + j - 1] end
+    for j = 1, m - k do argv[j] = ARGV[first + k + j - 1] end
+    SCRIPTS[f](keys, argv)
+    i = first + m
+  end
 end
 return 0
 """
-)
 
 
-_SCRIPT_COMMANDS = frozenset({"EVAL", "EVALSHA", "EVAL_RO", "EVALSHA_RO", "FCALL", "FCALL_RO"})
+_INLINED = frozenset({"EVAL", "EVALSHA"})
+_NOT_INLINED = frozenset({"EVAL_RO", "EVALSHA_RO", "FCALL", "FCALL_RO"})
+# Lua's unpack gives at most 8,000 values: a longer command (a HSET of thousands of
+# fields) makes the pipeline a MULTI instead.
+MAX_UNPACK = 7_000
+
+# Asked once per client: the scripts of a client's users carry the header they chose at
+# start (`header`) anyway, and an INFO per settlement was a round trip per write.
+_FLAGS: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 
 
 def script_flags(r: Any) -> bool:
-    """Whether the server knows script flags (Redis 7+)."""
-    return int(str(r.info("server").get("redis_version", "0")).split(".")[0]) >= 7
+    """Whether the server knows script flags (Redis 7+); asked once per client."""
+    flags = _FLAGS.get(r)
+    if flags is None:
+        flags = _FLAGS[r] = int(str(r.info("server").get("redis_version", "0")).split(".")[0]) >= 7
+    return flags
 
 
 def header(r: Any) -> str:
@@ -43,19 +65,41 @@ def header(r: Any) -> str:
 
 
 def execute(r: Any, pipe: Any) -> None:
-    """Run the commands staged on a redis-py pipeline atomically, even at maxmemory.
+    """Run the commands staged on a redis-py pipeline atomically, even at maxmemory: one
+    script, the staged scripts (EVAL, or EVALSHA of a registered script) inlined.
 
     Their replies are not returned: for pipelines of writes whose results are unused.
+    One reply, where a MULTI has one per command: a settlement stages hundreds.
     """
-    if not script_flags(r) or any(
-        str(command[0]).upper() in _SCRIPT_COMMANDS for command, _ in pipe.command_stack
-    ):
-        # A script cannot call another script: such a pipeline runs as a plain MULTI.
+    if not script_flags(r):
         pipe.execute()
         return
+    known = {script.sha: script.script for script in pipe.scripts}
+    bodies: dict[str, int] = {}  # a staged script's text -> its number in the script
     args: list[Any] = []
     for command, _options in pipe.command_stack:
-        args += [len(command), *command]
+        name = str(command[0]).upper()
+        if (
+            name in _NOT_INLINED
+            or (name == "EVALSHA" and command[1] not in known)
+            or (name not in _INLINED and len(command) > MAX_UNPACK)
+        ):
+            pipe.execute()  # a plain MULTI, as before Redis 7: refused at maxmemory
+            return
+        if name not in _INLINED:
+            args += [len(command), *command]
+            continue
+        body = known[command[1]] if name == "EVALSHA" else command[1]
+        number = bodies.setdefault(_text(body), len(bodies) + 1)
+        rest = command[3:]
+        args += [0, number, command[2], len(rest), *rest]
     pipe.reset()
     if args:
-        r.eval(_RUN, 0, *args)
+        functions = "".join(_SCRIPT.format(n=n, body=body) for body, n in bodies.items())
+        r.eval(f"{ALLOW_OOM}local SCRIPTS = {{}}\n{functions}{_RUN}", 0, *args)
+
+
+def _text(body: str | bytes) -> str:
+    """A script's text without its flags line (the whole script has its own)."""
+    text = body.decode() if isinstance(body, bytes) else body
+    return text.split("\n", 1)[1] if text.startswith("#!") else text

@@ -43,6 +43,30 @@ class Sighting:
         return {"state": self.state, "at": self.at, **self.detail}
 
 
+# KEYS: the record. ARGV: its size, then per event settled its outcome and that outcome's
+# fields (delivered: commands, messageId, relay id; skipped: why, messageId, relay id;
+# dead: why, entry, messageId, relay id). One entry each, as XADD from Python wrote them:
+# a settlement of hundreds of events sends their values, not hundreds of commands.
+# Approximate trimming: Redis drops whole stream nodes, far cheaper than exact.
+_RECORD = """
+local size, i = ARGV[1], 2
+while i <= #ARGV do
+  local o = ARGV[i]
+  if o == 'dead' then
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', size, '*', 'o', o, 'why', ARGV[i + 1],
+               'e', ARGV[i + 2], 'm', ARGV[i + 3], 'r', ARGV[i + 4])
+    i = i + 5
+  else
+    local what = o == 'delivered' and 'c' or 'why'
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', size, '*', 'o', o, what, ARGV[i + 1],
+               'm', ARGV[i + 2], 'r', ARGV[i + 3])
+    i = i + 4
+  end
+end
+return 0
+"""
+
+
 def stage_record(
     pipe: Any,
     size: int,
@@ -54,23 +78,23 @@ def stage_record(
     """Queue on the settlement's pipeline: one record entry per event settled."""
     if size <= 0:
         return
+    args: list[Any] = []
     for item, commands in delivered:
         sent = orjson.dumps([c.to_dict() for c in commands])
-        _stage(pipe, size, item.id, item.event, {"o": "delivered", "c": sent})
+        args += ["delivered", sent, _message_id(item.event), item.id]
     for item, reason in skipped:
-        _stage(pipe, size, item.id, item.event, {"o": "skipped", "why": reason})
+        args += ["skipped", reason, _message_id(item.event), item.id]
     for entry in dead:
         # An entry's item as stored: not always an envelope (a message the relay did not write).
-        fields = {"o": "dead", "why": entry.reason.value, "e": entry.id}
-        _stage(pipe, size, str(entry.item.get("id", "")), entry.item.get("event"), fields)
+        rid = str(entry.item.get("id", ""))
+        args += ["dead", entry.reason.value, entry.id, _message_id(entry.item.get("event")), rid]
+    if args:
+        pipe.eval(_RECORD, 1, keys.TRACE, size, *args)
 
 
-def _stage(pipe: Any, size: int, rid: str, event: Any, fields: dict[str, Any]) -> None:
+def _message_id(event: Any) -> str:
     message_id = event.get("messageId") if isinstance(event, dict) else None
-    fields["m"] = message_id if isinstance(message_id, str) else ""
-    fields["r"] = rid
-    # Approximate trimming: Redis drops whole stream nodes, far cheaper than exact.
-    pipe.xadd(keys.TRACE, fields, maxlen=size, approximate=True)
+    return message_id if isinstance(message_id, str) else ""
 
 
 def find(

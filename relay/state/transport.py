@@ -47,10 +47,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import orjson
 import structlog
 from kombu.transport import TRANSPORT_ALIASES, get_transport_cls, virtual
 from kombu.transport import redis as kombu_redis
-from kombu.utils.json import dumps
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ExecAbortError, OutOfMemoryError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -104,7 +104,9 @@ class QoS(kombu_redis.QoS):
             super().append(message, delivery_tag)
             return
         delivery = message.delivery_info
-        payload = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+        # kombu's record ([message, exchange, routing key]), as kombu reads it back; its
+        # own encoder escapes every byte of the message's base64 body in Python's JSON.
+        payload = orjson.dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
         with channel.conn_or_acquire() as client:
             client.eval(_APPEND, 2, self.unacked_index_key, self.unacked_key,
                         time.time(), delivery_tag, payload)  # fmt: skip

@@ -220,3 +220,44 @@ def test_staged_writes_refused_at_maxmemory_run_through_relay_oom(
     assert r.dbsize() == 0
     oom.execute(r, staged())
     assert (r.get("depth"), r.hget("entries", "id"), r.zscore("index", "id")) == (b"5", b"x", 1)
+
+
+def test_staged_scripts_run_inside_relay_oom_at_maxmemory(small_redis: redis.Redis) -> None:
+    # A settlement stages scripts (new names, identity merges) beside plain commands: all
+    # of them run as one script, in order, which Redis accepts when full.
+    from relay.state import oom
+
+    r = small_redis
+    counting = r.register_script(  # a registered script (EVALSHA), with its flags line
+        oom.ALLOW_OOM + "redis.call('INCRBY', KEYS[1], ARGV[1])\nreturn 1"
+    )
+    appending = "for _, v in ipairs(ARGV) do redis.call('RPUSH', KEYS[1], v) end\nreturn #ARGV"
+    r.config_set("maxmemory", str(r.info("memory")["used_memory"]))  # full from now on
+
+    def staged() -> Any:
+        pipe = r.pipeline()
+        pipe.set("n", 1)
+        counting(keys=["n"], args=[5], client=pipe)
+        pipe.eval(appending, 1, "list", "a", "b")
+        counting(keys=["n"], args=[10], client=pipe)
+        pipe.eval(appending, 1, "list", "c")
+        pipe.hset("h", "f", "v")
+        return pipe
+
+    with pytest.raises(redis.ResponseError, match=r"maxmemory|discarded"):
+        staged().execute()
+    assert r.dbsize() == 0
+    oom.execute(r, staged())
+    assert r.get("n") == b"16"
+    assert r.lrange("list", 0, -1) == [b"a", b"b", b"c"]
+    assert r.hget("h", "f") == b"v"
+
+
+def test_relay_oom_runs_a_command_longer_than_lua_unpacks(small_redis: redis.Redis) -> None:
+    # A settlement of thousands of dead letters is one HSET of thousands of fields.
+    from relay.state import oom
+
+    r = small_redis
+    fields = {f"f{n}": n for n in range(oom.MAX_UNPACK)}
+    oom.execute(r, r.pipeline().hset("h", mapping=fields).incr("n"))
+    assert (r.hlen("h"), r.get("n")) == (oom.MAX_UNPACK, b"1")
