@@ -1,15 +1,24 @@
 """`ingest_webhook` and `ingest_batch`: one `relay serve` against a bare aiohttp handler,
-both loaded by the same wrk (2 threads, 50 connections), no worker running.
+both loaded by the same wrk (2 threads, 50 connections), no worker running;
+`ingest_processes`: `relay serve --processes 2` against one process.
 
-After the relay's run the queue is counted: every request answered 200 must have its
-events in the `relay` list.
+The two sides run in alternating rounds (`ROUNDS` of `ROUND_SECONDS` each, the order
+swapped every round), and the ratio is the median of the rounds' ratios: this machine's
+speed drifts by half within a minute (a plain loop took 0.22-0.34 s from one second to
+the next), so a baseline measured a minute apart from the relay said more of the machine
+than of the relay. Throughput and CPU are the rounds' totals; p99 is the worst round's.
+
+After the runs the queue is counted: every request answered 200 must have its events in
+the `relay` list.
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -40,41 +49,87 @@ def queued_events(env: Env) -> tuple[int, int, int]:
         r.close()
 
 
-def _bare(children: procs.Children, path: str, body: bytes, headers: dict[str, str]) -> WrkResult:
+ROUNDS = int(os.environ.get("RELAY_BENCH_ROUNDS", "5"))
+ROUND_SECONDS = 4.0
+
+
+def _start_bare(children: procs.Children) -> procs.Proc:
     port = procs.free_port()
     proc = children.start("bare", [sys.executable, "-m", "tests.bench.bare", "--port", str(port)])
-    url = f"http://127.0.0.1:{port}"
-    procs.wait_http(url + "/livez", proc)
-    wrk.run(url + path, body, headers, wrk.WARMUP_SECONDS)
+    proc.url = f"http://127.0.0.1:{port}"
+    procs.wait_http(proc.url + "/livez", proc)
+    return proc
+
+
+def _measure(proc: procs.Proc, path: str, body: bytes, headers: dict[str, str]) -> WrkResult:
     cpu = harness.cpu_seconds(proc)
-    result = wrk.run(url + path, body, headers)
+    result = wrk.run(proc.url + path, body, headers, ROUND_SECONDS)
     result.server_cpu_s = harness.cpu_seconds(proc) - cpu
-    proc.stop()
     return result
 
 
-def _relay(
-    env: Env,
-    children: procs.Children,
-    path: str,
-    body: bytes,
-    headers: dict[str, str],
-    processes: int = 1,
-) -> tuple[WrkResult, tuple[int, int, int]]:
-    proc = harness.start_ingest(
-        children, env.redis_url, label=f"ingest-{processes}", ingest_processes=processes
+def merged(rounds: list[WrkResult]) -> WrkResult:
+    """The rounds as one result: totals, median p50/p90, the worst round's p99 and max."""
+    requests = sum(r.requests for r in rounds)
+    duration = sum(r.duration_s for r in rounds)
+    return WrkResult(
+        requests=requests,
+        duration_s=duration,
+        rps=requests / duration if duration else 0.0,
+        non_2xx=sum(r.non_2xx for r in rounds),
+        socket_errors=sum(r.socket_errors for r in rounds),
+        p50_ms=statistics.median(r.p50_ms for r in rounds),
+        p90_ms=statistics.median(r.p90_ms for r in rounds),
+        p99_ms=max(r.p99_ms for r in rounds),
+        max_ms=max(r.max_ms for r in rounds),
+        server_cpu_s=sum(r.server_cpu_s or 0.0 for r in rounds),
     )
-    url = proc.url
-    wrk.run(url + path, body, headers, wrk.WARMUP_SECONDS)
+
+
+def alternate(
+    env: Env, a: procs.Proc, b: procs.Proc, path: str, body: bytes, headers: dict[str, str]
+) -> tuple[list[WrkResult], list[WrkResult], tuple[int, int, int]]:
+    """`ROUNDS` rounds of `a` and `b` in turn (who goes first swaps each round), after a
+    warm-up of each, and what they queued: (events, messages, the ready-depth counter).
+
+    The queue is counted and emptied after each measured run: no worker drains it, and a
+    queue grown past ingest's gate would be answered 503, not measured."""
+    for proc in (a, b):
+        wrk.run(proc.url + path, body, headers, wrk.WARMUP_SECONDS)
     time.sleep(1)  # requests cut off by the warm-up's end finish publishing
-    env.flush()  # count only what the measured run queues
-    cpu = harness.cpu_seconds(proc)
-    result = wrk.run(url + path, body, headers)
-    result.server_cpu_s = harness.cpu_seconds(proc) - cpu
-    time.sleep(1)
-    counted = queued_events(env)
-    proc.stop()
-    return result, counted
+    env.flush()  # count only what the measured rounds queue
+    a_rounds: list[WrkResult] = []
+    b_rounds: list[WrkResult] = []
+    counted = [0, 0, 0]
+    for n in range(ROUNDS):
+        pair: list[tuple[procs.Proc, list[WrkResult]]] = [(a, a_rounds), (b, b_rounds)]
+        for proc, into in pair if n % 2 == 0 else reversed(pair):
+            into.append(_measure(proc, path, body, headers))
+            # Every answered request's events are in Redis by now (a 200 comes after).
+            counted = [x + y for x, y in zip(counted, queued_events(env), strict=True)]
+            env.flush()
+    return a_rounds, b_rounds, (counted[0], counted[1], counted[2])
+
+
+def median_ratio(
+    top: list[WrkResult], bottom: list[WrkResult], of: Callable[[WrkResult], float]
+) -> float:
+    """The median over rounds of of(top) / of(bottom)."""
+    pairs = zip(top, bottom, strict=True)
+    return statistics.median(of(t) / of(b) if of(b) else 0.0 for t, b in pairs)
+
+
+def _compare(
+    env: Env, children: procs.Children, path: str, body: bytes, headers: dict[str, str]
+) -> tuple[WrkResult, WrkResult, float, tuple[int, int, int]]:
+    """The relay against the bare handler: (relay, bare, median ratio, queue count)."""
+    say(f"  bare aiohttp handler and relay serve: {ROUNDS} rounds of {ROUND_SECONDS:g} s "
+        f"each on {path}")  # fmt: skip
+    bare = _start_bare(children)
+    relay = harness.start_ingest(children, env.redis_url, label="ingest-1")
+    relay_rounds, bare_rounds, counted = alternate(env, relay, bare, path, body, headers)
+    ratio = median_ratio(relay_rounds, bare_rounds, lambda r: r.rps)
+    return merged(relay_rounds), merged(bare_rounds), ratio, counted
 
 
 def cpu_ratio(relay: WrkResult, bare: WrkResult) -> float | None:
@@ -85,16 +140,6 @@ def cpu_ratio(relay: WrkResult, bare: WrkResult) -> float | None:
     return round(float(theirs["server_cpu_us_per_request"] / mine["server_cpu_us_per_request"]), 3)
 
 
-def _compare(
-    env: Env, children: procs.Children, path: str, body: bytes, headers: dict[str, str]
-) -> tuple[WrkResult, WrkResult, tuple[int, int, int]]:
-    say(f"  bare aiohttp handler: wrk {wrk.SECONDS} s on {path}")
-    bare = _bare(children, path, body, headers)
-    say(f"  relay serve: wrk {wrk.SECONDS} s on {path}")
-    relay, counted = _relay(env, children, path, body, headers)
-    return relay, bare, counted
-
-
 def ingest_webhook(env: Env) -> dict[str, Any]:
     """Single signed events on /webhook."""
     body = orjson.dumps(track(1))
@@ -103,8 +148,9 @@ def ingest_webhook(env: Env) -> dict[str, Any]:
         "X-Signature": harness.signature(body),
     }
     with harness.bench_context(env, "ingest_webhook") as children:
-        relay, bare, (queued, messages, depth) = _compare(env, children, "/webhook", body, headers)
-    ratio = relay.rps / bare.rps if bare.rps else 0.0
+        relay, bare, ratio, (queued, messages, depth) = _compare(
+            env, children, "/webhook", body, headers
+        )
     queue_ok = queued >= relay.ok
     return {
         "name": "ingest_webhook",
@@ -133,7 +179,9 @@ def ingest_batch(env: Env) -> dict[str, Any]:
     body = batch_body([track(i) for i in range(BATCH_EVENTS)])
     headers = {"Content-Type": "application/json", "Authorization": basic_auth()}
     with harness.bench_context(env, "ingest_batch") as children:
-        relay, bare, (queued, messages, depth) = _compare(env, children, "/v1/batch", body, headers)
+        relay, bare, ratio, (queued, messages, depth) = _compare(
+            env, children, "/v1/batch", body, headers
+        )
     events_per_s = relay.rps * BATCH_EVENTS
     baseline = bare.rps * BATCH_EVENTS
     queue_ok = queued >= relay.ok * BATCH_EVENTS
@@ -141,7 +189,7 @@ def ingest_batch(env: Env) -> dict[str, Any]:
         "name": "ingest_batch",
         "events_per_s": round(events_per_s, 1),
         "baseline_per_s": round(baseline, 1),
-        "ratio": round(events_per_s / baseline, 3) if baseline else 0.0,
+        "ratio": round(ratio, 3),
         "cpu_ratio": cpu_ratio(relay, bare),
         "p99_ms": round(relay.p99_ms, 2),
         "baseline_p99_ms": round(bare.p99_ms, 2),
@@ -164,14 +212,19 @@ def ingest_processes(env: Env) -> dict[str, Any]:
     """/v1/batch of 100 events: `relay serve --processes 2` against one process."""
     body = batch_body([track(i) for i in range(BATCH_EVENTS)])
     headers = {"Content-Type": "application/json", "Authorization": basic_auth()}
-    runs: dict[int, tuple[WrkResult, tuple[int, int, int]]] = {}
     with harness.bench_context(env, "ingest_processes") as children:
-        for processes in (1, 2):
-            say(f"  relay serve --processes {processes}: wrk {wrk.SECONDS} s on /v1/batch")
-            runs[processes] = _relay(env, children, "/v1/batch", body, headers, processes)
-    (one, (one_queued, _, _)), (two, (two_queued, _, _)) = runs[1], runs[2]
-    ratio = two.rps / one.rps if one.rps else 0.0
-    queue_ok = one_queued >= one.ok * BATCH_EVENTS and two_queued >= two.ok * BATCH_EVENTS
+        say(f"  relay serve --processes 1 and 2: {ROUNDS} rounds of {ROUND_SECONDS:g} s each "
+            "on /v1/batch")  # fmt: skip
+        singles = harness.start_ingest(children, env.redis_url, label="ingest-1")
+        doubles = harness.start_ingest(
+            children, env.redis_url, label="ingest-2", ingest_processes=2
+        )
+        two_rounds, one_rounds, (queued, _, _) = alternate(
+            env, doubles, singles, "/v1/batch", body, headers
+        )
+    one, two = merged(one_rounds), merged(two_rounds)
+    ratio = median_ratio(two_rounds, one_rounds, lambda r: r.rps)
+    queue_ok = queued >= (one.ok + two.ok) * BATCH_EVENTS
     return {
         "name": "ingest_processes",
         "events_per_s": round(two.rps * BATCH_EVENTS, 1),
@@ -184,7 +237,7 @@ def ingest_processes(env: Env) -> dict[str, Any]:
         "baseline": one.as_dict(),
         "answered_2xx": one.ok + two.ok,
         "non_2xx": one.non_2xx + two.non_2xx,
-        "queued_events": one_queued + two_queued,
+        "queued_events": queued,
         "queue_check": queue_ok,
         "target": "2 processes >= 1.6 x 1 (batch events/s, same wrk)",
         "met": ratio >= 1.6 and queue_ok,
