@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, Self
 
 import pytest
 import redis
@@ -244,6 +244,37 @@ def sign(body: bytes) -> str:
     return signature(SECRET, body)
 
 
+def cut_all(conns: list[Any]) -> None:
+    """Shut down and close these sockets, as a network cut would."""
+    import socket
+
+    for s in conns:
+        with contextlib.suppress(OSError):
+            s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+
+class Senders:
+    """Threads sending load, started together and stopped together. A subclass gives its
+    threads to `__init__` and watches `self._stop`."""
+
+    def __init__(self, threads: list[Any]) -> None:
+        import threading
+
+        self._threads = threads
+        self._stop = threading.Event()
+
+    def start(self) -> Self:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def stop(self, timeout: float = 120) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout)
+
+
 class Blip:
     """A TCP proxy in front of a Redis that can drop every connection and refuse new ones
     for a while: a network blip between a relay process and its broker."""
@@ -298,15 +329,10 @@ class Blip:
 
     def refuse(self) -> None:
         """Drop every connection now and refuse new ones until `admit`."""
-        import socket
-
         self._open.clear()
         with self._lock:
             conns, self._conns = self._conns, []
-        for s in conns:
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-                s.close()
+        cut_all(conns)
 
     def admit(self) -> None:
         """Let new connections through again."""

@@ -18,7 +18,14 @@ import pytest
 import redis
 import requests
 
-from tests.integration.conftest import WRITE_KEY, queued_items, sign, wait_for
+from tests.integration.conftest import (
+    WRITE_KEY,
+    Senders,
+    cut_all,
+    queued_items,
+    sign,
+    wait_for,
+)
 from tests.procs import free_port, start_redis
 
 pytestmark = pytest.mark.integration
@@ -29,7 +36,7 @@ BOUND_S = 5
 AOF_ALWAYS = ("--appendonly", "yes", "--appendfsync", "always")
 
 
-class Poster:
+class Poster(Senders):
     """Threads posting numbered track events, one to /webhook and one to /v1/batch at a
     time, recording every answer and which events a 200 acknowledged."""
 
@@ -40,10 +47,9 @@ class Poster:
         self.acked: set[str] = set()
         self._lock = threading.Lock()
         self._next = 0
-        self._stop = threading.Event()
-        self._threads = [
-            threading.Thread(target=self._run, args=(route,)) for route in ("webhook", "batch")
-        ]
+        super().__init__(
+            [threading.Thread(target=self._run, args=(route,)) for route in ("webhook", "batch")]
+        )
 
     def _ids(self, n: int) -> list[str]:
         with self._lock:
@@ -77,16 +83,6 @@ class Poster:
         """The answers to requests sent after `moment`."""
         with self._lock:
             return [a for a in self.answers if a[0] > moment]
-
-    def start(self) -> Poster:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(120)
 
 
 @pytest.fixture
@@ -166,10 +162,7 @@ class Vanishing:
         self._filler = socket.create_connection(("127.0.0.1", self.port), timeout=5)
         with self._lock:
             conns, self._conns = self._conns, []
-        for s in conns:
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-                s.close()
+        cut_all(conns)
 
     def restore(self) -> None:
         """Take connections again."""

@@ -27,7 +27,14 @@ import redis
 import requests
 from redis.sentinel import Sentinel
 
-from tests.integration.conftest import WRITE_KEY, Sandbox, Starter, relay_env, wait_for
+from tests.integration.conftest import (
+    WRITE_KEY,
+    Sandbox,
+    Senders,
+    Starter,
+    relay_env,
+    wait_for,
+)
 from tests.procs import ROOT, free_port, start_redis, start_sentinel
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos, pytest.mark.slow]
@@ -116,7 +123,7 @@ def topology(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Topolog
     topo.stop()
 
 
-class Load:
+class Load(Senders):
     """Numbered track events posted in batches by two threads until stopped (bounded)."""
 
     def __init__(self, url: str, batch: int = 20, limit: int = 100_000) -> None:
@@ -124,8 +131,7 @@ class Load:
         self.answers: list[tuple[float, float, int, list[str]]] = []  # start, end, status, ids
         self._next = 0
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run) for _ in range(2)]
+        super().__init__([threading.Thread(target=self._run) for _ in range(2)])
 
     def _run(self) -> None:
         session = requests.Session()
@@ -151,16 +157,6 @@ class Load:
                 self.answers.append((began, time.monotonic(), code, ids))
             if code != 200:
                 time.sleep(0.05)  # a client backs off a little, as Segment's do
-
-    def start(self) -> Load:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(60)
 
     def acked(self, after: float = 0.0) -> set[str]:
         with self._lock:
