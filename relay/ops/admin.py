@@ -2,7 +2,7 @@
 
 Off unless `RELAY_ADMIN_TOKEN` is set. Every data route needs `Authorization: Bearer
 <token>`; the page itself holds no data and asks for the token, then calls the API.
-Its middlewares run for its own routes only, never for `/webhook`. It reads ingest's
+Its token check wraps each of its own routes (`guarded`), never `/webhook`. It reads ingest's
 settings and clients through `request.config_dict` (keys in relay.ingest.webapp), so it does
 not import ingest. Redis calls here are synchronous library functions (the CLI's), run
 in a thread.
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from functools import partial
+from functools import partial, wraps
 from importlib import resources
 from typing import Any
 
@@ -35,8 +35,7 @@ def _error(status_code: int, message: str, headers: dict[str, str] | None = None
     return json_response({"error": message}, status_code, headers)
 
 
-@web.middleware
-async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+def _refused(request: web.Request) -> web.Response | None:
     """Off without a token; bearer-token check for /admin/api/*; the page passes through."""
     settings = request.config_dict[SETTINGS]
     if settings.admin_token is None:
@@ -46,18 +45,28 @@ async def require_token(request: web.Request, handler: Handler) -> web.StreamRes
         expected = settings.admin_token.get_secret_value()
         if not hmac.compare_digest(given.encode(), expected.encode()):
             return _error(401, "missing or invalid bearer token", {"WWW-Authenticate": "Bearer"})
-    return await handler(request)
+    return None
 
 
-@web.middleware
-async def answer_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """A refused request gets its JSON answer; Redis not answering gets a 503."""
-    try:
-        return await handler(request)
-    except RequestError as exc:
-        return refusal(exc)
-    except broker.QUEUE_ERRORS:
-        return _error(503, "redis unreachable", {"Retry-After": "5"})
+def guarded(handler: Handler) -> Handler:
+    """`handler` behind the token check, with refusals and Redis errors answered as JSON.
+
+    A wrapper of each route rather than middlewares: an application with middlewares
+    anywhere makes aiohttp build a middleware chain for every request, `/webhook`'s too."""
+
+    @wraps(handler)
+    async def guard(request: web.Request) -> web.StreamResponse:
+        refused = _refused(request)
+        if refused is not None:
+            return refused
+        try:
+            return await handler(request)
+        except RequestError as exc:
+            return refusal(exc)
+        except broker.QUEUE_ERRORS:
+            return _error(503, "redis unreachable", {"Retry-After": "5"})
+
+    return guard
 
 
 def _sync(request: web.Request) -> Any:
@@ -223,6 +232,8 @@ async def trace_view(request: web.Request) -> web.Response:
 
 def create_app() -> web.Application:
     """The admin page and API, to mount on the ingest app at `/admin`."""
-    app = web.Application(middlewares=[require_token, answer_errors])
-    app.add_routes(routes)
+    app = web.Application()
+    for route in routes:
+        assert isinstance(route, web.RouteDef)
+        app.router.add_route(route.method, route.path, guarded(route.handler), **route.kwargs)
     return app
