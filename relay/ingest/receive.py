@@ -110,8 +110,7 @@ async def _ingest(request: web.Request, route: str, source: str) -> web.Response
     except QueueUnavailable as exc:
         response = _unavailable(str(exc))
     elapsed = time.perf_counter() - started
-    metrics.ingest_requests(route, response.status).inc()
-    metrics.ingest_duration(route).observe(elapsed)
+    metrics.FIGURES.request(route, response.status, elapsed)
     app[REQUEST_LOG].record(response.status, elapsed * 1000, outcome)
     return response
 
@@ -163,12 +162,12 @@ async def _handle(
         raise QueueUnavailable("could not queue the events") from exc
     outcome.update(accepted=len(items), rejected=len(rejected))
     label = "webhook" if route == "webhook" else "api"
-    metrics.ingest_events(label, "accepted").inc(len(items))
+    metrics.FIGURES.events(label, "accepted", len(items))
     if parsed.timestamp_fallbacks:
         outcome["timestamp_fallbacks"] = parsed.timestamp_fallbacks
         metrics.INGEST_TIMESTAMP_FALLBACKS.labels(label).inc(parsed.timestamp_fallbacks)
     if rejected:
-        metrics.ingest_events(label, "rejected").inc(len(rejected))
+        metrics.FIGURES.events(label, "rejected", len(rejected))
         return json_response(
             {
                 "success": True,
