@@ -150,6 +150,7 @@ AnyEvent = Identify | Track | Page | Screen | Group | Alias | Delete
 # A named alias, so that JSON Schema gives the union one definition that others refer to.
 Event = TypeAliasType("Event", Annotated[AnyEvent, Field(discriminator="type")])
 EVENT: TypeAdapter[AnyEvent] = TypeAdapter(Event)
+_VALIDATE = EVENT.validator.validate_python
 
 
 def parse(raw: dict[str, Any]) -> AnyEvent:
@@ -157,7 +158,9 @@ def parse(raw: dict[str, Any]) -> AnyEvent:
     kind = raw.get("type")
     if isinstance(kind, str) and kind != kind.lower():
         raw = {**raw, "type": kind.lower()}
-    return EVENT.validate_python(raw)
+    # The validator itself: TypeAdapter's wrapper cost an eighth of the call.
+    event: AnyEvent = _VALIDATE(raw)
+    return event
 
 
 def normalized(
