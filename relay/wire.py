@@ -15,6 +15,10 @@ with it what Redis receives, keeps and writes to its AOF for every event: Redis 
 more CPU per queued event than on any other work of ingest, and two ingest processes on
 two cores left it none to spare. Messages written before, without the header, read as
 they always did.
+
+The compressing is ISA-L's (`isal`): the same zlib format, which any zlib inflates, in a
+fraction of the standard library's time (on batches of events, about an eighth, and a
+little smaller).
 """
 
 from __future__ import annotations
@@ -28,14 +32,15 @@ from typing import Any
 
 import orjson
 import pybase64
+from isal import isal_zlib
 
 from relay import keys
 from relay.envelope import Json
 
 # Celery's protocol 2 body is [args, kwargs, embed]; a relay task has no links.
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
-# kombu's name of zlib (`compression="zlib"` in Celery). Level 1: on event batches it
-# shrinks nearly as much as the default level, in a third of the time.
+# kombu's name of zlib (`compression="zlib"` in Celery). ISA-L's level 1: on event
+# batches it shrinks as much as zlib's default level.
 COMPRESSION = "application/x-gzip"
 ZLIB_LEVEL = 1
 
@@ -60,7 +65,7 @@ class MessageWriter:
     ) -> bytes:
         """One message for `queue` carrying `items` as the task's only argument."""
         task_id = task_id or self._next()
-        body = zlib.compress(orjson.dumps([[items], {}, _EMBED]), ZLIB_LEVEL)
+        body = isal_zlib.compress(orjson.dumps([[items], {}, _EMBED]), ZLIB_LEVEL)
         envelope = {
             # pybase64: the same text as the standard library's, tens of times faster.
             "body": pybase64.b64encode(body).decode(),
