@@ -131,6 +131,8 @@ def field_errors(exc: ValidationError) -> list[dict[str, str]]:
             loc = loc[1:]
         where = ".".join(str(part) for part in loc) or "event"
         message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "is_instance_of":  # an object field (relay.events._Object)
+            message = "Input should be a valid dictionary"
         if message.startswith("userId or anonymousId"):
             where = "userId"
         if error["type"] == "union_tag_invalid":

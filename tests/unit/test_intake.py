@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from relay import clock
+from relay import clock, events
 from relay.errors import RequestError
 from relay.ingest import auth, intake
 from relay.ingest.intake import WEBHOOK_LIMITS, decode_body, parse_api, parse_webhook
@@ -584,6 +584,21 @@ def test_invalid_events_in_a_batch_are_rejected_with_field_errors() -> None:
     assert by_index[1].errors == [{"field": "event", "message": "Field required"}]
     assert "unknown event type" in by_index[2].errors[0]["message"]
     assert by_index[4].event == "not an event"
+    assert by_index[5].errors == [
+        {"field": "traits", "message": "Input should be a valid dictionary"}
+    ]
+
+
+@pytest.mark.parametrize("field", ["context", "integrations", "properties"])
+def test_object_fields_must_be_objects_and_null_is_empty(field: str) -> None:
+    for bad in (["a"], "text", 3):
+        with pytest.raises(RequestError, match=f"{field}: Input should be a valid dictionary"):
+            parse_api("track", dumps({**small_track(0), field: bad}), RECEIVED)
+    [stored] = parse_api("track", dumps({**small_track(0), field: None}), RECEIVED).accepted
+    assert stored[field] is None  # kept as sent; the model reads it as {}
+    given = {"plan": {"seats": 3}}
+    event = events.parse({**small_track(0), field: given})
+    assert getattr(event, field) == given
 
 
 def test_rejected_event_without_ids_says_so() -> None:
