@@ -2,7 +2,8 @@
 
 Lenient where the meaning is clear (as Segment's own tracking API is): timestamps with
 ms, µs or ns and any offset, or epoch milliseconds; numeric ids become strings;
-`version` of any type; unknown keys kept. `traits` and `properties` stay free-form.
+`version` of any type; unknown keys kept in the stored event (the model reads only the
+keys it declares). `traits` and `properties` stay free-form.
 
 The models are also the OpenAPI document's event schemas (relay.ingest.openapi): where what is
 accepted is wider than the Python type, a `WithJsonSchema` says so, without changing
@@ -45,7 +46,13 @@ _Timestamp = Annotated[
 
 
 class _Base(BaseModel):
-    model_config = ConfigDict(extra="allow", coerce_numbers_to_str=True)
+    # Unknown keys are kept in the stored event (relay.events.normalized copies the raw
+    # one); the model reads only the keys it declares: keeping the others here too cost a
+    # sixth of validating an event. The schema still says other keys are welcome.
+    model_config = ConfigDict(
+        extra="ignore", coerce_numbers_to_str=True,
+        json_schema_extra={"additionalProperties": True},
+    )  # fmt: skip
 
     userId: _Id | None = None
     anonymousId: _Id | None = None

@@ -289,3 +289,15 @@ def test_traits_must_be_an_object() -> None:
     with pytest.raises(ValidationError) as info:
         events.parse(identify(traits="pro"))
     assert [e["loc"][-1] for e in info.value.errors()] == ["traits"]
+
+
+def test_unknown_keys_are_kept_in_the_stored_event_not_read_by_the_model() -> None:
+    raw = track(sentAt="2030-01-02T03:04:00Z", receivedAt="2030-01-02T03:04:01Z", custom={"a": 1})
+    event = events.parse(raw)
+    assert not hasattr(event, "custom") and event.model_extra is None
+    out = events.normalized(raw, event, RECEIVED)
+    assert out["custom"] == {"a": 1} and out["sentAt"] == raw["sentAt"]
+    assert out["receivedAt"] == raw["receivedAt"]
+    models = events.EVENT.json_schema()["$defs"]  # the documented schema still welcomes them
+    assert len(models) == len(events.EVENT_TYPES)
+    assert all(model["additionalProperties"] is True for model in models.values())
