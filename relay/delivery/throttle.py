@@ -43,11 +43,14 @@ return {0, 0}
 """
 
 # KEYS: live tat, replay tat, live flag, replay flag, live queue, adaptive state.
-# ARGV: lane, rps (0: none), count, max_wait_ms, replay share, adaptive (1/0), first rps.
+# ARGV: lane, rps (0: none), count, max_wait_ms, replay share, adaptive (1/0), first rps,
+# the replay lane's max_wait_ms when alone.
 # The rate is the explicit one, or the learned one if lower. Each lane has its own GCRA:
 # while live work flows (a live reservation in the last 2 s, or live messages waiting)
 # the replay lane gets `share` of the rate and live the rest; alone, a lane gets all of
-# it. With no rate at all, replays wait while live work flows.
+# it, and the replay lane reserves no further ahead than its alone max_wait, so that live
+# work arriving gets its part of the rate that soon. With no rate at all, replays wait
+# while live work flows.
 # Reserves as many of `count` slots as start within max_wait; returns each reserved
 # slot's delay (ms), or {-1, wait_ms} when not even one fits.
 _RESERVE = """
@@ -61,6 +64,7 @@ if ARGV[6] == '1' then
   if learned > 0 and (rps <= 0 or learned < rps) then rps = learned end
 end
 local tat_key = KEYS[1]
+local max_wait = tonumber(ARGV[4])
 if ARGV[1] == 'live' then
   redis.call('SET', KEYS[3], '1', 'PX', 2000)
   if rps > 0 and redis.call('EXISTS', KEYS[4]) == 1 then rps = rps * (1 - share) end
@@ -70,6 +74,8 @@ else
   if redis.call('EXISTS', KEYS[3]) == 1 or redis.call('LLEN', KEYS[5]) > 0 then
     if rps <= 0 then return {-1, 1000} end
     rps = rps * share
+  else
+    max_wait = math.min(max_wait, tonumber(ARGV[8]))
   end
 end
 local count = tonumber(ARGV[3])
@@ -81,7 +87,7 @@ end
 local interval = 1000 / rps
 local tat = tonumber(redis.call('GET', tat_key) or '0')
 if tat < now then tat = now end
-local fits = math.floor((tonumber(ARGV[4]) - (tat - now)) / interval) + 1
+local fits = math.floor((max_wait - (tat - now)) / interval) + 1
 count = math.min(count, fits)
 if count < 1 then return {-1, math.ceil(tat - now)} end
 local delays = {}
@@ -202,9 +208,17 @@ ADAPT_MIN_RPS = 1.0
 # A 429 with a Retry-After up to this long (or none) is a rate signal: it cuts the
 # learned rate instead of pausing every worker. Longer ones pause, and cut nothing.
 ADAPT_PAUSE_BELOW_S = 1.0
-# A replay task holds its worker thread at most this long for a slot; past it, its events
-# wait in the delayed set, so live messages find a free thread.
-REPLAY_MAX_WAIT_S = 0.05
+# While live work flows, a replay task reserves slots of the replay lane's share at most
+# this far ahead; past it, its events wait in the delayed set. Replays have a worker
+# process of their own, so a waiting replay task holds no live message's thread, and
+# waiting costs less than putting events back: at 50 ms, 157,642 of a 200,000-event
+# replay's events went back (and were read again) beside live traffic, and live p99
+# doubled (tests/bench/replay.py).
+REPLAY_MAX_WAIT_S = 1.0
+# Alone, the replay lane has the whole rate and reserves at most this far ahead: live
+# work arriving gets its part of the rate within that (more would let the two lanes
+# together exceed the rate meanwhile).
+REPLAY_ALONE_MAX_WAIT_S = 0.05
 # While the rate is being learned (no explicit rate), a task reserves slots at most this
 # far ahead, so a cut takes hold within about a second instead of after a task's backlog.
 ADAPT_MAX_WAIT_S = 1.0
@@ -258,7 +272,7 @@ class Throttle:
             keys=[keys.RATE_LIMIT, keys.RATE_LIMIT_REPLAY, keys.LANE_LIVE, keys.LANE_REPLAY,
                   keys.QUEUE, keys.ADAPTIVE_RATE],
             args=[lane, self._rps, count, max_wait_s * 1000, self._share, int(self._adaptive),
-                  ADAPT_FIRST_RPS],
+                  ADAPT_FIRST_RPS, REPLAY_ALONE_MAX_WAIT_S * 1000],
         )  # fmt: skip
         if int(result[0]) == -1:
             return int(result[1]) / 1000

@@ -101,3 +101,25 @@ def test_without_a_rate_a_replay_waits_for_live_events(r: redis.Redis) -> None:
     assert throttle.reserve(2, 5.0, "live") == [0.0, 0.0]
     wait: Any = throttle.reserve(3, 0.5, "replay")  # live work flowed in the last 2 s
     assert wait == 1.0
+
+
+def test_a_replay_reserves_a_second_ahead_beside_live_work_and_little_alone(
+    r: redis.Redis,
+) -> None:
+    from relay.delivery.throttle import REPLAY_ALONE_MAX_WAIT_S, REPLAY_MAX_WAIT_S, Throttle
+
+    throttle = Throttle(r, rate_limit_rps=100, outage_threshold=3, replay_share=0.2,
+                        adaptive=False)  # fmt: skip
+    # Alone, the whole rate (10 ms apart), but no further ahead than its alone horizon:
+    # live work arriving gets its part of the rate that soon.
+    alone: Any = throttle.reserve(500, REPLAY_MAX_WAIT_S, "replay")
+    assert alone == [0.0, 0.01, 0.02, 0.03, 0.04, 0.05]
+    assert REPLAY_ALONE_MAX_WAIT_S == 0.05
+    assert throttle.reserve(1, 5.0, "live") == [0.0]  # live work flows from now on
+    # Beside it, the replay's share (20/s, 50 ms apart), reserved up to a second ahead:
+    # the task waits for its slots rather than putting its events back.
+    shared: Any = throttle.reserve(500, REPLAY_MAX_WAIT_S, "replay")
+    assert 15 <= len(shared) <= 21
+    assert max(shared) <= REPLAY_MAX_WAIT_S
+    gaps = [b - a for a, b in zip(shared, shared[1:], strict=False)]
+    assert all(0.048 <= gap <= 0.052 for gap in gaps)
