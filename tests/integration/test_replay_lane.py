@@ -3,6 +3,7 @@ and no more; once they stop, it gets all of it. Status shows its progress."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -121,5 +122,5 @@ def test_a_replay_reserves_a_second_ahead_beside_live_work_and_little_alone(
     shared: Any = throttle.reserve(500, REPLAY_MAX_WAIT_S, "replay")
     assert 15 <= len(shared) <= 21
     assert max(shared) <= REPLAY_MAX_WAIT_S
-    gaps = [b - a for a, b in zip(shared, shared[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(shared)]
     assert all(0.048 <= gap <= 0.052 for gap in gaps)
