@@ -149,6 +149,15 @@ class Stat(StrEnum):
     REQUEST_SECONDS_BUCKET = "request_seconds_bucket"
     REQUEST_SECONDS_COUNT = "request_seconds_count"
     REQUEST_SECONDS_SUM_US = "request_seconds_sum_us"
+    # Ingest's request figures, every ingest process's (relay.ingest.metrics): requests
+    # :<route>:<status>, events :<route>:<outcome>, timestamp fallbacks :<route>, and the
+    # request-duration histogram: count per bucket :<route>:<upper bound>, sum in µs
+    # :<route>.
+    INGEST_REQUESTS = "ingest_requests"
+    INGEST_EVENTS = "ingest_events"
+    INGEST_TIMESTAMP_FALLBACKS = "ingest_timestamp_fallbacks"
+    INGEST_SECONDS_BUCKET = "ingest_seconds_bucket"
+    INGEST_SECONDS_SUM_US = "ingest_seconds_sum_us"
 
     def of(self, label: str) -> str:
         """The field of this counter for one label."""

@@ -17,6 +17,7 @@ from functools import partial
 from typing import Any
 
 import redis
+import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -36,7 +37,7 @@ from relay.ingest.webapp import (
     json_response,
 )
 from relay.settings import Settings
-from relay.state import broker, redis_conn
+from relay.state import broker, redis_conn, status
 
 # A Redis that is down fails the ping within the client's connect timeout; this bounds a
 # Redis that takes connections but does not answer.
@@ -65,12 +66,27 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics_view(request: web.Request) -> web.Response:
-    """GET /metrics: Prometheus text format (deployment figures read from Redis)."""
-    body = generate_latest(metrics.REGISTRY)
-    # The deployment's figures are left out (not faked) while Redis does not answer.
+    """GET /metrics: Prometheus text format (the deployment's figures, read from Redis)."""
+    body = b""
+    # The figures are left out (not faked) while Redis does not answer; ingest's own are
+    # kept meanwhile and added once it answers again.
     with contextlib.suppress(redis.RedisError, OSError):
-        body += await asyncio.to_thread(generate_latest, request.app[DEPLOYMENT])
+        body = await asyncio.to_thread(generate_latest, request.app[DEPLOYMENT])
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def write_figures(r: aioredis.Redis) -> None:
+    """Add ingest's request figures counted since the last time to the deployment's; kept
+    for the next time if Redis does not take them."""
+    counts = metrics.FIGURES.drain()
+    if not counts:
+        return
+    pipe = r.pipeline(transaction=True)  # all or none: a failed write is tried again whole
+    status.stage_counts(pipe, counts)
+    try:
+        await pipe.execute()
+    except broker.QUEUE_ERRORS:
+        metrics.FIGURES.unsent(counts)
 
 
 def _resources(
@@ -124,13 +140,24 @@ def _resources(
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), 0.25)
 
-        watcher = asyncio.create_task(watch())
+        async def figures() -> None:
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), metrics.FIGURES_S)
+                await write_figures(app[REDIS])
+
+        tasks = [asyncio.create_task(watch()), asyncio.create_task(figures())]
         yield
         stop.set()
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await asyncio.to_thread(app[COMMIT].close)
+        with contextlib.suppress(TimeoutError):  # the last requests' figures, if Redis answers
+            async with asyncio.timeout(READY_TIMEOUT_S):
+                await write_figures(app[REDIS])
         await app[REDIS].aclose()
         sync.close()
         acker.close()

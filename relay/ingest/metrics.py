@@ -1,10 +1,10 @@
 """Prometheus metrics.
 
-Ingest's own request figures are in-process: `IngestFigures` keeps them as plain numbers,
-shown when scraped. Queue and delivery figures
-belong to the whole deployment (many workers on many hosts), so workers count them in
-Redis and `DeploymentCollector` shows them at scrape time, as relay.state.status reads them:
-one scrape of any ingest instance shows them all.
+Every figure belongs to the whole deployment (ingest processes and workers on many
+hosts): each process counts its own in Redis, and `DeploymentCollector` shows them all at
+scrape time, as relay.state.status reads them: one scrape of any ingest process shows
+them all. Ingest counts its request figures in the process first (`IngestFigures`) and
+adds them to Redis's once a second.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from itertools import accumulate
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -25,29 +24,31 @@ from prometheus_client.core import (
 from relay.keys import Stat
 from relay.state import status
 
-REGISTRY = CollectorRegistry(auto_describe=True)
-
-INGEST_TIMESTAMP_FALLBACKS = Counter(
-    "relay_ingest_timestamp_fallbacks_total",
-    "Events whose timestamp could not be read; the receive time stood in (flagged).",
-    ["route"],
-    registry=REGISTRY,
-)
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+_BOUNDS = [*(str(float(b)) for b in DURATION_BUCKETS), "+Inf"]  # as Prometheus writes them
+FIGURES_S = 1.0  # how often each ingest process adds its figures to Redis's
 
 
 class IngestFigures:
-    """Ingest's request figures: plain numbers, kept on the event loop, shown as
-    Prometheus metrics when scraped.
+    """Ingest's request figures: counted in the process, added to the deployment's
+    counters in Redis every `FIGURES_S` (`drain`, by relay.ingest.app), and shown from
+    there by any ingest process's `/metrics`, as the queue and delivery figures are.
 
-    prometheus_client's metrics take a lock and several calls per update, and a request
-    updated three: with the request log's bookkeeping, 13 % of a single-event webhook
-    request's CPU (measured by leaving both out). The event loop is the only writer here,
-    and `/metrics` renders this registry on the loop too, so no lock is needed."""
+    In one place because `relay serve` runs a process per core on one port, and a scrape
+    reaches one of them: figures kept per process showed that one's share. Counted in
+    plain numbers on the event loop, not in prometheus_client's metrics: a lock and
+    several calls per update, three updates per request, were with the request log's
+    bookkeeping 13 % of a single-event webhook request's CPU (measured by leaving both
+    out). The event loop is the only writer, so no lock is needed."""
 
     def __init__(self) -> None:
+        self._reset()
+        self._unsent: dict[str, int] = {}
+
+    def _reset(self) -> None:
         self._requests: dict[tuple[str, int], int] = {}
         self._events: dict[tuple[str, str], int] = {}
+        self._fallbacks: dict[str, int] = {}
         # Per route: the count of each bucket (`+Inf` last), then the sum of durations.
         self._durations: dict[str, list[float]] = {}
 
@@ -66,39 +67,85 @@ class IngestFigures:
         key = (route, outcome)
         self._events[key] = self._events.get(key, 0) + count
 
-    def describe(self) -> list[Metric]:
-        return list(self.collect())
+    def fallbacks(self, route: str, count: int) -> None:
+        """`count` events of a route kind whose timestamp could not be read."""
+        self._fallbacks[route] = self._fallbacks.get(route, 0) + count
 
-    def collect(self) -> Iterator[Metric]:
-        requests = CounterMetricFamily(
-            "relay_ingest_requests", "Ingest HTTP requests by route and answer.",
-            labels=["route", "status"],
-        )  # fmt: skip
-        for (route, status_code), count in sorted(self._requests.items()):
-            requests.add_metric([route, str(status_code)], count)
-        yield requests
-        events = CounterMetricFamily(
-            "relay_ingest_events",
-            "Events received by ingest, by route and outcome (accepted, rejected, skipped).",
-            labels=["route", "outcome"],
-        )
-        for labels, count in sorted(self._events.items()):
-            events.add_metric(list(labels), count)
-        yield events
-        durations = HistogramMetricFamily(
-            "relay_ingest_request_duration_seconds",
-            "Time to answer an ingest request (includes waiting for the group commit).",
-            labels=["route"],
-        )
-        bounds = [*(str(float(b)) for b in DURATION_BUCKETS), "+Inf"]
-        for route, counts in sorted(self._durations.items()):
-            cumulative = list(accumulate(counts[:-1]))
-            durations.add_metric([route], list(zip(bounds, cumulative, strict=True)), counts[-1])
-        yield durations
+    def drain(self) -> dict[str, int]:
+        """What was counted since the last drain (and what the last write did not take),
+        as fields of `keys.STATS` to add to; counting starts again from nothing."""
+        out, self._unsent = self._unsent, {}
+
+        def add(name: str, value: float) -> None:
+            if value:
+                out[name] = out.get(name, 0) + int(value)
+
+        for (route, status_code), count in self._requests.items():
+            add(Stat.INGEST_REQUESTS.of(f"{route}:{status_code}"), count)
+        for (route, outcome), count in self._events.items():
+            add(Stat.INGEST_EVENTS.of(f"{route}:{outcome}"), count)
+        for route, count in self._fallbacks.items():
+            add(Stat.INGEST_TIMESTAMP_FALLBACKS.of(route), count)
+        for route, counts in self._durations.items():
+            for bound, in_bucket in zip(_BOUNDS, counts[:-1], strict=True):
+                add(Stat.INGEST_SECONDS_BUCKET.of(f"{route}:{bound}"), in_bucket)
+            add(Stat.INGEST_SECONDS_SUM_US.of(route), round(counts[-1] * 1_000_000))
+        self._reset()
+        return out
+
+    def unsent(self, counts: dict[str, int]) -> None:
+        """Counts `drain` gave that could not be written: the next drain gives them again."""
+        for name, value in counts.items():
+            self._unsent[name] = self._unsent.get(name, 0) + value
 
 
 FIGURES = IngestFigures()
-REGISTRY.register(FIGURES)
+
+
+def ingest_families(stats: dict[str, int]) -> Iterator[Metric]:
+    """Ingest's figures, every process's, from the counters of `keys.STATS`."""
+    requests = CounterMetricFamily(
+        "relay_ingest_requests", "Ingest HTTP requests by route and answer.",
+        labels=["route", "status"],
+    )  # fmt: skip
+    events = CounterMetricFamily(
+        "relay_ingest_events",
+        "Events received by ingest, by route and outcome (accepted, rejected, skipped).",
+        labels=["route", "outcome"],
+    )
+    fallbacks = CounterMetricFamily(
+        "relay_ingest_timestamp_fallbacks",
+        "Events whose timestamp could not be read; the receive time stood in (flagged).",
+        labels=["route"],
+    )
+    buckets: dict[str, dict[str, int]] = {}
+    sums: dict[str, float] = {}
+    for name, value in sorted(stats.items()):
+        stat, _, label = name.partition(":")
+        if stat == Stat.INGEST_REQUESTS:
+            route, _, status_code = label.rpartition(":")
+            requests.add_metric([route, status_code], value)
+        elif stat == Stat.INGEST_EVENTS:
+            route, _, outcome = label.rpartition(":")
+            events.add_metric([route, outcome], value)
+        elif stat == Stat.INGEST_TIMESTAMP_FALLBACKS:
+            fallbacks.add_metric([label], value)
+        elif stat == Stat.INGEST_SECONDS_BUCKET:
+            route, _, bound = label.rpartition(":")
+            buckets.setdefault(route, {})[bound] = value
+        elif stat == Stat.INGEST_SECONDS_SUM_US:
+            sums[label] = value / 1_000_000
+    durations = HistogramMetricFamily(
+        "relay_ingest_request_duration_seconds",
+        "Time to answer an ingest request (includes waiting for the group commit).",
+        labels=["route"],
+    )
+    for route in sorted(buckets.keys() | sums.keys()):
+        counts = buckets.get(route, {})
+        cumulative = accumulate(counts.get(bound, 0) for bound in _BOUNDS)
+        durations.add_metric([route], list(zip(_BOUNDS, cumulative, strict=True)),
+                             sums.get(route, 0.0))  # fmt: skip
+    yield from (requests, events, fallbacks, durations)
 
 
 class DeploymentCollector:
@@ -153,6 +200,7 @@ class DeploymentCollector:
             sum_value=total,
         )
         yield from _counters(snapshot.stats)
+        yield from ingest_families(snapshot.stats)
 
 
 # Each counter of relay:stats shown: (metric, help, label name; None: unlabelled).

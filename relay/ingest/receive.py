@@ -165,7 +165,7 @@ async def _handle(
     metrics.FIGURES.events(label, "accepted", len(items))
     if parsed.timestamp_fallbacks:
         outcome["timestamp_fallbacks"] = parsed.timestamp_fallbacks
-        metrics.INGEST_TIMESTAMP_FALLBACKS.labels(label).inc(parsed.timestamp_fallbacks)
+        metrics.FIGURES.fallbacks(label, parsed.timestamp_fallbacks)
     if rejected:
         metrics.FIGURES.events(label, "rejected", len(rejected))
         return json_response(

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
 import redis
 import requests
@@ -45,9 +46,13 @@ def test_metrics_follow_the_events(
         {"type": "track", "userId": "m", "event": f"E{i}"} for i in range(9)
     ] + [{"type": "page", "userId": "m"}, {"type": "track", "userId": "m"}]  # fmt: skip
     requests.post(url + "/v1/batch", auth=AUTH, json={"batch": batch}).raise_for_status()
-    queued = requests.get(url + "/metrics").text
+    # Ingest adds its own figures to the deployment's every second.
+    accepted = {"route": "api", "outcome": "accepted"}
+    scrape = lambda: requests.get(url + "/metrics").text  # noqa: E731
+    wait_for(lambda: metric(scrape(), "relay_ingest_events_total", **accepted) == 11)
+    queued = scrape()
     assert metric(queued, "relay_queue_events", state="ready") == 11
-    assert metric(queued, "relay_ingest_events_total", route="api", outcome="accepted") == 11
+    assert metric(queued, "relay_ingest_events_total", **accepted) == 11
     assert metric(queued, "relay_ingest_events_total", route="api", outcome="rejected") == 1
     assert metric(queued, "relay_dead_letters", reason="invalid_event") == 1
     assert metric(queued, "relay_queue_oldest_age_seconds") > 0
@@ -64,6 +69,34 @@ def test_metrics_follow_the_events(
     assert metric(after, histogram + "_bucket", le="+Inf") == requests_made
     assert metric(after, histogram + "_sum") > 0
     assert metric(after, "relay_ingest_request_duration_seconds_count", route="batch") == 1
+
+
+def test_metrics_show_every_ingest_process_whichever_answers_the_scrape(
+    r: redis.Redis, start_ingest: Callable[..., str]
+) -> None:
+    url = start_ingest(ingest_processes=2)
+    port = int(url.rsplit(":", 1)[1])
+    # Both processes listen before the requests: the kernel spreads new connections.
+    wait_for(lambda: len(listeners(port)) == 2)
+    sent = 40
+    for n in range(sent):  # each on a new connection
+        event = {"type": "track", "userId": f"u{n}", "event": "E"}
+        assert requests.post(url + "/v1/track", auth=AUTH, json=event).status_code == 200
+
+    def shown() -> float:  # a new connection too: either process may answer
+        text = requests.get(url + "/metrics").text
+        return metric(text, "relay_ingest_requests_total", route="track", status="200")
+
+    wait_for(lambda: shown() == sent)  # each process adds its figures every second
+    assert [shown() for _ in range(8)] == [sent] * 8
+
+
+def listeners(port: int) -> set[int]:
+    """The processes listening on `port`."""
+    return {
+        c.pid for c in psutil.net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid
+    }  # fmt: skip
 
 
 def test_status_json_matches_the_queue(r: redis.Redis, start_ingest: Callable[..., str]) -> None:

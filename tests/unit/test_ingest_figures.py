@@ -1,7 +1,11 @@
-"""Ingest's request figures (relay.ingest.metrics.IngestFigures) expose what
-prometheus_client's own Counter and Histogram would, for the same requests."""
+"""Ingest's request figures (relay.ingest.metrics): counted in the process, added up in
+Redis's counters, and shown from them as prometheus_client's own Counter and Histogram
+would show the same requests."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import generate_latest
@@ -20,41 +24,87 @@ REQUESTS = [
 EVENTS = [("webhook", "accepted", 3), ("api", "accepted", 100), ("api", "rejected", 1)]
 
 
+class FromStats:
+    """The families `/metrics` shows for these counters of `keys.STATS`."""
+
+    def __init__(self, stats: dict[str, int]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[Any]:
+        return metrics.ingest_families(self.stats)
+
+
 def samples(registry: CollectorRegistry) -> set[tuple[str, tuple[tuple[str, str], ...], float]]:
     text = generate_latest(registry).decode()
     return {
-        (s.name, tuple(sorted(s.labels.items())), round(s.value, 9))
+        (s.name, tuple(sorted(s.labels.items())), round(s.value, 6))
         for family in text_string_to_metric_families(text)
         for s in family.samples
         if not s.name.endswith("_created")
     }
 
 
-def test_figures_match_prometheus_clients_own_metrics() -> None:
-    ours = CollectorRegistry()
-    figures = metrics.IngestFigures()
-    ours.register(figures)
+def shown(stats: dict[str, int]) -> set[tuple[str, tuple[tuple[str, str], ...], float]]:
+    registry = CollectorRegistry()
+    registry.register(FromStats(stats))
+    return samples(registry)
+
+
+def added(*drains: dict[str, int]) -> dict[str, int]:
+    """What HINCRBY of each drain in turn leaves in the hash."""
+    total: dict[str, int] = {}
+    for counts in drains:
+        for name, value in counts.items():
+            total[name] = total.get(name, 0) + value
+    return total
+
+
+def test_figures_added_up_show_what_prometheus_clients_own_metrics_show() -> None:
+    first, second = metrics.IngestFigures(), metrics.IngestFigures()  # two processes
     theirs = CollectorRegistry()
     requests = Counter("relay_ingest_requests", "", ["route", "status"], registry=theirs)
     events = Counter("relay_ingest_events", "", ["route", "outcome"], registry=theirs)
+    fallbacks = Counter("relay_ingest_timestamp_fallbacks", "", ["route"], registry=theirs)
     durations = Histogram(
         "relay_ingest_request_duration_seconds", "", ["route"],
         buckets=metrics.DURATION_BUCKETS, registry=theirs,
     )  # fmt: skip
-    for route, status, seconds in REQUESTS:
+    drains = []
+    for n, (route, status, seconds) in enumerate(REQUESTS):
+        figures = first if n % 2 else second
         figures.request(route, status, seconds)
         requests.labels(route, str(status)).inc()
         durations.labels(route).observe(seconds)
+        if n == 2:
+            drains.append(first.drain())  # a drain in the middle: the counts add up
     for route, outcome, count in EVENTS:
-        figures.events(route, outcome, count)
+        first.events(route, outcome, count)
         events.labels(route, outcome).inc(count)
-    assert samples(ours) == samples(theirs)
+    second.fallbacks("api", 2)
+    fallbacks.labels("api").inc(2)
+    drains += [first.drain(), second.drain()]
+    assert shown(added(*drains)) == samples(theirs)
     assert ("relay_ingest_request_duration_seconds_bucket",
-            (("le", "0.001"), ("route", "webhook")), 2.0) in samples(ours)  # fmt: skip
+            (("le", "0.001"), ("route", "webhook")), 2.0) in shown(added(*drains))  # fmt: skip
+
+
+def test_a_drain_starts_again_and_counts_not_written_come_back() -> None:
+    figures = metrics.IngestFigures()
+    figures.request("webhook", 200, 0.003)
+    counts = figures.drain()
+    assert counts["ingest_requests:webhook:200"] == 1
+    assert counts["ingest_seconds_bucket:webhook:0.005"] == 1
+    assert counts["ingest_seconds_sum_us:webhook"] == 3000
+    assert figures.drain() == {}
+    figures.unsent(counts)  # Redis did not take them
+    figures.request("webhook", 200, 0.003)
+    again = figures.drain()
+    assert again["ingest_requests:webhook:200"] == 2
+    assert again["ingest_seconds_sum_us:webhook"] == 6000
 
 
 def test_no_requests_yet_shows_empty_families() -> None:
+    assert shown({"delivered": 5}) == set()
     registry = CollectorRegistry()
-    registry.register(metrics.IngestFigures())
-    assert samples(registry) == set()
+    registry.register(FromStats({}))
     assert b"# TYPE relay_ingest_requests_total counter" in generate_latest(registry)
