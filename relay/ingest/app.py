@@ -141,19 +141,21 @@ def _resources(
                     await asyncio.wait_for(stop.wait(), 0.25)
 
         async def figures() -> None:
+            # Never cancelled: a write cut off halfway would lose the figures it drained.
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), metrics.FIGURES_S)
-                await write_figures(app[REDIS])
+                if not stop.is_set():
+                    await write_figures(app[REDIS])
 
-        tasks = [asyncio.create_task(watch()), asyncio.create_task(figures())]
+        watcher = asyncio.create_task(watch())
+        writer = asyncio.create_task(figures())
         yield
         stop.set()
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        await writer  # at once, or once the write under way ends
         await asyncio.to_thread(app[COMMIT].close)
         with contextlib.suppress(TimeoutError):  # the last requests' figures, if Redis answers
             async with asyncio.timeout(READY_TIMEOUT_S):
