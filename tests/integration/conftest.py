@@ -1,7 +1,8 @@
 """The integration suite's real parts: a Redis, the ChurnZero sandbox, ingest and a
-Celery worker, each a real process. Tests use their own Redis database (13, or
-RELAY_TEST_REDIS_DB so that two checkouts can test side by side), flushed before each
-test. The sandbox is shared by the session and reset between tests; the worker and
+Celery worker, each a real process. The suite starts a redis-server of its own on a free
+port (another application's data on a shared host is never touched, and two checkouts test
+side by side); RELAY_TEST_REDIS_URL names a given Redis instead. Its database is flushed
+before each test. The sandbox is shared by the session and reset between tests; the worker and
 ingest process of the `relay` fixture by a module's tests, while each test's work is done
 when it ends (SharedRelay); the others are started by the test that needs them.
 """
@@ -24,12 +25,12 @@ import requests
 
 from tests import procs
 from tests.conftest import IN_CI, ROOT
-from tests.procs import Proc, free_port, redis_answers, start_redis
+from tests.procs import Proc, free_port, start_redis
 
 if TYPE_CHECKING:
     from relay.delivery.batch import Delivery
 
-DB = int(os.environ.get("RELAY_TEST_REDIS_DB", "13"))
+GIVEN_REDIS = os.environ.get("RELAY_TEST_REDIS_URL", "")
 SECRET = "test-webhook-secret"
 WRITE_KEY = "test-write-key"
 APP_KEY = "test-app-key"
@@ -37,13 +38,13 @@ APP_KEY = "test-app-key"
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The machine's Redis on 6379 if it answers, else one started for the session."""
-    if redis_answers("127.0.0.1", 6379):
-        yield f"redis://127.0.0.1:6379/{DB}"
+    """A redis-server started for the session, or the one RELAY_TEST_REDIS_URL names."""
+    if GIVEN_REDIS:
+        yield GIVEN_REDIS
         return
     port = free_port()
     proc = start_redis(port, tmp_path_factory.mktemp("redis"))
-    yield f"redis://127.0.0.1:{port}/{DB}"
+    yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait(10)
 
