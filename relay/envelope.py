@@ -9,7 +9,8 @@ maybe after either side was upgraded, so the JSON form is a contract between ver
 - `id`: the relay's id of this copy of the event (dedupe, run records and outcomes go
   by it);
 - `source`: the route that took it, `api` or `webhook` (`integrations.All` applies on
-  `api` only);
+  `api` only), or `operator` (`relay identities forget`); a `delete` from `api` is never
+  honoured;
 - `received_at`: when ingest took it (unix time); the max age counts from it;
 - `attempts`: failed tries, or waits for the user's identity, so far;
 - `event`: the Segment event as ingest accepted it; the worker parses it (relay.events);

@@ -226,7 +226,7 @@ def _deleted_before(parsed: Parsed, deleted: AbstractMapping[str, float]) -> set
         stale = any(received < deleted.get(k, float("-inf")) for k in user_keys)
         if stale or any(k in ahead_of_delete for k in user_keys):
             out.add(n)
-        if isinstance(event, events.Delete):
+        if isinstance(event, events.Delete) and item.source != "api":
             ahead_of_delete.update(user_keys)
     return out
 

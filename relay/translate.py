@@ -29,6 +29,9 @@ def skip_reason(event: events.AnyEvent, source: str, mapping: Mapping) -> str | 
     """Why this event is not delivered (None: it is), as a metric label."""
     if event.type not in events.DELIVERED_TYPES:
         return "unsupported_type"
+    if event.type == "delete" and source == "api":
+        # Ingest refuses them; one queued by an earlier version must not erase a user.
+        return "delete_refused"
     flags = [event.integrations[k] for k in ("ChurnZero", "Churnzero") if k in event.integrations]
     if any(flag is False for flag in flags):
         return "disabled_by_integrations"

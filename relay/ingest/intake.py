@@ -71,12 +71,22 @@ class Rejected:
     event: Any
 
 
+# Why a `delete` is refused where the request cannot prove it comes from Segment's privacy
+# tooling: write keys are public (every browser page carries one).
+DELETE_REFUSED = (
+    "delete is accepted only from a signed /webhook request (Segment's privacy tooling) "
+    "or `relay identities forget`; nothing was deleted"
+)
+
+
 @dataclass
 class Intake:
-    """What one request carried: valid events (normalised) and rejected ones."""
+    """What one request carried: valid events (normalised), rejected ones (dead-lettered)
+    and refused deletes (counted, changing nothing)."""
 
     accepted: list[dict[str, Any]] = field(default_factory=list)
     rejected: list[Rejected] = field(default_factory=list)
+    refused_deletes: list[Rejected] = field(default_factory=list)
     write_key: str | None = None
     timestamp_fallbacks: int = 0  # events whose timestamp was unreadable
 
@@ -151,6 +161,7 @@ class _Route:
     received_at: datetime
     correct_clock: bool = False  # /v1/*: Segment's clock correction is ours to do
     batch_sent_at: datetime | None = None  # parsed once per batch, not once per event
+    deletes: bool = False  # a signed webhook: `delete` events are Segment's own
 
 
 def _accept(intake: Intake, index: int, raw: Any, route: _Route) -> None:
@@ -173,6 +184,10 @@ def _accept(intake: Intake, index: int, raw: Any, route: _Route) -> None:
     if len(encoded) > limit:
         error = {"field": "event", "message": f"larger than {size_text(limit)}"}
         intake.rejected.append(Rejected(index, [error], raw))
+        return
+    if not route.deletes and _is_delete(raw):
+        error = {"field": "type", "message": DELETE_REFUSED}
+        intake.refused_deletes.append(Rejected(index, [error], raw))
         return
     unreadable, original = False, raw.get("timestamp")
     try:
@@ -201,6 +216,11 @@ def _accept(intake: Intake, index: int, raw: Any, route: _Route) -> None:
     elif stamp is not None:
         stored["originalTimestamp"] = original
     intake.accepted.append(stored)
+
+
+def _is_delete(raw: dict[str, Any]) -> bool:
+    kind = raw.get("type")
+    return isinstance(kind, str) and kind.strip().lower() == "delete"
 
 
 def _only_timestamp(exc: ValidationError) -> bool:
@@ -243,13 +263,14 @@ def _check_count(items: list[Any], limits: Limits) -> None:
         )
 
 
-def parse_webhook(body: bytes, received_at: datetime) -> Intake:
+def parse_webhook(body: bytes, received_at: datetime, *, signed: bool = False) -> Intake:
     """A Segment Webhooks destination request: one event, or an array when batching.
+    `signed`: its X-Signature is valid (only then are `delete` events taken).
 
     An invalid event is dead-lettered, not refused, even alone: Segment drops a 400."""
     data = load_json(body)
     intake = Intake()
-    route = _Route(WEBHOOK_LIMITS, received_at)
+    route = _Route(WEBHOOK_LIMITS, received_at, deletes=signed)
     if isinstance(data, dict):
         intake.write_key = _string(data.get("writeKey"))
         _accept(intake, 0, data, route)

@@ -56,18 +56,20 @@ async def _read_raw(request: web.Request, limits: intake.Limits) -> bytes:
     return body
 
 
-def _check_webhook_auth(settings: Settings, request: web.Request, raw: bytes) -> None:
-    if not settings.authenticated:
-        return  # `relay serve` refused to start unless this is explicitly allowed
+def _check_webhook_auth(settings: Settings, request: web.Request, raw: bytes) -> bool:
+    """Authenticate a webhook request; True when its X-Signature is valid (only a signed
+    request may carry deletes: a write key is public)."""
     secret = settings.webhook_secret
     # Segment signs the body as sent, so a gzip body is checked before decoding.
     if secret is not None and auth.valid_signature(
         secret.get_secret_value(), raw, request.headers.get("X-Signature")
     ):
-        return
+        return True
+    if not settings.authenticated:
+        return False  # `relay serve` refused to start unless this is explicitly allowed
     username = auth.basic_username(request.headers.get("Authorization"))
     if auth.known_key(username, settings.write_keys):
-        return
+        return False
     what = "X-Signature" if secret is not None else "write key"
     raise RequestError(401, f"missing or invalid {what}")
 
@@ -124,12 +126,11 @@ async def _handle(
         raise QueueUnavailable(gate.reason)
     limits = intake.WEBHOOK_LIMITS if route == "webhook" else intake.API_LIMITS
     raw = await _read_raw(request, limits)
-    if route == "webhook":
-        _check_webhook_auth(settings, request, raw)
+    signed = route == "webhook" and _check_webhook_auth(settings, request, raw)
     body = intake.decode_body(raw, request.headers.get("Content-Encoding"), limits)
     now = datetime.now(UTC)
     parsed = (
-        intake.parse_webhook(body, now)
+        intake.parse_webhook(body, now, signed=signed)
         if route == "webhook"
         else intake.parse_api(route, body, now)
     )
@@ -160,7 +161,8 @@ async def _handle(
     except broker.QUEUE_ERRORS as exc:
         outcome["error"] = type(exc).__name__
         raise QueueUnavailable("could not queue the events") from exc
-    outcome.update(accepted=len(items), rejected=len(rejected))
+    refused = parsed.refused_deletes
+    outcome.update(accepted=len(items), rejected=len(rejected) + len(refused))
     label = "webhook" if route == "webhook" else "api"
     metrics.FIGURES.events(label, "accepted", len(items))
     if parsed.timestamp_fallbacks:
@@ -168,11 +170,15 @@ async def _handle(
         metrics.FIGURES.fallbacks(label, parsed.timestamp_fallbacks)
     if rejected:
         metrics.FIGURES.events(label, "rejected", len(rejected))
+    if refused:
+        metrics.FIGURES.events(label, "refused_delete", len(refused))
+    if rejected or refused:
+        listed = sorted(parsed.rejected + refused, key=lambda r: r.index)
         return json_response(
             {
                 "success": True,
                 "accepted": len(items),
-                "rejected": [{"index": r.index, "errors": r.errors} for r in parsed.rejected],
+                "rejected": [{"index": r.index, "errors": r.errors} for r in listed],
             }
         )
     return json_response({"success": True})

@@ -61,6 +61,6 @@ def identities_forget(deployment: Deployment, user_id: str, yes: bool) -> None:
     now = datetime.now(UTC)
     event = {"type": "delete", "userId": user_id, "messageId": f"forget-{uuid.uuid4().hex}",
              "timestamp": clock.iso(now)}  # fmt: skip
-    item = Envelope.new(event, source="api", received_at=now.timestamp())
+    item = Envelope.new(event, source="operator", received_at=now.timestamp())
     deployment.queue.publish([item.to_dict()])
     click.echo(f"queued the deletion of {user_id}")

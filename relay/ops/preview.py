@@ -71,21 +71,26 @@ def items_of(body: bytes, source: str | None = None) -> tuple[list[Envelope], li
     data = intake.load_json(body)
     now = datetime.now(UTC)
     envelope = isinstance(data, dict) and isinstance(data.get("batch"), list)
+    # An operator's preview of webhook events stands for a signed request (deletes taken).
+    signed = source != "api"
     if envelope:
         parsed = intake.parse_api("batch", body, now)
     elif isinstance(data, dict):
         # One event: ingest refuses an invalid one outright; say so as its verdict.
         try:
-            parsed = intake.parse_webhook(body, now)
+            parsed = intake.parse_webhook(body, now, signed=signed)
         except RequestError as exc:
             return [], [Verdict(0, _kind(data), _user(data), "dead", "invalid_event",
                                 errors=[str(exc)])]  # fmt: skip
     else:
-        parsed = intake.parse_webhook(body, now)
+        parsed = intake.parse_webhook(body, now, signed=signed)
     source = source or ("api" if envelope else "webhook")
     refused = [
         Verdict(r.index, _kind(r.event), _user(r.event), "dead", "invalid_event", [], r.errors)
         for r in parsed.rejected
+    ] + [
+        Verdict(r.index, _kind(r.event), _user(r.event), "skip", "delete_refused", [], r.errors)
+        for r in parsed.refused_deletes
     ]
     # Accepted events keep their place in the request for the output.
     size = len(parsed.accepted) + len(refused)

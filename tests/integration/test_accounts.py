@@ -291,3 +291,35 @@ def test_relay_identities_forget_deletes_through_the_workers(
     assert r.exists("relay:identity:u:cli-gone") == 0
     assert r.exists("relay:deleted:u:cli-gone") == 1
     assert int(r.get("relay:depth:ready") or 0) == 0
+
+
+def test_only_a_signed_webhook_may_delete_a_user(
+    relay: str, r: redis.Redis, clean_sandbox: Sandbox
+) -> None:
+    ids = {"accountExternalId": "A-keep", "contactExternalId": "c-keep"}
+    post(relay, {"type": "identify", "userId": "keep", "traits": ids})
+    wait_for(lambda: settled(r) and r.exists("relay:identity:u:keep") == 1)
+    delete = {"type": "delete", "userId": "keep", "messageId": "del-api"}
+    # A write key is public: on /v1/* a delete is listed as rejected, the rest accepted.
+    answer = requests.post(relay + "/v1/batch", auth=AUTH, json={"batch": [
+        delete, track("Still here", userId="keep")]})  # fmt: skip
+    assert answer.status_code == 200
+    body = answer.json()
+    assert body["accepted"] == 1 and [r_["index"] for r_ in body["rejected"]] == [0]
+    assert "signed /webhook" in body["rejected"][0]["errors"][0]["message"]
+    # On /webhook, a write key (Basic) authenticates events, never a deletion.
+    basic = requests.post(relay + "/webhook", auth=AUTH, json={**delete, "messageId": "del-b"})
+    assert basic.status_code == 200 and len(basic.json()["rejected"]) == 1
+    wait_for(lambda: settled(r) and len(clean_sandbox.commands()) == 1)
+    assert who(clean_sandbox.commands()) == [("Still here", "A-keep", "c-keep")]
+    assert r.exists("relay:identity:u:keep") == 1 and r.keys("relay:deleted:*") == []
+    assert r.zcard("relay:dlq:index") == 0 and stat(r, "skipped:delete_request") == 0
+    # Counted (ingest writes its figures to Redis now and then).
+    wait_for(lambda: stat(r, "ingest_events:api:refused_delete") == 1
+             and stat(r, "ingest_events:webhook:refused_delete") == 1)  # fmt: skip
+    # A signed one is Segment's privacy tooling: honoured.
+    signed = json.dumps({**delete, "messageId": "del-s"}).encode()
+    requests.post(relay + "/webhook", data=signed,
+                  headers={"X-Signature": sign(signed)}).raise_for_status()  # fmt: skip
+    wait_for(lambda: settled(r) and stat(r, "skipped:delete_request") == 1)
+    assert r.exists("relay:identity:u:keep") == 0

@@ -779,3 +779,21 @@ def test_an_event_invalid_besides_its_timestamp_is_still_rejected_as_sent() -> N
     [rejected] = result.rejected
     assert rejected.event["timestamp"] == "x"
     assert {e["field"] for e in rejected.errors} == {"event", "timestamp"}
+
+
+@pytest.mark.parametrize("route", ["batch", "import", "b"])
+def test_a_delete_on_the_tracking_api_is_refused_and_the_rest_accepted(route: str) -> None:
+    payload = {"batch": [small_track(1), {"type": "Delete", "userId": "victim"}, small_track(2)]}
+    result = parse_api(route, dumps(payload), RECEIVED)
+    assert len(result.accepted) == 2 and result.rejected == []
+    [refused] = result.refused_deletes
+    assert refused.index == 1
+    assert refused.errors == [{"field": "type", "message": intake.DELETE_REFUSED}]
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_a_webhook_delete_is_taken_only_from_a_signed_request(signed: bool) -> None:
+    body = dumps([{"type": "delete", "userId": "gone"}, SEGMENT_WEBHOOK_TRACK])
+    result = parse_webhook(body, RECEIVED, signed=signed)
+    assert [e["type"] for e in result.accepted] == (["delete", "track"] if signed else ["track"])
+    assert len(result.refused_deletes) == (0 if signed else 1)

@@ -190,9 +190,10 @@ def check_request(route: str, body: bytes) -> None:
     parsed = take(route, body)
     if parsed is None:
         return
-    indices = [r.index for r in parsed.rejected]
+    indices = sorted(r.index for r in parsed.rejected + parsed.refused_deletes)
     size = carried(route, body)  # no half-handled batch:
-    assert len(parsed.accepted) + len(parsed.rejected) == size
+    refused = len(parsed.refused_deletes)
+    assert len(parsed.accepted) + len(parsed.rejected) + refused == size
     assert indices == sorted(set(indices)) and set(indices) <= set(range(size))
     for rejected in parsed.rejected:  # what ingest writes to the dead-letter queue
         [item] = envelope.fresh([rejected.event], "api", 0.0, lambda: "x")
@@ -265,7 +266,8 @@ def test_accepted_batches_translate(batch: list[dict[str, Any]], source: str) ->
     body = dumps(batch) if source == "webhook" else dumps({"batch": batch})
     parsed = take("webhook" if source == "webhook" else "batch", body)
     assert parsed is not None
-    assert len(parsed.accepted) + len(parsed.rejected) == len(batch)
+    refused = len(parsed.refused_deletes)
+    assert len(parsed.accepted) + len(parsed.rejected) + refused == len(batch)
     check_translation(parsed, source)
 
 

@@ -33,7 +33,7 @@ def items_of(events: list[Any], source: str) -> list[Envelope]:
     raw = [fixture(e) if isinstance(e, str) else e for e in events]
     if source == "webhook":
         body = json.dumps(raw[0] if len(raw) == 1 else raw).encode()
-        intake = parse_webhook(body, RECEIVED)
+        intake = parse_webhook(body, RECEIVED, signed=True)
     else:
         intake = parse_api("batch", json.dumps({"batch": raw}).encode(), RECEIVED)
     assert intake.rejected == []
@@ -370,6 +370,7 @@ CASES = {
             "r2": "unresolved",
             "r3": [track_event()],
         },
+        source="webhook",
         known=KNOWN,
     ),
     "a-stored-delete-drops-events-received-before-it": Case(
@@ -783,11 +784,25 @@ def test_a_delete_forgets_the_user_and_what_the_batch_taught_before_it() -> None
         {"type": "delete", "userId": "userId123", "anonymousId": "anon-1"},
         {"type": "group", "userId": "userId123", "groupId": "g-after"},
     ]
-    parsed, _ = parse_items(items_of(batch, "api"))
+    parsed, _ = parse_items(items_of(batch, "webhook"))
     plan = plan_batch(parsed, {}, Mapping())
     assert plan.forgotten == {"u:userId123": 0.0, "a:anon-1": 0.0}
     assert plan.links == {}
     assert untimed(plan.learned) == {"u:userId123": Known("g-after")}
+
+
+def test_a_delete_queued_from_the_tracking_api_is_refused_and_forgets_nothing() -> None:
+    # Ingest refuses them; one queued by an earlier version (source api) is not honoured.
+    raw = [identify({**IDS, "plan": "pro"}), {"type": "delete", "userId": "userId123"}, track()]
+    items = [
+        Envelope.new(event, source=source, received_at=0.0, rid=f"r{n}")
+        for n, (event, source) in enumerate(zip(raw, ["api", "api", "operator"], strict=True))
+    ]
+    parsed, _ = parse_items(items)
+    plan = plan_batch(parsed, {}, Mapping())
+    assert plan.forgotten == {}
+    assert [(i.id, reason) for i, reason in plan.skipped] == [("r1", "delete_refused")]
+    assert [i.id for i, _ in plan.send] == ["r0", "r2"]
 
 
 def test_lookup_keys_are_those_of_events_missing_an_id() -> None:
