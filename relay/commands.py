@@ -74,7 +74,8 @@ class TrackEvent(_Command):
             problems.append("eventName is empty")
         if not self.event_date:
             problems.append("eventDate is missing")
-        if len(self.description or "") > MAX_DESCRIPTION:
+        # ChurnZero counts UTF-16 code units (an emoji is two).
+        if len((self.description or "").encode("utf-16-le")) > 2 * MAX_DESCRIPTION:
             problems.append(f"description is longer than {MAX_DESCRIPTION} characters")
         return problems
 

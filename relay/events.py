@@ -73,12 +73,16 @@ class _Base(BaseModel):
 
     # groupId and previousId belong to subclasses, as traits and properties below do.
     @field_validator("userId", "anonymousId", "messageId", "groupId", "previousId",
-                     mode="after", check_fields=False)  # fmt: skip
+                     mode="before", check_fields=False)  # fmt: skip
     @classmethod
-    def _blank_is_missing(cls, value: str | None) -> str | None:
+    def _id_text(cls, value: object) -> object:
         # Libraries send "" for "not set"; treating it as an id would merge strangers.
-        if value is None or not value.strip():
-            return None
+        if isinstance(value, str):
+            return value if value.strip() else None
+        # A number that went through a float (JSON from JavaScript, a warehouse) is the
+        # same user: 123.0 is "123", as it was sent before it became a float.
+        if isinstance(value, float) and value.is_integer():
+            return str(int(value))
         return value
 
     @field_validator("timestamp", mode="after")

@@ -64,6 +64,14 @@ RESERVED_UNSENT = frozenset(
 )  # fmt: skip
 
 
+# Traits of Segment's group spec that are not ChurnZero account attributes (`name` aside:
+# the `[group] name` switch decides it): held back unless the mapping names them.
+GROUP_RESERVED_UNSENT = frozenset(
+    {"id", "email", "website", "createdAt", "avatar", "description", "phone", "employees",
+     "industry", "address"}
+)  # fmt: skip
+
+
 CONTACT_ID = "contactExternalId"  # in contact_order: the contactExternalId/ID traits
 
 
@@ -105,7 +113,15 @@ class GroupMap(_Section):
             return None
         if trait == "name":
             return self.rename.get(trait, "Name") if self.name else None
+        if self.reserved(trait):
+            return None
         return self.rename.get(trait, trait)
+
+    def reserved(self, trait: str) -> bool:
+        """Whether a group trait is one of Segment's reserved ones the mapping does not
+        name (held back: it would become an account custom field)."""
+        named = trait in self.rename or trait in self.allow
+        return trait in GROUP_RESERVED_UNSENT and not named and trait not in self.ignore
 
 
 class Increment(_Section):
@@ -146,7 +162,16 @@ class Mapping(_Section):
             return False
         if traits.allow:
             return trait in traits.allow
-        return trait not in RESERVED_UNSENT or trait in traits.rename or trait in traits.account
+        return not self.trait_reserved(trait)
+
+    def trait_reserved(self, trait: str) -> bool:
+        """Whether a trait is one of Segment's reserved ones the mapping does not name
+        (held back: it would become a contact custom field)."""
+        traits = self.traits
+        if trait in traits.ignore or traits.allow:
+            return False
+        named = trait in traits.rename or trait in traits.account
+        return trait in RESERVED_UNSENT and not named
 
     def event_name(self, event: str) -> str:
         """The ChurnZero event name of a Segment event."""

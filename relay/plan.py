@@ -11,6 +11,7 @@ the plan learned afterwards.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping as AbstractMapping
 from dataclasses import dataclass, field
 
@@ -50,6 +51,8 @@ class Plan:
     links: dict[str, str] = field(default_factory=dict)
     released: set[str] = field(default_factory=set)
     forgotten: dict[str, float] = field(default_factory=dict)  # user key -> delete's receipt
+    # Attribute writes not sent and values replaced, by reason (relay.translate).
+    attributes: Counter[str] = field(default_factory=Counter)
 
 
 Parsed = list[tuple[Envelope, events.AnyEvent]]
@@ -199,7 +202,7 @@ def plan_batch(
         if resolved is None:
             plan.unresolved.append(item)
             continue
-        commands = translate.commands(event, resolved, mapping)
+        commands = translate.commands(event, resolved, mapping, plan.attributes)
         problems = [p for c in commands for p in c.problems()]
         if problems:
             plan.invalid_command.append((item, sorted(set(problems))))

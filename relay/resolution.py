@@ -68,6 +68,8 @@ def id_value(value: Any) -> str | None:
     """An id as text, or None when the value cannot be an id (blank, bool, object)."""
     if isinstance(value, bool) or value is None:
         return None
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))  # 123.0 is the id 123 after a trip through a float
     if isinstance(value, int | float | str):
         text = str(value).strip()
         return text or None

@@ -6,11 +6,17 @@ group -> `setAttribute` on the account `groupId` for its traits (the `[group]` m
 track -> one `trackEvent` (or the increment the mapping makes of it),
 alias -> nothing sent, a link in the identity map.
 Who each event is about (its `Ids`) is decided before, for the whole batch, by
-relay.plan; this module only says what a call tells ChurnZero about them.
+relay.plan; this module only says what a call tells ChurnZero about them. A trait that is
+not sent, or a value replaced, is counted in `dropped` by reason (the
+`relay_skipped_attributes_total` labels): `blank_name`, `nested_object`, `null_value`,
+`reserved_trait`, `quantity_not_a_number`.
 """
 
 from __future__ import annotations
 
+import math
+import re
+from collections import Counter
 from typing import Any
 
 from relay import clock, events
@@ -32,7 +38,9 @@ def skip_reason(event: events.AnyEvent, source: str, mapping: Mapping) -> str | 
     if event.type == "delete" and source == "api":
         # Ingest refuses them; one queued by an earlier version must not erase a user.
         return "delete_refused"
-    flags = [event.integrations[k] for k in ("ChurnZero", "Churnzero") if k in event.integrations]
+    # A null flag is no flag (analytics-next reads it as absent).
+    names = ("ChurnZero", "Churnzero")
+    flags = [flag for k in names if (flag := event.integrations.get(k)) is not None]
     if any(flag is False for flag in flags):
         return "disabled_by_integrations"
     # `All: false` is Segment's router's business; on /webhook Segment already routed the
@@ -54,37 +62,76 @@ def attribute_value(value: Any) -> bool | int | float | str | None:
     return None  # nested objects and nulls
 
 
+def unsendable(value: Any) -> str:
+    """Why a value `attribute_value` refused is not sent, as a counter label."""
+    return "null_value" if value is None else "nested_object"
+
+
 def _set(ids: Ids, entity: str, name: str, value: bool | int | float | str) -> SetAttribute:
     return SetAttribute(
         account=ids.account, contact=ids.contact, entity=entity, name=name, value=value
     )
 
 
-def identify_commands(event: events.Identify, ids: Ids, mapping: Mapping) -> list[Command]:
-    """setAttribute commands for every sendable trait."""
-    out: list[Command] = []
-    for trait, raw in event.traits.items():
+def identify_traits(
+    traits: dict[str, Any], mapping: Mapping, dropped: Counter[str]
+) -> list[tuple[str, str, bool | int | float | str]]:
+    """(entity, attribute, value) for every sendable trait of an identify; what is not
+    sent is counted in `dropped` by reason."""
+    out: list[tuple[str, str, bool | int | float | str]] = []
+    for trait, raw in traits.items():
         if trait in ID_KEYS:
             continue
         if trait == "company" and isinstance(raw, dict):
             name = raw.get("name")
             if mapping.traits.account_name_from_company and isinstance(name, str) and name:
-                out.append(_set(ids, "account", "Name", name))
+                out.append(("account", "Name", name))
+            continue
+        if not trait.strip():
+            dropped["blank_name"] += 1
             continue
         if not mapping.trait_wanted(trait):
+            if mapping.trait_reserved(trait):
+                dropped["reserved_trait"] += 1
             continue
         value = attribute_value(raw)
         if value is None:
+            dropped[unsendable(raw)] += 1
             continue
-        entity = "account" if trait in mapping.traits.account else "contact"
-        out.append(_set(ids, entity, mapping.attribute_name(trait), value))
+        attribute = mapping.attribute_name(trait)
+        if not attribute.strip():
+            dropped["blank_name"] += 1
+            continue
+        out.append(("account" if trait in mapping.traits.account else "contact", attribute, value))
     return out
 
 
-def _quantity(props: dict[str, Any]) -> int | float:
+def identify_commands(
+    event: events.Identify, ids: Ids, mapping: Mapping, dropped: Counter[str]
+) -> list[Command]:
+    """setAttribute commands for every sendable trait."""
+    return [
+        _set(ids, entity, name, value)
+        for entity, name, value in identify_traits(event.traits, mapping, dropped)
+    ]
+
+
+_NUMBER = re.compile(r"\s*[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\s*")
+
+
+def _quantity(props: dict[str, Any], dropped: Counter[str]) -> int | float:
+    """`properties.quantity` as a number (a numeric string too); else 1, counted when
+    a value that is no number was given."""
     quantity = props.get("quantity")
     if isinstance(quantity, int | float) and not isinstance(quantity, bool):
-        return quantity
+        if math.isfinite(quantity):
+            return quantity
+    elif isinstance(quantity, str) and _NUMBER.fullmatch(quantity):
+        number = float(quantity)
+        if math.isfinite(number):
+            return int(number) if number.is_integer() and "." not in quantity else number
+    if quantity is not None:
+        dropped["quantity_not_a_number"] += 1
     return 1
 
 
@@ -96,23 +143,43 @@ def _allow_dupes(event: events.Track) -> bool | None:
     return None
 
 
-def track_commands(event: events.Track, ids: Ids, mapping: Mapping) -> list[Command]:
+def track_commands(
+    event: events.Track, ids: Ids, mapping: Mapping, dropped: Counter[str]
+) -> list[Command]:
     """A track call's commands: its trackEvent, or the increment the mapping makes of it
     (with the trackEvent too when the mapping asks)."""
+    quantity = _quantity(event.properties, dropped)
     increment = mapping.events.increment.get(event.event)
     if increment is None:
-        return [track_command(event, ids, mapping)]
+        return [track_command(event, ids, mapping, quantity)]
     command = IncrementAttribute(
         account=ids.account,
         contact=ids.contact,
         entity=increment.entity,
         name=increment.attribute,
-        value=_quantity(event.properties),
+        value=quantity,
     )
-    return [command, track_command(event, ids, mapping)] if increment.track else [command]
+    if increment.track:
+        return [command, track_command(event, ids, mapping, quantity)]
+    return [command]
 
 
-def track_command(event: events.Track, ids: Ids, mapping: Mapping) -> TrackEvent:
+def utf16_cut(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` UTF-16 code units (ChurnZero's count), never inside
+    a surrogate pair."""
+    if len(text) <= limit // 2 or len(text.encode("utf-16-le")) <= 2 * limit:
+        return text
+    units = 0
+    for n, char in enumerate(text):
+        units += 2 if ord(char) > 0xFFFF else 1
+        if units > limit:
+            return text[:n]
+    return text
+
+
+def track_command(
+    event: events.Track, ids: Ids, mapping: Mapping, quantity: int | float = 1
+) -> TrackEvent:
     """The trackEvent command of a track call."""
     stamp = event.timestamp
     props = event.properties
@@ -123,29 +190,48 @@ def track_command(event: events.Track, ids: Ids, mapping: Mapping) -> TrackEvent
         contact=ids.contact,
         event_name=mapping.event_name(event.event),
         event_date=clock.iso(stamp) if stamp else None,
-        description=(text[:MAX_DESCRIPTION] or None) if isinstance(text, str) else None,
-        quantity=_quantity(props),
+        description=(utf16_cut(text, MAX_DESCRIPTION) or None) if isinstance(text, str) else None,
+        quantity=quantity,
         allow_dupes=_allow_dupes(event),
         custom={name: value for name, value in fields.items() if value is not None},
     )
 
 
-def group_commands(event: events.Group, ids: Ids, mapping: Mapping) -> list[Command]:
+def group_commands(
+    event: events.Group, ids: Ids, mapping: Mapping, dropped: Counter[str]
+) -> list[Command]:
     """setAttribute commands on the account for the group traits the mapping sends."""
     out: list[Command] = []
     for trait, raw in event.traits.items():
-        name = mapping.group.attribute(trait) if trait not in ID_KEYS else None
-        value = attribute_value(raw) if name else None
-        if name and value is not None:
+        if trait in ID_KEYS:
+            continue
+        if not trait.strip():
+            dropped["blank_name"] += 1
+            continue
+        name = mapping.group.attribute(trait)
+        if name is None:
+            if mapping.group.reserved(trait):
+                dropped["reserved_trait"] += 1
+            continue
+        value = attribute_value(raw)
+        if value is None:
+            dropped[unsendable(raw)] += 1
+        elif not name.strip():
+            dropped["blank_name"] += 1
+        else:
             out.append(_set(ids, "account", name, value))
     return out
 
 
-def commands(event: events.AnyEvent, ids: Ids, mapping: Mapping) -> list[Command]:
-    """The commands of an identify, group or track call about `ids`."""
+def commands(
+    event: events.AnyEvent, ids: Ids, mapping: Mapping, dropped: Counter[str] | None = None
+) -> list[Command]:
+    """The commands of an identify, group or track call about `ids`; what is not sent is
+    counted in `dropped` by reason."""
+    dropped = Counter() if dropped is None else dropped
     if isinstance(event, events.Identify):
-        return identify_commands(event, ids, mapping)
+        return identify_commands(event, ids, mapping, dropped)
     if isinstance(event, events.Group):
-        return group_commands(event, ids, mapping)
+        return group_commands(event, ids, mapping, dropped)
     assert isinstance(event, events.Track)
-    return track_commands(event, ids, mapping)
+    return track_commands(event, ids, mapping, dropped)

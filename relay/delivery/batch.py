@@ -175,6 +175,7 @@ class Delivery:
             self.redis, lookup_keys(parsed, self.mapping), tombstone_keys(parsed)
         )
         plan = plan_batch(parsed, found.known, self.mapping, found.links, found.deleted)
+        report.attributes.update(plan.attributes)
         held = names.guard(self.redis, plan, self.settings.new_names, claim.done)
         if self.settings.attribute_clock_ttl_s:
             clock_s = self.settings.attribute_clock_ttl_s

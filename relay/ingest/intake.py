@@ -205,9 +205,14 @@ def _accept(intake: Intake, index: int, raw: Any, route: _Route) -> None:
             return
         unreadable = True
     stamp = None
-    if not unreadable and route.correct_clock and event.timestamp is not None:
+    client_time = event.timestamp
+    if client_time is None and not unreadable and "originalTimestamp" in raw:
+        # A client that sent only originalTimestamp: Segment corrects that one.
+        original = raw["originalTimestamp"]
+        client_time = clock.parse_instant(original)
+    if not unreadable and route.correct_clock and client_time is not None:
         sent_at = clock.parse_instant(raw["sentAt"]) if "sentAt" in raw else route.batch_sent_at
-        stamp = clock.corrected(event.timestamp, sent_at, route.received_at)
+        stamp = clock.corrected(client_time, sent_at, route.received_at)
     stored = events.normalized(raw, event, route.received_at, stamp=stamp)
     if unreadable:
         stored["originalTimestamp"] = original

@@ -21,7 +21,7 @@ from aiohttp import web
 from relay import envelope
 from relay.errors import QueueUnavailable, RequestError
 from relay.ingest import auth, cors, intake, metrics
-from relay.ingest.webapp import COMMIT, GATE, REDIS, REQUEST_LOG, SETTINGS, json_response, refusal
+from relay.ingest.webapp import COMMIT, GATE, REDIS, REQUEST_LOG, SETTINGS, json_response
 from relay.reasons import Reason
 from relay.settings import Settings
 from relay.state import broker, deadletter
@@ -30,10 +30,19 @@ RETRY_AFTER_S = 5
 BODY_TIMEOUT_S = 10  # a client slower than this to send its body gets 408 (Segment retries it)
 
 
+# The `code` of an error answer: older analytics-python reads `code` and `message`.
+_CODES = {400: "invalid_request", 401: "unauthorized", 403: "forbidden",
+          408: "request_timeout", 503: "unavailable"}  # fmt: skip
+
+
+def _error(message: str, status: int, headers: dict[str, str] | None = None,
+           **extra: Any) -> web.Response:  # fmt: skip
+    body = {"error": message, **extra, "code": _CODES.get(status, "error"), "message": message}
+    return json_response(body, status, headers)
+
+
 def _unavailable(reason: str) -> web.Response:
-    return json_response(
-        {"error": f"unavailable: {reason}"}, 503, {"Retry-After": str(RETRY_AFTER_S)}
-    )
+    return _error(f"unavailable: {reason}", 503, {"Retry-After": str(RETRY_AFTER_S)})
 
 
 async def _read_raw(request: web.Request, limits: intake.Limits) -> bytes:
@@ -107,7 +116,7 @@ async def _ingest(request: web.Request, route: str, source: str) -> web.Response
     try:
         response = await _handle(request, route, source, settings, outcome)
     except RequestError as exc:
-        response = refusal(exc)
+        response = _error(str(exc), exc.status, **exc.body)
         outcome["error"] = str(exc)
     except QueueUnavailable as exc:
         response = _unavailable(str(exc))
@@ -216,7 +225,5 @@ async def tracking_api_preflight(request: web.Request) -> web.Response:
         request.headers.get("Access-Control-Request-Headers"),
     )
     if not headers:
-        return json_response(
-            {"error": f"origin not allowed: {origin} (see RELAY_CORS_ORIGINS)"}, 403
-        )
+        return _error(f"origin not allowed: {origin} (see RELAY_CORS_ORIGINS)", 403)
     return web.Response(status=204, headers=headers)

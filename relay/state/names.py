@@ -11,7 +11,8 @@ the names it has sent (a SET per kind, at most `names_max` each) and:
   replays it.
 
 Kinds: `event` (trackEvent's eventName), `account_attribute` and `contact_attribute`
-(setAttribute's name on that entity: ChurnZero's account and contact fields are apart).
+(setAttribute's or incrementAttribute's name on that entity: ChurnZero's account and
+contact fields are apart).
 A full set remembers no more names (each further one counts as new every time it is
 sent, and in hold mode is held) until names are allowed or the limit raised.
 """
@@ -22,7 +23,7 @@ import time
 from typing import Any
 
 from relay import keys
-from relay.commands import Command, SetAttribute, TrackEvent
+from relay.commands import Command, IncrementAttribute, SetAttribute, TrackEvent
 from relay.envelope import Envelope
 from relay.plan import Plan
 
@@ -72,7 +73,7 @@ def names_of(commands: list[Command]) -> set[Name]:
     for command in commands:
         if isinstance(command, TrackEvent):
             out.add(("event", command.event_name))
-        elif isinstance(command, SetAttribute):
+        elif isinstance(command, SetAttribute | IncrementAttribute):
             out.add((f"{command.entity}_attribute", command.name))
     return out
 

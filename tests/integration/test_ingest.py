@@ -121,6 +121,9 @@ def test_gzip_and_limits(ingest: str, r: redis.Redis) -> None:
     event = {"userId": "u", "event": "Big", "properties": {"blob": "x" * 40_000}}
     answer = requests.post(ingest + "/v1/track", json=event, auth=auth)
     assert answer.status_code == 400 and "32 KB" in answer.json()["error"]
+    # Older analytics-python reads `code` and `message` of an error answer.
+    assert answer.json()["code"] == "invalid_request"
+    assert answer.json()["message"] == answer.json()["error"]
     bomb = gzip.compress(b'{"batch": [' + b" " * 20_000_000 + b"]}")
     answer = requests.post(
         ingest + "/v1/batch", data=bomb, auth=auth, headers={"Content-Encoding": "gzip"}

@@ -797,3 +797,18 @@ def test_a_webhook_delete_is_taken_only_from_a_signed_request(signed: bool) -> N
     result = parse_webhook(body, RECEIVED, signed=signed)
     assert [e["type"] for e in result.accepted] == (["delete", "track"] if signed else ["track"])
     assert len(result.refused_deletes) == (0 if signed else 1)
+
+
+def test_original_timestamp_without_timestamp_is_corrected_with_sent_at() -> None:
+    event = {**small_track(1), "originalTimestamp": "2030-01-02T03:00:00Z",
+             "sentAt": "2030-01-02T03:00:10Z"}  # fmt: skip
+    [stored] = parse_api("batch", dumps({"batch": [event]}), RECEIVED).accepted
+    # receivedAt - (sentAt - originalTimestamp): ten seconds before the receipt.
+    assert stored["timestamp"] == "2030-01-02T03:03:55Z"
+    assert stored["originalTimestamp"] == "2030-01-02T03:00:00Z"
+
+
+def test_an_integral_float_user_id_is_the_integer() -> None:
+    [stored] = parse_api("batch", dumps({"batch": [{**small_track(1), "userId": 123.0}]}),
+                         RECEIVED).accepted  # fmt: skip
+    assert stored["userId"] == "123"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from relay.commands import SetAttribute, TrackEvent
+from relay.commands import IncrementAttribute, SetAttribute, TrackEvent
 from relay.envelope import Envelope
 from relay.plan import Plan
 from relay.state import names
@@ -21,6 +21,11 @@ def test_names_of_each_kind() -> None:
     assert names.names_of(commands) == {
         ("event", "Signed Up"), ("contact_attribute", "plan"), ("account_attribute", "plan"),
     }  # fmt: skip
+
+
+def test_an_increments_field_name_is_guarded_like_any_other() -> None:
+    seats = IncrementAttribute(account="A", contact="C", entity="account", name="Seats", value=2)
+    assert names.names_of([seats]) == {("account_attribute", "Seats")}
 
 
 def item(rid: str) -> Envelope:

@@ -200,10 +200,7 @@ CASES = {
     "group-then-tracks-land-on-the-group": Case(
         [group("g-1", {"plan": "Pro", "name": "Acme", "employees": 40}), track()],
         {
-            "r0": [
-                set_attr("plan", "Pro", "account", account="g-1", contact="userId123"),
-                set_attr("employees", 40, "account", account="g-1", contact="userId123"),
-            ],
+            "r0": [set_attr("plan", "Pro", "account", account="g-1", contact="userId123")],
             "r1": [track_event(account="g-1", contact="userId123")],
         },
     ),
@@ -621,8 +618,63 @@ CASES = {
     "quantity-zero": Case(
         [track(properties={**IDS, "quantity": 0})], {"r0": [track_event(quantity=0)]}
     ),
-    "quantity-string-is-1": Case(
-        [track(properties={**IDS, "quantity": "3"})], {"r0": [track_event(quantity=1)]}
+    "quantity-numeric-string-is-a-number": Case(
+        [track(properties={**IDS, "quantity": "3"}), track(properties={**IDS, "quantity": " 2.5"})],
+        {"r0": [track_event(quantity=3)], "r1": [track_event(quantity=2.5)]},
+    ),
+    "quantity-text-is-1": Case(
+        [track(properties={**IDS, "quantity": "lots"})], {"r0": [track_event(quantity=1)]}
+    ),
+    "group-reserved-traits-held-back": Case(
+        [
+            group(
+                "g-1",
+                {
+                    "id": "g-1",
+                    "email": "a@b.c",
+                    "website": "w",
+                    "createdAt": "2020",
+                    "avatar": "x",
+                    "description": "d",
+                    "phone": "1",
+                    "employees": 4,
+                    "industry": "i",
+                    "address": "a",
+                    "plan": "Pro",
+                },
+            )
+        ],
+        {"r0": [set_attr("plan", "Pro", "account", account="g-1", contact="userId123")]},
+    ),
+    "group-reserved-traits-sent-when-named": Case(
+        [group("g-1", {"employees": 4, "industry": "i", "phone": "1"})],
+        {
+            "r0": [
+                set_attr("Employees", 4, "account", account="g-1", contact="userId123"),
+                set_attr("industry", "i", "account", account="g-1", contact="userId123"),
+            ],
+        },
+        mapping=Mapping(
+            group=GroupMap(
+                rename={"employees": "Employees"}, allow=frozenset({"employees", "industry"})
+            )
+        ),
+    ),
+    "blank-trait-key-dropped-rest-sent": Case(
+        [identify({**IDS, "": "x", " ": "y", "plan": "pro"})],
+        {"r0": [set_attr("plan", "pro")]},
+    ),
+    "null-integrations-flag-is-absent": Case(
+        [track(integrations={"All": False, "ChurnZero": None}, properties=IDS)], {"r0": DISABLED}
+    ),
+    "integral-float-user-id-is-an-integer": Case(
+        [track(userId=123.0)],
+        {"r0": [track_event(contact="123")]},
+        known={"u:123": Known(ACCOUNT)},
+    ),
+    "description-cut-at-255-utf16-units": Case(
+        [track(properties={**IDS, "description": "a" + "😀" * 200})],
+        {"r0": [track_event(description="a" + "😀" * 127)]},
     ),
     "quantity-bool-is-1": Case(
         [track(properties={**IDS, "quantity": True})], {"r0": [track_event(quantity=1)]}
@@ -733,6 +785,18 @@ def test_translation(case: Case) -> None:
         deleted=case.deleted,
     )
     assert got == case.expected
+
+
+def test_values_not_sent_are_counted_with_a_reason() -> None:
+    batch = [
+        identify({**IDS, "": "x", "nested": {"a": 1}, "gone": None, "avatar": "a", "ok": 1}),
+        group("g-1", {"employees": 3, "address": {"city": "x"}}),
+        track(properties={**IDS, "quantity": "lots"}),
+    ]
+    parsed, _ = parse_items(items_of(batch, "api"))
+    plan = plan_batch(parsed, {}, Mapping())
+    assert plan.attributes == {"blank_name": 1, "nested_object": 1, "null_value": 1,
+                               "reserved_trait": 3, "quantity_not_a_number": 1}  # fmt: skip
 
 
 def test_envelope_integrations_reach_every_item_of_a_batch() -> None:
