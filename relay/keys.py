@@ -142,6 +142,7 @@ class Stat(StrEnum):
     DEAD_LETTERS = "dead_letters"  # :<reason>
     REPLAYED = "replayed"
     NEW_NAMES = "new_names"  # :<kind>
+    CONTACT_CHANGES = "contact_changes"  # users an explicit contact id moved
     RATELIMIT_WAITS = "ratelimit_waits"
     REPLICATION_WAITS = "replication_waits"
     # The ChurnZero request-duration histogram: count per bucket (:<upper bound>), total

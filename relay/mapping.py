@@ -9,6 +9,7 @@ Example file::
     # Where a contact id comes from once the account is known (after the contact the
     # relay learned for the user): a trait name, userId, anonymousId or a dotted path.
     contact_order = ["contactExternalId", "email", "userId"]
+    account_contact = "segment-account-sync"  # contact of group calls with no person
 
     [traits]
     rename = { plan = "Plan Name" }            # trait -> ChurnZero attribute
@@ -85,6 +86,9 @@ class IdentityMap(_Section):
     account_paths: tuple[str, ...] = ()
     contact_paths: tuple[str, ...] = ()
     contact_order: tuple[Annotated[str, Field(min_length=1)], ...] = (CONTACT_ID, "email", "userId")
+    # The contact of account-level writes that name no person (a group call with only an
+    # anonymousId); unset: such a call is dead-lettered as `no_contact`.
+    account_contact: Annotated[str, Field(min_length=1, max_length=100)] | None = None
 
 
 class TraitMap(_Section):

@@ -34,6 +34,16 @@ from relay.resolution import (
 )
 
 
+@dataclass(frozen=True)
+class ContactChange:
+    """An explicit contact id moved a user to another contact: `before` and `after`
+    (the account may be unknown on either side, or change too)."""
+
+    user: str
+    before: Ids
+    after: Ids
+
+
 @dataclass
 class Plan:
     """What to do with each item of a batch (an item wraps one event with its metadata),
@@ -51,6 +61,9 @@ class Plan:
     links: dict[str, str] = field(default_factory=dict)
     released: set[str] = field(default_factory=set)
     forgotten: dict[str, float] = field(default_factory=dict)  # user key -> delete's receipt
+    # Group calls with an account but no person to name as the contact (no account_contact).
+    no_contact: list[Envelope] = field(default_factory=list)
+    contact_changes: list[ContactChange] = field(default_factory=list)
     # Attribute writes not sent and values replaced, by reason (relay.translate).
     attributes: Counter[str] = field(default_factory=Counter)
 
@@ -80,7 +93,9 @@ def lookup_keys(parsed: Parsed, mapping: Mapping) -> list[str]:
             continue
         if isinstance(event, events.Alias):
             keys.update(alias_keys(event) + identity_keys(event))
-        elif None in explicit_ids(event, mapping):
+        elif None in explicit_ids(event, mapping) or isinstance(event, events.Identify):
+            # An identify with both ids may move its user to another contact: the one kept
+            # is read to tell.
             key = resolve_key(event)
             if key is not None:
                 keys.add(key)
@@ -102,7 +117,7 @@ def _teaching(event: events.AnyEvent, mapping: Mapping, contact: str | None) -> 
     if isinstance(event, events.Identify):
         account = own_account(event, mapping)
         taught = learned_contact(event, mapping, contact)
-        update = Known(account, taught, at if account else None)
+        update = Known(account, taught.contact, at if account else None, taught.source)
         return update if update != Known() else None
     return None
 
@@ -198,8 +213,11 @@ def plan_batch(
             memory.link(event)
             plan.skipped.append((item, "nothing_to_send"))
             continue
-        resolved = _resolve(event, explicit, memory, ahead, mapping)
-        if resolved is None:
+        resolved, pin = _resolve(event, explicit, memory, ahead, mapping)
+        if resolved is _NO_CONTACT:
+            plan.no_contact.append(item)
+            continue
+        if not isinstance(resolved, Ids):
             plan.unresolved.append(item)
             continue
         commands = translate.commands(event, resolved, mapping, plan.attributes)
@@ -208,6 +226,8 @@ def plan_batch(
             plan.invalid_command.append((item, sorted(set(problems))))
         elif commands:
             plan.send.append((item, commands))
+            if pin is not None:  # the first contact sent for the user is the user's
+                memory.teach(*pin)
         else:
             plan.skipped.append((item, "nothing_to_send"))
     return plan
@@ -238,11 +258,17 @@ def _learn(event: events.AnyEvent, update: Known, memory: _Memory, *, soft: bool
     for key in identity_keys(event):
         known = memory.recall(key)
         if soft and known is not None and known.contact:
-            # An email names the contact of a user without one; a known contact id stays
-            # (in ChurnZero it is the same person, whose email changed).
+            # An email names the contact of a user without one; a kept contact stays (in
+            # ChurnZero it is the same person, whose Email attribute changes).
             memory.teach(key, Known(update.account, None, update.at))
-        else:
-            memory.teach(key, update)
+            continue
+        moved = known is not None and known.contact and update.contact != known.contact
+        if moved and update.contact and key == resolve_key(event):
+            assert known is not None and known.contact is not None
+            before = Ids(known.account or "", known.contact)
+            after = Ids(update.account or known.account or "", update.contact)
+            memory.plan.contact_changes.append(ContactChange(key, before, after))
+        memory.teach(key, update)
 
 
 def _incomplete(event: events.AnyEvent) -> str | None:
@@ -253,20 +279,47 @@ def _incomplete(event: events.AnyEvent) -> str | None:
     return None
 
 
+_NO_CONTACT = object()  # a group call's account is known, and no person to name
+
+
 def _resolve(
     event: events.AnyEvent,
     explicit: tuple[str | None, str | None],
     memory: _Memory,
     ahead: dict[str, Known],
     mapping: Mapping,
-) -> Ids | None:
+) -> tuple[Ids | object | None, tuple[str, Known] | None]:
+    """The event's ids (None: wait for the user's identity; `_NO_CONTACT`: a group call
+    no person can be named for), and the contact to keep for its user if it is sent."""
     account, contact = explicit
     key = resolve_key(event) or ""
-    found = memory.recall(key) or ahead.get(key) or Known()
+    remembered = memory.recall(key)
+    found = remembered or ahead.get(key) or Known()
     account = account or found.account
     if not account:
-        return None  # the contact order applies only once the account is known
-    target = memory.plan.links.get(key) or memory.links.get(key) or ""
-    aliased = target[2:] if target.startswith("u:") else None
-    contact = contact or found.contact or fallback_contact(event, mapping, aliased)
-    return Ids(account, contact) if contact else None
+        return None, None  # the contact order applies only once the account is known
+    if contact:
+        return Ids(account, contact), None
+    kept = remembered is not None and remembered.contact is not None
+    if found.contact:
+        pin = None if kept else Known(contact=found.contact, source=found.source)
+        contact = found.contact
+    else:
+        target = memory.plan.links.get(key) or memory.links.get(key) or ""
+        aliased = target[2:] if target.startswith("u:") else None
+        by_order = fallback_contact(event, mapping, aliased)
+        if by_order is None:
+            return _no_person(event, account, mapping), None
+        contact, source = by_order
+        pin = Known(contact=contact, source=source)
+    return Ids(account, contact), (key, pin) if pin is not None and key else None
+
+
+def _no_person(event: events.AnyEvent, account: str, mapping: Mapping) -> Ids | object | None:
+    # Account-level writes (a backend's group call with only an anonymousId) go under the
+    # mapping's placeholder contact, never kept for the user; without one they cannot
+    # be delivered, and no identify will come for a backend job: dead-lettered at once.
+    if not isinstance(event, events.Group):
+        return None
+    placeholder = mapping.identity.account_contact
+    return Ids(account, placeholder) if placeholder else _NO_CONTACT

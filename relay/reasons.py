@@ -21,3 +21,4 @@ class Reason(StrEnum):
     RETRIES_EXHAUSTED = "retries_exhausted"  # still failing at the maximum age
     WORKER_ERROR = "worker_error"  # the worker could not handle its batch at all
     NEW_NAME = "new_name"  # held by the new-name guard until `relay names allow`
+    NO_CONTACT = "no_contact"  # an account-level call naming no person, no account_contact

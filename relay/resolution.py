@@ -4,8 +4,9 @@ An event's account: its own `accountExternalId` trait (or a mapped path), else
 `context.groupId`, else (a group call) its `groupId`, else what the relay learned for
 the user (the latest group call, an identify with ids, an alias, an import).
 Its contact, once the account is known: its own `contactExternalId` trait, else the
-contact learned for the user, else the first of the mapping's `contact_order` the event
-carries (default: `email`, then `userId`).
+contact the relay keeps for the user, else the first of the mapping's `contact_order` the
+event carries (default: `email`, then `userId`). The first contact sent for a user is
+kept for that user (relay.plan pins it); only an explicit contact id moves the user.
 
 Identity-map keys are `u:<userId>` and `a:<anonymousId>`; an event with a userId is
 resolved by it alone (on a shared browser the anonymousId is someone else's).
@@ -33,14 +34,23 @@ class Ids:
     contact: str
 
 
+# Where a kept contact came from, besides the `contact_order` source that named it:
+# these two may replace a contact the relay already keeps for the user.
+IMPORTED = "import"
+FIRM_SOURCES = frozenset({CONTACT_ID, IMPORTED})
+
+
 @dataclass(frozen=True)
 class Known:
     """What the relay knows of a user: an account, a contact, either or both; `at` is
-    the event time (epoch ms) of the call that named the account, when known."""
+    the event time (epoch ms) of the call that named the account, when known; `source`
+    says where the contact came from (`contactExternalId`, `import`, or the
+    `contact_order` source: `email`, `userId`...)."""
 
     account: str | None = None
     contact: str | None = None
     at: int | None = None
+    source: str | None = None
 
     def merged(self, newer: Known | None) -> Known:
         """This knowledge updated by `newer` (its unset fields keep this one's). The
@@ -51,7 +61,9 @@ class Known:
         older = newer.at is not None and self.at is not None and newer.at < self.at
         take = bool(newer.account) and not older
         account, at = (newer.account, newer.at) if take else (self.account, self.at)
-        return Known(account, newer.contact or self.contact, at)
+        if newer.contact:
+            return Known(account, newer.contact, at, newer.source)
+        return Known(account, self.contact, at, self.source)
 
 
 def _lookup(source: Any, path: str) -> Any:
@@ -131,10 +143,10 @@ def explicit_ids(event: events.AnyEvent, mapping: Mapping) -> tuple[str | None, 
 
 def fallback_contact(
     event: events.AnyEvent, mapping: Mapping, user_id: str | None = None
-) -> str | None:
-    """The contact id by the mapping's `contact_order` past `contactExternalId`: the
-    event's email (traits or context.traits), userId (or `user_id`, the user an alias
-    made it), anonymousId or a dotted path."""
+) -> tuple[str, str] | None:
+    """The contact id by the mapping's `contact_order` past `contactExternalId`, with the
+    source that named it: the event's email (traits or context.traits), userId (or
+    `user_id`, the user an alias made it), anonymousId or a dotted path."""
     bags = _bags(event)
     for source in mapping.identity.contact_order:
         if source == CONTACT_ID:
@@ -148,19 +160,22 @@ def fallback_contact(
         else:
             found = next((v for b in bags if (v := id_value(b.get(source)))), None)
         if found:
-            return str(found)
+            return str(found), source
     return None
 
 
-def learned_contact(event: events.AnyEvent, mapping: Mapping, contact: str | None) -> str | None:
-    """The contact an identify teaches (`contact`: its own contact id, if any): by the
-    order, except a bare userId or anonymousId, which every later event carries anyway."""
+def learned_contact(event: events.AnyEvent, mapping: Mapping, contact: str | None) -> Known:
+    """The contact an identify teaches, with its source (`contact`: its own contact id,
+    if any): by the order, except a bare userId or anonymousId, which every later event
+    carries anyway (the first one sent is kept then)."""
     if not isinstance(event, events.Identify):
-        return None
+        return Known()
     if contact is not None:
-        return contact
+        return Known(contact=contact, source=CONTACT_ID)
     found = fallback_contact(event, mapping)
-    return None if found in (event.userId, event.anonymousId) else found
+    if found is None or found[0] in (event.userId, event.anonymousId):
+        return Known()
+    return Known(contact=found[0], source=found[1])
 
 
 def identity_keys(event: events.AnyEvent) -> list[str]:

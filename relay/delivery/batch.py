@@ -55,6 +55,7 @@ class Report:
     dead: Counter[str] = field(default_factory=Counter)
     retried: Counter[str] = field(default_factory=Counter)
     attributes: Counter[str] = field(default_factory=Counter)  # writes not sent, by reason
+    contact_changes: int = 0  # users an explicit contact id moved
     requests: Counter[str] = field(default_factory=Counter)
     request_seconds: list[float] = field(default_factory=list)
 
@@ -176,9 +177,15 @@ class Delivery:
         )
         plan = plan_batch(parsed, found.known, self.mapping, found.links, found.deleted)
         report.attributes.update(plan.attributes)
+        report.contact_changes = len(plan.contact_changes)
+        for change in plan.contact_changes:
+            log.info("contact_changed", user=change.user, account=change.after.account,
+                     before=change.before.contact, after=change.after.contact)  # fmt: skip
         held = names.guard(self.redis, plan, self.settings.new_names, claim.done)
         if self.settings.attribute_clock_ttl_s:
             clock_s = self.settings.attribute_clock_ttl_s
+            if plan.contact_changes:  # rare: an explicit contact id moved a user
+                freshness.carry(self.redis, plan.contact_changes, clock_s)
             stamps = freshness.stamps(parsed)
             if stale := freshness.reserve(self.redis, plan, stamps, clock_s, claim.done):
                 report.attributes["stale_attribute"] += stale
@@ -271,7 +278,10 @@ def lane_of(items: list[Any]) -> str:
 
 
 def _stage_stats(pipe: Any, report: Report, now: float) -> None:
-    counts: dict[str, int] = {keys.Stat.DELIVERED: report.delivered}
+    counts: dict[str, int] = {
+        keys.Stat.DELIVERED: report.delivered,
+        keys.Stat.CONTACT_CHANGES: report.contact_changes,
+    }
     if report.lane == "replay":
         counts[keys.Stat.REPLAY_DELIVERED] = report.delivered
     labelled = {

@@ -22,7 +22,8 @@ from typing import Any
 
 from relay import keys
 from relay.commands import SetAttribute
-from relay.plan import Parsed, Plan
+from relay.plan import ContactChange, Parsed, Plan
+from relay.resolution import Ids
 
 # KEYS: one entity hash per write. ARGV: ttl_s, then (attribute, event ms) per write.
 # Returns 1 (send) or 0 (stale) per write, in order.
@@ -43,15 +44,43 @@ return out
 """
 
 
-def entity_key(command: SetAttribute) -> str:
-    """The clock of the entity a setAttribute command writes to."""
-    account = command.account
-    if command.entity == "account":
-        return keys.attribute_clock("a:" + account)
+# KEYS: from, to (contact clocks). ARGV: ttl_s. Each attribute's time on `to` becomes the
+# later of the two, so no value older than one sent to the old contact wins on the new.
+_CARRY = """
+local from = redis.call('HGETALL', KEYS[1])
+if #from == 0 then return 0 end
+for i = 1, #from, 2 do
+  local kept = tonumber(redis.call('HGET', KEYS[2], from[i]) or '-1')
+  if tonumber(from[i + 1]) > kept then redis.call('HSET', KEYS[2], from[i], from[i + 1]) end
+end
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+return #from / 2
+"""
+
+
+def contact_key(ids: Ids) -> str:
+    """The clock of a contact (within its account)."""
     # Contact ids are unique within an account only; the length prefix keeps
     # ("a:b", "c") and ("a", "b:c") apart.
-    size = len(account.encode())
-    return keys.attribute_clock(f"c:{size}:{account}:{command.contact}")
+    size = len(ids.account.encode())
+    return keys.attribute_clock(f"c:{size}:{ids.account}:{ids.contact}")
+
+
+def entity_key(command: SetAttribute) -> str:
+    """The clock of the entity a setAttribute command writes to."""
+    if command.entity == "account":
+        return keys.attribute_clock("a:" + command.account)
+    return contact_key(Ids(command.account, command.contact))
+
+
+def carry(r: Any, changes: list[ContactChange], ttl_s: int) -> None:
+    """The attribute clock of each user's old contact carried over to the new one
+    (before the batch reserves its writes); a side whose account is unknown has none."""
+    pipe = r.pipeline(transaction=False)
+    for change in changes:
+        if change.before.account and change.after.account:
+            pipe.eval(_CARRY, 2, contact_key(change.before), contact_key(change.after), ttl_s)
+    pipe.execute()
 
 
 def stamps(parsed: Parsed) -> dict[str, int]:

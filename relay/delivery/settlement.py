@@ -33,6 +33,12 @@ from relay.settings import Settings
 from relay.state import deadletter
 
 IDENTITY_RETRY_CAP_S = 60.0
+NO_CONTACT_HELP = (
+    "a group call with an account but no person to name as its ChurnZero contact (no "
+    "userId, no contact known for its anonymousId): set [identity] account_contact in the "
+    'mapping file (e.g. "segment-account-sync") to deliver account attributes under that '
+    "contact, or send the call with a userId; then replay"
+)
 _SEVERITY = {retry.Kind.SUCCESS: 0, retry.Kind.RETRYABLE: 1, retry.Kind.PERMANENT: 2}
 
 
@@ -103,6 +109,8 @@ def settle(
         out.dead.append(dead_letter(item, Reason.INVALID_COMMAND, now, errors=problems))
     for item, problems in plan.held:
         out.dead.append(dead_letter(item, Reason.NEW_NAME, now, errors=problems))
+    for item in plan.no_contact:
+        out.dead.append(dead_letter(item, Reason.NO_CONTACT, now, errors=[NO_CONTACT_HELP]))
     for item in plan.unresolved:
         _wait_for_identity(item, now, policy, out, rng)
     for item, _ in plan.send:

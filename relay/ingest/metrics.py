@@ -217,6 +217,11 @@ _COUNTERS: dict[Stat, tuple[str, str, str | None]] = {
     Stat.RETRIED: ("relay_retried_events", "Events put back for a later try, by cause.", "cause"),
     Stat.REPLAYED: ("relay_replayed_events", "Dead letters replayed.", None),
     Stat.NEW_NAMES: ("relay_new_names", "Names never sent to ChurnZero before, by kind.", "kind"),
+    Stat.CONTACT_CHANGES: (
+        "relay_contact_changes",
+        "Users an explicit contactExternalId moved to another ChurnZero contact.",
+        None,
+    ),
     Stat.RATELIMIT_WAITS: (
         "relay_ratelimit_waits",
         "Times a worker waited for the rate limit.",

@@ -2,12 +2,14 @@
 
 Identify, group and alias calls (and `relay identities import`) teach it; events without
 ids are resolved through it. One key per user (`relay:identity:u:<userId>`,
-`relay:identity:a:<anonymousId>`, JSON `[account, contact, at]`: any may be null, `at` is
-the event time in ms of the call that named the account) that
-expires `identity_ttl_s` after the user's last lesson, so the map stays the size of the
-active users in a Redis that must not evict. A lesson merges into the entry (a group
-call sets the account and keeps the contact). An alias is a link key
-(`relay:alias:<key>` -> the userId key it now stands for).
+`relay:identity:a:<anonymousId>`, JSON `[account, contact, at, source]`: any may be null,
+`at` is the event time in ms of the call that named the account, `source` where the
+contact came from) that expires `identity_ttl_s` after the user's last lesson, so the
+map stays the size of the active users in a Redis that must not evict. A lesson merges
+into the entry (a group call sets the account and keeps the contact). A kept contact is
+replaced only by an explicit contact id or an import (`resolution.FIRM_SOURCES`): two
+workers that each send a first contact for a user keep the first one stored. An alias is
+a link key (`relay:alias:<key>` -> the userId key it now stands for).
 
 Tracks waiting for their user (cause `identity_wait` in the delayed set) are indexed by
 user key (`relay:waiting:<key>`, a SET of delayed-set members); when the user is taught,
@@ -20,21 +22,22 @@ message id (settled once, relay.delivery.runs), as an expired lease would.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import orjson
 
 from relay import keys
-from relay.resolution import Known
+from relay.resolution import IMPORTED, Known
 
-# KEYS: entries. ARGV: ttl_s, then per entry account, contact and the account's event
-# time in ms ("" for each: unknown, keep the old). Merges as Known.merged does: an
-# account from an older call than the stored one's (both times known) is not taken.
+# KEYS: entries. ARGV: ttl_s, then per entry account, contact, the account's event time
+# in ms and the contact's source ("" for each: unknown, keep the old). Merges as
+# Known.merged does: an account from an older call than the stored one's (both times
+# known) is not taken; a stored contact is replaced only from a firm source.
 _MERGE = """
 local function json(s) if s == '' then return 'null' end return cjson.encode(s) end
 for i, key in ipairs(KEYS) do
-  local a, c, at = ARGV[3 * i - 1], ARGV[3 * i], ARGV[3 * i + 1]
+  local a, c, at, src = ARGV[4 * i - 2], ARGV[4 * i - 1], ARGV[4 * i], ARGV[4 * i + 1]
   local old = redis.call('GET', key)
   if old then
     local v = cjson.decode(old)
@@ -45,11 +48,16 @@ for i, key in ipairs(KEYS) do
       a = v[1]
       at = old_at and string.format('%d', old_at) or ''
     end
-    if c == '' and type(v[2]) == 'string' then c = v[2] end
+    local firm = src == 'contactExternalId' or src == 'import'
+    if type(v[2]) == 'string' and (c == '' or not firm) then
+      c = v[2]
+      src = type(v[4]) == 'string' and v[4] or ''
+    end
   end
   local stamp = 'null'
   if at ~= '' then stamp = at end
-  redis.call('SET', key, '[' .. json(a) .. ',' .. json(c) .. ',' .. stamp .. ']', 'EX', ARGV[1])
+  redis.call('SET', key, '[' .. json(a) .. ',' .. json(c) .. ',' .. stamp .. ',' .. json(src)
+    .. ']', 'EX', ARGV[1])
 end
 return #KEYS
 """
@@ -125,9 +133,10 @@ class Lookup:
 
 
 def _known(raw: bytes) -> Known:
-    account, contact, *rest = orjson.loads(raw)  # older entries have two fields
+    account, contact, *rest = orjson.loads(raw)  # older entries have two or three fields
     at = rest[0] if rest and isinstance(rest[0], int) else None
-    return Known(account or None, contact or None, at)
+    source = rest[1] if len(rest) > 1 and isinstance(rest[1], str) else None
+    return Known(account or None, contact or None, at, source)
 
 
 def lookup(r: Any, wanted: Sequence[str], everyone: Sequence[str] = ()) -> Lookup:
@@ -156,8 +165,8 @@ def stage_store(pipe: Any, learned: Mapping[str, Known], ttl_s: int) -> None:
     names = [keys.identity(key) for key in learned]
     values = [
         v
-        for known in learned.values()
-        for v in (known.account or "", known.contact or "", "" if known.at is None else known.at)
+        for k in learned.values()
+        for v in (k.account or "", k.contact or "", "" if k.at is None else k.at, k.source or "")
     ]
     pipe.eval(_MERGE, len(names), *names, ttl_s, *values)
 
@@ -200,7 +209,10 @@ def seed(r: Any, entries: Mapping[str, Known], ttl_s: int, chunk: int = 1000) ->
     """Merge imported identities into the map (theirs win) and release the tracks
     waiting for those users; returns how many waiting batches came due."""
     released = 0
-    items = list(entries.items())
+    # An import names the contact outright: it replaces the one kept.
+    items = [
+        (key, replace(k, source=IMPORTED if k.contact else None)) for key, k in entries.items()
+    ]
     for start in range(0, len(items), chunk):
         part = dict(items[start : start + chunk])
         pipe = r.pipeline(transaction=True)
@@ -208,6 +220,22 @@ def seed(r: Any, entries: Mapping[str, Known], ttl_s: int, chunk: int = 1000) ->
         stage_release(pipe, part)
         released += int(pipe.execute()[-1])
     return released
+
+
+_SOURCES = {
+    "contactExternalId": "an explicit contactExternalId (may move the user)",
+    IMPORTED: "relay identities import (may move the user)",
+}
+
+
+def _contact_from(known: Known) -> str | None:
+    """Where the contact the relay uses for the user came from, in words."""
+    if known.contact is None:
+        return None
+    if known.source is None:
+        return "unknown (kept by an earlier version)"
+    named = _SOURCES.get(known.source)
+    return named or f"the first contact sent for the user (by {known.source}); kept"
 
 
 def describe(r: Any, user_id: str) -> dict[str, Any]:
@@ -226,7 +254,7 @@ def describe(r: Any, user_id: str) -> dict[str, Any]:
         if raw is not None:
             known = _known(raw)
             entry.update(account=known.account, contact=known.contact,
-                         account_named_at_ms=known.at,
+                         contact_from=_contact_from(known), account_named_at_ms=known.at,
                          expires_in_s=r.ttl(keys.identity(key)))  # fmt: skip
         if link is not None:
             entry["alias_of"] = link.decode()

@@ -65,27 +65,27 @@ def test_group_then_tracks_land_on_the_groups_account(
 ) -> None:
     post(relay, {"type": "group", "userId": "ann", "groupId": "acct-42",
                  "traits": {"name": "Acme", "plan": "Enterprise", "employees": 120}})  # fmt: skip
-    wait_for(lambda: settled(r) and len(clean_sandbox.commands()) == 2)
+    wait_for(lambda: settled(r) and len(clean_sandbox.commands()) == 1)
     # A late group call from before does not move the user back to an older account.
     post(relay, {"type": "group", "userId": "ann", "groupId": "acct-old",
                  "timestamp": "2020-01-01T00:00:00Z"},
          {"type": "identify", "userId": "ann", "traits": {"email": "ann@acme.io"}})  # fmt: skip
-    wait_for(lambda: settled(r) and len(clean_sandbox.commands()) == 3)
+    wait_for(lambda: settled(r) and len(clean_sandbox.commands()) == 2)
     post(relay, track("Report Run", userId="ann"),
          track("Exported", userId="ann", context={"groupId": "acct-7"}))  # fmt: skip
-    wait_for(lambda: settled(r) and len(clean_sandbox.commands()) >= 5)
+    wait_for(lambda: settled(r) and len(clean_sandbox.commands()) >= 4)
     commands = clean_sandbox.commands()
-    # name is the CRM's: not sent without the mapping's opt-in.
-    assert [(c["action"], c.get("entity")) for c in commands[:2]] == [
-        ("setAttribute", "account"), ("setAttribute", "account")
-    ]  # fmt: skip
+    # name is the CRM's and employees one of Segment's reserved traits: not sent without
+    # the mapping's opt-in.
+    assert [(c["action"], c.get("entity")) for c in commands[:1]] == [("setAttribute", "account")]
+    # One person, one contact: the first one sent (the userId) is kept; the email that
+    # came later is that contact's Email attribute.
     assert who(commands) == [
         ("plan", "acct-42", "ann"),
-        ("employees", "acct-42", "ann"),
-        ("Email", "acct-42", "ann@acme.io"),
-        ("Report Run", "acct-42", "ann@acme.io"),
+        ("Email", "acct-42", "ann"),
+        ("Report Run", "acct-42", "ann"),
         # context.groupId names the account of its own event only.
-        ("Exported", "acct-7", "ann@acme.io"),
+        ("Exported", "acct-7", "ann"),
     ]
 
 
@@ -323,3 +323,55 @@ def test_only_a_signed_webhook_may_delete_a_user(
                   headers={"X-Signature": sign(signed)}).raise_for_status()  # fmt: skip
     wait_for(lambda: settled(r) and stat(r, "skipped:delete_request") == 1)
     assert r.exists("relay:identity:u:keep") == 0
+
+
+def test_one_person_is_one_contact(relay: str, r: redis.Redis, clean_sandbox: Sandbox) -> None:
+    # The reproduction: an identify naming only the account, then one with an email.
+    post(relay, {"type": "identify", "userId": "d2", "timestamp": "2026-11-01T10:00:00Z",
+                 "traits": {"accountExternalId": "A2", "plan": "a"}},
+         track("First", userId="d2"))  # fmt: skip
+    wait_for(lambda: settled(r) and len(clean_sandbox.commands()) == 2)
+    post(relay, {"type": "identify", "userId": "d2", "timestamp": "2026-11-01T11:00:00Z",
+                 "traits": {"email": "d2@x.io", "plan": "b"}},
+         track("Second", userId="d2"))  # fmt: skip
+    wait_for(lambda: settled(r) and len(clean_sandbox.commands()) == 5)
+    assert {c["contactExternalId"] for c in clean_sandbox.commands()} == {"d2"}
+    assert [(c.get("name"), c.get("value")) for c in clean_sandbox.commands()[2:4]] == [
+        ("Email", "d2@x.io"), ("plan", "b")]  # fmt: skip
+    shown = json.loads(relay_cli(r, "identities", "show", "d2").stdout)["u:d2"]
+    assert (shown["account"], shown["contact"]) == ("A2", "d2")
+    assert "first contact sent" in shown["contact_from"] and "userId" in shown["contact_from"]
+    # Only an explicit contact id moves the user: logged, counted, and the attribute clock
+    # comes along, so an older identify's value does not win on the new contact.
+    post(relay, {"type": "identify", "userId": "d2", "timestamp": "2026-11-01T12:00:00Z",
+                 "traits": {"contactExternalId": "c-d2"}},
+         {"type": "identify", "userId": "d2", "timestamp": "2026-11-01T10:30:00Z",
+          "traits": {"plan": "older"}},
+         track("Third", userId="d2"))  # fmt: skip
+    wait_for(lambda: settled(r) and len(clean_sandbox.commands()) == 6)
+    assert who(clean_sandbox.commands()[5:]) == [("Third", "A2", "c-d2")]
+    assert stat(r, "contact_changes") == 1 and stat(r, "attributes:stale_attribute") == 1
+    shown = json.loads(relay_cli(r, "identities", "show", "d2").stdout)["u:d2"]
+    assert shown["contact"] == "c-d2" and "explicit contactExternalId" in shown["contact_from"]
+
+
+def test_an_account_sync_without_a_person(
+    r: redis.Redis, clean_sandbox: Sandbox, start_ingest: Callable[..., str],
+    start_worker: Starter, tmp_path: Path,
+) -> None:  # fmt: skip
+    sync = {"type": "group", "anonymousId": "nightly-job", "groupId": "acct-s",
+            "traits": {"mrr": 990}}  # fmt: skip
+    worker = start_worker(identity_wait_s=600)
+    url = start_ingest()
+    # Without [identity] account_contact: dead-lettered at once (no identity wait), saying
+    # how to fix it.
+    post(url, sync)
+    wait_for(lambda: settled(r) and r.zcard("relay:dlq:reason:no_contact") == 1)
+    [entry] = [json.loads(v) for v in r.hvals("relay:dlq:entries")]
+    assert "account_contact" in entry["errors"][0] and clean_sandbox.commands() == []
+    worker.stop()
+    mapping = tmp_path / "mapping.toml"
+    mapping.write_text('[identity]\naccount_contact = "segment-account-sync"\n')
+    start_worker(mapping_file=mapping, identity_wait_s=600)
+    post(url, {**sync, "traits": {"mrr": 1000}})
+    assert who(clean_sandbox.wait_commands(1)) == [("mrr", "acct-s", "segment-account-sync")]

@@ -18,7 +18,7 @@ from relay.envelope import Envelope
 from relay.ingest.intake import parse_api, parse_webhook
 from relay.mapping import EventMap, GroupMap, IdentityMap, Increment, Mapping, TraitMap
 from relay.plan import lookup_keys, parse_items, plan_batch
-from relay.resolution import Known
+from relay.resolution import Ids, Known
 from tests.conftest import fixture
 
 RECEIVED = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -63,6 +63,8 @@ def fates(
         out[item.id] = ("skipped", reason)
     for item in plan.unresolved:
         out[item.id] = "unresolved"
+    for item in plan.no_contact:
+        out[item.id] = "no_contact"
     for item, problems in plan.invalid_command:
         out[item.id] = ("invalid_command", problems)
     for item, problems in plan.invalid_event:
@@ -244,6 +246,63 @@ CASES = {
         [identify({"email": "new@acme.io"}), track()],
         {"r0": [set_attr("Email", "new@acme.io")], "r1": [track_event()]},
         known=KNOWN,
+    ),
+    "the-first-contact-sent-is-kept-when-an-email-arrives": Case(
+        [
+            identify({"accountExternalId": "A2", "plan": "a"}),
+            track(),
+            identify({"email": "d2@x.io", "plan": "b"}),
+            track(),
+        ],
+        {
+            "r0": [set_attr("plan", "a", account="A2", contact="userId123")],
+            "r1": [track_event(account="A2", contact="userId123")],
+            "r2": [
+                set_attr("Email", "d2@x.io", account="A2", contact="userId123"),
+                set_attr("plan", "b", account="A2", contact="userId123"),
+            ],
+            "r3": [track_event(account="A2", contact="userId123")],
+        },
+    ),
+    "group-track-identify-keeps-one-contact": Case(
+        [group("g-1", {"plan": "p"}), track(), identify({"email": "d2@x.io"}), track()],
+        {
+            "r0": [set_attr("plan", "p", "account", account="g-1", contact="userId123")],
+            "r1": [track_event(account="g-1", contact="userId123")],
+            "r2": [set_attr("Email", "d2@x.io", account="g-1", contact="userId123")],
+            "r3": [track_event(account="g-1", contact="userId123")],
+        },
+    ),
+    "a-kept-contact-stays-when-an-email-arrives-in-a-later-batch": Case(
+        [identify({"email": "d2@x.io"}), track()],
+        {
+            "r0": [set_attr("Email", "d2@x.io", account="A2", contact="userId123")],
+            "r1": [track_event(account="A2", contact="userId123")],
+        },
+        known={"u:userId123": Known("A2", "userId123", None, "userId")},
+    ),
+    "an-explicit-contact-id-moves-the-user": Case(
+        [identify({"contactExternalId": "c-new", "plan": "b"}), track()],
+        {
+            "r0": [set_attr("plan", "b", account="A2", contact="c-new")],
+            "r1": [track_event(account="A2", contact="c-new")],
+        },
+        known={"u:userId123": Known("A2", "userId123", None, "userId")},
+    ),
+    "group-with-only-an-anonymous-id-has-no-contact": Case(
+        [{"type": "group", "anonymousId": "job-1", "groupId": "g-9", "traits": {"mrr": 5}}],
+        {"r0": "no_contact"},
+    ),
+    "group-with-only-an-anonymous-id-uses-the-account-contact": Case(
+        [
+            {"type": "group", "anonymousId": "job-1", "groupId": "g-9", "traits": {"mrr": 5}},
+            {"type": "track", "anonymousId": "job-1", "event": "E", "timestamp": WHEN},
+        ],
+        {
+            "r0": [set_attr("mrr", 5, "account", account="g-9", contact="account-sync")],
+            "r1": "unresolved",
+        },
+        mapping=Mapping(identity=IdentityMap(account_contact="account-sync")),
     ),
     "contact-order-from-the-mapping": Case(
         [group("g-1", {}), track(properties={"login": "ann1", "contactExternalId": "c-7"})],
@@ -785,6 +844,28 @@ def test_translation(case: Case) -> None:
         deleted=case.deleted,
     )
     assert got == case.expected
+
+
+def test_the_first_contact_sent_is_kept_for_the_user_and_a_move_is_recorded() -> None:
+    batch = [group("g-1", {"plan": "p"}), identify({"contactExternalId": "c-9"})]
+    parsed, _ = parse_items(items_of(batch, "api"))
+    first = plan_batch(parsed[:1], {}, Mapping())
+    kept = first.learned["u:userId123"]
+    assert (kept.account, kept.contact, kept.source) == ("g-1", "userId123", "userId")
+    assert first.contact_changes == []
+    moved = plan_batch(parsed[1:], first.learned, Mapping())
+    [change] = moved.contact_changes
+    assert (change.user, change.before, change.after) == (
+        "u:userId123", Ids("g-1", "userId123"), Ids("g-1", "c-9"))  # fmt: skip
+    assert moved.learned["u:userId123"].source == "contactExternalId"
+
+
+def test_the_account_contact_is_never_kept_for_the_user() -> None:
+    event = {"type": "group", "anonymousId": "job-1", "groupId": "g-9", "traits": {"mrr": 5}}
+    parsed, _ = parse_items(items_of([event], "api"))
+    mapping = Mapping(identity=IdentityMap(account_contact="account-sync"))
+    plan = plan_batch(parsed, {}, mapping)
+    assert plan.learned == {"a:job-1": Known("g-9", None, plan.learned["a:job-1"].at)}
 
 
 def test_values_not_sent_are_counted_with_a_reason() -> None:
