@@ -93,6 +93,12 @@ NAMES = PREFIX + "names:known:"
 NAMES_NEW = PREFIX + "names:new"
 NAMES_HELD = PREFIX + "names:held"
 
+# Parked traits (relay.state.parking): a HASH per user key (trait -> "<event ms>|<JSON
+# value>"), a ZSET of those users by expiry, and the number of traits parked now.
+PARKED = PREFIX + "parked:"
+PARKING_INDEX = PREFIX + "parking:index"
+PARKING_TRAITS = PREFIX + "parking:traits"
+
 # Embedded-Redis ownership (a lock file, not a key) lives in the state dir.
 
 
@@ -124,6 +130,8 @@ deleted = Family(DELETED)
 waiting = Family(WAITING)
 # The attribute clock of one entity (`a:<account>` or `c:<len>:<account>:<contact>`).
 attribute_clock = Family(ATTRIBUTE_CLOCK)
+# The parked traits of one user key.
+parked = Family(PARKED)
 # The run record of one Celery message, and the lease of the run working on it now.
 run = Family(RUN)
 run_lock = Family(RUN, ":lock")
@@ -143,6 +151,7 @@ class Stat(StrEnum):
     REPLAYED = "replayed"
     NEW_NAMES = "new_names"  # :<kind>
     CONTACT_CHANGES = "contact_changes"  # users an explicit contact id moved
+    PARKED = "parked"  # :<outcome> parked traits: parked, released, expired, deleted
     RATELIMIT_WAITS = "ratelimit_waits"
     REPLICATION_WAITS = "replication_waits"
     # The ChurnZero request-duration histogram: count per bucket (:<upper bound>), total

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping as AbstractMapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -21,6 +22,7 @@ from relay import events, translate
 from relay.commands import Command
 from relay.envelope import Envelope
 from relay.mapping import Mapping
+from relay.parked import Parked, event_ms, parkable
 from relay.resolution import (
     Ids,
     Known,
@@ -64,6 +66,10 @@ class Plan:
     # Group calls with an account but no person to name as the contact (no account_contact).
     no_contact: list[Envelope] = field(default_factory=list)
     contact_changes: list[ContactChange] = field(default_factory=list)
+    # Traits of identifies whose user has no account yet, per user key (newest per trait),
+    # to park; and the users whose parked traits can go out now that they are known.
+    park: dict[str, dict[str, tuple[int, Any]]] = field(default_factory=dict)
+    unpark: list[str] = field(default_factory=list)
     # Attribute writes not sent and values replaced, by reason (relay.translate).
     attributes: Counter[str] = field(default_factory=Counter)
 
@@ -99,6 +105,18 @@ def lookup_keys(parsed: Parsed, mapping: Mapping) -> list[str]:
             key = resolve_key(event)
             if key is not None:
                 keys.add(key)
+    return sorted(keys)
+
+
+def parking_keys(parsed: Parsed) -> list[str]:
+    """The users whose parked traits a batch may release: those its identify and group
+    calls are about, and both sides of its aliases."""
+    keys: set[str] = set()
+    for _, event in parsed:
+        if isinstance(event, events.Identify | events.Group):
+            keys.update(identity_keys(event))
+        elif isinstance(event, events.Alias):
+            keys.update(alias_keys(event) + identity_keys(event))
     return sorted(keys)
 
 
@@ -179,9 +197,11 @@ def plan_batch(
     mapping: Mapping,
     links: AbstractMapping[str, str] | None = None,
     deleted: AbstractMapping[str, float] | None = None,
+    parked: AbstractMapping[str, Parked] | None = None,
 ) -> Plan:
-    """Decide every item's fate: commands to send, skip, wait for identity, or invalid.
-    `deleted`: when each deleted user's delete was received (tombstones)."""
+    """Decide every item's fate: commands to send, skip, wait for identity, park, or
+    invalid. `deleted`: when each deleted user's delete was received (tombstones);
+    `parked`: the parked traits of users the batch may teach (relay.state.parking)."""
     plan = Plan()
     memory = _Memory(plan, known, links or {})
     pending = _deleted_before(parsed, deleted or {})
@@ -217,6 +237,8 @@ def plan_batch(
         if resolved is _NO_CONTACT:
             plan.no_contact.append(item)
             continue
+        if resolved is _NO_ACCOUNT and _park(plan, item, event):
+            continue
         if not isinstance(resolved, Ids):
             plan.unresolved.append(item)
             continue
@@ -230,7 +252,30 @@ def plan_batch(
                 memory.teach(*pin)
         else:
             plan.skipped.append((item, "nothing_to_send"))
+    for user in sorted(parked or {}):
+        now_known = memory.recall(user)
+        if now_known is not None and now_known.account:
+            plan.unpark.append(user)
     return plan
+
+
+def _park(plan: Plan, item: Envelope, event: events.AnyEvent) -> bool:
+    """Park the traits of an identify whose user has no account yet (Engage's first
+    sync sends one for every member of an audience); False: not an identify, or nothing
+    worth parking (tracks wait for their user)."""
+    if not isinstance(event, events.Identify):
+        return False
+    traits = parkable(event)
+    user = resolve_key(event)
+    if not traits or user is None:
+        return False
+    ms = event_ms(event, item.received_at)
+    bag = plan.park.setdefault(user, {})
+    for trait, value in traits.items():
+        if trait not in bag or bag[trait][0] <= ms:
+            bag[trait] = (ms, value)
+    plan.skipped.append((item, "parked"))
+    return True
 
 
 def _received_at(item: Envelope) -> float:
@@ -280,6 +325,7 @@ def _incomplete(event: events.AnyEvent) -> str | None:
 
 
 _NO_CONTACT = object()  # a group call's account is known, and no person to name
+_NO_ACCOUNT = object()  # no account known for the user yet
 
 
 def _resolve(
@@ -297,7 +343,7 @@ def _resolve(
     found = remembered or ahead.get(key) or Known()
     account = account or found.account
     if not account:
-        return None, None  # the contact order applies only once the account is known
+        return _NO_ACCOUNT, None  # the contact order applies only once the account is known
     if contact:
         return Ids(account, contact), None
     kept = remembered is not None and remembered.contact is not None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +22,7 @@ from relay.delivery.delayed import Mover
 from relay.errors import RelayError
 from relay.mapping import load_mapping
 from relay.settings import load_settings
-from relay.state import broker, embedded, redis_conn
+from relay.state import broker, embedded, parking, redis_conn
 
 try:
     settings = load_settings()
@@ -39,6 +40,7 @@ state = redis_conn.sync_client(settings, redis_url, socket_timeout=10, socket_co
 
 log = structlog.get_logger("relay.worker")
 _stop = threading.Event()
+PARKING_SWEEP_S = 30.0  # expiry is by the hour: a sweep now and then is on time
 
 
 def beside_the_worker(name: str) -> Callable[[Callable[[], None]], Callable[[], None]]:
@@ -73,9 +75,14 @@ def _tune_gc(**_: Any) -> None:
 @beside_the_worker("relay-mover")
 def _move_forever() -> None:
     mover = Mover(state, broker.Queue(state, settings.message_events, allow_oom=True))
+    sweep_at = 0.0
     while not _stop.is_set():
         try:
             moved = mover.move_due()
+            if time.monotonic() >= sweep_at:  # parked traits past their time, counted
+                sweep_at = time.monotonic() + PARKING_SWEEP_S
+                if expired := parking.expire_due(state):
+                    log.info("parked_traits_expired", traits=expired)
         except broker.QUEUE_ERRORS as exc:
             log.warning("mover_error", error=type(exc).__name__)
             moved = 0

@@ -29,11 +29,12 @@ from relay.delivery.settlement import Outcomes, Policy, dead_letter, group_later
 from relay.delivery.throttle import Throttle
 from relay.envelope import decode_all
 from relay.mapping import Mapping
-from relay.plan import lookup_keys, parse_items, plan_batch, tombstone_keys
+from relay.parked import release_items
+from relay.plan import lookup_keys, parking_keys, parse_items, plan_batch, tombstone_keys
 from relay.reasons import Reason
 from relay.resolution import resolve_raw_key
 from relay.settings import VISIBILITY_MARGIN_S, Settings
-from relay.state import broker, deadletter, identity, names, oom, status, trace
+from relay.state import broker, deadletter, identity, names, oom, parking, status, trace
 from relay.state.deadletter import DeadLetter
 
 log = structlog.get_logger("relay.delivery")
@@ -173,9 +174,16 @@ class Delivery:
         skipped = [(item, "duplicate") for item, _ in parsed if item.id in dups]
         parsed = [(item, event) for item, event in parsed if item.id not in dups]
         found = identity.lookup(
-            self.redis, lookup_keys(parsed, self.mapping), tombstone_keys(parsed)
+            self.redis, lookup_keys(parsed, self.mapping), tombstone_keys(parsed),
+            parking_keys(parsed),
+        )  # fmt: skip
+        plan = plan_batch(
+            parsed, found.known, self.mapping, found.links, found.deleted, found.parked
         )
-        plan = plan_batch(parsed, found.known, self.mapping, found.links, found.deleted)
+        releases = {
+            user: (found.parked[user], release_items(user, found.parked[user], now))
+            for user in plan.unpark
+        }
         report.attributes.update(plan.attributes)
         report.contact_changes = len(plan.contact_changes)
         for change in plan.contact_changes:
@@ -215,6 +223,9 @@ class Delivery:
             identity.stage_forget(pipe, plan.forgotten, tombstone_s)
             identity.stage_store(pipe, plan.learned, ttl_s)
             identity.stage_links(pipe, plan.links, ttl_s)
+            for user, traits in plan.park.items():
+                parking.stage_park(pipe, user, traits, ttl_s)
+            parking.stage_release(pipe, releases, keys.Stat.PARKED.of("released"))
             # After the lessons, in the same MULTI: released tracks find them. Before this
             # batch's own waits, which were planned knowing these lessons already.
             identity.stage_release(pipe, plan.released)

@@ -22,7 +22,7 @@ from prometheus_client.core import (
 )
 
 from relay.keys import Stat
-from relay.state import status
+from relay.state import parking, status
 
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 _BOUNDS = [*(str(float(b)) for b in DURATION_BUCKETS), "+Inf"]  # as Prometheus writes them
@@ -186,6 +186,15 @@ class DeploymentCollector:
             "1 while every worker holds back from ChurnZero (429 or outage).",
             value=1.0 if snapshot.paused_for_s > 0 else 0.0,
         )
+        parked = parking.figures(self._redis)
+        yield GaugeMetricFamily(
+            "relay_parked_attributes",
+            "Traits parked for users without an account yet (sent once the user is known).",
+            value=parked["traits"],
+        )
+        yield GaugeMetricFamily(
+            "relay_parked_users", "Users with parked traits.", value=parked["users"]
+        )
         dead = GaugeMetricFamily(
             "relay_dead_letters", "Dead letters waiting, by reason.", labels=["reason"]
         )
@@ -221,6 +230,11 @@ _COUNTERS: dict[Stat, tuple[str, str, str | None]] = {
         "relay_contact_changes",
         "Users an explicit contactExternalId moved to another ChurnZero contact.",
         None,
+    ),
+    Stat.PARKED: (
+        "relay_parked_traits",
+        "Traits parked, released, expired or deleted (parked: per value, newer ones win).",
+        "outcome",
     ),
     Stat.RATELIMIT_WAITS: (
         "relay_ratelimit_waits",

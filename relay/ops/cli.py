@@ -132,6 +132,10 @@ def _status_table(data: dict[str, Any]) -> Any:
         )
     if data["learned_rate_rps"] is not None:
         table.add_row("learned rate", f"{data['learned_rate_rps']:,} req/s")
+    parked = data.get("parked") or {}
+    if parked.get("users"):
+        table.add_row("parked traits", f"{parked['traits']:,} of {parked['users']:,} users "
+                      "waiting for an account")  # fmt: skip
     if data["paused_for_s"]:
         table.add_row("[yellow]ChurnZero paused[/]", f"{data['paused_for_s']:.1f} s")
     if data.get("churnzero_problem"):

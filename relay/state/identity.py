@@ -21,14 +21,17 @@ message id (settled once, relay.delivery.runs), as an expired lease would.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
 
 from relay import keys
+from relay.parked import Parked, release_items
 from relay.resolution import IMPORTED, Known
+from relay.state import parking as parking_
 
 # KEYS: entries. ARGV: ttl_s, then per entry account, contact, the account's event time
 # in ms and the contact's source ("" for each: unknown, keep the old). Merges as
@@ -124,12 +127,13 @@ return 1
 
 @dataclass
 class Lookup:
-    """The map's answer for a batch: what is known, the alias links, and when each
-    deleted user's delete was received (tombstones)."""
+    """The map's answer for a batch: what is known, the alias links, when each deleted
+    user's delete was received (tombstones), and the parked traits of the users asked."""
 
     known: dict[str, Known]
     links: dict[str, str]
     deleted: dict[str, float]
+    parked: dict[str, Parked] = field(default_factory=dict)
 
 
 def _known(raw: bytes) -> Known:
@@ -139,15 +143,20 @@ def _known(raw: bytes) -> Known:
     return Known(account or None, contact or None, at, source)
 
 
-def lookup(r: Any, wanted: Sequence[str], everyone: Sequence[str] = ()) -> Lookup:
+def lookup(
+    r: Any, wanted: Sequence[str], everyone: Sequence[str] = (), parking: Sequence[str] = ()
+) -> Lookup:
     """What is known of the `wanted` keys (`u:<userId>`, `a:<anonymousId>`) and their
-    links, and the tombstones of `everyone`: one round trip, two when a link is found."""
+    links, the tombstones of `everyone` and the parked traits of `parking`: one round
+    trip, two when a link or parked traits are found."""
     # MGET needs a key: an empty list asks for one that never exists.
     pipe = r.pipeline(transaction=False)
     pipe.mget([keys.alias(k) for k in wanted] or [keys.alias("")])
     pipe.mget([keys.identity(k) for k in wanted] or [keys.identity("")])
     pipe.mget([keys.deleted(k) for k in everyone] or [keys.deleted("")])
-    raw_links, raw_known, raw_deleted = pipe.execute()
+    parking_.stage_present(pipe, parking)
+    raw_links, raw_known, raw_deleted, scores = pipe.execute()
+    parked = parking_.lookup(r, parking_.present_of(parking, scores))
     links = {k: v.decode() for k, v in zip(wanted, raw_links, strict=False) if v is not None}
     found = {k: _known(v) for k, v in zip(wanted, raw_known, strict=False) if v is not None}
     targets = sorted(set(links.values()) - set(wanted))
@@ -155,7 +164,7 @@ def lookup(r: Any, wanted: Sequence[str], everyone: Sequence[str] = ()) -> Looku
         more = r.mget([keys.identity(k) for k in targets])
         found.update({k: _known(v) for k, v in zip(targets, more, strict=True) if v is not None})
     deleted = {k: float(v) for k, v in zip(everyone, raw_deleted, strict=False) if v is not None}
-    return Lookup(found, links, deleted)
+    return Lookup(found, links, deleted, parked)
 
 
 def stage_store(pipe: Any, learned: Mapping[str, Known], ttl_s: int) -> None:
@@ -181,13 +190,15 @@ def stage_links(pipe: Any, links: Mapping[str, str], ttl_s: int) -> None:
 
 def stage_forget(pipe: Any, forgotten: Mapping[str, float], tombstone_s: int) -> None:
     """Queue on a pipeline: forget these users (received-at of their delete) and the
-    keys aliased to them: entries, links, the contact's attribute clock, and a tombstone
+    keys aliased to them: entries, links, the contact's attribute clock, parked traits
+    (the users' own), and a tombstone
     that drops their events received before the delete; their waiting tracks come due
     now (to be dropped)."""
     prefixes = [keys.IDENTITY, keys.ALIAS, keys.ALIASED, keys.WAITING, keys.DELETED,
                 keys.ATTRIBUTE_CLOCK]  # fmt: skip
     for key, received_at in forgotten.items():
         pipe.eval(_FORGET, 1, keys.DELAYED, *prefixes, key, received_at, tombstone_s)
+    parking_.stage_drop(pipe, forgotten, keys.Stat.PARKED.of("deleted"))
 
 
 def stage_waiting(pipe: Any, member: bytes, user_keys: Iterable[str], ttl_s: float) -> None:
@@ -215,8 +226,13 @@ def seed(r: Any, entries: Mapping[str, Known], ttl_s: int, chunk: int = 1000) ->
     ]
     for start in range(0, len(items), chunk):
         part = dict(items[start : start + chunk])
+        # Their parked traits go out too (read first; only what was read is taken).
+        found = lookup(r, (), (), list(part)).parked
+        now = time.time()
+        releases = {u: (p, release_items(u, p, now)) for u, p in found.items()}
         pipe = r.pipeline(transaction=True)
         stage_store(pipe, part, ttl_s)
+        parking_.stage_release(pipe, releases, keys.Stat.PARKED.of("released"))
         stage_release(pipe, part)
         released += int(pipe.execute()[-1])
     return released
@@ -246,7 +262,8 @@ def describe(r: Any, user_id: str) -> dict[str, Any]:
         link = r.get(keys.alias(key))
         waiting = r.scard(keys.waiting(key))
         deleted = r.get(keys.deleted(key))
-        if raw is None and link is None and not waiting and deleted is None:
+        parked = parking_.describe(r, key)
+        if raw is None and link is None and not waiting and deleted is None and not parked:
             continue
         entry: dict[str, Any] = {}
         if deleted is not None:
@@ -260,5 +277,7 @@ def describe(r: Any, user_id: str) -> dict[str, Any]:
             entry["alias_of"] = link.decode()
         if waiting:
             entry["waiting_batches"] = waiting
+        if parked:
+            entry["parked_traits"] = parked
         out[key] = entry
     return out

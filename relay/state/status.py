@@ -22,7 +22,7 @@ from relay import keys, wire
 from relay.envelope import Envelope
 from relay.errors import DecodeError
 from relay.reasons import Reason
-from relay.state import names
+from relay.state import names, parking
 
 WINDOW_S = 60
 RATE_TTL_S = 3 * WINDOW_S
@@ -225,6 +225,7 @@ def report(r: Any) -> dict[str, Any]:
         "names": names.report(r),
         "replay": replay_progress(r, snap.stats),
         "learned_rate_rps": learned_rate(r),
+        "parked": parking.figures(r),
     }
 
 

@@ -261,10 +261,10 @@ def test_standard_calls_of_the_python_library_only(
     from segment.analytics import Client
 
     client = Client(WRITE_KEY, host=relay, sync_mode=True)
-    # Segment's usual order: identify at sign-in (no account known yet: it waits), then
-    # group, which names the account and releases the waiting identify at once.
+    # Segment's usual order: identify at sign-in (no account known yet: its traits are
+    # parked), then group, which names the account and releases them at once.
     client.identify("u-py", {"email": "py@acme.io", "firstName": "Py"})
-    wait_for(lambda: r.scard("relay:waiting:u:u-py") == 1)
+    wait_for(lambda: r.exists("relay:parked:u:u-py") == 1)
     client.group("u-py", "acct-py", {"plan": "Pro"})
     wait_for(lambda: settled(r) and len(clean_sandbox.commands()) == 3, timeout=15)
     client.track("u-py", "Report Run", {"quantity": 2})

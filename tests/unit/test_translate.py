@@ -17,6 +17,7 @@ from relay.commands import Command, IncrementAttribute, SetAttribute, TrackEvent
 from relay.envelope import Envelope
 from relay.ingest.intake import parse_api, parse_webhook
 from relay.mapping import EventMap, GroupMap, IdentityMap, Increment, Mapping, TraitMap
+from relay.parked import release_items
 from relay.plan import lookup_keys, parse_items, plan_batch
 from relay.resolution import Ids, Known
 from tests.conftest import fixture
@@ -194,9 +195,12 @@ CASES = {
         [identify({"accountExternalId": ACCOUNT}), track()],
         {"r0": NOTHING, "r1": [track_event(contact="userId123")]},
     ),
-    "identify-without-account-waits": Case(
+    "identify-without-account-parks-its-traits-a-track-waits": Case(
         [identify({"contactExternalId": CONTACT, "plan": "Pro"}), track()],
-        {"r0": "unresolved", "r1": "unresolved"},
+        {"r0": ("skipped", "parked"), "r1": "unresolved"},
+    ),
+    "identify-without-account-or-traits-waits": Case(
+        [identify({"contactExternalId": CONTACT})], {"r0": "unresolved"}
     ),
     # --- group calls: accounts ------------------------------------------------------
     "group-then-tracks-land-on-the-group": Case(
@@ -866,6 +870,45 @@ def test_the_account_contact_is_never_kept_for_the_user() -> None:
     mapping = Mapping(identity=IdentityMap(account_contact="account-sync"))
     plan = plan_batch(parsed, {}, mapping)
     assert plan.learned == {"a:job-1": Known("g-9", None, plan.learned["a:job-1"].at)}
+
+
+def test_parked_traits_keep_the_newest_value_and_are_released_when_the_user_is_known() -> None:
+    engage = [
+        identify({"plan": "b", "is_churn_risk": True}, timestamp="2024-03-19T07:23:00Z"),
+        identify({"plan": "a", "seats": 3}, timestamp="2024-03-19T07:22:00Z"),
+    ]
+    parsed, _ = parse_items(items_of(engage, "webhook"))
+    plan = plan_batch(parsed, {}, Mapping())
+    assert [reason for _, reason in plan.skipped] == ["parked", "parked"]
+    assert plan.park == {"u:userId123": {"plan": (1710832980000, "b"),
+                                         "is_churn_risk": (1710832980000, True),
+                                         "seats": (1710832920000, 3)}}  # fmt: skip
+    assert plan.unpark == []
+    # A later group call names the account: the user's parked traits go out.
+    parsed, _ = parse_items(items_of([group("g-1", {})], "api"))
+    stored = {"u:userId123": plan.park["u:userId123"]}
+    assert plan_batch(parsed, {}, Mapping(), parked=stored).unpark == ["u:userId123"]
+    # Another user's do not, nor those of a user still without an account.
+    parsed, _ = parse_items(items_of([identify({"plan": "c"})], "api"))
+    assert plan_batch(parsed, {}, Mapping(), parked=stored).unpark == []
+
+
+def test_release_items_are_identifies_one_per_event_time() -> None:
+    parked = {"plan": (1710832980000, "b"), "seats": (1710832920000, 3)}
+    items = release_items("u:userId123", parked, now=5.0)
+    assert [i.event for i in items] == [
+        {"type": "identify", "userId": "userId123", "traits": {"seats": 3},
+         "timestamp": "2024-03-19T07:22:00Z", "messageId": items[0].event["messageId"]},
+        {"type": "identify", "userId": "userId123", "traits": {"plan": "b"},
+         "timestamp": "2024-03-19T07:23:00Z", "messageId": items[1].event["messageId"]},
+    ]  # fmt: skip
+    assert items[0].id != items[1].id and items == release_items("u:userId123", parked, 5.0)
+    parsed, _ = parse_items(items)
+    plan = plan_batch(parsed, {"u:userId123": Known("g-1")}, Mapping())
+    assert [[c.to_dict() for c in cmds] for _, cmds in plan.send] == [
+        [set_attr("seats", 3, account="g-1", contact="userId123")],
+        [set_attr("plan", "b", account="g-1", contact="userId123")],
+    ]
 
 
 def test_values_not_sent_are_counted_with_a_reason() -> None:
