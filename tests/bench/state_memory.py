@@ -22,7 +22,7 @@ from relay.delivery import freshness
 from relay.envelope import Envelope
 from relay.plan import Plan
 from relay.resolution import Known
-from relay.state import identity
+from relay.state import identity, parking
 
 N = 20_000
 TTL_S = 30 * 24 * 3600
@@ -62,6 +62,20 @@ def _tombstone(r: Any, n: int) -> str:
     return keys.deleted(f"u:user-{n:08d}-abcdefgh")
 
 
+def _parked(traits: int) -> Callable[[Any, int], str]:
+    # As an Engage audience sync parks them: snake_case booleans and a computed trait.
+    def write(r: Any, n: int) -> str:
+        user = f"u:user-{n:08d}-abcdefgh"
+        parked = {f"audience_{a}_members": (1_793_577_600_000 + n, True) for a in range(traits)}
+        parked["lifetime_value"] = (1_793_577_600_000 + n, 1234.5)
+        pipe = r.pipeline(transaction=False)
+        parking.stage_park(pipe, user, parked, TTL_S)
+        pipe.execute()
+        return keys.parked(user)
+
+    return write
+
+
 KINDS: dict[str, Callable[[Any, int], str]] = {
     "identity entry (userId -> account, email contact)": _identity,
     "alias link (anonymousId -> userId)": _alias,
@@ -69,6 +83,8 @@ KINDS: dict[str, Callable[[Any, int], str]] = {
     "attribute clock, contact with 20 attributes": _clock(20, "contact"),
     "attribute clock, account with 10 attributes": _clock(10, "account"),
     "delete tombstone": _tombstone,
+    "parked traits of a user, 5 traits (hash and index entry)": _parked(4),
+    "parked traits of a user, 20 traits (hash and index entry)": _parked(19),
 }
 
 
