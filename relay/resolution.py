@@ -78,13 +78,14 @@ def _lookup(source: Any, path: str) -> Any:
 
 def id_value(value: Any) -> str | None:
     """An id as text, or None when the value cannot be an id (blank, bool, object)."""
+    if isinstance(value, str):  # the usual case first: ids are text
+        return value.strip() or None
     if isinstance(value, bool) or value is None:
         return None
     if isinstance(value, float) and value.is_integer():
         return str(int(value))  # 123.0 is the id 123 after a trip through a float
-    if isinstance(value, int | float | str):
-        text = str(value).strip()
-        return text or None
+    if isinstance(value, int | float):
+        return str(value)
     return None
 
 

@@ -31,6 +31,9 @@ from relay.mapping import Mapping
 from relay.resolution import ID_KEYS, Ids
 
 
+_FLAGS = ("ChurnZero", "Churnzero")
+
+
 def skip_reason(event: events.AnyEvent, source: str, mapping: Mapping) -> str | None:
     """Why this event is not delivered (None: it is), as a metric label."""
     if event.type not in events.DELIVERED_TYPES:
@@ -38,15 +41,17 @@ def skip_reason(event: events.AnyEvent, source: str, mapping: Mapping) -> str | 
     if event.type == "delete" and source == "api":
         # Ingest refuses them; one queued by an earlier version must not erase a user.
         return "delete_refused"
-    # A null flag is no flag (analytics-next reads it as absent).
-    names = ("ChurnZero", "Churnzero")
-    flags = [flag for k in names if (flag := event.integrations.get(k)) is not None]
-    if any(flag is False for flag in flags):
-        return "disabled_by_integrations"
-    # `All: false` is Segment's router's business; on /webhook Segment already routed the
-    # event to us, so only the tracking API (where we stand in for the router) applies it.
-    if source == "api" and event.integrations.get("All") is False and not flags:
-        return "disabled_by_integrations"
+    integrations = event.integrations
+    if integrations:
+        # A null flag is no flag (analytics-next reads it as absent).
+        flags = [flag for k in _FLAGS if (flag := integrations.get(k)) is not None]
+        if any(flag is False for flag in flags):
+            return "disabled_by_integrations"
+        # `All: false` is Segment's router's business; on /webhook Segment already routed
+        # the event to us, so only the tracking API (where we stand in for the router)
+        # applies it.
+        if source == "api" and integrations.get("All") is False and not flags:
+            return "disabled_by_integrations"
     if isinstance(event, events.Track) and not mapping.event_wanted(event.event):
         return "filtered_by_mapping"
     return None
@@ -123,6 +128,8 @@ def _quantity(props: dict[str, Any], dropped: Counter[str]) -> int | float:
     """`properties.quantity` as a number (a numeric string too); else 1, counted when
     a value that is no number was given."""
     quantity = props.get("quantity")
+    if quantity is None:
+        return 1
     if isinstance(quantity, int | float) and not isinstance(quantity, bool):
         if math.isfinite(quantity):
             return quantity
@@ -130,8 +137,7 @@ def _quantity(props: dict[str, Any], dropped: Counter[str]) -> int | float:
         number = float(quantity)
         if math.isfinite(number):
             return int(number) if number.is_integer() and "." not in quantity else number
-    if quantity is not None:
-        dropped["quantity_not_a_number"] += 1
+    dropped["quantity_not_a_number"] += 1
     return 1
 
 

@@ -185,10 +185,6 @@ def _accept(intake: Intake, index: int, raw: Any, route: _Route) -> None:
         error = {"field": "event", "message": f"larger than {size_text(limit)}"}
         intake.rejected.append(Rejected(index, [error], raw))
         return
-    if not route.deletes and _is_delete(raw):
-        error = {"field": "type", "message": DELETE_REFUSED}
-        intake.refused_deletes.append(Rejected(index, [error], raw))
-        return
     unreadable, original = False, raw.get("timestamp")
     try:
         event = events.parse(raw)
@@ -204,6 +200,10 @@ def _accept(intake: Intake, index: int, raw: Any, route: _Route) -> None:
             intake.rejected.append(Rejected(index, field_errors(again), given))
             return
         unreadable = True
+    if event.type == "delete" and not route.deletes:
+        error = {"field": "type", "message": DELETE_REFUSED}
+        intake.refused_deletes.append(Rejected(index, [error], raw))
+        return
     stamp = None
     client_time = event.timestamp
     if client_time is None and not unreadable and "originalTimestamp" in raw:
@@ -221,11 +221,6 @@ def _accept(intake: Intake, index: int, raw: Any, route: _Route) -> None:
     elif stamp is not None:
         stored["originalTimestamp"] = original
     intake.accepted.append(stored)
-
-
-def _is_delete(raw: dict[str, Any]) -> bool:
-    kind = raw.get("type")
-    return isinstance(kind, str) and kind.strip().lower() == "delete"
 
 
 def _only_timestamp(exc: ValidationError) -> bool:
