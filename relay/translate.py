@@ -30,7 +30,6 @@ from relay.commands import (
 from relay.mapping import Mapping
 from relay.resolution import ID_KEYS, Ids
 
-
 _FLAGS = ("ChurnZero", "Churnzero")
 
 
