@@ -124,3 +124,25 @@ def test_parked_traits_expire_and_are_dropped_by_a_delete_counted(r: redis.Redis
     assert parking.describe(r, "u:fresh") == {
         "a": {"value": "x", "event_ms": 1}, "c": {"value": 1, "event_ms": 5}}  # fmt: skip
     assert parking.figures(r) == {"users": 1, "traits": 2}
+
+
+def test_a_kept_contact_is_replaced_only_by_an_explicit_id_or_an_import(r: redis.Redis) -> None:
+    from relay.resolution import Known
+    from relay.state import identity
+
+    def store(known: Known) -> Known:
+        pipe = r.pipeline(transaction=True)
+        identity.stage_store(pipe, {"u:k": known}, 3600)
+        pipe.execute()
+        return identity.lookup(r, ["u:k"]).known["u:k"]
+
+    # Two workers each send a first contact for the user: the first one stored stays.
+    assert store(Known("A", "k", None, "userId")) == Known("A", "k", None, "userId")
+    assert store(Known(None, "k@x.io", None, "email")) == Known("A", "k", None, "userId")
+    moved = store(Known(None, "c-1", None, "contactExternalId"))
+    assert moved == Known("A", "c-1", None, "contactExternalId")
+    r.set("relay:identity:u:old", '["A", "c-0", 5]')  # written by an earlier version
+    assert identity.lookup(r, ["u:old"]).known["u:old"] == Known("A", "c-0", 5, None)
+    seeded = identity.seed(r, {"u:k": Known("B", "c-2")}, 3600)
+    assert seeded == 0 and identity.lookup(r, ["u:k"]).known["u:k"] == Known(
+        "B", "c-2", None, "import")  # fmt: skip
