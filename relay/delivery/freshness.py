@@ -22,7 +22,8 @@ from typing import Any
 
 from relay import keys
 from relay.commands import SetAttribute
-from relay.plan import ContactChange, Parsed, Plan
+from relay.memory import ContactChange
+from relay.plan import Parsed, Plan
 from relay.resolution import Ids
 
 # KEYS: one entity hash per write. ARGV: ttl_s, then (attribute, event ms) per write.
