@@ -97,6 +97,8 @@ NAMES_HELD = PREFIX + "names:held"
 PARKED = PREFIX + "parked:"
 PARKING_INDEX = PREFIX + "parking:index"
 PARKING_TRAITS = PREFIX + "parking:traits"
+# SET of users parked after they got an account (a race), for the sweep to release.
+PARKING_KNOWN = PREFIX + "parking:known"
 
 # Embedded-Redis ownership (a lock file, not a key) lives in the state dir.
 

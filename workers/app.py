@@ -40,7 +40,9 @@ state = redis_conn.sync_client(settings, redis_url, socket_timeout=10, socket_co
 
 log = structlog.get_logger("relay.worker")
 _stop = threading.Event()
-PARKING_SWEEP_S = 30.0  # expiry is by the hour: a sweep now and then is on time
+# Expiry is by the hour, and a user parked in a race with their own group call is rare:
+# a sweep now and then is on time for both.
+PARKING_SWEEP_S = 30.0
 
 
 def beside_the_worker(name: str) -> Callable[[Callable[[], None]], Callable[[], None]]:
@@ -83,6 +85,8 @@ def _move_forever() -> None:
                 sweep_at = time.monotonic() + PARKING_SWEEP_S
                 if expired := parking.expire_due(state):
                     log.info("parked_traits_expired", traits=expired)
+                if released := parking.release_known(state):
+                    log.info("parked_traits_released", users=released)
         except broker.QUEUE_ERRORS as exc:
             log.warning("mover_error", error=type(exc).__name__)
             moved = 0

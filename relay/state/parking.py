@@ -16,6 +16,9 @@ stays the sum of the hashes.
   meanwhile stays parked).
 - `expire_due` (every worker's mover, now and then) drops what expired, counted;
   a delete drops a user's (relay.state.identity).
+- A user parked after another batch gave them an account (the worker read the map
+  before) is flagged in `relay:parking:known`; `release_known` (the mover, now and then)
+  releases those.
 """
 
 from __future__ import annotations
@@ -29,15 +32,16 @@ import orjson
 
 from relay import keys
 from relay.envelope import Envelope
-from relay.parked import Parked
+from relay.parked import Parked, release_items
 
 # Kept this much past the index's expiry, so the sweep (which counts) drops a hash before
 # Redis does; if no worker sweeps, Redis still frees it.
 HASH_GRACE_S = 86_400
 SWEEP_LIMIT = 500  # users dropped per sweep call
 
-# KEYS: hash, index, count, stats. ARGV: user key, expires at, the hash's ttl, the stats
-# field, then (trait, event ms, JSON value) per trait. Keeps the newer value per trait.
+# KEYS: hash, index, count, stats, the user's identity entry, the known set. ARGV: user
+# key, expires at, the hash's ttl, the stats field, then (trait, event ms, JSON value) per
+# trait. Keeps the newer value per trait.
 _PARK = """
 local added = 0
 for i = 5, #ARGV, 3 do
@@ -51,6 +55,13 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
 redis.call('INCRBY', KEYS[3], added)
 redis.call('HINCRBY', KEYS[4], ARGV[4], (#ARGV - 4) / 3)
+-- The user got an account since the worker read the map (another batch taught it): the
+-- sweep releases what is parked, as no later call of the user may come.
+local entry = redis.call('GET', KEYS[5])
+if entry then
+  local v = cjson.decode(entry)
+  if type(v[1]) == 'string' then redis.call('SADD', KEYS[6], ARGV[1]) end
+end
 return added
 """
 
@@ -102,7 +113,8 @@ def stage_park(pipe: Any, user: str, traits: Mapping[str, tuple[int, Any]], ttl_
                        keys.Stat.PARKED.of("parked")]  # fmt: skip
     for trait, (ms, value) in traits.items():
         args += [trait, ms, orjson.dumps(value)]
-    names = [keys.parked(user), keys.PARKING_INDEX, keys.PARKING_TRAITS, keys.STATS]
+    names = [keys.parked(user), keys.PARKING_INDEX, keys.PARKING_TRAITS, keys.STATS,
+             keys.identity(user), keys.PARKING_KNOWN]  # fmt: skip
     pipe.eval(_PARK, len(names), *names, *args)
 
 
@@ -159,6 +171,20 @@ def expire_due(r: Any) -> int:
     names = [keys.PARKING_INDEX, keys.PARKING_TRAITS, keys.STATS]
     expired = keys.Stat.PARKED.of("expired")
     return int(r.eval(_DROP, len(names), *names, keys.PARKED, expired, SWEEP_LIMIT))
+
+
+def release_known(r: Any) -> int:
+    """Release the parked traits of users who had an account by the time they were parked
+    (a race between two batches); returns the users released."""
+    users = [_text(u) for u in r.spop(keys.PARKING_KNOWN, SWEEP_LIMIT) or []]
+    found = lookup(r, users)
+    if found:
+        now = time.time()
+        releases = {u: (p, release_items(u, p, now)) for u, p in found.items()}
+        pipe = r.pipeline(transaction=True)
+        stage_release(pipe, releases, keys.Stat.PARKED.of("released"))
+        pipe.execute()
+    return len(found)
 
 
 def figures(r: Any) -> dict[str, int]:

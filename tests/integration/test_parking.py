@@ -146,3 +146,19 @@ def test_a_kept_contact_is_replaced_only_by_an_explicit_id_or_an_import(r: redis
     seeded = identity.seed(r, {"u:k": Known("B", "c-2")}, 3600)
     assert seeded == 0 and identity.lookup(r, ["u:k"]).known["u:k"] == Known(
         "B", "c-2", None, "import")  # fmt: skip
+
+
+def test_traits_parked_after_the_user_got_an_account_are_released_by_the_sweep(
+    r: redis.Redis,
+) -> None:
+    # Another batch taught the account between this worker's lookup and its settlement.
+    r.set("relay:identity:u:race", '["acct-r", null, null, null]')
+    pipe = r.pipeline(transaction=True)
+    parking.stage_park(pipe, "u:race", {"plan": (7, "pro")}, ttl_s=3600)
+    pipe.execute()
+    assert r.smembers(keys.PARKING_KNOWN) == {b"u:race"}
+    assert parking.release_known(r) == 1
+    [member] = r.zrange("relay:delayed", 0, -1)
+    [item] = json.loads(member)["items"]
+    assert (item["event"]["userId"], item["event"]["traits"]) == ("race", {"plan": "pro"})
+    assert parking.figures(r) == {"users": 0, "traits": 0} and parking.release_known(r) == 0
