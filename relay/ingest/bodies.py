@@ -38,6 +38,14 @@ class Error(TypedDict):
     """A refused request: nothing was queued."""
 
     error: Annotated[str, Field(description="what was wrong, in words")]
+    code: NotRequired[
+        Annotated[
+            str,
+            Field(description="ingest routes: `invalid_request`, `unauthorized`, `forbidden`, "
+                  "`request_timeout` or `unavailable` (older analytics-python reads it)"),
+        ]
+    ]  # fmt: skip
+    message: NotRequired[Annotated[str, Field(description="ingest routes: `error` again")]]
 
 
 @with_config(_CLOSED)
@@ -50,7 +58,9 @@ class FieldError(TypedDict):
 
 @with_config(_CLOSED)
 class RejectedEvent(TypedDict):
-    """An invalid event of an accepted request: dead-lettered as `invalid_event`."""
+    """An event of an accepted request that was not queued: an invalid one (dead-lettered
+    as `invalid_event`), or a `delete` without a valid webhook signature (refused,
+    changing nothing)."""
 
     index: Annotated[Count, Field(description="its place in the request's events")]
     errors: list[FieldError]
