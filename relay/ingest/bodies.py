@@ -155,6 +155,10 @@ class StatusReport(TypedDict):
     names: dict[str, Any]
     replay: dict[str, int]
     learned_rate_rps: float | None
+    parked: Annotated[
+        dict[str, int],
+        Field(description="`users` with traits parked for want of an account, and `traits`"),
+    ]
 
 
 @with_config(_OPEN)
