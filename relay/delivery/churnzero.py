@@ -55,7 +55,9 @@ class ChurnZeroClient:
         self._app_key = app_key
         self._misconfigured_pause_s = misconfigured_pause_s
         self._eiv_secret = eiv_secret
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s, connect=min(timeout_s, 5))
+        # The connect timeout inside the total, so a host that never accepts is named
+        # `connect_timeout` rather than taken for a slow answer.
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s, connect=min(timeout_s / 2, 5))
         self._pool_size = pool_size
         self._session: aiohttp.ClientSession | None = None
         self._warnings = Every(WARN_EVERY_S)
