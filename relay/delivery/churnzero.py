@@ -110,7 +110,8 @@ class ChurnZeroClient:
         error = "timeout" if isinstance(exc, TimeoutError) else "connection_error"
         kind = unreachable_kind(exc)
         if kind is None:
-            return Outcome(status=None, error=error, excerpt=type(exc).__name__)
+            excerpt = "" if error == "timeout" else type(exc).__name__
+            return Outcome(status=None, error=error, excerpt=excerpt)
         text = f"{type(exc).__name__}: {exc}"[:300]
         if self._warnings.due(kind):
             log.warning(

@@ -18,9 +18,9 @@ from typing import Any
 
 import orjson
 
-from relay import keys, wire
+from relay import keys
 from relay.reasons import Reason
-from relay.state import names, recent
+from relay.state import names, oldest, recent
 
 WINDOW_S = 60
 RATE_TTL_S = 3 * WINDOW_S
@@ -145,7 +145,7 @@ class Snapshot:
     dead_by_reason: dict[str, int]
     stats: dict[str, int] = field(default_factory=dict)
     memory_fraction: float = 0.0  # Redis used_memory / maxmemory; 0 when unlimited
-    # The age of the oldest undelivered event in each state (`WAITING_STATES`); 0: none.
+    # The age of the oldest undelivered event in each state (`oldest.STATES`); 0: none.
     oldest_by_state: dict[str, float] = field(default_factory=dict)
     problems: list[dict[str, Any]] = field(default_factory=list)  # newest first
 
@@ -174,70 +174,6 @@ def memory_fraction(memory: dict[str, Any]) -> float:
     return _int(memory.get("used_memory")) / maxmemory if maxmemory else 0.0
 
 
-def _oldest_received(items: Any) -> float | None:
-    # The earliest receipt time among a message's items (None: none to read).
-    times = [
-        i["received_at"] for i in items
-        if isinstance(i, dict) and isinstance(i.get("received_at"), int | float)
-    ]  # fmt: skip
-    return min(times) if times else None
-
-
-def _queued_received(message: bytes | None) -> float | None:
-    # Read-only peek at a queued message (unacked: kombu's [message, exchange, routing key]).
-    if not message:
-        return None
-    try:
-        envelope = orjson.loads(message)
-        if isinstance(envelope, list):
-            envelope = envelope[0]
-        return _oldest_received(wire.items_of(envelope))
-    except (ValueError, KeyError, IndexError, TypeError):
-        return None
-
-
-# KEYS: kombu's unacked index and hash. The message handed to a worker longest ago.
-_LONGEST_UNACKED = """
-local tag = redis.call('ZRANGE', KEYS[1], 0, 0)[1]
-if not tag then return false end
-return redis.call('HGET', KEYS[2], tag)
-"""
-
-# The states an undelivered event can wait in, for the oldest age by state.
-WAITING_STATES = ("ready", "in_flight", "delayed", "identity_wait")
-
-
-def _stage_oldest(pipe: Any) -> None:
-    pipe.lindex(keys.QUEUE, -1)
-    pipe.lindex(keys.REPLAY_QUEUE, -1)
-    pipe.eval(_LONGEST_UNACKED, 2, keys.CELERY_UNACKED_INDEX, keys.CELERY_UNACKED)
-    pipe.zcard(keys.DELAYED)
-    for state in ("delayed", "identity_wait"):
-        pipe.zrange(keys.delayed_received(state), 0, 0, withscores=True)
-
-
-def _oldest_ages(found: list[Any], now: float) -> dict[str, float]:
-    """The oldest age by state from what `_stage_oldest` read.
-
-    Ready: the messages next in line in each queue; in flight: the message handed to a
-    worker longest ago; delayed and identity_wait: the oldest receipt in their index
-    (relay.delivery.delayed), believed only while the delayed set holds batches."""
-    live, replay, unacked, delayed_batches, *indexed = found
-    received: dict[str, float | None] = {
-        "ready": min(
-            (t for t in map(_queued_received, (live, replay)) if t is not None), default=None
-        ),
-        "in_flight": _queued_received(unacked),
-    }
-    for state, oldest in zip(("delayed", "identity_wait"), indexed, strict=True):
-        received[state] = float(oldest[0][1]) if oldest and delayed_batches else None
-    ages = {}
-    for state in WAITING_STATES:
-        at = received.get(state)
-        ages[state] = round(max(now - at, 0.0), 3) if at is not None else 0.0
-    return ages
-
-
 def snapshot(r: Any, now: float | None = None) -> Snapshot:
     """Read everything in one round trip (sync redis client)."""
     now = time.time() if now is None else now
@@ -252,13 +188,13 @@ def snapshot(r: Any, now: float | None = None) -> Snapshot:
     pipe.hlen(keys.CELERY_UNACKED)
     pipe.info("memory")
     pipe.hgetall(keys.CHURNZERO_PROBLEMS)
-    _stage_oldest(pipe)
+    oldest.stage_read(pipe)
     for reason in Reason:
         pipe.zcard(keys.dlq_reason(reason))
     found = pipe.execute()
     ready, inflight, delayed, live, replay, pause, stats, unacked, memory, problems = found[:10]
-    oldest = _oldest_ages(found[10:16], now)
-    dead = found[16:]
+    ages = oldest.ages(found[10 : 10 + oldest.READS], now)
+    dead = found[10 + oldest.READS :]
     messages = _int(live) + _int(replay)
     if not unacked:  # as for ready_events: nothing unacked, nothing in flight
         inflight = 0
@@ -271,8 +207,8 @@ def snapshot(r: Any, now: float | None = None) -> Snapshot:
             "dead": sum(dead_by_reason.values()),
         },
         messages=_int(messages),
-        oldest_age_s=max(oldest.values()),
-        oldest_by_state=oldest,
+        oldest_age_s=max(ages.values()),
+        oldest_by_state=ages,
         paused_for_s=max(float(pause or 0) / 1000 - now, 0.0),
         dead_by_reason=dead_by_reason,
         stats={(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in stats.items()},
