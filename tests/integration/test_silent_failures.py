@@ -239,3 +239,32 @@ def test_the_last_minutes_sum_the_minutes_and_leave_out_older_ones(r: redis.Redi
     assert answers["by_status"] == {"200": 14, "401": 4}
     assert answers["4xx"] == 4 and answers["4xx_by_route"] == {"webhook:401": 4}
     assert 0 < r.ttl(f"relay:minute:{recent.minute_of(now)}") <= recent.KEEP_S
+
+
+def test_an_index_entry_left_behind_clears_once_the_delayed_set_is_empty(
+    r: redis.Redis,
+) -> None:
+    from relay.delivery import delayed
+    from relay.state import broker
+
+    # A mover of an earlier version moved a batch without taking it out of the index.
+    r.zadd("relay:delayed:received:delayed", {"gone": time.time() - 3600})
+    assert status.snapshot(r).oldest_by_state["delayed"] == 0  # not believed: the set is empty
+    delayed.Mover(r, broker.Queue(r, message_events=500)).move_due()
+    assert not r.exists("relay:delayed:received:delayed")
+
+
+def test_a_preflight_from_an_origin_not_allowed_is_a_warning(
+    r: redis.Redis, start_ingest: Callable[..., str], tmp_path: Path
+) -> None:
+    url = start_ingest(cors_origins="https://app.example.com")
+    answer = requests.options(
+        url + "/v1/track", headers={"Origin": "https://evil.example",
+                                    "Access-Control-Request-Method": "POST"},
+    )  # fmt: skip
+    assert answer.status_code == 403
+    wait_for(lambda: any(e.get("check") == "cors_origin" for p in tmp_path.glob("ingest*.log")
+                         for e in log_lines(p)))  # fmt: skip
+    line = next(e for p in tmp_path.glob("ingest*.log") for e in log_lines(p)
+                if e.get("check") == "cors_origin")  # fmt: skip
+    assert line["level"] == "warning" and "https://evil.example" in line["error"]
