@@ -27,7 +27,10 @@ class Problems:
     def __init__(self, r: Any, client: ChurnZeroClient) -> None:
         self._redis = r
         self._client = client
-        self._shown = False  # this thread recorded a problem no success has cleared yet
+        # A problem may be recorded that no success has cleared yet: by this thread, or
+        # by a worker before a restart (the URL fixed), whose record the first success
+        # of each new thread clears.
+        self._shown = True
 
     def seen(self, outcome: retry.Outcome) -> None:
         """Take note of one request's outcome."""
@@ -48,7 +51,7 @@ class Problems:
         elif self._shown and outcome.kind is retry.Kind.SUCCESS:
             with contextlib.suppress(*broker.QUEUE_ERRORS):  # cleared on the next success
                 status.clear_churnzero_problems(self._redis)
-                self._shown = False
+                self._shown = True
 
     def _record(self, kind: str, problem: str, **detail: str) -> None:
         # Each failed request refreshes it: the throttle keeps them few (a probe at a

@@ -65,8 +65,8 @@ def problem_of(r: redis.Redis, kind: str) -> dict[str, Any] | None:
     ],
 )  # fmt: skip
 def test_a_churnzero_host_that_cannot_be_reached_is_a_named_problem(
-    r: redis.Redis, start_ingest: Callable[..., str], start_worker: Starter,
-    url: str, kind: str, diagnosis: str,
+    r: redis.Redis, clean_sandbox: Sandbox, start_ingest: Callable[..., str],
+    start_worker: Starter, url: str, kind: str, diagnosis: str,
 ) -> None:  # fmt: skip
     url = url.format(port=free_port())
     host = url.split("/")[2]
@@ -94,6 +94,13 @@ def test_a_churnzero_host_that_cannot_be_reached_is_a_named_problem(
     assert "Traceback" in warnings[0]["exception"]
     # Nothing is lost meanwhile: the events wait to be retried.
     assert r.zcard("relay:dlq:index") == 0
+    # The URL is fixed and the workers restarted: the events arrive, the problem clears.
+    worker.stop()
+    start_worker()
+    clean_sandbox.wait_commands(3, timeout=60)
+    wait_for(lambda: status.churnzero_problems(r) == [], 30)
+    scrape = requests.get(ingest + "/metrics", timeout=5).text
+    assert metric(scrape, "relay_churnzero_problem", kind=kind) == 0
 
 
 def ages(ingest: str) -> dict[str, float]:
