@@ -51,7 +51,7 @@ class Problems:
         elif self._shown and outcome.kind is retry.Kind.SUCCESS:
             with contextlib.suppress(*broker.QUEUE_ERRORS):  # cleared on the next success
                 status.clear_churnzero_problems(self._redis)
-                self._shown = True
+                self._shown = False
 
     def _record(self, kind: str, problem: str, **detail: str) -> None:
         # Each failed request refreshes it: the throttle keeps them few (a probe at a

@@ -135,3 +135,46 @@ def test_every_lets_one_line_a_key_through_per_interval_and_counts_the_rest() ->
     assert every.due("dns", now=10)
     assert every.suppressed("dns") == 2
     assert every.suppressed("dns") == 0
+
+
+class CountingRedis:
+    """Counts the writes `Problems` makes (it needs only these calls)."""
+
+    def __init__(self) -> None:
+        self.recorded: list[str] = []
+        self.clears = 0
+
+    def pipeline(self, transaction: bool = True) -> CountingRedis:
+        return self
+
+    def hset(self, key: str, field: str, value: bytes) -> None:
+        self.recorded.append(field)
+
+    def expire(self, key: str, seconds: int) -> None:
+        pass
+
+    def execute(self) -> list[Any]:
+        return []
+
+    def delete(self, *names: str) -> None:
+        self.clears += 1
+
+
+def test_a_problem_is_recorded_per_failure_and_cleared_once_by_a_success() -> None:
+    from relay.delivery.problems import Problems
+    from relay.retry import Outcome
+
+    r = CountingRedis()
+    problems = Problems(r, ChurnZeroClient("https://x.invalid/i", "k", timeout_s=1))
+    ok = Outcome(status=200)
+    problems.seen(ok)  # a record from before this thread started is cleared
+    for _ in range(5):
+        problems.seen(ok)  # and no more writes while all is well: the delivery path
+    assert r.clears == 1 and r.recorded == []
+    failed = Outcome(status=None, error="connection_error", excerpt="x", unreachable="dns")
+    problems.seen(failed)
+    problems.seen(failed)
+    assert r.recorded == ["dns", "dns"]
+    problems.seen(ok)
+    problems.seen(ok)
+    assert r.clears == 2
