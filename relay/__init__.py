@@ -9,11 +9,13 @@ message, with no I/O (no Redis, HTTP or Celery). Around it, one subpackage per r
     │                      settings, errors, logs
     ├── state/             what lives in Redis, shared by every process: the queue
     │                      (broker, transport), dead letters, the identity map, new names,
-    │                      traces, figures (status), clients (redis_conn), the embedded Redis
+    │                      traces, figures (status, oldest, recent), clients (redis_conn),
+    │                      the embedded Redis
     ├── ingest/            the ingest process: HTTP in (app, receive, intake, auth, cors),
     │                      the queue gate, group commit, request log, metrics, OpenAPI
     ├── delivery/          the worker side: a batch delivered (batch, sending, settlement),
-    │                      the ChurnZero client, throttle, dedupe, runs, the delayed set
+    │                      the ChurnZero client and its problems, throttle, dedupe, runs,
+    │                      the delayed set
     ├── ops/               the operator's side, which puts the others together: the `relay`
     │                      CLI, the admin API, preview, the supervisor, what `relay serve` and
     │                      `relay dev` run

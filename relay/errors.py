@@ -6,6 +6,7 @@
     │   └── IdentityFileError  an identity import file (names the lines)
     ├── EmbeddedRedisError     the embedded Redis could not be started or reached
     ├── RequestError(status)   an HTTP request is refused as a whole, nothing enqueued
+    │   └── Unauthenticated    401: which credential check failed, and where it goes
     ├── QueueUnavailable       Redis cannot take or give work right now (retry later)
     └── DecodeError            a queued message or dead letter cannot be read
 
@@ -45,6 +46,15 @@ class RequestError(RelayError):
         super().__init__(message)
         self.status = status
         self.body: dict[str, Any] = {"error": message, **body}
+
+
+class Unauthenticated(RequestError):
+    """A request without valid credentials (401); `check` names the check that failed
+    (no_signature, signature_mismatch, no_write_key, unknown_write_key) for the log."""
+
+    def __init__(self, check: str, message: str) -> None:
+        super().__init__(401, message)
+        self.check = check
 
 
 class QueueUnavailable(RelayError):

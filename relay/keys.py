@@ -18,6 +18,8 @@ REPLAY_QUEUE = "relay.replay"
 TASK_DELIVER = "relay.deliver_batch"
 # kombu's Redis transport keeps delivered-but-unacked messages here (read-only for us).
 CELERY_UNACKED = "unacked"
+# ... and indexes them by when they were handed to a worker (ZSET delivery tag -> time).
+CELERY_UNACKED_INDEX = "unacked_index"
 
 # ZSET of pending retry batches (member: JSON batch, score: due unix time).
 DELAYED = PREFIX + "delayed"
@@ -53,6 +55,10 @@ DLQ_REASON = PREFIX + "dlq:reason:"
 DLQ_REPLAYING = PREFIX + "dlq:replaying:"
 DLQ_SNAPSHOT = PREFIX + "dlq:snapshot:"
 
+# ZSET per waiting state (`delayed`, `identity_wait`) of the delayed set's batches: batch
+# id -> the oldest receipt time of its events (relay.delivery.delayed).
+DELAYED_RECEIVED = PREFIX + "delayed:received:"
+
 # Event counts by state, kept beside Celery's queue (which counts messages, not events).
 DEPTH_READY = PREFIX + "depth:ready"
 DEPTH_INFLIGHT = PREFIX + "depth:inflight"
@@ -63,6 +69,9 @@ DELAYED_EVENTS = PREFIX + "depth:delayed"
 STATS = PREFIX + "stats"
 # Per-second delivered/ingested counts for `relay status` rates (HASH second -> n).
 RATE = PREFIX + "rate:"
+# HASH per minute (unix time // 60) of the figures of the last minutes (relay.state.recent):
+# delivery-latency buckets, ingest's answers by route and status.
+MINUTE = PREFIX + "minute:"
 
 # Shared throttle state: pause-until (unix ms), consecutive failures, probe lock, outage
 # trips (how often the pause has doubled), GCRA.
@@ -71,9 +80,10 @@ FAILURES = PREFIX + "throttle:failures"
 PROBE = PREFIX + "throttle:probe"
 TRIPS = PREFIX + "throttle:trips"
 RATE_LIMIT = PREFIX + "throttle:gcra"
-# STRING, JSON {"problem", "at"}: the last answer that cannot have come from ChurnZero
-# (a redirect, an HTML 200), kept a while so status shows why delivery is paused.
-CHURNZERO_PROBLEM = PREFIX + "churnzero:problem"
+# HASH kind -> JSON {"kind", "problem", "at", ...}: the last answer that cannot have come
+# from ChurnZero (a redirect, an HTML 200), or the last failure to reach its host (dns,
+# tls, refused, connect_timeout), kept a while so status shows why delivery is paused.
+CHURNZERO_PROBLEMS = PREFIX + "churnzero:problems"
 
 # The replay lane: its own GCRA, and flags (2 s) saying a lane reserved a slot lately.
 RATE_LIMIT_REPLAY = PREFIX + "throttle:gcra:replay"
@@ -129,10 +139,14 @@ aliased = Family(ALIASED)
 deleted = Family(DELETED)
 # The index of one user's tracks waiting in the delayed set for identity.
 waiting = Family(WAITING)
+# The oldest receipt time of each delayed batch of one waiting state.
+delayed_received = Family(DELAYED_RECEIVED)
 # The attribute clock of one entity (`a:<account>` or `c:<len>:<account>:<contact>`).
 attribute_clock = Family(ATTRIBUTE_CLOCK)
 # The parked traits of one user key.
 parked = Family(PARKED)
+# The figures of one minute (unix time // 60).
+minute = Family(MINUTE)
 # The run record of one Celery message, and the lease of the run working on it now.
 run = Family(RUN)
 run_lock = Family(RUN, ":lock")
@@ -160,6 +174,11 @@ class Stat(StrEnum):
     REQUEST_SECONDS_BUCKET = "request_seconds_bucket"
     REQUEST_SECONDS_COUNT = "request_seconds_count"
     REQUEST_SECONDS_SUM_US = "request_seconds_sum_us"
+    # The delivery-latency histogram (receipt to ChurnZero's 2xx, per live event): count
+    # per bucket (:<upper bound>), total count and sum in milliseconds.
+    LATENCY_BUCKET = "delivery_latency_bucket"
+    LATENCY_COUNT = "delivery_latency_count"
+    LATENCY_SUM_MS = "delivery_latency_sum_ms"
     # Ingest's request figures, every ingest process's (relay.ingest.metrics): requests
     # :<route>:<status>, events :<route>:<outcome>, timestamp fallbacks :<route>, and the
     # request-duration histogram: count per bucket :<route>:<upper bound>, sum in µs

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -87,3 +88,27 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
 
 def _json_text(value: Any, **_: Any) -> str:
     return orjson.dumps(value, default=str).decode()
+
+
+class Every:
+    """A log line's budget: `due(key)` is true at most once per `interval_s` per key,
+    and `suppressed(key)` says how many were held back since the last one written."""
+
+    def __init__(self, interval_s: float) -> None:
+        self._interval_s = interval_s
+        self._last: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def due(self, key: str, now: float | None = None) -> bool:
+        """Whether a line for `key` may be written now (counting one held back if not)."""
+        now = time.monotonic() if now is None else now
+        last = self._last.get(key)
+        if last is not None and now - last < self._interval_s:
+            self._held[key] = self._held.get(key, 0) + 1
+            return False
+        self._last[key] = now
+        return True
+
+    def suppressed(self, key: str) -> int:
+        """Lines for `key` held back since the last one written; counting starts again."""
+        return self._held.pop(key, 0)

@@ -38,6 +38,8 @@ class Outcome:
     error: str | None = None  # timeout / connection error, when there was no answer
     # Set when the answer cannot have come from ChurnZero's /i: what came instead.
     misconfigured: str | None = None
+    # Set when the host could not be reached at all: dns, tls, refused, connect_timeout.
+    unreachable: str | None = None
 
     @property
     def kind(self) -> Kind:

@@ -34,7 +34,7 @@ from relay.plan import lookup_keys, parking_keys, parse_items, plan_batch, tombs
 from relay.reasons import Reason
 from relay.resolution import resolve_raw_key
 from relay.settings import VISIBILITY_MARGIN_S, Settings
-from relay.state import broker, deadletter, identity, names, oom, parking, status, trace
+from relay.state import broker, deadletter, identity, names, oom, parking, recent, status, trace
 from relay.state.deadletter import DeadLetter
 
 log = structlog.get_logger("relay.delivery")
@@ -59,6 +59,7 @@ class Report:
     contact_changes: int = 0  # users an explicit contact id moved
     requests: Counter[str] = field(default_factory=Counter)
     request_seconds: list[float] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)  # receipt to 2xx (s), live events
 
     def as_log(self) -> dict[str, Any]:
         """Flat fields for a log line."""
@@ -207,6 +208,12 @@ class Delivery:
         settled = settle(plan, outcomes, now, self.policy)
 
         report.delivered = len(settled.delivered)
+        if report.lane == "live":
+            answered = time.time()
+            report.latencies = [
+                answered - item.received_at
+                for item in settled.delivered if item.received_at is not None
+            ]  # fmt: skip
         delivered = {item.id for item in settled.delivered}
         report.skipped.update(settled.skipped)
         dead += settled.dead
@@ -307,3 +314,4 @@ def _stage_stats(pipe: Any, report: Report, now: float) -> None:
     if report.delivered:
         status.stage_rate(pipe, status.Rate.DELIVERED, report.delivered, now)
     status.stage_request_seconds(pipe, report.request_seconds)
+    recent.stage_latencies(pipe, report.latencies, now)

@@ -8,19 +8,34 @@ Redirects are never followed: aiohttp would follow a 301/302 with a bodyless GET
 ChurnZero answers 200, and the events would count as delivered without arriving. A 3xx,
 or a 2xx that is not ChurnZero's image (a proxy's or captive portal's HTML page), is a
 configuration error: the outcome says so and asks every worker to hold back.
+
+A request that never reached an HTTP answer is named by `unreachable_kind`: `dns` (the
+host does not resolve), `tls` (its certificate or handshake failed), `refused` (nothing
+listens on the port) or `connect_timeout`. The outcome carries the kind and the error, and
+the client logs it at WARNING (once a minute per kind) with the exception and a fix hint.
+A DNS or TLS failure of a host that has not answered once since the client started is
+a probable configuration error (a typo in RELAY_CHURNZERO_URL), not an outage.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import time
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
+import structlog
 
 from relay import eiv
 from relay.commands import Command
+from relay.logs import Every
 from relay.retry import Outcome, parse_retry_after
+
+log = structlog.get_logger("relay.delivery")
+
+WARN_EVERY_S = 60.0  # one WARNING line per kind of unreachable host per client and minute
 
 
 class ChurnZeroClient:
@@ -40,9 +55,14 @@ class ChurnZeroClient:
         self._app_key = app_key
         self._misconfigured_pause_s = misconfigured_pause_s
         self._eiv_secret = eiv_secret
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s, connect=min(timeout_s, 5))
+        # The connect timeout inside the total, so a host that never accepts is named
+        # `connect_timeout` rather than taken for a slow answer.
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s, connect=min(timeout_s / 2, 5))
         self._pool_size = pool_size
         self._session: aiohttp.ClientSession | None = None
+        self._warnings = Every(WARN_EVERY_S)
+        # Whether the host gave an HTTP answer (any status) since this client started.
+        self.answered = False
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -68,6 +88,7 @@ class ChurnZeroClient:
                 headers={"Content-Type": "application/json"},
                 allow_redirects=False,
             ) as response:
+                self.answered = True
                 head = await response.content.read(500)
                 excerpt = head.decode("utf-8", "replace")
                 problem = misconfiguration(
@@ -80,10 +101,32 @@ class ChurnZeroClient:
                     excerpt=excerpt if response.status >= 300 or problem else "",
                     misconfigured=problem,
                 )
-        except TimeoutError:
-            return Outcome(status=None, error="timeout")
-        except aiohttp.ClientError as exc:
-            return Outcome(status=None, error="connection_error", excerpt=type(exc).__name__)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            return self._failed(exc)
+
+    def _failed(self, exc: BaseException) -> Outcome:
+        """The outcome of a request that got no answer; a WARNING when the host cannot
+        be reached at all."""
+        error = "timeout" if isinstance(exc, TimeoutError) else "connection_error"
+        kind = unreachable_kind(exc)
+        if kind is None:
+            excerpt = "" if error == "timeout" else type(exc).__name__
+            return Outcome(status=None, error=error, excerpt=excerpt)
+        text = f"{type(exc).__name__}: {exc}"[:300]
+        if self._warnings.due(kind):
+            log.warning(
+                "churnzero_unreachable", kind=kind, host=self.host, error=text,
+                diagnosis=diagnosis(kind, self.answered), hint=hint(kind, self.host),
+                suppressed=self._warnings.suppressed(kind), exc_info=exc,
+            )  # fmt: skip
+        return Outcome(status=None, error=error, excerpt=text, unreachable=kind)
+
+    @property
+    def host(self) -> str:
+        """The configured host and port, as the errors name it."""
+        parts = urlsplit(self._url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return f"{parts.hostname}:{port}"
 
     @property
     def url(self) -> str:
@@ -116,3 +159,46 @@ def misconfiguration(
         shown = content_type or "no Content-Type"
         return f"{status} with {shown}, not ChurnZero's image: a proxy or portal answered"
     return None
+
+
+# Unreachable hosts, by kind: what the operator should check.
+_HINTS = {
+    "dns": "{host} does not resolve: check RELAY_CHURNZERO_URL for a typo (ChurnZero's "
+    "is https://analytics.churnzero.net/i, or your instance's host) and the worker's DNS",
+    "tls": "TLS with {host} failed: check that RELAY_CHURNZERO_URL names ChurnZero's host "
+    "(its certificate must match) over https, and that the worker trusts the CA (a proxy "
+    "that inspects TLS needs its CA in SSL_CERT_FILE)",
+    "refused": "{host} refused the connection: check the port and scheme of "
+    "RELAY_CHURNZERO_URL, and any firewall or proxy on the way",
+    "connect_timeout": "{host} did not accept a connection in time: check "
+    "RELAY_CHURNZERO_URL, and that the worker may reach it (egress firewall, proxy)",
+}
+
+
+def unreachable_kind(exc: BaseException) -> str | None:
+    """`dns`, `tls`, `refused` or `connect_timeout` when the host could not be reached
+    at all; None for a failure after connecting (a reset, a slow answer)."""
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return "connect_timeout"
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return "dns"
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return "tls"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        cause = exc.os_error
+        if isinstance(cause, ConnectionRefusedError) or cause.errno == errno.ECONNREFUSED:
+            return "refused"
+    return None
+
+
+def hint(kind: str, host: str) -> str:
+    """What to check when the host is unreachable in this way."""
+    return _HINTS.get(kind, "check RELAY_CHURNZERO_URL").format(host=host)
+
+
+def diagnosis(kind: str, answered: bool) -> str:
+    """What the failure most likely is: a DNS or TLS failure of a host that never
+    answered is a configuration error; the rest may be an outage on the way."""
+    if kind in ("dns", "tls") and not answered:
+        return "probable configuration error"
+    return "unreachable"

@@ -8,6 +8,11 @@ due time forward by a lease (on Redis's clock, so hosts' clocks do not matter), 
 mover that dies in between loses nothing: the batch comes due again after the lease. The
 publish removes the member and moves its count from delayed to ready in the same script
 call (`broker.Queue.move`), so of two movers holding the same batch only one publishes it.
+
+Beside the set, an index per state (`waiting_state`: `delayed`, or `identity_wait` for
+tracks waiting for their user) holds each batch's oldest receipt time by batch id, so
+status reads the age of the oldest event waiting here without reading the set; the
+schedule adds to it and the move takes out in the same steps as the set's.
 """
 
 from __future__ import annotations
@@ -22,9 +27,16 @@ from relay.envelope import Envelope
 from relay.state import broker, oom
 
 LEASE_S = 60
+WAITING_STATES = ("delayed", "identity_wait")
 
-# KEYS: delayed. ARGV: limit, lease_s. Claims up to `limit` members due by Redis's clock.
+# KEYS: delayed, then the indexes of oldest receipts. ARGV: limit, lease_s. Claims up to
+# `limit` members due by Redis's clock. An empty set empties the indexes: an entry a
+# mover of an earlier version left there cannot outlive the batches.
 _CLAIM = """
+if redis.call('ZCARD', KEYS[1]) == 0 then
+  redis.call('DEL', KEYS[2], KEYS[3])
+  return {}
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, ARGV[1])
@@ -42,10 +54,20 @@ def stage_schedule(pipe: Any, items: list[Envelope], due: float, cause: str = ""
     if not items:
         return None
     stored = [item.to_dict() for item in items]
-    member = orjson.dumps({"id": uuid.uuid4().hex, "items": stored, "cause": cause})
+    batch_id = uuid.uuid4().hex
+    member = orjson.dumps({"id": batch_id, "items": stored, "cause": cause})
     pipe.zadd(keys.DELAYED, {member: due})
     pipe.incrby(keys.DELAYED_EVENTS, len(items))
+    received = [item.received_at for item in items if item.received_at is not None]
+    if received:
+        pipe.zadd(keys.delayed_received(waiting_state(cause)), {batch_id: min(received)})
     return member
+
+
+def waiting_state(cause: str | None) -> str:
+    """The state a delayed batch's events are in for status: `identity_wait` for tracks
+    waiting for their user, `delayed` for the rest."""
+    return "identity_wait" if cause == "identity_wait" else "delayed"
 
 
 class Mover:
@@ -62,11 +84,14 @@ class Mover:
 
     def move_due(self) -> int:
         """Move what is due; returns the number of events moved."""
-        members = self._claim(keys=[keys.DELAYED], args=[self._page, self._lease_s])
+        indexes = [keys.delayed_received(state) for state in WAITING_STATES]
+        members = self._claim(keys=[keys.DELAYED, *indexes], args=[self._page, self._lease_s])
         moved = 0
         for member in members:
             batch = orjson.loads(member)
             items = batch["items"]  # moved as stored, undecoded
-            if self._queue.move(member, items, "d-" + str(batch["id"])):
+            index = keys.delayed_received(waiting_state(batch.get("cause")))
+            batch_id = str(batch["id"])
+            if self._queue.move(member, items, "d-" + batch_id, (index, batch_id)):
                 moved += len(items)
         return moved

@@ -12,7 +12,6 @@ in the run record (relay.delivery.runs) before anything else can fail, so no rer
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -24,12 +23,13 @@ import structlog
 from relay import keys, retry
 from relay.commands import Command
 from relay.delivery.churnzero import ChurnZeroClient
+from relay.delivery.problems import Problems
 from relay.delivery.runs import Claim, Runs
 from relay.delivery.settlement import Outcomes, Unsent, worst
 from relay.delivery.throttle import ADAPT_MAX_WAIT_S, REPLAY_MAX_WAIT_S, Throttle
 from relay.envelope import Envelope
 from relay.settings import Settings
-from relay.state import broker, status
+from relay.state import broker
 
 log = structlog.get_logger("relay.delivery")  # one logger for all of a batch's delivery
 
@@ -104,6 +104,7 @@ class Sender:
         self.runs = runs
         self.throttle = throttle
         self.client = client
+        self.problems = Problems(r, client)
         self.loop = asyncio.new_event_loop()
 
     def close(self) -> None:
@@ -216,16 +217,7 @@ class Sender:
         chunk.outcome = await self.client.send(chunk.commands)
         report.request_seconds.append(time.perf_counter() - started)
         report.requests[chunk.outcome.label] += 1
-        if chunk.outcome.misconfigured is not None:
-            # The operator must act: the events wait (paused, retried), and status says why.
-            log.error(
-                "churnzero_misconfigured",
-                problem=chunk.outcome.misconfigured,
-                status=chunk.outcome.status,
-                url=self.client.url,
-            )
-            with contextlib.suppress(*broker.QUEUE_ERRORS):  # the log line says it anyway
-                status.record_churnzero_problem(self.redis, chunk.outcome.misconfigured)
+        self.problems.seen(chunk.outcome)
 
     def _report_throttle(self, chunks: list[Chunk]) -> float:
         sent = [c.outcome for c in chunks if c.outcome is not None]

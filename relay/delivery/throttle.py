@@ -205,6 +205,7 @@ ADAPT_BETA = 0.9
 ADAPT_FIRST_BETA = 0.75
 ADAPT_ALPHA_RPS = 0.5
 ADAPT_MIN_RPS = 1.0
+ADAPT_MAX_RPS = 10_000.0  # where slow start stops growing without a cap (_ADAPT's 10000)
 # A 429 with a Retry-After up to this long (or none) is a rate signal: it cuts the
 # learned rate instead of pausing every worker. Longer ones pause, and cut nothing.
 ADAPT_PAUSE_BELOW_S = 1.0

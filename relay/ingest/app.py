@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import time
 from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import Any
@@ -37,7 +38,7 @@ from relay.ingest.webapp import (
     json_response,
 )
 from relay.settings import Settings
-from relay.state import broker, redis_conn, status
+from relay.state import broker, recent, redis_conn, status
 
 # A Redis that is down fails the ping within the client's connect timeout; this bounds a
 # Redis that takes connections but does not answer.
@@ -83,6 +84,7 @@ async def write_figures(r: aioredis.Redis) -> None:
         return
     pipe = r.pipeline(transaction=True)  # all or none: a failed write is tried again whole
     status.stage_counts(pipe, counts)
+    recent.stage_minute(pipe, metrics.answers_of(counts), time.time())
     try:
         await pipe.execute()
     except broker.QUEUE_ERRORS:

@@ -132,10 +132,48 @@ class Rate(TypedDict):
 
 @with_config(_CLOSED)
 class Problem(TypedDict):
-    """A ChurnZero configuration problem seen lately."""
+    """A ChurnZero problem seen lately: an answer that cannot be ChurnZero's, or its host
+    unreachable."""
 
-    problem: str
-    at: float
+    kind: Annotated[str, Field(description="misconfigured, dns, tls, refused or connect_timeout")]
+    problem: Annotated[str, Field(description="what was seen, in words")]
+    at: Annotated[float, Field(description="when it was last seen (unix time)")]
+    url: NotRequired[str]
+    host: NotRequired[str]
+    error: NotRequired[str]
+    hint: NotRequired[Annotated[str, Field(description="what to check")]]
+    diagnosis: NotRequired[
+        Annotated[str, Field(description="probable configuration error, or unreachable")]
+    ]
+
+
+@with_config(_CLOSED)
+class Latency(TypedDict):
+    """Receipt to ChurnZero's 2xx of the events delivered in the last minutes."""
+
+    count: Count
+    p50: float | None
+    p99: float | None
+
+
+@with_config(_CLOSED)
+class IngestAnswers(TypedDict):
+    """Ingest's answers in the last minutes."""
+
+    by_status: dict[str, int]
+    four_xx: Annotated[Count, Field(alias="4xx")]
+    four_xx_by_route: Annotated[
+        dict[str, int], Field(alias="4xx_by_route", description="by `route:status`")
+    ]
+
+
+@with_config(_CLOSED)
+class Recent(TypedDict):
+    """The figures of the last minutes."""
+
+    minutes: Count
+    delivery_latency_s: Latency
+    ingest_requests: IngestAnswers
 
 
 @with_config(_CLOSED)
@@ -145,13 +183,20 @@ class StatusReport(TypedDict):
     time: float
     depth: dict[str, int]
     messages: int
-    oldest_age_s: float
+    oldest_age_s: Annotated[
+        float, Field(description="age of the oldest undelivered event, whatever holds it")
+    ]
+    oldest_age_by_state_s: Annotated[
+        dict[str, float], Field(description="ready, in_flight, delayed, identity_wait")
+    ]
     paused_for_s: float
     redis_memory_fraction: float
     dead_letters: Annotated[dict[str, int], Field(description="by reason")]
     rates: dict[str, Rate]
+    recent: Recent
     counters: dict[str, int]
-    churnzero_problem: Problem | None
+    churnzero_problem: Annotated[Problem | None, Field(description="the newest problem")]
+    churnzero_problems: list[Problem]
     names: dict[str, Any]
     replay: dict[str, int]
     learned_rate_rps: float | None
@@ -159,6 +204,7 @@ class StatusReport(TypedDict):
         dict[str, int],
         Field(description="`users` with traits parked for want of an account, and `traits`"),
     ]
+    rate_limit_met: Annotated[bool, Field(description="whether a 429 has cut the rate yet")]
 
 
 @with_config(_OPEN)

@@ -22,7 +22,7 @@ from prometheus_client.core import (
 )
 
 from relay.keys import Stat
-from relay.state import parking, status
+from relay.state import parking, recent, status
 
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 _BOUNDS = [*(str(float(b)) for b in DURATION_BUCKETS), "+Inf"]  # as Prometheus writes them
@@ -101,6 +101,16 @@ class IngestFigures:
 FIGURES = IngestFigures()
 
 
+def answers_of(counts: dict[str, int]) -> dict[str, int]:
+    """The request counts among drained figures, as fields of the minute's figures
+    (relay.state.recent): `ingest:<route>:<status>`."""
+    prefix = Stat.INGEST_REQUESTS + ":"
+    return {
+        recent.INGEST + name.removeprefix(prefix): value
+        for name, value in counts.items() if name.startswith(prefix)
+    }  # fmt: skip
+
+
 def ingest_families(stats: dict[str, int]) -> Iterator[Metric]:
     """Ingest's figures, every process's, from the counters of `keys.STATS`."""
     requests = CounterMetricFamily(
@@ -171,9 +181,18 @@ class DeploymentCollector:
         )
         yield GaugeMetricFamily(
             "relay_queue_oldest_age_seconds",
-            "Age of the oldest event waiting to be picked up (0 when none).",
+            "Age of the oldest undelivered event, whatever holds it: ready, in flight, "
+            "delayed or waiting for its identity (0 when none).",
             value=snapshot.oldest_age_s,
         )
+        by_state = GaugeMetricFamily(
+            "relay_queue_oldest_age_by_state_seconds",
+            "Age of the oldest undelivered event in each state (0 when none).",
+            labels=["state"],
+        )
+        for state, age in snapshot.oldest_by_state.items():
+            by_state.add_metric([state], age)
+        yield by_state
         yield GaugeMetricFamily(
             "relay_redis_memory_used_ratio",
             "Redis used_memory / maxmemory (0 when maxmemory is unlimited); ingest answers "
@@ -194,6 +213,17 @@ class DeploymentCollector:
         yield GaugeMetricFamily(
             "relay_parked_users", "Users with parked traits.", value=parked["users"]
         )
+        problem = GaugeMetricFamily(
+            "relay_churnzero_problem",
+            "1 while a ChurnZero problem of this kind is recent: misconfigured (an answer "
+            "that cannot be ChurnZero's), dns, tls, refused, connect_timeout (its host "
+            "cannot be reached); relay status says the host, the error and what to check.",
+            labels=["kind"],
+        )
+        recent_kinds = {p.get("kind") for p in snapshot.problems}
+        for kind in status.PROBLEM_KINDS:
+            problem.add_metric([kind], 1.0 if kind in recent_kinds else 0.0)
+        yield problem
         dead = GaugeMetricFamily(
             "relay_dead_letters", "Dead letters waiting, by reason.", labels=["reason"]
         )
@@ -204,6 +234,14 @@ class DeploymentCollector:
         yield HistogramMetricFamily(
             "relay_churnzero_request_duration_seconds",
             "Time of requests to ChurnZero, all workers.",
+            buckets=buckets,
+            sum_value=total,
+        )
+        buckets, total = recent.latency_histogram(snapshot.stats)
+        yield HistogramMetricFamily(
+            "relay_delivery_latency_seconds",
+            "Time from ingest's receipt of an event to ChurnZero's 2xx for it, every live "
+            "event delivered (replays left out).",
             buckets=buckets,
             sum_value=total,
         )

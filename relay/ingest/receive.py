@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from relay import envelope
-from relay.errors import QueueUnavailable, RequestError
+from relay.errors import QueueUnavailable, RequestError, Unauthenticated
 from relay.ingest import auth, cors, intake, metrics
 from relay.ingest.webapp import COMMIT, GATE, REDIS, REQUEST_LOG, SETTINGS, json_response
 from relay.reasons import Reason
@@ -69,29 +69,63 @@ def _check_webhook_auth(settings: Settings, request: web.Request, raw: bytes) ->
     """Authenticate a webhook request; True when its X-Signature is valid (only a signed
     request may carry deletes: a write key is public)."""
     secret = settings.webhook_secret
+    given = request.headers.get("X-Signature")
     # Segment signs the body as sent, so a gzip body is checked before decoding.
-    if secret is not None and auth.valid_signature(
-        secret.get_secret_value(), raw, request.headers.get("X-Signature")
-    ):
+    if secret is not None and auth.valid_signature(secret.get_secret_value(), raw, given):
         return True
     if not settings.authenticated:
         return False  # `relay serve` refused to start unless this is explicitly allowed
-    username = auth.basic_username(request.headers.get("Authorization"))
+    header = request.headers.get("Authorization")
+    username = auth.basic_username(header)
     if auth.known_key(username, settings.write_keys):
         return False
-    what = "X-Signature" if secret is not None else "write key"
-    raise RequestError(401, f"missing or invalid {what}")
+    raise _webhook_refusal(secret is not None, given, username, header)
+
+
+def _webhook_refusal(
+    has_secret: bool, signature: str | None, username: str | None, header: str | None
+) -> Unauthenticated:
+    # Which check failed, in words the sender's operator can act on (no secret in them).
+    if username is not None:
+        return Unauthenticated("unknown_write_key", "unknown write key (HTTP Basic username)")
+    if has_secret and signature:
+        return Unauthenticated(
+            "signature_mismatch",
+            "X-Signature does not match the body: the Segment destination's shared secret "
+            "is not RELAY_WEBHOOK_SECRET",
+        )
+    if has_secret:
+        return Unauthenticated(
+            "no_signature",
+            "no X-Signature: set the Segment destination's shared secret to "
+            "RELAY_WEBHOOK_SECRET (or send a write key as the HTTP Basic username)",
+        )
+    # Only write keys are configured: a signature cannot be checked without a secret.
+    where = "X-Signature is not checked without RELAY_WEBHOOK_SECRET; " if signature else ""
+    shape = "an Authorization header that is not HTTP Basic; " if header else ""
+    return Unauthenticated(
+        "no_write_key", f"no write key: {where}{shape}send one as the HTTP Basic username"
+    )
 
 
 def _check_api_auth(settings: Settings, request: web.Request, body_key: str | None) -> None:
     if not settings.authenticated:
         return
-    username = auth.basic_username(request.headers.get("Authorization"))
+    header = request.headers.get("Authorization")
+    username = auth.basic_username(header)
     if auth.known_key(username, settings.write_keys) or auth.known_key(
         body_key, settings.write_keys
     ):
         return
-    raise RequestError(401, "missing or invalid write key")
+    if username is not None or body_key:
+        where = "HTTP Basic username" if username is not None else "writeKey in the body"
+        raise Unauthenticated("unknown_write_key", f"unknown write key ({where})")
+    shape = "the Authorization header is not HTTP Basic; " if header else ""
+    raise Unauthenticated(
+        "no_write_key",
+        f"no write key: {shape}send it as the HTTP Basic username (as Segment's libraries "
+        "do) or as writeKey in the body",
+    )
 
 
 # Relay ids: unique per process by a random prefix, then a counter; uuid4 would cost a
@@ -118,8 +152,11 @@ async def _ingest(request: web.Request, route: str, source: str) -> web.Response
     except RequestError as exc:
         response = _error(str(exc), exc.status, **exc.body)
         outcome["error"] = str(exc)
+        if isinstance(exc, Unauthenticated):
+            outcome["check"] = exc.check
     except QueueUnavailable as exc:
         response = _unavailable(str(exc))
+        outcome["reason"] = str(exc)
     elapsed = time.perf_counter() - started
     metrics.FIGURES.request(route, response.status, elapsed)
     app[REQUEST_LOG].record(response.status, elapsed * 1000, outcome)
@@ -217,7 +254,7 @@ async def tracking_api(request: web.Request) -> web.Response:
 
 async def tracking_api_preflight(request: web.Request) -> web.Response:
     """OPTIONS /v1/{route}: a browser's CORS preflight before analytics.js posts."""
-    _api_route(request)
+    route = _api_route(request)
     origin = request.headers.get("Origin")
     headers = cors.preflight_headers(
         origin,
@@ -225,5 +262,8 @@ async def tracking_api_preflight(request: web.Request) -> web.Response:
         request.headers.get("Access-Control-Request-Headers"),
     )
     if not headers:
-        return _error(f"origin not allowed: {origin} (see RELAY_CORS_ORIGINS)", 403)
+        error = f"origin not allowed: {origin} (see RELAY_CORS_ORIGINS)"
+        outcome = {"route": route, "check": "cors_origin", "error": error}
+        request.app[REQUEST_LOG].refused(403, 0.0, outcome)
+        return _error(error, 403)
     return web.Response(status=204, headers=headers)

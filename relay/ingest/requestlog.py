@@ -5,6 +5,10 @@ its real work. `RELAY_INGEST_LOG=aggregate` (the default) writes one `ingest_sum
 line a second for the requests answered 2xx with nothing rejected, and still writes
 every error, every non-2xx and every request with rejected events in full, as the
 `ingest` line `RELAY_INGEST_LOG=each` writes for every request.
+
+A 401 or 403 is a WARNING: Segment drops what is refused, so a mistyped secret loses
+every event. Those lines say which check failed and are written once per
+`REFUSED_EVERY_S` per route and check, with the count of those left out since.
 """
 
 from __future__ import annotations
@@ -16,9 +20,12 @@ from typing import Any
 
 import structlog
 
+from relay.logs import Every
+
 log = structlog.get_logger("relay.ingest")
 
 SUMMARY_INTERVAL_S = 1.0
+REFUSED_EVERY_S = 10.0
 
 
 class RequestLog:
@@ -26,6 +33,7 @@ class RequestLog:
 
     def __init__(self, aggregate: bool) -> None:
         self.aggregate = aggregate
+        self._refused = Every(REFUSED_EVERY_S)
         self._reset()
 
     def _reset(self) -> None:
@@ -36,6 +44,9 @@ class RequestLog:
 
     def record(self, status: int, ms: float, outcome: dict[str, Any]) -> None:
         """One answered request; `outcome` holds its route and what became of it."""
+        if status in (401, 403):
+            self.refused(status, ms, outcome)
+            return
         if not self.aggregate or status >= 300 or "error" in outcome or outcome.get("rejected"):
             log.info("ingest", status=status, ms=round(ms, 2), **outcome)
             return
@@ -44,6 +55,14 @@ class RequestLog:
         self._events += outcome.get("accepted", 0)
         self._ms_total += ms
         self._ms_max = max(self._ms_max, ms)
+
+    def refused(self, status: int, ms: float, outcome: dict[str, Any]) -> None:
+        """A request refused for its credentials or origin: a WARNING, rate-limited."""
+        key = f"{outcome.get('route')}:{status}:{outcome.get('check', '')}"
+        if self._refused.due(key):
+            suppressed = self._refused.suppressed(key)
+            log.warning("ingest", status=status, ms=round(ms, 2), suppressed=suppressed,
+                        **outcome)  # fmt: skip
 
     def flush(self) -> None:
         """Write the summary of the requests since the last one (nothing if none)."""

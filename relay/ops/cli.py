@@ -11,12 +11,11 @@ from __future__ import annotations
 import signal
 import sys
 import time
-from typing import Any
 
 import click
 
 from relay.errors import RelayError
-from relay.ops import cli_dlq, cli_identities, cli_names, cli_ops
+from relay.ops import cli_dlq, cli_identities, cli_names, cli_ops, cli_status
 from relay.ops.cli_context import Deployment, pass_deployment
 
 
@@ -107,49 +106,6 @@ def dev(deployment: Deployment) -> None:
         stack.stop()
 
 
-def _status_table(data: dict[str, Any]) -> Any:
-    from rich.table import Table
-
-    table = Table(title="churnzero-relay", show_header=True, header_style="bold")
-    table.add_column("")
-    table.add_column("events", justify="right")
-    depth = data["depth"]
-    table.add_row("ready", f"{depth['ready']:,}")
-    table.add_row("in flight", f"{depth['in_flight']:,}")
-    table.add_row("delayed (retries)", f"{depth['delayed']:,}")
-    table.add_row("dead letters", f"{depth['dead']:,}")
-    table.add_row("oldest waiting", f"{data['oldest_age_s']:.1f} s")
-    table.add_row("ingested /s (1 min)", f"{data['rates']['ingested']['per_s']:,}")
-    table.add_row("delivered /s (1 min)", f"{data['rates']['delivered']['per_s']:,}")
-    if data["redis_memory_fraction"]:
-        table.add_row("Redis memory (of maxmemory)", f"{data['redis_memory_fraction']:.0%}")
-    replay = data["replay"]
-    if replay["replayed"] or replay["queued_messages"]:
-        table.add_row(
-            "replay lane",
-            f"{replay['delivered']:,} of {replay['replayed']:,} delivered, "
-            f"{replay['queued_messages']:,} messages queued",
-        )
-    if data["learned_rate_rps"] is not None:
-        table.add_row("learned rate", f"{data['learned_rate_rps']:,} req/s")
-    parked = data.get("parked") or {}
-    if parked.get("users"):
-        table.add_row("parked traits", f"{parked['traits']:,} of {parked['users']:,} users "
-                      "waiting for an account")  # fmt: skip
-    if data["paused_for_s"]:
-        table.add_row("[yellow]ChurnZero paused[/]", f"{data['paused_for_s']:.1f} s")
-    if data.get("churnzero_problem"):
-        table.add_row("[red]ChurnZero misconfigured[/]", data["churnzero_problem"]["problem"])
-    for reason, n in data["dead_letters"].items():
-        if n:
-            table.add_row(f"  dead: {reason}", f"{n:,}")
-    for row in data["names"]["held"]:
-        table.add_row(f"[yellow]held new name[/] {row['kind']}", row["name"])
-    for row in data["names"]["new"][:10]:
-        table.add_row(f"new name {row['kind']}", row["name"])
-    return table
-
-
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--watch", is_flag=True, help="Refresh every second until Ctrl-C.")
@@ -161,24 +117,26 @@ def status(deployment: Deployment, as_json: bool, watch: bool) -> None:
     from rich.console import Console
     from rich.live import Live
 
+    from relay.delivery.throttle import ADAPT_MAX_RPS
     from relay.state import status as status_report
 
     r = deployment.redis
+    cap = deployment.settings.rate_limit_rps or ADAPT_MAX_RPS
     if as_json and not watch:
         click.echo(json.dumps(status_report.report(r)))
         return
     if not watch:
-        Console().print(_status_table(status_report.report(r)))
+        Console().print(cli_status.table(status_report.report(r), cap))
         return
     try:
-        with Live(_status_table(status_report.report(r)), refresh_per_second=2) as live:
+        with Live(cli_status.table(status_report.report(r), cap), refresh_per_second=2) as live:
             while True:
                 time.sleep(1)
                 data = status_report.report(r)
                 if as_json:
                     click.echo(json.dumps(data))
                 else:
-                    live.update(_status_table(data))
+                    live.update(cli_status.table(data, cap))
     except KeyboardInterrupt:
         pass
 

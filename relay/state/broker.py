@@ -145,17 +145,21 @@ QUEUE_ERRORS: tuple[type[Exception], ...] = (*PUBLISH_ERRORS, redis.RedisError, 
 
 
 # KEYS: the queue, the ready count, then for ARGV[2] = 'rate' this second's ingest rate,
-# for 'move' the delayed set and its event count. ARGV: events, 'rate' | 'move' | '', the
-# rate's ttl or the delayed-set member, then the messages. One command, so one round trip
-# and one reply to parse (a MULTI pipeline of the same writes has a reply per command),
-# and atomic like MULTI: the counts move with the messages or not at all.
+# for 'move' the delayed set, its event count and the index of its batches' oldest
+# receipts. ARGV: events, 'rate' | 'move' | '', the rate's ttl or the delayed-set member,
+# for 'move' the batch's id in that index, then the messages. One command, so one round
+# trip and one reply to parse (a MULTI pipeline of the same writes has a reply per
+# command), and atomic like MULTI: the counts move with the messages or not at all.
 _PUSH = """
+local first = 4
 if ARGV[2] == 'move' then
   -- Gone: another mover claimed it after this one's lease ran out, and published it.
   if redis.call('ZREM', KEYS[3], ARGV[3]) == 0 then return 0 end
   redis.call('DECRBY', KEYS[4], ARGV[1])
+  redis.call('ZREM', KEYS[5], ARGV[4])
+  first = 5
 end
-for i = 4, #ARGV do redis.call('LPUSH', KEYS[1], ARGV[i]) end
+for i = first, #ARGV do redis.call('LPUSH', KEYS[1], ARGV[i]) end
 redis.call('INCRBY', KEYS[2], ARGV[1])
 if ARGV[2] == 'rate' then
   redis.call('INCRBY', KEYS[3], ARGV[1])
@@ -178,7 +182,7 @@ class _Publisher:
         counts: list[str],
         how: str = "",
         arg: Any = "",
-        *,
+        *extra: Any,
         message_id: str | None = None,
         per_message: int | None = None,
     ) -> tuple[list[Any], list[Any]]:
@@ -186,7 +190,7 @@ class _Publisher:
         size = per_message or self._max
         messages = self._writer.encode_all(items, size, message_id, queue)
         # kombu pushes on the left and workers pop on the right: first in, first out.
-        return [queue, keys.DEPTH_READY, *counts], [len(items), how, arg, *messages]
+        return [queue, keys.DEPTH_READY, *counts], [len(items), how, arg, *extra, *messages]
 
 
 class Queue(_Publisher):
@@ -212,11 +216,14 @@ class Queue(_Publisher):
             keys_, args = self._call(items, [], message_id=message_id, per_message=per_message)
             self._push(keys=keys_, args=args)
 
-    def move(self, member: bytes, items: list[Json], message_id: str) -> bool:
-        """Queue the items of `member`, a batch of the delayed set, and remove it there, in
-        one step; False, publishing nothing, when it was no longer there."""
-        counts = [keys.DELAYED, keys.DELAYED_EVENTS]
-        keys_, args = self._call(items, counts, "move", member, message_id=message_id)
+    def move(
+        self, member: bytes, items: list[Json], message_id: str, received: tuple[str, str]
+    ) -> bool:
+        """Queue the items of `member`, a batch of the delayed set, and remove it there and
+        from the index of oldest receipts (`received`: that index's key, the batch's id in
+        it), in one step; False, publishing nothing, when it was no longer there."""
+        counts = [keys.DELAYED, keys.DELAYED_EVENTS, received[0]]
+        keys_, args = self._call(items, counts, "move", member, received[1], message_id=message_id)
         return bool(self._push(keys=keys_, args=args))
 
 

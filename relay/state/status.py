@@ -18,11 +18,9 @@ from typing import Any
 
 import orjson
 
-from relay import keys, wire
-from relay.envelope import Envelope
-from relay.errors import DecodeError
+from relay import keys
 from relay.reasons import Reason
-from relay.state import names, parking
+from relay.state import names, oldest, parking, recent
 
 WINDOW_S = 60
 RATE_TTL_S = 3 * WINDOW_S
@@ -31,17 +29,46 @@ PROBLEM_TTL_S = 600  # a problem not seen again for this long is taken as fixed
 REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
-def record_churnzero_problem(r: Any, problem: str, now: float | None = None) -> None:
-    """Remember a ChurnZero configuration problem for status (sync Redis client)."""
+# The kinds of ChurnZero problem the operator must act on: an answer that cannot be
+# ChurnZero's (a redirect, a proxy's page), and a host that cannot be reached.
+PROBLEM_KINDS = ("misconfigured", "dns", "tls", "refused", "connect_timeout")
+
+
+def record_churnzero_problem(
+    r: Any, kind: str, problem: str, detail: dict[str, str] | None = None,
+    now: float | None = None,
+) -> None:  # fmt: skip
+    """Remember a ChurnZero problem of `kind` for status (sync Redis client): `problem`
+    in words, and its detail (host, error, hint, diagnosis)."""
     when = time.time() if now is None else now
-    r.set(keys.CHURNZERO_PROBLEM, orjson.dumps({"problem": problem, "at": when}),
-          ex=PROBLEM_TTL_S)  # fmt: skip
+    entry = {**(detail or {}), "kind": kind, "problem": problem, "at": when}
+    pipe = r.pipeline(transaction=False)
+    pipe.hset(keys.CHURNZERO_PROBLEMS, kind, orjson.dumps(entry))
+    pipe.expire(keys.CHURNZERO_PROBLEMS, PROBLEM_TTL_S)
+    pipe.execute()
+
+
+def clear_churnzero_problems(r: Any) -> None:
+    """ChurnZero answered: the problems recorded are over."""
+    r.delete(keys.CHURNZERO_PROBLEMS)
+
+
+def churnzero_problems(r: Any, now: float | None = None) -> list[dict[str, Any]]:
+    """The ChurnZero problems seen lately, newest first."""
+    now = time.time() if now is None else now
+    return _recent_problems(r.hgetall(keys.CHURNZERO_PROBLEMS).values(), now)
+
+
+def _recent_problems(raw: Any, now: float) -> list[dict[str, Any]]:
+    found = [orjson.loads(value) for value in raw]
+    recent = [p for p in found if now - float(p.get("at", 0)) < PROBLEM_TTL_S]
+    return sorted(recent, key=lambda p: -float(p.get("at", 0)))
 
 
 def churnzero_problem(r: Any) -> dict[str, Any] | None:
-    """The last ChurnZero configuration problem, while it is recent."""
-    raw = r.get(keys.CHURNZERO_PROBLEM)
-    return orjson.loads(raw) if raw else None
+    """The newest ChurnZero problem, while it is recent."""
+    found = churnzero_problems(r)
+    return found[0] if found else None
 
 
 class Rate(StrEnum):
@@ -118,6 +145,9 @@ class Snapshot:
     dead_by_reason: dict[str, int]
     stats: dict[str, int] = field(default_factory=dict)
     memory_fraction: float = 0.0  # Redis used_memory / maxmemory; 0 when unlimited
+    # The age of the oldest undelivered event in each state (`oldest.STATES`); 0: none.
+    oldest_by_state: dict[str, float] = field(default_factory=dict)
+    problems: list[dict[str, Any]] = field(default_factory=list)  # newest first
 
 
 def _int(value: Any) -> int:
@@ -144,16 +174,6 @@ def memory_fraction(memory: dict[str, Any]) -> float:
     return _int(memory.get("used_memory")) / maxmemory if maxmemory else 0.0
 
 
-def _oldest_received(message: bytes | None) -> float | None:
-    # Read-only peek at the oldest message for the receipt time of its first event.
-    if not message:
-        return None
-    try:
-        return Envelope.from_dict(wire.items_of(orjson.loads(message))[0]).received_at
-    except (ValueError, KeyError, IndexError, TypeError, DecodeError):
-        return None
-
-
 def snapshot(r: Any, now: float | None = None) -> Snapshot:
     """Read everything in one round trip (sync redis client)."""
     now = time.time() if now is None else now
@@ -162,22 +182,23 @@ def snapshot(r: Any, now: float | None = None) -> Snapshot:
     pipe.get(keys.DEPTH_INFLIGHT)
     pipe.get(keys.DELAYED_EVENTS)
     pipe.llen(keys.QUEUE)
-    pipe.lindex(keys.QUEUE, -1)
     pipe.llen(keys.REPLAY_QUEUE)
     pipe.get(keys.PAUSE_UNTIL)
     pipe.hgetall(keys.STATS)
     pipe.hlen(keys.CELERY_UNACKED)
     pipe.info("memory")
+    pipe.hgetall(keys.CHURNZERO_PROBLEMS)
+    oldest.stage_read(pipe)
     for reason in Reason:
         pipe.zcard(keys.dlq_reason(reason))
-    ready, inflight, delayed, live, oldest, replay, pause, stats, unacked, memory, *dead = (
-        pipe.execute()
-    )
+    found = pipe.execute()
+    ready, inflight, delayed, live, replay, pause, stats, unacked, memory, problems = found[:10]
+    ages = oldest.ages(found[10 : 10 + oldest.READS], now)
+    dead = found[10 + oldest.READS :]
     messages = _int(live) + _int(replay)
     if not unacked:  # as for ready_events: nothing unacked, nothing in flight
         inflight = 0
     dead_by_reason = {reason.value: _int(d) for reason, d in zip(Reason, dead, strict=True)}
-    received = _oldest_received(oldest)
     return Snapshot(
         depth={
             "ready": ready_events(ready, messages),
@@ -186,11 +207,13 @@ def snapshot(r: Any, now: float | None = None) -> Snapshot:
             "dead": sum(dead_by_reason.values()),
         },
         messages=_int(messages),
-        oldest_age_s=max(now - received, 0.0) if received else 0.0,
+        oldest_age_s=max(ages.values()),
+        oldest_by_state=ages,
         paused_for_s=max(float(pause or 0) / 1000 - now, 0.0),
         dead_by_reason=dead_by_reason,
         stats={(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in stats.items()},
         memory_fraction=memory_fraction(memory),
+        problems=_recent_problems(problems.values(), now),
     )
 
 
@@ -211,20 +234,25 @@ def report(r: Any) -> dict[str, Any]:
     """Everything `relay status --json` prints."""
     now = time.time()
     snap = snapshot(r, now)
+    rate, limit_met = learned_rate(r)
     return {
         "time": now,
         "depth": snap.depth,
         "messages": snap.messages,
         "oldest_age_s": round(snap.oldest_age_s, 3),
+        "oldest_age_by_state_s": snap.oldest_by_state,
         "paused_for_s": round(snap.paused_for_s, 3),
         "redis_memory_fraction": round(snap.memory_fraction, 4),
         "dead_letters": snap.dead_by_reason,
         "rates": rates(r, now),
+        "recent": recent.read(r, now),
         "counters": snap.stats,
-        "churnzero_problem": churnzero_problem(r),
+        "churnzero_problem": snap.problems[0] if snap.problems else None,
+        "churnzero_problems": snap.problems,
         "names": names.report(r),
         "replay": replay_progress(r, snap.stats),
-        "learned_rate_rps": learned_rate(r),
+        "learned_rate_rps": rate,
+        "rate_limit_met": limit_met,
         "parked": parking.figures(r),
     }
 
@@ -238,7 +266,8 @@ def replay_progress(r: Any, stats: dict[str, int]) -> dict[str, int]:
     }
 
 
-def learned_rate(r: Any) -> float | None:
-    """The self-tuning rate (requests/s) the workers learned, None before any 429."""
-    value = r.hget(keys.ADAPTIVE_RATE, "rate")
-    return round(float(value), 2) if value else None
+def learned_rate(r: Any) -> tuple[float | None, bool]:
+    """The self-tuning rate (requests/s) the workers use (None before any report), and
+    whether a 429 has cut it yet (before that it only says how far it has grown)."""
+    rate, cut_at = r.hmget(keys.ADAPTIVE_RATE, ["rate", "cut_at"])
+    return (round(float(rate), 2) if rate else None), float(cut_at or 0) > 0

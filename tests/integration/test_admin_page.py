@@ -111,3 +111,35 @@ def test_admin_api_needs_the_bearer_token(r: redis.Redis, start_ingest: Callable
     assert set(right.json()["depth"]) == {"ready", "in_flight", "delayed", "dead"}
     # The page itself holds no data and is served without the token.
     assert requests.get(url + "/admin").status_code == 200
+
+
+def test_the_page_names_a_churnzero_problem_and_the_oldest_age_by_state(
+    r: redis.Redis, start_ingest: Callable[..., str], page: Any
+) -> None:
+    import time
+
+    from playwright.sync_api import expect
+
+    from relay.delivery import delayed
+    from relay.envelope import Envelope
+    from relay.state import status
+
+    url = start_ingest(admin_token=TOKEN)
+    host = "analytics.churnzer0.invalid"
+    status.record_churnzero_problem(
+        r, "dns", f"probable configuration error: Cannot connect to host {host}",
+        {"hint": f"{host}:443 does not resolve: check RELAY_CHURNZERO_URL"},
+    )  # fmt: skip
+    item = {"id": "x1", "source": "api", "received_at": time.time() - 90, "attempts": 1,
+            "event": {"type": "track", "userId": "u", "event": "E"}}  # fmt: skip
+    pipe = r.pipeline()
+    delayed.stage_schedule(pipe, [Envelope.from_dict(item)], time.time() + 3600, "5xx")
+    pipe.execute()
+
+    log_in(page, url, TOKEN)
+    banner = page.locator("#problem-banner")
+    expect(banner).to_be_visible()
+    expect(banner).to_contain_text("ChurnZero host does not resolve")
+    expect(banner).to_contain_text("check RELAY_CHURNZERO_URL")
+    expect(page.locator("[data-testid=oldest-by-state]")).to_contain_text("delayed (retries) 1 m")
+    expect(page.locator("#oldest-age")).to_contain_text("1 m")

@@ -92,7 +92,8 @@ def test_a_batch_two_movers_hold_is_published_once_and_counted_once(r: redis.Red
     # One mover claimed the batch and stalled past its lease (0 s); another moves it.
     assert delayed.Mover(r, queue, lease_s=0).move_due() == 3
     # The first one wakes up and publishes what it claimed: nothing moves.
-    assert not queue.move(member, batch["items"], "d-" + batch["id"])
+    index = (keys.delayed_received("delayed"), batch["id"])
+    assert not queue.move(member, batch["items"], "d-" + batch["id"], index)
     assert queued_items(r) == batch["items"]
     assert int(r.get(keys.DELAYED_EVENTS)) == 0
     assert int(r.get(keys.DEPTH_READY)) == 3
@@ -119,11 +120,14 @@ def test_two_movers_at_once_move_each_due_batch_once(r: redis.Redis) -> None:
 
         first = True
 
-        def move(self, member: bytes, items: list[dict[str, Any]], message_id: str) -> bool:
+        def move(
+            self, member: bytes, items: list[dict[str, Any]], message_id: str,
+            received: tuple[str, str],
+        ) -> bool:  # fmt: skip
             if self.first:
                 self.first = False
                 both_claimed.wait()
-            moved = super().move(member, items, message_id)
+            moved = super().move(member, items, message_id, received)
             if moved:
                 published.append(message_id)
             return moved
