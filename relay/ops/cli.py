@@ -17,10 +17,10 @@ import click
 
 from relay.errors import RelayError
 from relay.ops import cli_dlq, cli_identities, cli_names, cli_ops
-from relay.ops.cli_context import Deployment, pass_deployment
+from relay.ops.cli_context import Deployment, RelayGroup, pass_deployment
 
 
-@click.group()
+@click.group(cls=RelayGroup)
 @click.version_option(package_name="churnzero-relay")
 @click.pass_context
 def main(ctx: click.Context) -> None:
@@ -48,7 +48,20 @@ def serve(deployment: Deployment, processes: int | None) -> None:
         raise click.ClickException(str(exc)) from None
     logs.configure(settings.log_level, settings.log_format)
     url = deployment.redis_url
+    _reach_redis(deployment)
     sys.exit(supervise.serve(settings, url, processes, click.echo))
+
+
+def _reach_redis(deployment: Deployment) -> None:
+    """Stop a service at start, with one line, when its Redis does not answer: a relay
+    that starts without one only answers 503 and delivers nothing."""
+    from relay.state import redis_conn
+
+    client = redis_conn.sync_client(deployment.settings, deployment.redis_url, retry=False)
+    try:
+        client.ping()
+    finally:
+        client.close()
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
@@ -65,6 +78,7 @@ def worker(deployment: Deployment, celery_args: tuple[str, ...]) -> None:
         settings.require_app_key()
     except RelayError as exc:
         raise click.ClickException(str(exc)) from None
+    _reach_redis(deployment)
     sys.exit(supervise.worker(settings, deployment.redis_url, celery_args, click.echo))
 
 
