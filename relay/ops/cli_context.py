@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import click
 import redis
@@ -69,15 +68,21 @@ class Deployment:
         return self.url_in_use
 
     @cached_property
-    def running_redis_url(self) -> str:
-        """For the operator's commands: RELAY_REDIS_URL, or the embedded Redis a relay
-        runs here; never a new one (it would hold nothing and say so)."""
+    def running_redis_url_or_none(self) -> str | None:
+        """RELAY_REDIS_URL, or the embedded Redis a relay runs here, or None."""
         from relay.state import embedded
 
         url = self.settings.redis_url or embedded.running_url(self.settings.state_dir)
+        self.url_in_use = url
+        return url
+
+    @property
+    def running_redis_url(self) -> str:
+        """For the operator's commands: RELAY_REDIS_URL, or the embedded Redis a relay
+        runs here; never a new one (it would hold nothing and say so)."""
+        url = self.running_redis_url_or_none
         if url is None:
             raise NoRelayHere()
-        self.url_in_use = url
         return url
 
     @cached_property
@@ -115,7 +120,9 @@ class RelayGroup(click.Group):
 
 def redis_problem(exc: redis.RedisError, url: str | None) -> str:
     """One line for an error of Redis: what failed, where, and what to look at."""
-    where = f" at {shown_url(url)}" if url else ""
+    from relay.state.redis_conn import redacted
+
+    where = f" at {redacted(url)}" if url else ""
     detail = str(exc).strip().rstrip(".") or type(exc).__name__
     if isinstance(exc, redis.AuthenticationError):
         return f"Redis{where} refused the credentials ({detail}): check RELAY_REDIS_URL"
@@ -125,15 +132,6 @@ def redis_problem(exc: redis.RedisError, url: str | None) -> str:
             "e.g. redis://host:6379/0"
         )
     return f"Redis{where} answered an error ({detail})"
-
-
-def shown_url(url: str) -> str:
-    """`url` with its password, if any, masked."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
 
 
 def show(found: Any, missing: str) -> None:
