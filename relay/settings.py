@@ -133,10 +133,14 @@ class Settings(BaseSettings):
             return tuple(k.strip() for k in value.split(",") if k.strip())
         return value
 
-    @field_validator("churnzero_app_key", "churnzero_eiv_secret", mode="before")
+    @field_validator(
+        "churnzero_app_key", "churnzero_eiv_secret", "webhook_secret", "admin_token",
+        mode="before",
+    )  # fmt: skip
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
-        # `RELAY_CHURNZERO_APP_KEY=` would otherwise send appKey "" to ChurnZero.
+        # `RELAY_CHURNZERO_APP_KEY=` would otherwise send appKey "" to ChurnZero, and an
+        # empty webhook secret or admin token is one anybody knows (compose's `${VAR:-}`).
         return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("redis_url")

@@ -74,3 +74,12 @@ def test_good_values_pass() -> None:
     )  # fmt: skip
     for url in ("redis://r:6379/0", "rediss://r:6380/0", "unix:///tmp/r.sock"):
         assert load_settings(redis_url=url).redis_url == url
+
+
+def test_a_blank_secret_is_no_secret() -> None:
+    # `RELAY_WEBHOOK_SECRET=` (compose's `${RELAY_WEBHOOK_SECRET:-}`): an HMAC key anybody
+    # knows must not count as authentication, nor an empty admin token open the admin.
+    settings = load_settings(webhook_secret="", admin_token=" ")
+    assert settings.webhook_secret is None and settings.admin_token is None
+    with pytest.raises(ConfigError, match="RELAY_WEBHOOK_SECRET or RELAY_WRITE_KEYS"):
+        settings.require_ingest_auth()
