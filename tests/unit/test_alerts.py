@@ -51,3 +51,15 @@ def test_every_alert_is_unit_tested_and_names_a_runbook_entry() -> None:
     for rule in rules:
         assert rule["alert"] in tested, f"{rule['alert']} never seen firing in {RULE_TESTS.name}"
         assert "Runbook: " in rule["annotations"]["description"]
+
+
+def test_the_docs_list_every_alert_and_hold_every_runbook_entry_named() -> None:
+    import re
+
+    operations = (ROOT / "docs" / "operations.md").read_text()
+    runbook = operations.split("## Runbook", 1)[1]
+    entries = set(re.findall(r"^\* \*\*(.+?)\.\*\*", runbook, flags=re.MULTILINE))
+    for rule in yaml.safe_load((MONITORING / "alerts.yml").read_text())["groups"][0]["rules"]:
+        assert f"`{rule['alert']}`" in operations, f"{rule['alert']} is not in the alert list"
+        named = rule["annotations"]["description"].split("Runbook: ", 1)[1].rstrip(".")
+        assert named in entries, f"{rule['alert']} names a runbook entry {named!r} missing"
