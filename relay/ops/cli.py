@@ -3,7 +3,7 @@
 Commands read the deployment's settings once (relay.ops.cli_context) and call the same
 library functions the services use; each group of operator commands has a module:
 `relay dlq` (cli_dlq), `relay identities` (cli_identities), `relay names` (cli_names),
-`relay preview` and `relay trace` (cli_ops).
+`relay preview` and `relay trace` (cli_ops), `relay check` (cli_check).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from relay.errors import RelayError
-from relay.ops import cli_dlq, cli_identities, cli_names, cli_ops
+from relay.ops import cli_check, cli_dlq, cli_identities, cli_names, cli_ops
 from relay.ops.cli_context import Deployment, RelayGroup, pass_deployment
 
 
@@ -121,32 +121,6 @@ def dev(deployment: Deployment) -> None:
         stack.stop()
 
 
-@main.command()
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@pass_deployment
-def check(deployment: Deployment, as_json: bool) -> None:
-    """Whether this deployment is ready: settings, Redis, ChurnZero, app key, EIV.
-    Exit 0 when ready, 1 with a line per problem."""
-    import json
-
-    from relay.ops import preflight
-
-    try:
-        settings = deployment.settings
-    except click.ClickException as exc:
-        findings = [preflight.Finding("problem", "settings", exc.message)]
-    else:
-        findings = preflight.run(settings, deployment.running_redis_url_or_none)
-    if as_json:
-        ok = preflight.ready(findings)
-        click.echo(json.dumps({"ready": ok, "findings": [f.as_dict() for f in findings]}))
-    else:
-        for f in findings:
-            click.echo(f"{f.level:<8} {f.part}: {f.message}")
-    if not preflight.ready(findings):
-        sys.exit(1)
-
-
 def _status_table(data: dict[str, Any]) -> Any:
     from rich.table import Table
 
@@ -221,7 +195,7 @@ def status(deployment: Deployment, as_json: bool, watch: bool) -> None:
 
 for command in (
     cli_dlq.dlq, cli_identities.identities, cli_names.names_group, cli_ops.preview,
-    cli_ops.trace_command,
+    cli_ops.trace_command, cli_check.check,
 ):  # fmt: skip
     main.add_command(command)
 
