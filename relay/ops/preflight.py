@@ -145,7 +145,8 @@ def check_churnzero(settings: Settings) -> list[Finding]:
     except urllib.error.HTTPError as exc:
         status, headers, head = exc.code, exc.headers, b""
     except (urllib.error.URLError, OSError) as exc:
-        return [*found, Finding("problem", "churnzero", _unreachable(where, exc))]
+        problem = _unreachable(where, exc, settings.churnzero_timeout_s)
+        return [*found, Finding("problem", "churnzero", problem)]
     wrong = misconfiguration(status, headers.get("Content-Type", ""), head,
                              headers.get("Location"))  # fmt: skip
     if wrong is None and not 200 <= status < 300:
@@ -155,7 +156,7 @@ def check_churnzero(settings: Settings) -> list[Finding]:
     return [*found, Finding("ok", "churnzero", f"{url} answers with its image")]
 
 
-def _unreachable(where: str, exc: Exception) -> str:
+def _unreachable(where: str, exc: Exception, timeout_s: float) -> str:
     reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
     if isinstance(reason, ssl.SSLCertVerificationError):
         return f"{where}: TLS certificate not valid ({reason.verify_message}): fix the URL"
@@ -164,7 +165,7 @@ def _unreachable(where: str, exc: Exception) -> str:
     if isinstance(reason, ConnectionRefusedError):
         return f"{where}: connection refused: nothing listens on that port"
     if isinstance(reason, TimeoutError | socket.timeout):
-        return f"{where}: no answer in {reason}: a firewall, or the wrong host?"
+        return f"{where}: no answer within {timeout_s:g} s: a firewall, or the wrong host?"
     return f"{where}: cannot connect ({reason})"
 
 

@@ -7,6 +7,7 @@ import contextlib
 import http.server
 import json
 import os
+import socket
 import ssl
 import subprocess
 import sys
@@ -105,6 +106,12 @@ def test_each_unready_part_is_one_line_naming_it(
         code, findings, _ = check(tmp_path, **{**base, **env})
         assert code == 1, (env, findings)
         assert any(expected in line for line in problems(findings)), (env, findings)
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # takes connections, says nothing
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/i"
+        slow = {**base, "RELAY_CHURNZERO_URL": url, "RELAY_CHURNZERO_TIMEOUT_S": "1"}
+        code, findings, _ = check(tmp_path, **slow)
+    assert code == 1
+    assert any("no answer within 1 s" in line for line in problems(findings)), findings
     with https_server(tmp_path) as port:
         code, findings, _ = check(tmp_path, **{**base, "RELAY_CHURNZERO_URL":
                                                f"https://127.0.0.1:{port}/i"})  # fmt: skip
