@@ -35,8 +35,11 @@ def main(ctx: click.Context) -> None:
     default=None,
     help="Ingest processes on the port. Default: RELAY_INGEST_PROCESSES (0: one per core).",
 )
+# The supervisor's children: their Redis was reached at start; one started again during a
+# Redis outage answers 503 like its siblings rather than die and make the supervisor quit.
+@click.option("--supervised", is_flag=True, hidden=True)
 @pass_deployment
-def serve(deployment: Deployment, processes: int | None) -> None:
+def serve(deployment: Deployment, processes: int | None, supervised: bool) -> None:
     """Run the ingest server."""
     from relay import logs
     from relay.ops import supervise
@@ -48,7 +51,8 @@ def serve(deployment: Deployment, processes: int | None) -> None:
         raise click.ClickException(str(exc)) from None
     logs.configure(settings.log_level, settings.log_format)
     url = deployment.redis_url
-    _reach_redis(deployment)
+    if not supervised:
+        _reach_redis(deployment)
     sys.exit(supervise.serve(settings, url, processes, click.echo))
 
 
