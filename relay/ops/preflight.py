@@ -113,6 +113,12 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
+def _opener(*handlers: urllib.request.BaseHandler) -> urllib.request.OpenerDirector:
+    # No proxy from the environment: the workers' client goes straight to ChurnZero, and
+    # the check must take the road they take.
+    return urllib.request.build_opener(urllib.request.ProxyHandler({}), *handlers)
+
+
 def check_churnzero(settings: Settings) -> list[Finding]:
     """The URL resolves, TLS verifies, and ChurnZero answers the no-op GET with its image."""
     url = settings.churnzero_url
@@ -135,8 +141,8 @@ def check_churnzero(settings: Settings) -> list[Finding]:
     if parts.scheme == "http" and not settings.churnzero_is_loopback:
         found.append(Finding("warning", "churnzero", f"{where} is plain http: the app key "
                              "travels in clear"))  # fmt: skip
-    opener = urllib.request.build_opener(
-        _NoRedirect, urllib.request.HTTPSHandler(context=ssl.create_default_context())
+    opener = _opener(
+        _NoRedirect(), urllib.request.HTTPSHandler(context=ssl.create_default_context())
     )
     request = urllib.request.Request(url, method="GET", headers={"User-Agent": "relay-check"})
     try:
@@ -193,7 +199,7 @@ def _sandbox_needs_eiv(url: str) -> bool | None:
         return None
     tenant = parts._replace(path="/_sandbox/tenant", query="", fragment="").geturl()
     try:
-        with urllib.request.urlopen(tenant, timeout=5) as answer:
+        with _opener().open(tenant, timeout=5) as answer:
             return bool(orjson.loads(answer.read()).get("eiv"))
     except (OSError, ValueError, AttributeError):
         return None
