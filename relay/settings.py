@@ -20,6 +20,8 @@ from relay.errors import ConfigError
 # Between a task's time limit and the visibility timeout: the watchdog's grace and the
 # settlement writes after the last send.
 VISIBILITY_MARGIN_S = 15
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "sentinel://")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 class Settings(BaseSettings):
@@ -131,11 +133,47 @@ class Settings(BaseSettings):
             return tuple(k.strip() for k in value.split(",") if k.strip())
         return value
 
-    @field_validator("churnzero_app_key", "churnzero_eiv_secret", mode="before")
+    @field_validator(
+        "churnzero_app_key", "churnzero_eiv_secret", "webhook_secret", "admin_token",
+        mode="before",
+    )  # fmt: skip
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
-        # `RELAY_CHURNZERO_APP_KEY=` would otherwise send appKey "" to ChurnZero.
+        # `RELAY_CHURNZERO_APP_KEY=` would otherwise send appKey "" to ChurnZero, and an
+        # empty webhook secret or admin token is one anybody knows (compose's `${VAR:-}`).
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        # redis-py would read `localhost:6379` as a unix socket path and fail at first use.
+        if value is not None and not value.startswith(REDIS_SCHEMES):
+            raise ValueError(
+                f"{value!r} is not a Redis URL: write redis://host:6379/0 "
+                "(or rediss://, unix:///path.sock, sentinel://host:26379)"
+            )
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        # A browser sends its origin as scheme://host[:port]; anything else never matches.
+        for origin in value:
+            parts = urlsplit(origin)
+            is_origin = parts.scheme in ("http", "https") and parts.netloc and not parts.path
+            if origin != "*" and not is_origin:
+                raise ValueError(
+                    f"{origin!r} is not an origin: write https://example.com "
+                    "(scheme, host, optional port) or *"
+                )
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        if value.lower() not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+        return value.lower()
 
     @field_validator("churnzero_url")
     @classmethod

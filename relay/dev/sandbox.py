@@ -14,6 +14,7 @@ connections) can be injected:
                                 "unverified"}
     POST   /_sandbox/faults     replace the fault set, e.g. {"status": 503, "for_s": 10};
                                 `for_s` bounds the whole set; GET shows it, DELETE clears it
+    GET    /_sandbox/tenant     {"eiv": true} in strict mode (what `relay check` asks)
     GET    /healthz             "ok"
 
 Misconfigurations a relay must notice, as faults: `{"redirect": 301, "location": URL}`
@@ -313,6 +314,12 @@ async def _delete_faults(request: web.Request) -> web.Response:
     """Clear every fault."""
     request.app[_STATE].set_faults(_Faults())
     return json_response({})
+
+
+@routes.get("/_sandbox/tenant")
+async def _get_tenant(request: web.Request) -> web.Response:
+    """What a ChurnZero tenant would show its admin: whether it verifies identities (EIV)."""
+    return json_response({"eiv": request.app[_STATE].eiv_secret is not None})
 
 
 @routes.get("/healthz")

@@ -3,7 +3,7 @@
 Commands read the deployment's settings once (relay.ops.cli_context) and call the same
 library functions the services use; each group of operator commands has a module:
 `relay dlq` (cli_dlq), `relay identities` (cli_identities), `relay names` (cli_names),
-`relay preview` and `relay trace` (cli_ops).
+`relay preview` and `relay trace` (cli_ops), `relay check` (cli_check).
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import time
 import click
 
 from relay.errors import RelayError
-from relay.ops import cli_dlq, cli_identities, cli_names, cli_ops, cli_status
-from relay.ops.cli_context import Deployment, pass_deployment
+from relay.ops import cli_check, cli_dlq, cli_identities, cli_names, cli_ops, cli_status
+from relay.ops.cli_context import Deployment, RelayGroup, pass_deployment
 
 
-@click.group()
+@click.group(cls=RelayGroup)
 @click.version_option(package_name="churnzero-relay")
 @click.pass_context
 def main(ctx: click.Context) -> None:
@@ -34,8 +34,11 @@ def main(ctx: click.Context) -> None:
     default=None,
     help="Ingest processes on the port. Default: RELAY_INGEST_PROCESSES (0: one per core).",
 )
+# The supervisor's children: their Redis was reached at start; one started again during a
+# Redis outage answers 503 like its siblings rather than die and make the supervisor quit.
+@click.option("--supervised", is_flag=True, hidden=True)
 @pass_deployment
-def serve(deployment: Deployment, processes: int | None) -> None:
+def serve(deployment: Deployment, processes: int | None, supervised: bool) -> None:
     """Run the ingest server."""
     from relay import logs
     from relay.ops import supervise
@@ -47,7 +50,21 @@ def serve(deployment: Deployment, processes: int | None) -> None:
         raise click.ClickException(str(exc)) from None
     logs.configure(settings.log_level, settings.log_format)
     url = deployment.redis_url
+    if not supervised:
+        _reach_redis(deployment)
     sys.exit(supervise.serve(settings, url, processes, click.echo))
+
+
+def _reach_redis(deployment: Deployment) -> None:
+    """Stop a service at start, with one line, when its Redis does not answer: a relay
+    that starts without one only answers 503 and delivers nothing."""
+    from relay.state import redis_conn
+
+    client = redis_conn.sync_client(deployment.settings, deployment.redis_url, retry=False)
+    try:
+        client.ping()
+    finally:
+        client.close()
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
@@ -64,6 +81,7 @@ def worker(deployment: Deployment, celery_args: tuple[str, ...]) -> None:
         settings.require_app_key()
     except RelayError as exc:
         raise click.ClickException(str(exc)) from None
+    _reach_redis(deployment)
     sys.exit(supervise.worker(settings, deployment.redis_url, celery_args, click.echo))
 
 
@@ -143,7 +161,7 @@ def status(deployment: Deployment, as_json: bool, watch: bool) -> None:
 
 for command in (
     cli_dlq.dlq, cli_identities.identities, cli_names.names_group, cli_ops.preview,
-    cli_ops.trace_command,
+    cli_ops.trace_command, cli_check.check,
 ):  # fmt: skip
     main.add_command(command)
 

@@ -165,7 +165,8 @@ def serve(settings: Settings, redis_url: str, processes: int | None, say: Say) -
         # The children share the resolved Redis (an embedded one is started once, here).
         env = dict(os.environ, RELAY_REDIS_URL=redis_url)
         say(f"relay ingest on http://{settings.host}:{settings.port} ({count} processes)")
-        one = Child("ingest", [sys.executable, "-m", "relay.ops.cli", "serve", "--processes", "1"])
+        command = [sys.executable, "-m", "relay.ops.cli", "serve", "--processes", "1"]
+        one = Child("ingest", [*command, "--supervised"])
         return Supervisor([one] * count, env, say).run()
     from relay.ingest import app as ingest
     from relay.ops import server

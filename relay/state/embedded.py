@@ -2,7 +2,10 @@
 
 Used when `RELAY_REDIS_URL` is unset. The first relay process to need it starts it and
 owns it (a lock file says who); every other process connects to its socket. The owner
-stops it on exit. It keeps an append-only file, so a restart loses nothing acknowledged.
+stops it on exit. Only the services (`relay dev`, `serve`, `worker`) start it; the
+operator's commands use the one running (`running_url`), or an empty new one would answer
+them as if the relay held nothing. It keeps an append-only file, so a restart loses
+nothing acknowledged.
 """
 
 from __future__ import annotations
@@ -105,6 +108,12 @@ def stop() -> None:
     except subprocess.TimeoutExpired:
         _owned.kill()
     _owned = None
+
+
+def running_url(state_dir: Path) -> str | None:
+    """The URL of the embedded Redis under `state_dir` if one answers; never starts one."""
+    sock = socket_path(state_dir)
+    return f"unix://{sock}" if _answers(sock) else None
 
 
 def resolve_url(redis_url: str | None, state_dir: Path) -> str:

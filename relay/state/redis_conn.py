@@ -23,7 +23,7 @@ from __future__ import annotations
 import ssl
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import redis
 import redis.asyncio as aioredis
@@ -41,6 +41,14 @@ SENTINEL_TIMEOUTS = {"socket_timeout": 1.0, "socket_connect_timeout": 1.0}
 # 503 holds connections and hides the outage. Connecting, TLS handshake included, takes
 # milliseconds on any network a Redis is used over: a second is ample.
 ANSWER_CONNECT_TIMEOUT_S = 1.0
+
+
+def redacted(url: str) -> str:
+    """`url` with its password, if any, masked: fit for a message or a log line."""
+    password = urlsplit(url.split(";")[0]).password
+    if password is None:
+        return url
+    return url.replace(f":{password}@", ":***@")
 
 
 def is_sentinel(url: str) -> bool:

@@ -16,7 +16,14 @@ import pytest
 import redis
 import requests
 
-from tests.integration.conftest import WRITE_KEY, Sandbox, queued_items, relay_env, wait_for
+from tests.integration.conftest import (
+    WRITE_KEY,
+    OwnRedis,
+    Sandbox,
+    queued_items,
+    relay_env,
+    wait_for,
+)
 from tests.procs import Proc, free_port, wait_http
 
 pytestmark = pytest.mark.integration
@@ -163,5 +170,30 @@ def test_relay_worker_runs_the_replay_lane_in_a_nicer_process_of_its_own(
         proc.popen.send_signal(signal.SIGTERM)
         assert proc.popen.wait(60) == 0
         wait_for(lambda: gone(children))
+    finally:
+        proc.stop(signal.SIGKILL)
+
+
+def test_a_process_replaced_while_redis_is_down_answers_503(
+    own_redis: OwnRedis, tmp_path: Path
+) -> None:
+    # `relay serve` stops at start without a Redis; its children, started again during an
+    # outage, must not (five early deaths make the supervisor give up).
+    url, client = own_redis()
+    port = free_port()
+    proc = Proc([sys.executable, "-m", "relay.ops.cli", "serve", "--processes", "2"],
+                relay_env(url, port=port), tmp_path / "serve.log").start()  # fmt: skip
+    served = Served(proc, f"http://127.0.0.1:{port}", port)
+    try:
+        wait_http(served.url + "/livez", proc)
+        wait_for(lambda: len(served.listeners()) == 2)
+        client.shutdown(nosave=True)
+        first, _ = served.children()
+        first.kill()
+        wait_for(lambda: len(served.listeners()) == 2 and first.pid not in served.listeners())
+        for _ in range(10):  # whichever process answers
+            ready = requests.get(served.url + "/readyz", headers={"Connection": "close"})
+            assert ready.status_code == 503
+        proc.check_alive()
     finally:
         proc.stop(signal.SIGKILL)
