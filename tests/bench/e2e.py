@@ -15,12 +15,14 @@ import os
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import psutil
 
+from relay import keys
 from tests import procs
-from tests.bench import harness, naive
+from tests.bench import harness, naive, profile
 from tests.bench.harness import Env, say
 from tests.bench.load import SandboxView, blast, paced
 from tests.bench.payloads import batch_body, identify, track
@@ -35,23 +37,43 @@ NAIVE_EVENTS = 5_000
 NAIVE_TIMEOUT_S = 60
 
 
+def role(proc: psutil.Process) -> str:
+    """What a process of a worker's tree is: `celery -Q <queues>`, or its command."""
+    try:
+        args = proc.cmdline()
+    except psutil.Error:
+        return "?"
+    if "celery" in args and "-Q" in args:
+        return f"celery -Q {args[args.index('-Q') + 1]}"
+    if "celery" in args:
+        return "celery"
+    return " ".join(a.rsplit("/", 1)[-1] for a in args[:4])
+
+
 class PeakRss:
-    """Samples a process's resident memory in the background; keeps the peak."""
+    """Samples the resident memory of a process and all its children in the background;
+    keeps the peak of their sum, and each process's share at that peak."""
 
     def __init__(self, pid: int, every_s: float = 0.1) -> None:
         self._proc = psutil.Process(pid)
         self._every = every_s
         self._stop = threading.Event()
         self.peak = 0
+        self.by_process: dict[str, float] = {}  # "<pid> <role>" -> MB at the peak
         self._thread = threading.Thread(target=self._run, name="bench-rss", daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
                 procs = [self._proc, *self._proc.children(recursive=True)]
-                self.peak = max(self.peak, sum(p.memory_info().rss for p in procs))
+                sizes = {p: p.memory_info().rss for p in procs}
             except psutil.Error:
                 return
+            if sum(sizes.values()) > self.peak:
+                self.peak = sum(sizes.values())
+                self.by_process = {
+                    f"{p.pid} {role(p)}": round(rss / 2**20, 1) for p, rss in sizes.items()
+                }
             self._stop.wait(self._every)
 
     def __enter__(self) -> PeakRss:
@@ -82,7 +104,27 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[rank]
 
 
-def _throughput(env: Env, ingest: str, sandbox: SandboxView, worker: procs.Proc) -> dict[str, Any]:
+def live_worker(worker: procs.Proc) -> int:
+    """The pid of the Celery worker of the live queue under `relay worker`."""
+    for p in [psutil.Process(worker.pid), *psutil.Process(worker.pid).children(recursive=True)]:
+        if role(p) in (f"celery -Q {keys.QUEUE}", f"celery -Q {keys.QUEUE},{keys.REPLAY_QUEUE}"):
+            return int(p.pid)
+    raise RuntimeError(f"no Celery worker of the {keys.QUEUE!r} queue under {worker.pid}")
+
+
+def throughput(
+    env: Env,
+    ingest: str,
+    sandbox: SandboxView,
+    worker: procs.Proc,
+    events: int = EVENTS,
+    spy_to: Path | None = None,
+) -> dict[str, Any]:
+    """After a warm-up of identifies, `events` tracks blasted to ingest: delivered
+    events/s from the first send to the last arrival, the worker's CPU per delivered event
+    (every process of its tree) and Redis's calls per delivered event over that time
+    (ingest's included: the same for any worker). With `spy_to`, the live Celery worker
+    is profiled meanwhile (tests.bench.profile)."""
     say(f"  warm-up: {USERS:,} identifies")
     identifies = [
         batch_body([identify(u) for u in range(start, min(start + BATCH, USERS))])
@@ -93,19 +135,29 @@ def _throughput(env: Env, ingest: str, sandbox: SandboxView, worker: procs.Proc)
     sandbox.clear()
     bodies = [
         batch_body([track(i % USERS) for i in range(start, start + BATCH)])
-        for start in range(0, EVENTS, BATCH)
+        for start in range(0, events, BATCH)
     ]
-    say(f"  throughput: {EVENTS:,} tracks in batches of {BATCH}, {CONCURRENCY} at a time")
+    say(f"  throughput: {events:,} tracks in batches of {BATCH}, {CONCURRENCY} at a time")
+    spy = profile.Spy(live_worker(worker), spy_to) if spy_to else None
+    cpu0, calls0 = harness.tree_cpu(worker.pid), harness.commandstats(env)
     sent = blast(ingest + "/v1/batch", bodies, CONCURRENCY)
-    got = sandbox.wait_commands(EVENTS, timeout=180, stall=20, alive=worker.check_alive)
+    got = sandbox.wait_commands(events, timeout=180, stall=20, alive=worker.check_alive)
+    cpu = harness.tree_cpu(worker.pid) - cpu0
+    calls = harness.calls_between(calls0, harness.commandstats(env))
+    if spy is not None:
+        spy.stop()
     last = _last_arrival(sandbox.requests_log())
     seconds = last - sent.started if last else 0.0
     return {
-        "events": EVENTS,
+        "events": events,
         "delivered": got,
         "seconds": round(seconds, 3),
         "events_per_s": got / seconds if seconds > 0 else 0.0,
-        "ingest_events_per_s": round(EVENTS / (sent.finished - sent.started), 1),
+        "ingest_events_per_s": round(events / (sent.finished - sent.started), 1),
+        "worker_cpu_us_per_event": round(cpu / got * 1e6, 1) if got else None,
+        "redis_calls_per_event": round(sum(calls.values()) / got, 2) if got else None,
+        "redis_calls": calls,
+        "loadavg_1m": round(os.getloadavg()[0], 2),
         "load": sent.as_dict(),
     }
 
@@ -190,27 +242,32 @@ def _naive(env: Env, children: procs.Children, sandbox: SandboxView) -> dict[str
     }
 
 
-def e2e(env: Env) -> dict[str, Any]:
-    """Delivered events/s of the relay and of the naive pipeline, latency, worker RSS."""
+PROFILE_PATH = harness.RESULTS / "e2e-profile.txt"
+
+
+def e2e(env: Env, events: int = EVENTS, spy: bool = False) -> dict[str, Any]:
+    """Delivered events/s of the relay and of the naive pipeline, latency, worker RSS;
+    with `spy`, a profile of the live worker under the throughput load."""
     with harness.bench_context(env, "e2e") as children:
         sandbox = SandboxView(procs.start_sandbox(children).url)
         sandbox.faults(latency_ms=LATENCY_MS)
         ingest = harness.start_ingest(children, env.redis_url).url
         worker = harness.start_relay_worker(children, env.redis_url, sandbox.url)
         with PeakRss(worker.pid) as rss:
-            throughput = _throughput(env, ingest, sandbox, worker)
-            if not throughput["events_per_s"]:
-                raise RuntimeError(f"nothing was delivered: {throughput}\n{worker.tail()}")
-            latency = _latency(ingest, sandbox, worker, throughput["events_per_s"] / 2)
+            spy_to = PROFILE_PATH if spy else None
+            run = throughput(env, ingest, sandbox, worker, events, spy_to)
+            if not run["events_per_s"]:
+                raise RuntimeError(f"nothing was delivered: {run}\n{worker.tail()}")
+            latency = _latency(ingest, sandbox, worker, run["events_per_s"] / 2)
         relay_stats = env.relay_stats()
         worker.stop()
         naive_run = _naive(env, children, sandbox)
-    events_per_s = throughput["events_per_s"]
+    events_per_s = run["events_per_s"]
     baseline = naive_run["events_per_s"]
     ratio = events_per_s / baseline if baseline else 0.0
     rss_mb = rss.peak / 2**20
     # Every event answered 200 must arrive: a fast relay that loses events meets nothing.
-    complete = throughput["delivered"] >= EVENTS and latency["delivered"] >= latency["sent_events"]
+    complete = run["delivered"] >= events and latency["delivered"] >= latency["sent_events"]
     met = (
         events_per_s >= 10_000
         and ratio >= 10
@@ -228,7 +285,7 @@ def e2e(env: Env) -> dict[str, Any]:
         "worker_rss_mb": round(rss_mb, 1),
         "all_delivered": complete,
         "sandbox_latency_ms": LATENCY_MS,
-        "throughput": throughput,
+        "throughput": run,
         "latency": latency,
         "naive": naive_run,
         "relay_stats": relay_stats,

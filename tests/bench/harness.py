@@ -234,6 +234,37 @@ def signature(body: bytes) -> str:
     return hmac_sha1(SECRET, body)
 
 
+def tree_cpu(pid: int) -> float:
+    """CPU time (user + system) used so far by a process and all its children."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0.0
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system
+    return total
+
+
+def commandstats(env: Env) -> dict[str, int]:
+    """Redis's calls so far by command (INFO commandstats; scripts' own calls included)."""
+    client = env.redis()
+    try:
+        stats = client.info("commandstats")
+    finally:
+        client.close()
+    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+
+
+def calls_between(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """The commands Redis ran between two `commandstats` readings, most first."""
+    calls = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    return {k: v for k, v in sorted(calls.items(), key=lambda kv: -kv[1]) if v > 0}
+
+
 def cpu_seconds(proc: procs.Proc) -> float:
     """CPU time (user + system) the process has used so far."""
     import psutil
