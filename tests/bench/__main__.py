@@ -49,9 +49,19 @@ def _figure(value: Any, digits: int = 1) -> str:
 def _extra(result: dict[str, Any]) -> str:
     name = result["name"]
     if name.startswith("ingest"):
+        relay = result.get("relay", {})
+        per = result.get("events_per_request", 1)
+        rounds = relay.get("rounds_rps") or []
+        spread = (
+            f"rounds {min(rounds) * per:,.0f}-{max(rounds) * per:,.0f}/s, "
+            if len(rounds) > 1
+            else ""
+        )
         return (
-            f"2xx {result['answered_2xx']:,}, non-2xx {result['non_2xx']:,}, "
-            f"queued {result['queued_events']:,}"
+            f"{spread}2xx {result['answered_2xx']:,}, non-2xx {result['non_2xx']:,}, "
+            f"queued {result['queued_events']:,}; Redis stalls: "
+            f"{relay.get('aof_delayed_fsync', 0)} postponed fsyncs, "
+            f"{relay.get('redis_forks', 0)} forks"
         )
     if name == "e2e":
         return (
@@ -171,6 +181,8 @@ def main() -> int:
         cpu = next((r["throughput"]["worker_cpu_us_per_event"] for r in results
                     if r.get("name") == "e2e" and "throughput" in r), None)  # fmt: skip
         print("\n" + profile.render(profile.summary(e2e.PROFILE_PATH).as_dict(), cpu))
+        wall = profile.summary(e2e.wall_profile(e2e.PROFILE_PATH), within=profile.POOL_FRAME)
+        print("\n" + profile.render(wall.as_dict(), title="wall profile of the pool threads"))
     return 1 if any("error" in r for r in results) else 0
 
 

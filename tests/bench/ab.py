@@ -57,6 +57,7 @@ def _side(
         "worker_rss_mb": round(rss.peak / 2**20, 1),
         "worker_rss_by_process_mb": rss.by_process,
         "worker_cpu_us_per_event": run["worker_cpu_us_per_event"],
+        "redis_cpu_us_per_event": run["redis_cpu_us_per_event"],
         "redis_calls_per_event": run["redis_calls_per_event"],
         "redis_calls": run["redis_calls"],
         "loadavg_1m": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},

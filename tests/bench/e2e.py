@@ -112,6 +112,14 @@ def live_worker(worker: procs.Proc) -> int:
     raise RuntimeError(f"no Celery worker of the {keys.QUEUE!r} queue under {worker.pid}")
 
 
+PROFILE_PATH = harness.RESULTS / "e2e-profile.txt"
+
+
+def wall_profile(cpu_profile: Path) -> Path:
+    """Where the wall-clock profile taken beside a CPU profile is written."""
+    return cpu_profile.with_name(cpu_profile.stem + "-wall.txt")
+
+
 def throughput(
     env: Env,
     ingest: str,
@@ -138,13 +146,20 @@ def throughput(
         for start in range(0, events, BATCH)
     ]
     say(f"  throughput: {events:,} tracks in batches of {BATCH}, {CONCURRENCY} at a time")
-    spy = profile.Spy(live_worker(worker), spy_to) if spy_to else None
+    spies = (
+        [profile.Spy(live_worker(worker), spy_to),
+         profile.Spy(live_worker(worker), wall_profile(spy_to), wall=True)]
+        if spy_to else []
+    )  # fmt: skip
+    redis_pid = env.redis_pid
     cpu0, calls0 = harness.tree_cpu(worker.pid), harness.commandstats(env)
+    redis0 = harness.tree_cpu(redis_pid) if redis_pid else 0.0
     sent = blast(ingest + "/v1/batch", bodies, CONCURRENCY)
     got = sandbox.wait_commands(events, timeout=180, stall=20, alive=worker.check_alive)
     cpu = harness.tree_cpu(worker.pid) - cpu0
+    redis_cpu = harness.tree_cpu(redis_pid) - redis0 if redis_pid else None
     calls = harness.calls_between(calls0, harness.commandstats(env))
-    if spy is not None:
+    for spy in spies:
         spy.stop()
     last = _last_arrival(sandbox.requests_log())
     seconds = last - sent.started if last else 0.0
@@ -155,6 +170,10 @@ def throughput(
         "events_per_s": got / seconds if seconds > 0 else 0.0,
         "ingest_events_per_s": round(events / (sent.finished - sent.started), 1),
         "worker_cpu_us_per_event": round(cpu / got * 1e6, 1) if got else None,
+        # Redis's own CPU (ingest's writes included, the same for any worker).
+        "redis_cpu_us_per_event": (
+            round(redis_cpu / got * 1e6, 1) if got and redis_cpu is not None else None
+        ),
         "redis_calls_per_event": round(sum(calls.values()) / got, 2) if got else None,
         "redis_calls": calls,
         "loadavg_1m": round(os.getloadavg()[0], 2),
@@ -240,9 +259,6 @@ def _naive(env: Env, children: procs.Children, sandbox: SandboxView) -> dict[str
         "seconds": round(seconds, 3),
         "events_per_s": got / seconds if seconds > 0 else 0.0,
     }
-
-
-PROFILE_PATH = harness.RESULTS / "e2e-profile.txt"
 
 
 def e2e(env: Env, events: int = EVENTS, spy: bool = False) -> dict[str, Any]:

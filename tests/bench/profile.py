@@ -1,18 +1,25 @@
-"""A py-spy profile of a running worker, summarised: where its CPU goes, by function and
+"""A py-spy profile of a running worker, summarised: where its time goes, by function and
 by kind of work.
 
 `Spy` runs `py-spy record --nonblocking` on one process while a load runs (the process is
 never paused, so the figures are those of an unprofiled worker, give or take the
-sampling), writing the samples in py-spy's raw (collapsed stack) format. `summary` reads
-them back: each sample is a stack of frames from the thread's root to the frame on the
-CPU, and only running threads are sampled, so a sample is CPU time.
+sampling), writing the samples in py-spy's raw (collapsed stack) format. Two kinds:
 
+- CPU (default, `--gil`): each sample is the stack of the thread holding the interpreter
+  lock. The worker's Python runs on one core at a time, so these shares are its CPU, and
+  what bounds its rate once the CPU is the limit. C code that lets go of the lock (a
+  socket's send) is not in them.
+- Wall (`wall=True`, `--idle`): every thread's stack at each sample, waiting or not; the
+  summary keeps the pool threads (those running a task), so the shares say where a
+  batch's time goes, waits on Redis and on ChurnZero included.
+
+`summary` reads a profile back:
 - Own time: the samples a function was on top of the stack.
 - Cumulative time: the samples a function was anywhere in the stack (once per sample).
 - Buckets: each sample counted once, for the innermost frame whose module says what
   kind of work it is (a socket read inside redis-py is Redis; inside aiohttp, HTTP).
 
-`python -m tests.bench.profile FILE` prints the summary of a profile written before.
+`python -m tests.bench.profile FILE [--wall]` prints the summary of a profile written before.
 """
 
 from __future__ import annotations
@@ -97,13 +104,15 @@ def binary() -> str:
 
 
 class Spy:
-    """`py-spy record` on `pid` until `stop()`, samples written to `path`."""
+    """`py-spy record` on `pid` until `stop()`, samples written to `path`: the thread
+    holding the interpreter lock (CPU), or with `wall` every thread, idle or not."""
 
-    def __init__(self, pid: int, path: Path, rate_hz: int = RATE_HZ) -> None:
+    def __init__(self, pid: int, path: Path, rate_hz: int = RATE_HZ, wall: bool = False) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
+        mode = ["--idle", "--threads"] if wall else ["--gil"]
         self._proc = subprocess.Popen(
-            [binary(), "record", "--pid", str(pid), "--nonblocking", "--gil", "--format", "raw",
+            [binary(), "record", "--pid", str(pid), "--nonblocking", *mode, "--format", "raw",
              "--rate", str(rate_hz), "--full-filenames", "--output", str(path)],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )  # fmt: skip
@@ -190,8 +199,13 @@ class Summary:
         }
 
 
-def summary(path: Path) -> Summary:
-    """The summary of a py-spy raw profile."""
+# A frame every pool thread running a Celery task has (the wall profile's threads of interest).
+POOL_FRAME = "apply_target"
+
+
+def summary(path: Path, within: str | None = None) -> Summary:
+    """The summary of a py-spy raw profile; with `within`, only the samples whose stack
+    has a function of that name (e.g. POOL_FRAME)."""
     own: Counter[str] = Counter()
     cumulative: Counter[str] = Counter()
     buckets: Counter[str] = Counter()
@@ -205,7 +219,7 @@ def summary(path: Path) -> Summary:
             _frame(f) for f in stack.split(";")
             if f and not f.startswith(("process ", "thread ("))
         ]  # fmt: skip
-        if not frames:
+        if not frames or (within and not any(f.label.startswith(within) for f in frames)):
             continue
         samples += count
         own[frames[-1].label] += count
@@ -215,7 +229,9 @@ def summary(path: Path) -> Summary:
     return Summary(samples, own, cumulative, buckets)
 
 
-def render(data: dict[str, Any], cpu_us_per_event: float | None = None) -> str:
+def render(
+    data: dict[str, Any], cpu_us_per_event: float | None = None, title: str = "CPU profile"
+) -> str:
     """A summary (from `Summary.as_dict`) as text; with the CPU per event, each share is
     also given in microseconds per event."""
 
@@ -223,7 +239,7 @@ def render(data: dict[str, Any], cpu_us_per_event: float | None = None) -> str:
         us = f"  {pct * cpu_us_per_event / 100:6.1f} µs/event" if cpu_us_per_event else ""
         return f"  {pct:5.1f} %{us}  {name}"
 
-    lines = [f"profile: {data['samples']:,} samples"]
+    lines = [f"{title}: {data['samples']:,} samples"]
     if cpu_us_per_event:
         lines[0] += f", {cpu_us_per_event:.1f} µs of CPU per delivered event"
     lines.append("by kind of work:")
@@ -236,10 +252,14 @@ def render(data: dict[str, Any], cpu_us_per_event: float | None = None) -> str:
 
 
 def main() -> int:
-    if len(sys.argv) != 2:
-        print("usage: python -m tests.bench.profile PROFILE.txt", file=sys.stderr)
+    if len(sys.argv) not in (2, 3) or sys.argv[2:] not in ([], ["--wall"]):
+        print("usage: python -m tests.bench.profile PROFILE.txt [--wall]", file=sys.stderr)
         return 2
-    print(render(summary(Path(sys.argv[1])).as_dict()))
+    if sys.argv[2:]:
+        data = summary(Path(sys.argv[1]), within=POOL_FRAME).as_dict()
+        print(render(data, title="wall profile of the pool threads"))
+    else:
+        print(render(summary(Path(sys.argv[1])).as_dict()))
     return 0
 
 
