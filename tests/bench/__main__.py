@@ -57,8 +57,15 @@ def _extra(result: dict[str, Any]) -> str:
             if len(rounds) > 1
             else ""
         )
+        # What the server did with the CPU it got: the figure the machine's load moves least.
+        cpu_us = relay.get("server_cpu_us_per_request")
+        per_cpu = (
+            f"{per * 1e6 / cpu_us:,.0f}/CPU-s on {relay['server_cpu_utilisation']:.2f} core, "
+            if cpu_us
+            else ""
+        )
         return (
-            f"{spread}2xx {result['answered_2xx']:,}, non-2xx {result['non_2xx']:,}, "
+            f"{spread}{per_cpu}2xx {result['answered_2xx']:,}, non-2xx {result['non_2xx']:,}, "
             f"queued {result['queued_events']:,}; Redis stalls: "
             f"{relay.get('aof_delayed_fsync', 0)} postponed fsyncs, "
             f"{relay.get('redis_forks', 0)} forks"
