@@ -6,7 +6,8 @@ its own, then the e2e throughput load (tests.bench.e2e.throughput: a warm-up of
 identifies, then tracks in batches of 100, 16 requests at a time). The sides alternate
 for `rounds` rounds, who goes first swapping each round, and the figure is the median
 over rounds of current / baseline: on a shared machine the rounds' ratios agree far
-better than the rounds' rates.
+better than the rounds' rates. The CPU ratio beside it (baseline's CPU per delivered
+event over today's, the worker's processes and Redis's together) moves less still.
 
 Only the worker differs. Today's ingest writes what an earlier worker reads: each queued
 message is a Celery protocol 2 task message of `relay.deliver_batch` in kombu's Redis
@@ -64,6 +65,19 @@ def _side(
     }
 
 
+def _cpu_ratio(mine: dict[str, Any], theirs: dict[str, Any]) -> float | None:
+    """The baseline's CPU per delivered event over today's, worker and Redis together:
+    what a shared machine's load moves least (the worker's work done inside Redis's
+    scripts counts too)."""
+    try:
+        cost = mine["worker_cpu_us_per_event"] + mine["redis_cpu_us_per_event"]
+        return round(
+            (theirs["worker_cpu_us_per_event"] + theirs["redis_cpu_us_per_event"]) / cost, 3
+        )
+    except (TypeError, ZeroDivisionError):  # a shared Redis: its CPU is not measured
+        return None
+
+
 def _median(rounds: list[dict[str, Any]], side: str, key: str) -> float:
     return float(statistics.median(r[side][key] for r in rounds))
 
@@ -93,6 +107,7 @@ def e2e_ab(env: Env, ref: str, rounds: int = ROUNDS, events: int = e2e.EVENTS) -
                 result[side] = _side(env, children, starts[side], ingest, sandbox, events)
             mine, theirs = result[CURRENT]["events_per_s"], result[short]["events_per_s"]
             result["ratio"] = round(mine / theirs, 3) if theirs else 0.0
+            result["cpu_ratio"] = _cpu_ratio(result[CURRENT], result[short])
             say(
                 f"  round {n + 1}: {CURRENT} {mine:,.0f} ev/s, {short} {theirs:,.0f} ev/s, "
                 f"ratio {result['ratio']:.2f}; RSS {result[CURRENT]['worker_rss_mb']:.0f} vs "
@@ -110,6 +125,11 @@ def e2e_ab(env: Env, ref: str, rounds: int = ROUNDS, events: int = e2e.EVENTS) -
         "events_per_s": round(_median(results, CURRENT, "events_per_s"), 1),
         "baseline_per_s": round(_median(results, short, "events_per_s"), 1),
         "ratio": round(ratio, 3),
+        "cpu_ratio": (
+            statistics.median(cpus)
+            if (cpus := [r["cpu_ratio"] for r in results if r["cpu_ratio"] is not None])
+            else None
+        ),
         "p99_ms": None,
         "worker_rss_mb": rss,
         "baseline_worker_rss_mb": _median(results, short, "worker_rss_mb"),
