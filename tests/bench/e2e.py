@@ -52,28 +52,37 @@ def role(proc: psutil.Process) -> str:
 
 class PeakRss:
     """Samples the resident memory of a process and all its children in the background;
-    keeps the peak of their sum, and each process's share at that peak."""
+    keeps the peak of their sum, and each process's share at that peak: its RSS, the
+    file-backed part of it (shared libraries, counted again in every process that maps
+    them) and its threads."""
 
     def __init__(self, pid: int, every_s: float = 0.1) -> None:
         self._proc = psutil.Process(pid)
         self._every = every_s
         self._stop = threading.Event()
         self.peak = 0
-        self.by_process: dict[str, float] = {}  # "<pid> <role>" -> MB at the peak
+        # "<pid> <role>" -> {"rss_mb", "file_mb", "threads"} at the peak
+        self.by_process: dict[str, dict[str, float]] = {}
         self._thread = threading.Thread(target=self._run, name="bench-rss", daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
                 procs = [self._proc, *self._proc.children(recursive=True)]
-                sizes = {p: p.memory_info().rss for p in procs}
+                sizes = {p: p.memory_info() for p in procs}
+                total = sum(m.rss for m in sizes.values())
+                if total > self.peak:
+                    self.peak = total
+                    self.by_process = {
+                        f"{p.pid} {role(p)}": {
+                            "rss_mb": round(m.rss / 2**20, 1),
+                            "file_mb": round(m.shared / 2**20, 1),
+                            "threads": p.num_threads(),
+                        }
+                        for p, m in sizes.items()
+                    }
             except psutil.Error:
                 return
-            if sum(sizes.values()) > self.peak:
-                self.peak = sum(sizes.values())
-                self.by_process = {
-                    f"{p.pid} {role(p)}": round(rss / 2**20, 1) for p, rss in sizes.items()
-                }
             self._stop.wait(self._every)
 
     def __enter__(self) -> PeakRss:
