@@ -121,6 +121,26 @@ def live_worker(worker: procs.Proc) -> int:
     raise RuntimeError(f"no Celery worker of the {keys.QUEUE!r} queue under {worker.pid}")
 
 
+def wait_started(worker: procs.Proc, timeout: float = 60) -> None:
+    """Wait until every Celery worker under `worker` runs its threads: a worker still
+    importing (the replay lane's starts at a lower CPU priority, so late on a busy
+    machine) would add its start-up to the CPU measured for delivery."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        worker.check_alive()
+        try:
+            tree = psutil.Process(worker.pid).children(recursive=True)
+            celery = [
+                p for p in [psutil.Process(worker.pid), *tree] if role(p).startswith("celery")
+            ]
+            if celery and all(p.num_threads() > 1 for p in celery):
+                return
+        except psutil.Error:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"the Celery workers under {worker.pid} did not start in {timeout} s")
+
+
 PROFILE_PATH = harness.RESULTS / "e2e-profile.txt"
 
 
@@ -155,6 +175,7 @@ def throughput(
         for start in range(0, events, BATCH)
     ]
     say(f"  throughput: {events:,} tracks in batches of {BATCH}, {CONCURRENCY} at a time")
+    wait_started(worker)
     spies = (
         [profile.Spy(live_worker(worker), spy_to),
          profile.Spy(live_worker(worker), wall_profile(spy_to), wall=True)]
