@@ -50,8 +50,11 @@ fmt: install
 chaos: install
 	$(BIN)/pytest -q -m chaos -s tests/integration/test_chaos.py tests/integration/test_sentinel.py
 
+# Arguments for `python -m tests.bench`, e.g. BENCH="e2e --baseline b324a8f" or
+# BENCH="e2e --profile" (py-spy: `.venv/bin/pip install py-spy`).
+BENCH ?=
 bench: install
-	$(BIN)/python -m tests.bench
+	$(BIN)/python -m tests.bench $(BENCH)
 
 clean:
 	rm -rf $(VENV) .relay bench-results .pytest_cache .mypy_cache .ruff_cache tests/js/node_modules

@@ -1,6 +1,10 @@
 """`python -m tests.bench [names...]`: run the benchmarks (all, or those named), write
 `bench-results/<name>.json` for each and print a markdown table of the figures.
 
+`--baseline REF` makes `e2e` an A/B run (`e2e_ab`, tests.bench.ab): today's worker
+against REF's, alternated rounds. `--profile` samples the live worker with py-spy during
+e2e's throughput load and prints where its CPU went (tests.bench.profile).
+
 Targets are reported, not asserted: the exit status is 1 only when a benchmark could
 not run at all.
 """
@@ -8,6 +12,7 @@ not run at all.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import sys
@@ -16,7 +21,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from tests.bench import adaptive, e2e, harness, ingest, ratelimit, replay, wait, wrk
+from tests.bench import ab, adaptive, e2e, harness, ingest, profile, ratelimit, replay, wait, wrk
 from tests.bench.harness import Env, say
 
 BENCHMARKS: dict[str, Callable[[Env], dict[str, Any]]] = {
@@ -44,12 +49,43 @@ def _figure(value: Any, digits: int = 1) -> str:
 def _extra(result: dict[str, Any]) -> str:
     name = result["name"]
     if name.startswith("ingest"):
+        relay = result.get("relay", {})
+        per = result.get("events_per_request", 1)
+        rounds = relay.get("rounds_rps") or []
+        spread = (
+            f"rounds {min(rounds) * per:,.0f}-{max(rounds) * per:,.0f}/s, "
+            if len(rounds) > 1
+            else ""
+        )
+        # What the server did with the CPU it got: the figure the machine's load moves least.
+        cpu_us = relay.get("server_cpu_us_per_request")
+        per_cpu = (
+            f"{per * 1e6 / cpu_us:,.0f}/CPU-s on {relay['server_cpu_utilisation']:.2f} core, "
+            if cpu_us
+            else ""
+        )
         return (
-            f"2xx {result['answered_2xx']:,}, non-2xx {result['non_2xx']:,}, "
-            f"queued {result['queued_events']:,}"
+            f"{spread}{per_cpu}2xx {result['answered_2xx']:,}, non-2xx {result['non_2xx']:,}, "
+            f"queued {result['queued_events']:,}; Redis stalls: "
+            f"{relay.get('aof_delayed_fsync', 0)} postponed fsyncs, "
+            f"{relay.get('redis_forks', 0)} forks"
         )
     if name == "e2e":
-        return f"worker RSS {result['worker_rss_mb']:.0f} MB, p50 {result['p50_ms']:.0f} ms"
+        return (
+            f"worker RSS {result['worker_rss_mb']:.0f} MB, "
+            f"CPU {result['throughput']['worker_cpu_us_per_event']:.0f} µs/event, "
+            f"p50 {result['p50_ms']:.0f} ms"
+        )
+    if name == "e2e_ab":
+        ref = result["baseline_ref"]
+        rounds = ", ".join(f"{r['ratio']:.2f}" for r in result["rounds"])
+        return (
+            f"current / {ref}, median of {len(result['rounds'])} alternated rounds "
+            f"({rounds}); worker RSS "
+            f"{result['worker_rss_mb']:.0f} MB ({ref}: {result['baseline_worker_rss_mb']:.0f}), "
+            f"CPU {result['worker_cpu_us_per_event']:.0f} µs/event "
+            f"({ref}: {result['baseline_worker_cpu_us_per_event']:.0f})"
+        )
     if name == "replay":
         return (
             f"live p99 {result['live_alone']['p99_ms']:.0f} -> "
@@ -93,7 +129,25 @@ def main() -> int:
     parser.add_argument(
         "names", nargs="*", metavar="name", help=f"default: all of {', '.join(BENCHMARKS)}"
     )
+    parser.add_argument(
+        "--baseline", metavar="REF", help="e2e: A/B against this commit's worker (e.g. b324a8f)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=ab.ROUNDS, help="e2e --baseline: alternated rounds"
+    )
+    parser.add_argument(
+        "--events", type=int, default=e2e.EVENTS, help="e2e: tracks in the throughput load"
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="e2e: py-spy the live worker under load"
+    )
     args = parser.parse_args()
+    if args.baseline:
+        BENCHMARKS["e2e"] = functools.partial(
+            ab.e2e_ab, ref=args.baseline, rounds=args.rounds, events=args.events
+        )
+    else:
+        BENCHMARKS["e2e"] = functools.partial(e2e.e2e, events=args.events, spy=args.profile)
     unknown = [n for n in args.names if n not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
@@ -130,6 +184,12 @@ def main() -> int:
     say(f"all done in {time.monotonic() - started:.0f} s")
     print(f"Redis: {env.persistence}; load average (1 min) {os.getloadavg()[0]:.2f} at the end\n")
     print(table(results))
+    if args.profile and e2e.PROFILE_PATH.exists() and not args.baseline:
+        cpu = next((r["throughput"]["worker_cpu_us_per_event"] for r in results
+                    if r.get("name") == "e2e" and "throughput" in r), None)  # fmt: skip
+        print("\n" + profile.render(profile.summary(e2e.PROFILE_PATH).as_dict(), cpu))
+        wall = profile.summary(e2e.wall_profile(e2e.PROFILE_PATH), within=profile.POOL_FRAME)
+        print("\n" + profile.render(wall.as_dict(), title="wall profile of the pool threads"))
     return 1 if any("error" in r for r in results) else 0
 
 

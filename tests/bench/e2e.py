@@ -15,12 +15,14 @@ import os
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import psutil
 
+from relay import keys
 from tests import procs
-from tests.bench import harness, naive
+from tests.bench import harness, naive, profile
 from tests.bench.harness import Env, say
 from tests.bench.load import SandboxView, blast, paced
 from tests.bench.payloads import batch_body, identify, track
@@ -35,21 +37,50 @@ NAIVE_EVENTS = 5_000
 NAIVE_TIMEOUT_S = 60
 
 
+def role(proc: psutil.Process) -> str:
+    """What a process of a worker's tree is: `celery -Q <queues>`, or its command."""
+    try:
+        args = proc.cmdline()
+    except psutil.Error:
+        return "?"
+    if "celery" in args and "-Q" in args:
+        return f"celery -Q {args[args.index('-Q') + 1]}"
+    if "celery" in args:
+        return "celery"
+    return " ".join(a.rsplit("/", 1)[-1] for a in args[:4])
+
+
 class PeakRss:
-    """Samples a process's resident memory in the background; keeps the peak."""
+    """Samples the resident memory of a process and all its children in the background;
+    keeps the peak of their sum, and each process's share at that peak: its RSS, the
+    file-backed part of it (shared libraries, counted again in every process that maps
+    them) and its threads."""
 
     def __init__(self, pid: int, every_s: float = 0.1) -> None:
         self._proc = psutil.Process(pid)
         self._every = every_s
         self._stop = threading.Event()
         self.peak = 0
+        # "<pid> <role>" -> {"rss_mb", "file_mb", "threads"} at the peak
+        self.by_process: dict[str, dict[str, float]] = {}
         self._thread = threading.Thread(target=self._run, name="bench-rss", daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
                 procs = [self._proc, *self._proc.children(recursive=True)]
-                self.peak = max(self.peak, sum(p.memory_info().rss for p in procs))
+                sizes = {p: p.memory_info() for p in procs}
+                total = sum(m.rss for m in sizes.values())
+                if total > self.peak:
+                    self.peak = total
+                    self.by_process = {
+                        f"{p.pid} {role(p)}": {
+                            "rss_mb": round(m.rss / 2**20, 1),
+                            "file_mb": round(m.shared / 2**20, 1),
+                            "threads": p.num_threads(),
+                        }
+                        for p, m in sizes.items()
+                    }
             except psutil.Error:
                 return
             self._stop.wait(self._every)
@@ -82,7 +113,55 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[rank]
 
 
-def _throughput(env: Env, ingest: str, sandbox: SandboxView, worker: procs.Proc) -> dict[str, Any]:
+def live_worker(worker: procs.Proc) -> int:
+    """The pid of the Celery worker of the live queue under `relay worker`."""
+    for p in [psutil.Process(worker.pid), *psutil.Process(worker.pid).children(recursive=True)]:
+        if role(p) in (f"celery -Q {keys.QUEUE}", f"celery -Q {keys.QUEUE},{keys.REPLAY_QUEUE}"):
+            return int(p.pid)
+    raise RuntimeError(f"no Celery worker of the {keys.QUEUE!r} queue under {worker.pid}")
+
+
+def wait_started(worker: procs.Proc, timeout: float = 60) -> None:
+    """Wait until every Celery worker under `worker` runs its threads: a worker still
+    importing (the replay lane's starts at a lower CPU priority, so late on a busy
+    machine) would add its start-up to the CPU measured for delivery."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        worker.check_alive()
+        try:
+            tree = psutil.Process(worker.pid).children(recursive=True)
+            celery = [
+                p for p in [psutil.Process(worker.pid), *tree] if role(p).startswith("celery")
+            ]
+            if celery and all(p.num_threads() > 1 for p in celery):
+                return
+        except psutil.Error:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"the Celery workers under {worker.pid} did not start in {timeout} s")
+
+
+PROFILE_PATH = harness.RESULTS / "e2e-profile.txt"
+
+
+def wall_profile(cpu_profile: Path) -> Path:
+    """Where the wall-clock profile taken beside a CPU profile is written."""
+    return cpu_profile.with_name(cpu_profile.stem + "-wall.txt")
+
+
+def throughput(
+    env: Env,
+    ingest: str,
+    sandbox: SandboxView,
+    worker: procs.Proc,
+    events: int = EVENTS,
+    spy_to: Path | None = None,
+) -> dict[str, Any]:
+    """After a warm-up of identifies, `events` tracks blasted to ingest: delivered
+    events/s from the first send to the last arrival, the worker's CPU per delivered event
+    (every process of its tree) and Redis's calls per delivered event over that time
+    (ingest's included: the same for any worker). With `spy_to`, the live Celery worker
+    is profiled meanwhile (tests.bench.profile)."""
     say(f"  warm-up: {USERS:,} identifies")
     identifies = [
         batch_body([identify(u) for u in range(start, min(start + BATCH, USERS))])
@@ -93,19 +172,41 @@ def _throughput(env: Env, ingest: str, sandbox: SandboxView, worker: procs.Proc)
     sandbox.clear()
     bodies = [
         batch_body([track(i % USERS) for i in range(start, start + BATCH)])
-        for start in range(0, EVENTS, BATCH)
+        for start in range(0, events, BATCH)
     ]
-    say(f"  throughput: {EVENTS:,} tracks in batches of {BATCH}, {CONCURRENCY} at a time")
+    say(f"  throughput: {events:,} tracks in batches of {BATCH}, {CONCURRENCY} at a time")
+    wait_started(worker)
+    spies = (
+        [profile.Spy(live_worker(worker), spy_to),
+         profile.Spy(live_worker(worker), wall_profile(spy_to), wall=True)]
+        if spy_to else []
+    )  # fmt: skip
+    redis_pid = env.redis_pid
+    cpu0, calls0 = harness.tree_cpu(worker.pid), harness.commandstats(env)
+    redis0 = harness.tree_cpu(redis_pid) if redis_pid else 0.0
     sent = blast(ingest + "/v1/batch", bodies, CONCURRENCY)
-    got = sandbox.wait_commands(EVENTS, timeout=180, stall=20, alive=worker.check_alive)
+    got = sandbox.wait_commands(events, timeout=180, stall=20, alive=worker.check_alive)
+    cpu = harness.tree_cpu(worker.pid) - cpu0
+    redis_cpu = harness.tree_cpu(redis_pid) - redis0 if redis_pid else None
+    calls = harness.calls_between(calls0, harness.commandstats(env))
+    for spy in spies:
+        spy.stop()
     last = _last_arrival(sandbox.requests_log())
     seconds = last - sent.started if last else 0.0
     return {
-        "events": EVENTS,
+        "events": events,
         "delivered": got,
         "seconds": round(seconds, 3),
         "events_per_s": got / seconds if seconds > 0 else 0.0,
-        "ingest_events_per_s": round(EVENTS / (sent.finished - sent.started), 1),
+        "ingest_events_per_s": round(events / (sent.finished - sent.started), 1),
+        "worker_cpu_us_per_event": round(cpu / got * 1e6, 1) if got else None,
+        # Redis's own CPU (ingest's writes included, the same for any worker).
+        "redis_cpu_us_per_event": (
+            round(redis_cpu / got * 1e6, 1) if got and redis_cpu is not None else None
+        ),
+        "redis_calls_per_event": round(sum(calls.values()) / got, 2) if got else None,
+        "redis_calls": calls,
+        "loadavg_1m": round(os.getloadavg()[0], 2),
         "load": sent.as_dict(),
     }
 
@@ -190,27 +291,29 @@ def _naive(env: Env, children: procs.Children, sandbox: SandboxView) -> dict[str
     }
 
 
-def e2e(env: Env) -> dict[str, Any]:
-    """Delivered events/s of the relay and of the naive pipeline, latency, worker RSS."""
+def e2e(env: Env, events: int = EVENTS, spy: bool = False) -> dict[str, Any]:
+    """Delivered events/s of the relay and of the naive pipeline, latency, worker RSS;
+    with `spy`, a profile of the live worker under the throughput load."""
     with harness.bench_context(env, "e2e") as children:
         sandbox = SandboxView(procs.start_sandbox(children).url)
         sandbox.faults(latency_ms=LATENCY_MS)
         ingest = harness.start_ingest(children, env.redis_url).url
         worker = harness.start_relay_worker(children, env.redis_url, sandbox.url)
         with PeakRss(worker.pid) as rss:
-            throughput = _throughput(env, ingest, sandbox, worker)
-            if not throughput["events_per_s"]:
-                raise RuntimeError(f"nothing was delivered: {throughput}\n{worker.tail()}")
-            latency = _latency(ingest, sandbox, worker, throughput["events_per_s"] / 2)
+            spy_to = PROFILE_PATH if spy else None
+            run = throughput(env, ingest, sandbox, worker, events, spy_to)
+            if not run["events_per_s"]:
+                raise RuntimeError(f"nothing was delivered: {run}\n{worker.tail()}")
+            latency = _latency(ingest, sandbox, worker, run["events_per_s"] / 2)
         relay_stats = env.relay_stats()
         worker.stop()
         naive_run = _naive(env, children, sandbox)
-    events_per_s = throughput["events_per_s"]
+    events_per_s = run["events_per_s"]
     baseline = naive_run["events_per_s"]
     ratio = events_per_s / baseline if baseline else 0.0
     rss_mb = rss.peak / 2**20
     # Every event answered 200 must arrive: a fast relay that loses events meets nothing.
-    complete = throughput["delivered"] >= EVENTS and latency["delivered"] >= latency["sent_events"]
+    complete = run["delivered"] >= events and latency["delivered"] >= latency["sent_events"]
     met = (
         events_per_s >= 10_000
         and ratio >= 10
@@ -228,7 +331,7 @@ def e2e(env: Env) -> dict[str, Any]:
         "worker_rss_mb": round(rss_mb, 1),
         "all_delivered": complete,
         "sandbox_latency_ms": LATENCY_MS,
-        "throughput": throughput,
+        "throughput": run,
         "latency": latency,
         "naive": naive_run,
         "relay_stats": relay_stats,

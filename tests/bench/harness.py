@@ -69,6 +69,11 @@ class Env:
         self.redis_url = f"redis://127.0.0.1:{port}/{DB}"
         self.persistence = self._persistence()
 
+    @property
+    def redis_pid(self) -> int | None:
+        """The pid of the benchmarks' own redis-server (None on a shared Redis)."""
+        return self._own.pid if self._own is not None else None
+
     def _persistence(self) -> str:
         """What a 200 waits for on this Redis: `aof everysec`, `aof always`, or `none`."""
         client = self.redis()
@@ -88,6 +93,36 @@ class Env:
         client = self.redis()
         try:
             client.flushdb()
+        finally:
+            client.close()
+
+    def stalls(self) -> tuple[int, int]:
+        """(fsyncs Redis postponed, forks) so far: INFO's aof_delayed_fsync, total_forks."""
+        client = self.redis()
+        try:
+            info = client.info("all")
+        finally:
+            client.close()
+        return int(info.get("aof_delayed_fsync", 0)), int(info.get("total_forks", 0))
+
+    def rewrite_aof(self, timeout: float = 30) -> None:
+        """Rewrite the AOF now and wait for it, if Redis keeps one: done while the database
+        is empty it is quick, and Redis's own rewrite (a fork, once the file has doubled)
+        then does not fall inside a measured run."""
+        client = self.redis()
+        try:
+            if client.info("persistence").get("aof_enabled") != 1:
+                return
+            with contextlib.suppress(redis.ResponseError):  # one already under way
+                client.bgrewriteaof()
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                info = client.info("persistence")
+                if not info.get("aof_rewrite_in_progress") and not info.get(
+                    "aof_rewrite_scheduled"
+                ):
+                    return
+                time.sleep(0.05)
         finally:
             client.close()
 
@@ -232,6 +267,37 @@ def signature(body: bytes) -> str:
     from relay.ingest.auth import signature as hmac_sha1
 
     return hmac_sha1(SECRET, body)
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU time (user + system) used so far by a process and all its children."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0.0
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system
+    return total
+
+
+def commandstats(env: Env) -> dict[str, int]:
+    """Redis's calls so far by command (INFO commandstats; scripts' own calls included)."""
+    client = env.redis()
+    try:
+        stats = client.info("commandstats")
+    finally:
+        client.close()
+    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+
+
+def calls_between(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """The commands Redis ran between two `commandstats` readings, most first."""
+    calls = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    return {k: v for k, v in sorted(calls.items(), key=lambda kv: -kv[1]) if v > 0}
 
 
 def cpu_seconds(proc: procs.Proc) -> float:

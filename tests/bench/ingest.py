@@ -6,7 +6,17 @@ The two sides run in alternating rounds (`ROUNDS` of `ROUND_SECONDS` each, the o
 swapped every round), and the ratio is the median of the rounds' ratios: this machine's
 speed drifts by half within a minute (a plain loop took 0.22-0.34 s from one second to
 the next), so a baseline measured a minute apart from the relay said more of the machine
-than of the relay. Throughput and CPU are the rounds' totals; p99 is the worst round's.
+than of the relay. Throughput is the median round's rate (one round stalled by the
+machine does not drag the figure down; every round's rate is kept in the result); CPU is
+the rounds' total; p99 is the worst round's.
+
+Between rounds the database is emptied and Redis's AOF rewritten while it is empty, so
+no rewrite (a fork of Redis, on a machine of two cores) starts inside a round: with the
+queue never drained, the AOF doubles every few rounds. Each round records the fsyncs
+Redis postponed (a busy disk: past two seconds Redis stops taking writes) and its forks,
+the stalls that made this row swing when they fell in one side's rounds. The table also
+gives events per CPU-second of the server and the cores it got: on a shared machine the
+rate follows the CPU the server was given, its cost per event far less.
 
 After the runs the queue is counted: every request answered 200 must have its events in
 the `relay` list.
@@ -61,21 +71,24 @@ def _start_bare(children: procs.Children) -> procs.Proc:
     return proc
 
 
-def _measure(proc: procs.Proc, path: str, body: bytes, headers: dict[str, str]) -> WrkResult:
-    cpu = harness.cpu_seconds(proc)
+def _measure(
+    env: Env, proc: procs.Proc, path: str, body: bytes, headers: dict[str, str]
+) -> WrkResult:
+    cpu, (fsyncs, forks) = harness.cpu_seconds(proc), env.stalls()
     result = wrk.run(proc.url + path, body, headers, ROUND_SECONDS)
     result.server_cpu_s = harness.cpu_seconds(proc) - cpu
+    fsyncs_after, forks_after = env.stalls()
+    result.aof_delayed_fsync, result.redis_forks = fsyncs_after - fsyncs, forks_after - forks
     return result
 
 
 def merged(rounds: list[WrkResult]) -> WrkResult:
-    """The rounds as one result: totals, median p50/p90, the worst round's p99 and max."""
-    requests = sum(r.requests for r in rounds)
-    duration = sum(r.duration_s for r in rounds)
+    """The rounds as one result: the median round's rate, totals, median p50/p90, the worst
+    round's p99 and max."""
     return WrkResult(
-        requests=requests,
-        duration_s=duration,
-        rps=requests / duration if duration else 0.0,
+        requests=sum(r.requests for r in rounds),
+        duration_s=sum(r.duration_s for r in rounds),
+        rps=statistics.median(r.rps for r in rounds),
         non_2xx=sum(r.non_2xx for r in rounds),
         socket_errors=sum(r.socket_errors for r in rounds),
         p50_ms=statistics.median(r.p50_ms for r in rounds),
@@ -83,6 +96,9 @@ def merged(rounds: list[WrkResult]) -> WrkResult:
         p99_ms=max(r.p99_ms for r in rounds),
         max_ms=max(r.max_ms for r in rounds),
         server_cpu_s=sum(r.server_cpu_s or 0.0 for r in rounds),
+        aof_delayed_fsync=sum(r.aof_delayed_fsync for r in rounds),
+        redis_forks=sum(r.redis_forks for r in rounds),
+        rounds_rps=[round(r.rps, 1) for r in rounds],
     )
 
 
@@ -98,16 +114,18 @@ def alternate(
         wrk.run(proc.url + path, body, headers, wrk.WARMUP_SECONDS)
     time.sleep(1)  # requests cut off by the warm-up's end finish publishing
     env.flush()  # count only what the measured rounds queue
+    env.rewrite_aof()
     a_rounds: list[WrkResult] = []
     b_rounds: list[WrkResult] = []
     counted = [0, 0, 0]
     for n in range(ROUNDS):
         pair: list[tuple[procs.Proc, list[WrkResult]]] = [(a, a_rounds), (b, b_rounds)]
         for proc, into in pair if n % 2 == 0 else reversed(pair):
-            into.append(_measure(proc, path, body, headers))
+            into.append(_measure(env, proc, path, body, headers))
             # Every answered request's events are in Redis by now (a 200 comes after).
             counted = [x + y for x, y in zip(counted, queued_events(env), strict=True)]
             env.flush()
+            env.rewrite_aof()
     return a_rounds, b_rounds, (counted[0], counted[1], counted[2])
 
 
@@ -233,6 +251,7 @@ def ingest_processes(env: Env) -> dict[str, Any]:
         "p99_ms": round(two.p99_ms, 2),
         "baseline_p99_ms": round(one.p99_ms, 2),
         "cores": len(os.sched_getaffinity(0)),
+        "events_per_request": BATCH_EVENTS,
         "relay": two.as_dict(),
         "baseline": one.as_dict(),
         "answered_2xx": one.ok + two.ok,

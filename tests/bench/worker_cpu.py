@@ -7,14 +7,16 @@ last: the worker processes' CPU time (user + system, every process of its tree) 
 delivered event, the drain rate, and the Redis commands per Celery message (INFO
 commandstats; the queue is full, so ingest sends nothing meanwhile). The machine's load
 average is printed with each run: other engineers' suites share it.
+
+`PROFILE=path.txt` samples the live worker with py-spy during the drain and prints where
+its CPU went (tests.bench.profile); `MONITOR=1` counts the commands clients send, by name,
+with Redis's MONITOR (which slows Redis: not for the CPU figure).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -26,32 +28,19 @@ import psutil
 
 from relay import keys
 from tests import procs
-from tests.bench import harness
-from tests.bench.e2e import BATCH, CONCURRENCY, LATENCY_MS, USERS, PeakRss
+from tests.bench import harness, profile
+from tests.bench.e2e import (
+    BATCH,
+    CONCURRENCY,
+    LATENCY_MS,
+    USERS,
+    PeakRss,
+    live_worker,
+    role,
+)
 from tests.bench.harness import Env, say
 from tests.bench.load import SandboxView, blast
 from tests.bench.payloads import batch_body, identify, track
-
-
-def _tree_cpu(pid: int) -> float:
-    root = psutil.Process(pid)
-    total = 0.0
-    for p in [root, *root.children(recursive=True)]:
-        try:
-            t = p.cpu_times()
-        except psutil.Error:
-            continue
-        total += t.user + t.system
-    return total
-
-
-def _live(pid: int) -> int:
-    """The pid of the live Celery worker under `relay worker` (not the replay one)."""
-    for p in psutil.Process(pid).children(recursive=True):
-        args = p.cmdline()
-        if "-Q" in args and args[args.index("-Q") + 1] == keys.QUEUE:
-            return int(p.pid)
-    raise RuntimeError("no live worker")
 
 
 def _cpu(pid: int) -> float:
@@ -59,13 +48,17 @@ def _cpu(pid: int) -> float:
     return float(t.user + t.system)
 
 
-def _commandstats(env: Env) -> dict[str, int]:
-    client = env.redis()
-    try:
-        stats = client.info("commandstats")
-    finally:
-        client.close()
-    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+def _started(worker: procs.Proc) -> list[int]:
+    """The processes of the worker's tree that run: not a Celery worker still importing."""
+    root = psutil.Process(worker.pid)
+    return [
+        p.pid for p in [root, *root.children(recursive=True)]
+        if not role(p).startswith("celery") or p.num_threads() > 1
+    ]  # fmt: skip
+
+
+def _sum_cpu(pids: list[int]) -> float:
+    return sum(_cpu(pid) for pid in pids)
 
 
 def _queued(env: Env, events: int) -> None:
@@ -144,7 +137,6 @@ def run_once(env: Env, events: int) -> dict[str, Any]:
         ]
         blast(ingest + "/v1/batch", bodies, CONCURRENCY)
         _queued(env, events)
-        runs_before = _runs(env)
         # The learned rate as a long run leaves it: the drain is the worker's, not slow start's.
         client = env.redis()
         client.hset(keys.ADAPTIVE_RATE, mapping={"rate": "10000", "phase": "avoid"})
@@ -155,44 +147,46 @@ def run_once(env: Env, events: int) -> dict[str, Any]:
         while sandbox.stats()["commands"] == 0:
             worker.check_alive()
             time.sleep(0.01)
-        live = _live(worker.pid)
-        cpu0, stats0, t0 = _tree_cpu(worker.pid), _commandstats(env), time.monotonic()
+        live = live_worker(worker)
+        # The processes that run already: one still importing (the replay lane starts at a
+        # lower CPU priority) would add its start-up to the CPU of delivery.
+        started = _started(worker)
+        runs_before = _runs(env)
+        cpu0, stats0, t0 = _sum_cpu(started), harness.commandstats(env), time.monotonic()
         live0 = _cpu(live)
         got0 = int(sandbox.stats()["commands"])
-        spy = None
-        if profile := os.environ.get("PROFILE"):
-            spy = subprocess.Popen(
-                [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(live),
-                 "--gil", *(["--native"] if os.environ.get("NATIVE") else []),
-                 "--format", "raw", "-r", "200", "-o", profile],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )  # fmt: skip
+        spy_to = os.environ.get("PROFILE")
+        spy = profile.Spy(live, Path(spy_to)) if spy_to else None
         with PeakRss(worker.pid) as rss:
             got = sandbox.wait_commands(events, timeout=300, stall=20, alive=worker.check_alive)
-        cpu1, stats1, t1 = _tree_cpu(worker.pid), _commandstats(env), time.monotonic()
+        cpu1, stats1, t1 = _sum_cpu(started), harness.commandstats(env), time.monotonic()
         live1 = _cpu(live)
         messages = _runs(env) - runs_before
         trips = monitor.stop() if monitor else None
         if spy is not None:
-            spy.send_signal(signal.SIGINT)
-            spy.wait(30)
+            spy.stop()
         worker.stop()
-    calls = {k: stats1.get(k, 0) - stats0.get(k, 0) for k in stats1}
-    calls = {k: v for k, v in sorted(calls.items(), key=lambda kv: -kv[1]) if v > 0}
+    calls = harness.calls_between(stats0, stats1)
     delivered = got - got0
+    cpu_us = (cpu1 - cpu0) / delivered * 1e6
     return {
         "delivered_commands": delivered,
-        "cpu_us_per_command": round((cpu1 - cpu0) / delivered * 1e6, 1),
+        "measured_processes": len(started),
+        "cpu_us_per_command": round(cpu_us, 1),
         "live_cpu_us_per_command": round((live1 - live0) / delivered * 1e6, 1),
         "commands_per_s": round(delivered / (t1 - t0), 1),
         "messages": messages,
         "worker_rss_mb": round(rss.peak / 2**20, 1),
+        "worker_rss_by_process_mb": rss.by_process,
         "redis_calls_per_message": round(sum(calls.values()) / max(messages, 1), 1),
+        # Messages in flight at either end make the above approximate; this one is exact.
+        "redis_calls_per_event": round(sum(calls.values()) / delivered, 2),
         "redis_calls": calls,
         "round_trips_per_message": (
             {k: round(v / max(messages, 1), 2) for k, v in trips.most_common()} if trips else None
         ),
         "loadavg": os.getloadavg(),
+        "profile": profile.summary(Path(spy_to)).as_dict() if spy_to else None,
     }
 
 
@@ -203,8 +197,10 @@ def main() -> int:
     try:
         for _ in range(runs):
             result = run_once(env, events)
-            say(json.dumps(result))
+            say(json.dumps({k: v for k, v in result.items() if k != "profile"}))
             print(json.dumps(result), flush=True)
+            if result["profile"]:
+                print(profile.render(result["profile"], result["cpu_us_per_command"]), flush=True)
     finally:
         env.close()
     return 0

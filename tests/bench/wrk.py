@@ -79,6 +79,11 @@ class WrkResult:
     p99_ms: float
     max_ms: float
     server_cpu_s: float | None = None  # CPU the server process used during the run
+    # Redis during the run: fsyncs it postponed (a busy disk; writes wait past 2 s) and
+    # forks (an AOF rewrite), each a stall the server's figure would otherwise hide.
+    aof_delayed_fsync: int = 0
+    redis_forks: int = 0
+    rounds_rps: list[float] | None = None  # each round's rate, when merged from rounds
 
     @property
     def ok(self) -> int:
