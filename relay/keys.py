@@ -92,8 +92,9 @@ LANE_REPLAY = PREFIX + "throttle:lane:replay"
 # The self-tuning rate: HASH of the learned rate and the recent 2xx counts.
 ADAPTIVE_RATE = PREFIX + "throttle:adaptive"
 
-# The record of recent settlements `relay trace` reads: a STREAM capped at trace_size
-# entries, one per event delivered (with its commands), skipped or dead-lettered.
+# The record of recent settlements `relay trace` reads: a STREAM of about trace_size events,
+# one entry per settlement holding each event delivered (with its commands), skipped or
+# dead-lettered.
 TRACE = PREFIX + "trace"
 
 # The new-name guard (relay.state.names): a SET per kind of the names sent to ChurnZero, a ZSET

@@ -7,8 +7,9 @@
     delivered   the record of recent settlements: when, and the commands sent
     skipped     the same record: when, and why
 
-Workers write the record (`relay:trace`, a Redis stream capped at `trace_size` entries)
-in their settlement MULTI: one entry per event delivered, skipped or dead-lettered.
+Workers write the record (`relay:trace`, a Redis stream of about `trace_size` events)
+in their settlement MULTI: one entry per settlement, holding each event it delivered,
+skipped or dead-lettered.
 Lookups scan (queue, unacked, delayed set, the record, the newest dead letters): an
 operator's tool, O(what is there), never on the delivery path.
 """
@@ -27,6 +28,7 @@ from relay.envelope import Envelope, decode_all
 from relay.state import deadletter
 
 PAGE = 500
+RECORD_PAGE = 50  # record entries per read: each holds a settlement's events
 DLQ_SCAN = 10_000  # newest dead letters searched when the record has no sign of the event
 
 
@@ -43,28 +45,13 @@ class Sighting:
         return {"state": self.state, "at": self.at, **self.detail}
 
 
-# KEYS: the record. ARGV: its size, then per event settled its outcome and that outcome's
-# fields (delivered: commands, messageId, relay id; skipped: why, messageId, relay id;
-# dead: why, entry, messageId, relay id). One entry each, as XADD from Python wrote them:
-# a settlement of hundreds of events sends their values, not hundreds of commands.
-# Approximate trimming: Redis drops whole stream nodes, far cheaper than exact.
-_RECORD = """
-local size, i = ARGV[1], 2
-while i <= #ARGV do
-  local o = ARGV[i]
-  if o == 'dead' then
-    redis.call('XADD', KEYS[1], 'MAXLEN', '~', size, '*', 'o', o, 'why', ARGV[i + 1],
-               'e', ARGV[i + 2], 'm', ARGV[i + 3], 'r', ARGV[i + 4])
-    i = i + 5
-  else
-    local what = o == 'delivered' and 'c' or 'why'
-    redis.call('XADD', KEYS[1], 'MAXLEN', '~', size, '*', 'o', o, what, ARGV[i + 1],
-               'm', ARGV[i + 2], 'r', ARGV[i + 3])
-    i = i + 4
-  end
-end
-return 0
-"""
+# One stream entry per settlement: `n` events, `v` their outcomes as one JSON array of
+# [outcome, messageId, relay id, commands or why(, dead-letter entry)]: one command in the
+# MULTI and one encode, however many events the batch settled. The cap counts events:
+# each entry trims the stream to the entries that hold about `size` events like it.
+# Exact trimming: with few entries of many events, whole nodes would overshoot the cap.
+DELIVERED, SKIPPED, DEAD = "d", "s", "x"
+_STATES = {DELIVERED: "delivered", SKIPPED: "skipped", DEAD: "dead"}
 
 
 def stage_record(
@@ -75,21 +62,27 @@ def stage_record(
     skipped: Iterable[tuple[Envelope, str]] = (),
     dead: Iterable[deadletter.DeadLetter] = (),
 ) -> None:
-    """Queue on the settlement's pipeline: one record entry per event settled."""
+    """Queue on the settlement's pipeline: one record entry holding the events settled."""
     if size <= 0:
         return
-    args: list[Any] = []
-    for item, commands in delivered:
-        sent = orjson.dumps([c.to_dict() for c in commands])
-        args += ["delivered", sent, _message_id(item.event), item.id]
-    for item, reason in skipped:
-        args += ["skipped", reason, _message_id(item.event), item.id]
+    events: list[list[Any]] = [
+        [DELIVERED, _message_id(item.event), item.id, [c.to_dict() for c in commands]]
+        for item, commands in delivered
+    ]
+    events += [[SKIPPED, _message_id(item.event), item.id, reason] for item, reason in skipped]
     for entry in dead:
         # An entry's item as stored: not always an envelope (a message the relay did not write).
         rid = str(entry.item.get("id", ""))
-        args += ["dead", entry.reason.value, entry.id, _message_id(entry.item.get("event")), rid]
-    if args:
-        pipe.eval(_RECORD, 1, keys.TRACE, size, *args)
+        events.append(
+            [DEAD, _message_id(entry.item.get("event")), rid, entry.reason.value, entry.id]
+        )
+    if not events:
+        return
+    events = events[-size:]  # a settlement larger than the record keeps its newest
+    entries = -(-size // len(events))
+    pipe.xadd(
+        keys.TRACE, {"n": len(events), "v": orjson.dumps(events)}, maxlen=entries, approximate=False
+    )
 
 
 def _message_id(event: Any) -> str:
@@ -129,28 +122,33 @@ def find(
 
 
 def _recorded(r: Any, wanted: str) -> Iterator[Sighting]:
-    last = "+"
+    needle, last = orjson.dumps(wanted)[1:-1], "+"  # as the id reads inside the JSON
     while True:
-        page = r.xrevrange(keys.TRACE, max=last, min="-", count=PAGE)
+        page = r.xrevrange(keys.TRACE, max=last, min="-", count=RECORD_PAGE)
         for stream_id, raw in page:
-            fields = {k.decode(): v.decode() for k, v in raw.items()}
-            if wanted not in (fields.get("m"), fields.get("r")):
+            value = raw.get(b"v", b"")
+            if needle not in value:
                 continue
             at = int(stream_id.decode().split("-")[0]) / 1000
-            state = fields["o"]
-            detail: dict[str, Any] = {"relay_id": fields.get("r"), "message_id": fields.get("m")}
-            if state == "delivered":
-                detail["commands"] = orjson.loads(fields.get("c", "[]"))
-            else:
-                detail["reason"] = fields.get("why")
-            if state == "dead":
-                entry = deadletter.get(r, fields.get("e", ""))
-                detail["entry"] = fields.get("e")
-                detail["still_dead"] = entry is not None  # replayed or purged since?
-            yield Sighting(state, at, detail)
-        if len(page) < PAGE:
+            for event in reversed(orjson.loads(value)):
+                if wanted in (event[1], event[2]):
+                    yield _settled(r, at, event)
+        if len(page) < RECORD_PAGE:
             return
         last = "(" + page[-1][0].decode()
+
+
+def _settled(r: Any, at: float, event: list[Any]) -> Sighting:
+    state, message_id, relay_id, what = event[:4]
+    detail: dict[str, Any] = {"relay_id": relay_id, "message_id": message_id}
+    if state == DELIVERED:
+        detail["commands"] = what
+    else:
+        detail["reason"] = what
+    if state == DEAD:
+        detail["entry"] = event[4]
+        detail["still_dead"] = deadletter.get(r, event[4]) is not None  # replayed or purged?
+    return Sighting(_STATES[state], at, detail)
 
 
 def _dead(r: Any, wanted: str, needle: bytes) -> list[Sighting]:
