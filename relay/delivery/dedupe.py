@@ -35,14 +35,17 @@ BUCKETS_PER_WINDOW = 24
 _LISTPACK_DEFAULT = 512
 _LISTPACK_UNKNOWN = 128
 
-# Helpers shared by both scripts. KEYS[1]: the bucket prefix. ARGV: now, window_s,
+# Helpers shared by the scripts. KEYS[1]: the bucket prefix. ARGV: now, window_s,
 # bucket_s, then pairs (digest, tag). A bucket's meta HASH holds n (claims), l and p (its
 # linear-hashing level and split pointer); shard i of bucket b is <prefix><b>:<i>.
+# Fields are read and written a shard at a time (HMGET, HSET, HDEL of many fields), in
+# chunks that stay under Lua's unpack limit.
 _COMMON = """
 local prefix = KEYS[1]
 local now, window, span = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local current = math.floor(now / span)
 local expire_at = (current + 1) * span + window + 1
+local CHUNK = 1000
 local buckets = {}
 for b = current, math.floor((now - window) / span), -1 do
   local m = redis.call('HMGET', prefix .. b, 'l', 'p', 'n')
@@ -60,17 +63,55 @@ local function shard(bk, h)
   if s < bk.p then s = h % (2 ^ (bk.l + 1)) end
   return prefix .. bk.b .. ':' .. string.format('%d', s)
 end
-local function find(f, h)
-  for _, bk in ipairs(buckets) do
-    local key = shard(bk, h)
-    local v = redis.call('HGET', key, f)
-    if v then return v, bk, key end
+-- fields -> {shard key -> list}, keys in first-seen order.
+local function by_shard(bk, fields)
+  local groups, order = {}, {}
+  for _, f in ipairs(fields) do
+    local key = shard(bk, hash(f))
+    local g = groups[key]
+    if not g then
+      g = {}
+      groups[key] = g
+      order[#order + 1] = key
+    end
+    g[#g + 1] = f
   end
-  return nil
+  return groups, order
+end
+-- The digests of the pairs from ARGV[first] on.
+local function digests(first)
+  local out = {}
+  for i = first, #ARGV, 2 do out[#out + 1] = ARGV[i] end
+  return out
+end
+-- digest -> {tag, bucket, shard key} of each claim held, the newest bucket's first.
+local function lookup(fields)
+  local found = {}
+  for _, bk in ipairs(buckets) do
+    local left = {}
+    for _, f in ipairs(fields) do
+      if not found[f] then left[#left + 1] = f end
+    end
+    local groups, order = by_shard(bk, left)
+    for _, key in ipairs(order) do
+      local g = groups[key]
+      for s = 1, #g, CHUNK do
+        local e = math.min(s + CHUNK - 1, #g)
+        local vs = redis.call('HMGET', key, unpack(g, s, e))
+        for j = s, e do
+          local v = vs[j - s + 1]
+          if v then found[g[j]] = {v, bk, key} end
+        end
+      end
+    end
+  end
+  return found
 end
 """
 
 # After _COMMON. ARGV[4]: the target claims per shard. Returns one flag per pair: 1 = duplicate.
+# The bucket splits for all of this call's new claims first, then each goes straight to
+# its shard: the same layout as claiming and splitting one at a time.
 _CLAIM = """
 local fill = tonumber(ARGV[4])
 local cur = buckets[1]
@@ -96,24 +137,37 @@ local function split()
   cur.p = cur.p + 1
   if cur.p == 2 ^ cur.l then cur.l, cur.p = cur.l + 1, 0 end
 end
-local out = {}
+local found = lookup(digests(5))
+local out, mine, new = {}, {}, {}
 for i = 5, #ARGV, 2 do
   local f, tag = ARGV[i], ARGV[i + 1]
-  local h = hash(f)
-  local found = find(f, h)
-  if found then
-    out[#out + 1] = (found == tag) and 0 or 1
+  local held = found[f] and found[f][1] or mine[f]
+  if held then
+    out[#out + 1] = (held == tag) and 0 or 1
   else
-    if not cur then
-      cur = {b = current, l = 0, p = 0, n = 0}
-      table.insert(buckets, 1, cur)
-    end
-    local key = shard(cur, h)
-    redis.call('HSET', key, f, tag)
-    touched[key] = true
-    cur.n = cur.n + 1
-    while cur.n > fill * (2 ^ cur.l + cur.p) do split() end
+    mine[f] = tag
+    new[#new + 1] = f
     out[#out + 1] = 0
+  end
+end
+if #new > 0 then
+  if not cur then
+    cur = {b = current, l = 0, p = 0, n = 0}
+    table.insert(buckets, 1, cur)
+  end
+  cur.n = cur.n + #new
+  while cur.n > fill * (2 ^ cur.l + cur.p) do split() end
+  local groups, order = by_shard(cur, new)
+  for _, key in ipairs(order) do
+    local g, pairs_ = groups[key], {}
+    for _, f in ipairs(g) do
+      pairs_[#pairs_ + 1] = f
+      pairs_[#pairs_ + 1] = mine[f]
+    end
+    for s = 1, #pairs_, 2 * CHUNK do
+      redis.call('HSET', key, unpack(pairs_, s, math.min(s + 2 * CHUNK - 1, #pairs_)))
+    end
+    touched[key] = true
   end
 end
 if cur then
@@ -127,13 +181,27 @@ return out
 
 # After _COMMON. Deletes each claim still held by the given tag.
 _RELEASE = """
+local found = lookup(digests(4))
+local groups, order, gone = {}, {}, {}
 for i = 4, #ARGV, 2 do
   local f, tag = ARGV[i], ARGV[i + 1]
-  local found, bk, key = find(f, hash(f))
-  if found == tag then
-    redis.call('HDEL', key, f)
-    redis.call('HINCRBY', prefix .. bk.b, 'n', -1)
+  local hit = found[f]
+  if hit and hit[1] == tag and not gone[f] then
+    gone[f] = true
+    local key = hit[3]
+    if not groups[key] then
+      groups[key] = {}
+      order[#order + 1] = {key, hit[2]}
+    end
+    table.insert(groups[key], f)
   end
+end
+for _, kb in ipairs(order) do
+  local key, g, removed = kb[1], groups[kb[1]], 0
+  for s = 1, #g, CHUNK do
+    removed = removed + redis.call('HDEL', key, unpack(g, s, math.min(s + CHUNK - 1, #g)))
+  end
+  redis.call('HINCRBY', prefix .. kb[2].b, 'n', -removed)
 end
 return 0
 """
@@ -141,10 +209,11 @@ return 0
 
 # After _COMMON. Read only (preview, dry runs): one flag per pair, 1 = another copy holds it.
 _PEEK = """
+local found = lookup(digests(4))
 local out = {}
 for i = 4, #ARGV, 2 do
-  local found = find(ARGV[i], hash(ARGV[i]))
-  out[#out + 1] = (found and found ~= ARGV[i + 1]) and 1 or 0
+  local hit = found[ARGV[i]]
+  out[#out + 1] = (hit and hit[1] ~= ARGV[i + 1]) and 1 or 0
 end
 return out
 """

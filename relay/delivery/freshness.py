@@ -114,7 +114,8 @@ def reserve(
                 args += [command.name, stamp]
     if not writes:
         return 0
-    verdicts = r.eval(_RESERVE, len(names), *names, *args)
+    # EVALSHA: Redis keeps the script, its text is sent again only after a NOSCRIPT.
+    verdicts = r.register_script(_RESERVE)(keys=names, args=args)
     stale = {w for w, ok in zip(writes, verdicts, strict=True) if not int(ok)}
     if not stale:
         return 0

@@ -136,3 +136,14 @@ def test_memory_per_event_is_a_tenth_of_a_key_per_message_id(own_redis: OwnRedis
     assert figures["old_bytes_per_event"] > 150
     assert figures["new_bytes_per_event"] < 25, figures
     assert figures["new_shards_not_listpack"] == 0
+
+
+def test_a_batch_is_claimed_a_shard_at_a_time(r: redis.Redis) -> None:
+    """Redis's work grows with the shards a batch touches, not with its events."""
+    dedupe = Dedupe(r, DAY)
+    r.config_resetstat()
+    assert dedupe.duplicates(items(300, "a")) == set()
+    assert dedupe.duplicates(items(300, "b")) == {f"b-{i}" for i in range(300)}
+    stats = r.info("commandstats")
+    calls = sum(int(v["calls"]) for k, v in stats.items() if k.split("_", 1)[1] != "config")
+    assert calls < 100, stats  # a read and a write per event would be 1,200
