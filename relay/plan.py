@@ -210,7 +210,9 @@ def _received_at(item: Envelope) -> float:
 def _deleted_before(parsed: Parsed, deleted: AbstractMapping[str, float]) -> set[int]:
     """Positions of events a delete has since forgotten: received before a stored
     tombstone, or ahead of their user's delete in this batch."""
-    out = set()
+    out: set[int] = set()
+    if not deleted and not any(_deletes_ahead(i, e) for i, e in parsed):
+        return out  # no tombstone and no delete in the batch: nothing forgotten
     ahead_of_delete: set[str] = set()
     for n in range(len(parsed) - 1, -1, -1):
         item, event = parsed[n]
@@ -219,9 +221,14 @@ def _deleted_before(parsed: Parsed, deleted: AbstractMapping[str, float]) -> set
         stale = any(received < deleted.get(k, float("-inf")) for k in user_keys)
         if stale or any(k in ahead_of_delete for k in user_keys):
             out.add(n)
-        if isinstance(event, events.Delete) and item.source != "api":
+        if _deletes_ahead(item, event):
             ahead_of_delete.update(user_keys)
     return out
+
+
+def _deletes_ahead(item: Envelope, event: events.AnyEvent) -> bool:
+    # A delete from the tracking API is refused (translate.skip_reason): it forgets nothing.
+    return isinstance(event, events.Delete) and item.source != "api"
 
 
 def _incomplete(event: events.AnyEvent) -> str | None:

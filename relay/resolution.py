@@ -26,7 +26,7 @@ CONTACT_KEYS = ("contactExternalId", "contactExternalID")
 ID_KEYS = frozenset(ACCOUNT_KEYS + CONTACT_KEYS)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Ids:
     """A ChurnZero account and contact, by their external ids."""
 
@@ -40,7 +40,7 @@ IMPORTED = "import"
 FIRM_SOURCES = frozenset({CONTACT_ID, IMPORTED})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Known:
     """What the relay knows of a user: an account, a contact, either or both; `at` is
     the event time (epoch ms) of the call that named the account, when known; `source`
@@ -112,7 +112,8 @@ def _first_id(
 ) -> str | None:  # fmt: skip
     for bag in bags:
         for key in keys:
-            found = id_value(bag.get(key))
+            value = bag.get(key)
+            found = None if value is None else id_value(value)  # most keys are absent
             if found:
                 return found
     for path in paths:
@@ -124,14 +125,20 @@ def _first_id(
 
 def own_account(event: events.AnyEvent, mapping: Mapping) -> str | None:
     """The account id in the event's own traits or properties (or a mapped path)."""
-    return _first_id(_bags(event), ACCOUNT_KEYS, event, mapping.identity.account_paths)
+    return _own_account(_bags(event), event, mapping)
+
+
+def _own_account(
+    bags: list[dict[str, Any]], event: events.AnyEvent, mapping: Mapping
+) -> str | None:
+    return _first_id(bags, ACCOUNT_KEYS, event, mapping.identity.account_paths)
 
 
 def explicit_ids(event: events.AnyEvent, mapping: Mapping) -> tuple[str | None, str | None]:
     """The account and contact ids the event itself names (either may be missing):
     the account from its traits, else `context.groupId`, else a group call's groupId."""
     bags = _bags(event)
-    account = own_account(event, mapping)
+    account = _own_account(bags, event, mapping)
     if account is None:
         account = id_value(event.context.get("groupId"))
     if account is None and isinstance(event, events.Group):

@@ -141,6 +141,8 @@ def _quantity(props: dict[str, Any], dropped: Counter[str]) -> int | float:
 
 
 def _allow_dupes(event: events.Track) -> bool | None:
+    if not event.integrations:
+        return None
     for key in ("ChurnZero", "Churnzero"):
         options = event.integrations.get(key)
         if isinstance(options, dict) and isinstance(options.get("allowDupes"), bool):
@@ -189,7 +191,11 @@ def track_command(
     stamp = event.timestamp
     props = event.properties
     text = props.get("description")
-    fields = {name: attribute_value(props.get(name)) for name in mapping.custom_fields(event.event)}
+    custom: dict[str, Any] = {}
+    for name in mapping.custom_fields(event.event):
+        value = attribute_value(props.get(name))
+        if value is not None:
+            custom[name] = value
     return TrackEvent(
         account=ids.account,
         contact=ids.contact,
@@ -198,7 +204,7 @@ def track_command(
         description=(utf16_cut(text, MAX_DESCRIPTION) or None) if isinstance(text, str) else None,
         quantity=quantity,
         allow_dupes=_allow_dupes(event),
-        custom={name: value for name, value in fields.items() if value is not None},
+        custom=custom,
     )
 
 
