@@ -96,6 +96,11 @@ def _start(state_dir: Path, sock: Path, deadline: float) -> None:
         time.sleep(0.05)
 
 
+def owns_server() -> bool:
+    """Whether this process started the embedded Redis (and so must stop it at exit)."""
+    return _owned is not None
+
+
 def stop() -> None:
     """Stop the embedded Redis if this process started it (it flushes its AOF first)."""
     global _owned

@@ -100,6 +100,15 @@ def test_two_processes_answer_on_one_port(served: Served, r: redis.Redis) -> Non
     wait_for(lambda: len(queued_items(r)) == 40)
 
 
+def test_the_supervisor_holds_none_of_the_relays_imports(served: Served) -> None:
+    """It only watches its children: the relay, pydantic and click stay in them."""
+    supervisor = psutil.Process(served.pid)
+    assert "relay.ops.keeper" in supervisor.cmdline()
+    assert supervisor.memory_info().rss < 25 * 2**20
+    child = served.children()[0].memory_info().rss
+    assert child > 2 * supervisor.memory_info().rss
+
+
 def test_a_dead_process_is_replaced(served: Served) -> None:
     first, _ = served.children()
     first.kill()

@@ -1,0 +1,164 @@
+"""The supervisor's loop, on the standard library alone: `relay worker` and `relay serve
+--processes N` become this (by exec) once their children's commands are known, so that
+the process that only watches the others holds none of the relay's imports.
+
+`python -m relay.ops.keeper` reads its children from the environment (SPEC_VAR, which
+the children do not inherit): a command line `ps` shows short.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from functools import partial
+from types import FrameType
+
+# A child that dies this soon after its start counts as failing to start; after this
+# many such deaths in a row the supervisor gives up rather than loop.
+EARLY_DEATH_S = 5.0
+MAX_EARLY_DEATHS = 5
+STOP_TIMEOUT_S = 20.0
+
+
+def _prctl() -> Callable[..., int] | None:
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux: no parent-death signal
+        return None
+
+
+_PRCTL = _prctl()
+_PR_SET_PDEATHSIG = 1
+
+
+def _prepare_child(nice: int) -> None:
+    # Runs in the child between fork and exec (only C calls, no import or lock): its CPU
+    # priority, and the kernel sends it SIGTERM when the supervisor dies, even by SIGKILL.
+    if nice:
+        os.nice(nice)
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Child:
+    """A process to keep running: what it is called in messages, its command, its
+    niceness (0: the supervisor's own CPU priority)."""
+
+    label: str
+    argv: Sequence[str]
+    nice: int = 0
+
+
+class Supervisor:
+    """Keeps its children running until told to stop."""
+
+    def __init__(
+        self, children: Sequence[Child], env: dict[str, str], say: Say,
+        stop_timeout_s: float = STOP_TIMEOUT_S,
+    ) -> None:  # fmt: skip
+        self.specs = list(children)
+        self._env = env
+        self._say = say
+        self._stop_timeout_s = stop_timeout_s
+        self._children: dict[int, tuple[subprocess.Popen[bytes], float]] = {}
+        self._stopping = False
+        self._early_deaths = 0
+
+    def _start(self, slot: int) -> None:
+        spec = self.specs[slot]
+        child = subprocess.Popen(
+            list(spec.argv),
+            env=self._env,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=partial(_prepare_child, spec.nice),
+        )
+        self._children[slot] = (child, time.monotonic())
+
+    def _stop_signal(self, signum: int, _: FrameType | None) -> None:
+        self._stopping = True
+
+    def run(self) -> int:
+        """Run until SIGTERM/SIGINT (exit 0) or until children keep dying at start (1)."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._stop_signal)
+        for slot in range(len(self.specs)):
+            self._start(slot)
+        try:
+            while not self._stopping:
+                time.sleep(0.2)
+                if not self._check():
+                    return 1
+            return 0
+        finally:
+            self._stop_all()
+
+    def _check(self) -> bool:
+        for slot, (child, started) in list(self._children.items()):
+            code = child.poll()
+            if code is None or self._stopping:
+                continue
+            early = time.monotonic() - started < EARLY_DEATH_S
+            self._early_deaths = self._early_deaths + 1 if early else 0
+            label = self.specs[slot].label
+            if self._early_deaths >= MAX_EARLY_DEATHS:
+                self._say(f"{label} processes keep exiting at start (last: {code}); giving up")
+                return False
+            self._say(f"{label} process {child.pid} exited ({code}); starting another")
+            self._start(slot)
+        return True
+
+    def _stop_all(self) -> None:
+        children = [child for child, _ in self._children.values()]
+        for child in children:
+            if child.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + self._stop_timeout_s
+        for child in children:
+            try:
+                child.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+
+SPEC_VAR = "_RELAY_KEEPER_SPEC"
+
+
+def spec(children: Sequence[Child], stop_timeout_s: float) -> str:
+    """The children and stop timeout as the argument `main` reads."""
+    return json.dumps({"children": [asdict(c) for c in children], "stop_s": stop_timeout_s})
+
+
+def become(children: Sequence[Child], env: dict[str, str], stop_timeout_s: float) -> None:
+    """Replace this process (same pid: signals and the children's parent stay) with a
+    supervisor that imported only this module."""
+    sys.stdout.flush()
+    env = dict(env, **{SPEC_VAR: spec(children, stop_timeout_s)})
+    os.execve(sys.executable, [sys.executable, "-m", "relay.ops.keeper"], env)
+
+
+def main() -> int:
+    """Run the supervisor the environment describes; its exit status."""
+    env = dict(os.environ)
+    given = json.loads(env.pop(SPEC_VAR))
+    children = [Child(c["label"], c["argv"], c["nice"]) for c in given["children"]]
+    say = partial(print, flush=True)
+    return Supervisor(children, env, say, given["stop_s"]).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
