@@ -15,13 +15,13 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import structlog
 
-from relay import keys, retry
+from relay import retry
 from relay.commands import Command
 from relay.delivery.churnzero import ChurnZeroClient
 from relay.delivery.runs import Claim, Runs
@@ -121,16 +121,20 @@ class Sender:
     ) -> float:
         """Mark delivered events done first (nothing may fail in between), then tell the
         shared throttle; returns the pause now in force."""
+        self._mark_delivered(chunks, claim, budget)
+        try:
+            return self._report_throttle(sent)
+        except broker.QUEUE_ERRORS:
+            return 0.0  # Redis is away: no shared pause to tell, nor to obey
+
+    def _mark_delivered(self, chunks: list[Chunk], claim: Claim, budget: Budget) -> None:
+        """Mark done every event whose requests all got a 2xx, through a Redis blip."""
         done = [
             rid for rid, o in outcomes_of(chunks, Unsent(0.0)).items()
             if rid not in claim.done and isinstance(o, retry.Outcome)
             and o.kind is retry.Kind.SUCCESS
         ]  # fmt: skip
         durably(lambda: self.runs.mark_done(claim, done), budget)
-        try:
-            return self._report_throttle(sent)
-        except broker.QUEUE_ERRORS:
-            return 0.0  # Redis is away: no shared pause to tell, nor to obey
 
     def _send_chunks(
         self, chunks: list[Chunk], report: Tally, claim: Claim, budget: Budget
@@ -151,7 +155,7 @@ class Sender:
             # One request tests whether ChurnZero is back before anyone sends more.
             if time.monotonic() > budget.send_by:
                 return 0.0, "deadline"
-            self._run(self._send_one(chunks[0], 0.0, report, check=False), budget)
+            self._run([self._send_one(chunks[0], 0.0, report, check=False)], chunks, claim, budget)
             first = chunks[0].outcome
             ok = first is not None and first.kind is not retry.Kind.RETRYABLE
             pause = self._after_send(chunks, [chunks[0]], claim, budget)
@@ -167,39 +171,42 @@ class Sender:
             len(todo), min(REPLAY_MAX_WAIT_S, horizon) if replay else horizon, report.lane
         )
         if isinstance(delays, float):
-            self.redis.hincrby(keys.STATS, keys.Stat.RATELIMIT_WAITS, 1)
             return delays, "replay_share" if replay else "paused"
-        if any(d > 0 for d in delays):
-            self.redis.hincrby(keys.STATS, keys.Stat.RATELIMIT_WAITS, 1)
         # Chunks beyond the reserved slots stay unsent and come back after the last slot.
         rate_wait = delays[-1] if len(delays) < len(todo) else 0.0
         todo = todo[: len(delays)]
 
-        async def send_all() -> None:
-            await asyncio.gather(
-                *(
-                    self._send_one(c, d, report, check=d > 0, send_by=budget.send_by)
-                    for c, d in zip(todo, delays, strict=True)
-                )
-            )
-
-        in_time = self._run(send_all(), budget)
+        sends = [
+            self._send_one(c, d, report, check=d > 0, send_by=budget.send_by)
+            for c, d in zip(todo, delays, strict=True)
+        ]
+        in_time = self._run(sends, chunks, claim, budget)
         late = time.monotonic() > budget.send_by and any(c.outcome is None for c in todo)
         pause = max(self._after_send(chunks, todo, claim, budget), rate_wait)
         return pause, "deadline" if late or not in_time else "paused"
 
-    def _run(self, work: Any, budget: Budget) -> bool:
-        """Run sends on this thread's loop until done or the deadline; whether in time.
+    def _run(
+        self, sends: list[Coroutine[Any, Any, None]], chunks: list[Chunk], claim: Claim,
+        budget: Budget,
+    ) -> bool:  # fmt: skip
+        """Run sends on this thread's loop until all are done or the deadline; whether in
+        time. Every send has ended when this returns, whatever happened.
 
         Requests start only until `send_by`, so each ends (answered or timed out) before
         the deadline. One still on the wire then (a stalled client) is cancelled and
         counts as unsent: ChurnZero may have had it, so its events may arrive twice.
+        If a send fails, its siblings are cancelled and awaited (none may send during a
+        later message's run, where no run would mark it), and the events ChurnZero took
+        meanwhile are marked done before the error goes on: a rerun never sends them again.
         """
         remaining = max(budget.deadline - time.monotonic(), 0.1)
         try:
-            self.loop.run_until_complete(asyncio.wait_for(work, remaining))
+            self.loop.run_until_complete(_all_or_none(sends, remaining))
         except TimeoutError:
             return False
+        except BaseException:
+            self._mark_delivered(chunks, claim, budget)
+            raise
         return True
 
     async def _send_one(
@@ -210,7 +217,7 @@ class Sender:
             await asyncio.sleep(delay)
         if send_by is not None and time.monotonic() > send_by:
             return  # too late to start: it could not end before the task's deadline
-        if check and not self.throttle.gate().go:
+        if check and not self._may_go():
             return  # a pause began while this request waited for its slot
         started = time.perf_counter()
         chunk.outcome = await self.client.send(chunk.commands)
@@ -226,6 +233,14 @@ class Sender:
             )
             with contextlib.suppress(*broker.QUEUE_ERRORS):  # the log line says it anyway
                 status.record_churnzero_problem(self.redis, chunk.outcome.misconfigured)
+
+    def _may_go(self) -> bool:
+        try:
+            return self.throttle.gate().go
+        except broker.QUEUE_ERRORS:
+            # Redis is away: whether a pause began is unknown, so this chunk waits, unsent,
+            # and its siblings on the wire go on to be marked as ChurnZero answers them.
+            return False
 
     def _report_throttle(self, chunks: list[Chunk]) -> float:
         sent = [c.outcome for c in chunks if c.outcome is not None]
@@ -248,6 +263,19 @@ class Sender:
 
 
 OK = retry.Outcome(status=200)
+
+
+async def _all_or_none(sends: list[Coroutine[Any, Any, None]], timeout_s: float) -> None:
+    """Run the sends together for at most `timeout_s`; on an error or the timeout the
+    others are cancelled and awaited, so none outlives this call."""
+    tasks = [asyncio.ensure_future(send) for send in sends]
+    try:
+        async with asyncio.timeout(timeout_s):
+            await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def outcomes_of(chunks: list[Chunk], unsent: Unsent) -> Outcomes:

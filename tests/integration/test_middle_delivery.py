@@ -5,7 +5,10 @@ as structlog event dicts."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +18,7 @@ from structlog.testing import capture_logs
 
 from relay import keys
 from relay.delivery.batch import Delivery
-from relay.delivery.throttle import FIRST_OUTAGE_PAUSE_S
+from relay.delivery.throttle import FIRST_OUTAGE_PAUSE_S, Gate, Throttle
 from relay.reasons import Reason
 from relay.state import deadletter
 from tests.integration.conftest import Sandbox, delayed_items, event_item
@@ -167,3 +170,64 @@ def test_an_item_that_is_no_envelope_is_dead_lettered_alone(
     assert sorted(c["eventName"] for c in clean_sandbox.commands()) == ["f4", "f5"]
     [entry] = deadletter.list_entries(r)
     assert entry.item == stranger and entry.errors[0].startswith("DecodeError")
+
+
+class FailingPermit(Throttle):
+    """The shared throttle, whose `fail_at`-th permit check (gate) raises `error` once."""
+
+    def __init__(self, inner: Throttle, fail_at: int, error: Exception) -> None:
+        self.__dict__.update(inner.__dict__)
+        self.calls, self.fail_at, self.error = 0, fail_at, error
+
+    def gate(self) -> Gate:
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise self.error
+        return super().gate()
+
+
+def fail_permit(delivery: Delivery, fail_at: int, error: Exception) -> None:
+    delivery.throttle = delivery.sender.throttle = FailingPermit(delivery.throttle, fail_at, error)
+
+
+def sent_counts(sandbox: Sandbox) -> Counter[str]:
+    return Counter(c["eventName"] for c in sandbox.commands())
+
+
+# One request per event, each after the first waiting for its rate-limit slot and then
+# asking the shared throttle (Redis) whether it may still go: the call a blip fails.
+PER_EVENT_SLOTS = {"churnzero_batch_size": 1, "rate_limit_rps": 20, "adaptive_rate": False}
+
+
+def test_a_redis_blip_at_a_chunks_permit_sends_each_event_once(
+    make_delivery: Make, r: redis.Redis, clean_sandbox: Sandbox
+) -> None:
+    delivery = make_delivery(**PER_EVENT_SLOTS)
+    fail_permit(delivery, 2, redis.ConnectionError("Redis went away"))  # the 2nd chunk's
+    items = batch("p", 4)
+    with contextlib.suppress(redis.ConnectionError):
+        delivery.deliver(items, "m-permit")
+    # Nothing of the run goes on after it: no request of its can reach ChurnZero later.
+    assert not asyncio.all_tasks(delivery.sender.loop)
+    delivery.deliver(items, "m-permit")  # the message again, as Redis would hand it back
+    deferred = delayed_items(r)
+    assert [i["id"] for i in deferred] == ["p1"]  # its permit was not given: it waits
+    delivery.deliver(deferred, "m-later")  # as the mover gives it back
+    delivery.deliver([event_item("q0")], "m-next")
+    assert sent_counts(clean_sandbox) == Counter(["p0", "p1", "p2", "p3", "q0"])
+    assert not deadletter.list_entries(r)
+
+
+def test_a_send_that_fails_cancels_its_siblings_and_keeps_what_churnzero_took(
+    make_delivery: Make, r: redis.Redis, clean_sandbox: Sandbox
+) -> None:
+    delivery = make_delivery(**PER_EVENT_SLOTS)
+    fail_permit(delivery, 2, RuntimeError("a bug"))
+    report = delivery.deliver(batch("s", 4), "m-bug")
+    assert not asyncio.all_tasks(delivery.sender.loop)
+    # The event ChurnZero took is delivered, not dead-lettered as well.
+    assert report.delivered == 1 and report.dead == {"worker_error": 3}
+    assert sorted(e.item["id"] for e in deadletter.list_entries(r)) == ["s1", "s2", "s3"]
+    delivery.deliver([event_item("t0")], "m-after-bug")
+    # No sibling of the failed run sent its request during the next message's run.
+    assert sent_counts(clean_sandbox) == Counter(["s0", "t0"])
