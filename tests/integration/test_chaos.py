@@ -395,3 +395,48 @@ def test_retry_after_a_day_pauses_no_longer_than_the_cap(
     figures = record("Retry-After: 86400 with a 4 s cap", load, delivered(clean_sandbox), r,
                      delivered_after_s=round(time.monotonic() - began, 1))  # fmt: skip
     assert figures["dead_lettered"] == 0
+
+
+# 50 messages of 100 events, each sent in 5 requests of 20 commands, every request after
+# a message's first waiting for its rate-limit slot (the default self-tuning rate) and
+# 300 ms at ChurnZero: a kill strikes with a message's requests on the wire and more of its
+# requests waiting for their slots.
+MID_MESSAGE_EVENTS = 5_000
+
+
+@pytest.mark.timeout(300)
+def test_redis_sigkill_mid_message_sends_no_event_twice(
+    tmp_path: Path, clean_sandbox: Sandbox, start_ingest: Callable[..., str],
+    start_worker: Starter,
+) -> None:  # fmt: skip
+    port = free_port()
+    workdir = tmp_path / "redis"
+    server = start_redis(port, workdir, *AOF_ALWAYS)
+    url_redis = f"redis://127.0.0.1:{port}/0"
+    r = redis.Redis.from_url(url_redis)
+    try:
+        clean_sandbox.fault(latency_ms=300)
+        url = start_ingest(redis_url=url_redis)
+        identify(url)
+        load = Load([url], MID_MESSAGE_EVENTS, batch=100, threads=2).start()
+        load.join()
+        assert len(load.acked) == MID_MESSAGE_EVENTS
+        # A task holds on to what ChurnZero took through the outage, until its time limit.
+        start_worker(redis_url=url_redis, visibility_timeout_s=35, task_time_limit_s=20,
+                     churnzero_batch_size=20)  # fmt: skip
+        for share in (0.2, 0.6):
+            wait_for(lambda s=share: len(clean_sandbox.commands()) > s * MID_MESSAGE_EVENTS, 120)  # type: ignore[misc]
+            server.send_signal(signal.SIGKILL)
+            server.wait(10)
+            # Down for longer than redis-py's own retries of a command (about 4 s at most),
+            # far less than the task's time limit: the outage's length is the fault itself.
+            time.sleep(5)
+            server = start_redis(port, workdir, *AOF_ALWAYS)
+        wait_for(drained(r, clean_sandbox, load.acked), timeout=150)
+        figures = record("Redis SIGKILL for 5 s mid-message (AOF always, twice)", load,
+                         delivered(clean_sandbox), r)  # fmt: skip
+        assert figures["duplicated"] == 0
+        assert figures["dead_lettered"] == 0
+    finally:
+        server.terminate()
+        server.wait(10)
