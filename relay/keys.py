@@ -143,6 +143,11 @@ class Stat(StrEnum):
     REPLAYED = "replayed"
     NEW_NAMES = "new_names"  # :<kind>
     RATELIMIT_WAITS = "ratelimit_waits"
+    # Events sent again after a request whose fate is unknown: ChurnZero may have taken
+    # it (:<cause>, the request's outcome label: timeout, connection_error, deadline).
+    RESENT = "resent"
+    # Settlements run as a plain MULTI, which Redis refuses at maxmemory (relay.state.oom).
+    OOM_FALLBACKS = "oom_fallbacks"
     REPLICATION_WAITS = "replication_waits"
     # The ChurnZero request-duration histogram: count per bucket (:<upper bound>), total
     # count and sum in microseconds.

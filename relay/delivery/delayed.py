@@ -1,5 +1,7 @@
 """The delayed set: batches waiting for their next try (retry backoff, pauses, identity
-waits), kept in Redis rather than as Celery ETA tasks.
+waits), kept in Redis rather than as Celery ETA tasks. A member is its batch's JSON,
+compressed as queued messages are (relay.wire.pack): a settlement that defers a whole
+message stores less than the message it frees.
 
 A Celery ETA past the visibility timeout is delivered twice, and ETA tasks sit in worker
 memory. Here a ZSET holds them by due time; a mover in every worker moves due batches
@@ -15,9 +17,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-import orjson
-
-from relay import keys
+from relay import keys, wire
 from relay.envelope import Envelope
 from relay.state import broker, oom
 
@@ -42,7 +42,7 @@ def stage_schedule(pipe: Any, items: list[Envelope], due: float, cause: str = ""
     if not items:
         return None
     stored = [item.to_dict() for item in items]
-    member = orjson.dumps({"id": uuid.uuid4().hex, "items": stored, "cause": cause})
+    member = wire.pack({"id": uuid.uuid4().hex, "items": stored, "cause": cause})
     pipe.zadd(keys.DELAYED, {member: due})
     pipe.incrby(keys.DELAYED_EVENTS, len(items))
     return member
@@ -65,7 +65,7 @@ class Mover:
         members = self._claim(keys=[keys.DELAYED], args=[self._page, self._lease_s])
         moved = 0
         for member in members:
-            batch = orjson.loads(member)
+            batch = wire.unpack(member)
             items = batch["items"]  # moved as stored, undecoded
             if self._queue.move(member, items, "d-" + str(batch["id"])):
                 moved += len(items)
