@@ -218,6 +218,7 @@ class Delivery:
                     identity.stage_waiting(pipe, member, filter(None, users), wait_s)
             deadletter.stage_add(pipe, dead)
             _stage_stats(pipe, report, now)
+            self.dedupe.stage_delivered(pipe, settled.delivered)
             sent = [(item, cmds) for item, cmds in plan.send if item.id in delivered]
             self.names.stage_learn(pipe, names.sent_names(sent))
             self.names.stage_held(pipe, held)

@@ -231,3 +231,20 @@ def test_a_send_that_fails_cancels_its_siblings_and_keeps_what_churnzero_took(
     delivery.deliver([event_item("t0")], "m-after-bug")
     # No sibling of the failed run sent its request during the next message's run.
     assert sent_counts(clean_sandbox) == Counter(["s0", "t0"])
+
+
+@pytest.mark.parametrize("message_ids", [True, False])
+def test_a_copy_that_runs_after_its_run_record_expired_delivers_nothing_again(
+    delivery: Delivery, r: redis.Redis, clean_sandbox: Sandbox, message_ids: bool
+) -> None:
+    items = batch("x", 3)
+    if message_ids:
+        for item in items:
+            item["event"]["messageId"] = "mid-" + item["id"]
+    assert delivery.deliver(items, "m-old").delivered == 3
+    # A copy of the message (restored after a blip, requeued behind a deep queue) runs
+    # once its run record is gone: the record lives an hour, copies may outlive it.
+    r.delete(keys.run("m-old"))
+    again = delivery.deliver(items, "m-old")
+    assert again.delivered == 0 and again.skipped == {"duplicate": 3}
+    assert sent_counts(clean_sandbox) == Counter(["x0", "x1", "x2"])
