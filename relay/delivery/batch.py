@@ -57,6 +57,7 @@ class Report:
     attributes: Counter[str] = field(default_factory=Counter)  # writes not sent, by reason
     requests: Counter[str] = field(default_factory=Counter)
     request_seconds: list[float] = field(default_factory=list)
+    resent: Counter[str] = field(default_factory=Counter)  # tried again, may arrive twice
 
     def as_log(self) -> dict[str, Any]:
         """Flat fields for a log line."""
@@ -69,6 +70,7 @@ class Report:
             "retried": dict(self.retried),
             "attributes_skipped": dict(self.attributes),
             "requests": dict(self.requests),
+            "resent": dict(self.resent),
         }
 
 
@@ -279,6 +281,7 @@ def _stage_stats(pipe: Any, report: Report, now: float) -> None:
         keys.Stat.REQUESTS: report.requests,
         keys.Stat.RETRIED: report.retried,
         keys.Stat.ATTRIBUTES: report.attributes,
+        keys.Stat.RESENT: report.resent,
     }
     for stat, by_label in labelled.items():
         counts.update({stat.of(k): v for k, v in by_label.items()})

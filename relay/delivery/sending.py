@@ -69,6 +69,7 @@ class Chunk:
     commands: list[Command]
     rids: list[str]
     outcome: retry.Outcome | None = None  # None: not sent (paused, rate-limited, deadline)
+    started: bool = False  # on the wire: with no outcome, cut off at the deadline
 
 
 class Tally(Protocol):
@@ -77,6 +78,7 @@ class Tally(Protocol):
     lane: str  # "live" or "replay": the rate limit's lane
     requests: Counter[str]
     request_seconds: list[float]
+    resent: Counter[str]  # events to be sent again though ChurnZero may have them, by cause
 
 
 def durably(write: Callable[[], None], budget: Budget) -> None:
@@ -114,7 +116,9 @@ class Sender:
     def send(self, chunks: list[Chunk], report: Tally, claim: Claim, budget: Budget) -> Outcomes:
         """Send what the throttle allows before the deadline; every relay id's outcome."""
         unsent_wait, cause = self._send_chunks(chunks, report, claim, budget)
-        return outcomes_of(chunks, Unsent(unsent_wait, cause))
+        outcomes = outcomes_of(chunks, Unsent(unsent_wait, cause))
+        report.resent.update(unknown_fate(chunks, outcomes))
+        return outcomes
 
     def _after_send(
         self, chunks: list[Chunk], sent: list[Chunk], claim: Claim, budget: Budget
@@ -220,6 +224,7 @@ class Sender:
         if check and not self._may_go():
             return  # a pause began while this request waited for its slot
         started = time.perf_counter()
+        chunk.started = True
         chunk.outcome = await self.client.send(chunk.commands)
         report.request_seconds.append(time.perf_counter() - started)
         report.requests[chunk.outcome.label] += 1
@@ -286,6 +291,25 @@ def outcomes_of(chunks: list[Chunk], unsent: Unsent) -> Outcomes:
         for rid in chunk.rids:
             outcomes[rid] = worst(outcomes.get(rid, OK), outcome)
     return outcomes
+
+
+def unknown_fate(chunks: list[Chunk], outcomes: Outcomes) -> Counter[str]:
+    """Events to be tried again though ChurnZero may have taken a request of theirs, by
+    cause: no answer before the client's timeout (`timeout`), the connection lost once
+    the request went (`connection_error`), or cut off on the wire at the task's deadline
+    (`deadline`). Each may arrive twice."""
+    causes: dict[str, str] = {}
+    for chunk in chunks:
+        if chunk.outcome is None:
+            cause = "deadline" if chunk.started else ""
+        else:
+            cause = chunk.outcome.error or "" if chunk.outcome.status is None else ""
+        for rid in chunk.rids if cause else ():
+            causes.setdefault(rid, cause)
+    return Counter(
+        cause for rid, cause in causes.items()
+        if not (isinstance(o := outcomes[rid], retry.Outcome) and o.kind is retry.Kind.PERMANENT)
+    )  # fmt: skip
 
 
 def chunked(send: list[tuple[Envelope, list[Command]]], size: int) -> list[Chunk]:

@@ -124,6 +124,9 @@ def test_no_answer_is_retried_and_may_arrive_twice(
     report = delivery.deliver([event_item("n0")], "m-no-answer")
     assert report.delivered == 0 and report.retried == {label: 1}
     assert report.requests == {label: 1}
+    # Counted as a possible duplicate (relay_resent_events_total{cause}).
+    assert report.resent == {label: 1}
+    assert int(r.hget(keys.STATS, f"resent:{label}")) == 1
     assert [(i["id"], i["attempts"]) for i in delayed_items(r)] == [("n0", 1)]
     if label == "timeout":
         # The sandbox had the command before it stalled: the retry sends it again.
@@ -248,3 +251,16 @@ def test_a_copy_that_runs_after_its_run_record_expired_delivers_nothing_again(
     again = delivery.deliver(items, "m-old")
     assert again.delivered == 0 and again.skipped == {"duplicate": 3}
     assert sent_counts(clean_sandbox) == Counter(["x0", "x1", "x2"])
+
+
+def test_a_request_cut_off_at_the_tasks_deadline_is_counted_as_resent(
+    make_delivery: Make, r: redis.Redis, clean_sandbox: Sandbox
+) -> None:
+    # The task's deadline comes before ChurnZero answers and before the client's timeout.
+    delivery = make_delivery(task_time_limit_s=8, churnzero_timeout_s=30)
+    clean_sandbox.fault(latency_ms=10_000)
+    report = delivery.deliver(batch("c", 2), "m-cut")
+    assert report.delivered == 0 and report.retried == {"deadline": 2}
+    assert report.resent == {"deadline": 2}
+    assert int(r.hget(keys.STATS, "resent:deadline")) == 2
+    assert not asyncio.all_tasks(delivery.sender.loop)
