@@ -232,17 +232,21 @@ class Delivery:
         # Past the sends, what ChurnZero accepted is known only here: hold on to it
         # through a Redis blip rather than give the message back to be sent again.
         durably(lambda: self._settle_once(claim, len(items), write), budget)
+        # Settled: nothing from here on may fail the message (it would be dead-lettered
+        # whole, its events just delivered or scheduled for retry among them).
         gone = {entry.item["id"] for entry in settled.dead}
-        with contextlib.suppress(*broker.QUEUE_ERRORS):  # an unreleased claim only expires
+        try:  # an unreleased claim only expires
             self.dedupe.release([i for i, _ in bad] + [i for i, _ in parsed if i.id in gone])
+        except Exception:
+            log.exception("dedupe_claims_kept", events=len(gone) + len(bad))
         if plan.forgotten:
-            # Not in the MULTI (a scan); an error gives the message back, and the
-            # delete is settled already, so it is logged for the operator instead.
+            # Not in the MULTI (a scan); the delete is settled already, so an error is
+            # logged for the operator.
             try:
                 removed = deadletter.remove_users(self.redis, set(plan.forgotten))
                 log.info("users_deleted", users=len(plan.forgotten), dead_letters=removed)
-            except broker.QUEUE_ERRORS:
-                log.error("users_deleted_dead_letters_kept", users=sorted(plan.forgotten))
+            except Exception:
+                log.exception("users_deleted_dead_letters_kept", users=sorted(plan.forgotten))
         return report
 
     def _settle_once(self, claim: Claim, events: int, write: Any) -> None:

@@ -264,3 +264,21 @@ def test_a_request_cut_off_at_the_tasks_deadline_is_counted_as_resent(
     assert report.resent == {"deadline": 2}
     assert int(r.hget(keys.STATS, "resent:deadline")) == 2
     assert not asyncio.all_tasks(delivery.sender.loop)
+
+
+def test_an_error_after_the_settlement_leaves_what_it_settled_alone(
+    delivery: Delivery, r: redis.Redis, clean_sandbox: Sandbox
+) -> None:
+    # A delete's dead letters are removed after the settlement, by a scan that meets an
+    # entry it cannot read (written by hand, or by another program).
+    r.hset(keys.DLQ_ENTRIES, "unreadable", b"not json")
+    clean_sandbox.fault(status=503)
+    gone = {"type": "delete", "userId": "gone", "messageId": "del-1"}
+    items = [event_item("w0"), {**event_item("w1"), "event": gone}]
+    with capture_logs() as logs:
+        report = delivery.deliver(items, "m-after")
+    assert report.retried == {"5xx": 1} and not report.dead
+    assert [i["id"] for i in delayed_items(r)] == ["w0"]  # waits for its retry, once
+    assert r.hkeys(keys.DLQ_ENTRIES) == [b"unreadable"]  # w0 is not dead-lettered too
+    assert int(r.get(keys.DEPTH_INFLIGHT) or 0) == 0
+    assert any(e["event"] == "users_deleted_dead_letters_kept" for e in logs)
