@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+import redis
 import structlog
 
 from relay import keys
 from relay.delivery import delayed, freshness
 from relay.delivery.churnzero import ChurnZeroClient
 from relay.delivery.dedupe import Dedupe
-from relay.delivery.runs import Claim, Runs, State
+from relay.delivery.runs import Claim, Fenced, Runs, State
 from relay.delivery.sending import OK, Budget, Sender, chunked, durably
 from relay.delivery.settlement import Outcomes, Policy, dead_letter, group_later, settle
 from relay.delivery.throttle import Throttle
@@ -37,6 +38,10 @@ from relay.state import broker, deadletter, identity, names, oom, status, trace
 from relay.state.deadletter import DeadLetter
 
 log = structlog.get_logger("relay.delivery")
+
+
+# Errors a run passes on rather than dead-letter its message for: Redis away, a fence.
+_PASSED_ON: tuple[type[Exception], ...] = (Fenced, *broker.QUEUE_ERRORS)
 
 
 class MessageBusy(Exception):
@@ -118,13 +123,20 @@ class Delivery:
         try:
             try:
                 return self._deliver(items, claim, budget)
-            except broker.QUEUE_ERRORS:
+            except _PASSED_ON:
                 raise
             except Exception as exc:
                 # A malformed message or a bug. Celery would drop the message: keep its
                 # events as dead letters instead, with the error.
                 log.exception("batch_failed", events=len(items))
                 return self._dead_letter_all(items, claim, exc)
+        except Fenced as fenced:
+            # This run lost its lease while it worked: another run settles the message
+            # (or did), and this one's settlement was not written.
+            log.warning("settlement_fenced", message_id=message_id, settled=fenced.settled)
+            if not fenced.settled:
+                raise MessageBusy(message_id) from None
+            return Report(received=len(items), already_settled=True)
         except BaseException:
             # Unsettled: the message runs again (Redis hands it out again), and the
             # events marked done are not sent twice.
@@ -143,10 +155,14 @@ class Delivery:
             dead.append(_worker_error(item, error))
         report.dead[Reason.WORKER_ERROR.value] = len(dead)
         pipe = self.redis.pipeline(transaction=True)
+        self.runs.stage_fence(pipe, claim)
         deadletter.stage_add(pipe, dead)
         _stage_stats(pipe, report, time.time())
         self.runs.stage_settled(pipe, claim, len(items))
-        oom.execute(self.redis, pipe)
+        try:
+            oom.execute(self.redis, pipe)
+        except redis.ResponseError as exc:
+            raise self.runs.fenced(exc) or exc from None
         return report
 
     def _claim(self, message_id: str, events: int, budget: Budget) -> Claim:
@@ -255,9 +271,13 @@ class Delivery:
             return
         claim.settle_tried = True
         pipe = self.redis.pipeline(transaction=True)
+        self.runs.stage_fence(pipe, claim)
         write(pipe)
         self.runs.stage_settled(pipe, claim, events)
-        oom.execute(self.redis, pipe)  # one atomic script, accepted at maxmemory
+        try:
+            oom.execute(self.redis, pipe)  # one atomic script, accepted at maxmemory
+        except redis.ResponseError as exc:
+            raise self.runs.fenced(exc) or exc from None
 
 
 def _worker_error(item: Any, error: str, now: float | None = None) -> DeadLetter:

@@ -17,7 +17,7 @@ import redis
 from structlog.testing import capture_logs
 
 from relay import keys
-from relay.delivery.batch import Delivery
+from relay.delivery.batch import Delivery, MessageBusy, Report
 from relay.delivery.throttle import FIRST_OUTAGE_PAUSE_S, Gate, Throttle
 from relay.reasons import Reason
 from relay.state import deadletter
@@ -282,3 +282,48 @@ def test_an_error_after_the_settlement_leaves_what_it_settled_alone(
     assert r.hkeys(keys.DLQ_ENTRIES) == [b"unreadable"]  # w0 is not dead-lettered too
     assert int(r.get(keys.DEPTH_INFLIGHT) or 0) == 0
     assert any(e["event"] == "users_deleted_dead_letters_kept" for e in logs)
+
+
+class FrozenAfterSending(Throttle):
+    """The shared throttle, whose first report (after a run's sends, before its
+    settlement) runs `meanwhile` first: what happens while that run is frozen."""
+
+    def __init__(self, inner: Throttle, meanwhile: Callable[[], None]) -> None:
+        self.__dict__.update(inner.__dict__)
+        self.meanwhile: Callable[[], None] | None = meanwhile
+
+    def report(self, **outcomes: Any) -> float:
+        if self.meanwhile is not None:
+            meanwhile, self.meanwhile = self.meanwhile, None
+            meanwhile()
+        return super().report(**outcomes)
+
+
+@pytest.mark.parametrize("copy_settles", [True, False])
+def test_a_run_frozen_past_its_lease_writes_no_settlement(
+    make_delivery: Make, r: redis.Redis, clean_sandbox: Sandbox, copy_settles: bool
+) -> None:
+    frozen, copy = make_delivery(), make_delivery()
+    items = batch("z", 2)
+    clean_sandbox.fault(status=503)
+    copy_report: list[Report] = []
+
+    def lease_runs_out_and_a_copy_runs() -> None:
+        r.delete(keys.run_lock("m-frozen"))  # the frozen run's lease expired
+        if copy_settles:
+            copy_report.append(copy.deliver(items, "m-frozen"))
+        else:  # the copy holds the lease, still working
+            copy.runs.claim("m-frozen", len(items))
+
+    fenced = FrozenAfterSending(frozen.throttle, lease_runs_out_and_a_copy_runs)
+    frozen.throttle = frozen.sender.throttle = fenced
+    if copy_settles:
+        report = frozen.deliver(items, "m-frozen")
+        assert report.already_settled and copy_report[0].retried == {"5xx": 2}
+    else:
+        with pytest.raises(MessageBusy):  # given back: it runs again once the copy is done
+            frozen.deliver(items, "m-frozen")
+    # The events wait for their retry once (the copy's settlement, or none yet), and the
+    # in-flight count is not taken down twice.
+    assert sorted(i["id"] for i in delayed_items(r)) == (["z0", "z1"] if copy_settles else [])
+    assert int(r.get(keys.DEPTH_INFLIGHT) or 0) == (0 if copy_settles else 2)
