@@ -119,6 +119,8 @@ class Delivery:
         budget = Budget.of(self.settings, time.monotonic())
         claim = self._claim(message_id, len(items), budget)
         if claim.state is State.SETTLED:
+            # Its first run may have given it back before replicas held the settlement.
+            self._replicated(budget)
             return Report(received=len(items), already_settled=True)
         try:
             try:
@@ -248,6 +250,7 @@ class Delivery:
         # Past the sends, what ChurnZero accepted is known only here: hold on to it
         # through a Redis blip rather than give the message back to be sent again.
         durably(lambda: self._settle_once(claim, len(items), write), budget)
+        self._replicated(budget)
         # Settled: nothing from here on may fail the message (it would be dead-lettered
         # whole, its events just delivered or scheduled for retry among them).
         gone = {entry.item["id"] for entry in settled.dead}
@@ -264,6 +267,16 @@ class Delivery:
             except Exception:
                 log.exception("users_deleted_dead_letters_kept", users=sorted(plan.forgotten))
         return report
+
+    def _replicated(self, budget: Budget) -> None:
+        """With `redis_wait_replicas`, return once that many replicas hold everything
+        this run wrote (its settlement), before the message is acknowledged: a failover
+        then cannot roll the settlement back while the queue has forgotten the message.
+        Raises NotReplicated (the message is given back) if they do not in time."""
+        replicas = self.settings.redis_wait_replicas
+        if replicas:
+            timeout_ms = self.settings.redis_wait_timeout_ms
+            durably(lambda: broker.confirm_replicated(self.redis, replicas, timeout_ms), budget)
 
     def _settle_once(self, claim: Claim, events: int, write: Any) -> None:
         # A MULTI whose answer was lost may have been applied: its settled mark says so.

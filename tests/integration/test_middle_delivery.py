@@ -20,8 +20,15 @@ from relay import keys
 from relay.delivery.batch import Delivery, MessageBusy, Report
 from relay.delivery.throttle import FIRST_OUTAGE_PAUSE_S, Gate, Throttle
 from relay.reasons import Reason
-from relay.state import deadletter
-from tests.integration.conftest import Sandbox, delayed_items, event_item
+from relay.state import broker, deadletter
+from tests.integration.conftest import (
+    APP_KEY,
+    OwnRedis,
+    Sandbox,
+    delayed_items,
+    event_item,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 Make = Callable[..., Delivery]
@@ -327,3 +334,31 @@ def test_a_run_frozen_past_its_lease_writes_no_settlement(
     # in-flight count is not taken down twice.
     assert sorted(i["id"] for i in delayed_items(r)) == (["z0", "z1"] if copy_settles else [])
     assert int(r.get(keys.DEPTH_INFLIGHT) or 0) == (0 if copy_settles else 2)
+
+
+def test_with_wait_replicas_a_settlement_is_acknowledged_only_once_replicated(
+    own_redis: OwnRedis, clean_sandbox: Sandbox
+) -> None:
+    from relay.mapping import load_mapping
+    from relay.settings import Settings
+
+    _, primary = own_redis()
+    port = primary.connection_pool.connection_kwargs["port"]
+    _, replica = own_redis("--replicaof", "127.0.0.1", str(port))
+    wait_for(lambda: replica.info("replication")["master_link_status"] == "up")
+    settings = Settings(
+        churnzero_url=clean_sandbox.url + "/i", churnzero_app_key=APP_KEY,
+        redis_wait_replicas=1, redis_wait_timeout_ms=200, task_time_limit_s=8,
+    )  # fmt: skip
+    delivery = Delivery(settings, primary, load_mapping(None))
+    try:
+        assert delivery.deliver([event_item("v0")], "m-replicated").delivered == 1
+        assert int(primary.hget(keys.STATS, "replication_waits")) >= 1
+        with contextlib.suppress(redis.RedisError):
+            replica.shutdown(nosave=True)  # the only replica is gone
+        # Settled on the primary alone: the message is given back rather than acked (a
+        # failover to a replica without the settlement would deliver it again).
+        with pytest.raises(broker.NotReplicated):
+            delivery.deliver([event_item("v1")], "m-unreplicated")
+    finally:
+        delivery.close()
