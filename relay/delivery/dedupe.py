@@ -47,7 +47,9 @@ local now, window, span = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]
 local current = math.floor(now / span)
 local expire_at = (current + 1) * span + window + 1
 local buckets = {}
-for b = current, math.floor((now - window) / span), -1 do
+-- From one bucket ahead: a claim written by a worker whose clock is ahead of this one's
+-- (by up to a bucket) is found too.
+for b = current + 1, math.floor((now - window) / span), -1 do
   local m = redis.call('HMGET', prefix .. b, 'l', 'p', 'n')
   if m[1] then
     buckets[#buckets + 1] = {b = b, l = tonumber(m[1]), p = tonumber(m[2]),
@@ -82,8 +84,10 @@ _SETTLED_LUA = f"local function settled(tag) return tostring(tonumber(tag) + {_S
 # 1 = another copy's claim, 2 = this copy's, its event delivered already.
 _CLAIM = """
 local fill = tonumber(ARGV[4])
-local cur = buckets[1]
-if not (cur and cur.b == current) then cur = nil end
+local cur = nil
+for _, bk in ipairs(buckets) do
+  if bk.b == current then cur = bk end
+end
 local touched = {}
 local function split()
   local src = prefix .. current .. ':' .. string.format('%d', cur.p)
