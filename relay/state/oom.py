@@ -54,7 +54,7 @@ log = structlog.get_logger("relay.state")
 _fell_back = False  # whether this process logged a plain MULTI (`_plain_transaction`)
 
 # Asked once per client: the scripts of a client's users carry the header they chose at
-# start (`header`) anyway, and an INFO per settlement was a round trip per write.
+# start (`header`) anyway, and an INFO per settlement would be a round trip per write.
 _FLAGS: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 
 
