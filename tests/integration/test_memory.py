@@ -325,8 +325,8 @@ def test_a_backlog_that_filled_redis_drains_to_empty_through_a_churnzero_outage(
     maxmemory = int(r.info("memory")["maxmemory"])
     # ChurnZero is down while the backlog builds: the worker defers every message it takes
     # to the delayed set (after the first failures, without sending), and back. The record
-    # of settled events is kept small: its cost is fixed by its size (README "Sizing"),
-    # more than this Redis holds at the default, whatever the backlog.
+    # of settled events is kept small: its cost is fixed by its size,
+    # more than this Redis holds at the default (docs/sizing.md), whatever the backlog.
     clean_sandbox.fault(status=503)
     start_worker(redis_url=url_of(r), trace_size=1000)
     watch = MemoryWatch(r)
