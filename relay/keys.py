@@ -168,6 +168,11 @@ class Stat(StrEnum):
     CONTACT_CHANGES = "contact_changes"  # users an explicit contact id moved
     PARKED = "parked"  # :<outcome> parked traits: parked, released, expired, deleted
     RATELIMIT_WAITS = "ratelimit_waits"
+    # Events sent again after a request whose fate is unknown: ChurnZero may have taken
+    # it (:<cause>, the request's outcome label: timeout, connection_error, deadline).
+    RESENT = "resent"
+    # Settlements run as a plain MULTI, which Redis refuses at maxmemory (relay.state.oom).
+    OOM_FALLBACKS = "oom_fallbacks"
     REPLICATION_WAITS = "replication_waits"
     # The ChurnZero request-duration histogram: count per bucket (:<upper bound>), total
     # count and sum in microseconds.

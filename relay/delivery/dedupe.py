@@ -4,7 +4,9 @@ The first copy to reach a worker claims the messageId with its relay id. Another
 (another relay id) within the window is a duplicate. The claiming copy itself, redelivered
 after a worker crash, retried or replayed, keeps its relay id and so is never taken for
 its own duplicate; a copy that ends in the dead-letter queue gives its claim back, so a
-later resend is delivered. Nothing is claimed before it is safely queued.
+later resend is delivered. Nothing is claimed before it is safely queued. Once delivered,
+the claim says so (in the settlement's MULTI): a copy of the same message that runs
+later, after its run record expired, skips the event as a duplicate.
 
 Storage is compact and bounded (a key per messageId carries Redis's per-key overhead for
 every event; figures in docs/sizing.md). Claims go into time buckets of 1/24 of the window; a
@@ -31,6 +33,7 @@ from relay.envelope import Envelope
 from relay.state import oom
 
 BUCKETS_PER_WINDOW = 24
+_NO_MESSAGE_ID = "\x00relay-id:"  # no messageId starts so (a control character)
 # Redis's default hash-max-listpack-entries; 128 in the oldest configs, hence the fallback.
 _LISTPACK_DEFAULT = 512
 _LISTPACK_UNKNOWN = 128
@@ -44,7 +47,9 @@ local now, window, span = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]
 local current = math.floor(now / span)
 local expire_at = (current + 1) * span + window + 1
 local buckets = {}
-for b = current, math.floor((now - window) / span), -1 do
+-- From one bucket ahead: a claim written by a worker whose clock is ahead of this one's
+-- (by up to a bucket) is found too.
+for b = current + 1, math.floor((now - window) / span), -1 do
   local m = redis.call('HMGET', prefix .. b, 'l', 'p', 'n')
   if m[1] then
     buckets[#buckets + 1] = {b = b, l = tonumber(m[1]), p = tonumber(m[2]),
@@ -70,11 +75,19 @@ local function find(f, h)
 end
 """
 
-# After _COMMON. ARGV[4]: the target claims per shard. Returns one flag per pair: 1 = duplicate.
+# A claim's value once its event was delivered: its tag moved past every tag's range
+# (tags are signed 24-bit), still an integer, so a listpack keeps it as compactly.
+_SETTLED = 16777216
+_SETTLED_LUA = f"local function settled(tag) return tostring(tonumber(tag) + {_SETTLED}) end\n"
+
+# After _COMMON. ARGV[4]: the target claims per shard. Returns one flag per pair:
+# 1 = another copy's claim, 2 = this copy's, its event delivered already.
 _CLAIM = """
 local fill = tonumber(ARGV[4])
-local cur = buckets[1]
-if not (cur and cur.b == current) then cur = nil end
+local cur = nil
+for _, bk in ipairs(buckets) do
+  if bk.b == current then cur = bk end
+end
 local touched = {}
 local function split()
   local src = prefix .. current .. ':' .. string.format('%d', cur.p)
@@ -101,8 +114,12 @@ for i = 5, #ARGV, 2 do
   local f, tag = ARGV[i], ARGV[i + 1]
   local h = hash(f)
   local found = find(f, h)
-  if found then
-    out[#out + 1] = (found == tag) and 0 or 1
+  if found == tag then
+    out[#out + 1] = 0
+  elseif found == settled(tag) then
+    out[#out + 1] = 2
+  elseif found then
+    out[#out + 1] = 1
   else
     if not cur then
       cur = {b = current, l = 0, p = 0, n = 0}
@@ -139,6 +156,16 @@ return 0
 """
 
 
+# After _COMMON. Marks each claim still held by the given tag delivered (`settled`).
+_DELIVERED = """
+for i = 4, #ARGV, 2 do
+  local f, tag = ARGV[i], ARGV[i + 1]
+  local found, _, key = find(f, hash(f))
+  if found == tag then redis.call('HSET', key, f, settled(tag)) end
+end
+return 0
+"""
+
 # After _COMMON. Read only (preview, dry runs): one flag per pair, 1 = another copy holds it.
 _PEEK = """
 local out = {}
@@ -164,12 +191,15 @@ class Dedupe:
             # A worker draining a full Redis must still record claims (a few bytes per
             # event, far less than the acked message that carried it frees): relay.state.oom.
             header = oom.header(r)
-        self._claim = r.register_script(header + _COMMON + _CLAIM)
+        self._claim = r.register_script(header + _COMMON + _SETTLED_LUA + _CLAIM)
         self._release = r.register_script(header + _COMMON + _RELEASE)
+        self._delivered = r.register_script(header + _COMMON + _SETTLED_LUA + _DELIVERED)
         self._peek = r.register_script(_COMMON + _PEEK)
 
     def duplicates(self, items: list[Envelope]) -> set[str]:
-        """Relay ids of items whose messageId another copy already claimed."""
+        """Relay ids of items whose messageId another copy already claimed, or whose own
+        claim says they were delivered (a copy of a message that was settled, run after
+        its run record expired: relay.delivery.runs)."""
         pairs = _pairs(items)
         if not pairs or self._window <= 0:
             return set()
@@ -178,6 +208,17 @@ class Dedupe:
             args += [digest, tag]
         flags = self._claim(keys=[keys.DEDUPE], args=args)
         return {rid for (_, _, rid), dup in zip(pairs, flags, strict=True) if int(dup)}
+
+    def stage_delivered(self, pipe: Any, items: list[Envelope]) -> None:
+        """Queue on the settlement's MULTI: these items' claims say they were delivered,
+        for the rest of the window."""
+        pairs = _pairs(items)
+        if not pairs or self._window <= 0:
+            return
+        args: list[Any] = [self._clock(), self._window, self._span]
+        for digest, tag, _ in pairs:
+            args += [digest, tag]
+        self._delivered(keys=[keys.DEDUPE], args=args, client=pipe)
 
     def peek(self, items: list[Envelope]) -> set[str]:
         """What `duplicates` would say now, claiming nothing (a preview, a dry run)."""
@@ -213,10 +254,11 @@ def relay_tag(rid: str) -> str:
 
 
 def _pairs(items: list[Envelope]) -> list[tuple[bytes, str, str]]:
+    # An event without a messageId is claimed under its relay id: no other copy can be
+    # recognised, but a later copy of its own message finds it delivered.
     return [
-        (message_digest(item.message_id), relay_tag(item.id), item.id)
+        (message_digest(item.message_id or _NO_MESSAGE_ID + item.id), relay_tag(item.id), item.id)
         for item in items
-        if item.message_id is not None
     ]
 
 

@@ -1,5 +1,7 @@
 """The delayed set: batches waiting for their next try (retry backoff, pauses, identity
-waits), kept in Redis rather than as Celery ETA tasks.
+waits), kept in Redis rather than as Celery ETA tasks. A member is its batch's JSON,
+compressed as queued messages are (relay.wire.pack): a settlement that defers a whole
+message stores less than the message it frees.
 
 A Celery ETA past the visibility timeout is delivered twice, and ETA tasks sit in worker
 memory. Here a ZSET holds them by due time; a mover in every worker moves due batches
@@ -20,9 +22,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-import orjson
-
-from relay import keys
+from relay import keys, wire
 from relay.envelope import Envelope
 from relay.state import broker, oom
 
@@ -55,7 +55,7 @@ def stage_schedule(pipe: Any, items: list[Envelope], due: float, cause: str = ""
         return None
     stored = [item.to_dict() for item in items]
     batch_id = uuid.uuid4().hex
-    member = orjson.dumps({"id": batch_id, "items": stored, "cause": cause})
+    member = wire.pack({"id": batch_id, "items": stored, "cause": cause})
     pipe.zadd(keys.DELAYED, {member: due})
     pipe.incrby(keys.DELAYED_EVENTS, len(items))
     received = [item.received_at for item in items if item.received_at is not None]
@@ -88,7 +88,7 @@ class Mover:
         members = self._claim(keys=[keys.DELAYED, *indexes], args=[self._page, self._lease_s])
         moved = 0
         for member in members:
-            batch = orjson.loads(member)
+            batch = wire.unpack(member)
             items = batch["items"]  # moved as stored, undecoded
             index = keys.delayed_received(waiting_state(batch.get("cause")))
             batch_id = str(batch["id"])

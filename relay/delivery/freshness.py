@@ -25,6 +25,7 @@ from relay.commands import SetAttribute
 from relay.memory import ContactChange
 from relay.plan import Parsed, Plan
 from relay.resolution import Ids
+from relay.state import oom
 
 # KEYS: one entity hash per write. ARGV: ttl_s, then (attribute, event ms) per write.
 # Returns 1 (send) or 0 (stale) per write, in order.
@@ -114,7 +115,8 @@ def reserve(
                 args += [command.name, stamp]
     if not writes:
         return 0
-    verdicts = r.eval(_RESERVE, len(names), *names, *args)
+    # Allowed at maxmemory (Redis 7+): a worker must drain a full Redis (relay.state.oom).
+    verdicts = r.eval(oom.header(r) + _RESERVE, len(names), *names, *args)
     stale = {w for w, ok in zip(writes, verdicts, strict=True) if not int(ok)}
     if not stale:
         return 0

@@ -12,7 +12,10 @@ broken connection lost is sent again. So each run first claims its message:
               2xx for (those are not sent again)
 
 A run marks events done right after ChurnZero's 2xx, and writes its settlement
-(dead letters, delayed retries, counters) in one MULTI with the `settled` mark. The
+(dead letters, delayed retries, counters) in one MULTI with the `settled` mark, fenced by
+its token: a run frozen past its lease (a paused VM, a starved CPU) while a copy claimed
+the message writes no settlement. Done marks are not fenced: a 2xx is a fact whichever
+run got it, and it keeps any run from sending those events again. The
 first claim of a message also moves its events from the ready count to in-flight, so
 re-runs do not make the counters drift.
 """
@@ -55,7 +58,26 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 0
 """
 
+# KEYS: run, lock. ARGV: token. Staged first in a settlement: if another run settled the
+# message, or holds its lease now (this run's ran out while it was frozen), the error
+# ends the settlement's script before it writes anything.
+_FENCE = """
+if redis.call('HEXISTS', KEYS[1], 'settled') == 1 then error('relay-fenced: settled') end
+local holder = redis.call('GET', KEYS[2])
+if holder and holder ~= ARGV[1] then error('relay-fenced: leased') end
+return 0
+"""
+
 _DONE = "d:"
+
+
+class Fenced(Exception):
+    """Another run settled this message, or holds its lease: this run's settlement was
+    not written (`settled`: which of the two)."""
+
+    def __init__(self, settled: bool) -> None:
+        super().__init__("settled by another run" if settled else "leased by another run")
+        self.settled = settled
 
 
 class State(Enum):
@@ -88,6 +110,7 @@ class Runs:
         # Allowed at maxmemory (Redis 7+): a worker must drain a full Redis (relay.state.oom).
         self._claim = r.register_script(oom.header(r) + _CLAIM)
         self._release = r.register_script(oom.header(r) + _RELEASE)
+        self._fence = r.register_script(oom.header(r) + _FENCE)
 
     def claim(self, message_id: str, events: int, token: str | None = None) -> Claim:
         """Claim a message for this run; see the module docstring.
@@ -120,6 +143,23 @@ class Runs:
         pipe.pexpire(run, self._ttl_ms)
         oom.execute(self._redis, pipe)
         claim.done.update(relay_ids)
+
+    def stage_fence(self, pipe: Any, claim: Claim) -> None:
+        """Queue first on a settlement: the run's token fences it, so a run that lost its
+        lease (frozen past it) writes nothing; see `fenced`."""
+        self._fence(
+            keys=[keys.run(claim.message_id), keys.run_lock(claim.message_id)],
+            args=[claim.token],
+            client=pipe,
+        )
+
+    @staticmethod
+    def fenced(exc: Exception) -> Fenced | None:
+        """The fence a settlement's error says it met, if that is what it was."""
+        text = str(exc)
+        if "relay-fenced" not in text:
+            return None
+        return Fenced(settled="relay-fenced: settled" in text)
 
     def stage_settled(self, pipe: Any, claim: Claim, events: int) -> None:
         """Queue on the settlement's MULTI: the message is settled, its lease ends."""
