@@ -45,16 +45,21 @@ fails over to the next sentinel URL, so a Celery setting could not reach every c
 from __future__ import annotations
 
 import time
+from queue import Empty
 from typing import Any
 
 import orjson
 import structlog
 from kombu.transport import TRANSPORT_ALIASES, get_transport_cls, virtual
 from kombu.transport import redis as kombu_redis
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import loads
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ExecAbortError, OutOfMemoryError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from relay import keys
+from relay.state import lease
 from relay.state.oom import ALLOW_OOM, script_flags
 
 log = structlog.get_logger("relay.transport")
@@ -64,26 +69,55 @@ RECORD_PATIENCE_S = 60.0
 _RETRY_EVERY_S = 0.25
 
 
-def _script(*calls: str) -> str:
-    """A script of these `redis.call`s that Redis 7+ runs at maxmemory too."""
-    return ALLOW_OOM + "".join(f"redis.call({call})\n" for call in calls) + "return 0\n"
-
-
-# KEYS: unacked index, unacked hash. ARGV: score, delivery tag, payload (kombu's format).
-_APPEND = _script("'ZADD', KEYS[1], ARGV[1], ARGV[2]", "'HSET', KEYS[2], ARGV[2], ARGV[3]")
-# KEYS: unacked index, unacked hash. ARGV: delivery tag. (kombu runs these in MULTI,
-# and Redis refuses every command queued in a MULTI at maxmemory, even deletions.)
-_REMOVE = _script("'ZREM', KEYS[1], ARGV[1]", "'HDEL', KEYS[2], ARGV[1]")
+# KEYS: unacked index, unacked hash, own taken list, own held set. ARGV: delivery tag,
+# payload (kombu's record), the message as taken ("" if it was not taken into the list).
+# Scored on Redis's clock, as the sweep reads it: hosts' clocks do not matter.
+_APPEND = """
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[1], tonumber(t[1]) + tonumber(t[2]) / 1000000, ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('SADD', KEYS[4], ARGV[1])
+if ARGV[3] ~= '' then redis.call('LREM', KEYS[3], 1, ARGV[3]) end
+return 0
+"""
+# KEYS: unacked index, unacked hash, own held set. ARGV: delivery tag. (kombu runs these
+# in MULTI, and Redis refuses every command queued in a MULTI at maxmemory, even deletions.)
+_REMOVE = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('SREM', KEYS[3], ARGV[1])
+return 0
+"""
+# KEYS: the queues in the consumer's order, then its taken list. Moves the first message
+# found into the taken list and returns {its queue's position, the message}.
+_TAKE = """
+for i = 1, #KEYS - 1 do
+  local m = redis.call('RPOPLPUSH', KEYS[i], KEYS[#KEYS])
+  if m then return {i, m} end
+end
+return false
+"""
 # KEYS: the exchange's binding table and its permanent twin. ARGV: the member.
-_BIND = _script("'SADD', KEYS[1], ARGV[1]", "'SADD', KEYS[2], ARGV[1]")
+_BIND = """
+redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('SADD', KEYS[2], ARGV[1])
+return 0
+"""
+# After a take refused at maxmemory, take by script (allowed there) for this long; when
+# even that finds or may take nothing, wait this long before the next try.
+_OOM_SCRIPT_S = 5.0
+_REFUSED_PAUSE_S = 1.0
 
 
 class QoS(kombu_redis.QoS):
-    """kombu's ack emulation; unacked bookkeeping and restores survive a full Redis."""
+    """kombu's ack emulation; unacked bookkeeping and restores survive a full Redis, and
+    what a worker holds is in its held set (relay.state.lease)."""
+
+    _next_sweep = 0.0
 
     def append(self, message: Any, delivery_tag: str) -> None:
         """Record a delivered message as unacked, even at maxmemory, waiting out a
-        failover rather than losing it."""
+        failover (the message stays in the worker's taken list meanwhile)."""
         deadline = time.monotonic() + RECORD_PATIENCE_S
         waited = False
         while True:
@@ -100,16 +134,18 @@ class QoS(kombu_redis.QoS):
 
     def _append(self, message: Any, delivery_tag: str) -> None:
         channel: _AllowOom = self.channel
-        if not channel.allow_oom:
+        if not channel.takes:
             super().append(message, delivery_tag)
             return
         delivery = message.delivery_info
         # kombu's record ([message, exchange, routing key]), as kombu reads it back; its
         # own encoder escapes every byte of the message's base64 body in Python's JSON.
         payload = orjson.dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
-        with channel.conn_or_acquire() as client:
-            client.eval(_APPEND, 2, self.unacked_index_key, self.unacked_key,
-                        time.time(), delivery_tag, payload)  # fmt: skip
+        client = channel.lease_client
+        client.eval(channel.script_header + _APPEND, 4, self.unacked_index_key,
+                    self.unacked_key, lease.taken_key(), lease.held_key(), delivery_tag,
+                    payload, channel.taken or b"")  # fmt: skip
+        channel.taken = None
         virtual.QoS.append(self, message, delivery_tag)
 
     def ack(self, delivery_tag: str) -> None:
@@ -137,9 +173,12 @@ class QoS(kombu_redis.QoS):
 
     def restore_unacked(self, client: Any = None) -> None:
         """When the channel closes (shutdown, a lost connection), requeue what this worker
-        held; what cannot be requeued now stays unacked and comes back after the
-        visibility timeout."""
+        held and took; what cannot be requeued now is put back when it consumes again,
+        or by another worker once its lease lapses."""
         try:
+            channel: _AllowOom = self.channel
+            if channel.takes and channel.enlisted:
+                channel.reclaim()
             super().restore_unacked(client)
         except (OutOfMemoryError, ExecAbortError):
             log.warning("restore_unacked_deferred", error="redis at maxmemory")
@@ -150,19 +189,41 @@ class QoS(kombu_redis.QoS):
 
     def _remove(self, delivery_tag: str) -> None:
         channel: _AllowOom = self.channel
-        if not channel.allow_oom:
+        if not channel.takes:
             self._remove_from_indices(delivery_tag).execute()
             return
-        with channel.conn_or_acquire() as client:
-            client.eval(_REMOVE, 2, self.unacked_index_key, self.unacked_key, delivery_tag)
+        channel.lease_client.eval(channel.script_header + _REMOVE, 3, self.unacked_index_key,
+                                  self.unacked_key, lease.held_key(), delivery_tag)  # fmt: skip
+
+    def _remove_from_indices(self, delivery_tag: str, pipe: Any = None) -> Any:
+        # Also kombu's restores (a requeue, a restore at close): the worker holds it no more.
+        return super()._remove_from_indices(delivery_tag, pipe).srem(lease.held_key(), delivery_tag)
 
     def restore_visible(self, start: int = 0, num: int = 10, interval: int = 10) -> None:
-        """Requeue messages past the visibility timeout; at maxmemory, try again later."""
+        """Every quarter lease: put back what lapsed workers took and held, and requeue
+        messages past the visibility timeout; at maxmemory, try again later."""
+        channel: _AllowOom = self.channel
         try:
-            super().restore_visible(start=start, num=num, interval=interval)
+            if not channel.takes:
+                super().restore_visible(start=start, num=num, interval=interval)
+                return
+            now = time.monotonic()
+            if now < self._next_sweep:
+                return
+            self._next_sweep = now + channel.worker_lease / 4
+            client = channel.lease_client
+            tags = lease.sweep(
+                client, channel.worker_lease, unacked_index=self.unacked_index_key,
+                visibility_s=self.visibility_timeout, limit=num or 100,
+                fallback_queue=keys.QUEUE,
+            )  # fmt: skip
+            for tag in tags:
+                self.restore_by_tag(bytes_to_str(tag), client)
+            if tags:
+                log.info("restored_unacked", messages=len(tags))
         except (OutOfMemoryError, ExecAbortError):
-            # The mutex SET or a requeue was refused: nothing changed (the requeue is one
-            # transaction). Draining frees memory; a later poll restores them.
+            # The sweep or a requeue was refused: a requeue is one transaction, and what
+            # stays unacked is requeued after the visibility timeout at the latest.
             log.warning("restore_visible_deferred", error="redis at maxmemory")
 
 
@@ -178,21 +239,145 @@ class _ClosedAware:
 
 
 class _AllowOom(kombu_redis.Channel):
-    """kombu's Redis channel with the QoS above and bindings that survive a full Redis."""
+    """kombu's Redis channel: takes a message into the worker's taken list (BLMOVE), with
+    the QoS above and bindings that survive a full Redis."""
 
     QoS = QoS
+    # How long a worker's hold on what it took outlives its last heartbeat
+    # (relay.state.lease); `worker_lease` in the transport options.
+    worker_lease = 8.0
+    from_transport_options = (*kombu_redis.Channel.from_transport_options, "worker_lease")
 
     _allow_oom: bool | None = None
+    _lease_client: Any = None
+    taken: bytes | None = None  # the message being delivered, as taken
+    enlisted = False
+    _taking: tuple[str, list[str]] = ("", [])
+    _block_next = True
+    _oom_until = 0.0
+    _paused_until = 0.0
+
+    @property
+    def takes(self) -> bool:
+        """Whether this channel takes messages into the worker's taken list (always, but
+        with a global key prefix, where kombu's own BRPOP applies)."""
+        return not self.global_keyprefix
 
     @property
     def allow_oom(self) -> bool:
         """Whether writes go through allow-oom scripts (Redis 7+, no key prefix)."""
         if self._allow_oom is None:
-            # A client of the shared pool, not `self.client`, whose connection may be
-            # waiting on a BRPOP.
-            with self.conn_or_acquire() as client:
-                self._allow_oom = not self.global_keyprefix and script_flags(client)
+            self._allow_oom = not self.global_keyprefix and script_flags(self.lease_client)
         return self._allow_oom
+
+    @property
+    def script_header(self) -> str:
+        """The flags line of this channel's scripts."""
+        return ALLOW_OOM if self.allow_oom else ""
+
+    @property
+    def lease_client(self) -> Any:
+        """A client of the shared pool, not `self.client`, whose connection may be
+        waiting on a take; kept, so its server's flags are asked once."""
+        if self._lease_client is None:
+            with self.conn_or_acquire() as client:
+                self._lease_client = client
+        return self._lease_client
+
+    def reclaim(self) -> None:
+        """Renew the worker's lease, put back what it took and never recorded, and
+        requeue what it still holds (a closed connection could not)."""
+        for tag in lease.enlist(self.lease_client, self.worker_lease, keys.QUEUE):
+            self.qos.restore_by_tag(bytes_to_str(tag), self.lease_client)
+
+    def _brpop_start(self, timeout: int | None = None) -> None:
+        if not self.takes:
+            super()._brpop_start(timeout)
+            return
+        now = time.monotonic()
+        if now < self._paused_until:
+            return
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues:
+            return
+        if not self.enlisted:
+            self.reclaim()
+            lease.heartbeat(self.worker_lease).keep(self, self.lease_client)
+            self.enlisted = True
+        sources = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
+        timeout = self.brpop_timeout if timeout is None else timeout
+        connection = self.client.connection
+        self._in_poll = connection
+        self._brpop_sent_at = now
+        taken = lease.taken_key()
+        if now >= self._oom_until and (len(sources) == 1 or self._block_next):
+            # One command takes and records the take: what Redis pops is in the taken
+            # list, whether or not the reply reaches this worker.
+            if self.allow_oom:
+                args = ["BLMOVE", sources[0], taken, "RIGHT", "LEFT", timeout or 0]
+            else:  # servers before 7 may predate BLMOVE (6.2); the same move
+                args = ["BRPOPLPUSH", sources[0], taken, timeout or 0]
+            self._taking = (str(args[0]), sources[:1])
+        else:
+            # Several queues, in order, without blocking (a blocking move has one source);
+            # also the take at maxmemory, where Redis refuses BLMOVE but not this script.
+            args = ["EVAL", self.script_header + _TAKE, len(sources) + 1, *sources, taken]
+            self._taking = ("EVAL", sources)
+        connection.send_command(*args)
+
+    def _brpop_read(self, **options: Any) -> bool:
+        if not self.takes:
+            return bool(super()._brpop_read(**options))
+        command, sources = self._taking
+        try:
+            try:
+                reply = self.client.parse_response(self.client.connection, command, **options)
+            except self.connection_errors:
+                # Disconnect so that the next iteration reconnects; what was taken stays
+                # in the taken list and is put back (`reclaim`, or a lapsed lease's sweep).
+                self.client.connection.disconnect()
+                raise
+            except OutOfMemoryError:
+                self._refused(command)
+                raise Empty() from None
+            if command == "EVAL":
+                item, source = (reply[1], sources[int(reply[0]) - 1]) if reply else (None, "")
+                # Nothing waiting in any queue: block on the first one next.
+                self._block_next = not reply
+                if not reply and time.monotonic() < self._oom_until:
+                    self._paused_until = time.monotonic() + _REFUSED_PAUSE_S
+            else:
+                item, source = reply, sources[0]
+                self._block_next = False  # then look at every queue, in order
+            if not item:
+                raise Empty()
+            dest = bytes_to_str(source).rsplit(self.sep, 1)[0]
+            self._queue_cycle.rotate(dest)
+            self.taken = item
+            self.connection._deliver(loads(bytes_to_str(item)), dest)
+            return True
+        finally:
+            self._in_poll = None
+            self._flush_brpop_reauth()
+
+    def _refused(self, command: str) -> None:
+        # At maxmemory Redis refuses BLMOVE (it may grow memory); the take script, flagged
+        # allow-oom, still runs there. Before Redis 7 nothing can take: wait and retry.
+        log.warning("take_refused", error="redis at maxmemory", command=command)
+        if command != "EVAL" and self.allow_oom:
+            self._oom_until = time.monotonic() + _OOM_SCRIPT_S
+        else:
+            self._paused_until = time.monotonic() + _REFUSED_PAUSE_S
+
+    def _poll_error(self, type: str, **options: Any) -> Any:
+        if type == "BRPOP" and self.takes:
+            return self.client.parse_response(self.client.connection, self._taking[0])
+        return super()._poll_error(type, **options)
+
+    def close(self) -> None:
+        """Close, and beat no more for this channel."""
+        lease.heartbeat(self.worker_lease).drop(self)
+        super().close()
 
     def _size(self, queue: str) -> int:
         # Read without MULTI: Redis refuses a MULTI at maxmemory, even of reads.
@@ -216,7 +401,7 @@ class _AllowOom(kombu_redis.Channel):
         permanent = getattr(self, "keyprefix_binding_permanent", None)
         twin = permanent % (exchange,) if permanent else table
         with self.conn_or_acquire() as client:
-            client.eval(_BIND, 2, table, twin, member)
+            client.eval(ALLOW_OOM + _BIND, 2, table, twin, member)
 
     def _queue_expiries(self) -> dict[str, Any]:
         # Queues with an expiry (kombu 5.7; none in 5.6) keep kombu's own code paths.
