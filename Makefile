@@ -44,7 +44,7 @@ fmt: install
 	$(BIN)/ruff check --fix relay workers tests
 
 chaos: install
-	$(BIN)/pytest -q -m chaos -s tests/integration/test_chaos.py tests/integration/test_sentinel.py
+	$(BIN)/pytest -q -m chaos -s tests/integration/test_chaos.py tests/integration/test_take.py tests/integration/test_sentinel.py
 
 bench: install
 	$(BIN)/python -m tests.bench

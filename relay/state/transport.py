@@ -304,6 +304,7 @@ class _AllowOom(kombu_redis.Channel):
             self.reclaim()
             lease.heartbeat(self.worker_lease).keep(self, self.lease_client)
             self.enlisted = True
+            log.info("consuming", worker=lease.worker_id(), lease_s=self.worker_lease)
         sources = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
         timeout = self.brpop_timeout if timeout is None else timeout
         connection = self.client.connection
