@@ -21,3 +21,5 @@ class Reason(StrEnum):
     RETRIES_EXHAUSTED = "retries_exhausted"  # still failing at the maximum age
     WORKER_ERROR = "worker_error"  # the worker could not handle its batch at all
     NEW_NAME = "new_name"  # held by the new-name guard until `relay names allow`
+    UNDECODABLE_MESSAGE = "undecodable_message"  # a queue entry no worker can read
+    UNKNOWN_TASK = "unknown_task"  # a Celery message for a task the relay does not have

@@ -35,6 +35,8 @@ except RelayError as exc:
 
 app = broker.make_celery(settings, redis_url, worker=True)
 app.conf.include = ["workers.tasks"]
+# Messages it cannot run are dead-lettered, never dropped or handed out again forever.
+app.conf.worker_consumer = "workers.consumer:Consumer"
 state = redis_conn.sync_client(settings, redis_url, socket_timeout=10, socket_connect_timeout=5)
 
 log = structlog.get_logger("relay.worker")

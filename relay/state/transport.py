@@ -59,7 +59,8 @@ from redis.exceptions import ExecAbortError, OutOfMemoryError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from relay import keys
-from relay.state import lease
+from relay.reasons import Reason
+from relay.state import deadletter, lease
 from relay.state.oom import ALLOW_OOM, script_flags
 
 log = structlog.get_logger("relay.transport")
@@ -354,12 +355,39 @@ class _AllowOom(kombu_redis.Channel):
                 raise Empty()
             dest = bytes_to_str(source).rsplit(self.sep, 1)[0]
             self._queue_cycle.rotate(dest)
+            try:
+                message = loads(bytes_to_str(item))
+                if not isinstance(message, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as exc:
+                self._dead_letter(item, exc)
+                raise Empty() from None
             self.taken = item
-            self.connection._deliver(loads(bytes_to_str(item)), dest)
+            self.connection._deliver(message, dest)
             return True
         finally:
             self._in_poll = None
             self._flush_brpop_reauth()
+
+    def _dead_letter(self, item: bytes, exc: Exception) -> None:
+        # Not a kombu message at all: kombu would fail on it and the worker lose it. Into
+        # the dead-letter queue, out of the taken list, in one step (if Redis refuses, it
+        # stays taken, and is put back on the queue when this worker consumes again).
+        text = item.decode(errors="replace")
+        entry = deadletter.new_entry(
+            {"raw": text}, Reason.UNDECODABLE_MESSAGE, errors=[f"{type(exc).__name__}: {exc}"],
+            entry_id=deadletter.entry_id_of(text),
+        )  # fmt: skip
+        pipe = self.lease_client.pipeline(transaction=True)
+        deadletter.stage_add(pipe, [entry])
+        pipe.lrem(lease.taken_key(), 1, item)
+        try:
+            pipe.execute()
+        except RedisError as error:
+            log.warning("message_not_dead_lettered", error=type(error).__name__)
+            return
+        log.warning("message_dead_lettered", reason=Reason.UNDECODABLE_MESSAGE.value,
+                    entry=entry.id)  # fmt: skip
 
     def _refused(self, command: str) -> None:
         # At maxmemory Redis refuses BLMOVE (it may grow memory); the take script, flagged
