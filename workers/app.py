@@ -72,6 +72,11 @@ def _tune_gc(**_: Any) -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+# With nothing due, the mover looks again after this long: a retry comes back at most this
+# late, and an idle worker asks Redis once a second.
+MOVER_IDLE_S = 1.0
+
+
 @beside_the_worker("relay-mover")
 def _move_forever() -> None:
     mover = Mover(state, broker.Queue(state, settings.message_events, allow_oom=True))
@@ -90,7 +95,7 @@ def _move_forever() -> None:
         if moved:
             log.info("moved_due", events=moved)
         else:
-            _stop.wait(0.25)
+            _stop.wait(MOVER_IDLE_S)
 
 
 @signals.worker_shutdown.connect
