@@ -426,15 +426,14 @@ class _AllowOom(kombu_redis.Channel):
             return
         member = self.sep.join([routing_key or "", pattern or "", queue or ""])
         table = self.keyprefix_queue % (exchange,)
-        # kombu 5.7 keeps a permanent twin of the binding table; 5.6 has only the table.
-        permanent = getattr(self, "keyprefix_binding_permanent", None)
-        twin = permanent % (exchange,) if permanent else table
+        # kombu keeps a permanent twin of the binding table.
+        twin = self.keyprefix_binding_permanent % (exchange,)
         with self.conn_or_acquire() as client:
             client.eval(ALLOW_OOM + _BIND, 2, table, twin, member)
 
     def _queue_expiries(self) -> dict[str, Any]:
-        # Queues with an expiry (kombu 5.7; none in 5.6) keep kombu's own code paths.
-        return getattr(self, "_expires", None) or {}
+        # Queues with an expiry keep kombu's own code paths.
+        return dict(self._expires)
 
 
 class Channel(_ClosedAware, _AllowOom):
