@@ -21,8 +21,8 @@ from pydantic import TypeAdapter, ValidationError
 
 _INSTANT: TypeAdapter[datetime] = TypeAdapter(datetime)
 # What Segment's libraries send: RFC 3339 with `Z` or an offset. These the standard
-# library reads to the same instant as pydantic, several times faster (a sentAt per event
-# of a batch); anything else goes through pydantic's lenient parser.
+# library reads to the same instant as pydantic, with less work per call (a sentAt per
+# event of a batch); anything else goes through pydantic's lenient parser.
 _RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?(Z|[+-]\d\d:\d\d)")
 
 

@@ -28,7 +28,6 @@ DELAYED = PREFIX + "delayed"
 IDENTITY = PREFIX + "identity:"
 # Dedupe claims (relay/delivery/dedupe.py): per time bucket b, a meta HASH `relay:seen:<b>` and
 # shard HASHes `relay:seen:<b>:<i>` (8-byte messageId digest -> 24-bit relay-id tag).
-# The previous version's `relay:dedupe:<messageId>` strings are no longer read.
 DEDUPE = PREFIX + "seen:"
 ALIAS = PREFIX + "alias:"
 WAITING = PREFIX + "waiting:"

@@ -12,7 +12,7 @@ from enum import StrEnum
 
 
 class Reason(StrEnum):
-    """A dead letter's reason (the README's table says what each one asks of an operator)."""
+    """A dead letter's reason (docs/operations.md says what each one asks of an operator)."""
 
     INVALID_EVENT = "invalid_event"  # failed validation at ingest
     INVALID_COMMAND = "invalid_command"  # its commands are ones ChurnZero would drop

@@ -111,8 +111,8 @@ class Settings(BaseSettings):
     new_names: str = "count"
     names_max: int = Field(10_000, ge=1)
 
-    # Events the record of recent settlements keeps for `relay trace` (0: none). About
-    # 0.3 KB of Redis per delivered track, 1 KB per 5-trait identify (see README).
+    # Events the record of recent settlements keeps for `relay trace` (0: none). Its Redis
+    # memory grows with it (per-event figures in docs/operations.md).
     trace_size: int = Field(100_000, ge=0)
 
     log_level: str = "info"
@@ -122,7 +122,7 @@ class Settings(BaseSettings):
     ingest_log: Literal["aggregate", "each"] = "aggregate"
     # `relay serve` runs this many ingest processes on its port; 0 = one per core.
     ingest_processes: int = Field(0, ge=0)
-    # libuv's event loop for ingest (uvloop): measured faster here; false = asyncio's own.
+    # libuv's event loop for ingest (uvloop), less CPU per request; false = asyncio's own.
     ingest_uvloop: bool = True
     # How ingest queues its group commits: `pipelined` writes the Celery messages with one
     # Redis script call (relay.state.broker); `celery` publishes them through Celery's send_task.

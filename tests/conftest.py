@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 from tests.procs import ROOT
 
@@ -19,6 +20,20 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 # what it needs. RELAY_TEST_* are the suite's own knobs (a given Redis, for one).
 for _name in [k for k in os.environ if k.startswith("RELAY_") and not k.startswith("RELAY_TEST_")]:
     del os.environ[_name]
+
+# Hypothesis profiles: `ci` (CI=true) runs every property test in full, derandomized as
+# Hypothesis's own CI profile is; `dev`, the default, runs a few examples of each, so that
+# `make unit` stays a fast inner loop. `pytest --hypothesis-profile=ci` runs the full one
+# anywhere. A test that names its own count of examples takes it through `examples`.
+settings.register_profile("ci", settings.get_profile("ci"), max_examples=120)
+settings.register_profile("dev", max_examples=15)
+settings.load_profile("ci" if IN_CI else "dev")
+
+
+def examples(full: int) -> int:
+    """Examples for a property test that names its own count: all of them under the ci
+    profile, a tenth (at least 15) under any other."""
+    return full if settings.get_current_profile_name() == "ci" else max(full // 10, 15)
 
 
 def fixture(name: str) -> Any:

@@ -58,8 +58,8 @@ def beside_the_worker(name: str) -> Callable[[Callable[[], None]], Callable[[], 
 
 
 # A message of 500 events parses into tens of thousands of small objects, and each 700
-# allocations start a collection; the full ones walked every module Celery, pydantic and
-# the relay import, a fifth of a worker's CPU. Fewer young collections, and the start-up
+# allocations start a collection; the full ones walk every object of the modules Celery,
+# pydantic and the relay import, work that frees nothing. Fewer young collections, and the start-up
 # heap frozen out of the full ones (gc.freeze, once the worker is ready): a batch's
 # objects die by reference count, not by the collector, so memory holds the same.
 GC_THRESHOLDS = (50_000, 20, 20)

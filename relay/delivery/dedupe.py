@@ -6,8 +6,8 @@ after a worker crash, retried or replayed, keeps its relay id and so is never ta
 its own duplicate; a copy that ends in the dead-letter queue gives its claim back, so a
 later resend is delivered. Nothing is claimed before it is safely queued.
 
-Storage is compact and bounded (about 20 bytes per event instead of ~200 for a key per
-messageId, see README "Sizing"). Claims go into time buckets of 1/24 of the window; a
+Storage is compact and bounded (a key per messageId carries Redis's per-key overhead for
+every event; figures in docs/sizing.md). Claims go into time buckets of 1/24 of the window; a
 bucket expires once it no longer overlaps the window, so memory holds at most
 window + one bucket of claims. A bucket is a set of small HASHes that Redis keeps
 listpack-encoded: field = 8-byte digest of the messageId, value = a 24-bit tag of the
@@ -161,8 +161,8 @@ class Dedupe:
         header = ""
         if window_s > 0:
             self._fill = max(_listpack_entries(r) // 4, 1)
-            # A worker draining a full Redis must still record claims (about 20 bytes per
-            # event, while each acked message frees hundreds): see relay.state.oom.
+            # A worker draining a full Redis must still record claims (a few bytes per
+            # event, far less than the acked message that carried it frees): relay.state.oom.
             header = oom.header(r)
         self._claim = r.register_script(header + _COMMON + _CLAIM)
         self._release = r.register_script(header + _COMMON + _RELEASE)
@@ -202,7 +202,7 @@ class Dedupe:
 
 
 def message_digest(message_id: str) -> bytes:
-    """The 8-byte digest a messageId is stored as (64 bits: see README for collisions)."""
+    """The 8-byte digest a messageId is stored as (64 bits: docs/sizing.md has the odds)."""
     return hashlib.blake2b(message_id.encode(), digest_size=8).digest()
 
 

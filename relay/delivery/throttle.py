@@ -211,9 +211,9 @@ ADAPT_PAUSE_BELOW_S = 1.0
 # While live work flows, a replay task reserves slots of the replay lane's share at most
 # this far ahead; past it, its events wait in the delayed set. Replays have a worker
 # process of their own, so a waiting replay task holds no live message's thread, and
-# waiting costs less than putting events back: at 50 ms, 157,642 of a 200,000-event
-# replay's events went back (and were read again) beside live traffic, and live p99
-# doubled (tests/bench/replay.py).
+# waiting costs less than putting events back: each event put back is written to the
+# delayed set and read again, Redis and CPU work beside live traffic (tests/bench/replay.py
+# measures live p99 beside a replay).
 REPLAY_MAX_WAIT_S = 1.0
 # Alone, the replay lane has the whole rate and reserves at most this far ahead: live
 # work arriving gets its part of the rate within that (more would let the two lanes

@@ -86,7 +86,7 @@ class QueueGate:
 
     def _memory_reason(self) -> str:
         # Refused well before maxmemory: with noeviction a full Redis refuses every write,
-        # and the workers need the headroom to drain it (README "Redis full").
+        # and the workers need the headroom to drain it (docs/operations.md, runbook "Redis full").
         return (
             f"redis memory at {self.memory_fraction:.0%} of maxmemory "
             f"(threshold {self.max_memory_fraction:.0%})"

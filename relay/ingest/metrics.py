@@ -35,11 +35,10 @@ class IngestFigures:
     there by any ingest process's `/metrics`, as the queue and delivery figures are.
 
     In one place because `relay serve` runs a process per core on one port, and a scrape
-    reaches one of them: figures kept per process showed that one's share. Counted in
-    plain numbers on the event loop, not in prometheus_client's metrics: a lock and
-    several calls per update, three updates per request, were with the request log's
-    bookkeeping 13 % of a single-event webhook request's CPU (measured by leaving both
-    out). The event loop is the only writer, so no lock is needed."""
+    reaches one of them: figures kept per process would show that one's share. Counted in
+    plain numbers on the event loop, not in prometheus_client's metrics, which take a lock
+    and several calls per update, three updates per request on ingest's hot path. The
+    event loop is the only writer, so no lock is needed."""
 
     def __init__(self) -> None:
         self._reset()

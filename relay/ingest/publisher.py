@@ -25,7 +25,7 @@ from relay.state import broker
 
 # Publishing is not tried again, so that the client gets a 503 within about a second
 # (relay.state.redis_conn): kombu's retry cannot tell a refused connection from one that timed
-# out, and trying once more cost 2 s more when connects time out (3.0 s, not 1.0).
+# out, and trying again would add a connect timeout to every answer while connects time out.
 RETRY_POLICY = {"max_retries": 0, "interval_start": 0.0, "interval_step": 0.0, "interval_max": 0.0}
 
 

@@ -6,9 +6,10 @@ connections over them).
 
 `relay worker` runs two Celery workers: one of the live queue, and one of the replay
 lane at a lower CPU priority (`RELAY_REPLAY_NICE`). In one process, a replay's batches
-would hold the interpreter lock while live batches wait, and on a busy host the kernel
-now gives live work the CPU first: a replay of a million dead letters does not slow
-live delivery. Given its own `-Q`, `relay worker` is that one Celery worker instead.
+would hold the interpreter lock while live batches wait; in a process of its own, on a
+busy host the kernel gives live work the CPU first, so a replay of many dead letters
+takes only what live delivery leaves. Given its own `-Q`, `relay worker` is that one
+Celery worker instead.
 
 The supervisor starts its children, starts again one that dies, and on SIGTERM or
 SIGINT stops them all (each finishes the work under way: requests, or running tasks)

@@ -47,7 +47,7 @@ _NOT_INLINED = frozenset({"EVAL_RO", "EVALSHA_RO", "FCALL", "FCALL_RO"})
 MAX_UNPACK = 7_000
 
 # Asked once per client: the scripts of a client's users carry the header they chose at
-# start (`header`) anyway, and an INFO per settlement was a round trip per write.
+# start (`header`) anyway, and an INFO per settlement would be a round trip per write.
 _FLAGS: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 
 

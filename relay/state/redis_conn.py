@@ -14,7 +14,8 @@ Retrying is decided here, not left to redis-py's defaults, which differ by how a
 is built: one made from a URL tries nothing again, one made by `Redis(host, port)` (as
 redis-py makes its sentinel clients) tries 10 times more with backoff. Ingest's client
 reconnects once at once after a refused or dropped connection and never after a timeout,
-so that it answers 503 within about a second while Redis is down (README "Redis down").
+so that it answers 503 within about a second while Redis is down (docs/operations.md,
+runbook "Redis down").
 """
 
 from __future__ import annotations

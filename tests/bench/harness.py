@@ -48,7 +48,7 @@ class Env:
     """Where the benchmarks run: the Redis URL of the benchmark database.
 
     By default the benchmarks start a Redis of their own with AOF and `appendfsync
-    everysec`, the durable setting the README recommends, so that a 200 costs what it
+    everysec`, the durable setting docs/reliability.md recommends, so that a 200 costs what it
     costs in a deployment. `RELAY_BENCH_REDIS=shared` uses the machine's Redis on 6379 as
     it is configured (its persistence is recorded with each result).
     """

@@ -257,7 +257,7 @@ def test_increments_and_allow_dupes(
 def test_standard_calls_of_the_python_library_only(
     relay: str, r: redis.Redis, clean_sandbox: Sandbox
 ) -> None:
-    """The README's set-up: identify, group, track, and no custom traits anywhere."""
+    """docs/segment-setup.md's set-up: identify, group, track, and no custom traits."""
     from segment.analytics import Client
 
     client = Client(WRITE_KEY, host=relay, sync_mode=True)

@@ -2,7 +2,7 @@
 
 Each scenario counts events sent, acknowledged (answered 200), delivered (arrived at the
 sandbox), dead-lettered and duplicated, asserts the promise, and records the figures in
-bench-results/reliability.json for the README.
+bench-results/reliability.json for docs/reliability.md.
 """
 
 from __future__ import annotations

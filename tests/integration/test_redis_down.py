@@ -30,8 +30,8 @@ from tests.procs import free_port, start_redis
 
 pytestmark = pytest.mark.integration
 AUTH = (WRITE_KEY, "")
-# Measured 0.00-0.01 s with the connection refused and 1.0 s with connects timing out
-# (README "Redis down"); generous, so that a machine twice as slow passes too.
+# Ingest costs at most one 1 s connect timeout per answer while Redis is down (docs/operations.md,
+# runbook "Redis down"); generous, so that a machine twice as slow passes too.
 BOUND_S = 5
 AOF_ALWAYS = ("--appendonly", "yes", "--appendfsync", "always")
 

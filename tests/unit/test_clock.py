@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from relay import clock
+from tests.conftest import examples
 
 OFFSETS = [UTC, timezone(timedelta(hours=5, minutes=30)), timezone(timedelta(hours=-8))]
 
@@ -27,7 +28,7 @@ def by_pydantic(value: Any) -> datetime | None:
         return None
 
 
-@settings(max_examples=500)
+@settings(max_examples=examples(500))
 @given(st.datetimes(timezones=st.sampled_from(OFFSETS)),
        st.sampled_from(["seconds", "milliseconds", "microseconds"]))  # fmt: skip
 def test_rfc3339_reads_as_pydantic_reads_it(when: datetime, spec: str) -> None:

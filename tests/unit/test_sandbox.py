@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -12,35 +11,12 @@ from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
 from relay.dev import sandbox
-
-GIF_1X1 = b"GIF89a\x01\x00\x01\x00"
+from tests.sandbox_client import assert_pixel, commands, get_json, set_faults
 
 
 @pytest.fixture
 async def client(aiohttp_client: AiohttpClient) -> TestClient[Any, Any]:
     return await aiohttp_client(sandbox.create_app())
-
-
-async def assert_pixel(response: aiohttp.ClientResponse) -> None:
-    assert response.status == 200
-    assert response.content_type == "image/gif"
-    body = await response.read()
-    assert body.startswith(GIF_1X1) and body.endswith(b";")
-
-
-async def get_json(client: TestClient[Any, Any], path: str) -> Any:
-    response = await client.get(path)
-    assert response.status == 200
-    return await response.json()
-
-
-async def commands(client: TestClient[Any, Any]) -> list[dict[str, Any]]:
-    return list(await get_json(client, "/_sandbox/commands"))
-
-
-async def set_faults(client: TestClient[Any, Any], **faults: Any) -> None:
-    response = await client.post("/_sandbox/faults", json=faults)
-    assert response.status == 200, await response.text()
 
 
 async def test_get_query_is_one_command_of_strings(client: TestClient[Any, Any]) -> None:
@@ -97,24 +73,6 @@ async def test_garbage_still_gets_a_pixel_and_is_counted(client: TestClient[Any,
     }
 
 
-async def test_status_fault_expires_and_refused_commands_are_not_recorded(
-    client: TestClient[Any, Any],
-) -> None:
-    await set_faults(client, status=503, for_s=0.3)
-    refused = await client.post("/i", json={"n": 1})
-    assert refused.status == 503
-    assert "Retry-After" not in refused.headers
-    await asyncio.sleep(0.35)
-    await assert_pixel(await client.post("/i", json={"n": 2}))
-    assert await commands(client) == [{"n": 2}]
-    assert await get_json(client, "/_sandbox/faults") == {}
-    log = await get_json(client, "/_sandbox/requests")
-    assert [r["status"] for r in log] == [503, 200]
-    stats = await get_json(client, "/_sandbox/stats")
-    assert stats["by_status"] == {"200": 1, "503": 1}
-    assert stats["commands"] == 1
-
-
 async def test_status_fault_without_for_s_lasts_until_cleared(
     client: TestClient[Any, Any],
 ) -> None:
@@ -126,53 +84,6 @@ async def test_status_fault_without_for_s_lasts_until_cleared(
     assert await get_json(client, "/_sandbox/faults") == {"status": 429, "retry_after": 2}
     assert (await client.delete("/_sandbox/faults")).status == 200
     await assert_pixel(await client.get("/i", params={"a": "1"}))
-
-
-async def test_rate_limit_lets_rps_through_and_429s_the_rest(
-    client: TestClient[Any, Any],
-) -> None:
-    await set_faults(client, rate_limit_rps=20)
-    started = time.monotonic()
-    responses = await asyncio.gather(*(client.post("/i", json={"n": n}) for n in range(60)))
-    refilled = 20 * (time.monotonic() - started)  # a slow machine earns more tokens
-    ok = [r for r in responses if r.status == 200]
-    throttled = [r for r in responses if r.status == 429]
-    assert 20 <= len(ok) <= 20 + refilled + 1
-    assert throttled
-    assert len(ok) + len(throttled) == 60
-    assert all(r.headers["Retry-After"] == "1" for r in throttled)
-    assert len(await commands(client)) == len(ok)
-
-
-async def test_rate_limit_never_refuses_a_client_pacing_at_rps(
-    client: TestClient[Any, Any],
-) -> None:
-    await set_faults(client, rate_limit_rps=40)
-    statuses = []
-    for n in range(30):
-        statuses.append((await client.post("/i", json={"n": n})).status)
-        await asyncio.sleep(1 / 40)
-    assert statuses == [200] * 30
-
-
-async def test_latency_delays_every_answer(client: TestClient[Any, Any]) -> None:
-    await set_faults(client, latency_ms=150)
-    started = time.monotonic()
-    await assert_pixel(await client.get("/i", params={"a": "1"}))
-    assert time.monotonic() - started >= 0.15
-
-
-async def test_drop_connection_hangs_up_without_an_answer(
-    client: TestClient[Any, Any],
-) -> None:
-    await set_faults(client, drop_connection=True, for_s=0.3)
-    with pytest.raises(aiohttp.ServerDisconnectedError):
-        await client.post("/i", json={"n": 1})
-    await asyncio.sleep(0.35)
-    await assert_pixel(await client.post("/i", json={"n": 2}))
-    assert await commands(client) == [{"n": 2}]
-    log = await get_json(client, "/_sandbox/requests")
-    assert [r["status"] for r in log] == [0, 200]
 
 
 async def test_delete_commands_clears_commands_requests_and_stats(
@@ -212,15 +123,6 @@ async def test_bad_faults_are_refused_with_the_problem_named(
     response = await client.post("/_sandbox/faults", data=body)
     assert response.status == 400
     assert named in (await response.json())["error"].lower()
-    await assert_pixel(await client.get("/i"))
-
-
-async def test_faults_combine_and_replace_each_other(client: TestClient[Any, Any]) -> None:
-    await set_faults(client, status=502, latency_ms=50)
-    started = time.monotonic()
-    assert (await client.get("/i")).status == 502
-    assert time.monotonic() - started >= 0.05
-    await set_faults(client, latency_ms=1)
     await assert_pixel(await client.get("/i"))
 
 
