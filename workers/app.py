@@ -72,8 +72,9 @@ def _tune_gc(**_: Any) -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-# With nothing due, the mover looks again after this long: a retry comes back at most this
-# late, and an idle worker asks Redis once a second.
+# With nothing due, the mover looks again when the next batch is due, or after this long at
+# most: a batch added meanwhile comes back at most this late, and an idle worker asks
+# Redis once a second.
 MOVER_IDLE_S = 1.0
 
 
@@ -95,7 +96,8 @@ def _move_forever() -> None:
         if moved:
             log.info("moved_due", events=moved)
         else:
-            _stop.wait(MOVER_IDLE_S)
+            due_in = mover.next_due_in_s
+            _stop.wait(MOVER_IDLE_S if due_in is None else min(max(due_in, 0.01), MOVER_IDLE_S))
 
 
 @signals.worker_shutdown.connect

@@ -23,7 +23,8 @@ from relay.state import broker, oom
 
 LEASE_S = 60
 
-# KEYS: delayed. ARGV: limit, lease_s. Claims up to `limit` members due by Redis's clock.
+# KEYS: delayed. ARGV: limit, lease_s. Claims up to `limit` members due by Redis's clock;
+# returns them, and the seconds until the next member is due ("-1": none waits).
 _CLAIM = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -31,7 +32,12 @@ local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, ARGV[1
 for _, member in ipairs(due) do
   redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), member)
 end
-return due
+local next_in = -1
+if #due == 0 then
+  local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  if first[2] then next_in = math.max(tonumber(first[2]) - now, 0) end
+end
+return {due, tostring(next_in)}
 """
 
 
@@ -59,10 +65,14 @@ class Mover:
         self._lease_s = lease_s
         # Allowed at maxmemory (Redis 7+): moving work back frees as much as it writes.
         self._claim = r.register_script(oom.header(r) + _CLAIM)
+        # After a call that found nothing due: the seconds until the next batch is (None:
+        # none waits).
+        self.next_due_in_s: float | None = None
 
     def move_due(self) -> int:
         """Move what is due; returns the number of events moved."""
-        members = self._claim(keys=[keys.DELAYED], args=[self._page, self._lease_s])
+        members, next_in = self._claim(keys=[keys.DELAYED], args=[self._page, self._lease_s])
+        self.next_due_in_s = None if float(next_in) < 0 else float(next_in)
         moved = 0
         for member in members:
             batch = orjson.loads(member)

@@ -17,8 +17,7 @@ restarted, or every worker was cut off), nobody could renew. The first beat or s
 it gives every lease that was live when the silence began a fresh lease, so an outage
 alone never makes a live worker look dead.
 
-Keys are built inside the sweep from the ids it finds: the relay runs on one Redis
-(primary and replicas), never on a cluster.
+The script is relay/state/lua/lease.lua.
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ import os
 import threading
 import uuid
 import weakref
+from importlib import resources
 from typing import Any
 
 import structlog
@@ -40,93 +40,9 @@ log = structlog.get_logger("relay.lease")
 # lapsed until the claim's own TTL has run out anyway.
 FORGET_MS = 600_000
 
-# KEYS[1]: workers, KEYS[2]: the last beat. ARGV[1]: lease_ms. Sets `now` (ms).
-_NOW = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local lease = tonumber(ARGV[1])
-local last = tonumber(redis.call('GET', KEYS[2]))
-if last and now - last > lease then
-  for _, w in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], last, '+inf')) do
-    redis.call('ZADD', KEYS[1], now + lease, w)
-  end
-end
-redis.call('SET', KEYS[2], now)
-"""
+# The script of every lease command; its header names each KEYS and ARGV entry.
+_LEASE = resources.files("relay.state").joinpath("lua/lease.lua").read_text()
 
-# Puts every message of a taken list back at the head of its queue (its routing key, as
-# kombu's restore does; `fallback` if unreadable), oldest first.
-_PUT_BACK = """
-local function put_back(taken, fallback)
-  while true do
-    local m = redis.call('LPOP', taken)
-    if not m then return end
-    local queue = fallback
-    local ok, p = pcall(cjson.decode, m)
-    if ok and type(p) == 'table' and type(p.properties) == 'table' then
-      local d = p.properties.delivery_info
-      if type(d) == 'table' and type(d.routing_key) == 'string' and d.routing_key ~= '' then
-        queue = d.routing_key
-      end
-    end
-    redis.call('RPUSH', queue, m)
-  end
-end
-"""
-
-# KEYS: workers, last beat. ARGV: lease_ms, worker id.
-# Returns 0 renewed, 1 lapsed (renewed now), 2 new.
-_BEAT = (
-    _NOW
-    + """
-local d = redis.call('ZSCORE', KEYS[1], ARGV[2])
-redis.call('ZADD', KEYS[1], now + lease, ARGV[2])
-if not d then return 2 end
-if tonumber(d) < now then return 1 end
-return 0
-"""
-)
-
-# KEYS: workers, last beat, own taken list, own held set. ARGV: lease_ms, worker id,
-# fallback queue. Starts (or restarts) consuming: renews the lease, puts back what a
-# previous connection of this process took but never recorded, and returns the delivery
-# tags it still holds (a closed connection could not restore them).
-_ENLIST = (
-    _NOW
-    + _PUT_BACK
-    + """
-redis.call('ZADD', KEYS[1], now + lease, ARGV[2])
-put_back(KEYS[3], ARGV[3])
-return redis.call('SMEMBERS', KEYS[4])
-"""
-)
-
-# KEYS: workers, last beat, kombu's unacked index. ARGV: lease_ms, own worker id,
-# fallback queue, the worker key prefix, taken suffix, held suffix, visibility_s, limit.
-# Puts back the taken lists of workers whose lease lapsed and returns the delivery tags
-# to restore: theirs, and any unacked past the visibility timeout (kombu's own rule).
-_SWEEP = (
-    _NOW
-    + _PUT_BACK
-    + f"local FORGET_MS = {FORGET_MS}\n"
-    + """
-local out = {}
-for _, w in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], now - FORGET_MS, '(' .. now)) do
-  if w ~= ARGV[2] then
-    put_back(ARGV[4] .. w .. ARGV[5], ARGV[3])
-    local held = ARGV[4] .. w .. ARGV[6]
-    for _, tag in ipairs(redis.call('SMEMBERS', held)) do table.insert(out, tag) end
-    redis.call('DEL', held)
-  end
-end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - FORGET_MS)
-local ceil = now / 1000 - tonumber(ARGV[7])
-for _, tag in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ceil, 'LIMIT', 0, ARGV[8])) do
-  table.insert(out, tag)
-end
-return out
-"""
-)
 
 _id: tuple[int, str] = (0, "")
 
@@ -149,25 +65,24 @@ def held_key() -> str:
     return keys.worker_held(worker_id())
 
 
-def _script(r: Any, text: str) -> Any:
+def _run(r: Any, command: str, keys_: list[str], *args: Any) -> Any:
     # Allowed at maxmemory (Redis 7+): these only move work already in Redis. The flags
     # are asked once per client (relay.state.oom): callers keep their client.
-    return r.register_script(oom.header(r) + text)
+    script = r.register_script(oom.header(r) + _LEASE)
+    return script(keys=keys_, args=[command, *args])
 
 
 def beat(r: Any, lease_s: float) -> int:
     """Renew this process's lease: 0 renewed, 1 it had lapsed, 2 it was new."""
-    return int(_script(r, _BEAT)(keys=[keys.WORKERS, keys.WORKERS_BEAT],
-                                 args=[int(lease_s * 1000), worker_id()]))  # fmt: skip
+    found = _run(r, "beat", [keys.WORKERS, keys.WORKERS_BEAT], int(lease_s * 1000), worker_id())
+    return int(found)
 
 
 def enlist(r: Any, lease_s: float, fallback_queue: str) -> list[bytes]:
     """Start consuming: renew the lease, put back this process's unrecorded takes, and
     return the delivery tags it still holds (for the caller to restore)."""
-    found = _script(r, _ENLIST)(
-        keys=[keys.WORKERS, keys.WORKERS_BEAT, taken_key(), held_key()],
-        args=[int(lease_s * 1000), worker_id(), fallback_queue],
-    )
+    found = _run(r, "enlist", [keys.WORKERS, keys.WORKERS_BEAT, taken_key(), held_key()],
+                 int(lease_s * 1000), worker_id(), fallback_queue)  # fmt: skip
     return list(found)
 
 
@@ -177,11 +92,9 @@ def sweep(
 ) -> list[bytes]:  # fmt: skip
     """Put back the taken lists of lapsed workers; return the delivery tags to restore
     (theirs, and any unacked past the visibility timeout)."""
-    found = _script(r, _SWEEP)(
-        keys=[keys.WORKERS, keys.WORKERS_BEAT, unacked_index],
-        args=[int(lease_s * 1000), worker_id(), fallback_queue, keys.WORKER,
-              ":taken", ":held", visibility_s, limit],
-    )  # fmt: skip
+    found = _run(r, "sweep", [keys.WORKERS, keys.WORKERS_BEAT, unacked_index],
+                 int(lease_s * 1000), worker_id(), fallback_queue, keys.WORKER, ":taken",
+                 ":held", visibility_s, limit, FORGET_MS)  # fmt: skip
     return list(found)
 
 

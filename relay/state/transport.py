@@ -108,6 +108,9 @@ return 0
 # even that finds or may take nothing, wait this long before the next try.
 _OOM_SCRIPT_S = 5.0
 _REFUSED_PAUSE_S = 1.0
+# A worker reading several queues blocks on the first one at most this long: a message of
+# another waits no longer for it.
+_SEVERAL_QUEUES_WAIT_S = 0.2
 
 
 class QoS(kombu_redis.QoS):
@@ -314,7 +317,10 @@ class _AllowOom(kombu_redis.Channel):
         taken = lease.taken_key()
         if now >= self._oom_until and (len(sources) == 1 or self._block_next):
             # One command takes and records the take: what Redis pops is in the taken
-            # list, whether or not the reply reaches this worker.
+            # list, whether or not the reply reaches this worker. It waits on one queue:
+            # with several, briefly, then the take script looks at them all again.
+            if len(sources) > 1:
+                timeout = min(timeout, _SEVERAL_QUEUES_WAIT_S)
             if self.allow_oom:
                 args = ["BLMOVE", sources[0], taken, "RIGHT", "LEFT", timeout or 0]
             else:  # servers before 7 may predate BLMOVE (6.2); the same move
