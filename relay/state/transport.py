@@ -260,6 +260,7 @@ class _AllowOom(kombu_redis.Channel):
     _block_next = True
     _oom_until = 0.0
     _paused_until = 0.0
+    _take_unread = False  # a take was sent and its answer not read
 
     @property
     def takes(self) -> bool:
@@ -304,11 +305,22 @@ class _AllowOom(kombu_redis.Channel):
         queues = self._queue_cycle.consume(len(self.active_queues))
         if not queues:
             return
-        if not self.enlisted:
-            self.reclaim()
-            lease.heartbeat(self.worker_lease).keep(self, self.lease_client)
-            self.enlisted = True
-            log.info("consuming", worker=lease.worker_id(), lease_s=self.worker_lease)
+        try:
+            if not self.enlisted:
+                self.reclaim()
+                lease.heartbeat(self.worker_lease).keep(self, self.lease_client)
+                self.enlisted = True
+                log.info("consuming", worker=lease.worker_id(), lease_s=self.worker_lease)
+            elif self._take_unread:
+                # The last take's answer never came (its connection dropped, or kombu's
+                # health check dropped it): what it moved is back on the queue now.
+                lease.enlist(self.lease_client, self.worker_lease, keys.QUEUE)
+        except OutOfMemoryError:
+            # Redis before 7 at maxmemory: no take until the worker holds its lease.
+            log.warning("enlist_refused", error="redis at maxmemory")
+            self._paused_until = now + _REFUSED_PAUSE_S
+            return
+        self._take_unread = False
         sources = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
         timeout = self.brpop_timeout if timeout is None else timeout
         connection = self.client.connection
@@ -332,6 +344,7 @@ class _AllowOom(kombu_redis.Channel):
             args = ["EVAL", self.script_header + _TAKE, len(sources) + 1, *sources, taken]
             self._taking = ("EVAL", sources)
         connection.send_command(*args)
+        self._take_unread = True
 
     def _brpop_read(self, **options: Any) -> bool:
         if not self.takes:
@@ -340,12 +353,14 @@ class _AllowOom(kombu_redis.Channel):
         try:
             try:
                 reply = self.client.parse_response(self.client.connection, command, **options)
+                self._take_unread = False
             except self.connection_errors:
                 # Disconnect so that the next iteration reconnects; what was taken stays
                 # in the taken list and is put back (`reclaim`, or a lapsed lease's sweep).
                 self.client.connection.disconnect()
                 raise
             except OutOfMemoryError:
+                self._take_unread = False  # an answer: the take did not happen
                 self._refused(command)
                 raise Empty() from None
             if command == "EVAL":

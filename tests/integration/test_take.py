@@ -42,6 +42,7 @@ class TakeCut:
         self.cut = 0
         self.refusing = False  # after a cut, refuse new connections too
         self.refuse_after_cut = False
+        self.swallow = False  # drop the answer but keep the connection open
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = int(self._listener.getsockname()[1])
         self._lock = threading.Lock()
@@ -89,6 +90,8 @@ class TakeCut:
                             self.cuts_left -= 1
                             self.cut += 1
                             self.refusing = self.refuse_after_cut
+                    if cut and self.swallow:
+                        continue  # the answer vanishes; the connection stays up
                     if cut:
                         break  # Redis popped it; the answer never reaches the worker
                 dst.sendall(data)
@@ -175,5 +178,26 @@ def test_worker_killed_while_its_connection_is_down_loses_nothing(
         name = "worker SIGKILLed while its connection is down"
         figures = record(name, load, got, r, all_delivered_after_kill_s=recovered_s)
         assert figures["dead_lettered"] == 0
+    finally:
+        proxy.close()
+
+
+@pytest.mark.timeout(300)
+def test_take_answer_that_never_comes_loses_nothing(
+    own_redis: OwnRedis, clean_sandbox: Sandbox,
+    start_ingest: Callable[..., str], start_worker: Starter,
+) -> None:  # fmt: skip
+    url_redis, r = own_redis()
+    proxy = TakeCut(int(r.connection_pool.connection_kwargs["port"]), cuts=1)
+    proxy.swallow = True  # a half-open link: kombu's health check drops it after a while
+    try:
+        url = start_ingest(redis_url=url_redis, **SMALL_MESSAGES)
+        identify(url)
+        load = _load(url)
+        start_worker(redis_url=f"redis://127.0.0.1:{proxy.port}/0", **SMALL_MESSAGES)
+        # kombu drops a take unanswered for its health check interval (30 s) and more.
+        wait_for(all_or_nothing_left(r, clean_sandbox, load.acked), timeout=180)
+        assert proxy.cut == 1, "the fault did not happen"
+        record("take answer never arrives (half-open link)", load, delivered(clean_sandbox), r)
     finally:
         proxy.close()
