@@ -9,7 +9,7 @@ import pytest
 from kombu.transport import redis, virtual
 from kombu.transport.virtual import base
 
-from relay.state import transport
+from relay.state import transport, unacked
 
 # What the relay overrides or calls, per kombu class (methods, and class attributes).
 USED: dict[type, list[str]] = {
@@ -39,9 +39,9 @@ def test_kombu_still_has_what_the_relay_extends(cls: type, name: str) -> None:
 
 def test_the_overridden_methods_keep_their_signatures() -> None:
     for ours, theirs in [
-        (transport.QoS.restore_visible, redis.QoS.restore_visible),
-        (transport.QoS.restore_unacked, redis.QoS.restore_unacked),
-        (transport.QoS.reject, redis.QoS.reject),
+        (unacked.QoS.restore_visible, redis.QoS.restore_visible),
+        (unacked.QoS.restore_unacked, redis.QoS.restore_unacked),
+        (unacked.QoS.reject, redis.QoS.reject),
         (transport.Channel._brpop_start, redis.Channel._brpop_start),
         (transport.Channel._queue_bind, redis.Channel._queue_bind),
     ]:
