@@ -316,6 +316,9 @@ class Channel(_ClosedAware, _AllowOom):
 class SentinelChannel(_ClosedAware, _AllowOom, kombu_redis.SentinelChannel):
     """`sentinel://` channels of a worker."""
 
+    # kombu's Sentinel options (master_name...) as well as the relay's.
+    from_transport_options = (*kombu_redis.SentinelChannel.from_transport_options, "worker_lease")
+
 
 class Transport(kombu_redis.Transport):
     """The workers' transport for `redis://` and `rediss://`."""

@@ -56,4 +56,8 @@ def test_channels_keep_the_instance_state_the_relay_reads() -> None:
     for name in ("self._queue_cycle", "self._expires", "self.brpop_timeout", "self.handlers"):
         assert name in source, name
     assert "'BRPOP': self._brpop_read" in source
-    assert "worker_lease" in transport.Channel.from_transport_options
+    for channel in (transport.Channel, transport.SentinelChannel):
+        assert "worker_lease" in channel.from_transport_options
+    assert set(redis.SentinelChannel.from_transport_options) <= set(
+        transport.SentinelChannel.from_transport_options
+    )
