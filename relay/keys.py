@@ -43,6 +43,14 @@ DELETED = PREFIX + "deleted:"
 # event time (epoch ms) of the last value sent (relay.delivery.freshness).
 ATTRIBUTE_CLOCK = PREFIX + "attrclock:"
 
+# The workers' leases (relay.state.lease): ZSET worker id -> lease deadline (ms on Redis's
+# clock), and the last heartbeat of any worker (ms). Per worker: the LIST of messages it
+# took off a queue and has not yet recorded as unacked, and the SET of delivery tags it
+# holds in Celery's `unacked`.
+WORKERS = PREFIX + "workers"
+WORKERS_BEAT = PREFIX + "workers:beat"
+WORKER = PREFIX + "worker:"
+
 # Per Celery message (by task id): HASH of its run ("claimed", "settled", "d:<relay id>"
 # per event delivered), and the lease of the run working on it now.
 RUN = PREFIX + "run:"
@@ -148,6 +156,9 @@ attribute_clock = Family(ATTRIBUTE_CLOCK)
 parked = Family(PARKED)
 # The figures of one minute (unix time // 60).
 minute = Family(MINUTE)
+# What one worker process took off a queue and has not recorded yet, and what it holds.
+worker_taken = Family(WORKER, ":taken")
+worker_held = Family(WORKER, ":held")
 # The run record of one Celery message, and the lease of the run working on it now.
 run = Family(RUN)
 run_lock = Family(RUN, ":lock")
@@ -169,6 +180,11 @@ class Stat(StrEnum):
     CONTACT_CHANGES = "contact_changes"  # users an explicit contact id moved
     PARKED = "parked"  # :<outcome> parked traits: parked, released, expired, deleted
     RATELIMIT_WAITS = "ratelimit_waits"
+    # Events sent again after a request whose fate is unknown: ChurnZero may have taken
+    # it (:<cause>, the request's outcome label: timeout, connection_error, deadline).
+    RESENT = "resent"
+    # Settlements run as a plain MULTI, which Redis refuses at maxmemory (relay.state.oom).
+    OOM_FALLBACKS = "oom_fallbacks"
     REPLICATION_WAITS = "replication_waits"
     # The ChurnZero request-duration histogram: count per bucket (:<upper bound>), total
     # count and sum in microseconds.

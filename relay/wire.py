@@ -152,3 +152,26 @@ def items_of(envelope: Any) -> list[Json]:
     args, _kwargs, _embed = orjson.loads(body_of(envelope))
     items: list[Json] = args[0]
     return items
+
+
+def pack(data: Any) -> bytes:
+    """`data` as JSON, compressed as a queued message's body is: how a batch waiting in
+    Redis outside the queue (the delayed set) is stored, so that moving it there from
+    the queue does not grow Redis."""
+    return bytes(isal_zlib.compress(orjson.dumps(data), ZLIB_LEVEL))
+
+
+def unpack(raw: bytes) -> Any:
+    """What `pack` stored; ValueError if it is not that (see `unpack_text`)."""
+    return orjson.loads(unpack_text(raw))
+
+
+def unpack_text(raw: bytes) -> bytes:
+    """The JSON text `pack` stored (or `raw` itself when plain JSON, as batches written
+    before were); ValueError if it does not inflate."""
+    if raw[:1] == b"{":
+        return raw
+    try:
+        return zlib.decompress(raw)
+    except zlib.error as exc:
+        raise ValueError(f"does not inflate: {exc}") from None

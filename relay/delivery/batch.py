@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+import redis
 import structlog
 
 from relay import keys
 from relay.delivery import delayed, freshness
 from relay.delivery.churnzero import ChurnZeroClient
 from relay.delivery.dedupe import Dedupe
-from relay.delivery.runs import Claim, Runs, State
+from relay.delivery.runs import Claim, Fenced, Runs, State
 from relay.delivery.sending import OK, Budget, Sender, chunked, durably
 from relay.delivery.settlement import Outcomes, Policy, dead_letter, group_later, settle
 from relay.delivery.throttle import Throttle
@@ -38,6 +39,10 @@ from relay.state import broker, deadletter, identity, names, oom, parking, recen
 from relay.state.deadletter import DeadLetter
 
 log = structlog.get_logger("relay.delivery")
+
+
+# Errors a run passes on rather than dead-letter its message for: Redis away, a fence.
+_PASSED_ON: tuple[type[Exception], ...] = (Fenced, *broker.QUEUE_ERRORS)
 
 
 class MessageBusy(Exception):
@@ -60,6 +65,7 @@ class Report:
     requests: Counter[str] = field(default_factory=Counter)
     request_seconds: list[float] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)  # receipt to 2xx (s), live events
+    resent: Counter[str] = field(default_factory=Counter)  # tried again, may arrive twice
 
     def as_log(self) -> dict[str, Any]:
         """Flat fields for a log line."""
@@ -72,6 +78,7 @@ class Report:
             "retried": dict(self.retried),
             "attributes_skipped": dict(self.attributes),
             "requests": dict(self.requests),
+            "resent": dict(self.resent),
         }
 
 
@@ -115,17 +122,26 @@ class Delivery:
         budget = Budget.of(self.settings, time.monotonic())
         claim = self._claim(message_id, len(items), budget)
         if claim.state is State.SETTLED:
+            # Its first run may have given it back before replicas held the settlement.
+            self._replicated(budget)
             return Report(received=len(items), already_settled=True)
         try:
             try:
                 return self._deliver(items, claim, budget)
-            except broker.QUEUE_ERRORS:
+            except _PASSED_ON:
                 raise
             except Exception as exc:
                 # A malformed message or a bug. Celery would drop the message: keep its
                 # events as dead letters instead, with the error.
                 log.exception("batch_failed", events=len(items))
                 return self._dead_letter_all(items, claim, exc)
+        except Fenced as fenced:
+            # This run lost its lease while it worked: another run settles the message
+            # (or did), and this one's settlement was not written.
+            log.warning("settlement_fenced", message_id=message_id, settled=fenced.settled)
+            if not fenced.settled:
+                raise MessageBusy(message_id) from None
+            return Report(received=len(items), already_settled=True)
         except BaseException:
             # Unsettled: the message runs again (Redis hands it out again), and the
             # events marked done are not sent twice.
@@ -144,10 +160,14 @@ class Delivery:
             dead.append(_worker_error(item, error))
         report.dead[Reason.WORKER_ERROR.value] = len(dead)
         pipe = self.redis.pipeline(transaction=True)
+        self.runs.stage_fence(pipe, claim)
         deadletter.stage_add(pipe, dead)
         _stage_stats(pipe, report, time.time())
         self.runs.stage_settled(pipe, claim, len(items))
-        oom.execute(self.redis, pipe)
+        try:
+            oom.execute(self.redis, pipe)
+        except redis.ResponseError as exc:
+            raise self.runs.fenced(exc) or exc from None
         return report
 
     def _claim(self, message_id: str, events: int, budget: Budget) -> Claim:
@@ -244,6 +264,7 @@ class Delivery:
                     identity.stage_waiting(pipe, member, filter(None, users), wait_s)
             deadletter.stage_add(pipe, dead)
             _stage_stats(pipe, report, now)
+            self.dedupe.stage_delivered(pipe, settled.delivered)
             sent = [(item, cmds) for item, cmds in plan.send if item.id in delivered]
             self.names.stage_learn(pipe, names.sent_names(sent))
             self.names.stage_held(pipe, held)
@@ -255,18 +276,33 @@ class Delivery:
         # Past the sends, what ChurnZero accepted is known only here: hold on to it
         # through a Redis blip rather than give the message back to be sent again.
         durably(lambda: self._settle_once(claim, len(items), write), budget)
+        self._replicated(budget)
+        # Settled: nothing from here on may fail the message (it would be dead-lettered
+        # whole, its events just delivered or scheduled for retry among them).
         gone = {entry.item["id"] for entry in settled.dead}
-        with contextlib.suppress(*broker.QUEUE_ERRORS):  # an unreleased claim only expires
+        try:  # an unreleased claim only expires
             self.dedupe.release([i for i, _ in bad] + [i for i, _ in parsed if i.id in gone])
+        except Exception:
+            log.exception("dedupe_claims_kept", events=len(gone) + len(bad))
         if plan.forgotten:
-            # Not in the MULTI (a scan); an error gives the message back, and the
-            # delete is settled already, so it is logged for the operator instead.
+            # Not in the MULTI (a scan); the delete is settled already, so an error is
+            # logged for the operator.
             try:
                 removed = deadletter.remove_users(self.redis, set(plan.forgotten))
                 log.info("users_deleted", users=len(plan.forgotten), dead_letters=removed)
-            except broker.QUEUE_ERRORS:
-                log.error("users_deleted_dead_letters_kept", users=sorted(plan.forgotten))
+            except Exception:
+                log.exception("users_deleted_dead_letters_kept", users=sorted(plan.forgotten))
         return report
+
+    def _replicated(self, budget: Budget) -> None:
+        """With `redis_wait_replicas`, return once that many replicas hold everything
+        this run wrote (its settlement), before the message is acknowledged: a failover
+        then cannot roll the settlement back while the queue has forgotten the message.
+        Raises NotReplicated (the message is given back) if they do not in time."""
+        replicas = self.settings.redis_wait_replicas
+        if replicas:
+            timeout_ms = self.settings.redis_wait_timeout_ms
+            durably(lambda: broker.confirm_replicated(self.redis, replicas, timeout_ms), budget)
 
     def _settle_once(self, claim: Claim, events: int, write: Any) -> None:
         # A MULTI whose answer was lost may have been applied: its settled mark says so.
@@ -274,9 +310,13 @@ class Delivery:
             return
         claim.settle_tried = True
         pipe = self.redis.pipeline(transaction=True)
+        self.runs.stage_fence(pipe, claim)
         write(pipe)
         self.runs.stage_settled(pipe, claim, events)
-        oom.execute(self.redis, pipe)  # one atomic script, accepted at maxmemory
+        try:
+            oom.execute(self.redis, pipe)  # one atomic script, accepted at maxmemory
+        except redis.ResponseError as exc:
+            raise self.runs.fenced(exc) or exc from None
 
 
 def _worker_error(item: Any, error: str, now: float | None = None) -> DeadLetter:
@@ -307,6 +347,7 @@ def _stage_stats(pipe: Any, report: Report, now: float) -> None:
         keys.Stat.REQUESTS: report.requests,
         keys.Stat.RETRIED: report.retried,
         keys.Stat.ATTRIBUTES: report.attributes,
+        keys.Stat.RESENT: report.resent,
     }
     for stat, by_label in labelled.items():
         counts.update({stat.of(k): v for k, v in by_label.items()})

@@ -4,7 +4,9 @@ The first copy to reach a worker claims the messageId with its relay id. Another
 (another relay id) within the window is a duplicate. The claiming copy itself, redelivered
 after a worker crash, retried or replayed, keeps its relay id and so is never taken for
 its own duplicate; a copy that ends in the dead-letter queue gives its claim back, so a
-later resend is delivered. Nothing is claimed before it is safely queued.
+later resend is delivered. Nothing is claimed before it is safely queued. Once delivered,
+the claim says so (in the settlement's MULTI): a copy of the same message that runs
+later, after its run record expired, skips the event as a duplicate.
 
 Storage is compact and bounded (a key per messageId carries Redis's per-key overhead for
 every event; figures in docs/sizing.md). Claims go into time buckets of 1/24 of the window; a
@@ -31,11 +33,12 @@ from relay.envelope import Envelope
 from relay.state import oom
 
 BUCKETS_PER_WINDOW = 24
+_NO_MESSAGE_ID = "\x00relay-id:"  # no messageId starts so (a control character)
 # Redis's default hash-max-listpack-entries; 128 in the oldest configs, hence the fallback.
 _LISTPACK_DEFAULT = 512
 _LISTPACK_UNKNOWN = 128
 
-# Helpers shared by the scripts. KEYS[1]: the bucket prefix. ARGV: now, window_s,
+# Helpers shared by both scripts. KEYS[1]: the bucket prefix. ARGV: now, window_s,
 # bucket_s, then pairs (digest, tag). A bucket's meta HASH holds n (claims), l and p (its
 # linear-hashing level and split pointer); shard i of bucket b is <prefix><b>:<i>.
 # Fields are read and written a shard at a time (HMGET, HSET, HDEL of many fields), in
@@ -47,7 +50,9 @@ local current = math.floor(now / span)
 local expire_at = (current + 1) * span + window + 1
 local CHUNK = 1000
 local buckets = {}
-for b = current, math.floor((now - window) / span), -1 do
+-- From one bucket ahead: a claim written by a worker whose clock is ahead of this one's
+-- (by up to a bucket) is found too.
+for b = current + 1, math.floor((now - window) / span), -1 do
   local m = redis.call('HMGET', prefix .. b, 'l', 'p', 'n')
   if m[1] then
     buckets[#buckets + 1] = {b = b, l = tonumber(m[1]), p = tonumber(m[2]),
@@ -84,7 +89,7 @@ local function digests(first)
   for i = first, #ARGV, 2 do out[#out + 1] = ARGV[i] end
   return out
 end
--- digest -> {tag, bucket, shard key} of each claim held, the newest bucket's first.
+-- digest -> {value, bucket, shard key} of each claim held, the newest bucket's first.
 local function lookup(fields)
   local found = {}
   for _, bk in ipairs(buckets) do
@@ -107,15 +112,29 @@ local function lookup(fields)
   end
   return found
 end
+-- HSET of field/value pairs, in chunks.
+local function hset_all(key, pairs_)
+  for s = 1, #pairs_, 2 * CHUNK do
+    redis.call('HSET', key, unpack(pairs_, s, math.min(s + 2 * CHUNK - 1, #pairs_)))
+  end
+end
 """
 
-# After _COMMON. ARGV[4]: the target claims per shard. Returns one flag per pair: 1 = duplicate.
-# The bucket splits for all of this call's new claims first, then each goes straight to
-# its shard: the same layout as claiming and splitting one at a time.
+# A claim's value once its event was delivered: its tag moved past every tag's range
+# (tags are signed 24-bit), still an integer, so a listpack keeps it as compactly.
+_SETTLED = 16777216
+_SETTLED_LUA = f"local function settled(tag) return tostring(tonumber(tag) + {_SETTLED}) end\n"
+
+# After _COMMON. ARGV[4]: the target claims per shard. Returns one flag per pair:
+# 1 = another copy's claim, 2 = this copy's, its event delivered already. The bucket
+# splits for all of this call's new claims first, then each goes straight to its shard:
+# the same layout as claiming and splitting one at a time.
 _CLAIM = """
 local fill = tonumber(ARGV[4])
-local cur = buckets[1]
-if not (cur and cur.b == current) then cur = nil end
+local cur = nil
+for _, bk in ipairs(buckets) do
+  if bk.b == current then cur = bk end
+end
 local touched = {}
 local function split()
   local src = prefix .. current .. ':' .. string.format('%d', cur.p)
@@ -142,8 +161,12 @@ local out, mine, new = {}, {}, {}
 for i = 5, #ARGV, 2 do
   local f, tag = ARGV[i], ARGV[i + 1]
   local held = found[f] and found[f][1] or mine[f]
-  if held then
-    out[#out + 1] = (held == tag) and 0 or 1
+  if held == tag then
+    out[#out + 1] = 0
+  elseif held and held == settled(tag) then
+    out[#out + 1] = 2
+  elseif held then
+    out[#out + 1] = 1
   else
     mine[f] = tag
     new[#new + 1] = f
@@ -159,14 +182,12 @@ if #new > 0 then
   while cur.n > fill * (2 ^ cur.l + cur.p) do split() end
   local groups, order = by_shard(cur, new)
   for _, key in ipairs(order) do
-    local g, pairs_ = groups[key], {}
-    for _, f in ipairs(g) do
+    local pairs_ = {}
+    for _, f in ipairs(groups[key]) do
       pairs_[#pairs_ + 1] = f
       pairs_[#pairs_ + 1] = mine[f]
     end
-    for s = 1, #pairs_, 2 * CHUNK do
-      redis.call('HSET', key, unpack(pairs_, s, math.min(s + 2 * CHUNK - 1, #pairs_)))
-    end
+    hset_all(key, pairs_)
     touched[key] = true
   end
 end
@@ -207,6 +228,28 @@ return 0
 """
 
 
+# After _COMMON. Marks each claim still held by the given tag delivered (`settled`).
+_DELIVERED = """
+local found = lookup(digests(4))
+local groups, order = {}, {}
+for i = 4, #ARGV, 2 do
+  local f, tag = ARGV[i], ARGV[i + 1]
+  local hit = found[f]
+  if hit and hit[1] == tag then
+    local key = hit[3]
+    if not groups[key] then
+      groups[key] = {}
+      order[#order + 1] = key
+    end
+    local g = groups[key]
+    g[#g + 1] = f
+    g[#g + 1] = settled(tag)
+  end
+end
+for _, key in ipairs(order) do hset_all(key, groups[key]) end
+return 0
+"""
+
 # After _COMMON. Read only (preview, dry runs): one flag per pair, 1 = another copy holds it.
 _PEEK = """
 local found = lookup(digests(4))
@@ -233,12 +276,15 @@ class Dedupe:
             # A worker draining a full Redis must still record claims (a few bytes per
             # event, far less than the acked message that carried it frees): relay.state.oom.
             header = oom.header(r)
-        self._claim = r.register_script(header + _COMMON + _CLAIM)
+        self._claim = r.register_script(header + _COMMON + _SETTLED_LUA + _CLAIM)
         self._release = r.register_script(header + _COMMON + _RELEASE)
+        self._delivered = r.register_script(header + _COMMON + _SETTLED_LUA + _DELIVERED)
         self._peek = r.register_script(_COMMON + _PEEK)
 
     def duplicates(self, items: list[Envelope]) -> set[str]:
-        """Relay ids of items whose messageId another copy already claimed."""
+        """Relay ids of items whose messageId another copy already claimed, or whose own
+        claim says they were delivered (a copy of a message that was settled, run after
+        its run record expired: relay.delivery.runs)."""
         pairs = _pairs(items)
         if not pairs or self._window <= 0:
             return set()
@@ -247,6 +293,17 @@ class Dedupe:
             args += [digest, tag]
         flags = self._claim(keys=[keys.DEDUPE], args=args)
         return {rid for (_, _, rid), dup in zip(pairs, flags, strict=True) if int(dup)}
+
+    def stage_delivered(self, pipe: Any, items: list[Envelope]) -> None:
+        """Queue on the settlement's MULTI: these items' claims say they were delivered,
+        for the rest of the window."""
+        pairs = _pairs(items)
+        if not pairs or self._window <= 0:
+            return
+        args: list[Any] = [self._clock(), self._window, self._span]
+        for digest, tag, _ in pairs:
+            args += [digest, tag]
+        self._delivered(keys=[keys.DEDUPE], args=args, client=pipe)
 
     def peek(self, items: list[Envelope]) -> set[str]:
         """What `duplicates` would say now, claiming nothing (a preview, a dry run)."""
@@ -282,10 +339,11 @@ def relay_tag(rid: str) -> str:
 
 
 def _pairs(items: list[Envelope]) -> list[tuple[bytes, str, str]]:
+    # An event without a messageId is claimed under its relay id: no other copy can be
+    # recognised, but a later copy of its own message finds it delivered.
     return [
-        (message_digest(item.message_id), relay_tag(item.id), item.id)
+        (message_digest(item.message_id or _NO_MESSAGE_ID + item.id), relay_tag(item.id), item.id)
         for item in items
-        if item.message_id is not None
     ]
 
 

@@ -25,6 +25,7 @@ from relay.commands import SetAttribute
 from relay.memory import ContactChange
 from relay.plan import Parsed, Plan
 from relay.resolution import Ids
+from relay.state import oom
 
 # KEYS: one entity hash per write. ARGV: ttl_s, then (attribute, event ms) per write.
 # Returns 1 (send) or 0 (stale) per write, in order.
@@ -114,8 +115,9 @@ def reserve(
                 args += [command.name, stamp]
     if not writes:
         return 0
+    # Allowed at maxmemory (Redis 7+): a worker must drain a full Redis (relay.state.oom).
     # EVALSHA: Redis keeps the script, its text is sent again only after a NOSCRIPT.
-    verdicts = r.register_script(_RESERVE)(keys=names, args=args)
+    verdicts = r.register_script(oom.header(r) + _RESERVE)(keys=names, args=args)
     stale = {w for w, ok in zip(writes, verdicts, strict=True) if not int(ok)}
     if not stale:
         return 0

@@ -11,8 +11,14 @@ broken connection lost is sent again. So each run first claims its message:
     claimed   this run owns it, and learns which events an earlier run already got a
               2xx for (those are not sent again)
 
+A claim's lease lasts the task's time limit and more; a run of a worker whose own
+lease lapsed (it died: relay.state.lease) is taken over at once.
+
 A run marks events done right after ChurnZero's 2xx, and writes its settlement
-(dead letters, delayed retries, counters) in one MULTI with the `settled` mark. The
+(dead letters, delayed retries, counters) in one MULTI with the `settled` mark, fenced by
+its token: a run frozen past its lease (a paused VM, a starved CPU) while a copy claimed
+the message writes no settlement. Done marks are not fenced: a 2xx is a fact whichever
+run got it, and it keeps any run from sending those events again. The
 first claim of a message also moves its events from the ready count to in-flight, so
 re-runs do not make the counters drift.
 """
@@ -25,16 +31,26 @@ from enum import Enum
 from typing import Any
 
 from relay import keys
-from relay.state import oom
+from relay.state import lease, oom
 
-# KEYS: run, lock, ready, inflight. ARGV: token, lease_ms, events, ttl_ms.
+# KEYS: run, lock, ready, inflight, workers. ARGV: token, lease_ms, events, ttl_ms.
 # Returns {0} settled, {1, pttl} busy, {2, field...} claimed (with the run's fields).
 _CLAIM = """
 if redis.call('HEXISTS', KEYS[1], 'settled') == 1 then return {0} end
 if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   -- Our own lease: this is the same claim again (a client retrying after a lost reply).
-  if redis.call('GET', KEYS[2]) ~= ARGV[1] then
-    return {1, redis.call('PTTL', KEYS[2])}
+  local holder = redis.call('GET', KEYS[2])
+  if holder ~= ARGV[1] then
+    -- Held by a run of another worker whose own lease lapsed (relay.state.lease): that
+    -- run is gone, take over now rather than after the claim's TTL.
+    local worker = holder and string.match(holder, '^(%x+)%.')
+    local deadline = worker and worker ~= string.match(ARGV[1], '^(%x+)%.')
+      and redis.call('ZSCORE', KEYS[5], worker)
+    local t = redis.call('TIME')
+    if not deadline or tonumber(deadline) >= tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000 then
+      return {1, redis.call('PTTL', KEYS[2])}
+    end
+    redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
   end
 end
 if redis.call('HSETNX', KEYS[1], 'claimed', '1') == 1 then
@@ -55,7 +71,26 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 0
 """
 
+# KEYS: run, lock. ARGV: token. Staged first in a settlement: if another run settled the
+# message, or holds its lease now (this run's ran out while it was frozen), the error
+# ends the settlement's script before it writes anything.
+_FENCE = """
+if redis.call('HEXISTS', KEYS[1], 'settled') == 1 then error('relay-fenced: settled') end
+local holder = redis.call('GET', KEYS[2])
+if holder and holder ~= ARGV[1] then error('relay-fenced: leased') end
+return 0
+"""
+
 _DONE = "d:"
+
+
+class Fenced(Exception):
+    """Another run settled this message, or holds its lease: this run's settlement was
+    not written (`settled`: which of the two)."""
+
+    def __init__(self, settled: bool) -> None:
+        super().__init__("settled by another run" if settled else "leased by another run")
+        self.settled = settled
 
 
 class State(Enum):
@@ -88,6 +123,7 @@ class Runs:
         # Allowed at maxmemory (Redis 7+): a worker must drain a full Redis (relay.state.oom).
         self._claim = r.register_script(oom.header(r) + _CLAIM)
         self._release = r.register_script(oom.header(r) + _RELEASE)
+        self._fence = r.register_script(oom.header(r) + _FENCE)
 
     def claim(self, message_id: str, events: int, token: str | None = None) -> Claim:
         """Claim a message for this run; see the module docstring.
@@ -95,10 +131,11 @@ class Runs:
         A claim is re-entrant for its token: redis-py resends a command whose reply a
         broken connection lost, and the resent claim must not find its own lease busy.
         """
-        token = token or uuid.uuid4().hex
+        # The worker's id first: a run of a lapsed worker is taken over (relay.state.lease).
+        token = token or f"{lease.worker_id()}.{uuid.uuid4().hex}"
         result = self._claim(
             keys=[keys.run(message_id), keys.run_lock(message_id),
-                  keys.DEPTH_READY, keys.DEPTH_INFLIGHT],
+                  keys.DEPTH_READY, keys.DEPTH_INFLIGHT, keys.WORKERS],
             args=[token, self._lease_ms, events, self._ttl_ms],
         )  # fmt: skip
         state = State(int(result[0]))
@@ -120,6 +157,23 @@ class Runs:
         pipe.pexpire(run, self._ttl_ms)
         oom.execute(self._redis, pipe)
         claim.done.update(relay_ids)
+
+    def stage_fence(self, pipe: Any, claim: Claim) -> None:
+        """Queue first on a settlement: the run's token fences it, so a run that lost its
+        lease (frozen past it) writes nothing; see `fenced`."""
+        self._fence(
+            keys=[keys.run(claim.message_id), keys.run_lock(claim.message_id)],
+            args=[claim.token],
+            client=pipe,
+        )
+
+    @staticmethod
+    def fenced(exc: Exception) -> Fenced | None:
+        """The fence a settlement's error says it met, if that is what it was."""
+        text = str(exc)
+        if "relay-fenced" not in text:
+            return None
+        return Fenced(settled="relay-fenced: settled" in text)
 
     def stage_settled(self, pipe: Any, claim: Claim, events: int) -> None:
         """Queue on the settlement's MULTI: the message is settled, its lease ends."""

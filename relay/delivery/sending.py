@@ -14,13 +14,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import structlog
 
-from relay import keys, retry
+from relay import retry
 from relay.commands import Command
 from relay.delivery.churnzero import ChurnZeroClient
 from relay.delivery.problems import Problems
@@ -69,6 +69,7 @@ class Chunk:
     commands: list[Command]
     rids: list[str]
     outcome: retry.Outcome | None = None  # None: not sent (paused, rate-limited, deadline)
+    started: bool = False  # on the wire: with no outcome, cut off at the deadline
 
 
 class Tally(Protocol):
@@ -77,6 +78,7 @@ class Tally(Protocol):
     lane: str  # "live" or "replay": the rate limit's lane
     requests: Counter[str]
     request_seconds: list[float]
+    resent: Counter[str]  # events to be sent again though ChurnZero may have them, by cause
 
 
 def durably(write: Callable[[], None], budget: Budget) -> None:
@@ -115,23 +117,29 @@ class Sender:
     def send(self, chunks: list[Chunk], report: Tally, claim: Claim, budget: Budget) -> Outcomes:
         """Send what the throttle allows before the deadline; every relay id's outcome."""
         unsent_wait, cause = self._send_chunks(chunks, report, claim, budget)
-        return outcomes_of(chunks, Unsent(unsent_wait, cause))
+        outcomes = outcomes_of(chunks, Unsent(unsent_wait, cause))
+        report.resent.update(unknown_fate(chunks, outcomes))
+        return outcomes
 
     def _after_send(
         self, chunks: list[Chunk], sent: list[Chunk], claim: Claim, budget: Budget
     ) -> float:
         """Mark delivered events done first (nothing may fail in between), then tell the
         shared throttle; returns the pause now in force."""
+        self._mark_delivered(chunks, claim, budget)
+        try:
+            return self._report_throttle(sent)
+        except broker.QUEUE_ERRORS:
+            return 0.0  # Redis is away: no shared pause to tell, nor to obey
+
+    def _mark_delivered(self, chunks: list[Chunk], claim: Claim, budget: Budget) -> None:
+        """Mark done every event whose requests all got a 2xx, through a Redis blip."""
         done = [
             rid for rid, o in outcomes_of(chunks, Unsent(0.0)).items()
             if rid not in claim.done and isinstance(o, retry.Outcome)
             and o.kind is retry.Kind.SUCCESS
         ]  # fmt: skip
         durably(lambda: self.runs.mark_done(claim, done), budget)
-        try:
-            return self._report_throttle(sent)
-        except broker.QUEUE_ERRORS:
-            return 0.0  # Redis is away: no shared pause to tell, nor to obey
 
     def _send_chunks(
         self, chunks: list[Chunk], report: Tally, claim: Claim, budget: Budget
@@ -152,7 +160,7 @@ class Sender:
             # One request tests whether ChurnZero is back before anyone sends more.
             if time.monotonic() > budget.send_by:
                 return 0.0, "deadline"
-            self._run(self._send_one(chunks[0], 0.0, report, check=False), budget)
+            self._run([self._send_one(chunks[0], 0.0, report, check=False)], chunks, claim, budget)
             first = chunks[0].outcome
             ok = first is not None and first.kind is not retry.Kind.RETRYABLE
             pause = self._after_send(chunks, [chunks[0]], claim, budget)
@@ -168,39 +176,42 @@ class Sender:
             len(todo), min(REPLAY_MAX_WAIT_S, horizon) if replay else horizon, report.lane
         )
         if isinstance(delays, float):
-            self.redis.hincrby(keys.STATS, keys.Stat.RATELIMIT_WAITS, 1)
             return delays, "replay_share" if replay else "paused"
-        if any(d > 0 for d in delays):
-            self.redis.hincrby(keys.STATS, keys.Stat.RATELIMIT_WAITS, 1)
         # Chunks beyond the reserved slots stay unsent and come back after the last slot.
         rate_wait = delays[-1] if len(delays) < len(todo) else 0.0
         todo = todo[: len(delays)]
 
-        async def send_all() -> None:
-            await asyncio.gather(
-                *(
-                    self._send_one(c, d, report, check=d > 0, send_by=budget.send_by)
-                    for c, d in zip(todo, delays, strict=True)
-                )
-            )
-
-        in_time = self._run(send_all(), budget)
+        sends = [
+            self._send_one(c, d, report, check=d > 0, send_by=budget.send_by)
+            for c, d in zip(todo, delays, strict=True)
+        ]
+        in_time = self._run(sends, chunks, claim, budget)
         late = time.monotonic() > budget.send_by and any(c.outcome is None for c in todo)
         pause = max(self._after_send(chunks, todo, claim, budget), rate_wait)
         return pause, "deadline" if late or not in_time else "paused"
 
-    def _run(self, work: Any, budget: Budget) -> bool:
-        """Run sends on this thread's loop until done or the deadline; whether in time.
+    def _run(
+        self, sends: list[Coroutine[Any, Any, None]], chunks: list[Chunk], claim: Claim,
+        budget: Budget,
+    ) -> bool:  # fmt: skip
+        """Run sends on this thread's loop until all are done or the deadline; whether in
+        time. Every send has ended when this returns, whatever happened.
 
         Requests start only until `send_by`, so each ends (answered or timed out) before
         the deadline. One still on the wire then (a stalled client) is cancelled and
         counts as unsent: ChurnZero may have had it, so its events may arrive twice.
+        If a send fails, its siblings are cancelled and awaited (none may send during a
+        later message's run, where no run would mark it), and the events ChurnZero took
+        meanwhile are marked done before the error goes on: a rerun never sends them again.
         """
         remaining = max(budget.deadline - time.monotonic(), 0.1)
         try:
-            self.loop.run_until_complete(asyncio.wait_for(work, remaining))
+            self.loop.run_until_complete(_all_or_none(sends, remaining))
         except TimeoutError:
             return False
+        except BaseException:
+            self._mark_delivered(chunks, claim, budget)
+            raise
         return True
 
     async def _send_one(
@@ -211,13 +222,22 @@ class Sender:
             await asyncio.sleep(delay)
         if send_by is not None and time.monotonic() > send_by:
             return  # too late to start: it could not end before the task's deadline
-        if check and not self.throttle.gate().go:
+        if check and not self._may_go():
             return  # a pause began while this request waited for its slot
         started = time.perf_counter()
+        chunk.started = True
         chunk.outcome = await self.client.send(chunk.commands)
         report.request_seconds.append(time.perf_counter() - started)
         report.requests[chunk.outcome.label] += 1
         self.problems.seen(chunk.outcome)
+
+    def _may_go(self) -> bool:
+        try:
+            return self.throttle.gate().go
+        except broker.QUEUE_ERRORS:
+            # Redis is away: whether a pause began is unknown, so this chunk waits, unsent,
+            # and its siblings on the wire go on to be marked as ChurnZero answers them.
+            return False
 
     def _report_throttle(self, chunks: list[Chunk]) -> float:
         sent = [c.outcome for c in chunks if c.outcome is not None]
@@ -242,6 +262,19 @@ class Sender:
 OK = retry.Outcome(status=200)
 
 
+async def _all_or_none(sends: list[Coroutine[Any, Any, None]], timeout_s: float) -> None:
+    """Run the sends together for at most `timeout_s`; on an error or the timeout the
+    others are cancelled and awaited, so none outlives this call."""
+    tasks = [asyncio.ensure_future(send) for send in sends]
+    try:
+        async with asyncio.timeout(timeout_s):
+            await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def outcomes_of(chunks: list[Chunk], unsent: Unsent) -> Outcomes:
     """Each relay id's outcome: the worst of the requests that carried its commands."""
     outcomes: Outcomes = {}
@@ -250,6 +283,25 @@ def outcomes_of(chunks: list[Chunk], unsent: Unsent) -> Outcomes:
         for rid in chunk.rids:
             outcomes[rid] = worst(outcomes.get(rid, OK), outcome)
     return outcomes
+
+
+def unknown_fate(chunks: list[Chunk], outcomes: Outcomes) -> Counter[str]:
+    """Events to be tried again though ChurnZero may have taken a request of theirs, by
+    cause: no answer before the client's timeout (`timeout`), the connection lost once
+    the request went (`connection_error`), or cut off on the wire at the task's deadline
+    (`deadline`). Each may arrive twice."""
+    causes: dict[str, str] = {}
+    for chunk in chunks:
+        if chunk.outcome is None:
+            cause = "deadline" if chunk.started else ""
+        else:
+            cause = chunk.outcome.error or "" if chunk.outcome.status is None else ""
+        for rid in chunk.rids if cause else ():
+            causes.setdefault(rid, cause)
+    return Counter(
+        cause for rid, cause in causes.items()
+        if not (isinstance(o := outcomes[rid], retry.Outcome) and o.kind is retry.Kind.PERMANENT)
+    )  # fmt: skip
 
 
 def chunked(send: list[tuple[Envelope, list[Command]]], size: int) -> list[Chunk]:

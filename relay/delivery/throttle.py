@@ -42,9 +42,9 @@ end
 return {0, 0}
 """
 
-# KEYS: live tat, replay tat, live flag, replay flag, live queue, adaptive state.
+# KEYS: live tat, replay tat, live flag, replay flag, live queue, adaptive state, stats.
 # ARGV: lane, rps (0: none), count, max_wait_ms, replay share, adaptive (1/0), first rps,
-# the replay lane's max_wait_ms when alone.
+# the replay lane's max_wait_ms when alone, the stats field counting waits.
 # The rate is the explicit one, or the learned one if lower. Each lane has its own GCRA:
 # while live work flows (a live reservation in the last 2 s, or live messages waiting)
 # the replay lane gets `share` of the rate and live the rest; alone, a lane gets all of
@@ -72,7 +72,10 @@ else
   redis.call('SET', KEYS[4], '1', 'PX', 2000)
   tat_key = KEYS[2]
   if redis.call('EXISTS', KEYS[3]) == 1 or redis.call('LLEN', KEYS[5]) > 0 then
-    if rps <= 0 then return {-1, 1000} end
+    if rps <= 0 then
+      redis.call('HINCRBY', KEYS[7], ARGV[9], 1)
+      return {-1, 1000}
+    end
     rps = rps * share
   else
     max_wait = math.min(max_wait, tonumber(ARGV[8]))
@@ -89,6 +92,9 @@ local tat = tonumber(redis.call('GET', tat_key) or '0')
 if tat < now then tat = now end
 local fits = math.floor((max_wait - (tat - now)) / interval) + 1
 count = math.min(count, fits)
+-- A wait is counted here, in the call that decides it: at maxmemory a HINCRBY of its
+-- own would be refused, and it would cost a round trip.
+if count < 1 or tat > now then redis.call('HINCRBY', KEYS[7], ARGV[9], 1) end
 if count < 1 then return {-1, math.ceil(tat - now)} end
 local delays = {}
 for i = 1, count do
@@ -266,14 +272,14 @@ class Throttle:
     def reserve(self, count: int, max_wait_s: float, lane: str = "live") -> list[float] | float:
         """Delays (s) of up to `count` rate-limit slots of this lane (`live` or `replay`)
         starting within max_wait_s (fewer when the limit is busy), or the wait (s) before
-        even one would start."""
+        even one would start; a wait is counted in the stats (`ratelimit_waits`)."""
         if count == 0:
             return []
         result = self._reserve(
             keys=[keys.RATE_LIMIT, keys.RATE_LIMIT_REPLAY, keys.LANE_LIVE, keys.LANE_REPLAY,
-                  keys.QUEUE, keys.ADAPTIVE_RATE],
+                  keys.QUEUE, keys.ADAPTIVE_RATE, keys.STATS],
             args=[lane, self._rps, count, max_wait_s * 1000, self._share, int(self._adaptive),
-                  ADAPT_FIRST_RPS, REPLAY_ALONE_MAX_WAIT_S * 1000],
+                  ADAPT_FIRST_RPS, REPLAY_ALONE_MAX_WAIT_S * 1000, keys.Stat.RATELIMIT_WAITS],
         )  # fmt: skip
         if int(result[0]) == -1:
             return int(result[1]) / 1000

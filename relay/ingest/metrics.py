@@ -278,6 +278,16 @@ _COUNTERS: dict[Stat, tuple[str, str, str | None]] = {
         "Times a worker waited for the rate limit.",
         None,
     ),
+    Stat.RESENT: (
+        "relay_resent_events",
+        "Events sent again after a request ChurnZero may have taken (no answer), by cause.",
+        "cause",
+    ),
+    Stat.OOM_FALLBACKS: (
+        "relay_oom_fallbacks",
+        "Worker writes run as a plain MULTI, which Redis refuses at maxmemory.",
+        None,
+    ),
 }
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from functools import partial, wraps
+from functools import wraps
 from importlib import resources
 from typing import Any
 
@@ -177,10 +177,10 @@ async def dlq_replay(request: web.Request) -> web.Response:
     settings = request.config_dict[SETTINGS]
     # The replay lane, a request's worth of events per message.
     queue = broker.Queue(r, settings.message_events)
-    publish = partial(queue.publish, per_message=settings.churnzero_batch_size)
+    per_message = settings.churnzero_batch_size
 
     def run() -> int:
-        return sum(deadletter.replay(r, page, publish) for page in selection.pages(r))
+        return sum(deadletter.replay(r, page, queue, per_message) for page in selection.pages(r))
 
     try:
         replayed = await asyncio.to_thread(run)

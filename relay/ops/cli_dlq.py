@@ -142,8 +142,6 @@ def dlq_replay(
     since: float | None, until: float | None, dry_run: bool, as_json: bool,
 ) -> None:  # fmt: skip
     """Send dead letters through the normal path again (translation re-runs)."""
-    from functools import partial
-
     from rich.progress import Progress
 
     selection = _select(ids, every, reason, since, until)
@@ -153,13 +151,12 @@ def dlq_replay(
         return
     # Replays go to their own lane: a bounded share of the rate while live events flow.
     per_message = deployment.settings.churnzero_batch_size
-    publish = partial(deployment.queue.publish, per_message=per_message)
     total = selection.count(r)
     replayed = 0
     with Progress(disable=total < 1000) as progress:
         task = progress.add_task("replaying", total=total)
         for page in selection.pages(r):
-            replayed += deadletter.replay(r, page, publish)
+            replayed += deadletter.replay(r, page, deployment.queue, per_message)
             progress.update(task, advance=len(page))
     click.echo(f"replayed {replayed} of {total}")
 

@@ -11,7 +11,10 @@ the same script call: the count moves with the messages or not at all.
   too; or, with `RELAY_INGEST_PUBLISHER=celery`, Celery's own `send`, then `count_sent`.
 - The delayed-set mover: `Queue.move`, which publishes a due batch only if the same call
   takes it out of the delayed set, so two movers never both publish it.
-- Dead-letter replays and `relay identities forget`: `Queue.publish`.
+- Dead-letter replays: relay.state.deadletter's script, which queues the messages
+  `Queue.messages` encodes and removes their entries in one call, so a replay whose reply
+  was lost is never queued twice.
+- `relay identities forget`: `Queue.publish`.
 
 The Celery app's configuration lives here too, shared by ingest and workers: in relay/,
 so that ingest never imports workers/.
@@ -63,12 +66,14 @@ def celery_config(settings: Settings, redis_url: str) -> dict[str, Any]:
             # Above the task time limit: an unacked message comes back only if its
             # worker is gone, never while it is still working on it.
             "visibility_timeout": settings.visibility_timeout_s,
-            # kombu looks for messages of dead workers every interval x throttle seconds
-            # (100 s by default); every 5 s keeps the bound near the visibility timeout.
-            "unacked_restore_interval": 5,
+            # The workers' lease (relay.state.lease); each worker sweeps for lapsed ones
+            # every quarter lease (the sweep throttles itself; kombu calls it this often).
+            "worker_lease": settings.worker_lease_s,
+            "unacked_restore_interval": 1,
             "unacked_restore_throttle": 1,
-            # A worker that dies mid-sweep holds the sweep's mutex this long (default 5 min).
-            "unacked_mutex_expire": 30,
+            # The relay uses no message priorities: one list per queue, so a worker can
+            # take from its queue with one blocking move (relay.state.transport).
+            "priority_steps": [0],
             # BRPOP the queues in sorted order, `relay` before `relay.replay`: a free
             # worker thread takes a live message first, a replay only when none waits.
             "queue_order_strategy": "sorted",
@@ -206,6 +211,14 @@ class Queue(_Publisher):
         # `allow_oom`, a worker's: its publishes move work already in Redis, so they go
         # through at maxmemory too (relay.state.oom), as draining a full Redis needs.
         self._push = r.register_script((oom.header(r) if allow_oom else "") + _PUSH)
+
+    def messages(
+        self, items: list[Json], per_message: int | None = None
+    ) -> tuple[str, list[bytes]]:
+        """The queue of `items` and their messages, encoded but not queued: for a caller
+        whose own script pushes them (and counts them ready) with writes of its own."""
+        keys_, args = self._call(items, [], per_message=per_message)
+        return keys_[0], args[3:]
 
     def publish(
         self, items: list[Json], *, message_id: str | None = None, per_message: int | None = None

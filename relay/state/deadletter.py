@@ -17,7 +17,6 @@ million entries.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import time
 import uuid
@@ -32,6 +31,7 @@ from relay import keys
 from relay.envelope import Envelope, Json
 from relay.errors import DecodeError
 from relay.reasons import Reason
+from relay.state import broker
 
 CLAIM_S = 300  # a replay's hold on an entry; a crashed replay frees it after this
 
@@ -292,14 +292,36 @@ def replay_item(entry: DeadLetter, now: float) -> Envelope:
     return Envelope.from_dict(entry.item).replayed(entry.id, now)
 
 
-def replay(
-    r: redis.Redis,
-    ids: list[str],
-    publish: Callable[[list[Json]], None],
-) -> int:
-    """Re-enqueue these entries through the normal path; remove each once queued.
+# KEYS: the queue, the ready count, the entries, their index, the stats, then each entry's
+# reason index. ARGV: events, the stats field of replays, the entry count n, the n entry
+# ids, then the messages. Queues the messages and removes their entries in one step, or
+# (an entry is gone: purged, or replayed by a call whose reply was lost) does nothing.
+_REPLAY = """
+local n = tonumber(ARGV[3])
+for i = 1, n do
+  if redis.call('HEXISTS', KEYS[3], ARGV[3 + i]) == 0 then return 0 end
+end
+for i = 1, n do
+  redis.call('HDEL', KEYS[3], ARGV[3 + i])
+  redis.call('ZREM', KEYS[4], ARGV[3 + i])
+  redis.call('ZREM', KEYS[5 + i], ARGV[3 + i])
+end
+for i = 4 + n, #ARGV do redis.call('LPUSH', KEYS[1], ARGV[i]) end
+redis.call('INCRBY', KEYS[2], ARGV[1])
+redis.call('HINCRBY', KEYS[5], ARGV[2], ARGV[1])
+return 1
+"""
 
-    Safe to run twice, even at once: each entry is claimed before it is published.
+
+def replay(
+    r: redis.Redis, ids: list[str], queue: broker.Queue, per_message: int | None = None
+) -> int:
+    """Re-enqueue these entries through the normal path (in messages of at most
+    `per_message` events), removing them in the same step.
+
+    Safe to run twice, even at once: each entry is claimed before it is published, and
+    an entry is queued and removed together, so a replay whose reply was lost (its
+    caller saw an error and tries again) finds it gone rather than queuing it twice.
     Entries whose item is not an envelope stay where they are. Returns how many were
     replayed.
     """
@@ -307,22 +329,41 @@ def replay(
     for entry_id in ids:
         pipe.set(keys.DLQ_REPLAYING + entry_id, b"1", nx=True, ex=CLAIM_S)
     claimed = [entry_id for entry_id, won in zip(ids, pipe.execute(), strict=True) if won]
+    replayed = 0
     try:
-        entries, items = [], []
-        now = time.time()
-        for entry in get_many(r, claimed):
-            with contextlib.suppress(DecodeError):
-                items.append(replay_item(entry, now).to_dict())
-                entries.append(entry)
-        if items:
-            publish(items)  # queued and counted ready
-            r.hincrby(keys.STATS, keys.Stat.REPLAYED, len(items))
-            remove(r, entries)
+        # Again with the entries still there when one vanished meanwhile (a purge).
+        while entries := get_many(r, claimed):
+            now = time.time()
+            items = []
+            for entry in list(entries):
+                try:
+                    items.append(replay_item(entry, now).to_dict())
+                except DecodeError:
+                    entries.remove(entry)
+            if not items:
+                break
+            if _queue_replayed(r, queue, entries, items, per_message):
+                replayed = len(items)
+                break
     finally:
         # Released whatever happened: a failed publish leaves the entries replayable.
         if claimed:
             r.delete(*(keys.DLQ_REPLAYING + i for i in claimed))
-    return len(entries)
+    return replayed
+
+
+def _queue_replayed(
+    r: redis.Redis, queue: broker.Queue, entries: list[DeadLetter], items: list[Json],
+    per_message: int | None,
+) -> bool:  # fmt: skip
+    name, messages = queue.messages(items, per_message)
+    ids = [e.id for e in entries]
+    found = r.register_script(_REPLAY)(
+        keys=[name, keys.DEPTH_READY, keys.DLQ_ENTRIES, keys.DLQ_INDEX, keys.STATS,
+              *(keys.dlq_reason(e.reason) for e in entries)],
+        args=[len(items), keys.Stat.REPLAYED, len(ids), *ids, *messages],
+    )  # fmt: skip
+    return bool(found)
 
 
 def remove_users(r: redis.Redis, user_keys: set[str]) -> int:

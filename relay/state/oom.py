@@ -12,6 +12,10 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
+import structlog
+
+from relay import keys
+
 ALLOW_OOM = "#!lua flags=allow-oom\n"
 
 # The staged scripts, each a function of its own KEYS and ARGV (a script cannot call
@@ -45,6 +49,9 @@ _NOT_INLINED = frozenset({"EVAL_RO", "EVALSHA_RO", "FCALL", "FCALL_RO"})
 # Lua's unpack gives at most 8,000 values: a longer command (a HSET of thousands of
 # fields) makes the pipeline a MULTI instead.
 MAX_UNPACK = 7_000
+
+log = structlog.get_logger("relay.state")
+_fell_back = False  # whether this process logged a plain MULTI (`_plain_transaction`)
 
 # Asked once per client: the scripts of a client's users carry the header they chose at
 # start (`header`) anyway, and an INFO per settlement would be a round trip per write.
@@ -84,7 +91,7 @@ def execute(r: Any, pipe: Any) -> None:
             or (name == "EVALSHA" and command[1] not in known)
             or (name not in _INLINED and len(command) > MAX_UNPACK)
         ):
-            pipe.execute()  # a plain MULTI, as before Redis 7: refused at maxmemory
+            _plain_transaction(pipe, name)
             return
         if name not in _INLINED:
             args += [len(command), *command]
@@ -97,6 +104,17 @@ def execute(r: Any, pipe: Any) -> None:
     if args:
         functions = "".join(_SCRIPT.format(n=n, body=body) for body, n in bodies.items())
         r.eval(f"{ALLOW_OOM}local SCRIPTS = {{}}\n{functions}{_RUN}", 0, *args)
+
+
+def _plain_transaction(pipe: Any, command: str) -> None:
+    """Run the pipeline as a plain MULTI, as before Redis 7: refused at maxmemory. Counted
+    in the same MULTI; logged once per process (the command that could not be inlined)."""
+    global _fell_back  # once per process, whichever client
+    if not _fell_back:
+        _fell_back = True
+        log.warning("oom_plain_transaction", command=command, refused_at_maxmemory=True)
+    pipe.hincrby(keys.STATS, keys.Stat.OOM_FALLBACKS, 1)
+    pipe.execute()
 
 
 def _text(body: str | bytes) -> str:

@@ -107,9 +107,10 @@ def find(
             if _matches(item, wanted):
                 found.append(Sighting("in_flight", None, _about(item)))
     for member, due in r.zscan_iter(keys.DELAYED, count=PAGE):
-        if needle not in member:
+        batch_text = wire.unpack_text(member)
+        if needle not in batch_text:
             continue
-        batch = orjson.loads(member)
+        batch = orjson.loads(batch_text)
         for item in _decoded(batch["items"]):
             if _matches(item, wanted):
                 about = _about(item, cause=batch.get("cause"))

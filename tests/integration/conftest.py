@@ -364,9 +364,9 @@ def event_item(rid: str, **event: Any) -> dict[str, Any]:
 
 def delayed_items(r: redis.Redis) -> list[dict[str, Any]]:
     """Every item waiting in the delayed set for its next try."""
-    import orjson
+    from relay import wire
 
-    return [i for m in r.zrange("relay:delayed", 0, -1) for i in orjson.loads(m)["items"]]
+    return [i for m in r.zrange("relay:delayed", 0, -1) for i in wire.unpack(m)["items"]]
 
 
 @pytest.fixture

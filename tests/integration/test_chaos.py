@@ -8,6 +8,7 @@ bench-results/reliability.json for docs/reliability.md.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import threading
 import time
@@ -116,9 +117,12 @@ def delivered(sandbox: Sandbox) -> Counter[str]:
 
 
 def record(
-    name: str, load: Load, got: Counter[str], r: redis.Redis, **extra: Any
-) -> dict[str, Any]:
-    """Check the promise and write the scenario's figures."""
+    name: str, load: Load, got: Counter[str], r: redis.Redis, *, duplicate_bound: int,
+    **extra: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """Check the promise (nothing acknowledged lost, at most `duplicate_bound` events
+    delivered twice: the scenario's bound, which docs/reliability.md states) and write
+    the scenario's figures."""
     lost = load.acked - set(got)
     figures = {
         "sent": load.sent,
@@ -126,6 +130,7 @@ def record(
         "delivered": len(set(got) & load.acked),
         "dead_lettered": int(r.hlen("relay:dlq:entries")),
         "duplicated": sum(n - 1 for n in got.values()),
+        "duplicate_bound": duplicate_bound,
         "lost": len(lost),
         **extra,
     }
@@ -135,6 +140,7 @@ def record(
     RESULTS.write_text(json.dumps(existing, indent=2))
     print(f"\n{name}: {figures}")
     assert not lost, f"{len(lost)} acknowledged events were not delivered"
+    assert figures["duplicated"] <= duplicate_bound, figures
     return figures
 
 
@@ -157,11 +163,10 @@ def test_worker_sigkill_mid_delivery(
     load.join()
     start_worker(**SHORT_LEASE)
     wait_for(drained(r, clean_sandbox, load.acked), timeout=150)
-    figures = record("worker SIGKILL mid-delivery", load, delivered(clean_sandbox), r,
-                     delivered_before_kill=killed_at)  # fmt: skip
-    assert figures["dead_lettered"] == 0
     # At most the batches the killed worker held: concurrency x message size.
-    assert figures["duplicated"] <= 4 * 500
+    figures = record("worker SIGKILL mid-delivery", load, delivered(clean_sandbox), r,
+                     duplicate_bound=4 * 500, delivered_before_kill=killed_at)  # fmt: skip
+    assert figures["dead_lettered"] == 0
 
 
 def test_redis_stop_and_restart_during_ingest(
@@ -190,8 +195,9 @@ def test_redis_stop_and_restart_during_ingest(
         assert Counter(during)[503] > 0
         start_worker(redis_url=url_redis)
         wait_for(drained(r, clean_sandbox, load.acked), timeout=120)
+        refused = sum(1 for *_, s in load.answers if s == 503)
         record("Redis SIGKILL and restart (AOF always)", load, delivered(clean_sandbox), r,
-               answered_503=sum(1 for *_, s in load.answers if s == 503))  # fmt: skip
+               duplicate_bound=0, answered_503=refused)  # fmt: skip
     finally:
         server.terminate()
         server.wait(10)
@@ -213,7 +219,8 @@ def test_ingest_sigkill_under_load(
         children.stop_all()
     start_worker()
     wait_for(drained(r, clean_sandbox, load.acked), timeout=90)
-    figures = record("ingest SIGKILL under load", load, delivered(clean_sandbox), r)
+    figures = record("ingest SIGKILL under load", load, delivered(clean_sandbox), r,
+                     duplicate_bound=0)  # fmt: skip
     assert 0 < figures["acknowledged"] < figures["sent"]
 
 
@@ -230,10 +237,9 @@ def test_two_ingest_two_workers_deliver_exactly_once(
     wait_for(drained(r, clean_sandbox, load.acked), timeout=90)
     elapsed = time.monotonic() - began
     got = delivered(clean_sandbox)
-    figures = record("2 ingest + 2 workers", load, got, r,
+    figures = record("2 ingest + 2 workers", load, got, r, duplicate_bound=0,
                      events_per_s=round(len(load.acked) / elapsed))  # fmt: skip
     assert figures["acknowledged"] == 15_000
-    assert figures["duplicated"] == 0
 
 
 @pytest.mark.slow
@@ -250,7 +256,9 @@ def test_sandbox_down_a_minute_then_429_storm(
     clean_sandbox.fault(status=429, retry_after=2, for_s=20)
     time.sleep(20)
     wait_for(drained(r, clean_sandbox, load.acked), timeout=120)
-    figures = record("ChurnZero down 60 s, then 429s for 20 s", load, delivered(clean_sandbox), r)
+    # A dropped connection is dropped before the sandbox takes the request: nothing twice.
+    figures = record("ChurnZero down 60 s, then 429s for 20 s", load, delivered(clean_sandbox),
+                     r, duplicate_bound=0)  # fmt: skip
     assert figures["dead_lettered"] == 0
 
 
@@ -296,8 +304,9 @@ def test_redis_sigkill_while_ingest_and_worker_run_loses_nothing(
         assert 200 not in during, Counter(during)
         wait_for(drained(r, clean_sandbox, load.acked), timeout=150)
         got = delivered(clean_sandbox)
+        refused = sum(1 for *_, s in load.answers if s == 503)
         figures = record("Redis SIGKILL and restart while delivering (AOF always)", load, got,
-                         r, answered_503=sum(1 for *_, s in load.answers if s == 503))  # fmt: skip
+                         r, duplicate_bound=0, answered_503=refused)  # fmt: skip
         assert figures["dead_lettered"] == 0
     finally:
         server.terminate()
@@ -339,8 +348,8 @@ def test_broker_blip_mid_batch_delivers_each_event_once(
         # The fault happened as meant: the consumer lost its broker and kombu restored the
         # unacked messages while their tasks ran.
         assert "Connection to broker lost" in log and "Restoring" in log
-        figures = record("broker link cut for 6 s mid-batch (twice)", load, got, r)
-        assert figures["duplicated"] == 0
+        figures = record("broker link cut for 6 s mid-batch (twice)", load, got, r,
+                         duplicate_bound=0)  # fmt: skip
         assert figures["dead_lettered"] == 0
         wait_for(lambda: int(r.get("relay:depth:inflight") or 0) == 0, timeout=10)
         assert int(r.get("relay:depth:ready") or 0) == 0
@@ -348,31 +357,81 @@ def test_broker_blip_mid_batch_delivers_each_event_once(
         blip.close()
 
 
-@pytest.mark.slow  # a minute by design: the default visibility timeout
+def held_messages(r: redis.Redis, worker: procs.Proc) -> set[str]:
+    """The task ids of the messages a worker held or took, as Redis still has them."""
+    found = re.search(r'"worker": ?"([0-9a-f]+)"', worker.log.read_text(errors="replace"))
+    assert found, "the worker did not say its id"
+    raws = [raw for tag in r.smembers(f"relay:worker:{found[1]}:held")
+            if (raw := r.hget("unacked", tag))]  # fmt: skip
+    messages = [json.loads(raw)[0] for raw in raws]
+    messages += [json.loads(m) for m in r.lrange(f"relay:worker:{found[1]}:taken", 0, -1)]
+    return {m["headers"]["id"] for m in messages}
+
+
+def all_settled(r: redis.Redis, task_ids: set[str]) -> bool:
+    """Whether every one of these messages was settled (by whichever worker)."""
+    return all(r.hexists(f"relay:run:{task_id}", "settled") for task_id in task_ids)
+
+
 @pytest.mark.timeout(300)
-def test_worker_sigkill_with_default_settings_recovers_within_two_minutes(
+def test_worker_sigkill_with_default_settings_its_messages_go_to_the_others_in_seconds(
     own_redis: OwnRedis, clean_sandbox: Sandbox,
     start_ingest: Callable[..., str], start_worker: Starter,
 ) -> None:  # fmt: skip
     url_redis, r = own_redis()
-    clean_sandbox.fault(latency_ms=200)
+    clean_sandbox.fault(latency_ms=1_000)
     url = start_ingest(redis_url=url_redis)
     identify(url)
     defaults = {"backoff_base_s": 1, "backoff_cap_s": 300, "identity_wait_s": 600}
-    worker = start_worker(redis_url=url_redis, **defaults)
-    load = Load([url], 5_000, batch=100, threads=2).start()
-    load.join()
-    wait_for(lambda: len(clean_sandbox.commands()) > 500, timeout=60)
-    worker.stop(signal.SIGKILL)
-    killed_at = time.monotonic()
+    victim = start_worker(redis_url=url_redis, **defaults)
     start_worker(redis_url=url_redis, **defaults)
-    wait_for(drained(r, clean_sandbox, load.acked), timeout=180)
+    wait_for(lambda: r.exists("relay:identity:u:u1") == 1, timeout=60)
+    load = Load([url], 10_000, batch=100, threads=4).start()
+    load.join()
+    # Both workers hold messages mid-delivery when the victim dies.
+    wait_for(lambda: len(clean_sandbox.commands()) > 2_000 and r.hlen("unacked") >= 6, 90)
+    victim.stop(signal.SIGKILL)
+    killed_at = time.monotonic()
+    held = held_messages(r, victim)
+    assert held, "the victim held nothing when it died"
+    wait_for(lambda: all_settled(r, held), timeout=120)
+    held_s = time.monotonic() - killed_at
+    wait_for(drained(r, clean_sandbox, load.acked), timeout=120)
     recovered_s = time.monotonic() - killed_at
     got = delivered(clean_sandbox)
-    figures = record("worker SIGKILL, default timings", load, got, r,
+    # At most what the victim was sending when it died: concurrency x message size.
+    figures = record("worker SIGKILL, default timings, another worker running", load, got, r,
+                     duplicate_bound=4 * 500, its_messages_settled_after_kill_s=round(held_s, 1),
                      all_delivered_after_kill_s=round(recovered_s, 1))  # fmt: skip
-    assert recovered_s <= 120, recovered_s
+    # The lease (8 s by default), a sweep (every 2 s), then the deliveries themselves;
+    # with room for a loaded machine.
+    assert held_s <= 30, held_s
     assert figures["dead_lettered"] == 0
+
+
+@pytest.mark.timeout(300)
+def test_a_live_worker_slower_than_its_lease_is_not_duplicated(
+    own_redis: OwnRedis, clean_sandbox: Sandbox,
+    start_ingest: Callable[..., str], start_worker: Starter,
+) -> None:  # fmt: skip
+    url_redis, r = own_redis()
+    # Each request takes longer than a worker's lease (8 s): its messages stay its own as
+    # long as it beats, and the idle worker beside it must not run them too.
+    clean_sandbox.fault(latency_ms=11_000)
+    slow = {"churnzero_timeout_s": 20}
+    url = start_ingest(redis_url=url_redis)
+    identify(url)
+    first = start_worker(redis_url=url_redis, **slow)
+    wait_for(lambda: r.exists("relay:identity:u:u1") == 1, timeout=60)
+    load = Load([url], 400, batch=100, threads=1).start()
+    load.join()
+    wait_for(lambda: r.hlen("unacked") > 0, timeout=30)
+    second = start_worker(redis_url=url_redis, **slow)
+    wait_for(drained(r, clean_sandbox, load.acked), timeout=120)
+    got = delivered(clean_sandbox)
+    record("a live worker slower than its lease", load, got, r, duplicate_bound=0)
+    for worker in (first, second):
+        assert "restored_unacked" not in worker.log.read_text(errors="replace")
 
 
 def test_retry_after_a_day_pauses_no_longer_than_the_cap(
@@ -392,6 +451,51 @@ def test_retry_after_a_day_pauses_no_longer_than_the_cap(
     assert int(r.get("relay:throttle:pause_until")) - redis_now_ms <= 4_000 + 1_000
     requests.delete(clean_sandbox.url + "/_sandbox/faults", timeout=5).raise_for_status()
     wait_for(drained(r, clean_sandbox, load.acked), timeout=60)
+    took_s = round(time.monotonic() - began, 1)
     figures = record("Retry-After: 86400 with a 4 s cap", load, delivered(clean_sandbox), r,
-                     delivered_after_s=round(time.monotonic() - began, 1))  # fmt: skip
+                     duplicate_bound=0, delivered_after_s=took_s)  # fmt: skip
     assert figures["dead_lettered"] == 0
+
+
+# 50 messages of 100 events, each sent in 5 requests of 20 commands, every request after
+# a message's first waiting for its rate-limit slot (the default self-tuning rate) and
+# 300 ms at ChurnZero: a kill strikes with a message's requests on the wire and more of its
+# requests waiting for their slots.
+MID_MESSAGE_EVENTS = 5_000
+
+
+@pytest.mark.timeout(300)
+def test_redis_sigkill_mid_message_sends_no_event_twice(
+    tmp_path: Path, clean_sandbox: Sandbox, start_ingest: Callable[..., str],
+    start_worker: Starter,
+) -> None:  # fmt: skip
+    port = free_port()
+    workdir = tmp_path / "redis"
+    server = start_redis(port, workdir, *AOF_ALWAYS)
+    url_redis = f"redis://127.0.0.1:{port}/0"
+    r = redis.Redis.from_url(url_redis)
+    try:
+        clean_sandbox.fault(latency_ms=300)
+        url = start_ingest(redis_url=url_redis)
+        identify(url)
+        load = Load([url], MID_MESSAGE_EVENTS, batch=100, threads=2).start()
+        load.join()
+        assert len(load.acked) == MID_MESSAGE_EVENTS
+        # A task holds on to what ChurnZero took through the outage, until its time limit.
+        start_worker(redis_url=url_redis, visibility_timeout_s=35, task_time_limit_s=20,
+                     churnzero_batch_size=20)  # fmt: skip
+        for share in (0.2, 0.6):
+            wait_for(lambda s=share: len(clean_sandbox.commands()) > s * MID_MESSAGE_EVENTS, 120)  # type: ignore[misc]
+            server.send_signal(signal.SIGKILL)
+            server.wait(10)
+            # Down for longer than redis-py's own retries of a command (about 4 s at most),
+            # far less than the task's time limit: the outage's length is the fault itself.
+            time.sleep(5)
+            server = start_redis(port, workdir, *AOF_ALWAYS)
+        wait_for(drained(r, clean_sandbox, load.acked), timeout=150)
+        figures = record("Redis SIGKILL for 5 s mid-message (AOF always, twice)", load,
+                         delivered(clean_sandbox), r, duplicate_bound=0)  # fmt: skip
+        assert figures["dead_lettered"] == 0
+    finally:
+        server.terminate()
+        server.wait(10)

@@ -123,6 +123,23 @@ def test_a_claim_is_found_and_released_from_a_later_bucket(r: redis.Redis) -> No
     assert dedupe.duplicates(copy("c", "m")) == {"c"}
 
 
+@pytest.mark.parametrize("skew_s", [2, BUCKET - 60])
+def test_workers_whose_clocks_differ_by_less_than_a_bucket_see_each_others_claims(
+    r: redis.Redis, skew_s: int
+) -> None:
+    # Two hosts, one's clock ahead: around an hour's turn, it claims into a bucket the
+    # other's clock has not reached yet.
+    ahead, behind = Clock(), Clock()
+    ahead.now = (ahead.now // BUCKET + 1) * BUCKET + 1
+    behind.now = ahead.now - skew_s
+    assert Dedupe(r, DAY, clock=ahead).duplicates(copy("a", "m")) == set()
+    assert Dedupe(r, DAY, clock=behind).duplicates(copy("b", "m")) == {"b"}
+    assert Dedupe(r, DAY, clock=behind).duplicates(copy("a", "m")) == set()  # its own
+    # And the other way round: the claim of the one behind is found by the one ahead.
+    assert Dedupe(r, DAY, clock=behind).duplicates(copy("c", "n")) == set()
+    assert Dedupe(r, DAY, clock=ahead).duplicates(copy("d", "n")) == {"d"}
+
+
 def test_a_zero_window_turns_dedupe_off(r: redis.Redis) -> None:
     dedupe = Dedupe(r, 0)
     dedupe.duplicates(items(5, "a"))

@@ -44,7 +44,7 @@ def test_every_way_into_the_queue_counts_what_it_queued(r: redis.Redis) -> None:
     assert delayed.Mover(r, queue).move_due() == 2  # the mover
     dead = [deadletter.new_entry(item, Reason.REJECTED) for item in items(4, "dead")]
     deadletter.add(r, dead)
-    replayed = deadletter.replay(r, [e.id for e in dead], queue.publish)  # a replay
+    replayed = deadletter.replay(r, [e.id for e in dead], queue)  # a replay
     assert replayed == 4
     assert r.llen(keys.QUEUE) == 3 and r.llen(keys.REPLAY_QUEUE) == 2
     assert [i["id"] for i in queued_items(r)] == ["e0", "e1", "e2", "retry0", "retry1"]

@@ -149,58 +149,104 @@ async def test_group_commit_fails_every_request_of_a_refused_group_then_recovers
 # --- dead-letter replay -----------------------------------------------------------------
 
 
-def test_replay_requeues_once_and_a_failed_publish_keeps_the_entries(r: redis.Redis) -> None:
-    entries = [deadletter.new_entry(event_item(f"d{i}"), Reason.REJECTED) for i in range(3)]
+class LosesAScriptCall(redis.Redis):
+    """A client whose next script call is lost: its request before Redis runs it
+    (`lost = "request"`), or its reply after (`lost = "reply"`), as a cut connection would."""
+
+    lost: str | None = None
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        if args[0] not in ("EVAL", "EVALSHA"):
+            return super().execute_command(*args, **options)
+        if self.lost == "request":
+            self.lost = None
+            raise redis.ConnectionError("the request was lost")
+        result = super().execute_command(*args, **options)
+        if self.lost == "reply":
+            self.lost = None
+            raise redis.ConnectionError("the reply was lost")
+        return result
+
+
+def dead_letters(r: redis.Redis, n: int, prefix: str = "d") -> list[str]:
+    entries = [deadletter.new_entry(event_item(f"{prefix}{i}"), Reason.REJECTED) for i in range(n)]
     deadletter.add(r, entries)
-    ids = [e.id for e in entries]
+    return [e.id for e in entries]
 
-    def broken(_: list[dict[str, Any]]) -> None:
-        raise ConnectionError("Redis went away mid-replay")
 
-    with pytest.raises(ConnectionError):
-        deadletter.replay(r, ids, broken)
+def test_replay_requeues_once_and_a_failed_publish_keeps_the_entries(r: redis.Redis) -> None:
+    ids = dead_letters(r, 3)
+    client = LosesAScriptCall.from_url(url_of(r))
+    queue = broker.Queue(client, 500)
+    client.lost = "request"
+    with pytest.raises(redis.ConnectionError):
+        deadletter.replay(client, ids, queue)
     assert r.hlen(keys.DLQ_ENTRIES) == 3  # nothing lost, and replayable again
-    published: list[dict[str, Any]] = []
-    assert deadletter.replay(r, ids, published.extend) == 3
-    assert deadletter.replay(r, ids, published.extend) == 0
+    assert deadletter.replay(client, ids, queue) == 3
+    assert deadletter.replay(client, ids, queue) == 0
+    published = queued_items(r, keys.REPLAY_QUEUE)
     assert sorted(i["id"] for i in published) == ["d0", "d1", "d2"]
     assert all(i["attempts"] == 0 and i["replayed_from"] in ids for i in published)
     assert r.hlen(keys.DLQ_ENTRIES) == 0
+
+
+def test_a_replay_whose_reply_was_lost_is_not_queued_again(r: redis.Redis) -> None:
+    ids = dead_letters(r, 3)
+    client = LosesAScriptCall.from_url(url_of(r))
+    queue = broker.Queue(client, 500)
+    client.lost = "reply"
+    with pytest.raises(redis.ConnectionError):
+        deadletter.replay(client, ids, queue)
+    # The operator saw an error (the admin API answers 503) and replays again.
+    assert deadletter.replay(client, ids, queue) == 0
+    assert sorted(i["id"] for i in queued_items(r, keys.REPLAY_QUEUE)) == ["d0", "d1", "d2"]
+    assert int(r.get(keys.DEPTH_READY)) == 3 and r.hlen(keys.DLQ_ENTRIES) == 0
+    assert int(r.hget(keys.STATS, "replayed")) == 3
+
+
+def test_a_replay_of_entries_purged_meanwhile_queues_the_rest(r: redis.Redis) -> None:
+    ids = dead_letters(r, 3)
+
+    class PurgeFirst(broker.Queue):
+        def messages(self, items: Any, per_message: int | None = None) -> Any:
+            deadletter.purge(r, [ids[0]])  # while the first try encodes its messages
+            return super().messages(items, per_message)
+
+    assert deadletter.replay(r, ids, PurgeFirst(r, 500)) == 2
+    assert sorted(i["id"] for i in queued_items(r, keys.REPLAY_QUEUE)) == ["d1", "d2"]
 
 
 def test_a_large_replay_pages_through_a_snapshot_beside_another_replay(r: redis.Redis) -> None:
     # 1,200 dead letters: three pages of 500. Two replays at once (an operator's CLI and
     # the admin page): while the first is publishing its first page, the second runs
     # from start to end.
-    deadletter.add(
-        r, [deadletter.new_entry(event_item(f"d{i}"), Reason.REJECTED) for i in range(1200)]
-    )
-    published: list[str] = []
+    dead_letters(r, 1200)
     first_publishing, second_done = threading.Event(), threading.Event()
 
-    def first_publish(items: list[dict[str, Any]]) -> None:
-        if not first_publishing.is_set():
-            first_publishing.set()
-            assert second_done.wait(30)
-        published.extend(i["id"] for i in items)
+    class Held(broker.Queue):
+        def messages(self, items: Any, per_message: int | None = None) -> Any:
+            if not first_publishing.is_set():
+                first_publishing.set()
+                assert second_done.wait(30)
+            return super().messages(items, per_message)
 
-    def replay_all(publish: Any) -> int:
-        return sum(deadletter.replay(r, page, publish) for page in deadletter.Selection().pages(r))
+    def replay_all(queue: broker.Queue) -> int:
+        return sum(deadletter.replay(r, page, queue) for page in deadletter.Selection().pages(r))
 
     first: list[int] = []
-    runner = threading.Thread(target=lambda: first.append(replay_all(first_publish)))
+    runner = threading.Thread(target=lambda: first.append(replay_all(Held(r, 500))))
     runner.start()
     try:
         assert first_publishing.wait(30)
-        second = replay_all(lambda items: published.extend(i["id"] for i in items))
+        second = replay_all(broker.Queue(r, 500))
         # Dead letters of events failing now: after both snapshots, left for a later replay.
-        deadletter.add(r, [deadletter.new_entry(event_item(f"late{i}"), Reason.REJECTED)
-                           for i in range(5)])  # fmt: skip
+        dead_letters(r, 5, "late")
     finally:
         second_done.set()
         runner.join(30)
     # Each entry published once: none skipped as entries vanished under the pages, none
     # taken by both replays.
+    published = [i["id"] for i in queued_items(r, keys.REPLAY_QUEUE)]
     assert sorted(published) == sorted(f"d{i}" for i in range(1200))
     assert first[0] + second == 1200 and first[0] > 0 and second > 0
     assert sorted(e.item["id"] for e in deadletter.list_entries(r)) == [

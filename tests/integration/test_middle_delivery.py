@@ -5,7 +5,10 @@ as structlog event dicts."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -14,11 +17,18 @@ import redis
 from structlog.testing import capture_logs
 
 from relay import keys
-from relay.delivery.batch import Delivery
-from relay.delivery.throttle import FIRST_OUTAGE_PAUSE_S
+from relay.delivery.batch import Delivery, MessageBusy, Report
+from relay.delivery.throttle import FIRST_OUTAGE_PAUSE_S, Gate, Throttle
 from relay.reasons import Reason
-from relay.state import deadletter
-from tests.integration.conftest import Sandbox, delayed_items, event_item
+from relay.state import broker, deadletter
+from tests.integration.conftest import (
+    APP_KEY,
+    OwnRedis,
+    Sandbox,
+    delayed_items,
+    event_item,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 Make = Callable[..., Delivery]
@@ -121,6 +131,9 @@ def test_no_answer_is_retried_and_may_arrive_twice(
     report = delivery.deliver([event_item("n0")], "m-no-answer")
     assert report.delivered == 0 and report.retried == {label: 1}
     assert report.requests == {label: 1}
+    # Counted as a possible duplicate (relay_resent_events_total{cause}).
+    assert report.resent == {label: 1}
+    assert int(r.hget(keys.STATS, f"resent:{label}")) == 1
     assert [(i["id"], i["attempts"]) for i in delayed_items(r)] == [("n0", 1)]
     if label == "timeout":
         # The sandbox had the command before it stalled: the retry sends it again.
@@ -167,3 +180,185 @@ def test_an_item_that_is_no_envelope_is_dead_lettered_alone(
     assert sorted(c["eventName"] for c in clean_sandbox.commands()) == ["f4", "f5"]
     [entry] = deadletter.list_entries(r)
     assert entry.item == stranger and entry.errors[0].startswith("DecodeError")
+
+
+class FailingPermit(Throttle):
+    """The shared throttle, whose `fail_at`-th permit check (gate) raises `error` once."""
+
+    def __init__(self, inner: Throttle, fail_at: int, error: Exception) -> None:
+        self.__dict__.update(inner.__dict__)
+        self.calls, self.fail_at, self.error = 0, fail_at, error
+
+    def gate(self) -> Gate:
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise self.error
+        return super().gate()
+
+
+def fail_permit(delivery: Delivery, fail_at: int, error: Exception) -> None:
+    delivery.throttle = delivery.sender.throttle = FailingPermit(delivery.throttle, fail_at, error)
+
+
+def sent_counts(sandbox: Sandbox) -> Counter[str]:
+    return Counter(c["eventName"] for c in sandbox.commands())
+
+
+# One request per event, each after the first waiting for its rate-limit slot and then
+# asking the shared throttle (Redis) whether it may still go: the call a blip fails.
+PER_EVENT_SLOTS = {"churnzero_batch_size": 1, "rate_limit_rps": 20, "adaptive_rate": False}
+
+
+def test_a_redis_blip_at_a_chunks_permit_sends_each_event_once(
+    make_delivery: Make, r: redis.Redis, clean_sandbox: Sandbox
+) -> None:
+    delivery = make_delivery(**PER_EVENT_SLOTS)
+    fail_permit(delivery, 2, redis.ConnectionError("Redis went away"))  # the 2nd chunk's
+    items = batch("p", 4)
+    with contextlib.suppress(redis.ConnectionError):
+        delivery.deliver(items, "m-permit")
+    # Nothing of the run goes on after it: no request of its can reach ChurnZero later.
+    assert not asyncio.all_tasks(delivery.sender.loop)
+    delivery.deliver(items, "m-permit")  # the message again, as Redis would hand it back
+    deferred = delayed_items(r)
+    assert [i["id"] for i in deferred] == ["p1"]  # its permit was not given: it waits
+    delivery.deliver(deferred, "m-later")  # as the mover gives it back
+    delivery.deliver([event_item("q0")], "m-next")
+    assert sent_counts(clean_sandbox) == Counter(["p0", "p1", "p2", "p3", "q0"])
+    assert not deadletter.list_entries(r)
+
+
+def test_a_send_that_fails_cancels_its_siblings_and_keeps_what_churnzero_took(
+    make_delivery: Make, r: redis.Redis, clean_sandbox: Sandbox
+) -> None:
+    delivery = make_delivery(**PER_EVENT_SLOTS)
+    fail_permit(delivery, 2, RuntimeError("a bug"))
+    report = delivery.deliver(batch("s", 4), "m-bug")
+    assert not asyncio.all_tasks(delivery.sender.loop)
+    # The event ChurnZero took is delivered, not dead-lettered as well.
+    assert report.delivered == 1 and report.dead == {"worker_error": 3}
+    assert sorted(e.item["id"] for e in deadletter.list_entries(r)) == ["s1", "s2", "s3"]
+    delivery.deliver([event_item("t0")], "m-after-bug")
+    # No sibling of the failed run sent its request during the next message's run.
+    assert sent_counts(clean_sandbox) == Counter(["s0", "t0"])
+
+
+@pytest.mark.parametrize("message_ids", [True, False])
+def test_a_copy_that_runs_after_its_run_record_expired_delivers_nothing_again(
+    delivery: Delivery, r: redis.Redis, clean_sandbox: Sandbox, message_ids: bool
+) -> None:
+    items = batch("x", 3)
+    if message_ids:
+        for item in items:
+            item["event"]["messageId"] = "mid-" + item["id"]
+    assert delivery.deliver(items, "m-old").delivered == 3
+    # A copy of the message (restored after a blip, requeued behind a deep queue) runs
+    # once its run record is gone: the record lives an hour, copies may outlive it.
+    r.delete(keys.run("m-old"))
+    again = delivery.deliver(items, "m-old")
+    assert again.delivered == 0 and again.skipped == {"duplicate": 3}
+    assert sent_counts(clean_sandbox) == Counter(["x0", "x1", "x2"])
+
+
+def test_a_request_cut_off_at_the_tasks_deadline_is_counted_as_resent(
+    make_delivery: Make, r: redis.Redis, clean_sandbox: Sandbox
+) -> None:
+    # The task's deadline comes before ChurnZero answers and before the client's timeout.
+    delivery = make_delivery(task_time_limit_s=8, churnzero_timeout_s=30)
+    clean_sandbox.fault(latency_ms=10_000)
+    report = delivery.deliver(batch("c", 2), "m-cut")
+    assert report.delivered == 0 and report.retried == {"deadline": 2}
+    assert report.resent == {"deadline": 2}
+    assert int(r.hget(keys.STATS, "resent:deadline")) == 2
+    assert not asyncio.all_tasks(delivery.sender.loop)
+
+
+def test_an_error_after_the_settlement_leaves_what_it_settled_alone(
+    delivery: Delivery, r: redis.Redis, clean_sandbox: Sandbox
+) -> None:
+    # A delete's dead letters are removed after the settlement, by a scan that meets an
+    # entry it cannot read (written by hand, or by another program).
+    r.hset(keys.DLQ_ENTRIES, "unreadable", b"not json")
+    clean_sandbox.fault(status=503)
+    gone = {"type": "delete", "userId": "gone", "messageId": "del-1"}
+    items = [event_item("w0"), {**event_item("w1"), "event": gone}]
+    with capture_logs() as logs:
+        report = delivery.deliver(items, "m-after")
+    assert report.retried == {"5xx": 1} and not report.dead
+    assert [i["id"] for i in delayed_items(r)] == ["w0"]  # waits for its retry, once
+    assert r.hkeys(keys.DLQ_ENTRIES) == [b"unreadable"]  # w0 is not dead-lettered too
+    assert int(r.get(keys.DEPTH_INFLIGHT) or 0) == 0
+    assert any(e["event"] == "users_deleted_dead_letters_kept" for e in logs)
+
+
+class FrozenAfterSending(Throttle):
+    """The shared throttle, whose first report (after a run's sends, before its
+    settlement) runs `meanwhile` first: what happens while that run is frozen."""
+
+    def __init__(self, inner: Throttle, meanwhile: Callable[[], None]) -> None:
+        self.__dict__.update(inner.__dict__)
+        self.meanwhile: Callable[[], None] | None = meanwhile
+
+    def report(self, **outcomes: Any) -> float:
+        if self.meanwhile is not None:
+            meanwhile, self.meanwhile = self.meanwhile, None
+            meanwhile()
+        return super().report(**outcomes)
+
+
+@pytest.mark.parametrize("copy_settles", [True, False])
+def test_a_run_frozen_past_its_lease_writes_no_settlement(
+    make_delivery: Make, r: redis.Redis, clean_sandbox: Sandbox, copy_settles: bool
+) -> None:
+    frozen, copy = make_delivery(), make_delivery()
+    items = batch("z", 2)
+    clean_sandbox.fault(status=503)
+    copy_report: list[Report] = []
+
+    def lease_runs_out_and_a_copy_runs() -> None:
+        r.delete(keys.run_lock("m-frozen"))  # the frozen run's lease expired
+        if copy_settles:
+            copy_report.append(copy.deliver(items, "m-frozen"))
+        else:  # the copy holds the lease, still working
+            copy.runs.claim("m-frozen", len(items))
+
+    fenced = FrozenAfterSending(frozen.throttle, lease_runs_out_and_a_copy_runs)
+    frozen.throttle = frozen.sender.throttle = fenced
+    if copy_settles:
+        report = frozen.deliver(items, "m-frozen")
+        assert report.already_settled and copy_report[0].retried == {"5xx": 2}
+    else:
+        with pytest.raises(MessageBusy):  # given back: it runs again once the copy is done
+            frozen.deliver(items, "m-frozen")
+    # The events wait for their retry once (the copy's settlement, or none yet), and the
+    # in-flight count is not taken down twice.
+    assert sorted(i["id"] for i in delayed_items(r)) == (["z0", "z1"] if copy_settles else [])
+    assert int(r.get(keys.DEPTH_INFLIGHT) or 0) == (0 if copy_settles else 2)
+
+
+def test_with_wait_replicas_a_settlement_is_acknowledged_only_once_replicated(
+    own_redis: OwnRedis, clean_sandbox: Sandbox
+) -> None:
+    from relay.mapping import load_mapping
+    from relay.settings import Settings
+
+    _, primary = own_redis()
+    port = primary.connection_pool.connection_kwargs["port"]
+    _, replica = own_redis("--replicaof", "127.0.0.1", str(port))
+    wait_for(lambda: replica.info("replication")["master_link_status"] == "up")
+    settings = Settings(
+        churnzero_url=clean_sandbox.url + "/i", churnzero_app_key=APP_KEY,
+        redis_wait_replicas=1, redis_wait_timeout_ms=200, task_time_limit_s=8,
+    )  # fmt: skip
+    delivery = Delivery(settings, primary, load_mapping(None))
+    try:
+        assert delivery.deliver([event_item("v0")], "m-replicated").delivered == 1
+        assert int(primary.hget(keys.STATS, "replication_waits")) >= 1
+        with contextlib.suppress(redis.RedisError):
+            replica.shutdown(nosave=True)  # the only replica is gone
+        # Settled on the primary alone: the message is given back rather than acked (a
+        # failover to a replica without the settlement would deliver it again).
+        with pytest.raises(broker.NotReplicated):
+            delivery.deliver([event_item("v1")], "m-unreplicated")
+    finally:
+        delivery.close()

@@ -10,11 +10,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import orjson
 import pytest
 import redis
 
-from relay import keys
+from relay import keys, wire
 from relay.delivery import delayed
 from relay.delivery.batch import Delivery, MessageBusy
 from relay.delivery.runs import Runs, State
@@ -87,7 +86,7 @@ def test_a_batch_two_movers_hold_is_published_once_and_counted_once(r: redis.Red
     delayed.stage_schedule(pipe, [Envelope.from_dict(i) for i in items(3)], due=0)
     pipe.execute()
     [member] = r.zrange(keys.DELAYED, 0, -1)
-    batch = orjson.loads(member)
+    batch = wire.unpack(member)
     queue = broker.Queue(r, message_events=500)
     # One mover claimed the batch and stalled past its lease (0 s); another moves it.
     assert delayed.Mover(r, queue, lease_s=0).move_due() == 3

@@ -57,3 +57,13 @@ def test_a_body_that_does_not_inflate_is_refused(compression: str, body: bytes, 
     message["body"] = base64.b64encode(body).decode()
     with pytest.raises(ValueError, match=error):
         wire.items_of(message)
+
+
+def test_a_packed_batch_is_smaller_and_a_plain_json_one_still_reads() -> None:
+    waiting = {"id": "b", "items": batch(50), "cause": "5xx"}  # a delayed-set member
+    packed = wire.pack(waiting)
+    assert len(packed) < len(orjson.dumps(waiting)) / 4
+    assert wire.unpack(packed) == waiting
+    assert wire.unpack(orjson.dumps(waiting)) == waiting  # stored before members were packed
+    with pytest.raises(ValueError, match="does not inflate"):
+        wire.unpack(b"not a batch")
