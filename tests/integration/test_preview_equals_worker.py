@@ -19,7 +19,7 @@ from tests.integration.conftest import Sandbox
 pytestmark = pytest.mark.integration
 
 IDS = {"accountExternalId": "A", "contactExternalId": "C"}
-NEWER, OLDER = "2026-11-29T10:00:00Z", "2026-11-28T10:00:00Z"
+OLDER, NEWER, NEWEST = "2026-11-28T10:00:00Z", "2026-11-29T10:00:00Z", "2026-11-30T10:00:00Z"
 
 
 def item(rid: str, **event: Any) -> dict[str, Any]:
@@ -63,6 +63,14 @@ BATCH = [
     # Delivered.
     item("deliver", type="track", userId="u", messageId="m-deliver", event="Known",
          timestamp=NEWER, properties=IDS),
+    # The newest value yet, then one older than it in the same batch.
+    item("newest", type="identify", userId="u", messageId="m-newest", timestamp=NEWEST,
+         traits={**IDS, "plan": "enterprise"}),
+    item("older-in-batch", type="identify", userId="u", messageId="m-older-in-batch",
+         timestamp=NEWER, traits={**IDS, "plan": "team"}),
+    # The user moved to another contact, which inherits the old contact's clock.
+    item("moved", type="identify", userId="u", messageId="m-moved", timestamp=OLDER,
+         traits={"accountExternalId": "A", "contactExternalId": "C2", "plan": "free"}),
 ]  # fmt: skip
 
 
@@ -94,8 +102,12 @@ def test_preview_says_what_the_worker_then_does(
         "parked": "skip: parked",
         "no-contact": "dead: no_contact",
         "deliver": "deliver",
+        "newest": "deliver",
+        "older-in-batch": "skip: stale_attribute",
+        "moved": "skip: stale_attribute",
     }
 
     report = hold.deliver(BATCH, "m-batch")
     assert labels_of(report) == Counter(said.values())
-    assert report.attributes["stale_attribute"] == 1
+    assert report.attributes["stale_attribute"] == 3
+    assert report.contact_changes == 1
