@@ -145,8 +145,9 @@ def _verdicts(
     outcomes: Outcomes = {item.id: _OK for item, _ in plan.send}
     settled = settle(plan, outcomes, now, Policy.of(settings))
     commands = {item.id: cmds for item, cmds in plan.send}
-    # Names a delivery would send for the first time (held instead, in hold mode).
-    new = names.unknown(r, names.sent_names(plan.send))
+    # Names a delivery would send for the first time (in hold mode, prepare held them).
+    hold = settings.new_names == "hold"
+    new = set() if hold else names.unknown(r, names.sent_names(plan.send))
     for item in settled.delivered:
         fresh = sorted(names.names_of(commands[item.id]) & new)
         notes = [names.note(name) for name in fresh]

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 import redis
 
-from relay.delivery.batch import Delivery, Report
+from relay.delivery.batch import Delivery
+from relay.delivery.stage import Report
 from relay.envelope import Envelope
 from relay.mapping import load_mapping
 from relay.ops.preview import preview
