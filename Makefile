@@ -48,7 +48,7 @@ fmt: install
 	$(BIN)/ruff check --fix relay workers tests
 
 chaos: install
-	$(BIN)/pytest -q -m chaos -s tests/integration/test_chaos.py tests/integration/test_sentinel.py
+	$(BIN)/pytest -q -m chaos -s tests/integration/test_chaos.py tests/integration/test_take.py tests/integration/test_sentinel.py
 
 # Arguments for `python -m tests.bench`, e.g. BENCH="e2e --baseline b324a8f" or
 # BENCH="e2e --profile" (py-spy: `.venv/bin/pip install py-spy`).

@@ -43,6 +43,14 @@ DELETED = PREFIX + "deleted:"
 # event time (epoch ms) of the last value sent (relay.delivery.freshness).
 ATTRIBUTE_CLOCK = PREFIX + "attrclock:"
 
+# The workers' leases (relay.state.lease): ZSET worker id -> lease deadline (ms on Redis's
+# clock), and the last heartbeat of any worker (ms). Per worker: the LIST of messages it
+# took off a queue and has not yet recorded as unacked, and the SET of delivery tags it
+# holds in Celery's `unacked`.
+WORKERS = PREFIX + "workers"
+WORKERS_BEAT = PREFIX + "workers:beat"
+WORKER = PREFIX + "worker:"
+
 # Per Celery message (by task id): HASH of its run ("claimed", "settled", "d:<relay id>"
 # per event delivered), and the lease of the run working on it now.
 RUN = PREFIX + "run:"
@@ -147,6 +155,9 @@ attribute_clock = Family(ATTRIBUTE_CLOCK)
 parked = Family(PARKED)
 # The figures of one minute (unix time // 60).
 minute = Family(MINUTE)
+# What one worker process took off a queue and has not recorded yet, and what it holds.
+worker_taken = Family(WORKER, ":taken")
+worker_held = Family(WORKER, ":held")
 # The run record of one Celery message, and the lease of the run working on it now.
 run = Family(RUN)
 run_lock = Family(RUN, ":lock")

@@ -22,3 +22,5 @@ class Reason(StrEnum):
     WORKER_ERROR = "worker_error"  # the worker could not handle its batch at all
     NEW_NAME = "new_name"  # held by the new-name guard until `relay names allow`
     NO_CONTACT = "no_contact"  # an account-level call naming no person, no account_contact
+    UNDECODABLE_MESSAGE = "undecodable_message"  # a queue entry no worker can read
+    UNKNOWN_TASK = "unknown_task"  # a Celery message for a task the relay does not have

@@ -100,6 +100,10 @@ class Settings(BaseSettings):
     # Messages of a dead worker come back after this long; above the task time limit, so
     # a message is never handed out again while its task still runs.
     visibility_timeout_s: int = Field(60, ge=10)
+    # A worker's hold on the messages it took outlives its last heartbeat (every quarter
+    # of it) by this long: a dead worker's messages go to the others after about this
+    # long, and a worker cut off from Redis for longer is taken for dead.
+    worker_lease_s: float = Field(8.0, ge=2, le=60)
     # How long a message's run record (settled mark, events already delivered) is kept:
     # a redelivery of the message within it is recognised and not sent again.
     run_record_ttl_s: int = Field(3600, ge=60)

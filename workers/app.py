@@ -36,6 +36,8 @@ except RelayError as exc:
 
 app = broker.make_celery(settings, redis_url, worker=True)
 app.conf.include = ["workers.tasks"]
+# Messages it cannot run are dead-lettered, never dropped or handed out again forever.
+app.conf.worker_consumer = "workers.consumer:Consumer"
 state = redis_conn.sync_client(settings, redis_url, socket_timeout=10, socket_connect_timeout=5)
 
 log = structlog.get_logger("relay.worker")
@@ -74,6 +76,12 @@ def _tune_gc(**_: Any) -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
+# With nothing due, the mover looks again when the next batch is due, or after this long at
+# most: a batch added meanwhile comes back at most this late, and an idle worker asks
+# Redis once a second.
+MOVER_IDLE_S = 1.0
+
+
 @beside_the_worker("relay-mover")
 def _move_forever() -> None:
     mover = Mover(state, broker.Queue(state, settings.message_events, allow_oom=True))
@@ -99,7 +107,8 @@ def _move_forever() -> None:
         if moved:
             log.info("moved_due", events=moved)
         else:
-            _stop.wait(0.25)
+            due_in = mover.next_due_in_s
+            _stop.wait(MOVER_IDLE_S if due_in is None else min(max(due_in, 0.01), MOVER_IDLE_S))
 
 
 @signals.worker_shutdown.connect

@@ -30,12 +30,13 @@ LEASE_S = 60
 WAITING_STATES = ("delayed", "identity_wait")
 
 # KEYS: delayed, then the indexes of oldest receipts. ARGV: limit, lease_s. Claims up to
-# `limit` members due by Redis's clock. An empty set empties the indexes: an entry a
-# mover of an earlier version left there cannot outlive the batches.
+# `limit` members due by Redis's clock; returns them, and the seconds until the next member
+# is due ("-1": none waits). An empty set empties the indexes: an entry a mover of an
+# earlier version left there cannot outlive the batches.
 _CLAIM = """
 if redis.call('ZCARD', KEYS[1]) == 0 then
   redis.call('DEL', KEYS[2], KEYS[3])
-  return {}
+  return {{}, '-1'}
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -43,7 +44,12 @@ local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, ARGV[1
 for _, member in ipairs(due) do
   redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), member)
 end
-return due
+local next_in = -1
+if #due == 0 then
+  local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  if first[2] then next_in = math.max(tonumber(first[2]) - now, 0) end
+end
+return {due, tostring(next_in)}
 """
 
 
@@ -81,11 +87,17 @@ class Mover:
         self._lease_s = lease_s
         # Allowed at maxmemory (Redis 7+): moving work back frees as much as it writes.
         self._claim = r.register_script(oom.header(r) + _CLAIM)
+        # After a call that found nothing due: the seconds until the next batch is (None:
+        # none waits).
+        self.next_due_in_s: float | None = None
 
     def move_due(self) -> int:
         """Move what is due; returns the number of events moved."""
         indexes = [keys.delayed_received(state) for state in WAITING_STATES]
-        members = self._claim(keys=[keys.DELAYED, *indexes], args=[self._page, self._lease_s])
+        members, next_in = self._claim(
+            keys=[keys.DELAYED, *indexes], args=[self._page, self._lease_s]
+        )
+        self.next_due_in_s = None if float(next_in) < 0 else float(next_in)
         moved = 0
         for member in members:
             batch = wire.unpack(member)

@@ -11,6 +11,9 @@ broken connection lost is sent again. So each run first claims its message:
     claimed   this run owns it, and learns which events an earlier run already got a
               2xx for (those are not sent again)
 
+A claim's lease lasts the task's time limit and more; a run of a worker whose own
+lease lapsed (it died: relay.state.lease) is taken over at once.
+
 A run marks events done right after ChurnZero's 2xx, and writes its settlement
 (dead letters, delayed retries, counters) in one MULTI with the `settled` mark, fenced by
 its token: a run frozen past its lease (a paused VM, a starved CPU) while a copy claimed
@@ -28,16 +31,26 @@ from enum import Enum
 from typing import Any
 
 from relay import keys
-from relay.state import oom
+from relay.state import lease, oom
 
-# KEYS: run, lock, ready, inflight. ARGV: token, lease_ms, events, ttl_ms.
+# KEYS: run, lock, ready, inflight, workers. ARGV: token, lease_ms, events, ttl_ms.
 # Returns {0} settled, {1, pttl} busy, {2, field...} claimed (with the run's fields).
 _CLAIM = """
 if redis.call('HEXISTS', KEYS[1], 'settled') == 1 then return {0} end
 if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   -- Our own lease: this is the same claim again (a client retrying after a lost reply).
-  if redis.call('GET', KEYS[2]) ~= ARGV[1] then
-    return {1, redis.call('PTTL', KEYS[2])}
+  local holder = redis.call('GET', KEYS[2])
+  if holder ~= ARGV[1] then
+    -- Held by a run of another worker whose own lease lapsed (relay.state.lease): that
+    -- run is gone, take over now rather than after the claim's TTL.
+    local worker = holder and string.match(holder, '^(%x+)%.')
+    local deadline = worker and worker ~= string.match(ARGV[1], '^(%x+)%.')
+      and redis.call('ZSCORE', KEYS[5], worker)
+    local t = redis.call('TIME')
+    if not deadline or tonumber(deadline) >= tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000 then
+      return {1, redis.call('PTTL', KEYS[2])}
+    end
+    redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
   end
 end
 if redis.call('HSETNX', KEYS[1], 'claimed', '1') == 1 then
@@ -118,10 +131,11 @@ class Runs:
         A claim is re-entrant for its token: redis-py resends a command whose reply a
         broken connection lost, and the resent claim must not find its own lease busy.
         """
-        token = token or uuid.uuid4().hex
+        # The worker's id first: a run of a lapsed worker is taken over (relay.state.lease).
+        token = token or f"{lease.worker_id()}.{uuid.uuid4().hex}"
         result = self._claim(
             keys=[keys.run(message_id), keys.run_lock(message_id),
-                  keys.DEPTH_READY, keys.DEPTH_INFLIGHT],
+                  keys.DEPTH_READY, keys.DEPTH_INFLIGHT, keys.WORKERS],
             args=[token, self._lease_ms, events, self._ttl_ms],
         )  # fmt: skip
         state = State(int(result[0]))

@@ -189,7 +189,8 @@ def worker(settings: Settings, redis_url: str, celery_args: Sequence[str], say: 
         # --quiet: no banner; Celery's own log lines come through structlog (relay.logs).
         sys.executable, "-m", "celery", "--quiet", "-A", "workers.app", "worker",
         "--pool", "threads", "-c", str(settings.worker_concurrency),
-        "--without-gossip", "--without-mingle",
+        # Nothing of the relay listens to other workers or to their heartbeat events.
+        "--without-gossip", "--without-mingle", "--without-heartbeat",
         "--loglevel", settings.log_level.upper(),
     ]  # fmt: skip
     if any(a in ("-Q", "--queues") or a.startswith(("-Q", "--queues=")) for a in celery_args):

@@ -66,12 +66,14 @@ def celery_config(settings: Settings, redis_url: str) -> dict[str, Any]:
             # Above the task time limit: an unacked message comes back only if its
             # worker is gone, never while it is still working on it.
             "visibility_timeout": settings.visibility_timeout_s,
-            # kombu looks for messages of dead workers every interval x throttle seconds
-            # (100 s by default); every 5 s keeps the bound near the visibility timeout.
-            "unacked_restore_interval": 5,
+            # The workers' lease (relay.state.lease); each worker sweeps for lapsed ones
+            # every quarter lease (the sweep throttles itself; kombu calls it this often).
+            "worker_lease": settings.worker_lease_s,
+            "unacked_restore_interval": 1,
             "unacked_restore_throttle": 1,
-            # A worker that dies mid-sweep holds the sweep's mutex this long (default 5 min).
-            "unacked_mutex_expire": 30,
+            # The relay uses no message priorities: one list per queue, so a worker can
+            # take from its queue with one blocking move (relay.state.transport).
+            "priority_steps": [0],
             # BRPOP the queues in sorted order, `relay` before `relay.replay`: a free
             # worker thread takes a live message first, a replay only when none waits.
             "queue_order_strategy": "sorted",

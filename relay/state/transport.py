@@ -1,41 +1,37 @@
-"""kombu's Redis transport for the workers, able to start and drain a full Redis.
+"""kombu's Redis transport for the workers: no take that lives only in a socket, and a
+worker that can start and drain a full Redis.
 
-At `maxmemory` with `noeviction` Redis refuses every command that may grow memory. Stock
-kombu then fails where a draining worker must write (reproduced in
-tests/integration/test_memory.py):
+**Taking a message.** Stock kombu pops a message with BRPOP and records it as unacked
+afterwards: an answer lost on the wire, or a worker that dies in between, leaves it in no
+Redis structure. Here one command moves it into the worker's own taken list (BLMOVE, or
+BRPOPLPUSH before Redis 7; the take script when a worker reads several queues, as a
+blocking move has one source), and one script then records it as unacked, adds its tag to
+the worker's held set and removes it from the taken list. The worker's lease
+(relay.state.lease) covers both: what a worker took but never recorded goes back on the
+queue when its channel opens again or closes (`reclaim`), or by another worker's sweep
+once its lease lapses, and so does what it held. A queue entry that is not a kombu
+message is dead-lettered (`undecodable_message`) out of the taken list.
 
-* `QoS.append`, after `BRPOP` took a message off the queue, records it as unacked
-  (ZADD + HSET carrying the whole message). Refused, the worker stops with
-  "Unrecoverable error" and the message it popped is in neither list: lost.
-* `QoS.restore_visible` takes a mutex (SET NX PX) at start and every few polls. Refused,
-  the worker stops before it consumes anything.
-* Acks and rejects delete inside MULTI, and Redis refuses every command queued in a
-  MULTI at maxmemory, even a deletion.
-* When Celery gives up on a task (its retry could not be published, or its retries ran
-  out) it rejects the message without requeue, and kombu deletes it: events lost. Here
-  such a message stays unacked and is redelivered after the visibility timeout.
+**A full Redis.** At `maxmemory` with `noeviction` Redis refuses every command that may
+grow memory, BLMOVE included, and every command queued in a MULTI, even a deletion.
+Everything a worker writes here moves work already in Redis (queue to taken list to
+unacked) or is a few bytes of bookkeeping, while each acknowledged message frees its
+whole body: draining only ever shrinks Redis. So the writes run as scripts flagged
+`allow-oom` (Redis 7+), which Redis lets write at maxmemory, as do the worker's other
+writes (its settlements, relay.state.oom; the delayed-set mover's publishes,
+relay.state.broker); a refused BLMOVE gives way to the take script for a while. New events
+come in only through ingest, which stays on stock kombu and its gate refuses them well
+before maxmemory (`RELAY_MAX_MEMORY_FRACTION`), so nothing else overshoots. On servers
+before 7 (no script flags) the same scripts run unflagged.
 
-Everything a worker writes here moves work that is already in Redis (queue to unacked)
-or is a few bytes of bookkeeping, while each acknowledged message frees its whole body:
-draining only ever shrinks Redis. So these writes run as scripts flagged `allow-oom`
-(Redis 7+), which Redis lets write at maxmemory, as do the worker's other writes (its
-settlements, relay.state.oom; the delayed-set mover's publishes, relay.state.broker).
-New events come in only through ingest, which stays on stock kombu and its gate refuses
-them well before maxmemory (`RELAY_MAX_MEMORY_FRACTION`), so nothing else overshoots.
+When Celery gives up on a task (its retry could not be published, or its retries ran
+out) it rejects the message without requeue, and kombu would delete it: events lost. Here
+such a message stays unacked and is redelivered after the visibility timeout.
 
-On servers before 7 (no script flags) the stock behaviour applies.
-
-Two more changes keep a Redis failover (or restart) from losing a message or stopping a
-worker:
-
-* kombu takes a message off the queue with BRPOP and only then records it as unacked.
-  If Redis goes away between the two (a primary SIGKILLed while a worker polls), the
-  message is in no list: here the worker keeps trying to record it until a primary
-  answers again (a Sentinel failover takes a second or two).
-* Celery acknowledges a task's message after its consumer may have closed the channel to
-  reconnect; kombu then fails with an AttributeError that stops the whole worker. Here a
-  closed channel says so with a connection error, which Celery logs, and the message stays
-  unacked and comes back.
+Celery acknowledges a task's message after its consumer may have closed the channel to
+reconnect; kombu then fails with an AttributeError that stops the whole worker. Here a
+closed channel says so with a connection error, which Celery logs, and the message stays
+unacked and comes back.
 
 `install()` points kombu's `redis://`, `rediss://` and `sentinel://` schemes at these
 classes in the worker's process: kombu picks a transport by URL scheme, also when it
@@ -45,125 +41,46 @@ fails over to the next sentinel URL, so a Celery setting could not reach every c
 from __future__ import annotations
 
 import time
+from queue import Empty
 from typing import Any
 
-import orjson
 import structlog
-from kombu.transport import TRANSPORT_ALIASES, get_transport_cls, virtual
+from kombu.transport import TRANSPORT_ALIASES, get_transport_cls
 from kombu.transport import redis as kombu_redis
+from kombu.utils.encoding import bytes_to_str
+from kombu.utils.json import loads
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ExecAbortError, OutOfMemoryError, RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import OutOfMemoryError, RedisError
 
+from relay import keys
+from relay.reasons import Reason
+from relay.state import deadletter, lease
 from relay.state.oom import ALLOW_OOM, script_flags
+from relay.state.unacked import QoS
 
 log = structlog.get_logger("relay.transport")
-# Longer than a failover (down-after-milliseconds plus the election); the worker's
-# consumer waits meanwhile, which it would do anyway with no primary to poll.
-RECORD_PATIENCE_S = 60.0
-_RETRY_EVERY_S = 0.25
-
-
-def _script(*calls: str) -> str:
-    """A script of these `redis.call`s that Redis 7+ runs at maxmemory too."""
-    return ALLOW_OOM + "".join(f"redis.call({call})\n" for call in calls) + "return 0\n"
-
-
-# KEYS: unacked index, unacked hash. ARGV: score, delivery tag, payload (kombu's format).
-_APPEND = _script("'ZADD', KEYS[1], ARGV[1], ARGV[2]", "'HSET', KEYS[2], ARGV[2], ARGV[3]")
-# KEYS: unacked index, unacked hash. ARGV: delivery tag. (kombu runs these in MULTI,
-# and Redis refuses every command queued in a MULTI at maxmemory, even deletions.)
-_REMOVE = _script("'ZREM', KEYS[1], ARGV[1]", "'HDEL', KEYS[2], ARGV[1]")
+# KEYS: the queues in the consumer's order, then its taken list. Moves the first message
+# found into the taken list and returns {its queue's position, the message}.
+_TAKE = """
+for i = 1, #KEYS - 1 do
+  local m = redis.call('RPOPLPUSH', KEYS[i], KEYS[#KEYS])
+  if m then return {i, m} end
+end
+return false
+"""
 # KEYS: the exchange's binding table and its permanent twin. ARGV: the member.
-_BIND = _script("'SADD', KEYS[1], ARGV[1]", "'SADD', KEYS[2], ARGV[1]")
-
-
-class QoS(kombu_redis.QoS):
-    """kombu's ack emulation; unacked bookkeeping and restores survive a full Redis."""
-
-    def append(self, message: Any, delivery_tag: str) -> None:
-        """Record a delivered message as unacked, even at maxmemory, waiting out a
-        failover rather than losing it."""
-        deadline = time.monotonic() + RECORD_PATIENCE_S
-        waited = False
-        while True:
-            try:
-                self._append(message, delivery_tag)
-                return
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                if time.monotonic() > deadline:
-                    raise
-                if not waited:
-                    log.warning("unacked_record_waits", error=type(exc).__name__)
-                waited = True
-                time.sleep(_RETRY_EVERY_S)
-
-    def _append(self, message: Any, delivery_tag: str) -> None:
-        channel: _AllowOom = self.channel
-        if not channel.allow_oom:
-            super().append(message, delivery_tag)
-            return
-        delivery = message.delivery_info
-        # kombu's record ([message, exchange, routing key]), as kombu reads it back; its
-        # own encoder escapes every byte of the message's base64 body in Python's JSON.
-        payload = orjson.dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
-        with channel.conn_or_acquire() as client:
-            client.eval(_APPEND, 2, self.unacked_index_key, self.unacked_key,
-                        time.time(), delivery_tag, payload)  # fmt: skip
-        virtual.QoS.append(self, message, delivery_tag)
-
-    def ack(self, delivery_tag: str) -> None:
-        """Forget an acknowledged message, even at maxmemory."""
-        self._remove(delivery_tag)
-        virtual.QoS.ack(self, delivery_tag)
-
-    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
-        """Requeue a message; one Celery gives up on stays unacked, for redelivery."""
-        if requeue:
-            try:
-                self.restore_by_tag(delivery_tag, leftmost=True)
-            except (OutOfMemoryError, ExecAbortError):
-                # One transaction: the message is still in unacked, and restore_visible
-                # brings it back after the visibility timeout.
-                log.warning("requeue_deferred", error="redis at maxmemory")
-        else:
-            # The relay's task settles every event itself (delivered, retried, dead-
-            # lettered); Celery rejects without requeue only when it gave up for want of
-            # Redis (a retry it could not publish, retries exhausted). Deleting the
-            # message would lose acknowledged events: it comes back after the
-            # visibility timeout instead.
-            log.warning("reject_kept_for_redelivery", delivery_tag=delivery_tag)
-        virtual.QoS.ack(self, delivery_tag)
-
-    def restore_unacked(self, client: Any = None) -> None:
-        """When the channel closes (shutdown, a lost connection), requeue what this worker
-        held; what cannot be requeued now stays unacked and comes back after the
-        visibility timeout."""
-        try:
-            super().restore_unacked(client)
-        except (OutOfMemoryError, ExecAbortError):
-            log.warning("restore_unacked_deferred", error="redis at maxmemory")
-        except (AttributeError, RedisError, OSError) as exc:
-            # kombu 5.7 closing a channel whose connection is gone fails to make a client
-            # (AttributeError in `_connparams`) and the worker would stop for good.
-            log.warning("restore_unacked_deferred", error=type(exc).__name__)
-
-    def _remove(self, delivery_tag: str) -> None:
-        channel: _AllowOom = self.channel
-        if not channel.allow_oom:
-            self._remove_from_indices(delivery_tag).execute()
-            return
-        with channel.conn_or_acquire() as client:
-            client.eval(_REMOVE, 2, self.unacked_index_key, self.unacked_key, delivery_tag)
-
-    def restore_visible(self, start: int = 0, num: int = 10, interval: int = 10) -> None:
-        """Requeue messages past the visibility timeout; at maxmemory, try again later."""
-        try:
-            super().restore_visible(start=start, num=num, interval=interval)
-        except (OutOfMemoryError, ExecAbortError):
-            # The mutex SET or a requeue was refused: nothing changed (the requeue is one
-            # transaction). Draining frees memory; a later poll restores them.
-            log.warning("restore_visible_deferred", error="redis at maxmemory")
+_BIND = """
+redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('SADD', KEYS[2], ARGV[1])
+return 0
+"""
+# After a take refused at maxmemory, take by script (allowed there) for this long; when
+# even that finds or may take nothing, wait this long before the next try.
+_OOM_SCRIPT_S = 5.0
+_REFUSED_PAUSE_S = 1.0
+# A worker reading several queues blocks on the first one at most this long: a message of
+# another waits no longer for it.
+_SEVERAL_QUEUES_WAIT_S = 0.2
 
 
 class _ClosedAware:
@@ -178,21 +95,191 @@ class _ClosedAware:
 
 
 class _AllowOom(kombu_redis.Channel):
-    """kombu's Redis channel with the QoS above and bindings that survive a full Redis."""
+    """kombu's Redis channel: takes a message into the worker's taken list (BLMOVE), with
+    the QoS above and bindings that survive a full Redis."""
 
     QoS = QoS
+    # How long a worker's hold on what it took outlives its last heartbeat
+    # (relay.state.lease); `worker_lease` in the transport options.
+    worker_lease = 8.0
+    from_transport_options = (*kombu_redis.Channel.from_transport_options, "worker_lease")
 
     _allow_oom: bool | None = None
+    _lease_client: Any = None
+    taken: bytes | None = None  # the message being delivered, as taken
+    enlisted = False
+    _taking: tuple[str, list[str]] = ("", [])
+    _block_next = True
+    _oom_until = 0.0
+    _paused_until = 0.0
+    _take_unread = False  # a take was sent and its answer not read
+
+    @property
+    def takes(self) -> bool:
+        """Whether this channel takes messages into the worker's taken list (always, but
+        with a global key prefix, where kombu's own BRPOP applies)."""
+        return not self.global_keyprefix
 
     @property
     def allow_oom(self) -> bool:
         """Whether writes go through allow-oom scripts (Redis 7+, no key prefix)."""
         if self._allow_oom is None:
-            # A client of the shared pool, not `self.client`, whose connection may be
-            # waiting on a BRPOP.
-            with self.conn_or_acquire() as client:
-                self._allow_oom = not self.global_keyprefix and script_flags(client)
+            self._allow_oom = not self.global_keyprefix and script_flags(self.lease_client)
         return self._allow_oom
+
+    @property
+    def script_header(self) -> str:
+        """The flags line of this channel's scripts."""
+        return ALLOW_OOM if self.allow_oom else ""
+
+    @property
+    def lease_client(self) -> Any:
+        """A client of the shared pool, not `self.client`, whose connection may be
+        waiting on a take; kept, so its server's flags are asked once."""
+        if self._lease_client is None:
+            with self.conn_or_acquire() as client:
+                self._lease_client = client
+        return self._lease_client
+
+    def reclaim(self) -> None:
+        """Renew the worker's lease, put back what it took and never recorded, and
+        requeue what it still holds (a closed connection could not)."""
+        for tag in lease.enlist(self.lease_client, self.worker_lease, keys.QUEUE):
+            self.qos.restore_by_tag(bytes_to_str(tag), self.lease_client)
+
+    def _brpop_start(self, timeout: int | None = None) -> None:
+        if not self.takes:
+            super()._brpop_start(timeout)
+            return
+        now = time.monotonic()
+        if now < self._paused_until:
+            return
+        queues = self._queue_cycle.consume(len(self.active_queues))
+        if not queues:
+            return
+        try:
+            if not self.enlisted:
+                self.reclaim()
+                lease.heartbeat(self.worker_lease).keep(self, self.lease_client)
+                self.enlisted = True
+                log.info("consuming", worker=lease.worker_id(), lease_s=self.worker_lease)
+            elif self._take_unread:
+                # The last take's answer never came (its connection dropped, or kombu's
+                # health check dropped it): what it moved is back on the queue now.
+                lease.enlist(self.lease_client, self.worker_lease, keys.QUEUE)
+        except OutOfMemoryError:
+            # Redis before 7 at maxmemory: no take until the worker holds its lease.
+            log.warning("enlist_refused", error="redis at maxmemory")
+            self._paused_until = now + _REFUSED_PAUSE_S
+            return
+        self._take_unread = False
+        sources = [self._q_for_pri(queue, pri) for pri in self.priority_steps for queue in queues]
+        timeout = self.brpop_timeout if timeout is None else timeout
+        connection = self.client.connection
+        self._in_poll = connection
+        self._brpop_sent_at = now
+        taken = lease.taken_key()
+        if now >= self._oom_until and (len(sources) == 1 or self._block_next):
+            # One command takes and records the take: what Redis pops is in the taken
+            # list, whether or not the reply reaches this worker. It waits on one queue:
+            # with several, briefly, then the take script looks at them all again.
+            if len(sources) > 1:
+                timeout = min(timeout, _SEVERAL_QUEUES_WAIT_S)
+            if self.allow_oom:
+                args = ["BLMOVE", sources[0], taken, "RIGHT", "LEFT", timeout or 0]
+            else:  # servers before 7 may predate BLMOVE (6.2); the same move
+                args = ["BRPOPLPUSH", sources[0], taken, timeout or 0]
+            self._taking = (str(args[0]), sources[:1])
+        else:
+            # Several queues, in order, without blocking (a blocking move has one source);
+            # also the take at maxmemory, where Redis refuses BLMOVE but not this script.
+            args = ["EVAL", self.script_header + _TAKE, len(sources) + 1, *sources, taken]
+            self._taking = ("EVAL", sources)
+        connection.send_command(*args)
+        self._take_unread = True
+
+    def _brpop_read(self, **options: Any) -> bool:
+        if not self.takes:
+            return bool(super()._brpop_read(**options))
+        command, sources = self._taking
+        try:
+            try:
+                reply = self.client.parse_response(self.client.connection, command, **options)
+                self._take_unread = False
+            except self.connection_errors:
+                # Disconnect so that the next iteration reconnects; what was taken stays
+                # in the taken list and is put back (`reclaim`, or a lapsed lease's sweep).
+                self.client.connection.disconnect()
+                raise
+            except OutOfMemoryError:
+                self._take_unread = False  # an answer: the take did not happen
+                self._refused(command)
+                raise Empty() from None
+            if command == "EVAL":
+                item, source = (reply[1], sources[int(reply[0]) - 1]) if reply else (None, "")
+                # Nothing waiting in any queue: block on the first one next.
+                self._block_next = not reply
+                if not reply and time.monotonic() < self._oom_until:
+                    self._paused_until = time.monotonic() + _REFUSED_PAUSE_S
+            else:
+                item, source = reply, sources[0]
+                self._block_next = False  # then look at every queue, in order
+            if not item:
+                raise Empty()
+            dest = bytes_to_str(source).rsplit(self.sep, 1)[0]
+            self._queue_cycle.rotate(dest)
+            try:
+                message = loads(bytes_to_str(item))
+                if not isinstance(message, dict):
+                    raise ValueError("not a JSON object")
+            except ValueError as exc:
+                self._dead_letter(item, exc)
+                raise Empty() from None
+            self.taken = item
+            self.connection._deliver(message, dest)
+            return True
+        finally:
+            self._in_poll = None
+            self._flush_brpop_reauth()
+
+    def _dead_letter(self, item: bytes, exc: Exception) -> None:
+        # Not a kombu message at all: kombu would fail on it and the worker lose it. Into
+        # the dead-letter queue, out of the taken list, in one step (if Redis refuses, it
+        # stays taken, and is put back on the queue when this worker consumes again).
+        text = item.decode(errors="replace")
+        entry = deadletter.new_entry(
+            {"raw": text}, Reason.UNDECODABLE_MESSAGE, errors=[f"{type(exc).__name__}: {exc}"],
+            entry_id=deadletter.entry_id_of(text),
+        )  # fmt: skip
+        pipe = self.lease_client.pipeline(transaction=True)
+        deadletter.stage_add(pipe, [entry])
+        pipe.lrem(lease.taken_key(), 1, item)
+        try:
+            pipe.execute()
+        except RedisError as error:
+            log.warning("message_not_dead_lettered", error=type(error).__name__)
+            return
+        log.warning("message_dead_lettered", reason=Reason.UNDECODABLE_MESSAGE.value,
+                    entry=entry.id)  # fmt: skip
+
+    def _refused(self, command: str) -> None:
+        # At maxmemory Redis refuses BLMOVE (it may grow memory); the take script, flagged
+        # allow-oom, still runs there. Before Redis 7 nothing can take: wait and retry.
+        log.warning("take_refused", error="redis at maxmemory", command=command)
+        if command != "EVAL" and self.allow_oom:
+            self._oom_until = time.monotonic() + _OOM_SCRIPT_S
+        else:
+            self._paused_until = time.monotonic() + _REFUSED_PAUSE_S
+
+    def _poll_error(self, type: str, **options: Any) -> Any:
+        if type == "BRPOP" and self.takes:
+            return self.client.parse_response(self.client.connection, self._taking[0])
+        return super()._poll_error(type, **options)
+
+    def close(self) -> None:
+        """Close, and beat no more for this channel."""
+        lease.heartbeat(self.worker_lease).drop(self)
+        super().close()
 
     def _size(self, queue: str) -> int:
         # Read without MULTI: Redis refuses a MULTI at maxmemory, even of reads.
@@ -212,15 +299,14 @@ class _AllowOom(kombu_redis.Channel):
             return
         member = self.sep.join([routing_key or "", pattern or "", queue or ""])
         table = self.keyprefix_queue % (exchange,)
-        # kombu 5.7 keeps a permanent twin of the binding table; 5.6 has only the table.
-        permanent = getattr(self, "keyprefix_binding_permanent", None)
-        twin = permanent % (exchange,) if permanent else table
+        # kombu keeps a permanent twin of the binding table.
+        twin = self.keyprefix_binding_permanent % (exchange,)
         with self.conn_or_acquire() as client:
-            client.eval(_BIND, 2, table, twin, member)
+            client.eval(ALLOW_OOM + _BIND, 2, table, twin, member)
 
     def _queue_expiries(self) -> dict[str, Any]:
-        # Queues with an expiry (kombu 5.7; none in 5.6) keep kombu's own code paths.
-        return getattr(self, "_expires", None) or {}
+        # Queues with an expiry keep kombu's own code paths.
+        return dict(self._expires)
 
 
 class Channel(_ClosedAware, _AllowOom):
@@ -229,6 +315,9 @@ class Channel(_ClosedAware, _AllowOom):
 
 class SentinelChannel(_ClosedAware, _AllowOom, kombu_redis.SentinelChannel):
     """`sentinel://` channels of a worker."""
+
+    # kombu's Sentinel options (master_name...) as well as the relay's.
+    from_transport_options = (*kombu_redis.SentinelChannel.from_transport_options, "worker_lease")
 
 
 class Transport(kombu_redis.Transport):
