@@ -210,11 +210,12 @@ class Delivery:
         """Give back the dedupe claims of events not delivered, and remove deleted users'
         dead letters; an error here is logged, never raised."""
         gone = {entry.item.get("id") for entry in settled.dead}
-        bad = [item for item, _ in prepared.invalid]
+        undelivered = [item for item, _ in prepared.invalid]
+        undelivered += [item for item, _ in prepared.parsed if item.id in gone]
         try:  # an unreleased claim only expires
-            self.dedupe.release(bad + [i for i, _ in prepared.parsed if i.id in gone])
+            self.dedupe.release(undelivered)
         except Exception:
-            log.exception("dedupe_claims_kept", events=len(gone) + len(bad))
+            log.exception("dedupe_claims_kept", events=len(undelivered))
         forgotten = prepared.plan.forgotten
         if forgotten:
             # Not in the MULTI (a scan); the delete is settled already, so an error is
