@@ -13,8 +13,9 @@ writes what the plan learned afterwards.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Collection
 from collections.abc import Mapping as AbstractMapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pydantic import ValidationError
@@ -182,6 +183,33 @@ def plan_batch(
         if now_known is not None and now_known.account:
             plan.unpark.append(user)
     return plan
+
+
+def holding(plan: Plan, held: AbstractMapping[str, list[str]]) -> Plan:
+    """The plan with the events in `held` (relay id -> why, as the new-name guard of
+    relay.state.names says) moved from `send` to `held`."""
+    if not held:
+        return plan
+    return replace(
+        plan,
+        send=[(item, commands) for item, commands in plan.send if item.id not in held],
+        held=plan.held + [(item, held[item.id]) for item, _ in plan.send if item.id in held],
+    )
+
+
+def without(plan: Plan, dropped: Collection[tuple[str, int]], reason: str) -> Plan:
+    """The plan without the `dropped` commands (relay id, place in the event's commands);
+    an event left with nothing to send is skipped for `reason`."""
+    if not dropped:
+        return plan
+    send, skipped = [], list(plan.skipped)
+    for item, commands in plan.send:
+        kept = [c for m, c in enumerate(commands) if (item.id, m) not in dropped]
+        if kept:
+            send.append((item, kept))
+        else:
+            skipped.append((item, reason))
+    return replace(plan, send=send, skipped=skipped)
 
 
 def _park(plan: Plan, item: Envelope, event: events.AnyEvent) -> bool:

@@ -1,19 +1,24 @@
 """Delivering one batch of queued items to ChurnZero: the worker's whole job.
 
-`Delivery.deliver(items, message_id)` claims the message (see relay.delivery.runs: a message
-that runs twice is settled once), parses, drops duplicates, resolves identities,
-translates, sends (relay.delivery.sending: through the shared throttle, within the task's time
-limit) and then settles every item exactly once (relay.delivery.settlement decides; this module
-does the I/O): delivered, skipped (with a counted reason), put in the delayed set for a
-later try, or dead-lettered. Celery is not involved here; the task only calls this.
+`Delivery.deliver(items, message_id)` runs the stages in order:
+
+    claim     the message (relay.delivery.runs: a message that runs twice is settled once)
+    prepare   parse, drop duplicates, resolve, plan, hold new names, check the attribute
+              clock (relay.delivery.prepare, the stages `relay preview` runs too)
+    send      through the shared throttle, within the task's time limit (.sending)
+    settle    every item exactly once, without I/O (.settlement): delivered, skipped
+              (with a counted reason), put in the delayed set, or dead-lettered
+    stage     the settlement's Redis writes, on one MULTI (.stage)
+    execute   that MULTI, fenced, once however often it is retried
+
+Celery is not involved here; the task only calls this.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -21,21 +26,26 @@ import redis
 import structlog
 
 from relay import keys
-from relay.delivery import delayed, freshness
 from relay.delivery.churnzero import ChurnZeroClient
 from relay.delivery.dedupe import Dedupe
+from relay.delivery.prepare import Claiming, Prepared, prepare
 from relay.delivery.runs import Claim, Fenced, Runs, State
 from relay.delivery.sending import OK, Budget, Sender, chunked, durably
-from relay.delivery.settlement import Outcomes, Policy, dead_letter, group_later, settle
+from relay.delivery.settlement import (
+    Outcomes,
+    Policy,
+    Settlement,
+    dead_letter,
+    group_later,
+    settle,
+)
+from relay.delivery.stage import Report, stage, stage_stats
 from relay.delivery.throttle import Throttle
 from relay.envelope import decode_all
 from relay.mapping import Mapping
-from relay.parked import release_items
-from relay.plan import lookup_keys, parking_keys, parse_items, plan_batch, tombstone_keys
 from relay.reasons import Reason
-from relay.resolution import resolve_raw_key
 from relay.settings import VISIBILITY_MARGIN_S, Settings
-from relay.state import broker, deadletter, identity, names, oom, parking, recent, status, trace
+from relay.state import broker, deadletter, names, oom
 from relay.state.deadletter import DeadLetter
 
 log = structlog.get_logger("relay.delivery")
@@ -47,39 +57,6 @@ _PASSED_ON: tuple[type[Exception], ...] = (Fenced, *broker.QUEUE_ERRORS)
 
 class MessageBusy(Exception):
     """Another run of this message still holds its lease; give the message back."""
-
-
-@dataclass
-class Report:
-    """What became of a batch, for the canonical log line and the counters."""
-
-    received: int = 0
-    delivered: int = 0
-    lane: str = "live"  # or "replay": every event of the message is a replayed dead letter
-    already_settled: bool = False
-    skipped: Counter[str] = field(default_factory=Counter)
-    dead: Counter[str] = field(default_factory=Counter)
-    retried: Counter[str] = field(default_factory=Counter)
-    attributes: Counter[str] = field(default_factory=Counter)  # writes not sent, by reason
-    contact_changes: int = 0  # users an explicit contact id moved
-    requests: Counter[str] = field(default_factory=Counter)
-    request_seconds: list[float] = field(default_factory=list)
-    latencies: list[float] = field(default_factory=list)  # receipt to 2xx (s), live events
-    resent: Counter[str] = field(default_factory=Counter)  # tried again, may arrive twice
-
-    def as_log(self) -> dict[str, Any]:
-        """Flat fields for a log line."""
-        return {
-            "received": self.received,
-            "delivered": self.delivered,
-            "already_settled": self.already_settled,
-            "skipped": dict(self.skipped),
-            "dead": dict(self.dead),
-            "retried": dict(self.retried),
-            "attributes_skipped": dict(self.attributes),
-            "requests": dict(self.requests),
-            "resent": dict(self.resent),
-        }
 
 
 class Delivery:
@@ -97,6 +74,7 @@ class Delivery:
             ttl_s=settings.run_record_ttl_s,
         )
         self.names = names.Names(r, max_per_kind=settings.names_max)
+        self.access = Claiming(r, self.dedupe)
         self.throttle = Throttle(
             r, rate_limit_rps=settings.rate_limit_rps, outage_threshold=settings.outage_threshold,
             replay_share=settings.replay_share, adaptive=settings.adaptive_rate,
@@ -162,7 +140,7 @@ class Delivery:
         pipe = self.redis.pipeline(transaction=True)
         self.runs.stage_fence(pipe, claim)
         deadletter.stage_add(pipe, dead)
-        _stage_stats(pipe, report, time.time())
+        stage_stats(pipe, report, time.time())
         self.runs.stage_settled(pipe, claim, len(items))
         try:
             oom.execute(self.redis, pipe)
@@ -187,90 +165,24 @@ class Delivery:
         now = time.time()
         report = Report(received=len(items), lane=lane_of(items))
         envelopes, undecodable = decode_all(items)
-        dead = [_worker_error(item, f"DecodeError: {exc}", now) for item, exc in undecodable]
-        parsed, bad = parse_items(envelopes)
-        dead += [dead_letter(i, Reason.INVALID_EVENT, now, errors=e) for i, e in bad]
-        dups = self.dedupe.duplicates([item for item, _ in parsed])
-        report.skipped["duplicate"] += len(dups)
-        skipped = [(item, "duplicate") for item, _ in parsed if item.id in dups]
-        parsed = [(item, event) for item, event in parsed if item.id not in dups]
-        found = identity.lookup(
-            self.redis, lookup_keys(parsed, self.mapping), tombstone_keys(parsed),
-            parking_keys(parsed),
-        )  # fmt: skip
-        plan = plan_batch(
-            parsed, found.known, self.mapping, found.links, found.deleted, found.parked
-        )
-        releases = {
-            user: (found.parked[user], release_items(user, found.parked[user], now))
-            for user in plan.unpark
-        }
-        report.attributes.update(plan.attributes)
-        report.contact_changes = len(plan.contact_changes)
-        for change in plan.contact_changes:
-            log.info("contact_changed", user=change.user, account=change.after.account,
-                     before=change.before.contact, after=change.after.contact)  # fmt: skip
-        held = names.guard(self.redis, plan, self.settings.new_names, claim.done)
-        if self.settings.attribute_clock_ttl_s:
-            clock_s = self.settings.attribute_clock_ttl_s
-            if plan.contact_changes:  # rare: an explicit contact id moved a user
-                freshness.carry(self.redis, plan.contact_changes, clock_s)
-            stamps = freshness.stamps(parsed)
-            if stale := freshness.reserve(self.redis, plan, stamps, clock_s, claim.done):
-                report.attributes["stale_attribute"] += stale
-
+        prepared = prepare(envelopes, self.access, self.mapping, self.settings, claim.done)
+        plan = prepared.plan
+        self._note(report, prepared)
         # An earlier run of this message got a 2xx for some events: never send them again.
         outcomes: Outcomes = {rid: OK for rid in claim.done}
         todo = [(item, commands) for item, commands in plan.send if item.id not in claim.done]
-        chunks = chunked(todo, self.settings.churnzero_batch_size)
-        if chunks:
+        if chunks := chunked(todo, self.settings.churnzero_batch_size):
             outcomes |= self.sender.send(chunks, report, claim, budget)
         settled = settle(plan, outcomes, now, self.policy)
-
-        report.delivered = len(settled.delivered)
-        if report.lane == "live":
-            answered = time.time()
-            report.latencies = [
-                answered - item.received_at
-                for item in settled.delivered if item.received_at is not None
-            ]  # fmt: skip
-        delivered = {item.id for item in settled.delivered}
-        report.skipped.update(settled.skipped)
-        dead += settled.dead
-        later = group_later(settled.later)
-        for batch, _, cause in later:
-            report.retried[cause] += len(batch)
-        for entry in dead:
-            report.dead[entry.reason.value] += 1
+        dead = [_worker_error(item, f"DecodeError: {exc}", now) for item, exc in undecodable]
+        dead += [dead_letter(i, Reason.INVALID_EVENT, now, errors=e) for i, e in prepared.invalid]
+        settled = replace(settled, dead=dead + settled.dead, later=group_later(settled.later))
+        report.count(settled, time.time())
 
         def write(pipe: Any) -> None:
-            ttl_s = self.settings.identity_ttl_s
-            # A delete outlives every event received before it: their maximum age.
-            tombstone_s = int(self.settings.max_age_s + self.settings.identity_wait_s) + 3600
-            identity.stage_forget(pipe, plan.forgotten, tombstone_s)
-            identity.stage_store(pipe, plan.learned, ttl_s)
-            identity.stage_links(pipe, plan.links, ttl_s)
-            for user, traits in plan.park.items():
-                parking.stage_park(pipe, user, traits, ttl_s)
-            parking.stage_release(pipe, releases, keys.Stat.PARKED.of("released"))
-            # After the lessons, in the same MULTI: released tracks find them. Before this
-            # batch's own waits, which were planned knowing these lessons already.
-            identity.stage_release(pipe, plan.released)
-            for batch, due, cause in later:
-                member = delayed.stage_schedule(pipe, batch, due, cause)
-                if cause == "identity_wait" and member is not None:
-                    users = [resolve_raw_key(item.event) for item in batch]
-                    wait_s = self.settings.identity_wait_s + delayed.LEASE_S
-                    identity.stage_waiting(pipe, member, filter(None, users), wait_s)
-            deadletter.stage_add(pipe, dead)
-            _stage_stats(pipe, report, now)
-            self.dedupe.stage_delivered(pipe, settled.delivered)
-            sent = [(item, cmds) for item, cmds in plan.send if item.id in delivered]
-            self.names.stage_learn(pipe, names.sent_names(sent))
-            self.names.stage_held(pipe, held)
-            trace.stage_record(
-                pipe, self.settings.trace_size, delivered=sent,
-                skipped=skipped + plan.skipped, dead=dead,
+            stage(
+                pipe, prepared, settled, report, now,
+                settings=self.settings, dedupe=self.dedupe, known_names=self.names,
             )  # fmt: skip
 
         # Past the sends, what ChurnZero accepted is known only here: hold on to it
@@ -279,20 +191,40 @@ class Delivery:
         self._replicated(budget)
         # Settled: nothing from here on may fail the message (it would be dead-lettered
         # whole, its events just delivered or scheduled for retry among them).
-        gone = {entry.item["id"] for entry in settled.dead}
+        self._after_settled(prepared, settled)
+        return report
+
+    def _note(self, report: Report, prepared: Prepared) -> None:
+        """Count and log what the stages found before anything is sent."""
+        plan = prepared.plan
+        report.skipped["duplicate"] += len(prepared.duplicates)
+        report.attributes.update(plan.attributes)
+        if prepared.stale:
+            report.attributes["stale_attribute"] += prepared.stale
+        report.contact_changes = len(plan.contact_changes)
+        for change in plan.contact_changes:
+            log.info("contact_changed", user=change.user, account=change.after.account,
+                     before=change.before.contact, after=change.after.contact)  # fmt: skip
+
+    def _after_settled(self, prepared: Prepared, settled: Settlement) -> None:
+        """Give back the dedupe claims of events not delivered, and remove deleted users'
+        dead letters; an error here is logged, never raised."""
+        gone = {entry.item.get("id") for entry in settled.dead}
+        undelivered = [item for item, _ in prepared.invalid]
+        undelivered += [item for item, _ in prepared.parsed if item.id in gone]
         try:  # an unreleased claim only expires
-            self.dedupe.release([i for i, _ in bad] + [i for i, _ in parsed if i.id in gone])
+            self.dedupe.release(undelivered)
         except Exception:
-            log.exception("dedupe_claims_kept", events=len(gone) + len(bad))
-        if plan.forgotten:
+            log.exception("dedupe_claims_kept", events=len(undelivered))
+        forgotten = prepared.plan.forgotten
+        if forgotten:
             # Not in the MULTI (a scan); the delete is settled already, so an error is
             # logged for the operator.
             try:
-                removed = deadletter.remove_users(self.redis, set(plan.forgotten))
-                log.info("users_deleted", users=len(plan.forgotten), dead_letters=removed)
+                removed = deadletter.remove_users(self.redis, set(forgotten))
+                log.info("users_deleted", users=len(forgotten), dead_letters=removed)
             except Exception:
-                log.exception("users_deleted_dead_letters_kept", users=sorted(plan.forgotten))
-        return report
+                log.exception("users_deleted_dead_letters_kept", users=sorted(forgotten))
 
     def _replicated(self, budget: Budget) -> None:
         """With `redis_wait_replicas`, return once that many replicas hold everything
@@ -333,26 +265,3 @@ def _worker_error(item: Any, error: str, now: float | None = None) -> DeadLetter
 def lane_of(items: list[Any]) -> str:
     """`replay` when every item is a replayed dead letter, else `live`."""
     return "replay" if broker.queue_of(items) == keys.REPLAY_QUEUE else "live"
-
-
-def _stage_stats(pipe: Any, report: Report, now: float) -> None:
-    counts: dict[str, int] = {
-        keys.Stat.DELIVERED: report.delivered,
-        keys.Stat.CONTACT_CHANGES: report.contact_changes,
-    }
-    if report.lane == "replay":
-        counts[keys.Stat.REPLAY_DELIVERED] = report.delivered
-    labelled = {
-        keys.Stat.SKIPPED: report.skipped,
-        keys.Stat.REQUESTS: report.requests,
-        keys.Stat.RETRIED: report.retried,
-        keys.Stat.ATTRIBUTES: report.attributes,
-        keys.Stat.RESENT: report.resent,
-    }
-    for stat, by_label in labelled.items():
-        counts.update({stat.of(k): v for k, v in by_label.items()})
-    status.stage_counts(pipe, counts)
-    if report.delivered:
-        status.stage_rate(pipe, status.Rate.DELIVERED, report.delivered, now)
-    status.stage_request_seconds(pipe, report.request_seconds)
-    recent.stage_latencies(pipe, report.latencies, now)

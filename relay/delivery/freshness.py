@@ -18,6 +18,7 @@ Track events (trackEvent) and increments are history, never skipped for age.
 from __future__ import annotations
 
 from collections.abc import Collection
+from dataclasses import dataclass
 from typing import Any
 
 from relay import keys
@@ -94,39 +95,85 @@ def stamps(parsed: Parsed) -> dict[str, int]:
     }
 
 
-def reserve(
-    r: Any, plan: Plan, stamps: dict[str, int], ttl_s: int, done: Collection[str] = ()
-) -> int:
-    """Drop from `plan.send` every attribute write older than the last one let through
-    for its (entity, attribute); an event left with nothing to send is skipped as
-    `stale_attribute`. `stamps`: relay id -> event time (ms); `done`: relay ids an
-    earlier run delivered (left as they are). Returns the writes dropped."""
-    writes: list[tuple[int, int]] = []  # (index in plan.send, index in its commands)
-    names: list[str] = []
-    args: list[Any] = [ttl_s]
-    for n, (item, commands) in enumerate(plan.send):
+@dataclass(frozen=True)
+class Write:
+    """One attribute write to check: the event's relay id, the command's place among its
+    commands, the entity's clock, the attribute and the event time (ms)."""
+
+    rid: str
+    place: int
+    key: str
+    name: str
+    stamp: int
+
+
+def writes(plan: Plan, stamps: dict[str, int], done: Collection[str] = ()) -> list[Write]:
+    """The attribute writes of `plan.send` the clock checks: those of events with an
+    event time (`stamps`: relay id -> ms), but not of `done` (relay ids an earlier run
+    delivered, left as they are)."""
+    out = []
+    for item, commands in plan.send:
         stamp = stamps.get(item.id)
         if stamp is None or item.id in done:
             continue
         for m, command in enumerate(commands):
             if isinstance(command, SetAttribute):
-                writes.append((n, m))
-                names.append(entity_key(command))
-                args += [command.name, stamp]
-    if not writes:
-        return 0
+                out.append(Write(item.id, m, entity_key(command), command.name, stamp))
+    return out
+
+
+def reserve(r: Any, checked: list[Write], ttl_s: int) -> set[tuple[str, int]]:
+    """Move each clock forward to its write's event time, in order, and return the writes
+    older than the last one let through (relay id, place): for `relay.plan.without`."""
+    if not checked:
+        return set()
+    args: list[Any] = [ttl_s]
+    for write in checked:
+        args += [write.name, write.stamp]
     # Allowed at maxmemory (Redis 7+): a worker must drain a full Redis (relay.state.oom).
     # EVALSHA: Redis keeps the script, its text is sent again only after a NOSCRIPT.
-    verdicts = r.register_script(oom.header(r) + _RESERVE)(keys=names, args=args)
-    stale = {w for w, ok in zip(writes, verdicts, strict=True) if not int(ok)}
-    if not stale:
-        return 0
-    send = []
-    for n, (item, commands) in enumerate(plan.send):
-        kept = [c for m, c in enumerate(commands) if (n, m) not in stale]
-        if kept:
-            send.append((item, kept))
-        else:
-            plan.skipped.append((item, "stale_attribute"))
-    plan.send = send
-    return len(stale)
+    script = r.register_script(oom.header(r) + _RESERVE)
+    verdicts = script(keys=[w.key for w in checked], args=args)
+    return {(w.rid, w.place) for w, ok in zip(checked, verdicts, strict=True) if not int(ok)}
+
+
+class Peek:
+    """What `carry` and `reserve` would do, read-only (a preview, a dry run): the clocks
+    they would move are kept here, so later pages of a dry run see them moved."""
+
+    def __init__(self, r: Any) -> None:
+        self.r = r
+        self.moved: dict[tuple[str, str], int] = {}  # (clock, attribute) -> event ms
+        self.carried: dict[str, list[str]] = {}  # new contact's clock -> old contacts'
+
+    def carry(self, changes: list[ContactChange]) -> None:
+        """Remember each change's old contact clock as the new one's too."""
+        for change in changes:
+            if change.before.account and change.after.account:
+                to = contact_key(change.after)
+                self.carried.setdefault(to, []).append(contact_key(change.before))
+
+    def reserve(self, checked: list[Write]) -> set[tuple[str, int]]:
+        """The writes `reserve` would drop now: one round trip, nothing written."""
+        if not checked:
+            return set()
+        pipe = self.r.pipeline(transaction=False)
+        asked = []
+        for write in checked:
+            for key in [write.key, *self.carried.get(write.key, [])]:
+                pipe.hget(key, write.name)
+                asked.append(write)
+        kept: dict[tuple[str, str], int] = {}
+        for write, raw in zip(asked, pipe.execute(), strict=True):
+            clock = (write.key, write.name)
+            if raw is not None:
+                kept[clock] = max(kept.get(clock, -1), int(raw))
+        stale = set()
+        for write in checked:
+            clock = (write.key, write.name)
+            last = max(kept.get(clock, -1), self.moved.get(clock, -1))
+            if write.stamp >= last:
+                self.moved[clock] = write.stamp
+            else:
+                stale.add((write.rid, write.place))
+        return stale

@@ -1,8 +1,9 @@
 """What the relay would do with events now, without doing it: `relay preview` and
 `relay dlq replay --dry-run`.
 
-Runs the worker's own steps on the events, read-only: `parse_items`, the duplicate
-check, `identity.lookup`, `plan_batch` (the current mapping) and the settlement rules
+Runs the worker's own stages on the events (`relay.delivery.prepare`: parse, the
+duplicate check, the identity map, the plan with the current mapping, the new-name guard,
+the attribute clock), peeking where the worker claims, then the settlement rules
 (`relay.delivery.settlement.settle`, as if ChurnZero answered 2xx). Nothing is sent to ChurnZero
 and nothing in Redis is written, so an operator can try a mapping or a replay first.
 """
@@ -18,16 +19,15 @@ from typing import Any
 
 from relay import keys, retry
 from relay.commands import Command
-from relay.delivery.dedupe import Dedupe
+from relay.delivery.prepare import Peeking, Prepared, prepare
 from relay.delivery.settlement import Outcomes, Policy, settle
 from relay.envelope import Envelope
 from relay.errors import DecodeError, RequestError
 from relay.ingest import intake
 from relay.mapping import Mapping
-from relay.plan import lookup_keys, parse_items, plan_batch, tombstone_keys
 from relay.resolution import Known
 from relay.settings import Settings
-from relay.state import deadletter, identity, names
+from relay.state import deadletter, names
 
 _OK = retry.Outcome(status=200)
 # A previewed event's relay id names its place in the request, for its verdict's index.
@@ -112,36 +112,45 @@ def preview(
     known: dict[str, Known] | None = None,
     now: float | None = None,
 ) -> list[Verdict]:
-    """Each item's verdict, as a worker would settle it now (read-only).
+    """Each item's verdict, as a worker would settle it now (read-only): the worker's
+    own stages (relay.delivery.prepare), peeking instead of claiming.
 
     `known` adds identities on top of the identity map (a dry run carries what earlier
     pages of a replay would teach), and learns this batch's.
     """
-    now = time.time() if now is None else now
+    access = Peeking(r, settings.dedupe_window_s, known)
+    return _preview(r, items, mapping, settings, access, time.time() if now is None else now)
+
+
+def _preview(
+    r: Any, items: list[Envelope], mapping: Mapping, settings: Settings, access: Peeking,
+    now: float,
+) -> list[Verdict]:  # fmt: skip
+    prepared = prepare(items, access, mapping, settings)
+    if access.known is not None:
+        access.known.update(prepared.plan.learned)
+    return _verdicts(items, prepared, r, settings, now)
+
+
+def _verdicts(
+    items: list[Envelope], prepared: Prepared, r: Any, settings: Settings, now: float
+) -> list[Verdict]:
+    """Each item's verdict from its prepared batch, as if ChurnZero answered 2xx."""
     verdicts: dict[str, Verdict] = {}
-    parsed, bad = parse_items(items)
-    for item, errors in bad:
+    for item, errors in prepared.invalid:
         verdicts[item.id] = _verdict(item, "dead", "invalid_event", errors=errors)
-    dups = _duplicates(r, [item for item, _ in parsed], settings.dedupe_window_s)
-    for item, _ in parsed:
-        if item.id in dups:
-            verdicts[item.id] = _verdict(item, "skip", "duplicate")
-    parsed = [(item, event) for item, event in parsed if item.id not in dups]
-    found = identity.lookup(r, lookup_keys(parsed, mapping), tombstone_keys(parsed))
-    if known is not None:
-        found.known |= known
-    plan = plan_batch(parsed, found.known, mapping, found.links, found.deleted)
-    if known is not None:
-        known.update(plan.learned)
-    new = names.unknown(r, names.sent_names(plan.send))
-    if settings.new_names == "hold":
-        names.hold(plan, new)
+    for item in prepared.duplicates:
+        verdicts[item.id] = _verdict(item, "skip", "duplicate")
+    plan = prepared.plan
     outcomes: Outcomes = {item.id: _OK for item, _ in plan.send}
     settled = settle(plan, outcomes, now, Policy.of(settings))
     commands = {item.id: cmds for item, cmds in plan.send}
+    # Names a delivery would send for the first time (in hold mode, prepare held them).
+    hold = settings.new_names == "hold"
+    new = set() if hold else names.unknown(r, names.sent_names(plan.send))
     for item in settled.delivered:
         fresh = sorted(names.names_of(commands[item.id]) & new)
-        notes = [f"new {kind.replace('_', ' ')} name: {name}" for kind, name in fresh]
+        notes = [names.note(name) for name in fresh]
         verdicts[item.id] = _verdict(item, "deliver", None, commands[item.id], notes)
     for item, reason in plan.skipped:
         verdicts[item.id] = _verdict(item, "skip", reason)
@@ -186,7 +195,9 @@ def dry_run(
 ) -> DryRun:
     """What replaying these pages of dead-letter entries would do now (read-only)."""
     out = DryRun()
-    known: dict[str, Known] = {}  # identities the replay's earlier events would teach
+    # Identities the replay's earlier events would teach, and the attribute clocks they
+    # would move: one access for every page.
+    access = Peeking(r, settings.dedupe_window_s, known={})
     now = time.time()
     for page in pages:
         entries, items, kept = [], [], []
@@ -196,7 +207,7 @@ def dry_run(
                 entries.append(entry)
             except DecodeError as exc:  # a replay leaves it where it is
                 kept.append((entry, _verdict_kept(entry, exc)))
-        verdicts = preview(r, items, mapping, settings, known=known, now=now)
+        verdicts = _preview(r, items, mapping, settings, access, now)
         for entry, verdict in [*zip(entries, verdicts, strict=True), *kept]:
             out.total += 1
             out.outcomes[verdict.label] += 1
@@ -234,11 +245,6 @@ def entries_pages(
             batch = []
     if batch:
         yield deadletter.get_many(r, batch)
-
-
-def _duplicates(r: Any, items: list[Envelope], window_s: int) -> set[str]:
-    # Dedupe's claim, read only: another copy (another relay id) holds the messageId.
-    return Dedupe(r, window_s).peek(items)
 
 
 def _verdict(

@@ -25,7 +25,6 @@ from typing import Any
 from relay import keys
 from relay.commands import Command, IncrementAttribute, SetAttribute, TrackEvent
 from relay.envelope import Envelope
-from relay.plan import Plan
 
 KINDS = ("event", "account_attribute", "contact_attribute")
 LISTED = 200  # new names kept for listing, per deployment
@@ -89,39 +88,31 @@ def unknown(r: Any, wanted: set[Name]) -> set[Name]:
     return {n for n, known in zip(ordered, pipe.execute(), strict=True) if not known}
 
 
-def guard(
-    r: Any, plan: Plan, mode: str, exempt: set[str] | frozenset[str] = frozenset()
-) -> set[Name]:
-    """In hold mode, hold the plan's events that would send a name never sent before
-    (see `hold`); returns the names held."""
-    if mode != "hold":
-        return set()
-    new = unknown(r, sent_names(plan.send))
-    return hold(plan, new, exempt)
-
-
 def sent_names(send: list[tuple[Envelope, list[Command]]]) -> set[Name]:
     """Every name the commands of these events would send."""
     return {name for _, commands in send for name in names_of(commands)}
 
 
-def hold(plan: Plan, new: set[Name], exempt: set[str] | frozenset[str] = frozenset()) -> set[Name]:
-    """Move the events that would send a new name from `plan.send` to `plan.held`, each
-    with why; returns the names held. `exempt`: relay ids an earlier run of the message
-    already delivered (they are settled as delivered, not held)."""
-    held, keep, names = [], [], set()
-    for item, commands in plan.send:
+def to_hold(
+    send: list[tuple[Envelope, list[Command]]],
+    new: set[Name],
+    exempt: set[str] | frozenset[str] = frozenset(),
+) -> dict[str, list[Name]]:
+    """The events that would send a name in `new`, by relay id, with those names (for
+    `relay.plan.holding`). `exempt`: relay ids an earlier run of the message already
+    delivered (they are settled as delivered, not held)."""
+    out = {}
+    for item, commands in send:
         fresh = sorted(names_of(commands) & new)
         if fresh and item.id not in exempt:
-            names.update(fresh)
-            held.append(
-                (item, [f"new {kind.replace('_', ' ')} name: {name}" for kind, name in fresh])
-            )
-        else:
-            keep.append((item, commands))
-    plan.send = keep
-    plan.held.extend(held)
-    return names
+            out[item.id] = fresh
+    return out
+
+
+def note(name: Name) -> str:
+    """Why an event is held for a name (`new contact attribute name: Seats`)."""
+    kind, text = name
+    return f"new {kind.replace('_', ' ')} name: {text}"
 
 
 class Names:

@@ -51,7 +51,8 @@ def _clock(attributes: int, entity: str) -> Callable[[Any, int], str]:
         ]  # fmt: skip
         item = Envelope.new({"type": "identify"}, source="api", received_at=0.0, rid="r")
         plan = Plan(send=[(item, list[Command](commands))])
-        freshness.reserve(r, plan, {"r": 1_793_577_600_000 + n}, TTL_S)
+        writes = freshness.writes(plan, {"r": 1_793_577_600_000 + n})
+        freshness.reserve(r, writes, TTL_S)
         return freshness.entity_key(commands[0])
 
     return write

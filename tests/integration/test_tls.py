@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ import redis
 import requests
 
 from tests.conftest import make_certs
-from tests.integration.conftest import WRITE_KEY, Sandbox, Starter, wait_for
+from tests.integration.conftest import WRITE_KEY, Sandbox, Starter, relay_env, wait_for
 from tests.procs import free_port
 
 pytestmark = pytest.mark.integration
@@ -99,14 +100,21 @@ def test_ingest_and_worker_deliver_through_tls(
     wait_for(lambda: int(tls_redis.client.hget("relay:stats", "delivered") or 0) >= 20)
 
 
-def test_a_relay_that_does_not_trust_the_ca_answers_503(
-    tls_redis: TLSRedis, start_ingest: Callable[..., str]
+def test_a_relay_that_does_not_trust_the_ca_refuses_to_start(
+    tls_redis: TLSRedis, tmp_path: Path
 ) -> None:
     # Client certificate given, CA not: the server's certificate must fail verification
-    # against the system's CAs, so nothing is acknowledged.
-    settings = dict(tls_redis.settings)
+    # against the system's CAs. `relay serve` checks Redis before it listens, so it stops
+    # with one line naming the failure rather than acknowledging anything.
+    settings = {**tls_redis.settings, "write_keys": WRITE_KEY}
     del settings["redis_tls_ca_file"]
-    url = start_ingest(**settings)
-    answer = requests.post(url + "/v1/batch", auth=AUTH, json={"batch": [_track(0)]}, timeout=15)
-    assert answer.status_code == 503, answer.text
+    env = relay_env(settings.pop("redis_url"), **settings)
+    env["RELAY_PORT"] = str(free_port())
+    out = subprocess.run(
+        [sys.executable, "-m", "relay.ops.cli", "serve"], cwd=tmp_path, env=env,
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode != 0, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "CERTIFICATE_VERIFY_FAILED" in lines[0], out.stderr
     assert tls_redis.client.llen("relay") == 0

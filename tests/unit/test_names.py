@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from relay.commands import IncrementAttribute, SetAttribute, TrackEvent
 from relay.envelope import Envelope
-from relay.plan import Plan
+from relay.plan import Plan, holding, without
 from relay.state import names
 
 
@@ -39,7 +39,20 @@ def test_hold_moves_only_events_with_a_new_name() -> None:
         (item("sent-before"), [track("Brand New")]),
     ])  # fmt: skip
     new = {("contact_attribute", "Plna"), ("event", "Brand New")}
-    held = names.hold(plan, new, exempt={"sent-before"})
-    assert held == {("contact_attribute", "Plna")}
-    assert [item.id for item, _ in plan.send] == ["old", "sent-before"]
-    assert plan.held == [(item("new"), ["new contact attribute name: Plna"])]
+    holds = names.to_hold(plan.send, new, exempt={"sent-before"})
+    assert holds == {"new": [("contact_attribute", "Plna")]}
+    held = holding(plan, {rid: [names.note(n) for n in fresh] for rid, fresh in holds.items()})
+    assert [item.id for item, _ in held.send] == ["old", "sent-before"]
+    assert held.held == [(item("new"), ["new contact attribute name: Plna"])]
+    assert len(plan.send) == 3  # a new plan: the one it came from is left as it was
+
+
+def test_without_drops_commands_and_skips_an_event_left_with_none() -> None:
+    plan = Plan(send=[
+        (item("both"), [attribute("contact", "a"), attribute("contact", "b")]),
+        (item("one"), [attribute("contact", "a")]),
+    ])  # fmt: skip
+    kept = without(plan, {("both", 0), ("one", 0)}, "stale_attribute")
+    assert kept.send == [(item("both"), [attribute("contact", "b")])]
+    assert kept.skipped == [(item("one"), "stale_attribute")]
+    assert plan.skipped == [] and len(plan.send[0][1]) == 2
