@@ -4,11 +4,13 @@ counters their writers name."""
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
 import pytest
 import redis
+import requests
 from prometheus_client import CollectorRegistry, generate_latest
 
 from relay import keys
@@ -18,6 +20,7 @@ from relay.ingest.metrics import DeploymentCollector
 from relay.keys import Stat
 from relay.reasons import Reason
 from relay.state import broker, deadletter, status
+from tests.conftest import ROOT
 from tests.integration.conftest import metric, queued_items
 
 pytestmark = pytest.mark.integration
@@ -80,3 +83,16 @@ def test_counters_written_by_their_names_show_under_their_metrics(r: redis.Redis
     report = status.report(r)
     assert sum(report["rates"]["delivered"]["series"]) == 5
     assert report["counters"]["skipped:duplicate"] == 2
+
+
+def test_every_metric_the_dashboard_and_alerts_read_is_served(relay: str) -> None:
+    # A renamed metric would leave a panel empty and an alert silent without a word.
+    monitoring = ROOT / "relay" / "static" / "monitoring"
+    read = (monitoring / "grafana-dashboard.json").read_text() + (
+        monitoring / "alerts.yml"
+    ).read_text()
+    families = {re.sub(r"_(bucket|count|sum)$", "", n) for n in re.findall(r"relay_\w+", read)}
+    text = requests.get(relay + "/metrics", timeout=10).text
+    served = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+    served |= {name + "_total" for name in served}
+    assert sorted(families - served) == []
