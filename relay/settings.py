@@ -126,9 +126,6 @@ class Settings(BaseSettings):
     ingest_processes: int = Field(0, ge=0)
     # libuv's event loop for ingest (uvloop), less CPU per request; false = asyncio's own.
     ingest_uvloop: bool = True
-    # How ingest queues its group commits: `pipelined` writes the Celery messages with one
-    # Redis script call (relay.state.broker); `celery` publishes them through Celery's send_task.
-    ingest_publisher: Literal["pipelined", "celery"] = "pipelined"
 
     @field_validator("write_keys", "cors_origins", mode="before")
     @classmethod

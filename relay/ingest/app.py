@@ -14,8 +14,6 @@ import contextlib
 import gc
 import time
 from collections.abc import AsyncIterator, Callable
-from functools import partial
-from typing import Any
 
 import redis
 import redis.asyncio as aioredis
@@ -24,10 +22,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from relay.ingest import intake, metrics, openapi, receive
 from relay.ingest.gate import QueueGate
-from relay.ingest.publisher import GroupCommit
+from relay.ingest.publisher import ConfirmedPublisher, GroupCommit
 from relay.ingest.requestlog import RequestLog
 from relay.ingest.webapp import (
-    CELERY,
     COMMIT,
     DEPLOYMENT,
     GATE,
@@ -100,35 +97,22 @@ def _resources(
         fast = redis_conn.ANSWER_CONNECT_TIMEOUT_S  # /metrics and WAIT answer requests too
         sync = redis_conn.sync_client(settings, redis_url, socket_connect_timeout=fast)
         app[SYNC_REDIS] = sync
-        app[CELERY] = broker.make_celery(settings, redis_url)
         app[DEPLOYMENT] = CollectorRegistry(auto_describe=False)
         app[DEPLOYMENT].register(metrics.DeploymentCollector(sync))
-        # Its own client, never retrying: a retry could land on a newly promoted primary
-        # and have WAIT confirm writes that died with the old one.
+        # Its own client, never retrying (relay.ingest.publisher says why).
         acker = redis_conn.sync_client(
             settings, redis_url, socket_connect_timeout=fast, retry=False
         )
-        pipelined = broker.AsyncQueue(app[REDIS], settings.message_events)
-
-        async def publish_confirmed(items: list[dict[str, Any]]) -> None:
-            await pipelined.publish(items)  # the messages and their counts, in one call
-            if settings.redis_wait_replicas:
-                await asyncio.to_thread(
-                    broker.confirm_replicated, acker,
-                    settings.redis_wait_replicas, settings.redis_wait_timeout_ms,
-                )  # fmt: skip
-
+        publisher = ConfirmedPublisher(
+            broker.AsyncQueue(app[REDIS], settings.message_events),
+            acker,
+            wait_replicas=settings.redis_wait_replicas,
+            wait_timeout_ms=settings.redis_wait_timeout_ms,
+        )
         app[COMMIT] = GroupCommit(
-            app[CELERY],
+            publisher.publish,
             flush_ms=settings.flush_ms,
             message_events=settings.message_events,
-            after_publish=partial(
-                broker.count_sent,
-                acker,
-                wait_replicas=settings.redis_wait_replicas,
-                wait_timeout_ms=settings.redis_wait_timeout_ms,
-            ),
-            publish=publish_confirmed if settings.ingest_publisher == "pipelined" else None,
         )
         gate = app[GATE]
 
@@ -158,7 +142,7 @@ def _resources(
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
         await writer  # at once, or once the write under way ends
-        await asyncio.to_thread(app[COMMIT].close)
+        await app[COMMIT].close()
         with contextlib.suppress(TimeoutError):  # the last requests' figures, if Redis answers
             async with asyncio.timeout(READY_TIMEOUT_S):
                 await write_figures(app[REDIS])

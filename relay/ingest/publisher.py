@@ -2,31 +2,50 @@
 
 A request hands its events to `GroupCommit.submit` and waits. The first events start a
 short timer (`flush_ms`); when it fires, or `message_events` are waiting, everything
-waiting is published as `relay.deliver_batch` messages in a background thread (Celery's
-publishing is blocking; the event loop never waits on it). While one publish is under
+waiting is published by `ConfirmedPublisher` on the event loop. While one publish is under
 way the next group gathers, so batches grow with load. A request's future resolves only
 after the message holding its events is in Redis and, with `RELAY_REDIS_WAIT_REPLICAS`,
-after WAIT confirms that many replicas hold it too. Ingest passes `publish`,
-`broker.AsyncQueue`'s writer of the same messages, which runs on the event loop instead
-of the thread.
+after WAIT confirms that many replicas hold it too.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from celery import Celery
+import redis
 
 from relay.envelope import Json
 from relay.state import broker
 
-# Publishing is not tried again, so that the client gets a 503 within about a second
-# (relay.state.redis_conn): kombu's retry cannot tell a refused connection from one that timed
-# out, and trying again would add a connect timeout to every answer while connects time out.
-RETRY_POLICY = {"max_retries": 0, "interval_start": 0.0, "interval_step": 0.0, "interval_max": 0.0}
+
+class ConfirmedPublisher:
+    """Writes a group's messages and their counts with one Redis script call
+    (`broker.AsyncQueue`), then, with `wait_replicas`, waits for WAIT to confirm them."""
+
+    def __init__(
+        self,
+        queue: broker.AsyncQueue,
+        acker: redis.Redis,
+        *,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 1000,
+    ) -> None:
+        # `acker` is its own client, never retrying: a retry could land on a newly promoted
+        # primary and have WAIT confirm writes that died with the old one.
+        self._queue = queue
+        self._acker = acker
+        self._replicas = wait_replicas
+        self._timeout_ms = wait_timeout_ms
+
+    async def publish(self, items: list[Json]) -> None:
+        """Return once `items` are queued (and replicated, if asked); raise if not."""
+        await self._queue.publish(items)
+        if self._replicas:
+            await asyncio.to_thread(
+                broker.confirm_replicated, self._acker, self._replicas, self._timeout_ms
+            )
 
 
 class GroupCommit:
@@ -34,25 +53,18 @@ class GroupCommit:
 
     def __init__(
         self,
-        celery: Celery,
+        publish: Callable[[list[Json]], Coroutine[Any, Any, None]],
         *,
         flush_ms: float,
         message_events: int,
-        after_publish: Callable[[int], None] | None = None,
-        publish: Callable[[list[Json]], Coroutine[Any, Any, None]] | None = None,
     ) -> None:
-        # `publish`, when given, replaces Celery's send_task in the thread (and
-        # `after_publish`): broker.AsyncQueue's writer, run on the event loop.
-        self._send = publish
-        self._celery = celery
+        self._publish = publish
         self._delay = flush_ms / 1000
         self._max = message_events
-        self._after_publish = after_publish
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-publish")
         self._items: list[Json] = []
         self._waiters: list[asyncio.Future[None]] = []
         self._timer: asyncio.TimerHandle | None = None
-        self._busy = False
+        self._under_way: asyncio.Task[None] | None = None
 
     async def submit(self, items: list[Json]) -> None:
         """Return once `items` are durably queued; raise if publishing failed."""
@@ -64,7 +76,7 @@ class GroupCommit:
         self._waiters.append(waiter)
         if len(self._items) >= self._max:
             self._flush()
-        elif self._timer is None and not self._busy:
+        elif self._timer is None and self._under_way is None:
             self._timer = loop.call_later(self._delay, self._flush)
         await waiter
 
@@ -72,37 +84,30 @@ class GroupCommit:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._busy or not self._items:
+        if self._under_way is not None or not self._items:
             return  # the publish under way flushes again when it ends
         items, waiters = self._items, self._waiters
         self._items, self._waiters = [], []
-        self._busy = True
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = (
-            loop.create_task(self._send(items))
-            if self._send is not None
-            else loop.run_in_executor(self._executor, self._publish, items)
-        )
-        future.add_done_callback(lambda f: self._done(f, waiters))
-
-    def _publish(self, items: list[Json]) -> None:
-        broker.send(self._celery, items, retry_policy=RETRY_POLICY)
-        if self._after_publish is not None:
-            self._after_publish(len(items))
+        task = asyncio.get_running_loop().create_task(self._publish(items))
+        self._under_way = task
+        task.add_done_callback(lambda f: self._done(f, waiters))
 
     def _done(self, future: asyncio.Future[None], waiters: list[asyncio.Future[None]]) -> None:
-        self._busy = False
-        error = future.exception()
+        self._under_way = None
+        error = None if future.cancelled() else future.exception()
         for waiter in waiters:
             if waiter.done():  # the request went away; its events are queued regardless
                 continue
-            if error is None:
+            if future.cancelled():
+                waiter.cancel()
+            elif error is None:
                 waiter.set_result(None)
             else:
                 waiter.set_exception(error)
         if self._items:
             self._flush()
 
-    def close(self) -> None:
-        """Wait for the publish under way and stop the publishing thread."""
-        self._executor.shutdown(wait=True)
+    async def close(self) -> None:
+        """Wait for the publish under way, if any (its outcome went to its requests)."""
+        if self._under_way is not None:
+            await asyncio.wait([self._under_way])

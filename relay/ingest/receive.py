@@ -13,6 +13,8 @@ import asyncio
 import itertools
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -128,6 +130,43 @@ def _check_api_auth(settings: Settings, request: web.Request, body_key: str | No
     )
 
 
+def _unsigned(settings: Settings, request: web.Request, raw: bytes) -> bool:
+    return False  # the tracking API has no signature: its write key is checked once parsed
+
+
+def _no_body_key(settings: Settings, request: web.Request, body_key: str | None) -> None:
+    return None  # a webhook's write key was checked with its signature, before decoding
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One kind of ingest route: its limits, authentication, parser and metrics label."""
+
+    label: str  # the metrics label, and the source recorded on each queued event
+    limits: intake.Limits
+    # Authentication has two moments: a signature covers the body as sent, so it is checked
+    # before decoding (True when signed); a write key may be inside the body, so after parsing.
+    check_signature: Callable[[Settings, web.Request, bytes], bool]
+    parse: Callable[[str, bytes, datetime, bool], intake.Intake]
+    check_write_key: Callable[[Settings, web.Request, str | None], None]
+
+
+WEBHOOK = Route(
+    label="webhook",
+    limits=intake.WEBHOOK_LIMITS,
+    check_signature=_check_webhook_auth,
+    parse=lambda name, body, now, signed: intake.parse_webhook(body, now, signed=signed),
+    check_write_key=_no_body_key,
+)
+API = Route(
+    label="api",
+    limits=intake.API_LIMITS,
+    check_signature=_unsigned,
+    parse=lambda name, body, now, signed: intake.parse_api(name, body, now),
+    check_write_key=_check_api_auth,
+)
+
+
 # Relay ids: unique per process by a random prefix, then a counter; uuid4 would cost a
 # system call per event on ingest's hot path.
 _ID_PREFIX = os.urandom(8).hex()
@@ -142,13 +181,13 @@ def _items(accepted: list[dict[str, Any]], source: str, now: float) -> list[dict
     return envelope.fresh(accepted, source, now, _new_id)
 
 
-async def _ingest(request: web.Request, route: str, source: str) -> web.Response:
+async def _ingest(request: web.Request, name: str, route: Route) -> web.Response:
     app = request.app
     settings = app[SETTINGS]
     started = time.perf_counter()
-    outcome: dict[str, Any] = {"route": route}
+    outcome: dict[str, Any] = {"route": name}
     try:
-        response = await _handle(request, route, source, settings, outcome)
+        response = await _handle(request, name, route, settings, outcome)
     except RequestError as exc:
         response = _error(str(exc), exc.status, **exc.body)
         outcome["error"] = str(exc)
@@ -158,35 +197,29 @@ async def _ingest(request: web.Request, route: str, source: str) -> web.Response
         response = _unavailable(str(exc))
         outcome["reason"] = str(exc)
     elapsed = time.perf_counter() - started
-    metrics.FIGURES.request(route, response.status, elapsed)
+    metrics.FIGURES.request(name, response.status, elapsed)
     app[REQUEST_LOG].record(response.status, elapsed * 1000, outcome)
     return response
 
 
 async def _handle(
-    request: web.Request, route: str, source: str, settings: Settings, outcome: dict[str, Any]
+    request: web.Request, name: str, route: Route, settings: Settings, outcome: dict[str, Any]
 ) -> web.Response:
     app = request.app
     gate = app[GATE]
     if not gate.open:
         raise QueueUnavailable(gate.reason)
-    limits = intake.WEBHOOK_LIMITS if route == "webhook" else intake.API_LIMITS
-    raw = await _read_raw(request, limits)
-    signed = route == "webhook" and _check_webhook_auth(settings, request, raw)
-    body = intake.decode_body(raw, request.headers.get("Content-Encoding"), limits)
+    raw = await _read_raw(request, route.limits)
+    signed = route.check_signature(settings, request, raw)
+    body = intake.decode_body(raw, request.headers.get("Content-Encoding"), route.limits)
     now = datetime.now(UTC)
-    parsed = (
-        intake.parse_webhook(body, now, signed=signed)
-        if route == "webhook"
-        else intake.parse_api(route, body, now)
-    )
-    if route != "webhook":
-        _check_api_auth(settings, request, parsed.write_key)
+    parsed = route.parse(name, body, now, signed)
+    route.check_write_key(settings, request, parsed.write_key)
     stamp = now.timestamp()
-    items = _items(parsed.accepted, source, stamp)
+    items = _items(parsed.accepted, route.label, stamp)
     rejected = [
         deadletter.new_entry(
-            envelope.fresh([r.event], source, stamp, _new_id)[0],
+            envelope.fresh([r.event], route.label, stamp, _new_id)[0],
             Reason.INVALID_EVENT,
             errors=r.errors,
             now=stamp,
@@ -209,15 +242,14 @@ async def _handle(
         raise QueueUnavailable("could not queue the events") from exc
     refused = parsed.refused_deletes
     outcome.update(accepted=len(items), rejected=len(rejected) + len(refused))
-    label = "webhook" if route == "webhook" else "api"
-    metrics.FIGURES.events(label, "accepted", len(items))
+    metrics.FIGURES.events(route.label, "accepted", len(items))
     if parsed.timestamp_fallbacks:
         outcome["timestamp_fallbacks"] = parsed.timestamp_fallbacks
-        metrics.FIGURES.fallbacks(label, parsed.timestamp_fallbacks)
+        metrics.FIGURES.fallbacks(route.label, parsed.timestamp_fallbacks)
     if rejected:
-        metrics.FIGURES.events(label, "rejected", len(rejected))
+        metrics.FIGURES.events(route.label, "rejected", len(rejected))
     if refused:
-        metrics.FIGURES.events(label, "refused_delete", len(refused))
+        metrics.FIGURES.events(route.label, "refused_delete", len(refused))
     if rejected or refused:
         listed = sorted(parsed.rejected + refused, key=lambda r: r.index)
         return json_response(
@@ -232,7 +264,7 @@ async def _handle(
 
 async def webhook(request: web.Request) -> web.Response:
     """POST (or PUT, PATCH) /webhook: one Segment event, or an array of them."""
-    return await _ingest(request, "webhook", "webhook")
+    return await _ingest(request, "webhook", WEBHOOK)
 
 
 def _api_route(request: web.Request) -> str:
@@ -245,7 +277,7 @@ def _api_route(request: web.Request) -> str:
 async def tracking_api(request: web.Request) -> web.Response:
     """POST /v1/{route}: Segment's HTTP Tracking API."""
     route = _api_route(request)
-    response = await _ingest(request, route, "api")
+    response = await _ingest(request, route, API)
     # Errors carry the headers too, or the browser hides their status from analytics.js.
     origins = request.app[SETTINGS].cors_origins
     response.headers.update(cors.response_headers(request.headers.get("Origin"), origins))

@@ -19,7 +19,6 @@ if TYPE_CHECKING:
     # Named for the type checker only: the admin reads these keys without importing them.
     import redis
     import redis.asyncio as aioredis
-    from celery import Celery
     from prometheus_client import CollectorRegistry
 
     from relay.ingest.gate import QueueGate
@@ -30,7 +29,6 @@ if TYPE_CHECKING:
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
 REDIS: web.AppKey[aioredis.Redis] = web.AppKey("redis")
 SYNC_REDIS: web.AppKey[redis.Redis] = web.AppKey("sync_redis")
-CELERY: web.AppKey[Celery] = web.AppKey("celery")
 COMMIT: web.AppKey[GroupCommit] = web.AppKey("commit")
 GATE: web.AppKey[QueueGate] = web.AppKey("gate")
 DEPLOYMENT: web.AppKey[CollectorRegistry] = web.AppKey("deployment")

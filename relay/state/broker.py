@@ -8,7 +8,7 @@ claim of a message moves to in flight (relay.delivery.runs). So a publish counts
 the same script call: the count moves with the messages or not at all.
 
 - Ingest's group commits: `AsyncQueue.publish`, which counts this second's ingest rate
-  too; or, with `RELAY_INGEST_PUBLISHER=celery`, Celery's own `send`, then `count_sent`.
+  too.
 - The delayed-set mover: `Queue.move`, which publishes a due batch only if the same call
   takes it out of the delayed set, so two movers never both publish it.
 - Dead-letter replays: relay.state.deadletter's script, which queues the messages
@@ -22,7 +22,6 @@ so that ingest never imports workers/.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from typing import Any
 
@@ -116,8 +115,8 @@ def make_celery(settings: Settings, redis_url: str, *, worker: bool = False) -> 
     app = Celery("relay", set_as_current=False)
     app.conf.update(celery_config(settings, redis_url))
     if not worker:
-        # Ingest's (RELAY_INGEST_PUBLISHER=celery): it must answer 503 within about a
-        # second while Redis is gone from the network, as its own client does.
+        # A publisher outside the workers fails within about a second while Redis is gone
+        # from the network, as ingest's own client does.
         app.conf.broker_transport_options = {
             **app.conf.broker_transport_options,
             "socket_connect_timeout": redis_conn.ANSWER_CONNECT_TIMEOUT_S,
@@ -266,8 +265,8 @@ class AsyncQueue(_Publisher):
 def send(
     celery: Celery, items: list[Json], *, retry_policy: dict[str, float] | None = None
 ) -> None:
-    """Queue items through Celery's own `send_task`, in messages of at most `message_events`
-    (`RELAY_INGEST_PUBLISHER=celery`); `count_sent` counts them after."""
+    """Queue items through Celery's own `send_task`, in messages of at most `message_events`,
+    uncounted: the shape relay.wire's messages must keep."""
     size = int(celery.conf.get("relay_message_events", 500))
     with celery.producer_or_acquire() as producer:
         for start in range(0, len(items), size):
@@ -280,22 +279,6 @@ def send(
                 retry_policy=retry_policy or {},  # {}: Celery's default policy
                 compression="zlib",  # as relay.wire writes them
             )
-
-
-def count_sent(
-    client: redis.Redis, n: int, *, wait_replicas: int = 0, wait_timeout_ms: int = 1000
-) -> None:
-    """Count `n` events `send` queued; with `wait_replicas`, raise NotReplicated unless
-    WAIT confirms that many replicas hold everything this primary took so far."""
-    pipe = client.pipeline(transaction=False)
-    pipe.incrby(keys.DEPTH_READY, n)
-    status.stage_rate(pipe, status.Rate.INGESTED, n, time.time())
-    if not wait_replicas:
-        # After the publish: a failure here only skews a gauge, never loses events.
-        with contextlib.suppress(redis.RedisError, OSError):
-            pipe.execute()
-        return
-    _confirm(pipe, wait_replicas, wait_timeout_ms)
 
 
 def confirm_replicated(client: redis.Redis, replicas: int, timeout_ms: int) -> None:

@@ -16,7 +16,7 @@ import redis
 
 from relay import keys
 from relay.delivery.throttle import FIRST_OUTAGE_PAUSE_S, Throttle
-from relay.ingest.publisher import GroupCommit
+from relay.ingest.publisher import ConfirmedPublisher, GroupCommit
 from relay.reasons import Reason
 from relay.settings import Settings
 from relay.state import broker, deadletter, redis_conn
@@ -91,25 +91,31 @@ def test_the_rate_limit_spaces_requests_across_workers(r: redis.Redis) -> None:
 async def test_group_commit_gathers_concurrent_requests_into_few_messages(
     r: redis.Redis,
 ) -> None:
-    counted: list[int] = []
-    celery = broker.make_celery(Settings(), url_of(r))
-    commit = GroupCommit(celery, flush_ms=20, message_events=500, after_publish=counted.append)
+    client = redis_conn.async_client(Settings(), url_of(r))
+    publisher = ConfirmedPublisher(broker.AsyncQueue(client, message_events=500), r)
+    commit = GroupCommit(publisher.publish, flush_ms=20, message_events=500)
     try:
         await asyncio.gather(*(commit.submit([event_item(f"g{i}")]) for i in range(50)))
     finally:
-        commit.close()
+        await commit.close()
+        await client.aclose()
     assert sorted(i["id"] for i in queued_items(r)) == sorted(f"g{i}" for i in range(50))
-    assert r.llen(keys.QUEUE) < 50 and sum(counted) == 50
+    assert r.llen(keys.QUEUE) < 50 and int(r.get(keys.DEPTH_READY) or 0) == 50
 
 
 async def test_group_commit_fails_the_requests_when_redis_is_away() -> None:
-    celery = broker.make_celery(Settings(), f"redis://127.0.0.1:{free_port()}/0")
-    commit = GroupCommit(celery, flush_ms=1, message_events=500)
+    away = f"redis://127.0.0.1:{free_port()}/0"
+    client = redis_conn.async_client(Settings(), away)
+    acker = redis.Redis.from_url(away)
+    publisher = ConfirmedPublisher(broker.AsyncQueue(client, message_events=500), acker)
+    commit = GroupCommit(publisher.publish, flush_ms=1, message_events=500)
     try:
         with pytest.raises(broker.QUEUE_ERRORS):
             await asyncio.wait_for(commit.submit([event_item("x")]), timeout=30)
     finally:
-        commit.close()
+        await commit.close()
+        await client.aclose()
+        acker.close()
 
 
 async def test_group_commit_fails_every_request_of_a_refused_group_then_recovers(
@@ -120,9 +126,8 @@ async def test_group_commit_fails_every_request_of_a_refused_group_then_recovers
     blip = Blip(int(r.connection_pool.connection_kwargs["port"]))
     db = r.connection_pool.connection_kwargs["db"]
     client = redis_conn.async_client(Settings(), f"redis://127.0.0.1:{blip.port}/{db}")
-    publisher = broker.AsyncQueue(client, message_events=500)
-    celery = broker.make_celery(Settings(), url_of(r))
-    commit = GroupCommit(celery, flush_ms=5, message_events=500, publish=publisher.publish)
+    publisher = ConfirmedPublisher(broker.AsyncQueue(client, message_events=500), r)
+    commit = GroupCommit(publisher.publish, flush_ms=5, message_events=500)
 
     def submit_all(prefix: str) -> Any:
         requests = (commit.submit([event_item(f"{prefix}{i}")]) for i in range(20))
@@ -135,7 +140,7 @@ async def test_group_commit_fails_every_request_of_a_refused_group_then_recovers
         blip.admit()
         taken = await submit_all("after-")
     finally:
-        commit.close()
+        await commit.close()
         await client.aclose()
         blip.close()
     # Every request of the refused groups was told (its client resends), none hangs ...
