@@ -34,6 +34,7 @@ from relay.memory import (
     teaching,
 )
 from relay.parked import Parked, event_ms, parkable
+from relay.reasons import Skip
 from relay.resolution import Ids, Known, alias_keys, explicit_ids, identity_keys, resolve_key
 
 
@@ -153,11 +154,11 @@ def plan_batch(
         if isinstance(event, events.Delete):
             for key in identity_keys(event):
                 memory.forget(key, _received_at(item))
-            plan.skipped.append((item, "delete_request"))
+            plan.skipped.append((item, Skip.DELETE_REQUEST))
             continue
         if isinstance(event, events.Alias):
             memory.link(event)
-            plan.skipped.append((item, "nothing_to_send"))
+            plan.skipped.append((item, Skip.NOTHING_TO_SEND))
             continue
         resolved, pin = resolve(event, explicit, memory, ahead, mapping)
         if resolved is NO_CONTACT:
@@ -177,7 +178,7 @@ def plan_batch(
             if pin is not None:  # the first contact sent for the user is the user's
                 memory.teach(*pin)
         else:
-            plan.skipped.append((item, "nothing_to_send"))
+            plan.skipped.append((item, Skip.NOTHING_TO_SEND))
     for user in sorted(parked or {}):
         now_known = memory.recall(user)
         if now_known is not None and now_known.account:
@@ -227,7 +228,7 @@ def _park(plan: Plan, item: Envelope, event: events.AnyEvent) -> bool:
     for trait, value in traits.items():
         if trait not in bag or bag[trait][0] <= ms:
             bag[trait] = (ms, value)
-    plan.skipped.append((item, "parked"))
+    plan.skipped.append((item, Skip.PARKED))
     return True
 
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from enum import Enum
 
+from relay.reasons import Deferral
+
 
 class Kind(Enum):
     """What a request's outcome means for its events."""
@@ -52,7 +54,7 @@ class Outcome:
     def label(self) -> str:
         """A low-cardinality name for metrics: 2xx, 429, 5xx, timeout, misconfigured..."""
         if self.misconfigured is not None:
-            return "misconfigured"
+            return Deferral.MISCONFIGURED.value
         if self.status is None:
             return self.error or "error"
         if self.status in (408, 429):

@@ -28,31 +28,32 @@ from relay.commands import (
     TrackEvent,
 )
 from relay.mapping import Mapping
+from relay.reasons import Skip
 from relay.resolution import ID_KEYS, Ids
 
 _FLAGS = ("ChurnZero", "Churnzero")
 
 
-def skip_reason(event: events.AnyEvent, source: str, mapping: Mapping) -> str | None:
+def skip_reason(event: events.AnyEvent, source: str, mapping: Mapping) -> Skip | None:
     """Why this event is not delivered (None: it is), as a metric label."""
     if event.type not in events.DELIVERED_TYPES:
-        return "unsupported_type"
+        return Skip.UNSUPPORTED_TYPE
     if event.type == "delete" and source == "api":
         # Ingest refuses them; one queued by an earlier version must not erase a user.
-        return "delete_refused"
+        return Skip.DELETE_REFUSED
     integrations = event.integrations
     if integrations:
         # A null flag is no flag (analytics-next reads it as absent).
         flags = [flag for k in _FLAGS if (flag := integrations.get(k)) is not None]
         if any(flag is False for flag in flags):
-            return "disabled_by_integrations"
+            return Skip.DISABLED_BY_INTEGRATIONS
         # `All: false` is Segment's router's business; on /webhook Segment already routed
         # the event to us, so only the tracking API (where we stand in for the router)
         # applies it.
         if source == "api" and integrations.get("All") is False and not flags:
-            return "disabled_by_integrations"
+            return Skip.DISABLED_BY_INTEGRATIONS
     if isinstance(event, events.Track) and not mapping.event_wanted(event.event):
-        return "filtered_by_mapping"
+        return Skip.FILTERED_BY_MAPPING
     return None
 
 

@@ -43,7 +43,7 @@ from relay.delivery.stage import Report, stage, stage_stats
 from relay.delivery.throttle import Throttle
 from relay.envelope import decode_all
 from relay.mapping import Mapping
-from relay.reasons import Reason
+from relay.reasons import Reason, Skip
 from relay.settings import VISIBILITY_MARGIN_S, Settings
 from relay.state import broker, deadletter, names, oom
 from relay.state.deadletter import DeadLetter
@@ -197,10 +197,10 @@ class Delivery:
     def _note(self, report: Report, prepared: Prepared) -> None:
         """Count and log what the stages found before anything is sent."""
         plan = prepared.plan
-        report.skipped["duplicate"] += len(prepared.duplicates)
+        report.skipped[Skip.DUPLICATE.value] += len(prepared.duplicates)
         report.attributes.update(plan.attributes)
         if prepared.stale:
-            report.attributes["stale_attribute"] += prepared.stale
+            report.attributes[Skip.STALE_ATTRIBUTE.value] += prepared.stale
         report.contact_changes = len(plan.contact_changes)
         for change in plan.contact_changes:
             log.info("contact_changed", user=change.user, account=change.after.account,

@@ -31,6 +31,7 @@ import structlog
 from relay import eiv
 from relay.commands import Command
 from relay.logs import Every
+from relay.reasons import Deferral
 from relay.retry import Outcome, parse_retry_after
 
 log = structlog.get_logger("relay.delivery")
@@ -107,10 +108,12 @@ class ChurnZeroClient:
     def _failed(self, exc: BaseException) -> Outcome:
         """The outcome of a request that got no answer; a WARNING when the host cannot
         be reached at all."""
-        error = "timeout" if isinstance(exc, TimeoutError) else "connection_error"
+        error = (
+            Deferral.TIMEOUT if isinstance(exc, TimeoutError) else Deferral.CONNECTION_ERROR
+        ).value
         kind = unreachable_kind(exc)
         if kind is None:
-            excerpt = "" if error == "timeout" else type(exc).__name__
+            excerpt = "" if error == Deferral.TIMEOUT else type(exc).__name__
             return Outcome(status=None, error=error, excerpt=excerpt)
         text = f"{type(exc).__name__}: {exc}"[:300]
         if self._warnings.due(kind):

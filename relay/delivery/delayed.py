@@ -24,10 +24,11 @@ from typing import Any
 
 from relay import keys, wire
 from relay.envelope import Envelope
+from relay.reasons import Deferral
 from relay.state import broker, oom
 
 LEASE_S = 60
-WAITING_STATES = ("delayed", "identity_wait")
+WAITING_STATES = ("delayed", Deferral.IDENTITY_WAIT.value)
 
 # KEYS: delayed, then the indexes of oldest receipts. ARGV: limit, lease_s. Claims up to
 # `limit` members due by Redis's clock; returns them, and the seconds until the next member
@@ -73,7 +74,7 @@ def stage_schedule(pipe: Any, items: list[Envelope], due: float, cause: str = ""
 def waiting_state(cause: str | None) -> str:
     """The state a delayed batch's events are in for status: `identity_wait` for tracks
     waiting for their user, `delayed` for the rest."""
-    return "identity_wait" if cause == "identity_wait" else "delayed"
+    return Deferral.IDENTITY_WAIT.value if cause == Deferral.IDENTITY_WAIT else "delayed"
 
 
 class Mover:

@@ -33,6 +33,7 @@ from relay.plan import (
     tombstone_keys,
     without,
 )
+from relay.reasons import Skip
 from relay.resolution import Known
 from relay.settings import Settings
 from relay.state import identity, names
@@ -113,7 +114,7 @@ def prepare(
             access.carry_clocks(plan.contact_changes, clock_s)
         checked = freshness.writes(plan, freshness.stamps(parsed), done)
         stale = access.reserve_clocks(checked, clock_s)
-        plan = without(plan, stale, "stale_attribute")
+        plan = without(plan, stale, Skip.STALE_ATTRIBUTE)
     return Prepared(plan, parsed, invalid, duplicates, found.parked, held, len(stale))
 
 

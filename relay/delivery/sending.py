@@ -28,6 +28,7 @@ from relay.delivery.runs import Claim, Runs
 from relay.delivery.settlement import Outcomes, Unsent, worst
 from relay.delivery.throttle import ADAPT_MAX_WAIT_S, REPLAY_MAX_WAIT_S, Throttle
 from relay.envelope import Envelope
+from relay.reasons import Deferral
 from relay.settings import Settings
 from relay.state import broker
 
@@ -150,25 +151,26 @@ class Sender:
             if gate.go or gate.wait_s > SHORT_WAIT_S:
                 break
             if time.monotonic() + gate.wait_s > budget.send_by:
-                return gate.wait_s, "deadline"
+                return gate.wait_s, Deferral.DEADLINE
             time.sleep(gate.wait_s)
             gate = self.throttle.gate()
         if not gate.go:
-            return gate.wait_s, "paused"  # every chunk stays unsent, deferred past the pause
+            # Every chunk stays unsent, deferred past the pause.
+            return gate.wait_s, Deferral.PAUSED
         todo = chunks
         if gate.probe:
             # One request tests whether ChurnZero is back before anyone sends more.
             if time.monotonic() > budget.send_by:
-                return 0.0, "deadline"
+                return 0.0, Deferral.DEADLINE
             self._run([self._send_one(chunks[0], 0.0, report, check=False)], chunks, claim, budget)
             first = chunks[0].outcome
             ok = first is not None and first.kind is not retry.Kind.RETRYABLE
             pause = self._after_send(chunks, [chunks[0]], claim, budget)
             if not ok:
-                return pause, "paused"
+                return pause, Deferral.PAUSED
             todo = chunks[1:]
         if not todo:
-            return 0.0, "paused"
+            return 0.0, Deferral.PAUSED
         replay = report.lane == "replay"
         learning = self.settings.adaptive_rate and not self.settings.rate_limit_rps
         horizon = ADAPT_MAX_WAIT_S if learning else MAX_RATE_WAIT_S
@@ -176,7 +178,7 @@ class Sender:
             len(todo), min(REPLAY_MAX_WAIT_S, horizon) if replay else horizon, report.lane
         )
         if isinstance(delays, float):
-            return delays, "replay_share" if replay else "paused"
+            return delays, Deferral.REPLAY_SHARE if replay else Deferral.PAUSED
         # Chunks beyond the reserved slots stay unsent and come back after the last slot.
         rate_wait = delays[-1] if len(delays) < len(todo) else 0.0
         todo = todo[: len(delays)]
@@ -188,7 +190,7 @@ class Sender:
         in_time = self._run(sends, chunks, claim, budget)
         late = time.monotonic() > budget.send_by and any(c.outcome is None for c in todo)
         pause = max(self._after_send(chunks, todo, claim, budget), rate_wait)
-        return pause, "deadline" if late or not in_time else "paused"
+        return pause, Deferral.DEADLINE if late or not in_time else Deferral.PAUSED
 
     def _run(
         self, sends: list[Coroutine[Any, Any, None]], chunks: list[Chunk], claim: Claim,
@@ -293,13 +295,13 @@ def unknown_fate(chunks: list[Chunk], outcomes: Outcomes) -> Counter[str]:
     causes: dict[str, str] = {}
     for chunk in chunks:
         if chunk.outcome is None:
-            cause = "deadline" if chunk.started else ""
+            cause = Deferral.DEADLINE if chunk.started else ""
         else:
             cause = chunk.outcome.error or "" if chunk.outcome.status is None else ""
         for rid in chunk.rids if cause else ():
             causes.setdefault(rid, cause)
     return Counter(
-        cause for rid, cause in causes.items()
+        str(cause) for rid, cause in causes.items()
         if not (isinstance(o := outcomes[rid], retry.Outcome) and o.kind is retry.Kind.PERMANENT)
     )  # fmt: skip
 

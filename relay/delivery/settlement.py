@@ -27,7 +27,7 @@ from typing import Any
 from relay import retry
 from relay.envelope import Envelope
 from relay.plan import Plan
-from relay.reasons import Reason
+from relay.reasons import Deferral, Reason
 from relay.resolution import resolve_raw_key
 from relay.settings import Settings
 from relay.state import deadletter
@@ -47,7 +47,7 @@ class Unsent:
     """The event's commands were not sent: wait this long, for this cause, then retry."""
 
     wait_s: float
-    cause: str = "paused"
+    cause: str = Deferral.PAUSED
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def settle(
     """Settle every event of `plan`; `outcomes` holds one entry per relay id sent."""
     out = Settlement()
     for _item, reason in plan.skipped:
-        out.skipped[reason] += 1
+        out.skipped[str(reason)] += 1
     for item, problems in plan.invalid_event + plan.invalid_command:
         out.dead.append(dead_letter(item, Reason.INVALID_COMMAND, now, errors=problems))
     for item, problems in plan.held:
@@ -176,7 +176,9 @@ def _wait_for_identity(
     wait = retry.compute_backoff(seen.attempts, base_s=1.0, cap_s=IDENTITY_RETRY_CAP_S, rng=rng)
     wait = min(max(wait, 0.5), policy.identity_wait_s - waited)
     # Each wait counts as an attempt: the backoff grows with them.
-    out.later.append(([replace(seen, attempts=seen.attempts + 1)], now + wait, "identity_wait"))
+    out.later.append(
+        ([replace(seen, attempts=seen.attempts + 1)], now + wait, Deferral.IDENTITY_WAIT)
+    )
 
 
 def received_at(item: Envelope, now: float) -> float:
@@ -201,7 +203,7 @@ def group_later(
     groups: dict[tuple[str, int, bool, str], tuple[list[Envelope], float]] = {}
     for items, due, cause in later:
         for item in items:
-            user = resolve_raw_key(item.event) if cause == "identity_wait" else None
+            user = resolve_raw_key(item.event) if cause == Deferral.IDENTITY_WAIT else None
             key = (cause, int(due), bool(item.replayed_from), user or "")
             batch, first_due = groups.get(key, ([], due))
             batch.append(item)

@@ -18,6 +18,7 @@ from relay.delivery import delayed
 from relay.delivery.dedupe import Dedupe
 from relay.delivery.prepare import Prepared
 from relay.delivery.settlement import Settlement
+from relay.reasons import Deferral, Skip
 from relay.resolution import resolve_raw_key
 from relay.settings import Settings
 from relay.state import deadletter, identity, names, parking, recent, status, trace
@@ -66,7 +67,7 @@ class Report:
             ]  # fmt: skip
         self.skipped.update(settled.skipped)
         for batch, _, cause in settled.later:
-            self.retried[cause] += len(batch)
+            self.retried[str(cause)] += len(batch)
         for entry in settled.dead:
             self.dead[entry.reason.value] += 1
 
@@ -99,7 +100,7 @@ def stage(
     identity.stage_release(pipe, plan.released)
     for batch, due, cause in settled.later:
         member = delayed.stage_schedule(pipe, batch, due, cause)
-        if cause == "identity_wait" and member is not None:
+        if cause == Deferral.IDENTITY_WAIT and member is not None:
             users = [resolve_raw_key(item.event) for item in batch]
             wait_s = settings.identity_wait_s + delayed.LEASE_S
             identity.stage_waiting(pipe, member, filter(None, users), wait_s)
@@ -110,7 +111,7 @@ def stage(
     sent = [(item, cmds) for item, cmds in plan.send if item.id in delivered]
     known_names.stage_learn(pipe, names.sent_names(sent))
     known_names.stage_held(pipe, prepared.held)
-    skipped = [(item, "duplicate") for item in prepared.duplicates]
+    skipped = [(item, Skip.DUPLICATE) for item in prepared.duplicates]
     trace.stage_record(
         pipe, settings.trace_size, delivered=sent,
         skipped=skipped + plan.skipped, dead=settled.dead,

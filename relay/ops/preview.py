@@ -25,6 +25,7 @@ from relay.envelope import Envelope
 from relay.errors import DecodeError, RequestError
 from relay.ingest import intake
 from relay.mapping import Mapping
+from relay.reasons import Deferral, Skip
 from relay.resolution import Known
 from relay.settings import Settings
 from relay.state import deadletter, names
@@ -89,7 +90,7 @@ def items_of(body: bytes, source: str | None = None) -> tuple[list[Envelope], li
         Verdict(r.index, _kind(r.event), _user(r.event), "dead", "invalid_event", [], r.errors)
         for r in parsed.rejected
     ] + [
-        Verdict(r.index, _kind(r.event), _user(r.event), "skip", "delete_refused", [], r.errors)
+        Verdict(r.index, _kind(r.event), _user(r.event), "skip", Skip.DELETE_REFUSED, [], r.errors)
         for r in parsed.refused_deletes
     ]
     # Accepted events keep their place in the request for the output.
@@ -140,7 +141,7 @@ def _verdicts(
     for item, errors in prepared.invalid:
         verdicts[item.id] = _verdict(item, "dead", "invalid_event", errors=errors)
     for item in prepared.duplicates:
-        verdicts[item.id] = _verdict(item, "skip", "duplicate")
+        verdicts[item.id] = _verdict(item, "skip", Skip.DUPLICATE)
     plan = prepared.plan
     outcomes: Outcomes = {item.id: _OK for item, _ in plan.send}
     settled = settle(plan, outcomes, now, Policy.of(settings))
@@ -164,8 +165,8 @@ def _verdicts(
     return [verdicts[item.id] for item in items]
 
 
-_WAIT_NOTE = {
-    "identity_wait": [
+_WAIT_NOTE: dict[str, list[str]] = {
+    Deferral.IDENTITY_WAIT: [
         "no account/contact ids and no identify for this user yet: it would wait for one, "
         "then be dead-lettered as unresolved_identity"
     ]

@@ -33,6 +33,7 @@ import orjson
 from relay import keys
 from relay.envelope import Envelope
 from relay.parked import Parked, release_items
+from relay.reasons import Deferral
 
 # Kept this much past the index's expiry, so the sweep (which counts) drops a hash before
 # Redis does; if no worker sweeps, Redis still frees it.
@@ -219,6 +220,6 @@ def _stage_due_now(pipe: Any, items: list[Envelope]) -> None:
     # The member as relay.delivery.delayed writes it, so the mover publishes it at once.
     if items:
         stored = [item.to_dict() for item in items]
-        member = orjson.dumps({"id": uuid.uuid4().hex, "items": stored, "cause": "parked"})
+        member = orjson.dumps({"id": uuid.uuid4().hex, "items": stored, "cause": Deferral.PARKED})
         pipe.zadd(keys.DELAYED, {member: time.time()})
         pipe.incrby(keys.DELAYED_EVENTS, len(items))
