@@ -12,7 +12,7 @@ message, with no I/O (no Redis, HTTP or Celery). Around it, one subpackage per r
     │                      traces, figures (status, oldest, recent), clients (redis_conn),
     │                      the embedded Redis
     ├── ingest/            the ingest process: HTTP in (app, receive, intake, auth, cors),
-    │                      the queue gate, group commit, request log, metrics, OpenAPI
+    │                      the admission check, group commit, request log, metrics, OpenAPI
     ├── delivery/          the worker side: a batch delivered (batch, sending, settlement),
     │                      the ChurnZero client and its problems, throttle, dedupe, runs,
     │                      the delayed set

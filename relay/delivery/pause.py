@@ -20,7 +20,7 @@ PROBE_TTL_MS = 15_000
 
 # KEYS: pause_until, failures, probe. ARGV: threshold, probe_ttl_ms.
 # Returns {verdict, wait_ms}: 0 go, 1 wait, 2 probe (you alone may send one request).
-_GATE = """
+_PERMIT = """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local pause = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -69,7 +69,7 @@ return 0
 
 
 @dataclass(frozen=True)
-class Gate:
+class Permit:
     """May this worker send now? `probe`: only one request, to test the water."""
 
     go: bool
@@ -82,18 +82,18 @@ class Pause:
 
     def __init__(self, r: Any, allow_oom: str, *, outage_threshold: int) -> None:
         self._threshold = outage_threshold
-        self._gate = r.register_script(allow_oom + _GATE)
+        self._permit = r.register_script(allow_oom + _PERMIT)
         self._report = r.register_script(allow_oom + _REPORT)
 
-    def gate(self) -> Gate:
+    def permit(self) -> Permit:
         """Whether sending is allowed now, and if not, for how long to hold back."""
-        verdict, wait_ms = self._gate(
+        verdict, wait_ms = self._permit(
             keys=[keys.PAUSE_UNTIL, keys.FAILURES, keys.PROBE],
             args=[self._threshold, PROBE_TTL_MS],
         )
         if int(verdict) == 1:
-            return Gate(go=False, wait_s=int(wait_ms) / 1000)
-        return Gate(go=True, probe=int(verdict) == 2)
+            return Permit(go=False, wait_s=int(wait_ms) / 1000)
+        return Permit(go=True, probe=int(verdict) == 2)
 
     def report(self, *, successes: int, failures: int, retry_after_s: float | None) -> float:
         """Record request outcomes and a Retry-After; returns the pause now in force (s)."""

@@ -146,19 +146,19 @@ class Sender:
         self, chunks: list[Chunk], report: Tally, claim: Claim, budget: Budget
     ) -> tuple[float, str]:
         """Send; returns how long unsent chunks should wait, and why they were not sent."""
-        gate = self.throttle.gate()
+        permit = self.throttle.permit()
         for _ in range(3):
-            if gate.go or gate.wait_s > SHORT_WAIT_S:
+            if permit.go or permit.wait_s > SHORT_WAIT_S:
                 break
-            if time.monotonic() + gate.wait_s > budget.send_by:
-                return gate.wait_s, Deferral.DEADLINE
-            time.sleep(gate.wait_s)
-            gate = self.throttle.gate()
-        if not gate.go:
+            if time.monotonic() + permit.wait_s > budget.send_by:
+                return permit.wait_s, Deferral.DEADLINE
+            time.sleep(permit.wait_s)
+            permit = self.throttle.permit()
+        if not permit.go:
             # Every chunk stays unsent, deferred past the pause.
-            return gate.wait_s, Deferral.PAUSED
+            return permit.wait_s, Deferral.PAUSED
         todo = chunks
-        if gate.probe:
+        if permit.probe:
             # One request tests whether ChurnZero is back before anyone sends more.
             if time.monotonic() > budget.send_by:
                 return 0.0, Deferral.DEADLINE
@@ -235,7 +235,7 @@ class Sender:
 
     def _may_go(self) -> bool:
         try:
-            return self.throttle.gate().go
+            return self.throttle.permit().go
         except broker.QUEUE_ERRORS:
             # Redis is away: whether a pause began is unknown, so this chunk waits, unsent,
             # and its siblings on the wire go on to be marked as ChurnZero answers them.
@@ -244,7 +244,7 @@ class Sender:
     def _report_throttle(self, chunks: list[Chunk]) -> float:
         sent = [c.outcome for c in chunks if c.outcome is not None]
         if not sent:
-            return self.throttle.gate().wait_s
+            return self.throttle.permit().wait_s
         failures = [o for o in sent if o.kind is retry.Kind.RETRYABLE]
         waits = [o.retry_after_s for o in failures if o.retry_after_s is not None]
         # A 429 without Retry-After still means "slow down": hold everyone back a second

@@ -23,7 +23,13 @@ from relay.delivery.learned import (
     ADAPT_SLOW_START,
     LearnedRate,
 )
-from relay.delivery.pause import FIRST_OUTAGE_PAUSE_S, MAX_OUTAGE_PAUSE_S, PROBE_TTL_MS, Gate, Pause
+from relay.delivery.pause import (
+    FIRST_OUTAGE_PAUSE_S,
+    MAX_OUTAGE_PAUSE_S,
+    PROBE_TTL_MS,
+    Pause,
+    Permit,
+)
 from relay.delivery.rate import REPLAY_ALONE_MAX_WAIT_S, REPLAY_MAX_WAIT_S, LaneRate
 from relay.state import oom
 
@@ -42,7 +48,7 @@ __all__ = [
     "PROBE_TTL_MS",
     "REPLAY_ALONE_MAX_WAIT_S",
     "REPLAY_MAX_WAIT_S",
-    "Gate",
+    "Permit",
     "Throttle",
 ]
 
@@ -64,9 +70,9 @@ class Throttle:
             adaptive=adaptive,
         )  # fmt: skip
 
-    def gate(self) -> Gate:
+    def permit(self) -> Permit:
         """Whether sending is allowed now, and if not, for how long to hold back."""
-        return self._pause.gate()
+        return self._pause.permit()
 
     def reserve(self, count: int, max_wait_s: float, lane: str = "live") -> list[float] | float:
         """Delays (s) of up to `count` rate-limit slots of this lane (`live` or `replay`)

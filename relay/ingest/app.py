@@ -21,13 +21,13 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from relay.ingest import intake, metrics, openapi, receive
-from relay.ingest.gate import QueueGate
+from relay.ingest.admission import Admission
 from relay.ingest.publisher import ConfirmedPublisher, GroupCommit
 from relay.ingest.requestlog import RequestLog
 from relay.ingest.webapp import (
+    ADMISSION,
     COMMIT,
     DEPLOYMENT,
-    GATE,
     REDIS,
     REQUEST_LOG,
     SETTINGS,
@@ -50,16 +50,16 @@ async def livez(_: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     """GET /readyz: Redis answers, the queue is under its high-water mark and Redis's
     memory under RELAY_MAX_MEMORY_FRACTION of maxmemory; answered within READY_TIMEOUT_S."""
-    gate = request.app[GATE]
+    admission = request.app[ADMISSION]
     try:
         async with asyncio.timeout(READY_TIMEOUT_S):
             await request.app[REDIS].ping()
-            await gate.refresh(request.app[REDIS])
+            await admission.refresh(request.app[REDIS])
     except (redis.RedisError, OSError, TimeoutError):
-        gate.redis_ok, gate.reason = False, "redis unreachable"
-    figures = {"waiting": gate.waiting, "memory_fraction": round(gate.memory_fraction, 4)}
-    if not gate.open:
-        return json_response({"status": "unready", "reason": gate.reason, **figures}, 503)
+        admission.redis_ok, admission.reason = False, "redis unreachable"
+    figures = {"waiting": admission.waiting, "memory_fraction": round(admission.memory_fraction, 4)}
+    if not admission.open:
+        return json_response({"status": "unready", "reason": admission.reason, **figures}, 503)
     return json_response({"status": "ready", **figures})
 
 
@@ -114,7 +114,7 @@ def _resources(
             flush_ms=settings.flush_ms,
             message_events=settings.message_events,
         )
-        gate = app[GATE]
+        admission = app[ADMISSION]
 
         stop = asyncio.Event()
 
@@ -122,7 +122,7 @@ def _resources(
             # Ends on `stop` as well as on cancellation: a cancellation that lands while
             # redis-py connects can be swallowed, and shutdown would wait for ever.
             while not stop.is_set():
-                await gate.refresh(app[REDIS])
+                await admission.refresh(app[REDIS])
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), 0.25)
 
@@ -160,7 +160,7 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
     largest = max(intake.API_LIMITS.request_bytes, intake.WEBHOOK_LIMITS.request_bytes)
     app = web.Application(client_max_size=largest + 1024)
     app[SETTINGS] = settings
-    app[GATE] = QueueGate(settings.max_queue_depth, settings.max_memory_fraction)
+    app[ADMISSION] = Admission(settings.max_queue_depth, settings.max_memory_fraction)
     app[REQUEST_LOG] = RequestLog(settings.ingest_log == "aggregate")
     app.cleanup_ctx.append(_resources(settings, redis_url))
     app.cleanup_ctx.append(app[REQUEST_LOG].summaries)

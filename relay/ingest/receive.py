@@ -23,7 +23,7 @@ from aiohttp import web
 from relay import envelope
 from relay.errors import QueueUnavailable, RequestError, Unauthenticated
 from relay.ingest import auth, cors, intake, metrics
-from relay.ingest.webapp import COMMIT, GATE, REDIS, REQUEST_LOG, SETTINGS, json_response
+from relay.ingest.webapp import ADMISSION, COMMIT, REDIS, REQUEST_LOG, SETTINGS, json_response
 from relay.reasons import Reason
 from relay.settings import Settings
 from relay.state import broker, deadletter
@@ -206,9 +206,9 @@ async def _handle(
     request: web.Request, name: str, route: Route, settings: Settings, outcome: dict[str, Any]
 ) -> web.Response:
     app = request.app
-    gate = app[GATE]
-    if not gate.open:
-        raise QueueUnavailable(gate.reason)
+    admission = app[ADMISSION]
+    if not admission.open:
+        raise QueueUnavailable(admission.reason)
     raw = await _read_raw(request, route.limits)
     signed = route.check_signature(settings, request, raw)
     body = intake.decode_body(raw, request.headers.get("Content-Encoding"), route.limits)
@@ -236,7 +236,7 @@ async def _handle(
             pipe = app[REDIS].pipeline(transaction=True)
             deadletter.stage_add(pipe, rejected)
             await pipe.execute()
-        gate.queued(len(body))  # in Redis now, so in the next reading's used_memory
+        admission.queued(len(body))  # in Redis now, so in the next reading's used_memory
     except broker.QUEUE_ERRORS as exc:
         outcome["error"] = type(exc).__name__
         raise QueueUnavailable("could not queue the events") from exc

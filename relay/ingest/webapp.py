@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     import redis.asyncio as aioredis
     from prometheus_client import CollectorRegistry
 
-    from relay.ingest.gate import QueueGate
+    from relay.ingest.admission import Admission
     from relay.ingest.publisher import GroupCommit
     from relay.ingest.requestlog import RequestLog
     from relay.settings import Settings
@@ -30,7 +30,7 @@ SETTINGS: web.AppKey[Settings] = web.AppKey("settings")
 REDIS: web.AppKey[aioredis.Redis] = web.AppKey("redis")
 SYNC_REDIS: web.AppKey[redis.Redis] = web.AppKey("sync_redis")
 COMMIT: web.AppKey[GroupCommit] = web.AppKey("commit")
-GATE: web.AppKey[QueueGate] = web.AppKey("gate")
+ADMISSION: web.AppKey[Admission] = web.AppKey("admission")
 DEPLOYMENT: web.AppKey[CollectorRegistry] = web.AppKey("deployment")
 REQUEST_LOG: web.AppKey[RequestLog] = web.AppKey("request_log")
 

@@ -4,7 +4,7 @@ At `maxmemory` with `noeviction` Redis refuses every command that may grow memor
 every command queued in a MULTI, even a read. A worker's writes only move work already in
 Redis (queue to delayed set or dead letters) or are a few bytes of bookkeeping, while each
 message it acknowledges frees its whole body, so they are let through; ingest's are not
-(its gate stops it first). On servers before 7 everything runs as usual.
+(its admission check stops it first). On servers before 7 everything runs as usual.
 """
 
 from __future__ import annotations

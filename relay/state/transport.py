@@ -20,7 +20,7 @@ whole body: draining only ever shrinks Redis. So the writes run as scripts flagg
 `allow-oom` (Redis 7+), which Redis lets write at maxmemory, as do the worker's other
 writes (its settlements, relay.state.oom; the delayed-set mover's publishes,
 relay.state.broker); a refused BLMOVE gives way to the take script for a while. New events
-come in only through ingest, which stays on stock kombu and its gate refuses them well
+come in only through ingest, which stays on stock kombu and its admission check refuses them well
 before maxmemory (`RELAY_MAX_MEMORY_FRACTION`), so nothing else overshoots. On servers
 before 7 (no script flags) the same scripts run unflagged.
 

@@ -109,7 +109,7 @@ def alternate(
     warm-up of each, and what they queued: (events, messages, the ready-depth counter).
 
     The queue is counted and emptied after each measured run: no worker drains it, and a
-    queue grown past ingest's gate would be answered 503, not measured."""
+    queue grown past ingest's admission check would be answered 503, not measured."""
     for proc in (a, b):
         wrk.run(proc.url + path, body, headers, wrk.WARMUP_SECONDS)
     time.sleep(1)  # requests cut off by the warm-up's end finish publishing

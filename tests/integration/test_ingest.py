@@ -167,10 +167,11 @@ def test_over_high_water_mark_answers_503(r: redis.Redis, start_ingest: Callable
     url = start_ingest(max_queue_depth=5)
     r.set("relay:depth:ready", 10)
     r.rpush("relay", b"placeholder")  # a non-empty queue, so the counter is believed
-    # The gate refreshes every 250 ms: wait for it to see the depth, however long that takes.
+    # The admission check refreshes every 250 ms: wait for it to see the depth, however
+    # long that takes.
     deadline = time.monotonic() + 10
     while requests.get(url + "/readyz").status_code != 503:
-        assert time.monotonic() < deadline, "the gate never saw the depth"
+        assert time.monotonic() < deadline, "the admission check never saw the depth"
         time.sleep(0.1)
     answer = requests.post(
         url + "/v1/track", json={"userId": "u", "event": "e"}, auth=(WRITE_KEY, "")

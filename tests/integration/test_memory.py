@@ -112,7 +112,7 @@ def test_ingest_answers_503_before_redis_is_full_and_a_worker_drains_every_event
 
 
 def fill_until_full(r: redis.Redis) -> list[str]:
-    """Publish straight into the queue (no gate) until Redis refuses; the queued ids."""
+    """Publish straight into the queue (no admission check) until Redis refuses; the queued ids."""
     from relay.settings import Settings
     from relay.state import broker
 

@@ -34,16 +34,16 @@ def test_failures_past_the_threshold_pause_every_worker_then_one_probe(r: redis.
         Throttle(r, rate_limit_rps=0, outage_threshold=2),
         Throttle(r, rate_limit_rps=0, outage_threshold=2),
     )
-    assert one.gate().go
+    assert one.permit().go
     pause = one.report(successes=0, failures=2, retry_after_s=None)
     assert pause > 0
-    assert not other.gate().go  # a pause set by one worker holds back the others
+    assert not other.permit().go  # a pause set by one worker holds back the others
     r.delete(keys.PAUSE_UNTIL)  # the pause ran out
-    probe = other.gate()
+    probe = other.permit()
     assert probe.go and probe.probe
-    assert not one.gate().go  # only one probe at a time
+    assert not one.permit().go  # only one probe at a time
     other.report(successes=1, failures=0, retry_after_s=None)
-    assert one.gate().go and not one.gate().probe
+    assert one.permit().go and not one.permit().probe
 
 
 def test_a_failed_probe_doubles_the_pause_and_a_good_one_ends_the_outage(
@@ -53,13 +53,13 @@ def test_a_failed_probe_doubles_the_pause_and_a_good_one_ends_the_outage(
     # Each pause is counted on Redis's clock from the report that set it: exact.
     assert throttle.report(successes=0, failures=2, retry_after_s=None) == FIRST_OUTAGE_PAUSE_S
     r.delete(keys.PAUSE_UNTIL)  # the pause ran out
-    assert throttle.gate().probe
+    assert throttle.permit().probe
     assert throttle.report(successes=0, failures=1, retry_after_s=None) == 2 * FIRST_OUTAGE_PAUSE_S
     r.delete(keys.PAUSE_UNTIL)
-    assert throttle.gate().probe
+    assert throttle.permit().probe
     assert throttle.report(successes=1, failures=0, retry_after_s=None) == 0
-    gate = throttle.gate()
-    assert gate.go and not gate.probe
+    permit = throttle.permit()
+    assert permit.go and not permit.probe
     # The next outage starts again from the first pause.
     assert throttle.report(successes=0, failures=2, retry_after_s=None) == FIRST_OUTAGE_PAUSE_S
 
@@ -67,8 +67,8 @@ def test_a_failed_probe_doubles_the_pause_and_a_good_one_ends_the_outage(
 def test_retry_after_pauses_everyone_for_that_long(r: redis.Redis) -> None:
     throttle = Throttle(r, rate_limit_rps=0, outage_threshold=5)
     pause = throttle.report(successes=0, failures=0, retry_after_s=3)
-    gate = throttle.gate()
-    assert 2 < pause <= 3 and not gate.go and 2 < gate.wait_s <= 3
+    permit = throttle.permit()
+    assert 2 < pause <= 3 and not permit.go and 2 < permit.wait_s <= 3
 
 
 def test_the_rate_limit_spaces_requests_across_workers(r: redis.Redis) -> None:

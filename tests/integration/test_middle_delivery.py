@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 
 from relay import keys
 from relay.delivery.batch import Delivery, MessageBusy, Report
-from relay.delivery.throttle import FIRST_OUTAGE_PAUSE_S, Gate, Throttle
+from relay.delivery.throttle import FIRST_OUTAGE_PAUSE_S, Permit, Throttle
 from relay.reasons import Reason
 from relay.state import broker, deadletter
 from tests.integration.conftest import (
@@ -87,7 +87,7 @@ def test_a_429_with_retry_after_holds_back_every_worker_that_long(
     clean_sandbox.reset()
     later = other.deliver([event_item("r2")], "m-after-429")
     assert later.retried == {"paused": 1} and requests_made(clean_sandbox) == 0
-    assert 15 < other.throttle.gate().wait_s <= 20
+    assert 15 < other.throttle.permit().wait_s <= 20
 
 
 def test_an_outage_costs_one_probe_per_pause_and_the_first_good_probe_resumes(
@@ -97,21 +97,21 @@ def test_an_outage_costs_one_probe_per_pause_and_the_first_good_probe_resumes(
     delivery = make_delivery(outage_threshold=2, churnzero_batch_size=1)
     clean_sandbox.fault(status=500)
     delivery.deliver(batch("a", 1), "m-a")
-    assert delivery.throttle.gate().go  # one failure: under the threshold
+    assert delivery.throttle.permit().go  # one failure: under the threshold
     delivery.deliver(batch("b", 1), "m-b")
-    assert not delivery.throttle.gate().go  # two: every worker pauses
+    assert not delivery.throttle.permit().go  # two: every worker pauses
     r.delete(keys.PAUSE_UNTIL)  # the pause ran out
     before = requests_made(clean_sandbox)
     probed = delivery.deliver(batch("c", 3), "m-c")  # ChurnZero still down
     assert requests_made(clean_sandbox) - before == 1  # a probe, not the batch
     assert probed.retried == {"5xx": 1, "paused": 2}
-    assert delivery.throttle.gate().wait_s > FIRST_OUTAGE_PAUSE_S  # the pause doubled
+    assert delivery.throttle.permit().wait_s > FIRST_OUTAGE_PAUSE_S  # the pause doubled
     clean_sandbox.reset()  # ChurnZero is back
     r.delete(keys.PAUSE_UNTIL)
     resumed = delivery.deliver(batch("d", 3), "m-d")
     assert resumed.delivered == 3 and requests_made(clean_sandbox) == 3
-    gate = delivery.throttle.gate()
-    assert gate.go and not gate.probe
+    permit = delivery.throttle.permit()
+    assert permit.go and not permit.probe
 
 
 @pytest.mark.parametrize(
@@ -152,7 +152,7 @@ def test_an_answer_not_from_churnzero_is_logged_and_pauses_every_worker(
     assert line["log_level"] == "error" and line["status"] == 301
     assert "redirect 301 to https://elsewhere.example/i" in line["problem"]
     assert line["url"] == clean_sandbox.url + "/i"
-    assert 25 < delivery.throttle.gate().wait_s <= 30  # the operator has to fix the URL
+    assert 25 < delivery.throttle.permit().wait_s <= 30  # the operator has to fix the URL
     assert len(delayed_items(r)) == 2  # nothing counted as delivered, nothing lost
 
 
@@ -183,17 +183,17 @@ def test_an_item_that_is_no_envelope_is_dead_lettered_alone(
 
 
 class FailingPermit(Throttle):
-    """The shared throttle, whose `fail_at`-th permit check (gate) raises `error` once."""
+    """The shared throttle, whose `fail_at`-th permit check raises `error` once."""
 
     def __init__(self, inner: Throttle, fail_at: int, error: Exception) -> None:
         self.__dict__.update(inner.__dict__)
         self.calls, self.fail_at, self.error = 0, fail_at, error
 
-    def gate(self) -> Gate:
+    def permit(self) -> Permit:
         self.calls += 1
         if self.calls == self.fail_at:
             raise self.error
-        return super().gate()
+        return super().permit()
 
 
 def fail_permit(delivery: Delivery, fail_at: int, error: Exception) -> None:

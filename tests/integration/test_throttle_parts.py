@@ -19,16 +19,16 @@ from relay.state import oom
 def test_nobody_sends_during_a_pause_and_one_worker_at_a_time_probes(r: redis.Redis) -> None:
     one, other = (Pause(r, oom.header(r), outage_threshold=2) for _ in range(2))
     assert one.report(successes=0, failures=0, retry_after_s=5) > 4
-    assert not one.gate().go and not other.gate().go
+    assert not one.permit().go and not other.permit().go
     r.delete(keys.PAUSE_UNTIL)
     one.report(successes=0, failures=2, retry_after_s=None)  # an outage: paused again
-    assert not other.gate().go
+    assert not other.permit().go
     r.delete(keys.PAUSE_UNTIL)  # the outage pause is over
-    first, second = one.gate(), other.gate()
+    first, second = one.permit(), other.permit()
     assert first.go and first.probe  # one probe on the wire ...
     assert not second.go  # ... and nobody else sends meanwhile
     one.report(successes=1, failures=0, retry_after_s=None)  # it went through
-    assert other.gate() == one.gate() and other.gate().go and not other.gate().probe
+    assert other.permit() == one.permit() and other.permit().go and not other.permit().probe
 
 
 def test_slots_are_one_over_the_rate_apart_and_replays_get_their_share(

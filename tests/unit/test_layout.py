@@ -94,13 +94,21 @@ def test_every_module_has_a_role_the_rule_names() -> None:
     [
         ("relay.ingest.receive", "from relay.delivery import batch", "imports relay.delivery"),
         ("relay.ingest.app", "from relay.ops import admin", "imports relay.ops.admin"),
-        ("relay.delivery.sending", "import relay.ingest.gate", "imports relay.ingest.gate"),
+        (
+            "relay.delivery.sending",
+            "import relay.ingest.admission",
+            "imports relay.ingest.admission",
+        ),
         ("relay.state.status", "from relay.delivery.names import x", "(delivery)"),
         ("relay.events", "from relay.state import broker", "imports relay.state.broker"),
         ("relay.plan", "import redis", "does I/O"),
         ("relay.plan", "def f():\n    from aiohttp import web\n", "does I/O"),
         ("relay.dev.sandbox", "from relay.ingest.webapp import json_response", "(ingest)"),
-        ("relay.delivery.batch", "from ..ingest import gate", "imports relay.ingest.gate"),
+        (
+            "relay.delivery.batch",
+            "from ..ingest import admission",
+            "imports relay.ingest.admission",
+        ),
         ("workers.tasks", "from relay.ops import cli", "imports relay.ops.cli"),
     ],
 )

@@ -1,7 +1,7 @@
-"""Ingest's queue gate: whether to accept new events, known before a request arrives.
+"""Ingest's admission check: whether to accept new events, known before a request arrives.
 
 Ingest refuses work (503, which Segment retries) while Redis does not answer, the backlog
-is over its high-water mark or Redis's memory is over its threshold. The gate is refreshed
+is over its high-water mark or Redis's memory is over its threshold. The check is refreshed
 in the background, so a request reads a flag instead of waiting on Redis.
 """
 
@@ -19,7 +19,7 @@ from relay.state import status
 REDIS_BYTES_PER_BODY_BYTE = 2
 
 
-class QueueGate:
+class Admission:
     """Whether ingest may accept: Redis answers, the backlog is under the high-water mark
     and Redis's memory under its threshold. Refreshed in the background so requests never
     wait on the check."""
