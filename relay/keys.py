@@ -40,7 +40,7 @@ ALIASED = PREFIX + "aliased:"
 DELETED = PREFIX + "deleted:"
 
 # HASH per ChurnZero entity (account, or contact within its account): attribute name ->
-# event time (epoch ms) of the last value sent (relay.delivery.freshness).
+# event time (epoch ms) of the last value sent (relay.delivery.attribute_clock).
 ATTRIBUTE_CLOCK = PREFIX + "attrclock:"
 
 # The workers' leases (relay.state.lease): ZSET worker id -> lease deadline (ms on Redis's

@@ -4,7 +4,7 @@ them before it sends, `relay preview` to say what the worker would do.
 `prepare(items, access, mapping, settings)`: parse each event, drop duplicates, look up
 who they are about (the identity map, tombstones, parked traits), plan the batch
 (relay.plan), hold events that would send a new name (relay.state.names, hold mode) and
-drop attribute writes older than their clock (relay.delivery.freshness). Each stage that
+drop attribute writes older than their clock (relay.delivery.attribute_clock). Each stage that
 reads Redis does so through `Access`: the worker's `Claiming` takes its dedupe claims and
 moves the attribute clocks; a preview's `Peeking` only reads, and remembers what it
 would have moved. The same stages in the same order give the same verdicts.
@@ -16,7 +16,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from relay.delivery import freshness
+from relay.delivery import attribute_clock
 from relay.delivery.dedupe import Dedupe
 from relay.envelope import Envelope
 from relay.mapping import Mapping
@@ -60,7 +60,9 @@ class Access(Protocol):
         """Carry the attribute clocks of moved users' old contacts to the new ones."""
         ...
 
-    def reserve_clocks(self, checked: list[freshness.Write], ttl_s: int) -> set[tuple[str, int]]:
+    def reserve_clocks(
+        self, checked: list[attribute_clock.Write], ttl_s: int
+    ) -> set[tuple[str, int]]:
         """The writes older than their clock (relay id, place); the rest move it."""
         ...
 
@@ -112,7 +114,7 @@ def prepare(
     if clock_s := settings.attribute_clock_ttl_s:
         if plan.contact_changes:  # rare: an explicit contact id moved a user
             access.carry_clocks(plan.contact_changes, clock_s)
-        checked = freshness.writes(plan, freshness.stamps(parsed), done)
+        checked = attribute_clock.writes(plan, attribute_clock.stamps(parsed), done)
         stale = access.reserve_clocks(checked, clock_s)
         plan = without(plan, stale, Skip.STALE_ATTRIBUTE)
     return Prepared(plan, parsed, invalid, duplicates, found.parked, held, len(stale))
@@ -141,11 +143,13 @@ class Claiming:
 
     def carry_clocks(self, changes: list[ContactChange], ttl_s: int) -> None:
         """Carry the clocks over, in Redis."""
-        freshness.carry(self.r, changes, ttl_s)
+        attribute_clock.carry(self.r, changes, ttl_s)
 
-    def reserve_clocks(self, checked: list[freshness.Write], ttl_s: int) -> set[tuple[str, int]]:
+    def reserve_clocks(
+        self, checked: list[attribute_clock.Write], ttl_s: int
+    ) -> set[tuple[str, int]]:
         """Reserve the writes' clocks; the stale writes."""
-        return freshness.reserve(self.r, checked, ttl_s)
+        return attribute_clock.reserve(self.r, checked, ttl_s)
 
 
 class Peeking:
@@ -157,7 +161,7 @@ class Peeking:
         self.r = r
         self.dedupe = Dedupe(r, window_s)
         self.known = known
-        self.clocks = freshness.Peek(r)
+        self.clocks = attribute_clock.Peek(r)
 
     def duplicates(self, items: list[Envelope]) -> set[str]:
         """What the claim would say, claiming nothing."""
@@ -180,6 +184,8 @@ class Peeking:
         """Remember the carry; Redis is left as it is."""
         self.clocks.carry(changes)
 
-    def reserve_clocks(self, checked: list[freshness.Write], ttl_s: int) -> set[tuple[str, int]]:
+    def reserve_clocks(
+        self, checked: list[attribute_clock.Write], ttl_s: int
+    ) -> set[tuple[str, int]]:
         """The writes a reservation would find stale; Redis is left as it is."""
         return self.clocks.reserve(checked)

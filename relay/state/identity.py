@@ -94,7 +94,7 @@ for _, key in ipairs(forgotten) do
   redis.call('SET', tomb, math.max(old, tonumber(ARGV[8])), 'EX', ARGV[9])
   local entry = redis.call('GET', ARGV[1] .. key)
   if entry then
-    -- The contact's attribute clock (relay.delivery.freshness) is the user's too.
+    -- The contact's attribute clock (relay.delivery.attribute_clock) is the user's too.
     local v = cjson.decode(entry)
     local contact = v[2]
     if type(contact) ~= 'string' and string.sub(key, 1, 2) == 'u:' then

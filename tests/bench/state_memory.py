@@ -18,7 +18,7 @@ import redis
 
 from relay import keys
 from relay.commands import Command, SetAttribute
-from relay.delivery import freshness
+from relay.delivery import attribute_clock
 from relay.envelope import Envelope
 from relay.plan import Plan
 from relay.resolution import Known
@@ -51,9 +51,9 @@ def _clock(attributes: int, entity: str) -> Callable[[Any, int], str]:
         ]  # fmt: skip
         item = Envelope.new({"type": "identify"}, source="api", received_at=0.0, rid="r")
         plan = Plan(send=[(item, list[Command](commands))])
-        writes = freshness.writes(plan, {"r": 1_793_577_600_000 + n})
-        freshness.reserve(r, writes, TTL_S)
-        return freshness.entity_key(commands[0])
+        writes = attribute_clock.writes(plan, {"r": 1_793_577_600_000 + n})
+        attribute_clock.reserve(r, writes, TTL_S)
+        return attribute_clock.entity_key(commands[0])
 
     return write
 
