@@ -288,10 +288,7 @@ class Dedupe:
         pairs = _pairs(items)
         if not pairs or self._window <= 0:
             return set()
-        args: list[Any] = [self._clock(), self._window, self._span, self._fill]
-        for digest, tag, _ in pairs:
-            args += [digest, tag]
-        flags = self._claim(keys=[keys.DEDUPE], args=args)
+        flags = self._claim(keys=[keys.DEDUPE], args=self._args(pairs, self._fill))
         return {rid for (_, _, rid), dup in zip(pairs, flags, strict=True) if int(dup)}
 
     def stage_delivered(self, pipe: Any, items: list[Envelope]) -> None:
@@ -300,20 +297,14 @@ class Dedupe:
         pairs = _pairs(items)
         if not pairs or self._window <= 0:
             return
-        args: list[Any] = [self._clock(), self._window, self._span]
-        for digest, tag, _ in pairs:
-            args += [digest, tag]
-        self._delivered(keys=[keys.DEDUPE], args=args, client=pipe)
+        self._delivered(keys=[keys.DEDUPE], args=self._args(pairs), client=pipe)
 
     def peek(self, items: list[Envelope]) -> set[str]:
         """What `duplicates` would say now, claiming nothing (a preview, a dry run)."""
         pairs = _pairs(items)
         if not pairs or self._window <= 0:
             return set()
-        args: list[Any] = [self._clock(), self._window, self._span]
-        for digest, tag, _ in pairs:
-            args += [digest, tag]
-        flags = self._peek(keys=[keys.DEDUPE], args=args)
+        flags = self._peek(keys=[keys.DEDUPE], args=self._args(pairs))
         return {rid for (_, _, rid), dup in zip(pairs, flags, strict=True) if int(dup)}
 
     def release(self, items: list[Envelope]) -> None:
@@ -321,10 +312,15 @@ class Dedupe:
         pairs = _pairs(items)
         if not pairs or self._window <= 0:
             return
-        args: list[Any] = [self._clock(), self._window, self._span]
+        self._release(keys=[keys.DEDUPE], args=self._args(pairs))
+
+    def _args(self, pairs: list[tuple[bytes, str, str]], *more: Any) -> list[Any]:
+        # Every script's arguments: the clock, the window, the bucket span (then `more`),
+        # and a digest and tag per event.
+        args: list[Any] = [self._clock(), self._window, self._span, *more]
         for digest, tag, _ in pairs:
             args += [digest, tag]
-        self._release(keys=[keys.DEDUPE], args=args)
+        return args
 
 
 def message_digest(message_id: str) -> bytes:
