@@ -169,26 +169,51 @@ def test_worker_sigkill_mid_delivery(
     assert figures["dead_lettered"] == 0
 
 
+AOF_ALWAYS = ("--appendonly", "yes", "--appendfsync", "always")
+
+
+class AofRedis:
+    """A redis-server of the test's own, with AOF `always`, to SIGKILL and start again on
+    the same port and files; stopped when the `with` block ends."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port, self.workdir = free_port(), workdir
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.server = start_redis(self.port, workdir, *AOF_ALWAYS)
+        self.client = redis.Redis.from_url(self.url)
+
+    def kill(self) -> None:
+        """SIGKILL it: what it acknowledged is only in its AOF."""
+        self.server.send_signal(signal.SIGKILL)
+        self.server.wait(10)
+
+    def start(self) -> None:
+        """Start it again from its AOF."""
+        self.server = start_redis(self.port, self.workdir, *AOF_ALWAYS)
+
+    def __enter__(self) -> AofRedis:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.server.terminate()
+        self.server.wait(10)
+
+
 def test_redis_stop_and_restart_during_ingest(
     tmp_path: Path, clean_sandbox: Sandbox, start_ingest: Callable[..., str],
     start_worker: Starter,
 ) -> None:  # fmt: skip
-    port = free_port()
-    aof = ("--appendonly", "yes", "--appendfsync", "always")
-    server = start_redis(port, tmp_path / "redis", *aof)
-    url_redis = f"redis://127.0.0.1:{port}/0"
-    r = redis.Redis.from_url(url_redis)
-    try:
+    with AofRedis(tmp_path / "redis") as own:
+        url_redis, r = own.url, own.client
         url = start_ingest(redis_url=url_redis)
         identify(url)
         load = Load([url], 15_000, batch=20, threads=4).start()
         load.wait_acked(1 / 3)
-        server.send_signal(signal.SIGKILL)
-        server.wait(10)
+        own.kill()
         down_from = time.monotonic()
         time.sleep(2)
         down_to = time.monotonic()
-        server = start_redis(port, tmp_path / "redis", *aof)
+        own.start()
         load.join()
         during = [s for began, end, s in load.answers if began > down_from and end < down_to]
         assert during and 200 not in during, Counter(during)
@@ -198,9 +223,6 @@ def test_redis_stop_and_restart_during_ingest(
         refused = sum(1 for *_, s in load.answers if s == 503)
         record("Redis SIGKILL and restart (AOF always)", load, delivered(clean_sandbox), r,
                duplicate_bound=0, answered_503=refused)  # fmt: skip
-    finally:
-        server.terminate()
-        server.wait(10)
 
 
 def test_ingest_sigkill_under_load(
@@ -262,20 +284,13 @@ def test_sandbox_down_a_minute_then_429_storm(
     assert figures["dead_lettered"] == 0
 
 
-AOF_ALWAYS = ("--appendonly", "yes", "--appendfsync", "always")
-
-
 @pytest.mark.timeout(300)
 def test_redis_sigkill_while_ingest_and_worker_run_loses_nothing(
     tmp_path: Path, clean_sandbox: Sandbox, start_ingest: Callable[..., str],
     start_worker: Starter,
 ) -> None:  # fmt: skip
-    port = free_port()
-    workdir = tmp_path / "redis"
-    server = start_redis(port, workdir, *AOF_ALWAYS)
-    url_redis = f"redis://127.0.0.1:{port}/0"
-    r = redis.Redis.from_url(url_redis)
-    try:
+    with AofRedis(tmp_path / "redis") as own:
+        url_redis, r = own.url, own.client
         clean_sandbox.fault(latency_ms=20)
         url = start_ingest(redis_url=url_redis)
         identify(url)
@@ -289,13 +304,12 @@ def test_redis_sigkill_while_ingest_and_worker_run_loses_nothing(
         wait_for(lambda: len(load.acked) >= 3_000, timeout=60)
         wait_for(lambda: len(clean_sandbox.commands()) > 500, timeout=60)
         assert load.sent < load.total, "the load ran out before the fault"
-        server.send_signal(signal.SIGKILL)
-        server.wait(10)
+        own.kill()
         down_from = time.monotonic()
         # Down until ingest has turned some load away, however long that takes here.
         wait_for(lambda: any(s != 200 for b, _, s in load.answers if b > down_from), 30)
         down_to = time.monotonic()
-        server = start_redis(port, workdir, *AOF_ALWAYS)
+        own.start()
         # Up again: ingest takes load again before the load stops.
         wait_for(lambda: any(s == 200 for b, _, s in load.answers if b > down_to), 60)
         load.stop()
@@ -308,9 +322,6 @@ def test_redis_sigkill_while_ingest_and_worker_run_loses_nothing(
         figures = record("Redis SIGKILL and restart while delivering (AOF always)", load, got,
                          r, duplicate_bound=0, answered_503=refused)  # fmt: skip
         assert figures["dead_lettered"] == 0
-    finally:
-        server.terminate()
-        server.wait(10)
 
 
 # 30 messages of 50 events, 1.5 s each at ChurnZero, 4 at a time: the cuts at 10 % and
@@ -469,12 +480,8 @@ def test_redis_sigkill_mid_message_sends_no_event_twice(
     tmp_path: Path, clean_sandbox: Sandbox, start_ingest: Callable[..., str],
     start_worker: Starter,
 ) -> None:  # fmt: skip
-    port = free_port()
-    workdir = tmp_path / "redis"
-    server = start_redis(port, workdir, *AOF_ALWAYS)
-    url_redis = f"redis://127.0.0.1:{port}/0"
-    r = redis.Redis.from_url(url_redis)
-    try:
+    with AofRedis(tmp_path / "redis") as own:
+        url_redis, r = own.url, own.client
         clean_sandbox.fault(latency_ms=300)
         url = start_ingest(redis_url=url_redis)
         identify(url)
@@ -486,16 +493,12 @@ def test_redis_sigkill_mid_message_sends_no_event_twice(
                      churnzero_batch_size=20)  # fmt: skip
         for share in (0.2, 0.6):
             wait_for(lambda s=share: len(clean_sandbox.commands()) > s * MID_MESSAGE_EVENTS, 120)  # type: ignore[misc]
-            server.send_signal(signal.SIGKILL)
-            server.wait(10)
+            own.kill()
             # Down for longer than redis-py's own retries of a command (about 4 s at most),
             # far less than the task's time limit: the outage's length is the fault itself.
             time.sleep(5)
-            server = start_redis(port, workdir, *AOF_ALWAYS)
+            own.start()
         wait_for(drained(r, clean_sandbox, load.acked), timeout=150)
         figures = record("Redis SIGKILL for 5 s mid-message (AOF always, twice)", load,
                          delivered(clean_sandbox), r, duplicate_bound=0)  # fmt: skip
         assert figures["dead_lettered"] == 0
-    finally:
-        server.terminate()
-        server.wait(10)
