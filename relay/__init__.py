@@ -16,6 +16,8 @@ message, with no I/O (no Redis, HTTP or Celery). Around it, one subpackage per r
     ├── delivery/          the worker side: a batch delivered (batch, sending, settlement),
     │                      the ChurnZero client and its problems, throttle, dedupe, runs,
     │                      the delayed set
+    ├── archive/           the flight recorder: the archived event's columns (schema), its
+    │                      files on a disk or in a bucket (store), the archiver, search
     ├── ops/               the operator's side, which puts the others together: the `relay`
     │                      CLI, the admin API, preview, the supervisor, what `relay serve` and
     │                      `relay dev` run
@@ -28,6 +30,7 @@ The import rule, checked by tests/unit/test_layout.py:
     state     imports the core and state
     ingest    imports the core, state and ingest         (never delivery, ops or dev)
     delivery  imports the core, state and delivery       (never ingest, ops or dev)
+    archive   imports the core, state and archive
     dev       imports the core and dev
     ops       imports anything
     workers   imports the core, state and delivery

@@ -104,6 +104,9 @@ ADAPTIVE_RATE = PREFIX + "throttle:adaptive"
 # one entry per settlement holding each event delivered (with its commands), skipped or
 # dead-lettered.
 TRACE = PREFIX + "trace"
+# STREAM of settled events' records (relay.state.archive) that the archiver has not yet
+# written to the archive's files: one entry per settlement.
+ARCHIVE = PREFIX + "archive"
 
 # The new-name guard (relay.state.names): a SET per kind of the names sent to ChurnZero, a ZSET
 # of the newest new names ("kind:name" -> first sent) and one of the names held.

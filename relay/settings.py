@@ -116,6 +116,12 @@ class Settings(BaseSettings):
     # Events the record of recent settlements keeps for `relay trace` (0: none). Its Redis
     # memory grows with it (per-event figures in docs/operations.md).
     trace_size: int = Field(100_000, ge=0)
+    # The flight recorder (relay.archive): on unless `archive` is false; files under
+    # `archive_url` (s3://bucket/prefix) if set, else `archive_dir`, else <state_dir>/archive.
+    archive: bool = True
+    archive_dir: Path | None = None
+    archive_url: str | None = None
+    archive_days: int = Field(30, ge=1)
 
     log_level: str = "info"
     log_format: str = "auto"  # auto | json | console

@@ -12,12 +12,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
-ROLES = ("core", "state", "ingest", "delivery", "ops", "dev", "workers")
+ROLES = ("core", "state", "ingest", "delivery", "archive", "ops", "dev", "workers")
 MAY_IMPORT = {
     "core": {"core"},
     "state": {"core", "state"},
     "ingest": {"core", "state", "ingest"},
     "delivery": {"core", "state", "delivery"},
+    "archive": {"core", "state", "archive"},
     "dev": {"core", "dev"},
     "ops": set(ROLES) - {"workers"},
     "workers": {"core", "state", "delivery", "workers"},

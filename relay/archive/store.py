@@ -1,0 +1,122 @@
+"""Where the archive's files live: a directory, or an S3-compatible bucket.
+
+    <root>/day=YYYY-MM-DD/<writer>-<n>.parquet   records settled that UTC day
+    <root>/forgotten/<writer>-<n>.parquet         users deleted (schema.FORGOTTEN)
+
+`RELAY_ARCHIVE_URL` (`s3://bucket/prefix`, credentials and endpoint from the usual AWS_*
+variables or the URL's query: `?endpoint_override=host:port&scheme=http`) puts every
+host's files in one bucket, searchable from any host; otherwise `RELAY_ARCHIVE_DIR`, by
+default `<state_dir>/archive`. A file appears whole or not at all: a local file is
+written under a temporary name and renamed; an object store publishes an object when its
+upload completes. Retention drops whole days.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from relay.archive.schema import FORGOTTEN, SCHEMA, day_of
+from relay.settings import Settings
+
+DAY_PREFIX = "day="
+FORGOTTEN_DIR = "forgotten"
+ROW_GROUP = 64 * 1024  # rows: small enough that a user's rows are skipped to, not scanned
+
+
+@dataclass(frozen=True)
+class Store:
+    """The archive's files on one filesystem under one root (no trailing slash)."""
+
+    fs: pafs.FileSystem
+    root: str
+
+    @property
+    def local(self) -> bool:
+        """Whether the files are on this host's disk (so an engine may read them itself)."""
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    def write(self, table: pa.Table, writer: str) -> list[str]:
+        """Write records (schema.SCHEMA), one file per UTC day they were settled on;
+        returns the paths written."""
+        if table.num_rows == 0:
+            return []
+        days = [day_of(ms / 1000) for ms in pc.cast(table["settled_at"], pa.int64()).to_pylist()]
+        written = []
+        for day in sorted(set(days)):
+            part = table.filter(pa.array([d == day for d in days])) if len(set(days)) > 1 else table
+            path = f"{self.root}/{DAY_PREFIX}{day}/{writer}-{uuid.uuid4().hex[:12]}.parquet"
+            self._write(part, path, SCHEMA)
+            written.append(path)
+        return written
+
+    def forget(self, table: pa.Table, writer: str) -> str:
+        """Record users deleted (schema.FORGOTTEN rows); returns the path written."""
+        path = f"{self.root}/{FORGOTTEN_DIR}/{writer}-{uuid.uuid4().hex[:12]}.parquet"
+        self._write(table, path, FORGOTTEN)
+        return path
+
+    def days(self) -> list[str]:
+        """The days (`YYYY-MM-DD`) that have files, oldest first."""
+        found = []
+        for info in self._list(self.root):
+            name = info.base_name
+            if info.type == pafs.FileType.Directory and name.startswith(DAY_PREFIX):
+                found.append(name[len(DAY_PREFIX) :])
+        return sorted(found)
+
+    def files(self, since: str | None = None, until: str | None = None) -> list[str]:
+        """The data files of the days from `since` to `until` (inclusive, `YYYY-MM-DD`)."""
+        out = []
+        for day in self.days():
+            if (since is None or day >= since) and (until is None or day <= until):
+                out += [
+                    info.path
+                    for info in self._list(f"{self.root}/{DAY_PREFIX}{day}")
+                    if info.base_name.endswith(".parquet")
+                ]
+        return out
+
+    def forgotten(self) -> pa.Table:
+        """Every user deleted so far (schema.FORGOTTEN)."""
+        paths = [i.path for i in self._list(f"{self.root}/{FORGOTTEN_DIR}") if i.is_file]
+        if not paths:
+            return FORGOTTEN.empty_table()
+        return pa.concat_tables(
+            pq.read_table(p, filesystem=self.fs, schema=FORGOTTEN) for p in paths
+        )
+
+    def drop_day(self, day: str) -> None:
+        """Remove one day's files (retention)."""
+        self.fs.delete_dir(f"{self.root}/{DAY_PREFIX}{day}")
+
+    def _list(self, path: str) -> list[pafs.FileInfo]:
+        selector = pafs.FileSelector(path, allow_not_found=True)
+        return list(self.fs.get_file_info(selector))
+
+    def _write(self, table: pa.Table, path: str, schema: pa.Schema) -> None:
+        parent = path.rsplit("/", 1)[0]
+        self.fs.create_dir(parent, recursive=True)
+        target = f"{path}.tmp" if self.local else path
+        pq.write_table(
+            table.cast(schema), target, filesystem=self.fs, compression="zstd",
+            row_group_size=ROW_GROUP, use_dictionary=True, write_statistics=True,
+        )  # fmt: skip
+        if self.local:
+            self.fs.move(target, path)
+
+
+def open_store(settings: Settings) -> Store:
+    """The store `settings` name: the bucket of `archive_url`, else `archive_dir`, else
+    `<state_dir>/archive`."""
+    if settings.archive_url:
+        fs, root = pafs.FileSystem.from_uri(settings.archive_url)
+        return Store(fs, root.rstrip("/"))
+    folder = settings.archive_dir or settings.state_dir / "archive"
+    return Store(pafs.LocalFileSystem(), str(Path(folder).resolve()))
