@@ -1,4 +1,4 @@
-"""Request bodies into events: decoding, size limits, batch envelopes, validation.
+"""Request bodies into events: decoding, size limits, the batch wrapper, validation.
 
 Pure: bytes in, an `Intake` (accepted events, rejected ones with their errors) out,
 or a `RequestError` (400) naming what is wrong with the request as a whole.
@@ -311,12 +311,12 @@ def parse_api(route: str, body: bytes, received_at: datetime) -> Intake:
     return _single(intake, data, _Route(API_LIMITS, received_at, correct_clock=True))
 
 
-def _merge(item: dict[str, Any], key: str, envelope: Any) -> None:
-    # The envelope's values are defaults; the event's own win, key by key.
-    if not isinstance(envelope, dict) or not envelope:
+def _merge(item: dict[str, Any], key: str, wrapper: Any) -> None:
+    # The wrapper's values are defaults; the event's own win, key by key.
+    if not isinstance(wrapper, dict) or not wrapper:
         return
     own = item.get(key)
-    item[key] = {**envelope, **own} if isinstance(own, dict) else dict(envelope)
+    item[key] = {**wrapper, **own} if isinstance(own, dict) else dict(wrapper)
 
 
 def _string(value: Any) -> str | None:

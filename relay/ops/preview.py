@@ -67,14 +67,14 @@ class Verdict:
 
 def items_of(body: bytes, source: str | None = None) -> tuple[list[Envelope], list[Verdict]]:
     """Queued envelopes from a Segment event, an array of events or a `{"batch": [...]}`
-    envelope, validated as ingest would; and a verdict for each event ingest would refuse.
+    wrapper, validated as ingest would; and a verdict for each event ingest would refuse.
     Raises RequestError (400) when the body as a whole is unusable."""
     data = intake.load_json(body)
     now = datetime.now(UTC)
-    envelope = isinstance(data, dict) and isinstance(data.get("batch"), list)
+    wrapped = isinstance(data, dict) and isinstance(data.get("batch"), list)
     # An operator's preview of webhook events stands for a signed request (deletes taken).
     signed = source != "api"
-    if envelope:
+    if wrapped:
         parsed = intake.parse_api("batch", body, now)
     elif isinstance(data, dict):
         # One event: ingest refuses an invalid one outright; say so as its verdict.
@@ -85,7 +85,7 @@ def items_of(body: bytes, source: str | None = None) -> tuple[list[Envelope], li
                                 errors=[str(exc)])]  # fmt: skip
     else:
         parsed = intake.parse_webhook(body, now, signed=signed)
-    source = source or ("api" if envelope else "webhook")
+    source = source or ("api" if wrapped else "webhook")
     refused = [
         Verdict(r.index, _kind(r.event), _user(r.event), "dead", "invalid_event", [], r.errors)
         for r in parsed.rejected

@@ -36,10 +36,10 @@ def _queued_received(message: bytes | None) -> float | None:
     if not message:
         return None
     try:
-        envelope = orjson.loads(message)
-        if isinstance(envelope, list):
-            envelope = envelope[0]
-        return _oldest_received(wire.items_of(envelope))
+        frame = orjson.loads(message)
+        if isinstance(frame, list):
+            frame = frame[0]
+        return _oldest_received(wire.items_of(frame))
     except (ValueError, KeyError, IndexError, TypeError):
         return None
 

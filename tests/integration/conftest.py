@@ -232,9 +232,9 @@ def queued_items(r: redis.Redis, queue: str = "relay") -> list[dict[str, Any]]:
 
     out = []
     for raw in reversed(r.lrange(queue, 0, -1)):
-        envelope = json.loads(raw)
-        assert envelope["headers"]["task"] == "relay.deliver_batch"
-        out.extend(wire.items_of(envelope))
+        frame = json.loads(raw)
+        assert frame["headers"]["task"] == "relay.deliver_batch"
+        out.extend(wire.items_of(frame))
     return out
 
 

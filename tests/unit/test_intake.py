@@ -270,10 +270,10 @@ def test_webhook_type_is_taken_from_the_body() -> None:
     assert stored["type"] == "identify"
 
 
-# --- the /v1/batch envelope -------------------------------------------------------------
+# --- the /v1/batch wrapper -------------------------------------------------------------
 
 
-def test_batch_envelope_context_and_integrations_merge_with_item_keys_winning() -> None:
+def test_batch_wrapper_context_and_integrations_merge_with_item_keys_winning() -> None:
     payload = {
         "batch": [
             {
@@ -297,14 +297,14 @@ def test_batch_envelope_context_and_integrations_merge_with_item_keys_winning() 
     assert second["integrations"] == {"All": False, "ChurnZero": True}
 
 
-def test_batch_envelope_fills_an_item_context_that_is_null() -> None:
+def test_batch_wrapper_fills_an_item_context_that_is_null() -> None:
     payload = {"batch": [{**small_track(1), "context": None}], "context": {"ip": "1.2.3.4"}}
     [stored] = parse_api("batch", dumps(payload), RECEIVED).accepted
     assert stored["context"] == {"ip": "1.2.3.4"}
 
 
-def test_batch_envelope_message_id_and_sent_at_are_not_copied_into_items() -> None:
-    payload = {"batch": [small_track(1)], "messageId": "envelope", "sentAt": "2009-11-10T23:00:00Z"}
+def test_batch_wrapper_message_id_and_sent_at_are_not_copied_into_items() -> None:
+    payload = {"batch": [small_track(1)], "messageId": "wrapper", "sentAt": "2009-11-10T23:00:00Z"}
     [stored] = parse_api("batch", dumps(payload), RECEIVED).accepted
     assert "messageId" not in stored
     assert "sentAt" not in stored
@@ -313,7 +313,7 @@ def test_batch_envelope_message_id_and_sent_at_are_not_copied_into_items() -> No
 # --- credentials never stored -----------------------------------------------------------
 
 
-def test_write_key_is_taken_from_the_envelope_and_removed_from_items() -> None:
+def test_write_key_is_taken_from_the_wrapper_and_removed_from_items() -> None:
     payload = {"batch": [{**small_track(1), "writeKey": "wk_item"}], "writeKey": "wk_env"}
     result = parse_api("batch", dumps(payload), RECEIVED)
     assert result.write_key == "wk_env"
@@ -645,11 +645,11 @@ def test_analytics_go_fixtures_parse(name: str, kind: str, timestamp: str) -> No
     assert stored["timestamp"] == clock.iso(RECEIVED - (sent - original))
     assert stored["originalTimestamp"] == payload["batch"][0]["timestamp"]
     assert stored["messageId"] == "I'm unique"
-    # The envelope's library lands in every item.
+    # The wrapper's library lands in every item.
     assert stored["context"]["library"] == payload["context"]["library"]
 
 
-def test_analytics_go_item_context_and_integrations_survive_the_envelope_merge() -> None:
+def test_analytics_go_item_context_and_integrations_survive_the_wrapper_merge() -> None:
     [with_context] = parse_api(
         "batch", dumps(fixture("analytics-go/test-context-track.json")), RECEIVED
     ).accepted

@@ -153,13 +153,13 @@ def event_objects(draw: st.DrawFn, full: bool) -> dict[str, Any]:
 
 @st.composite
 def requests(draw: st.DrawFn, full: bool) -> tuple[str, bytes]:
-    """(route, body): an event, a list, a batch envelope, any JSON, or any bytes."""
+    """(route, body): an event, a list, a batch wrapper, any JSON, or any bytes."""
     route = draw(st.sampled_from(ROUTES))
     anything = json_values(1100 if full else 200)
     items = st.lists(event_objects(full) | anything, max_size=6)
-    envelope = st.fixed_dictionaries({"batch": items, "context": anything,
-                                      "integrations": anything})  # fmt: skip
-    shape = event_objects(full) | items | envelope | anything
+    wrapper = st.fixed_dictionaries({"batch": items, "context": anything,
+                                     "integrations": anything})  # fmt: skip
+    shape = event_objects(full) | items | wrapper | anything
     body = draw(st.binary(max_size=200) | shape.map(dumps))
     return route, body
 

@@ -923,7 +923,7 @@ def test_values_not_sent_are_counted_with_a_reason() -> None:
                                "reserved_trait": 3, "quantity_not_a_number": 1}  # fmt: skip
 
 
-def test_envelope_integrations_reach_every_item_of_a_batch() -> None:
+def test_wrapper_integrations_reach_every_item_of_a_batch() -> None:
     body = {
         "batch": [track(properties=IDS), identify({**IDS, "plan": "pro"})],
         "integrations": {"ChurnZero": False},
