@@ -11,7 +11,7 @@ message, with no I/O (no Redis, HTTP or Celery). Around it, one subpackage per r
     │                      (broker, transport), dead letters, the identity map, new names,
     │                      traces, figures (status, oldest, recent), clients (redis_conn),
     │                      the embedded Redis
-    ├── ingest/            the ingest process: HTTP in (app, receive, intake, auth, cors),
+    ├── ingest/            the ingest process: HTTP in (app, receive, parsing, auth, cors),
     │                      the admission check, group commit, request log, metrics, OpenAPI
     ├── delivery/          the worker side: a batch delivered (batch, sending, settlement),
     │                      the ChurnZero client and its problems, throttle, dedupe, runs,

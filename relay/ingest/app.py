@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from relay.ingest import intake, metrics, openapi, receive
+from relay.ingest import metrics, openapi, parsing, receive
 from relay.ingest.admission import Admission
 from relay.ingest.publisher import ConfirmedPublisher, GroupCommit
 from relay.ingest.requestlog import RequestLog
@@ -157,7 +157,7 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
     """The ingest application, bound to one Redis."""
     # Room above the body limits so an oversized body gets our 400, not aiohttp's 413;
     # each route applies its own limit while reading.
-    largest = max(intake.API_LIMITS.request_bytes, intake.WEBHOOK_LIMITS.request_bytes)
+    largest = max(parsing.API_LIMITS.request_bytes, parsing.WEBHOOK_LIMITS.request_bytes)
     app = web.Application(client_max_size=largest + 1024)
     app[SETTINGS] = settings
     app[ADMISSION] = Admission(settings.max_queue_depth, settings.max_memory_fraction)
@@ -182,7 +182,7 @@ async def serve(app: web.Application, *, ready: Callable[[], None] | None = None
     import signal
 
     settings = app[SETTINGS]
-    # Bodies are decoded by intake.decode_body, with its limits; aiohttp must not inflate
+    # Bodies are decoded by parsing.decode_body, with its limits; aiohttp must not inflate
     # them first (a gzip bomb would be inflated before any limit applies).
     runner = web.AppRunner(app, auto_decompress=False, access_log=None)
     await runner.setup()

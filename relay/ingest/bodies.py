@@ -18,7 +18,7 @@ from typing_extensions import TypedDict  # not typing's: pydantic needs this one
 
 from relay import reasons
 from relay.events import Event
-from relay.ingest import intake
+from relay.ingest import parsing
 
 _CLOSED = ConfigDict(extra="forbid")
 _OPEN = ConfigDict(extra="allow")
@@ -100,7 +100,7 @@ class BatchRequest(TypedDict):
     """A tracking-API batch (`/v1/batch`, `/v1/import`); its invalid events are
     dead-lettered and listed, the others queued."""
 
-    batch: Annotated[list[Event], Field(max_length=intake.MAX_BATCH_EVENTS)]
+    batch: Annotated[list[Event], Field(max_length=parsing.MAX_BATCH_EVENTS)]
     context: NotRequired[Annotated[dict[str, Any], Field(description="each event's default")]]
     integrations: NotRequired[Annotated[dict[str, Any], Field(description="each event's default")]]
     sentAt: NotRequired[

@@ -1,4 +1,5 @@
-"""relay.ingest.intake: request bodies as Segment's libraries and Webhooks destination send them."""
+"""relay.ingest.parsing: request bodies as Segment's libraries and Webhooks destination send
+them."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import pytest
 
 from relay import clock, events
 from relay.errors import RequestError
-from relay.ingest import auth, intake
-from relay.ingest.intake import WEBHOOK_LIMITS, decode_body, parse_api, parse_webhook
+from relay.ingest import auth, parsing
+from relay.ingest.parsing import WEBHOOK_LIMITS, decode_body, parse_api, parse_webhook
 from tests.conftest import fixture
 
 RECEIVED = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -509,7 +510,7 @@ def test_invalid_json_is_a_bad_request(body: bytes, where: str) -> None:
         parse(where, body)
 
 
-def parse(where: str, body: bytes) -> intake.Intake:
+def parse(where: str, body: bytes) -> parsing.ParsedBody:
     if where == "api":
         return parse_api("track", body, RECEIVED)
     return parse_webhook(body, RECEIVED)
@@ -763,7 +764,7 @@ def test_unparseable_timestamp_falls_back_to_receive_time_flagged(where: str, ba
     [stored] = result.accepted
     assert stored["timestamp"] == "2030-01-02T03:04:05Z"
     assert stored["originalTimestamp"] == bad
-    assert stored[intake.TIMESTAMP_UNPARSEABLE] is True
+    assert stored[parsing.TIMESTAMP_UNPARSEABLE] is True
     assert result.timestamp_fallbacks == 1
 
 
@@ -788,7 +789,7 @@ def test_a_delete_on_the_tracking_api_is_refused_and_the_rest_accepted(route: st
     assert len(result.accepted) == 2 and result.rejected == []
     [refused] = result.refused_deletes
     assert refused.index == 1
-    assert refused.errors == [{"field": "type", "message": intake.DELETE_REFUSED}]
+    assert refused.errors == [{"field": "type", "message": parsing.DELETE_REFUSED}]
 
 
 @pytest.mark.parametrize("signed", [False, True])
