@@ -14,7 +14,7 @@ message, with no I/O (no Redis, HTTP or Celery). Around it, one subpackage per r
     ├── ingest/            the ingest process: HTTP in (app, receive, parsing, auth, cors),
     │                      the admission check, group commit, request log, metrics, OpenAPI
     ├── delivery/          the worker side: a batch delivered (batch, sending, settlement),
-    │                      the ChurnZero client and its problems, throttle, dedupe, runs,
+    │                      the ChurnZero client and its problems, throttle, dedupe, claims,
     │                      the delayed set
     ├── ops/               the operator's side, which puts the others together: the `relay`
     │                      CLI, the admin API, preview, the supervisor, what `relay serve` and

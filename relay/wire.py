@@ -115,7 +115,7 @@ class MessageWriter:
         """`items` split into messages of at most `message_events`, in order.
 
         With a `message_id` the task ids are `<message_id>.<n>`: publishing the same items
-        again makes the same messages, which the workers settle once (relay.delivery.runs)."""
+        again makes the same messages, which the workers settle once (relay.delivery.claims)."""
         return [
             self.encode(
                 items[start : start + message_events],

@@ -6,7 +6,8 @@ outage a single probe request goes first. The rate limit gives each request a sl
 chunks beyond the slots stay unsent. The requests then go out together on the thread's
 event loop. Each relay id's outcome is the worst of the requests that carried its
 commands, or `Unsent` (how long to wait, and why). Events ChurnZero took are marked done
-in the run record (relay.delivery.runs) before anything else can fail, so no rerun sends them again.
+in the run record (relay.delivery.claims) before anything else can fail, so no rerun sends
+them again.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import structlog
 from relay import retry
 from relay.commands import Command
 from relay.delivery.churnzero import ChurnZeroClient
+from relay.delivery.claims import Claim, Claims
 from relay.delivery.problems import Problems
-from relay.delivery.runs import Claim, Runs
 from relay.delivery.settlement import Outcomes, Unsent, worst
 from relay.delivery.throttle import ADAPT_MAX_WAIT_S, REPLAY_MAX_WAIT_S, Throttle
 from relay.envelope import Envelope
@@ -100,11 +101,16 @@ class Sender:
     """Sends chunks for one thread: it owns the event loop the requests run on."""
 
     def __init__(
-        self, settings: Settings, r: Any, runs: Runs, throttle: Throttle, client: ChurnZeroClient
+        self,
+        settings: Settings,
+        r: Any,
+        claims: Claims,
+        throttle: Throttle,
+        client: ChurnZeroClient,
     ) -> None:
         self.settings = settings
         self.redis = r
-        self.runs = runs
+        self.claims = claims
         self.throttle = throttle
         self.client = client
         self.problems = Problems(r, client)
@@ -140,7 +146,7 @@ class Sender:
             if rid not in claim.done and isinstance(o, retry.Outcome)
             and o.kind is retry.Kind.SUCCESS
         ]  # fmt: skip
-        durably(lambda: self.runs.mark_done(claim, done), budget)
+        durably(lambda: self.claims.mark_done(claim, done), budget)
 
     def _send_chunks(
         self, chunks: list[Chunk], report: Tally, claim: Claim, budget: Budget

@@ -4,7 +4,7 @@ relay.delivery.settlement decided (pure), written once by `stage`.
 One place knows the key layouts a settlement touches: the identity map and tombstones,
 parked traits, the delayed set, the dead-letter queue, dedupe claims, the remembered
 names, the trace record and the status counters. The MULTI is atomic: a batch is
-settled whole or not at all (relay.delivery.runs fences it).
+settled whole or not at all (relay.delivery.claims fences it).
 """
 
 from __future__ import annotations

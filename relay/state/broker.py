@@ -4,7 +4,7 @@ Events wait in Celery's queue `relay` (replayed dead letters in their own lane,
 `relay.replay`) as `relay.deliver_batch` messages, written as Celery writes them
 (relay.wire). Celery counts messages; the relay counts events in `keys.DEPTH_READY`,
 which `relay status`, `/metrics` and ingest's high-water mark read and a worker's first
-claim of a message moves to in flight (relay.delivery.runs). So a publish counts what it queues in
+claim of a message moves to in flight (relay.delivery.claims). So a publish counts what it queues in
 the same script call: the count moves with the messages or not at all.
 
 - Ingest's group commits: `AsyncQueue.publish`, which counts this second's ingest rate
@@ -202,7 +202,7 @@ class Queue(_Publisher):
 
     The lane is the items': replayed dead letters go to `keys.REPLAY_QUEUE`. With a
     `message_id`, the same items published again make the same messages (ids
-    `<message_id>.<n>`), which the workers settle once (relay.delivery.runs).
+    `<message_id>.<n>`), which the workers settle once (relay.delivery.claims).
     """
 
     def __init__(self, r: redis.Redis, message_events: int, *, allow_oom: bool = False) -> None:
@@ -256,7 +256,7 @@ class AsyncQueue(_Publisher):
         Tried again only as the client tries every command (relay.state.redis_conn), so a
         Redis that is down fails it within the client's bound. A call sent again is the
         same bytes: if the first did land, the copies carry the same task ids and the
-        workers settle each message once (relay.delivery.runs)."""
+        workers settle each message once (relay.delivery.claims)."""
         rate = status.rate_key(status.Rate.INGESTED, time.time())
         keys_, args = self._call(items, [rate], "rate", status.RATE_TTL_S, message_id=message_id)
         await self._push(keys=keys_, args=args)

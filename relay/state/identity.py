@@ -16,7 +16,7 @@ user key (`relay:waiting:<key>`, a SET of delayed-set members); when the user is
 those members are made due now, so the mover publishes them at once. Making a member due
 is `ZADD XX LT`: it never re-creates a member the mover already removed, and a member a
 mover holds under its lease only comes due again, which publishes it under the same
-message id (settled once, relay.delivery.runs), as an expired lease would.
+message id (settled once, relay.delivery.claims), as an expired lease would.
 """
 
 from __future__ import annotations

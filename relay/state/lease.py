@@ -9,7 +9,7 @@ Each worker process has an id and a lease in `keys.WORKERS` (a deadline on Redis
 clock), renewed by a heartbeat thread every quarter lease. When the lease lapses (the
 process died, or lost Redis for longer than a lease), any worker's sweep puts its taken
 list back on the queues and restores the messages of its held set, and a run it had
-claimed can be taken over at once (relay.delivery.runs) rather than after the claim's TTL.
+claimed can be taken over at once (relay.delivery.claims) rather than after the claim's TTL.
 A live worker, however slow its task, keeps beating, so nothing it works on is handed out.
 
 Silence: when no worker reached Redis for longer than a lease (Redis was down or

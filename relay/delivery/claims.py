@@ -113,7 +113,7 @@ class Claim:
     settle_tried: bool = False  # a settlement MULTI was sent (its answer may be lost)
 
 
-class Runs:
+class Claims:
     """Claims, done marks and settlement marks of messages (sync Redis client)."""
 
     def __init__(self, r: Any, *, lease_s: float, ttl_s: int) -> None:
