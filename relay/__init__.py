@@ -9,7 +9,7 @@ message, with no I/O (no Redis, HTTP or Celery). Around it, one subpackage per r
     │                      settings, errors, logs
     ├── state/             what lives in Redis, shared by every process: the queue
     │                      (broker, transport), dead letters, the identity map, new names,
-    │                      traces, figures (status, oldest, recent), clients (redis_conn),
+    │                      traces, stats (status, oldest, recent), clients (redis_conn),
     │                      the embedded Redis
     ├── ingest/            the ingest process: HTTP in (app, receive, parsing, auth, cors),
     │                      the admission check, group commit, request log, metrics, OpenAPI

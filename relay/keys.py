@@ -77,7 +77,7 @@ DELAYED_EVENTS = PREFIX + "depth:delayed"
 STATS = PREFIX + "stats"
 # Per-second delivered/ingested counts for `relay status` rates (HASH second -> n).
 RATE = PREFIX + "rate:"
-# HASH per minute (unix time // 60) of the figures of the last minutes (relay.state.recent):
+# HASH per minute (unix time // 60) of the stats of the last minutes (relay.state.recent):
 # delivery-latency buckets, ingest's answers by route and status.
 MINUTE = PREFIX + "minute:"
 
@@ -154,7 +154,7 @@ delayed_received = Family(DELAYED_RECEIVED)
 attribute_clock = Family(ATTRIBUTE_CLOCK)
 # The parked traits of one user key.
 parked = Family(PARKED)
-# The figures of one minute (unix time // 60).
+# The stats of one minute (unix time // 60).
 minute = Family(MINUTE)
 # What one worker process took off a queue and has not recorded yet, and what it holds.
 worker_taken = Family(WORKER, ":taken")
@@ -196,7 +196,7 @@ class Stat(StrEnum):
     LATENCY_BUCKET = "delivery_latency_bucket"
     LATENCY_COUNT = "delivery_latency_count"
     LATENCY_SUM_MS = "delivery_latency_sum_ms"
-    # Ingest's request figures, every ingest process's (relay.ingest.metrics): requests
+    # Ingest's request stats, every ingest process's (relay.ingest.metrics): requests
     # :<route>:<status>, events :<route>:<outcome>, timestamp fallbacks :<route>, and the
     # request-duration histogram: count per bucket :<route>:<upper bound>, sum in µs
     # :<route>.

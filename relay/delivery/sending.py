@@ -74,8 +74,8 @@ class Chunk:
     started: bool = False  # on the wire: with no outcome, cut off at the deadline
 
 
-class Tally(Protocol):
-    """Where a run counts its requests (relay.delivery.batch's Report)."""
+class RequestReport(Protocol):
+    """The part of a message's Report where the sender counts its requests."""
 
     lane: str  # "live" or "replay": the rate limit's lane
     requests: Counter[str]
@@ -121,7 +121,9 @@ class Sender:
         self.loop.run_until_complete(self.client.close())
         self.loop.close()
 
-    def send(self, chunks: list[Chunk], report: Tally, claim: Claim, budget: Budget) -> Outcomes:
+    def send(
+        self, chunks: list[Chunk], report: RequestReport, claim: Claim, budget: Budget
+    ) -> Outcomes:
         """Send what the throttle allows before the deadline; every relay id's outcome."""
         unsent_wait, cause = self._send_chunks(chunks, report, claim, budget)
         outcomes = outcomes_of(chunks, Unsent(unsent_wait, cause))
@@ -149,7 +151,7 @@ class Sender:
         durably(lambda: self.claims.mark_done(claim, done), budget)
 
     def _send_chunks(
-        self, chunks: list[Chunk], report: Tally, claim: Claim, budget: Budget
+        self, chunks: list[Chunk], report: RequestReport, claim: Claim, budget: Budget
     ) -> tuple[float, str]:
         """Send; returns how long unsent chunks should wait, and why they were not sent."""
         permit = self.throttle.permit()
@@ -223,7 +225,7 @@ class Sender:
         return True
 
     async def _send_one(
-        self, chunk: Chunk, delay: float, report: Tally, *, check: bool,
+        self, chunk: Chunk, delay: float, report: RequestReport, *, check: bool,
         send_by: float | None = None,
     ) -> None:  # fmt: skip
         if delay > 0:

@@ -73,10 +73,10 @@ async def metrics_view(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-async def write_figures(r: aioredis.Redis) -> None:
-    """Add ingest's request figures counted since the last time to the deployment's; kept
+async def write_stats(r: aioredis.Redis) -> None:
+    """Add ingest's request stats counted since the last time to the deployment's; kept
     for the next time if Redis does not take them."""
-    counts = metrics.FIGURES.drain()
+    counts = metrics.INGEST_STATS.drain()
     if not counts:
         return
     pipe = r.pipeline(transaction=True)  # all or none: a failed write is tried again whole
@@ -85,7 +85,7 @@ async def write_figures(r: aioredis.Redis) -> None:
     try:
         await pipe.execute()
     except broker.QUEUE_ERRORS:
-        metrics.FIGURES.unsent(counts)
+        metrics.INGEST_STATS.unsent(counts)
 
 
 def _resources(
@@ -126,16 +126,16 @@ def _resources(
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), 0.25)
 
-        async def figures() -> None:
-            # Never cancelled: a write cut off halfway would lose the figures it drained.
+        async def stats_writer() -> None:
+            # Never cancelled: a write cut off halfway would lose the stats it drained.
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), metrics.FIGURES_S)
+                    await asyncio.wait_for(stop.wait(), metrics.STATS_WRITE_S)
                 if not stop.is_set():
-                    await write_figures(app[REDIS])
+                    await write_stats(app[REDIS])
 
         watcher = asyncio.create_task(watch())
-        writer = asyncio.create_task(figures())
+        writer = asyncio.create_task(stats_writer())
         yield
         stop.set()
         watcher.cancel()
@@ -143,9 +143,9 @@ def _resources(
             await watcher
         await writer  # at once, or once the write under way ends
         await app[COMMIT].close()
-        with contextlib.suppress(TimeoutError):  # the last requests' figures, if Redis answers
+        with contextlib.suppress(TimeoutError):  # the last requests' stats, if Redis answers
             async with asyncio.timeout(READY_TIMEOUT_S):
-                await write_figures(app[REDIS])
+                await write_stats(app[REDIS])
         await app[REDIS].aclose()
         sync.close()
         acker.close()

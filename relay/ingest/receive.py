@@ -197,7 +197,7 @@ async def _ingest(request: web.Request, name: str, route: Route) -> web.Response
         response = _unavailable(str(exc))
         outcome["reason"] = str(exc)
     elapsed = time.perf_counter() - started
-    metrics.FIGURES.request(name, response.status, elapsed)
+    metrics.INGEST_STATS.request(name, response.status, elapsed)
     app[REQUEST_LOG].record(response.status, elapsed * 1000, outcome)
     return response
 
@@ -242,14 +242,14 @@ async def _handle(
         raise QueueUnavailable("could not queue the events") from exc
     refused = parsed.refused_deletes
     outcome.update(accepted=len(items), rejected=len(rejected) + len(refused))
-    metrics.FIGURES.events(route.label, "accepted", len(items))
+    metrics.INGEST_STATS.events(route.label, "accepted", len(items))
     if parsed.timestamp_fallbacks:
         outcome["timestamp_fallbacks"] = parsed.timestamp_fallbacks
-        metrics.FIGURES.fallbacks(route.label, parsed.timestamp_fallbacks)
+        metrics.INGEST_STATS.fallbacks(route.label, parsed.timestamp_fallbacks)
     if rejected:
-        metrics.FIGURES.events(route.label, "rejected", len(rejected))
+        metrics.INGEST_STATS.events(route.label, "rejected", len(rejected))
     if refused:
-        metrics.FIGURES.events(route.label, "refused_delete", len(refused))
+        metrics.INGEST_STATS.events(route.label, "refused_delete", len(refused))
     if rejected or refused:
         listed = sorted(parsed.rejected + refused, key=lambda r: r.index)
         return json_response(

@@ -188,7 +188,7 @@ def release_known(r: Any) -> int:
     return len(found)
 
 
-def figures(r: Any) -> dict[str, int]:
+def counts(r: Any) -> dict[str, int]:
     """Users with parked traits, and the traits parked now."""
     pipe = r.pipeline(transaction=False)
     pipe.zcard(keys.PARKING_INDEX)

@@ -314,7 +314,7 @@ def test_only_a_signed_webhook_may_delete_a_user(
     assert who(clean_sandbox.commands()) == [("Still here", "A-keep", "c-keep")]
     assert r.exists("relay:identity:u:keep") == 1 and r.keys("relay:deleted:*") == []
     assert r.zcard("relay:dlq:index") == 0 and stat(r, "skipped:delete_request") == 0
-    # Counted (ingest writes its figures to Redis now and then).
+    # Counted (ingest writes its stats to Redis now and then).
     wait_for(lambda: stat(r, "ingest_events:api:refused_delete") == 1
              and stat(r, "ingest_events:webhook:refused_delete") == 1)  # fmt: skip
     # A signed one is Segment's privacy tooling: honoured.

@@ -60,7 +60,7 @@ def test_an_audience_sync_parks_traits_until_the_user_is_known(
     # Nothing waits, nothing is dead-lettered, nothing is sent: the traits are parked.
     assert r.zcard("relay:delayed") == 0 and r.zcard("relay:dlq:index") == 0
     assert clean_sandbox.commands() == []
-    assert parking.figures(r) == {"users": 1, "traits": 3}
+    assert parking.counts(r) == {"users": 1, "traits": 3}
     shown = json.loads(relay_cli(r, "identities", "show", "e1").stdout)["u:e1"]
     assert {t: v["value"] for t, v in shown["parked_traits"].items()} == {
         "power_user": True, "plan": "new", "seats": 3}  # fmt: skip
@@ -78,7 +78,7 @@ def test_an_audience_sync_parks_traits_until_the_user_is_known(
             for c in clean_sandbox.commands()}  # fmt: skip
     assert sent == {("seats", 3, "acct-e", "e1"), ("plan", "new", "acct-e", "e1"),
                     ("power_user", True, "acct-e", "e1")}  # fmt: skip
-    assert parking.figures(r) == {"users": 0, "traits": 0}
+    assert parking.counts(r) == {"users": 0, "traits": 0}
     assert r.keys("relay:parked:*") == [] and stat(r, "parked:released") == 3
     # A later, older value of a trait sent since does not win (the attribute clock).
     webhook(relay, engage("e1", "2026-11-01T10:00:00Z", plan="oldest"))
@@ -98,7 +98,7 @@ def test_an_import_releases_parked_traits(
     [command] = clean_sandbox.wait_commands(1)
     assert (command["name"], command["value"], command["contactExternalId"]) == (
         "tier", "gold", "c-2")  # fmt: skip
-    wait_for(lambda: parking.figures(r) == {"users": 0, "traits": 0})
+    wait_for(lambda: parking.counts(r) == {"users": 0, "traits": 0})
 
 
 def test_parked_traits_expire_and_are_dropped_by_a_delete_counted(r: redis.Redis) -> None:
@@ -107,7 +107,7 @@ def test_parked_traits_expire_and_are_dropped_by_a_delete_counted(r: redis.Redis
     parking.stage_park(pipe, "u:fresh", {"a": (1, "x")}, ttl_s=3600)
     parking.stage_park(pipe, "u:gone", {"a": (1, "x")}, ttl_s=3600)
     pipe.execute()
-    assert parking.figures(r) == {"users": 3, "traits": 4}
+    assert parking.counts(r) == {"users": 3, "traits": 4}
     assert parking.expire_due(r) == 0  # nothing is due yet
     r.zadd(keys.PARKING_INDEX, {"u:old": time.time() - 1})
     assert parking.expire_due(r) == 2
@@ -116,14 +116,14 @@ def test_parked_traits_expire_and_are_dropped_by_a_delete_counted(r: redis.Redis
     parking.stage_drop(pipe, ["u:gone"], keys.Stat.PARKED.of("deleted"))
     pipe.execute()
     assert stat(r, "parked:deleted") == 1
-    assert parking.figures(r) == {"users": 1, "traits": 1}
+    assert parking.counts(r) == {"users": 1, "traits": 1}
     # A parked value older than the one kept does not replace it.
     pipe = r.pipeline(transaction=True)
     parking.stage_park(pipe, "u:fresh", {"a": (0, "older"), "c": (5, 1)}, ttl_s=3600)
     pipe.execute()
     assert parking.describe(r, "u:fresh") == {
         "a": {"value": "x", "event_ms": 1}, "c": {"value": 1, "event_ms": 5}}  # fmt: skip
-    assert parking.figures(r) == {"users": 1, "traits": 2}
+    assert parking.counts(r) == {"users": 1, "traits": 2}
 
 
 def test_a_kept_contact_is_replaced_only_by_an_explicit_id_or_an_import(r: redis.Redis) -> None:
@@ -161,4 +161,4 @@ def test_traits_parked_after_the_user_got_an_account_are_released_by_the_sweep(
     [member] = r.zrange("relay:delayed", 0, -1)
     [item] = json.loads(member)["items"]
     assert (item["event"]["userId"], item["event"]["traits"]) == ("race", {"plan": "pro"})
-    assert parking.figures(r) == {"users": 0, "traits": 0} and parking.release_known(r) == 0
+    assert parking.counts(r) == {"users": 0, "traits": 0} and parking.release_known(r) == 0

@@ -1,4 +1,4 @@
-"""The queue's counts and the deployment's figures in-process, on a real Redis: every way
+"""The queue's counts and the deployment's stats in-process, on a real Redis: every way
 into the queue counts what it queued, and `relay status` and `/metrics` show the
 counters their writers name."""
 
