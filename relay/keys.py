@@ -21,7 +21,8 @@ CELERY_UNACKED = "unacked"
 # ... and indexes them by when they were handed to a worker (ZSET delivery tag -> time).
 CELERY_UNACKED_INDEX = "unacked_index"
 
-# ZSET of pending retry batches (member: JSON batch, score: due unix time).
+# ZSET of events waiting for a later try (member: packed JSON of a group of them with their
+# cause and an id, score: due unix time).
 DELAYED = PREFIX + "delayed"
 # STRING per user ("u:<userId>" / "a:<anonymousId>") -> JSON [account, contact, at] (any
 # may be null; at: event time in ms of the call that named the account); STRING per
@@ -63,7 +64,7 @@ DLQ_REASON = PREFIX + "dlq:reason:"
 DLQ_REPLAYING = PREFIX + "dlq:replaying:"
 DLQ_SNAPSHOT = PREFIX + "dlq:snapshot:"
 
-# ZSET per waiting state (`delayed`, `identity_wait`) of the delayed set's batches: batch
+# ZSET per waiting state (`delayed`, `identity_wait`) of the delayed set's members: member
 # id -> the oldest receipt time of its events (relay.delivery.delayed).
 DELAYED_RECEIVED = PREFIX + "delayed:received:"
 
@@ -148,7 +149,7 @@ aliased = Family(ALIASED)
 deleted = Family(DELETED)
 # The index of one user's tracks waiting in the delayed set for identity.
 waiting = Family(WAITING)
-# The oldest receipt time of each delayed batch of one waiting state.
+# The oldest receipt time of each delayed member of one waiting state.
 delayed_received = Family(DELAYED_RECEIVED)
 # The attribute clock of one entity (`a:<account>` or `c:<len>:<account>:<contact>`).
 attribute_clock = Family(ATTRIBUTE_CLOCK)
