@@ -31,7 +31,7 @@ AUTH = (WRITE_KEY, "")
 
 
 @pytest.fixture
-def relay(relay_with: Callable[..., str]) -> str:
+def relay_url(relay_with: Callable[..., str]) -> str:
     return relay_with(identity_wait_s=300)
 
 
@@ -52,10 +52,10 @@ def stat(r: redis.Redis, name: str) -> int:
 
 
 def test_an_audience_sync_parks_traits_until_the_user_is_known(
-    relay: str, r: redis.Redis, clean_sandbox: Sandbox
+    relay_url: str, r: redis.Redis, clean_sandbox: Sandbox
 ) -> None:
-    webhook(relay, engage("e1", "2026-11-01T10:00:02Z", power_user=True, plan="new"))
-    webhook(relay, engage("e1", "2026-11-01T10:00:01Z", plan="old", seats=3))
+    webhook(relay_url, engage("e1", "2026-11-01T10:00:02Z", power_user=True, plan="new"))
+    webhook(relay_url, engage("e1", "2026-11-01T10:00:01Z", plan="old", seats=3))
     wait_for(lambda: settled(r) and stat(r, "skipped:parked") == 2)
     # Nothing waits, nothing is dead-lettered, nothing is sent: the traits are parked.
     assert r.zcard("relay:delayed") == 0 and r.zcard("relay:dlq:index") == 0
@@ -66,10 +66,10 @@ def test_an_audience_sync_parks_traits_until_the_user_is_known(
         "power_user": True, "plan": "new", "seats": 3}  # fmt: skip
     status = json.loads(relay_cli(r, "status", "--json").stdout)
     assert status["parked"] == {"users": 1, "traits": 3}
-    text = requests.get(relay + "/metrics").text
+    text = requests.get(relay_url + "/metrics").text
     assert metric(text, "relay_parked_attributes") == 3
     # A group call names the account: the parked traits go out, newest value per trait.
-    requests.post(relay + "/v1/group", auth=AUTH, json={
+    requests.post(relay_url + "/v1/group", auth=AUTH, json={
         "userId": "e1", "groupId": "acct-e", "timestamp": "2026-11-01T10:00:03Z"}
     ).raise_for_status()  # fmt: skip
     wait_for(lambda: settled(r) and len(clean_sandbox.commands()) == 3 and
@@ -81,15 +81,15 @@ def test_an_audience_sync_parks_traits_until_the_user_is_known(
     assert parking.counts(r) == {"users": 0, "traits": 0}
     assert r.keys("relay:parked:*") == [] and stat(r, "parked:released") == 3
     # A later, older value of a trait sent since does not win (the attribute clock).
-    webhook(relay, engage("e1", "2026-11-01T10:00:00Z", plan="oldest"))
+    webhook(relay_url, engage("e1", "2026-11-01T10:00:00Z", plan="oldest"))
     wait_for(lambda: settled(r) and stat(r, "attributes:stale_attribute") == 1)
     assert len(clean_sandbox.commands()) == 3
 
 
 def test_an_import_releases_parked_traits(
-    relay: str, r: redis.Redis, clean_sandbox: Sandbox, tmp_path: Path
+    relay_url: str, r: redis.Redis, clean_sandbox: Sandbox, tmp_path: Path
 ) -> None:
-    webhook(relay, engage("e2", "2026-11-01T10:00:00Z", tier="gold"))
+    webhook(relay_url, engage("e2", "2026-11-01T10:00:00Z", tier="gold"))
     wait_for(lambda: settled(r) and stat(r, "skipped:parked") == 1)
     users = tmp_path / "users.csv"
     users.write_text("userId,accountExternalId,contactExternalId\ne2,acct-2,c-2\n")
