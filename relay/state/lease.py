@@ -26,13 +26,12 @@ import os
 import threading
 import uuid
 import weakref
-from importlib import resources
 from typing import Any
 
 import structlog
 
 from relay import keys
-from relay.state import oom
+from relay.state import lua, oom
 
 log = structlog.get_logger("relay.lease")
 
@@ -41,7 +40,7 @@ log = structlog.get_logger("relay.lease")
 FORGET_MS = 600_000
 
 # The script of every lease command; its header names each KEYS and ARGV entry.
-_LEASE = resources.files("relay.state").joinpath("lua/lease.lua").read_text()
+_LEASE = lua.read("lease")
 
 
 _id: tuple[int, str] = (0, "")
