@@ -25,33 +25,14 @@ from typing import Any
 from relay import keys, wire
 from relay.envelope import Envelope
 from relay.reasons import Deferral
-from relay.state import broker, oom
+from relay.state import broker, lua, oom
 
 LEASE_S = 60
 WAITING_STATES = ("delayed", Deferral.IDENTITY_WAIT.value)
 
-# KEYS: delayed, then the indexes of oldest receipts. ARGV: limit, lease_s. Claims up to
-# `limit` members due by Redis's clock; returns them, and the seconds until the next member
-# is due ("-1": none waits). An empty set empties the indexes: an entry a mover of an
-# earlier version left there cannot outlive the members.
-_CLAIM = """
-if redis.call('ZCARD', KEYS[1]) == 0 then
-  redis.call('DEL', KEYS[2], KEYS[3])
-  return {{}, '-1'}
-end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, ARGV[1])
-for _, member in ipairs(due) do
-  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), member)
-end
-local next_in = -1
-if #due == 0 then
-  local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-  if first[2] then next_in = math.max(tonumber(first[2]) - now, 0) end
-end
-return {due, tostring(next_in)}
-"""
+# A mover's claim on the due members of the delayed set. Its KEYS and ARGV:
+# relay/state/lua/delayed_claim.lua.
+_CLAIM = lua.read("delayed_claim")
 
 
 def stage_schedule(pipe: Any, items: list[Envelope], due: float, cause: str = "") -> bytes | None:
