@@ -10,7 +10,7 @@ message, with no I/O (no Redis, HTTP or Celery). Around it, one subpackage per r
     ├── state/             what lives in Redis, shared by every process: the queue
     │                      (broker, transport), dead letters, the identity map, new names,
     │                      traces, stats (status, oldest, recent), clients (redis_conn),
-    │                      the embedded Redis
+    │                      the embedded Redis, the longer Redis scripts (lua/*.lua)
     ├── ingest/            the ingest process: HTTP in (app, receive, parsing, auth, cors),
     │                      the admission check, group commit, request log, metrics, OpenAPI
     ├── delivery/          the worker side: a batch delivered (batch, sending, settlement),
