@@ -57,16 +57,16 @@ async def readyz(request: web.Request) -> web.Response:
             await admission.refresh(request.app[REDIS])
     except (redis.RedisError, OSError, TimeoutError):
         admission.redis_ok, admission.reason = False, "redis unreachable"
-    figures = {"waiting": admission.waiting, "memory_fraction": round(admission.memory_fraction, 4)}
+    levels = {"waiting": admission.waiting, "memory_fraction": round(admission.memory_fraction, 4)}
     if not admission.open:
-        return json_response({"status": "unready", "reason": admission.reason, **figures}, 503)
-    return json_response({"status": "ready", **figures})
+        return json_response({"status": "unready", "reason": admission.reason, **levels}, 503)
+    return json_response({"status": "ready", **levels})
 
 
 async def metrics_view(request: web.Request) -> web.Response:
-    """GET /metrics: Prometheus text format (the deployment's figures, read from Redis)."""
+    """GET /metrics: Prometheus text format (the deployment's stats, read from Redis)."""
     body = b""
-    # The figures are left out (not faked) while Redis does not answer; ingest's own are
+    # The stats are left out (not faked) while Redis does not answer; ingest's own are
     # kept meanwhile and added once it answers again.
     with contextlib.suppress(redis.RedisError, OSError):
         body = await asyncio.to_thread(generate_latest, request.app[DEPLOYMENT])

@@ -32,7 +32,7 @@ STATS_WRITE_S = 1.0  # how often each ingest process adds its stats to Redis's
 class IngestStats:
     """Ingest's request stats: counted in the process, added to the deployment's
     counters in Redis every `STATS_WRITE_S` (`drain`, by relay.ingest.app), and shown from
-    there by any ingest process's `/metrics`, as the queue and delivery figures are.
+    there by any ingest process's `/metrics`, as the queue and delivery stats are.
 
     In one place because `relay serve` runs a process per core on one port, and a scrape
     reaches one of them: stats kept per process would show that one's share. Counted in
@@ -102,7 +102,7 @@ INGEST_STATS = IngestStats()
 
 
 def answers_of(counts: dict[str, int]) -> dict[str, int]:
-    """The request counts among drained figures, as fields of the minute's figures
+    """The request counts among drained stats, as fields of the minute's stats
     (relay.state.recent): `ingest:<route>:<status>`."""
     prefix = Stat.INGEST_REQUESTS + ":"
     return {
