@@ -9,12 +9,12 @@ message, with no I/O (no Redis, HTTP or Celery). Around it, one subpackage per r
     │                      settings, errors, logs
     ├── state/             what lives in Redis, shared by every process: the queue
     │                      (broker, transport), dead letters, the identity map, new names,
-    │                      traces, figures (status, oldest, recent), clients (redis_conn),
-    │                      the embedded Redis
-    ├── ingest/            the ingest process: HTTP in (app, receive, intake, auth, cors),
+    │                      traces, stats (status, oldest, recent), clients (redis_conn),
+    │                      the embedded Redis, the longer Redis scripts (lua/*.lua)
+    ├── ingest/            the ingest process: HTTP in (app, receive, parsing, auth, cors),
     │                      the admission check, group commit, request log, metrics, OpenAPI
     ├── delivery/          the worker side: a batch delivered (batch, sending, settlement),
-    │                      the ChurnZero client and its problems, throttle, dedupe, runs,
+    │                      the ChurnZero client and its problems, throttle, dedupe, claims,
     │                      the delayed set
     ├── archive/           the flight recorder: the archived event's columns (schema), its
     │                      files on a disk or in a bucket (store), the archiver, search

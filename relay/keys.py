@@ -21,7 +21,8 @@ CELERY_UNACKED = "unacked"
 # ... and indexes them by when they were handed to a worker (ZSET delivery tag -> time).
 CELERY_UNACKED_INDEX = "unacked_index"
 
-# ZSET of pending retry batches (member: JSON batch, score: due unix time).
+# ZSET of events waiting for a later try (member: packed JSON of a group of them with their
+# cause and an id, score: due unix time).
 DELAYED = PREFIX + "delayed"
 # STRING per user ("u:<userId>" / "a:<anonymousId>") -> JSON [account, contact, at] (any
 # may be null; at: event time in ms of the call that named the account); STRING per
@@ -63,7 +64,7 @@ DLQ_REASON = PREFIX + "dlq:reason:"
 DLQ_REPLAYING = PREFIX + "dlq:replaying:"
 DLQ_SNAPSHOT = PREFIX + "dlq:snapshot:"
 
-# ZSET per waiting state (`delayed`, `identity_wait`) of the delayed set's batches: batch
+# ZSET per waiting state (`delayed`, `identity_wait`) of the delayed set's members: member
 # id -> the oldest receipt time of its events (relay.delivery.delayed).
 DELAYED_RECEIVED = PREFIX + "delayed:received:"
 
@@ -77,7 +78,7 @@ DELAYED_EVENTS = PREFIX + "depth:delayed"
 STATS = PREFIX + "stats"
 # Per-second delivered/ingested counts for `relay status` rates (HASH second -> n).
 RATE = PREFIX + "rate:"
-# HASH per minute (unix time // 60) of the figures of the last minutes (relay.state.recent):
+# HASH per minute (unix time // 60) of the stats of the last minutes (relay.state.recent):
 # delivery-latency buckets, ingest's answers by route and status.
 MINUTE = PREFIX + "minute:"
 
@@ -151,13 +152,13 @@ aliased = Family(ALIASED)
 deleted = Family(DELETED)
 # The index of one user's tracks waiting in the delayed set for identity.
 waiting = Family(WAITING)
-# The oldest receipt time of each delayed batch of one waiting state.
+# The oldest receipt time of each delayed member of one waiting state.
 delayed_received = Family(DELAYED_RECEIVED)
 # The attribute clock of one entity (`a:<account>` or `c:<len>:<account>:<contact>`).
 attribute_clock = Family(ATTRIBUTE_CLOCK)
 # The parked traits of one user key.
 parked = Family(PARKED)
-# The figures of one minute (unix time // 60).
+# The stats of one minute (unix time // 60).
 minute = Family(MINUTE)
 # What one worker process took off a queue and has not recorded yet, and what it holds.
 worker_taken = Family(WORKER, ":taken")
@@ -199,7 +200,7 @@ class Stat(StrEnum):
     LATENCY_BUCKET = "delivery_latency_bucket"
     LATENCY_COUNT = "delivery_latency_count"
     LATENCY_SUM_MS = "delivery_latency_sum_ms"
-    # Ingest's request figures, every ingest process's (relay.ingest.metrics): requests
+    # Ingest's request stats, every ingest process's (relay.ingest.metrics): requests
     # :<route>:<status>, events :<route>:<outcome>, timestamp fallbacks :<route>, and the
     # request-duration histogram: count per bucket :<route>:<upper bound>, sum in µs
     # :<route>.

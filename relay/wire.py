@@ -2,9 +2,9 @@
 relay.state.broker.
 
 `celery.send_task` does per message, in Python, what a group needs once (routing,
-`saferepr` of the arguments, kombu's envelope, one LPUSH each); here a group's messages
+`saferepr` of the arguments, kombu's frame, one LPUSH each); here a group's messages
 are encoded with orjson, and relay.state.broker pushes them with their counts in one script
-call. Each is a Celery protocol 2 message in kombu's Redis envelope (base64 body, a
+call. Each is a Celery protocol 2 message in kombu's Redis frame (base64 body, a
 delivery tag), the same shape `broker.send` makes through Celery, so `relay worker`
 consumes it unchanged (tests/integration/test_wire.py runs the real worker on them).
 
@@ -64,7 +64,7 @@ class MessageWriter:
         """One message for `queue` carrying `items` as the task's only argument."""
         task_id = task_id or self._next()
         body = isal_zlib.compress(orjson.dumps([[items], {}, _EMBED]), ZLIB_LEVEL)
-        envelope = {
+        frame = {
             # pybase64: the same text as the standard library's, from a SIMD encoder.
             "body": pybase64.b64encode(body).decode(),
             "content-encoding": "utf-8",
@@ -103,7 +103,7 @@ class MessageWriter:
                 "delivery_tag": self._next(),
             },
         }
-        return orjson.dumps(envelope)
+        return orjson.dumps(frame)
 
     def encode_all(
         self,
@@ -115,7 +115,7 @@ class MessageWriter:
         """`items` split into messages of at most `message_events`, in order.
 
         With a `message_id` the task ids are `<message_id>.<n>`: publishing the same items
-        again makes the same messages, which the workers settle once (relay.delivery.runs)."""
+        again makes the same messages, which the workers settle once (relay.delivery.claims)."""
         return [
             self.encode(
                 items[start : start + message_events],
@@ -126,16 +126,16 @@ class MessageWriter:
         ]
 
 
-def body_of(envelope: Any) -> bytes:
-    """The Celery body of a message's kombu envelope (parsed from JSON): base64-decoded
+def body_of(frame: Any) -> bytes:
+    """The Celery body of a message's kombu frame (parsed from JSON): base64-decoded
     and inflated as its properties and headers say; ValueError (or KeyError, TypeError)
     if it is not one."""
-    body = envelope["body"]
-    if envelope.get("properties", {}).get("body_encoding") == "base64":
+    body = frame["body"]
+    if frame.get("properties", {}).get("body_encoding") == "base64":
         body = base64.b64decode(body)
     elif isinstance(body, str):
         body = body.encode()
-    compression = (envelope.get("headers") or {}).get("compression")
+    compression = (frame.get("headers") or {}).get("compression")
     if compression:
         if compression not in (COMPRESSION, "gzip", "zlib"):
             raise ValueError(f"unsupported compression: {compression}")
@@ -146,10 +146,10 @@ def body_of(envelope: Any) -> bytes:
     return bytes(body)
 
 
-def items_of(envelope: Any) -> list[Json]:
-    """The items of a `relay.deliver_batch` message, its kombu envelope parsed from JSON;
+def items_of(frame: Any) -> list[Json]:
+    """The items of a `relay.deliver_batch` message, its kombu frame parsed from JSON;
     ValueError (or KeyError, IndexError, TypeError) if it is not one."""
-    args, _kwargs, _embed = orjson.loads(body_of(envelope))
+    args, _kwargs, _embed = orjson.loads(body_of(frame))
     items: list[Json] = args[0]
     return items
 

@@ -2,7 +2,7 @@
 
 Settings come from the environment (`RELAY_*`) once, at import, as Celery loads this
 module. Besides running `relay.deliver_batch`, each worker process runs the mover that
-brings due batches back from the delayed set.
+brings due members back from the delayed set.
 """
 
 from __future__ import annotations
@@ -76,8 +76,8 @@ def _tune_gc(**_: Any) -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-# With nothing due, the mover looks again when the next batch is due, or after this long at
-# most: a batch added meanwhile comes back at most this late, and an idle worker asks
+# With nothing due, the mover looks again when the next member is due, or after this long at
+# most: a member added meanwhile comes back at most this late, and an idle worker asks
 # Redis once a second.
 MOVER_IDLE_S = 1.0
 

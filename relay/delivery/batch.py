@@ -2,7 +2,7 @@
 
 `Delivery.deliver(items, message_id)` runs the stages in order:
 
-    claim     the message (relay.delivery.runs: a message that runs twice is settled once)
+    claim     the message (relay.delivery.claims: a message that runs twice is settled once)
     prepare   parse, drop duplicates, resolve, plan, hold new names, check the attribute
               clock (relay.delivery.prepare, the stages `relay preview` runs too)
     send      through the shared throttle, within the task's time limit (.sending)
@@ -27,9 +27,9 @@ import structlog
 
 from relay import keys
 from relay.delivery.churnzero import ChurnZeroClient
+from relay.delivery.claims import Claim, Claims, Fenced, State
 from relay.delivery.dedupe import Dedupe
 from relay.delivery.prepare import Claiming, Prepared, prepare
-from relay.delivery.runs import Claim, Fenced, Runs, State
 from relay.delivery.sending import OK, Budget, Sender, chunked, durably
 from relay.delivery.settlement import (
     Outcomes,
@@ -68,7 +68,7 @@ class Delivery:
         self.mapping = mapping
         self.policy = Policy.of(settings)
         self.dedupe = Dedupe(r, settings.dedupe_window_s)
-        self.runs = Runs(
+        self.claims = Claims(
             r,
             lease_s=settings.task_time_limit_s + VISIBILITY_MARGIN_S,
             ttl_s=settings.run_record_ttl_s,
@@ -87,7 +87,7 @@ class Delivery:
             misconfigured_pause_s=settings.churnzero_misconfigured_pause_s,
             eiv_secret=eiv.get_secret_value() if eiv else None,
         )
-        self.sender = Sender(settings, r, self.runs, self.throttle, self.client)
+        self.sender = Sender(settings, r, self.claims, self.throttle, self.client)
 
     def close(self) -> None:
         """Close the connection pool and the loop."""
@@ -124,7 +124,7 @@ class Delivery:
             # Unsettled: the message runs again (Redis hands it out again), and the
             # events marked done are not sent twice.
             with contextlib.suppress(Exception):  # Redis is away: the lease expires anyway
-                self.runs.release(claim)
+                self.claims.release(claim)
             raise
 
     def _dead_letter_all(self, items: list[Any], claim: Claim, exc: Exception) -> Report:
@@ -138,19 +138,19 @@ class Delivery:
             dead.append(_worker_error(item, error))
         report.dead[Reason.WORKER_ERROR.value] = len(dead)
         pipe = self.redis.pipeline(transaction=True)
-        self.runs.stage_fence(pipe, claim)
+        self.claims.stage_fence(pipe, claim)
         deadletter.stage_add(pipe, dead)
         stage_stats(pipe, report, time.time())
-        self.runs.stage_settled(pipe, claim, len(items))
+        self.claims.stage_settled(pipe, claim, len(items))
         try:
             oom.execute(self.redis, pipe)
         except redis.ResponseError as exc:
-            raise self.runs.fenced(exc) or exc from None
+            raise self.claims.fenced(exc) or exc from None
         return report
 
     def _claim(self, message_id: str, events: int, budget: Budget) -> Claim:
         while True:
-            claim = self.runs.claim(message_id, events)
+            claim = self.claims.claim(message_id, events)
             if claim.state is not State.BUSY:
                 return claim
             # Another run (a copy kombu restored while the first still runs) holds the
@@ -238,17 +238,17 @@ class Delivery:
 
     def _settle_once(self, claim: Claim, events: int, write: Any) -> None:
         # A MULTI whose answer was lost may have been applied: its settled mark says so.
-        if claim.settle_tried and self.runs.is_settled(claim):
+        if claim.settle_tried and self.claims.is_settled(claim):
             return
         claim.settle_tried = True
         pipe = self.redis.pipeline(transaction=True)
-        self.runs.stage_fence(pipe, claim)
+        self.claims.stage_fence(pipe, claim)
         write(pipe)
-        self.runs.stage_settled(pipe, claim, events)
+        self.claims.stage_settled(pipe, claim, events)
         try:
             oom.execute(self.redis, pipe)  # one atomic script, accepted at maxmemory
         except redis.ResponseError as exc:
-            raise self.runs.fenced(exc) or exc from None
+            raise self.claims.fenced(exc) or exc from None
 
 
 def _worker_error(item: Any, error: str, now: float | None = None) -> DeadLetter:

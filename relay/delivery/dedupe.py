@@ -284,7 +284,7 @@ class Dedupe:
     def duplicates(self, items: list[Envelope]) -> set[str]:
         """Relay ids of items whose messageId another copy already claimed, or whose own
         claim says they were delivered (a copy of a message that was settled, run after
-        its run record expired: relay.delivery.runs)."""
+        its run record expired: relay.delivery.claims)."""
         pairs = _pairs(items)
         if not pairs or self._window <= 0:
             return set()

@@ -1,18 +1,18 @@
-"""The delayed set: batches waiting for their next try (retry backoff, pauses, identity
-waits), kept in Redis rather than as Celery ETA tasks. A member is its batch's JSON,
-compressed as queued messages are (relay.wire.pack): a settlement that defers a whole
-message stores less than the message it frees.
+"""The delayed set: events waiting for their next try (retry backoff, pauses, identity
+waits), kept in Redis rather than as Celery ETA tasks. A member is one group of them (their
+items, cause and an id) as JSON, compressed as queued messages are (relay.wire.pack): a
+settlement that defers a whole message stores less than the message it frees.
 
 A Celery ETA past the visibility timeout is delivered twice, and ETA tasks sit in worker
-memory. Here a ZSET holds them by due time; a mover in every worker moves due batches
+memory. Here a ZSET holds them by due time; a mover in every worker moves due members
 back to the queue. Moving is claim, then publish-and-remove: a claim pushes the member's
 due time forward by a lease (on Redis's clock, so hosts' clocks do not matter), so a
-mover that dies in between loses nothing: the batch comes due again after the lease. The
+mover that dies in between loses nothing: the member comes due again after the lease. The
 publish removes the member and moves its count from delayed to ready in the same script
-call (`broker.Queue.move`), so of two movers holding the same batch only one publishes it.
+call (`broker.Queue.move`), so of two movers holding the same member only one publishes it.
 
 Beside the set, an index per state (`waiting_state`: `delayed`, or `identity_wait` for
-tracks waiting for their user) holds each batch's oldest receipt time by batch id, so
+tracks waiting for their user) holds each member's oldest receipt time by member id, so
 status reads the age of the oldest event waiting here without reading the set; the
 schedule adds to it and the move takes out in the same steps as the set's.
 """
@@ -25,33 +25,14 @@ from typing import Any
 from relay import keys, wire
 from relay.envelope import Envelope
 from relay.reasons import Deferral
-from relay.state import broker, oom
+from relay.state import broker, lua, oom
 
 LEASE_S = 60
 WAITING_STATES = ("delayed", Deferral.IDENTITY_WAIT.value)
 
-# KEYS: delayed, then the indexes of oldest receipts. ARGV: limit, lease_s. Claims up to
-# `limit` members due by Redis's clock; returns them, and the seconds until the next member
-# is due ("-1": none waits). An empty set empties the indexes: an entry a mover of an
-# earlier version left there cannot outlive the batches.
-_CLAIM = """
-if redis.call('ZCARD', KEYS[1]) == 0 then
-  redis.call('DEL', KEYS[2], KEYS[3])
-  return {{}, '-1'}
-end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, ARGV[1])
-for _, member in ipairs(due) do
-  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), member)
-end
-local next_in = -1
-if #due == 0 then
-  local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-  if first[2] then next_in = math.max(tonumber(first[2]) - now, 0) end
-end
-return {due, tostring(next_in)}
-"""
+# A mover's claim on the due members of the delayed set. Its KEYS and ARGV:
+# relay/state/lua/delayed_claim.lua.
+_CLAIM = lua.read("delayed_claim")
 
 
 def stage_schedule(pipe: Any, items: list[Envelope], due: float, cause: str = "") -> bytes | None:
@@ -61,24 +42,24 @@ def stage_schedule(pipe: Any, items: list[Envelope], due: float, cause: str = ""
     if not items:
         return None
     stored = [item.to_dict() for item in items]
-    batch_id = uuid.uuid4().hex
-    member = wire.pack({"id": batch_id, "items": stored, "cause": cause})
+    member_id = uuid.uuid4().hex
+    member = wire.pack({"id": member_id, "items": stored, "cause": cause})
     pipe.zadd(keys.DELAYED, {member: due})
     pipe.incrby(keys.DELAYED_EVENTS, len(items))
     received = [item.received_at for item in items if item.received_at is not None]
     if received:
-        pipe.zadd(keys.delayed_received(waiting_state(cause)), {batch_id: min(received)})
+        pipe.zadd(keys.delayed_received(waiting_state(cause)), {member_id: min(received)})
     return member
 
 
 def waiting_state(cause: str | None) -> str:
-    """The state a delayed batch's events are in for status: `identity_wait` for tracks
+    """The state a delayed member's events are in for status: `identity_wait` for tracks
     waiting for their user, `delayed` for the rest."""
     return Deferral.IDENTITY_WAIT.value if cause == Deferral.IDENTITY_WAIT else "delayed"
 
 
 class Mover:
-    """Moves due batches from the delayed set back to the Celery queue."""
+    """Moves due members from the delayed set back to the Celery queue."""
 
     def __init__(
         self, r: Any, queue: broker.Queue, page: int = 200, lease_s: float = LEASE_S
@@ -88,7 +69,7 @@ class Mover:
         self._lease_s = lease_s
         # Allowed at maxmemory (Redis 7+): moving work back frees as much as it writes.
         self._claim = r.register_script(oom.header(r) + _CLAIM)
-        # After a call that found nothing due: the seconds until the next batch is (None:
+        # After a call that found nothing due: the seconds until the next member is (None:
         # none waits).
         self.next_due_in_s: float | None = None
 
@@ -101,10 +82,10 @@ class Mover:
         self.next_due_in_s = None if float(next_in) < 0 else float(next_in)
         moved = 0
         for member in members:
-            batch = wire.unpack(member)
-            items = batch["items"]  # moved as stored, undecoded
-            index = keys.delayed_received(waiting_state(batch.get("cause")))
-            batch_id = str(batch["id"])
-            if self._queue.move(member, items, "d-" + batch_id, (index, batch_id)):
+            unpacked = wire.unpack(member)
+            items = unpacked["items"]  # moved as stored, undecoded
+            index = keys.delayed_received(waiting_state(unpacked.get("cause")))
+            member_id = str(unpacked["id"])
+            if self._queue.move(member, items, "d-" + member_id, (index, member_id)):
                 moved += len(items)
         return moved

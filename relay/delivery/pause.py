@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from relay import keys
+from relay.state import lua
 
 MAX_OUTAGE_PAUSE_S = 30.0
 FIRST_OUTAGE_PAUSE_S = 2.0
@@ -36,36 +37,9 @@ end
 return {0, 0}
 """
 
-# KEYS: pause_until, failures, probe, trips. ARGV: successes, failures, retry_after_ms,
-# threshold, first_pause_ms, max_pause_ms. Returns the pause now in force (ms from now).
-# An outage pause doubles per trip; failures reported while a pause is already in force
-# (requests that were on the wire together) do not trip it again.
-_REPORT = """
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local ok, bad, ra = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local pause = tonumber(redis.call('GET', KEYS[1]) or '0')
-if ra > 0 and now + ra > pause then
-  pause = now + ra
-  redis.call('SET', KEYS[1], pause, 'PX', ra + 1000)
-end
-if bad > 0 and ok == 0 then
-  local failures = redis.call('INCRBY', KEYS[2], bad)
-  redis.call('EXPIRE', KEYS[2], 3600)
-  if failures >= tonumber(ARGV[4]) and now >= pause then
-    local trips = redis.call('INCR', KEYS[4])
-    redis.call('EXPIRE', KEYS[4], 3600)
-    local wait = math.min(tonumber(ARGV[5]) * (2 ^ math.min(trips - 1, 10)), tonumber(ARGV[6]))
-    pause = now + wait
-    redis.call('SET', KEYS[1], pause, 'PX', math.ceil(wait) + 1000)
-  end
-  redis.call('DEL', KEYS[3])
-elseif ok > 0 then
-  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
-end
-if pause > now then return pause - now end
-return 0
-"""
+# Reports a send's outcome to the shared pause; returns the pause now in force (ms). Its
+# KEYS and ARGV: relay/state/lua/pause_report.lua.
+_REPORT = lua.read("pause_report")
 
 
 @dataclass(frozen=True)

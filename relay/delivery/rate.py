@@ -12,69 +12,11 @@ from typing import Any
 
 from relay import keys
 from relay.delivery.learned import ADAPT_FIRST_RPS
+from relay.state import lua
 
-# KEYS: live tat, replay tat, live flag, replay flag, live queue, adaptive state, stats.
-# ARGV: lane, rps (0: none), count, max_wait_ms, replay share, adaptive (1/0), first rps,
-# the replay lane's max_wait_ms when alone, the stats field counting waits.
-# The rate is the explicit one, or the learned one if lower. Each lane has its own GCRA:
-# while live work flows (a live reservation in the last 2 s, or live messages waiting)
-# the replay lane gets `share` of the rate and live the rest; alone, a lane gets all of
-# it, and the replay lane reserves no further ahead than its alone max_wait, so that live
-# work arriving gets its part of the rate that soon. With no rate at all, replays wait
-# while live work flows.
-# Reserves as many of `count` slots as start within max_wait; returns each reserved
-# slot's delay (ms), or {-1, wait_ms} when not even one fits.
-_RESERVE = """
-local t = redis.call('TIME')
-local now = t[1] * 1000 + t[2] / 1000
-local rps, share = tonumber(ARGV[2]), tonumber(ARGV[5])
-if ARGV[6] == '1' then
-  -- Nothing learned yet: the first guess (the cap, or ARGV[7]) until a report sets it.
-  local first = rps > 0 and rps or tonumber(ARGV[7])
-  local learned = tonumber(redis.call('HGET', KEYS[6], 'rate') or first)
-  if learned > 0 and (rps <= 0 or learned < rps) then rps = learned end
-end
-local tat_key = KEYS[1]
-local max_wait = tonumber(ARGV[4])
-if ARGV[1] == 'live' then
-  redis.call('SET', KEYS[3], '1', 'PX', 2000)
-  if rps > 0 and redis.call('EXISTS', KEYS[4]) == 1 then rps = rps * (1 - share) end
-else
-  redis.call('SET', KEYS[4], '1', 'PX', 2000)
-  tat_key = KEYS[2]
-  if redis.call('EXISTS', KEYS[3]) == 1 or redis.call('LLEN', KEYS[5]) > 0 then
-    if rps <= 0 then
-      redis.call('HINCRBY', KEYS[7], ARGV[9], 1)
-      return {-1, 1000}
-    end
-    rps = rps * share
-  else
-    max_wait = math.min(max_wait, tonumber(ARGV[8]))
-  end
-end
-local count = tonumber(ARGV[3])
-if rps <= 0 then
-  local zeros = {}
-  for i = 1, count do zeros[i] = 0 end
-  return zeros
-end
-local interval = 1000 / rps
-local tat = tonumber(redis.call('GET', tat_key) or '0')
-if tat < now then tat = now end
-local fits = math.floor((max_wait - (tat - now)) / interval) + 1
-count = math.min(count, fits)
--- A wait is counted here, in the call that decides it: at maxmemory a HINCRBY of its
--- own would be refused, and it would cost a round trip.
-if count < 1 or tat > now then redis.call('HINCRBY', KEYS[7], ARGV[9], 1) end
-if count < 1 then return {-1, math.ceil(tat - now)} end
-local delays = {}
-for i = 1, count do
-  delays[i] = math.floor(tat + interval * (i - 1) - now)
-end
-local last = tat + interval * count
-redis.call('SET', tat_key, tostring(last), 'PX', math.ceil(last - now) + 60000)
-return delays
-"""
+# Reserves rate-limit slots for a lane's requests (see its header). Its KEYS and ARGV:
+# relay/state/lua/rate_reserve.lua.
+_RESERVE = lua.read("rate_reserve")
 
 # While live work flows, a replay task reserves slots of the replay lane's share at most
 # this far ahead; past it, its events wait in the delayed set. Replays have a worker

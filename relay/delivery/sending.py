@@ -6,7 +6,8 @@ outage a single probe request goes first. The rate limit gives each request a sl
 chunks beyond the slots stay unsent. The requests then go out together on the thread's
 event loop. Each relay id's outcome is the worst of the requests that carried its
 commands, or `Unsent` (how long to wait, and why). Events ChurnZero took are marked done
-in the run record (relay.delivery.runs) before anything else can fail, so no rerun sends them again.
+in the run record (relay.delivery.claims) before anything else can fail, so no rerun sends
+them again.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import structlog
 from relay import retry
 from relay.commands import Command
 from relay.delivery.churnzero import ChurnZeroClient
+from relay.delivery.claims import Claim, Claims
 from relay.delivery.problems import Problems
-from relay.delivery.runs import Claim, Runs
 from relay.delivery.settlement import Outcomes, Unsent, worst
 from relay.delivery.throttle import ADAPT_MAX_WAIT_S, REPLAY_MAX_WAIT_S, Throttle
 from relay.envelope import Envelope
@@ -73,8 +74,8 @@ class Chunk:
     started: bool = False  # on the wire: with no outcome, cut off at the deadline
 
 
-class Tally(Protocol):
-    """Where a run counts its requests (relay.delivery.batch's Report)."""
+class RequestReport(Protocol):
+    """The part of a message's Report where the sender counts its requests."""
 
     lane: str  # "live" or "replay": the rate limit's lane
     requests: Counter[str]
@@ -100,11 +101,16 @@ class Sender:
     """Sends chunks for one thread: it owns the event loop the requests run on."""
 
     def __init__(
-        self, settings: Settings, r: Any, runs: Runs, throttle: Throttle, client: ChurnZeroClient
+        self,
+        settings: Settings,
+        r: Any,
+        claims: Claims,
+        throttle: Throttle,
+        client: ChurnZeroClient,
     ) -> None:
         self.settings = settings
         self.redis = r
-        self.runs = runs
+        self.claims = claims
         self.throttle = throttle
         self.client = client
         self.problems = Problems(r, client)
@@ -115,7 +121,9 @@ class Sender:
         self.loop.run_until_complete(self.client.close())
         self.loop.close()
 
-    def send(self, chunks: list[Chunk], report: Tally, claim: Claim, budget: Budget) -> Outcomes:
+    def send(
+        self, chunks: list[Chunk], report: RequestReport, claim: Claim, budget: Budget
+    ) -> Outcomes:
         """Send what the throttle allows before the deadline; every relay id's outcome."""
         unsent_wait, cause = self._send_chunks(chunks, report, claim, budget)
         outcomes = outcomes_of(chunks, Unsent(unsent_wait, cause))
@@ -140,10 +148,10 @@ class Sender:
             if rid not in claim.done and isinstance(o, retry.Outcome)
             and o.kind is retry.Kind.SUCCESS
         ]  # fmt: skip
-        durably(lambda: self.runs.mark_done(claim, done), budget)
+        durably(lambda: self.claims.mark_done(claim, done), budget)
 
     def _send_chunks(
-        self, chunks: list[Chunk], report: Tally, claim: Claim, budget: Budget
+        self, chunks: list[Chunk], report: RequestReport, claim: Claim, budget: Budget
     ) -> tuple[float, str]:
         """Send; returns how long unsent chunks should wait, and why they were not sent."""
         permit = self.throttle.permit()
@@ -217,7 +225,7 @@ class Sender:
         return True
 
     async def _send_one(
-        self, chunk: Chunk, delay: float, report: Tally, *, check: bool,
+        self, chunk: Chunk, delay: float, report: RequestReport, *, check: bool,
         send_by: float | None = None,
     ) -> None:  # fmt: skip
         if delay > 0:

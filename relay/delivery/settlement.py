@@ -205,7 +205,7 @@ def group_later(
         for item in items:
             user = resolve_raw_key(item.event) if cause == Deferral.IDENTITY_WAIT else None
             key = (cause, int(due), bool(item.replayed_from), user or "")
-            batch, first_due = groups.get(key, ([], due))
-            batch.append(item)
-            groups[key] = (batch, min(first_due, due))
-    return [(batch, due, cause) for (cause, *_), (batch, due) in groups.items()]
+            member, first_due = groups.get(key, ([], due))
+            member.append(item)
+            groups[key] = (member, min(first_due, due))
+    return [(member, due, cause) for (cause, *_), (member, due) in groups.items()]

@@ -4,7 +4,7 @@ relay.delivery.settlement decided (pure), written once by `stage`.
 One place knows the key layouts a settlement touches: the identity map and tombstones,
 parked traits, the delayed set, the dead-letter queue, dedupe claims, the remembered
 names, the trace record and the status counters. The MULTI is atomic: a batch is
-settled whole or not at all (relay.delivery.runs fences it).
+settled whole or not at all (relay.delivery.claims fences it).
 """
 
 from __future__ import annotations
@@ -66,8 +66,8 @@ class Report:
                 for item in settled.delivered if item.received_at is not None
             ]  # fmt: skip
         self.skipped.update(settled.skipped)
-        for batch, _, cause in settled.later:
-            self.retried[str(cause)] += len(batch)
+        for later, _, cause in settled.later:
+            self.retried[str(cause)] += len(later)
         for entry in settled.dead:
             self.dead[entry.reason.value] += 1
 
@@ -98,10 +98,10 @@ def stage(
     # After the lessons, in the same MULTI: released tracks find them. Before this
     # batch's own waits, which were planned knowing these lessons already.
     identity.stage_release(pipe, plan.released)
-    for batch, due, cause in settled.later:
-        member = delayed.stage_schedule(pipe, batch, due, cause)
+    for later, due, cause in settled.later:
+        member = delayed.stage_schedule(pipe, later, due, cause)
         if cause == Deferral.IDENTITY_WAIT and member is not None:
-            users = [resolve_raw_key(item.event) for item in batch]
+            users = [resolve_raw_key(item.event) for item in later]
             wait_s = settings.identity_wait_s + delayed.LEASE_S
             identity.stage_waiting(pipe, member, filter(None, users), wait_s)
     deadletter.stage_add(pipe, settled.dead)

@@ -14,7 +14,7 @@ from relay import keys
 from relay.state import status
 
 # Redis bytes per byte of decoded request body, at most: a queued event is its JSON,
-# zlib-compressed and base64-encoded inside kombu's envelope (about 1.4 for JSON that
+# zlib-compressed and base64-encoded inside kombu's frame (about 1.4 for JSON that
 # does not compress, far less for real batches); 2 leaves margin.
 REDIS_BYTES_PER_BODY_BYTE = 2
 

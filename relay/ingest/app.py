@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from relay.ingest import intake, metrics, openapi, receive
+from relay.ingest import metrics, openapi, parsing, receive
 from relay.ingest.admission import Admission
 from relay.ingest.publisher import ConfirmedPublisher, GroupCommit
 from relay.ingest.requestlog import RequestLog
@@ -57,26 +57,26 @@ async def readyz(request: web.Request) -> web.Response:
             await admission.refresh(request.app[REDIS])
     except (redis.RedisError, OSError, TimeoutError):
         admission.redis_ok, admission.reason = False, "redis unreachable"
-    figures = {"waiting": admission.waiting, "memory_fraction": round(admission.memory_fraction, 4)}
+    levels = {"waiting": admission.waiting, "memory_fraction": round(admission.memory_fraction, 4)}
     if not admission.open:
-        return json_response({"status": "unready", "reason": admission.reason, **figures}, 503)
-    return json_response({"status": "ready", **figures})
+        return json_response({"status": "unready", "reason": admission.reason, **levels}, 503)
+    return json_response({"status": "ready", **levels})
 
 
 async def metrics_view(request: web.Request) -> web.Response:
-    """GET /metrics: Prometheus text format (the deployment's figures, read from Redis)."""
+    """GET /metrics: Prometheus text format (the deployment's stats, read from Redis)."""
     body = b""
-    # The figures are left out (not faked) while Redis does not answer; ingest's own are
+    # The stats are left out (not faked) while Redis does not answer; ingest's own are
     # kept meanwhile and added once it answers again.
     with contextlib.suppress(redis.RedisError, OSError):
         body = await asyncio.to_thread(generate_latest, request.app[DEPLOYMENT])
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-async def write_figures(r: aioredis.Redis) -> None:
-    """Add ingest's request figures counted since the last time to the deployment's; kept
+async def write_stats(r: aioredis.Redis) -> None:
+    """Add ingest's request stats counted since the last time to the deployment's; kept
     for the next time if Redis does not take them."""
-    counts = metrics.FIGURES.drain()
+    counts = metrics.INGEST_STATS.drain()
     if not counts:
         return
     pipe = r.pipeline(transaction=True)  # all or none: a failed write is tried again whole
@@ -85,7 +85,7 @@ async def write_figures(r: aioredis.Redis) -> None:
     try:
         await pipe.execute()
     except broker.QUEUE_ERRORS:
-        metrics.FIGURES.unsent(counts)
+        metrics.INGEST_STATS.unsent(counts)
 
 
 def _resources(
@@ -126,16 +126,16 @@ def _resources(
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), 0.25)
 
-        async def figures() -> None:
-            # Never cancelled: a write cut off halfway would lose the figures it drained.
+        async def stats_writer() -> None:
+            # Never cancelled: a write cut off halfway would lose the stats it drained.
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), metrics.FIGURES_S)
+                    await asyncio.wait_for(stop.wait(), metrics.STATS_WRITE_S)
                 if not stop.is_set():
-                    await write_figures(app[REDIS])
+                    await write_stats(app[REDIS])
 
         watcher = asyncio.create_task(watch())
-        writer = asyncio.create_task(figures())
+        writer = asyncio.create_task(stats_writer())
         yield
         stop.set()
         watcher.cancel()
@@ -143,9 +143,9 @@ def _resources(
             await watcher
         await writer  # at once, or once the write under way ends
         await app[COMMIT].close()
-        with contextlib.suppress(TimeoutError):  # the last requests' figures, if Redis answers
+        with contextlib.suppress(TimeoutError):  # the last requests' stats, if Redis answers
             async with asyncio.timeout(READY_TIMEOUT_S):
-                await write_figures(app[REDIS])
+                await write_stats(app[REDIS])
         await app[REDIS].aclose()
         sync.close()
         acker.close()
@@ -157,7 +157,7 @@ def create_app(settings: Settings, redis_url: str) -> web.Application:
     """The ingest application, bound to one Redis."""
     # Room above the body limits so an oversized body gets our 400, not aiohttp's 413;
     # each route applies its own limit while reading.
-    largest = max(intake.API_LIMITS.request_bytes, intake.WEBHOOK_LIMITS.request_bytes)
+    largest = max(parsing.API_LIMITS.request_bytes, parsing.WEBHOOK_LIMITS.request_bytes)
     app = web.Application(client_max_size=largest + 1024)
     app[SETTINGS] = settings
     app[ADMISSION] = Admission(settings.max_queue_depth, settings.max_memory_fraction)
@@ -182,7 +182,7 @@ async def serve(app: web.Application, *, ready: Callable[[], None] | None = None
     import signal
 
     settings = app[SETTINGS]
-    # Bodies are decoded by intake.decode_body, with its limits; aiohttp must not inflate
+    # Bodies are decoded by parsing.decode_body, with its limits; aiohttp must not inflate
     # them first (a gzip bomb would be inflated before any limit applies).
     runner = web.AppRunner(app, auto_decompress=False, access_log=None)
     await runner.setup()

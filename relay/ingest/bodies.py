@@ -1,8 +1,8 @@
 """The HTTP API's JSON bodies other than Segment's events (`relay.events`): what ingest,
-its probes and the admin API answer, and the two envelopes they read.
+its probes and the admin API answer, and the two request bodies they read.
 
 Typed dicts, because a body is a dict: the handlers build their answers as dict literals
-for orjson (no model instance on the hot path) and read their envelopes key by key.
+for orjson (no model instance on the hot path) and read the request bodies key by key.
 pydantic makes these types the OpenAPI document's schemas (`relay.ingest.openapi`), and the tests
 validate what the server answers against them, so the document cannot drift from the
 code. A body's keys are closed, except where it carries what other code wrote (a dead
@@ -18,7 +18,7 @@ from typing_extensions import TypedDict  # not typing's: pydantic needs this one
 
 from relay import reasons
 from relay.events import Event
-from relay.ingest import intake
+from relay.ingest import parsing
 
 _CLOSED = ConfigDict(extra="forbid")
 _OPEN = ConfigDict(extra="allow")
@@ -100,7 +100,7 @@ class BatchRequest(TypedDict):
     """A tracking-API batch (`/v1/batch`, `/v1/import`); its invalid events are
     dead-lettered and listed, the others queued."""
 
-    batch: Annotated[list[Event], Field(max_length=intake.MAX_BATCH_EVENTS)]
+    batch: Annotated[list[Event], Field(max_length=parsing.MAX_BATCH_EVENTS)]
     context: NotRequired[Annotated[dict[str, Any], Field(description="each event's default")]]
     integrations: NotRequired[Annotated[dict[str, Any], Field(description="each event's default")]]
     sentAt: NotRequired[

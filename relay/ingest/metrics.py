@@ -3,7 +3,7 @@
 Every figure belongs to the whole deployment (ingest processes and workers on many
 hosts): each process counts its own in Redis, and `DeploymentCollector` shows them all at
 scrape time, as relay.state.status reads them: one scrape of any ingest process shows
-them all. Ingest counts its request figures in the process first (`IngestFigures`) and
+them all. Ingest counts its request stats in the process first (`IngestStats`) and
 adds them to Redis's once a second.
 """
 
@@ -26,16 +26,16 @@ from relay.state import parking, recent, status
 
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 _BOUNDS = [*(str(float(b)) for b in DURATION_BUCKETS), "+Inf"]  # as Prometheus writes them
-FIGURES_S = 1.0  # how often each ingest process adds its figures to Redis's
+STATS_WRITE_S = 1.0  # how often each ingest process adds its stats to Redis's
 
 
-class IngestFigures:
-    """Ingest's request figures: counted in the process, added to the deployment's
-    counters in Redis every `FIGURES_S` (`drain`, by relay.ingest.app), and shown from
-    there by any ingest process's `/metrics`, as the queue and delivery figures are.
+class IngestStats:
+    """Ingest's request stats: counted in the process, added to the deployment's
+    counters in Redis every `STATS_WRITE_S` (`drain`, by relay.ingest.app), and shown from
+    there by any ingest process's `/metrics`, as the queue and delivery stats are.
 
     In one place because `relay serve` runs a process per core on one port, and a scrape
-    reaches one of them: figures kept per process would show that one's share. Counted in
+    reaches one of them: stats kept per process would show that one's share. Counted in
     plain numbers on the event loop, not in prometheus_client's metrics, which take a lock
     and several calls per update, three updates per request on ingest's hot path. The
     event loop is the only writer, so no lock is needed."""
@@ -98,11 +98,11 @@ class IngestFigures:
             self._unsent[name] = self._unsent.get(name, 0) + value
 
 
-FIGURES = IngestFigures()
+INGEST_STATS = IngestStats()
 
 
 def answers_of(counts: dict[str, int]) -> dict[str, int]:
-    """The request counts among drained figures, as fields of the minute's figures
+    """The request counts among drained stats, as fields of the minute's stats
     (relay.state.recent): `ingest:<route>:<status>`."""
     prefix = Stat.INGEST_REQUESTS + ":"
     return {
@@ -112,7 +112,7 @@ def answers_of(counts: dict[str, int]) -> dict[str, int]:
 
 
 def ingest_families(stats: dict[str, int]) -> Iterator[Metric]:
-    """Ingest's figures, every process's, from the counters of `keys.STATS`."""
+    """Ingest's stats, every process's, from the counters of `keys.STATS`."""
     requests = CounterMetricFamily(
         "relay_ingest_requests", "Ingest HTTP requests by route and answer.",
         labels=["route", "status"],
@@ -204,7 +204,7 @@ class DeploymentCollector:
             "1 while every worker holds back from ChurnZero (429 or outage).",
             value=1.0 if snapshot.paused_for_s > 0 else 0.0,
         )
-        parked = parking.figures(self._redis)
+        parked = parking.counts(self._redis)
         yield GaugeMetricFamily(
             "relay_parked_attributes",
             "Traits parked for users without an account yet (sent once the user is known).",

@@ -3,8 +3,8 @@
 No schema is written here: the component schemas are generated from the pydantic types
 the bodies are declared as (`events`, `bodies`), in OpenAPI 3.0's dialect of JSON Schema,
 so a field is described once, where it is declared. What is written here is the route
-table, built from the tables the server routes by (`intake.SINGLE_ROUTES`,
-`intake.BATCH_ROUTES`) and listing every status each route answers, so that contract
+table, built from the tables the server routes by (`parsing.SINGLE_ROUTES`,
+`parsing.BATCH_ROUTES`) and listing every status each route answers, so that contract
 tests can hold the server to it.
 """
 
@@ -19,7 +19,7 @@ from pydantic.json_schema import GenerateJsonSchema, JsonSchemaMode, JsonSchemaV
 from pydantic_core import CoreSchema, core_schema
 
 from relay import events
-from relay.ingest import bodies, intake
+from relay.ingest import bodies, parsing
 
 Schema = dict[str, Any]
 
@@ -80,7 +80,7 @@ def components() -> Schema:
     adapters = [(n, mode, TypeAdapter(t)) for n, t in enumerate(DOCUMENTED)]
     _, out = TypeAdapter.json_schemas(adapters, ref_template=REF, schema_generator=OpenAPI30Schema)
     schemas: Schema = out["$defs"]
-    for kind in sorted(set(intake.SINGLE_ROUTES.values())):
+    for kind in sorted(set(parsing.SINGLE_ROUTES.values())):
         schemas[_call_name(kind)] = _call(schemas, kind)
     return schemas
 
@@ -147,7 +147,7 @@ def _ingest(operation_id: str, summary: str, body: Any, tag: str, **extra: Any) 
 
 
 def _webhook() -> Schema:
-    batch = {"type": "array", "items": _EVENT, "maxItems": intake.WEBHOOK_LIMITS.batch_events}
+    batch = {"type": "array", "items": _EVENT, "maxItems": parsing.WEBHOOK_LIMITS.batch_events}
     responses = {
         **_INGEST_RESPONSES,
         "200": _answer(
@@ -177,7 +177,7 @@ def _webhook() -> Schema:
 
 
 def _v1(route: str) -> Schema:
-    kind = intake.SINGLE_ROUTES.get(route)
+    kind = parsing.SINGLE_ROUTES.get(route)
     post = _ingest(
         f"v1_{route}",
         f"Segment HTTP Tracking API: {f'one {kind} call' if kind else 'a batch of events'}",
@@ -257,7 +257,7 @@ def _admin() -> Schema:
 
 def _paths() -> Schema:
     paths: Schema = {"/webhook": _webhook()}
-    for route in sorted([*intake.SINGLE_ROUTES, *intake.BATCH_ROUTES]):
+    for route in sorted([*parsing.SINGLE_ROUTES, *parsing.BATCH_ROUTES]):
         paths[f"/v1/{route}"] = _v1(route)
     ready = {"200": _answer("ready", bodies.Readiness),
              "503": _answer("not ready: see reason", bodies.Readiness)}  # fmt: skip

@@ -1,6 +1,6 @@
 """Ingest's event handlers: `/webhook` and the tracking API `/v1/*`.
 
-A request is read within its route's limits, authenticated, parsed by relay.ingest.intake and
+A request is read within its route's limits, authenticated, parsed by relay.ingest.parsing and
 its events queued through the group commit; only then is it answered 200. A request
 refused as a whole raises `RequestError`, and one that cannot be queued now raises
 `QueueUnavailable` (a 503, which Segment retries); `_ingest` turns both into the answer,
@@ -22,7 +22,7 @@ from aiohttp import web
 
 from relay import envelope
 from relay.errors import QueueUnavailable, RequestError, Unauthenticated
-from relay.ingest import auth, cors, intake, metrics
+from relay.ingest import auth, cors, metrics, parsing
 from relay.ingest.webapp import ADMISSION, COMMIT, REDIS, REQUEST_LOG, SETTINGS, json_response
 from relay.reasons import Reason
 from relay.settings import Settings
@@ -47,9 +47,9 @@ def _unavailable(reason: str) -> web.Response:
     return _error(f"unavailable: {reason}", 503, {"Retry-After": str(RETRY_AFTER_S)})
 
 
-async def _read_raw(request: web.Request, limits: intake.Limits) -> bytes:
+async def _read_raw(request: web.Request, limits: parsing.Limits) -> bytes:
     limit = limits.request_bytes
-    too_big = f"request body is larger than {intake.size_text(limit)}"
+    too_big = f"request body is larger than {parsing.size_text(limit)}"
     if (request.content_length or 0) > limit:
         raise RequestError(400, too_big)
     try:
@@ -143,26 +143,26 @@ class Route:
     """One kind of ingest route: its limits, authentication, parser and metrics label."""
 
     label: str  # the metrics label, and the source recorded on each queued event
-    limits: intake.Limits
+    limits: parsing.Limits
     # Authentication has two moments: a signature covers the body as sent, so it is checked
     # before decoding (True when signed); a write key may be inside the body, so after parsing.
     check_signature: Callable[[Settings, web.Request, bytes], bool]
-    parse: Callable[[str, bytes, datetime, bool], intake.Intake]
+    parse: Callable[[str, bytes, datetime, bool], parsing.ParsedBody]
     check_write_key: Callable[[Settings, web.Request, str | None], None]
 
 
 WEBHOOK = Route(
     label="webhook",
-    limits=intake.WEBHOOK_LIMITS,
+    limits=parsing.WEBHOOK_LIMITS,
     check_signature=_check_webhook_auth,
-    parse=lambda name, body, now, signed: intake.parse_webhook(body, now, signed=signed),
+    parse=lambda name, body, now, signed: parsing.parse_webhook(body, now, signed=signed),
     check_write_key=_no_body_key,
 )
 API = Route(
     label="api",
-    limits=intake.API_LIMITS,
+    limits=parsing.API_LIMITS,
     check_signature=_unsigned,
-    parse=lambda name, body, now, signed: intake.parse_api(name, body, now),
+    parse=lambda name, body, now, signed: parsing.parse_api(name, body, now),
     check_write_key=_check_api_auth,
 )
 
@@ -197,7 +197,7 @@ async def _ingest(request: web.Request, name: str, route: Route) -> web.Response
         response = _unavailable(str(exc))
         outcome["reason"] = str(exc)
     elapsed = time.perf_counter() - started
-    metrics.FIGURES.request(name, response.status, elapsed)
+    metrics.INGEST_STATS.request(name, response.status, elapsed)
     app[REQUEST_LOG].record(response.status, elapsed * 1000, outcome)
     return response
 
@@ -211,7 +211,7 @@ async def _handle(
         raise QueueUnavailable(admission.reason)
     raw = await _read_raw(request, route.limits)
     signed = route.check_signature(settings, request, raw)
-    body = intake.decode_body(raw, request.headers.get("Content-Encoding"), route.limits)
+    body = parsing.decode_body(raw, request.headers.get("Content-Encoding"), route.limits)
     now = datetime.now(UTC)
     parsed = route.parse(name, body, now, signed)
     route.check_write_key(settings, request, parsed.write_key)
@@ -242,14 +242,14 @@ async def _handle(
         raise QueueUnavailable("could not queue the events") from exc
     refused = parsed.refused_deletes
     outcome.update(accepted=len(items), rejected=len(rejected) + len(refused))
-    metrics.FIGURES.events(route.label, "accepted", len(items))
+    metrics.INGEST_STATS.events(route.label, "accepted", len(items))
     if parsed.timestamp_fallbacks:
         outcome["timestamp_fallbacks"] = parsed.timestamp_fallbacks
-        metrics.FIGURES.fallbacks(route.label, parsed.timestamp_fallbacks)
+        metrics.INGEST_STATS.fallbacks(route.label, parsed.timestamp_fallbacks)
     if rejected:
-        metrics.FIGURES.events(route.label, "rejected", len(rejected))
+        metrics.INGEST_STATS.events(route.label, "rejected", len(rejected))
     if refused:
-        metrics.FIGURES.events(route.label, "refused_delete", len(refused))
+        metrics.INGEST_STATS.events(route.label, "refused_delete", len(refused))
     if rejected or refused:
         listed = sorted(parsed.rejected + refused, key=lambda r: r.index)
         return json_response(
@@ -269,7 +269,7 @@ async def webhook(request: web.Request) -> web.Response:
 
 def _api_route(request: web.Request) -> str:
     route = request.match_info["route"]
-    if route not in intake.SINGLE_ROUTES and route not in intake.BATCH_ROUTES:
+    if route not in parsing.SINGLE_ROUTES and route not in parsing.BATCH_ROUTES:
         raise web.HTTPNotFound(text=f"no such route: /v1/{route}")
     return route
 

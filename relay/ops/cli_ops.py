@@ -61,7 +61,7 @@ def print_verdicts(verdicts: list[Any]) -> None:
 @click.option("--dlq", "entry_id", default=None, help="Preview a dead letter's replay.")
 @click.option(
     "--source", type=click.Choice(["api", "webhook"]), default=None,
-    help="Which route the events came by (default: api for a {\"batch\"} envelope, "
+    help="Which route the events came by (default: api for a {\"batch\"} wrapper, "
     "webhook otherwise); only `integrations.All: false` depends on it.",
 )  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")

@@ -23,7 +23,7 @@ from relay.delivery.prepare import Peeking, Prepared, prepare
 from relay.delivery.settlement import Outcomes, Policy, settle
 from relay.envelope import Envelope
 from relay.errors import DecodeError, RequestError
-from relay.ingest import intake
+from relay.ingest import parsing
 from relay.mapping import Mapping
 from relay.reasons import Deferral, Skip
 from relay.resolution import Known
@@ -67,25 +67,25 @@ class Verdict:
 
 def items_of(body: bytes, source: str | None = None) -> tuple[list[Envelope], list[Verdict]]:
     """Queued envelopes from a Segment event, an array of events or a `{"batch": [...]}`
-    envelope, validated as ingest would; and a verdict for each event ingest would refuse.
+    wrapper, validated as ingest would; and a verdict for each event ingest would refuse.
     Raises RequestError (400) when the body as a whole is unusable."""
-    data = intake.load_json(body)
+    data = parsing.load_json(body)
     now = datetime.now(UTC)
-    envelope = isinstance(data, dict) and isinstance(data.get("batch"), list)
+    wrapped = isinstance(data, dict) and isinstance(data.get("batch"), list)
     # An operator's preview of webhook events stands for a signed request (deletes taken).
     signed = source != "api"
-    if envelope:
-        parsed = intake.parse_api("batch", body, now)
+    if wrapped:
+        parsed = parsing.parse_api("batch", body, now)
     elif isinstance(data, dict):
         # One event: ingest refuses an invalid one outright; say so as its verdict.
         try:
-            parsed = intake.parse_webhook(body, now, signed=signed)
+            parsed = parsing.parse_webhook(body, now, signed=signed)
         except RequestError as exc:
             return [], [Verdict(0, _kind(data), _user(data), "dead", "invalid_event",
                                 errors=[str(exc)])]  # fmt: skip
     else:
-        parsed = intake.parse_webhook(body, now, signed=signed)
-    source = source or ("api" if envelope else "webhook")
+        parsed = parsing.parse_webhook(body, now, signed=signed)
+    source = source or ("api" if wrapped else "webhook")
     refused = [
         Verdict(r.index, _kind(r.event), _user(r.event), "dead", "invalid_event", [], r.errors)
         for r in parsed.rejected

@@ -4,7 +4,7 @@ Events wait in Celery's queue `relay` (replayed dead letters in their own lane,
 `relay.replay`) as `relay.deliver_batch` messages, written as Celery writes them
 (relay.wire). Celery counts messages; the relay counts events in `keys.DEPTH_READY`,
 which `relay status`, `/metrics` and ingest's high-water mark read and a worker's first
-claim of a message moves to in flight (relay.delivery.runs). So a publish counts what it queues in
+claim of a message moves to in flight (relay.delivery.claims). So a publish counts what it queues in
 the same script call: the count moves with the messages or not at all.
 
 - Ingest's group commits: `AsyncQueue.publish`, which counts this second's ingest rate
@@ -36,7 +36,7 @@ from relay import keys, wire
 from relay.envelope import Json
 from relay.errors import QueueUnavailable
 from relay.settings import VISIBILITY_MARGIN_S, Settings
-from relay.state import oom, redis_conn, status, transport
+from relay.state import lua, oom, redis_conn, status, transport
 
 
 def _dumps(value: Any) -> bytes:
@@ -148,29 +148,9 @@ PUBLISH_ERRORS: tuple[type[Exception], ...] = (
 QUEUE_ERRORS: tuple[type[Exception], ...] = (*PUBLISH_ERRORS, redis.RedisError, OSError)
 
 
-# KEYS: the queue, the ready count, then for ARGV[2] = 'rate' this second's ingest rate,
-# for 'move' the delayed set, its event count and the index of its batches' oldest
-# receipts. ARGV: events, 'rate' | 'move' | '', the rate's ttl or the delayed-set member,
-# for 'move' the batch's id in that index, then the messages. One command, so one round
-# trip and one reply to parse (a MULTI pipeline of the same writes has a reply per
-# command), and atomic like MULTI: the counts move with the messages or not at all.
-_PUSH = """
-local first = 4
-if ARGV[2] == 'move' then
-  -- Gone: another mover claimed it after this one's lease ran out, and published it.
-  if redis.call('ZREM', KEYS[3], ARGV[3]) == 0 then return 0 end
-  redis.call('DECRBY', KEYS[4], ARGV[1])
-  redis.call('ZREM', KEYS[5], ARGV[4])
-  first = 5
-end
-for i = first, #ARGV do redis.call('LPUSH', KEYS[1], ARGV[i]) end
-redis.call('INCRBY', KEYS[2], ARGV[1])
-if ARGV[2] == 'rate' then
-  redis.call('INCRBY', KEYS[3], ARGV[1])
-  redis.call('EXPIRE', KEYS[3], ARGV[3])
-end
-return 1
-"""
+# Messages onto a queue with their counts, in one call (see its header). Its KEYS and
+# ARGV: relay/state/lua/push.lua.
+_PUSH = lua.read("push")
 
 
 class _Publisher:
@@ -202,7 +182,7 @@ class Queue(_Publisher):
 
     The lane is the items': replayed dead letters go to `keys.REPLAY_QUEUE`. With a
     `message_id`, the same items published again make the same messages (ids
-    `<message_id>.<n>`), which the workers settle once (relay.delivery.runs).
+    `<message_id>.<n>`), which the workers settle once (relay.delivery.claims).
     """
 
     def __init__(self, r: redis.Redis, message_events: int, *, allow_oom: bool = False) -> None:
@@ -231,8 +211,8 @@ class Queue(_Publisher):
     def move(
         self, member: bytes, items: list[Json], message_id: str, received: tuple[str, str]
     ) -> bool:
-        """Queue the items of `member`, a batch of the delayed set, and remove it there and
-        from the index of oldest receipts (`received`: that index's key, the batch's id in
+        """Queue the items of `member`, a member of the delayed set, and remove it there and
+        from the index of oldest receipts (`received`: that index's key, the member's id in
         it), in one step; False, publishing nothing, when it was no longer there."""
         counts = [keys.DELAYED, keys.DELAYED_EVENTS, received[0]]
         keys_, args = self._call(items, counts, "move", member, received[1], message_id=message_id)
@@ -256,7 +236,7 @@ class AsyncQueue(_Publisher):
         Tried again only as the client tries every command (relay.state.redis_conn), so a
         Redis that is down fails it within the client's bound. A call sent again is the
         same bytes: if the first did land, the copies carry the same task ids and the
-        workers settle each message once (relay.delivery.runs)."""
+        workers settle each message once (relay.delivery.claims)."""
         rate = status.rate_key(status.Rate.INGESTED, time.time())
         keys_, args = self._call(items, [rate], "rate", status.RATE_TTL_S, message_id=message_id)
         await self._push(keys=keys_, args=args)

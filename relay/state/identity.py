@@ -16,7 +16,7 @@ user key (`relay:waiting:<key>`, a SET of delayed-set members); when the user is
 those members are made due now, so the mover publishes them at once. Making a member due
 is `ZADD XX LT`: it never re-creates a member the mover already removed, and a member a
 mover holds under its lease only comes due again, which publishes it under the same
-message id (settled once, relay.delivery.runs), as an expired lease would.
+message id (settled once, relay.delivery.claims), as an expired lease would.
 """
 
 from __future__ import annotations
@@ -31,39 +31,12 @@ import orjson
 from relay import keys
 from relay.parked import Parked, release_items
 from relay.resolution import IMPORTED, Known
+from relay.state import lua
 from relay.state import parking as parking_
 
-# KEYS: entries. ARGV: ttl_s, then per entry account, contact, the account's event time
-# in ms and the contact's source ("" for each: unknown, keep the old). Merges as
-# Known.merged does: an account from an older call than the stored one's (both times
-# known) is not taken; a stored contact is replaced only from a firm source.
-_MERGE = """
-local function json(s) if s == '' then return 'null' end return cjson.encode(s) end
-for i, key in ipairs(KEYS) do
-  local a, c, at, src = ARGV[4 * i - 2], ARGV[4 * i - 1], ARGV[4 * i], ARGV[4 * i + 1]
-  local old = redis.call('GET', key)
-  if old then
-    local v = cjson.decode(old)
-    local old_at = v[3]
-    if type(old_at) ~= 'number' then old_at = nil end
-    local older = at ~= '' and old_at ~= nil and tonumber(at) < old_at
-    if (a == '' or older) and type(v[1]) == 'string' then
-      a = v[1]
-      at = old_at and string.format('%d', old_at) or ''
-    end
-    local firm = src == 'contactExternalId' or src == 'import'
-    if type(v[2]) == 'string' and (c == '' or not firm) then
-      c = v[2]
-      src = type(v[4]) == 'string' and v[4] or ''
-    end
-  end
-  local stamp = 'null'
-  if at ~= '' then stamp = at end
-  redis.call('SET', key, '[' .. json(a) .. ',' .. json(c) .. ',' .. stamp .. ',' .. json(src)
-    .. ']', 'EX', ARGV[1])
-end
-return #KEYS
-"""
+# Merges what a batch learned into the identity map, as Known.merged does. Its KEYS and
+# ARGV: relay/state/lua/identity_merge.lua.
+_MERGE = lua.read("identity_merge")
 
 # KEYS: delayed, then waiting sets. Makes every indexed member due now; returns how many.
 _RELEASE = """
@@ -80,38 +53,9 @@ return released
 """
 
 
-# KEYS: delayed. ARGV: the identity, alias, aliased, waiting, deleted and attribute-clock
-# key prefixes (relay.keys), the user key, the delete's received-at, the tombstone's ttl.
-_FORGET = """
-local user = ARGV[7]
-local forgotten = redis.call('SMEMBERS', ARGV[3] .. user)
-table.insert(forgotten, user)
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-for _, key in ipairs(forgotten) do
-  local tomb = ARGV[5] .. key
-  local old = tonumber(redis.call('GET', tomb) or '0')
-  redis.call('SET', tomb, math.max(old, tonumber(ARGV[8])), 'EX', ARGV[9])
-  local entry = redis.call('GET', ARGV[1] .. key)
-  if entry then
-    -- The contact's attribute clock (relay.delivery.attribute_clock) is the user's too.
-    local v = cjson.decode(entry)
-    local contact = v[2]
-    if type(contact) ~= 'string' and string.sub(key, 1, 2) == 'u:' then
-      contact = string.sub(key, 3)
-    end
-    if type(v[1]) == 'string' and type(contact) == 'string' then
-      redis.call('DEL', ARGV[6] .. 'c:' .. string.len(v[1]) .. ':' .. v[1] .. ':' .. contact)
-    end
-  end
-  redis.call('DEL', ARGV[1] .. key, ARGV[2] .. key, ARGV[3] .. key)
-  for _, member in ipairs(redis.call('SMEMBERS', ARGV[4] .. key)) do
-    redis.call('ZADD', KEYS[1], 'XX', 'LT', now, member)
-  end
-  redis.call('DEL', ARGV[4] .. key)
-end
-return #forgotten
-"""
+# A delete: forgets a user and every key aliased to it, and leaves tombstones. Its KEYS
+# and ARGV: relay/state/lua/identity_forget.lua.
+_FORGET = lua.read("identity_forget")
 
 
 # KEYS: delayed, waiting set. ARGV: member, ttl_s.

@@ -9,7 +9,7 @@ Each worker process has an id and a lease in `keys.WORKERS` (a deadline on Redis
 clock), renewed by a heartbeat thread every quarter lease. When the lease lapses (the
 process died, or lost Redis for longer than a lease), any worker's sweep puts its taken
 list back on the queues and restores the messages of its held set, and a run it had
-claimed can be taken over at once (relay.delivery.runs) rather than after the claim's TTL.
+claimed can be taken over at once (relay.delivery.claims) rather than after the claim's TTL.
 A live worker, however slow its task, keeps beating, so nothing it works on is handed out.
 
 Silence: when no worker reached Redis for longer than a lease (Redis was down or
@@ -26,13 +26,12 @@ import os
 import threading
 import uuid
 import weakref
-from importlib import resources
 from typing import Any
 
 import structlog
 
 from relay import keys
-from relay.state import oom
+from relay.state import lua, oom
 
 log = structlog.get_logger("relay.lease")
 
@@ -41,7 +40,7 @@ log = structlog.get_logger("relay.lease")
 FORGET_MS = 600_000
 
 # The script of every lease command; its header names each KEYS and ARGV entry.
-_LEASE = resources.files("relay.state").joinpath("lua/lease.lua").read_text()
+_LEASE = lua.read("lease")
 
 
 _id: tuple[int, str] = (0, "")

@@ -25,32 +25,15 @@ from typing import Any
 from relay import keys
 from relay.commands import Command, IncrementAttribute, SetAttribute, TrackEvent
 from relay.envelope import Envelope
+from relay.state import lua
 
 KINDS = ("event", "account_attribute", "contact_attribute")
 LISTED = 200  # new names kept for listing, per deployment
 Name = tuple[str, str]  # kind, name
 
-# KEYS: known set, stats, new-names zset. ARGV: kind, max, now, listed, the kind's stats
-# field, names... Remembers each name not known yet while the set has room; counts and
-# lists each one.
-_LEARN = """
-local added = 0
-for i = 6, #ARGV do
-  local name = ARGV[i]
-  if redis.call('SISMEMBER', KEYS[1], name) == 0 then
-    if redis.call('SCARD', KEYS[1]) < tonumber(ARGV[2]) then
-      redis.call('SADD', KEYS[1], name)
-    end
-    redis.call('HINCRBY', KEYS[2], ARGV[5], 1)
-    redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1] .. ':' .. name)
-    added = added + 1
-  end
-end
-if added > 0 then
-  redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -tonumber(ARGV[4]) - 1)
-end
-return added
-"""
+# Remembers, counts and lists the names of one kind sent for the first time. Its KEYS and
+# ARGV: relay/state/lua/names_learn.lua.
+_LEARN = lua.read("names_learn")
 
 # KEYS: held zset, stats. ARGV: now, then kind, name, the kind's stats field triples.
 # Lists each name as held, and counts it as new the first time it is held (a name held

@@ -3,7 +3,7 @@ without reading every event: a look at the ends of what holds them.
 
     ready          the messages next in line in each queue
     in_flight      the message handed to a worker longest ago (kombu's unacked index)
-    delayed        the delayed set's retries, by the index of their batches' oldest
+    delayed        the delayed set's retries, by the index of their members' oldest
     identity_wait  receipts (relay.delivery.delayed), one index per state
 
 A message moved back from the delayed set joins the queue's far end: behind a long
@@ -36,10 +36,10 @@ def _queued_received(message: bytes | None) -> float | None:
     if not message:
         return None
     try:
-        envelope = orjson.loads(message)
-        if isinstance(envelope, list):
-            envelope = envelope[0]
-        return _oldest_received(wire.items_of(envelope))
+        frame = orjson.loads(message)
+        if isinstance(frame, list):
+            frame = frame[0]
+        return _oldest_received(wire.items_of(frame))
     except (ValueError, KeyError, IndexError, TypeError):
         return None
 
@@ -67,8 +67,8 @@ def ages(found: list[Any], now: float) -> dict[str, float]:
 
     Ready: the messages next in line in each queue; in flight: the message handed to a
     worker longest ago; delayed and identity_wait: the oldest receipt in their index
-    (relay.delivery.delayed), believed only while the delayed set holds batches."""
-    live, replay, unacked, delayed_batches, *indexed = found
+    (relay.delivery.delayed), believed only while the delayed set holds members."""
+    live, replay, unacked, delayed_members, *indexed = found
     received: dict[str, float | None] = {
         "ready": min(
             (t for t in map(_queued_received, (live, replay)) if t is not None), default=None
@@ -76,7 +76,7 @@ def ages(found: list[Any], now: float) -> dict[str, float]:
         "in_flight": _queued_received(unacked),
     }
     for state, oldest in zip(("delayed", "identity_wait"), indexed, strict=True):
-        received[state] = float(oldest[0][1]) if oldest and delayed_batches else None
+        received[state] = float(oldest[0][1]) if oldest and delayed_members else None
     by_state = {}
     for state in STATES:
         at = received.get(state)

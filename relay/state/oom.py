@@ -15,33 +15,17 @@ from typing import Any
 import structlog
 
 from relay import keys
+from relay.state import lua
 
 ALLOW_OOM = "#!lua flags=allow-oom\n"
 
-# The staged scripts, each a function of its own KEYS and ARGV (a script cannot call
-# another script, but it can hold its text). ARGV: per command its argument count, then
-# its arguments; per staged script 0, the script's number, its key count, the count of
-# its keys and arguments together, then those. One script: atomic, as the MULTI it
-# replaces (and, like MULTI, not rolled back if a command fails).
+# Each staged script becomes a function of its own KEYS and ARGV (a script cannot call
+# another script, but it can hold its text), defined before the runner.
 _SCRIPT = "SCRIPTS[{n}] = function(KEYS, ARGV)\n{body}\nend\n"
-_RUN = """
-local i = 1
-while i <= #ARGV do
-  local n = tonumber(ARGV[i])
-  if n > 0 then
-    redis.call(unpack(ARGV, i + 1, i + n))
-    i = i + n + 1
-  else
-    local f, k, m = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
-    local first, keys, argv = i + 4, {}, {}
-    for j = 1, k do keys[j] = ARGV[first + j - 1] end
-    for j = 1, m - k do argv[j] = ARGV[first + k + j - 1] end
-    SCRIPTS[f](keys, argv)
-    i = first + m
-  end
-end
-return 0
-"""
+# Runs the staged commands and scripts in order, as one script: atomic, as the MULTI it
+# replaces (and, like MULTI, not rolled back if a command fails). Its KEYS and ARGV (the
+# steps' layout): relay/state/lua/oom_run.lua.
+_RUN = lua.read("oom_run")
 
 
 _INLINED = frozenset({"EVAL", "EVALSHA"})

@@ -34,37 +34,16 @@ from relay import keys
 from relay.envelope import Envelope
 from relay.parked import Parked, release_items
 from relay.reasons import Deferral
+from relay.state import lua
 
 # Kept this much past the index's expiry, so the sweep (which counts) drops a hash before
 # Redis does; if no worker sweeps, Redis still frees it.
 HASH_GRACE_S = 86_400
 SWEEP_LIMIT = 500  # users dropped per sweep call
 
-# KEYS: hash, index, count, stats, the user's identity entry, the known set. ARGV: user
-# key, expires at, the hash's ttl, the stats field, then (trait, event ms, JSON value) per
-# trait. Keeps the newer value per trait.
-_PARK = """
-local added = 0
-for i = 5, #ARGV, 3 do
-  local old = redis.call('HGET', KEYS[1], ARGV[i])
-  if not old then added = added + 1 end
-  if not old or tonumber(string.match(old, '^(%d+)|')) <= tonumber(ARGV[i + 1]) then
-    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1] .. '|' .. ARGV[i + 2])
-  end
-end
-redis.call('EXPIRE', KEYS[1], ARGV[3])
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
-redis.call('INCRBY', KEYS[3], added)
-redis.call('HINCRBY', KEYS[4], ARGV[4], (#ARGV - 4) / 3)
--- The user got an account since the worker read the map (another batch taught it): the
--- sweep releases what is parked, as no later call of the user may come.
-local entry = redis.call('GET', KEYS[5])
-if entry then
-  local v = cjson.decode(entry)
-  if type(v[1]) == 'string' then redis.call('SADD', KEYS[6], ARGV[1]) end
-end
-return added
-"""
+# Parks an identify's traits for a user with no account yet (newer value per trait). Its
+# KEYS and ARGV: relay/state/lua/parking_park.lua.
+_PARK = lua.read("parking_park")
 
 # KEYS: hash, index, count, stats. ARGV: user key, the stats field, then (trait, event
 # ms) per value read: removes each value not newer than the one read; returns how many.
@@ -83,26 +62,9 @@ if removed > 0 then redis.call('HINCRBY', KEYS[4], ARGV[2], removed) end
 return removed
 """
 
-# KEYS: index, count, stats. ARGV: the hash prefix, the stats field, a limit, then user
-# keys (with none, the users due by Redis's clock, at most the limit). Drops them all.
-_DROP = """
-local users = {}
-for i = 4, #ARGV do table.insert(users, ARGV[i]) end
-if #users == 0 then
-  local t = redis.call('TIME')
-  users = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', t[1], 'LIMIT', 0, ARGV[3])
-end
-local dropped = 0
-for _, user in ipairs(users) do
-  local n = redis.call('HLEN', ARGV[1] .. user)
-  if n > 0 then redis.call('DEL', ARGV[1] .. user) end
-  redis.call('ZREM', KEYS[1], user)
-  dropped = dropped + n
-end
-redis.call('DECRBY', KEYS[2], dropped)
-if dropped > 0 then redis.call('HINCRBY', KEYS[3], ARGV[2], dropped) end
-return dropped
-"""
+# Drops the parked traits of some users, or of those whose time is up. Its KEYS and ARGV:
+# relay/state/lua/parking_drop.lua.
+_DROP = lua.read("parking_drop")
 
 
 def stage_park(pipe: Any, user: str, traits: Mapping[str, tuple[int, Any]], ttl_s: int) -> None:
@@ -188,7 +150,7 @@ def release_known(r: Any) -> int:
     return len(found)
 
 
-def figures(r: Any) -> dict[str, int]:
+def counts(r: Any) -> dict[str, int]:
     """Users with parked traits, and the traits parked now."""
     pipe = r.pipeline(transaction=False)
     pipe.zcard(keys.PARKING_INDEX)

@@ -1,9 +1,9 @@
-"""The figures of the last minutes: delivery latency and ingest's answers, per minute.
+"""The stats of the last minutes: delivery latency and ingest's answers, per minute.
 
 The counters of `keys.STATS` only grow, so they say nothing of "lately" without a
 Prometheus to take differences. Each minute gets a HASH too (`keys.minute`, kept
 `KEEP_S`), written in the same pipelines as those counters (a worker's settlement,
-ingest's figures write), from which `relay status` reads the last `WINDOW_MIN` minutes:
+ingest's stats write), from which `relay status` reads the last `WINDOW_MIN` minutes:
 the p50/p99 of the time from receipt to ChurnZero's 2xx, and ingest's answers by status.
 
 Delivery latency is a histogram of `LATENCY_BUCKETS` (s), deployment-wide like the other

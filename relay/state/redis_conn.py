@@ -109,7 +109,7 @@ def async_client(
     rides a pooled connection that died with a restarted Redis, at no cost when Redis is
     down. A timeout is not tried again: it has cost its bound already. The command is sent
     again as it was, so one whose reply was lost may run twice: ingest's messages are then
-    settled once (relay.delivery.runs) and its dead letters keep their ids (only a count may move
+    settled once (relay.delivery.claims) and its dead letters keep their ids (only a count may move
     twice).
     """
     options = _options(socket_timeout, socket_connect_timeout)

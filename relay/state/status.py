@@ -1,4 +1,4 @@
-"""The deployment's figures, read from Redis: what is where, how fast, what happened.
+"""The deployment's status, read from Redis: what is where, how fast, what happened.
 
 Many workers on many hosts and every ingest process write them, so they live in Redis:
 event counts by state beside Celery's queue (relay.state.broker keeps the ready count), per-second
@@ -253,7 +253,7 @@ def report(r: Any) -> dict[str, Any]:
         "replay": replay_progress(r, snap.stats),
         "learned_rate_rps": rate,
         "rate_limit_met": limit_met,
-        "parked": parking.figures(r),
+        "parked": parking.counts(r),
     }
 
 

@@ -175,10 +175,10 @@ def _message_items(raw: bytes, needle: bytes, *, unacked: bool = False) -> list[
     if needle not in raw and b"base64" not in raw:
         return []
     try:
-        envelope = orjson.loads(raw)
+        frame = orjson.loads(raw)
         if unacked:  # kombu keeps [message, exchange, routing key]
-            envelope = envelope[0]
-        items = wire.items_of(envelope)
+            frame = frame[0]
+        items = wire.items_of(frame)
     except (ValueError, KeyError, IndexError, TypeError):
         return []
     return _decoded(items) if isinstance(items, list) else []

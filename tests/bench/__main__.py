@@ -1,6 +1,10 @@
 """`python -m tests.bench [names...]`: run the benchmarks (all, or those named), write
 `bench-results/<name>.json` for each and print a markdown table of the figures.
 
+The table is also written into docs/benchmarks.md, between its markers, one row per
+benchmark with when and on which commit it ran (tests.bench.page; `--no-page` leaves the
+page alone).
+
 `--baseline REF` makes `e2e` an A/B run (`e2e_ab`, tests.bench.ab): today's worker
 against REF's, alternated rounds. `--profile` samples the live worker with py-spy during
 e2e's throughput load and prints where its CPU went (tests.bench.profile).
@@ -15,13 +19,27 @@ import argparse
 import functools
 import os
 import signal
+import subprocess
 import sys
 import time
 import traceback
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any, NoReturn
 
-from tests.bench import ab, adaptive, e2e, harness, ingest, profile, ratelimit, replay, wait, wrk
+from tests.bench import (
+    ab,
+    adaptive,
+    e2e,
+    harness,
+    ingest,
+    page,
+    profile,
+    ratelimit,
+    replay,
+    wait,
+    wrk,
+)
 from tests.bench.harness import Env, say
 
 BENCHMARKS: dict[str, Callable[[Env], dict[str, Any]]] = {
@@ -119,6 +137,16 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _commit() -> str:
+    """The short hash of HEAD, with "+" when the tree has changes ("?" outside git)."""
+
+    def git(*args: str) -> str:
+        run = subprocess.run(["git", *args], cwd=harness.ROOT, capture_output=True, text=True)
+        return run.stdout.strip() if run.returncode == 0 else "?"
+
+    return git("rev-parse", "--short", "HEAD") + ("+" if git("status", "--porcelain") else "")
+
+
 def _terminate(signum: int, _: Any) -> NoReturn:
     # Unwind through every `finally`, so the children are killed and the database flushed.
     raise SystemExit(128 + signum)
@@ -140,6 +168,9 @@ def main() -> int:
     )
     parser.add_argument(
         "--profile", action="store_true", help="e2e: py-spy the live worker under load"
+    )
+    parser.add_argument(
+        "--no-page", action="store_true", help="do not write the table into docs/benchmarks.md"
     )
     args = parser.parse_args()
     if args.baseline:
@@ -184,6 +215,12 @@ def main() -> int:
     say(f"all done in {time.monotonic() - started:.0f} s")
     print(f"Redis: {env.persistence}; load average (1 min) {os.getloadavg()[0]:.2f} at the end\n")
     print(table(results))
+    if not args.no_page and not args.profile:  # a profiled run's rates are not figures
+        when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+        run = page.Run(when=when, commit=_commit(), load=os.getloadavg()[0])
+        failed = {r["name"] for r in results if "error" in r}
+        written = page.write(table(results), run, failed)
+        say(f"table written to {written.relative_to(harness.ROOT)} (failed rows kept as they were)")
     if args.profile and e2e.PROFILE_PATH.exists() and not args.baseline:
         cpu = next((r["throughput"]["worker_cpu_us_per_event"] for r in results
                     if r.get("name") == "e2e" and "throughput" in r), None)  # fmt: skip

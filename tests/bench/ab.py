@@ -11,7 +11,7 @@ event over today's, the worker's processes and Redis's together) moves less stil
 
 Only the worker differs. Today's ingest writes what an earlier worker reads: each queued
 message is a Celery protocol 2 task message of `relay.deliver_batch` in kombu's Redis
-envelope on the `relay` list, its body zlib-compressed under kombu's `compression` header
+frame on the `relay` list, its body zlib-compressed under kombu's `compression` header
 (which any kombu consumer inflates before decoding), carrying the same item fields
 (`id`, `source`, `received_at`, `attempts`, `event`).
 """

@@ -3,7 +3,7 @@ Celery worker, each a real process. The suite starts a redis-server of its own o
 port (another application's data on a shared host is never touched, and two checkouts test
 side by side); RELAY_TEST_REDIS_URL names a given Redis instead. Its database is flushed
 before each test. The sandbox is shared by the session and reset between tests; the worker and
-ingest process of the `relay` fixture by a module's tests, while each test's work is done
+ingest process of the `relay_url` fixture by a module's tests, while each test's work is done
 when it ends (SharedRelay); the others are started by the test that needs them.
 """
 
@@ -232,9 +232,9 @@ def queued_items(r: redis.Redis, queue: str = "relay") -> list[dict[str, Any]]:
 
     out = []
     for raw in reversed(r.lrange(queue, 0, -1)):
-        envelope = json.loads(raw)
-        assert envelope["headers"]["task"] == "relay.deliver_batch"
-        out.extend(wire.items_of(envelope))
+        frame = json.loads(raw)
+        assert frame["headers"]["task"] == "relay.deliver_batch"
+        out.extend(wire.items_of(frame))
     return out
 
 
@@ -457,7 +457,7 @@ class SharedRelay:
 
 @pytest.fixture(autouse=True)
 def _no_shared_relay_unasked(request: pytest.FixtureRequest) -> None:
-    """A test that did not ask for `relay` runs without a shared worker left consuming
+    """A test that did not ask for `relay_url` runs without a shared worker left consuming
     beside it by the module's previous test."""
     if "shared_relay" not in request.fixturenames:
         for shared in list(SharedRelay.running):
@@ -497,7 +497,7 @@ def relay_with(
 
 
 @pytest.fixture
-def relay(relay_with: Callable[..., str]) -> str:
+def relay_url(relay_with: Callable[..., str]) -> str:
     """A worker and an ingest process on the test database, delivering to the sandbox
     (shared with the module's other tests while their work is done; see SharedRelay)."""
     return relay_with()

@@ -33,7 +33,7 @@ WHEN = "2026-11-01T10:00:00Z"
 
 
 @pytest.fixture
-def relay(relay_with: Callable[..., str]) -> str:
+def relay_url(relay_with: Callable[..., str]) -> str:
     # A long identity wait: a track waits for its user rather than being dead-lettered.
     return relay_with(identity_wait_s=300)
 
@@ -61,17 +61,17 @@ def relay_cli(r: redis.Redis, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_group_then_tracks_land_on_the_groups_account(
-    relay: str, r: redis.Redis, clean_sandbox: Sandbox
+    relay_url: str, r: redis.Redis, clean_sandbox: Sandbox
 ) -> None:
-    post(relay, {"type": "group", "userId": "ann", "groupId": "acct-42",
+    post(relay_url, {"type": "group", "userId": "ann", "groupId": "acct-42",
                  "traits": {"name": "Acme", "plan": "Enterprise", "employees": 120}})  # fmt: skip
     wait_for(lambda: settled(r) and len(clean_sandbox.commands()) == 1)
     # A late group call from before does not move the user back to an older account.
-    post(relay, {"type": "group", "userId": "ann", "groupId": "acct-old",
+    post(relay_url, {"type": "group", "userId": "ann", "groupId": "acct-old",
                  "timestamp": "2020-01-01T00:00:00Z"},
          {"type": "identify", "userId": "ann", "traits": {"email": "ann@acme.io"}})  # fmt: skip
     wait_for(lambda: settled(r) and len(clean_sandbox.commands()) == 2)
-    post(relay, track("Report Run", userId="ann"),
+    post(relay_url, track("Report Run", userId="ann"),
          track("Exported", userId="ann", context={"groupId": "acct-7"}))  # fmt: skip
     wait_for(lambda: settled(r) and len(clean_sandbox.commands()) >= 4)
     commands = clean_sandbox.commands()
@@ -89,13 +89,13 @@ def test_group_then_tracks_land_on_the_groups_account(
     ]
 
 
-def test_an_alias_links_two_ids(relay: str, r: redis.Redis, clean_sandbox: Sandbox) -> None:
-    post(relay, {"type": "identify", "userId": "old-id",
+def test_an_alias_links_two_ids(relay_url: str, r: redis.Redis, clean_sandbox: Sandbox) -> None:
+    post(relay_url, {"type": "identify", "userId": "old-id",
                  "traits": {"accountExternalId": "A1", "contactExternalId": "c-1"}})  # fmt: skip
     wait_for(lambda: settled(r) and r.exists("relay:identity:u:old-id") == 1)
-    post(relay, {"type": "alias", "previousId": "old-id", "userId": "new-id"})
+    post(relay_url, {"type": "alias", "previousId": "old-id", "userId": "new-id"})
     wait_for(lambda: settled(r) and r.exists("relay:alias:u:old-id") == 1)
-    post(relay, track("Under the new id", userId="new-id"),
+    post(relay_url, track("Under the new id", userId="new-id"),
          track("Under the old id", userId="old-id"))  # fmt: skip
     assert who(clean_sandbox.wait_commands(2)) == [
         ("Under the new id", "A1", "c-1"),
@@ -116,9 +116,9 @@ def settled_but_delayed(r: redis.Redis) -> bool:
 
 
 def test_an_import_resolves_a_waiting_track_at_once(
-    relay: str, r: redis.Redis, clean_sandbox: Sandbox, tmp_path: Path
+    relay_url: str, r: redis.Redis, clean_sandbox: Sandbox, tmp_path: Path
 ) -> None:
-    post(relay, track("Before deployment", userId="legacy"))
+    post(relay_url, track("Before deployment", userId="legacy"))
     _waiting_far_out(r, "legacy")
     file = tmp_path / "users.csv"
     file.write_text("userId,accountExternalId,contactExternalId\nlegacy,A-9,legacy@x.io\n")
@@ -137,14 +137,14 @@ def test_an_import_resolves_a_waiting_track_at_once(
 
 
 def test_a_group_call_releases_the_users_waiting_track(
-    relay: str, r: redis.Redis, clean_sandbox: Sandbox
+    relay_url: str, r: redis.Redis, clean_sandbox: Sandbox
 ) -> None:
-    post(relay, track("Waited", userId="bob"))
+    post(relay_url, track("Waited", userId="bob"))
     # Tried again and again: indexed once, under its latest delayed-set member.
     wait_for(lambda: stat(r, "retried:identity_wait") >= 3)
     _waiting_far_out(r, "bob")
     assert r.smembers("relay:waiting:u:bob") == set(r.zrange("relay:delayed", 0, -1))
-    post(relay, {"type": "group", "userId": "bob", "groupId": "acct-b"})
+    post(relay_url, {"type": "group", "userId": "bob", "groupId": "acct-b"})
     assert who(clean_sandbox.wait_commands(1, timeout=15)) == [("Waited", "acct-b", "bob")]
 
 
@@ -167,10 +167,10 @@ def stat(r: redis.Redis, name: str) -> int:
 
 
 def test_a_delete_empties_the_users_state(
-    relay: str, r: redis.Redis, clean_sandbox: Sandbox
+    relay_url: str, r: redis.Redis, clean_sandbox: Sandbox
 ) -> None:
     ids = {"accountExternalId": "A-del", "contactExternalId": "c-del"}
-    post(relay, {"type": "identify", "userId": "gone", "traits": {**ids, "plan": "X"}},
+    post(relay_url, {"type": "identify", "userId": "gone", "traits": {**ids, "plan": "X"}},
          {"type": "alias", "previousId": "before", "userId": "gone"},
          track("Too long", userId="gone", properties={"accountExternalId": "x" * 101}),
          {"type": "identify", "userId": "stays", "traits": ids})  # fmt: skip
@@ -180,13 +180,13 @@ def test_a_delete_empties_the_users_state(
     assert [c["name"] for c in clean_sandbox.commands()] == ["plan"]
     # A track of the user waits in the delayed set for a retry when the delete comes.
     clean_sandbox.fault(status=503, for_s=120)
-    post(relay, track("Pending", userId="gone"))
+    post(relay_url, track("Pending", userId="gone"))
     wait_for(lambda: r.zcard("relay:delayed") == 1 and stat(r, "requests:5xx") >= 1)
     # As Segment sends a deletion request to a Webhooks destination.
     delete = json.dumps({"type": "delete", "userId": "gone", "messageId": "del-1",
                          "context": {"library": {"name": "unknown", "version": "unknown"}},
                          "timestamp": "2026-11-29T10:00:00.000Z"}).encode()  # fmt: skip
-    requests.post(relay + "/webhook", data=delete,
+    requests.post(relay_url + "/webhook", data=delete,
                   headers={"X-Signature": sign(delete)}).raise_for_status()  # fmt: skip
     wait_for(lambda: stat(r, "skipped:delete_request") == 1)
     clean_sandbox.reset()
@@ -199,23 +199,23 @@ def test_a_delete_empties_the_users_state(
     shown = json.loads(relay_cli(r, "identities", "show", "gone").stdout)
     assert list(shown) == ["u:gone"] and list(shown["u:gone"]) == ["deleted_at"]
     # The user may come back: events received after the delete are delivered.
-    post(relay, track("Back", userId="gone", properties=ids))
+    post(relay_url, track("Back", userId="gone", properties=ids))
     assert who(clean_sandbox.wait_commands(1)) == [("Back", "A-del", "c-del")]
 
 
 def test_an_older_identify_changes_nothing(
-    relay: str, r: redis.Redis, clean_sandbox: Sandbox
+    relay_url: str, r: redis.Redis, clean_sandbox: Sandbox
 ) -> None:
     ids = {"accountExternalId": "A-t", "contactExternalId": "c-t"}
-    post(relay, {"type": "identify", "userId": "t", "timestamp": "2026-11-01T10:00:00.002Z",
+    post(relay_url, {"type": "identify", "userId": "t", "timestamp": "2026-11-01T10:00:00.002Z",
                  "traits": {**ids, "plan": "New"}})  # fmt: skip
     wait_for(lambda: settled(r) and len(clean_sandbox.commands()) == 1)
     # A retried, late or clock-corrected identify from a millisecond before: nothing of it
     # reaches ChurnZero; a later one does, and a track from before it is history, kept.
-    post(relay, {"type": "identify", "userId": "t", "timestamp": "2026-11-01T10:00:00.001Z",
+    post(relay_url, {"type": "identify", "userId": "t", "timestamp": "2026-11-01T10:00:00.001Z",
                  "traits": {**ids, "plan": "Old"}})  # fmt: skip
     wait_for(lambda: settled(r) and stat(r, "skipped:stale_attribute") == 1)
-    post(relay, track("Earlier", userId="t", timestamp="2026-10-01T00:00:00Z"),
+    post(relay_url, track("Earlier", userId="t", timestamp="2026-10-01T00:00:00Z"),
          {"type": "identify", "userId": "t", "timestamp": "2026-11-02T00:00:00Z",
           "traits": {**ids, "plan": "Newer"}})  # fmt: skip
     wait_for(lambda: settled(r) and len(clean_sandbox.commands()) == 3)
@@ -255,12 +255,12 @@ def test_increments_and_allow_dupes(
 
 
 def test_standard_calls_of_the_python_library_only(
-    relay: str, r: redis.Redis, clean_sandbox: Sandbox
+    relay_url: str, r: redis.Redis, clean_sandbox: Sandbox
 ) -> None:
     """docs/segment-setup.md's set-up: identify, group, track, and no custom traits."""
     from segment.analytics import Client
 
-    client = Client(WRITE_KEY, host=relay, sync_mode=True)
+    client = Client(WRITE_KEY, host=relay_url, sync_mode=True)
     # Segment's usual order: identify at sign-in (no account known yet: its traits are
     # parked), then group, which names the account and releases them at once.
     client.identify("u-py", {"email": "py@acme.io", "firstName": "Py"})
@@ -278,9 +278,9 @@ def test_standard_calls_of_the_python_library_only(
 
 
 def test_relay_identities_forget_deletes_through_the_workers(
-    relay: str, r: redis.Redis, clean_sandbox: Sandbox
+    relay_url: str, r: redis.Redis, clean_sandbox: Sandbox
 ) -> None:
-    post(relay, {"type": "group", "userId": "cli-gone", "groupId": "acct-c"})
+    post(relay_url, {"type": "group", "userId": "cli-gone", "groupId": "acct-c"})
     wait_for(lambda: settled(r) and r.exists("relay:identity:u:cli-gone") == 1)
     refused = relay_cli(r, "identities", "forget", "cli-gone")
     assert refused.returncode != 0 and "--yes" in refused.stderr
@@ -294,44 +294,44 @@ def test_relay_identities_forget_deletes_through_the_workers(
 
 
 def test_only_a_signed_webhook_may_delete_a_user(
-    relay: str, r: redis.Redis, clean_sandbox: Sandbox
+    relay_url: str, r: redis.Redis, clean_sandbox: Sandbox
 ) -> None:
     ids = {"accountExternalId": "A-keep", "contactExternalId": "c-keep"}
-    post(relay, {"type": "identify", "userId": "keep", "traits": ids})
+    post(relay_url, {"type": "identify", "userId": "keep", "traits": ids})
     wait_for(lambda: settled(r) and r.exists("relay:identity:u:keep") == 1)
     delete = {"type": "delete", "userId": "keep", "messageId": "del-api"}
     # A write key is public: on /v1/* a delete is listed as rejected, the rest accepted.
-    answer = requests.post(relay + "/v1/batch", auth=AUTH, json={"batch": [
+    answer = requests.post(relay_url + "/v1/batch", auth=AUTH, json={"batch": [
         delete, track("Still here", userId="keep")]})  # fmt: skip
     assert answer.status_code == 200
     body = answer.json()
     assert body["accepted"] == 1 and [r_["index"] for r_ in body["rejected"]] == [0]
     assert "signed /webhook" in body["rejected"][0]["errors"][0]["message"]
     # On /webhook, a write key (Basic) authenticates events, never a deletion.
-    basic = requests.post(relay + "/webhook", auth=AUTH, json={**delete, "messageId": "del-b"})
+    basic = requests.post(relay_url + "/webhook", auth=AUTH, json={**delete, "messageId": "del-b"})
     assert basic.status_code == 200 and len(basic.json()["rejected"]) == 1
     wait_for(lambda: settled(r) and len(clean_sandbox.commands()) == 1)
     assert who(clean_sandbox.commands()) == [("Still here", "A-keep", "c-keep")]
     assert r.exists("relay:identity:u:keep") == 1 and r.keys("relay:deleted:*") == []
     assert r.zcard("relay:dlq:index") == 0 and stat(r, "skipped:delete_request") == 0
-    # Counted (ingest writes its figures to Redis now and then).
+    # Counted (ingest writes its stats to Redis now and then).
     wait_for(lambda: stat(r, "ingest_events:api:refused_delete") == 1
              and stat(r, "ingest_events:webhook:refused_delete") == 1)  # fmt: skip
     # A signed one is Segment's privacy tooling: honoured.
     signed = json.dumps({**delete, "messageId": "del-s"}).encode()
-    requests.post(relay + "/webhook", data=signed,
+    requests.post(relay_url + "/webhook", data=signed,
                   headers={"X-Signature": sign(signed)}).raise_for_status()  # fmt: skip
     wait_for(lambda: settled(r) and stat(r, "skipped:delete_request") == 1)
     assert r.exists("relay:identity:u:keep") == 0
 
 
-def test_one_person_is_one_contact(relay: str, r: redis.Redis, clean_sandbox: Sandbox) -> None:
+def test_one_person_is_one_contact(relay_url: str, r: redis.Redis, clean_sandbox: Sandbox) -> None:
     # The issue's reproduction: an identify naming only the account, then one with an email.
-    post(relay, {"type": "identify", "userId": "d2", "timestamp": "2026-11-01T10:00:00Z",
+    post(relay_url, {"type": "identify", "userId": "d2", "timestamp": "2026-11-01T10:00:00Z",
                  "traits": {"accountExternalId": "A2", "plan": "a"}},
          track("First", userId="d2"))  # fmt: skip
     wait_for(lambda: settled(r) and len(clean_sandbox.commands()) == 2)
-    post(relay, {"type": "identify", "userId": "d2", "timestamp": "2026-11-01T11:00:00Z",
+    post(relay_url, {"type": "identify", "userId": "d2", "timestamp": "2026-11-01T11:00:00Z",
                  "traits": {"email": "d2@x.io", "plan": "b"}},
          track("Second", userId="d2"))  # fmt: skip
     wait_for(lambda: settled(r) and len(clean_sandbox.commands()) == 5)
@@ -343,7 +343,7 @@ def test_one_person_is_one_contact(relay: str, r: redis.Redis, clean_sandbox: Sa
     assert "first contact sent" in shown["contact_from"] and "userId" in shown["contact_from"]
     # Only an explicit contact id moves the user: logged, counted, and the attribute clock
     # comes along, so an older identify's value does not win on the new contact.
-    post(relay, {"type": "identify", "userId": "d2", "timestamp": "2026-11-01T12:00:00Z",
+    post(relay_url, {"type": "identify", "userId": "d2", "timestamp": "2026-11-01T12:00:00Z",
                  "traits": {"contactExternalId": "c-d2"}},
          {"type": "identify", "userId": "d2", "timestamp": "2026-11-01T10:30:00Z",
           "traits": {"plan": "older"}},

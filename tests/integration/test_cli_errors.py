@@ -23,7 +23,7 @@ READ_ONLY = [
 ]  # fmt: skip
 
 
-def relay(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+def relay_command(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
     """`relay ARGS` from `cwd` with only these RELAY_ variables."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
     command = [sys.executable, "-m", "relay.ops.cli", *args]
@@ -42,7 +42,7 @@ def one_line(out: subprocess.CompletedProcess[str]) -> str:
 def test_read_only_commands_never_start_a_redis_of_their_own(
     tmp_path: Path, args: list[str]
 ) -> None:
-    out = relay(args, tmp_path)
+    out = relay_command(args, tmp_path)
     assert out.returncode == 2
     assert one_line(out) == f"Error: {NO_RELAY_HERE}"
     assert list(tmp_path.iterdir()) == []  # no ./.relay, no embedded Redis started
@@ -51,7 +51,7 @@ def test_read_only_commands_never_start_a_redis_of_their_own(
 @pytest.mark.parametrize("args", [["status"], ["dlq", "list"], ["serve"], ["worker"]], ids=" ".join)
 @pytest.mark.parametrize("url", ["redis://127.0.0.1:{port}/0", "redis://:pw@127.0.0.1:{port}/0"])
 def test_redis_down_is_one_line_with_a_hint(tmp_path: Path, args: list[str], url: str) -> None:
-    out = relay(args, tmp_path, RELAY_REDIS_URL=url.format(port=free_port()),
+    out = relay_command(args, tmp_path, RELAY_REDIS_URL=url.format(port=free_port()),
                 RELAY_WRITE_KEYS="k", RELAY_CHURNZERO_APP_KEY="k")  # fmt: skip
     assert out.returncode == 1
     line = one_line(out)
@@ -72,7 +72,7 @@ def test_redis_down_is_one_line_with_a_hint(tmp_path: Path, args: list[str], url
 def test_a_bad_setting_stops_every_command(
     tmp_path: Path, args: list[str], env: dict[str, str], message: str
 ) -> None:
-    out = relay(args, tmp_path, RELAY_WRITE_KEYS="k", **env)
+    out = relay_command(args, tmp_path, RELAY_WRITE_KEYS="k", **env)
     assert out.returncode == 1
     assert message in one_line(out)
 
@@ -87,10 +87,10 @@ def test_status_reads_the_relay_that_runs_here(tmp_path: Path) -> None:
            "RELAY_INGEST_PROCESSES": "1", "RELAY_LOG_FORMAT": "json"}  # fmt: skip
     try:
         start_ingest(children, env)  # `relay serve` owns the embedded Redis under site/
-        out = relay(["status", "--json"], site)
+        out = relay_command(["status", "--json"], site)
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout)["depth"]["dead"] == 0
-        assert relay(["dlq", "list"], site).returncode == 0
-        assert relay(["status"], elsewhere).returncode == 2
+        assert relay_command(["dlq", "list"], site).returncode == 0
+        assert relay_command(["status"], elsewhere).returncode == 2
     finally:
         children.stop_all()

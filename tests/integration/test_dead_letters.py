@@ -45,7 +45,7 @@ def legacy(r: redis.Redis) -> dict[str, bytes]:
 
 
 @pytest.fixture
-def relay(r: redis.Redis) -> Iterator[Callable[..., Result]]:
+def cli(r: redis.Redis) -> Iterator[Callable[..., Result]]:
     """`relay ARGS...`, run in this process against the test database."""
     deployment = Deployment(Settings(redis_url=url_of(r)))
     runner = CliRunner()
@@ -65,24 +65,24 @@ def test_a_previous_versions_entry_reads_back_byte_for_byte(
 
 
 def test_a_previous_versions_entry_lists_and_shows_as_before(
-    relay: Callable[..., Result], legacy: dict[str, bytes]
+    cli: Callable[..., Result], legacy: dict[str, bytes]
 ) -> None:
-    listed = relay("dlq", "list", "--json")
+    listed = cli("dlq", "list", "--json")
     assert listed.exit_code == 0, listed.output
     assert [json.loads(line) for line in listed.output.splitlines()] == [
         json.loads(legacy[REJECTED]), json.loads(legacy[INVALID])
     ]  # fmt: skip
-    shown = relay("dlq", "show", INVALID)
+    shown = cli("dlq", "show", INVALID)
     assert shown.exit_code == 0, shown.output
     assert shown.output == json.dumps(json.loads(legacy[INVALID]), indent=2) + "\n"
-    table = relay("dlq", "list", "--reason", "rejected")
+    table = cli("dlq", "list", "--reason", "rejected")
     assert "u-1017" in table.output and table.output.endswith("1 of 1 shown\n")
 
 
 def test_a_previous_versions_entry_replays_into_the_replay_lane(
-    r: redis.Redis, relay: Callable[..., Result], legacy: dict[str, bytes]
+    r: redis.Redis, cli: Callable[..., Result], legacy: dict[str, bytes]
 ) -> None:
-    replayed = relay("dlq", "replay", REJECTED)
+    replayed = cli("dlq", "replay", REJECTED)
     assert (replayed.exit_code, replayed.output) == (0, "replayed 1 of 1\n")
     [item] = queued_items(r, keys.REPLAY_QUEUE)
     stored = json.loads(legacy[REJECTED])["item"]
@@ -98,12 +98,12 @@ def test_a_previous_versions_entry_replays_into_the_replay_lane(
 
 
 def test_a_previous_versions_entry_purges_by_reason(
-    r: redis.Redis, relay: Callable[..., Result], legacy: dict[str, bytes]
+    r: redis.Redis, cli: Callable[..., Result], legacy: dict[str, bytes]
 ) -> None:
-    refused = relay("dlq", "purge", "--reason", "invalid_event")
+    refused = cli("dlq", "purge", "--reason", "invalid_event")
     assert refused.exit_code == 1
     assert "this deletes 1 dead letters for good; add --yes" in refused.output
-    purged = relay("dlq", "purge", "--reason", "invalid_event", "--yes")
+    purged = cli("dlq", "purge", "--reason", "invalid_event", "--yes")
     assert (purged.exit_code, purged.output) == (0, "purged 1\n")
     assert r.hkeys(keys.DLQ_ENTRIES) == [REJECTED.encode()]
     assert r.zrange(keys.DLQ_INDEX, 0, -1) == [REJECTED.encode()]
@@ -122,17 +122,17 @@ def test_a_previous_versions_entry_purges_by_reason(
     ],
 )
 def test_list_selects_by_time_in_unix_seconds_or_dates(
-    relay: Callable[..., Result], legacy: dict[str, bytes], window: list[str], found: list[str]
+    cli: Callable[..., Result], legacy: dict[str, bytes], window: list[str], found: list[str]
 ) -> None:
-    listed = relay("dlq", "list", "--json", *window)
+    listed = cli("dlq", "list", "--json", *window)
     assert listed.exit_code == 0, listed.output
     assert [json.loads(line)["id"] for line in listed.output.splitlines()] == found
 
 
 def test_purge_and_replay_select_by_time_and_refuse_what_makes_no_sense(
-    r: redis.Redis, relay: Callable[..., Result], legacy: dict[str, bytes]
+    r: redis.Redis, cli: Callable[..., Result], legacy: dict[str, bytes]
 ) -> None:
-    purged = relay("dlq", "purge", "--all", "--until", "2024-06-10 06:12:00", "--yes")
+    purged = cli("dlq", "purge", "--all", "--until", "2024-06-10 06:12:00", "--yes")
     assert (purged.exit_code, purged.output) == (0, "purged 1\n")
     assert r.hkeys(keys.DLQ_ENTRIES) == [REJECTED.encode()]
     refusals: list[tuple[list[str], str]] = [
@@ -143,6 +143,6 @@ def test_purge_and_replay_select_by_time_and_refuse_what_makes_no_sense(
         (["list", "--since", "yesterday"], "'yesterday' is neither unix time nor a date"),
     ]
     for args, message in refusals:
-        answer: Any = relay("dlq", *args)
+        answer: Any = cli("dlq", *args)
         assert answer.exit_code == 2 and message in answer.output, (args, answer.output)
     assert r.hkeys(keys.DLQ_ENTRIES) == [REJECTED.encode()]

@@ -35,8 +35,8 @@ def post_webhook(url: str, payload: Any) -> requests.Response:
     return answer
 
 
-def test_seed_example_with_the_real_python_client(relay: str, clean_sandbox: Sandbox) -> None:
-    client = Client(WRITE_KEY, host=relay, gzip=True, sync_mode=True)
+def test_seed_example_with_the_real_python_client(relay_url: str, clean_sandbox: Sandbox) -> None:
+    client = Client(WRITE_KEY, host=relay_url, gzip=True, sync_mode=True)
     client.identify("userId123", {"accountExternalId": "12345678",
                                   "contactExternalId": "john.smith@company.com",
                                   "firstName": "John", "plan": "Pro"})  # fmt: skip
@@ -66,7 +66,7 @@ def _dt(text: str) -> Any:
 
 
 def test_track_before_identify_in_one_batch_and_filters(
-    relay: str, r: redis.Redis, clean_sandbox: Sandbox
+    relay_url: str, r: redis.Redis, clean_sandbox: Sandbox
 ) -> None:
     batch = [
         {"type": "track", "userId": "u9", "event": "Report Run",
@@ -82,7 +82,7 @@ def test_track_before_identify_in_one_batch_and_filters(
         {"type": "track", "userId": "u9", "event": "Routed", "timestamp": "2026-01-02T03:04:06Z",
          "integrations": {"All": False, "Webhooks": True}},
     ]  # fmt: skip
-    post_webhook(relay, batch)
+    post_webhook(relay_url, batch)
     wait_for(lambda: settled(r) and len(clean_sandbox.commands()) >= 2)
     time.sleep(0.5)
     commands = clean_sandbox.commands()
@@ -102,17 +102,17 @@ def test_track_before_identify_in_one_batch_and_filters(
 
 
 def test_api_all_false_skips_and_engage_identify_via_webhook(
-    relay: str, r: redis.Redis, clean_sandbox: Sandbox
+    relay_url: str, r: redis.Redis, clean_sandbox: Sandbox
 ) -> None:
     auth = (WRITE_KEY, "")
-    requests.post(relay + "/v1/identify", auth=auth, json={
+    requests.post(relay_url + "/v1/identify", auth=auth, json={
         "userId": "<USER ID>", "traits": {"accountExternalId": "A1", "contactExternalId": "C1"},
     }).raise_for_status()  # fmt: skip
-    requests.post(relay + "/v1/track", auth=auth, json={
+    requests.post(relay_url + "/v1/track", auth=auth, json={
         "userId": "<USER ID>", "event": "Not routed", "integrations": {"All": False},
     }).raise_for_status()  # fmt: skip
     wait_for(lambda: r.get("relay:identity:u:<USER ID>") is not None and settled(r))
-    post_webhook(relay, fixture("engage-audience-identify-as-delivered.json"))
+    post_webhook(relay_url, fixture("engage-audience-identify-as-delivered.json"))
     commands = clean_sandbox.wait_commands(2)
     assert sorted((c["name"], c["value"]) for c in commands) == [
         ("Email", "dpease+test@drift.com"),
@@ -124,16 +124,16 @@ def test_api_all_false_skips_and_engage_identify_via_webhook(
 
 
 def test_unresolved_track_waits_then_dead_letters(
-    relay: str, r: redis.Redis, clean_sandbox: Sandbox
+    relay_url: str, r: redis.Redis, clean_sandbox: Sandbox
 ) -> None:
     # identity_wait is 4 s in the test environment.
-    requests.post(relay + "/v1/track", auth=(WRITE_KEY, ""),
+    requests.post(relay_url + "/v1/track", auth=(WRITE_KEY, ""),
                   json={"userId": "ghost", "event": "Boo"}).raise_for_status()  # fmt: skip
-    requests.post(relay + "/v1/track", auth=(WRITE_KEY, ""),
+    requests.post(relay_url + "/v1/track", auth=(WRITE_KEY, ""),
                   json={"userId": "late", "event": "Waited"}).raise_for_status()  # fmt: skip
     # Both tracks were tried and found no identity before "late" identifies.
     wait_for(lambda: int(r.hget("relay:stats", "retried:identity_wait") or 0) >= 2)
-    requests.post(relay + "/v1/identify", auth=(WRITE_KEY, ""), json={
+    requests.post(relay_url + "/v1/identify", auth=(WRITE_KEY, ""), json={
         "userId": "late", "traits": {"accountExternalId": "A", "contactExternalId": "C"}
     }).raise_for_status()  # fmt: skip
     commands = clean_sandbox.wait_commands(1)
@@ -145,7 +145,7 @@ def test_unresolved_track_waits_then_dead_letters(
 
 
 def test_every_segment_sender_shape_reaches_churnzero(
-    relay: str, r: redis.Redis, clean_sandbox: Sandbox
+    relay_url: str, r: redis.Redis, clean_sandbox: Sandbox
 ) -> None:
     """The bodies Segment's senders post, each the way its sender posts it."""
     auth = (WRITE_KEY, "")
@@ -153,12 +153,14 @@ def test_every_segment_sender_shape_reaches_churnzero(
         # analytics.js: short paths, text/plain (no preflight), writeKey in the body.
         body = json.dumps(fixture(f"clients/{name}.json"))
         path = "/v1/i" if name.endswith("identify") else "/v1/t"
-        answer = requests.post(relay + path, data=body, headers={"Content-Type": "text/plain"})
+        answer = requests.post(relay_url + path, data=body, headers={"Content-Type": "text/plain"})
         assert answer.status_code == 200, answer.text
-    requests.post(relay + "/v1/batch", json=fixture("clients/analytics-python-batch.json"))
-    requests.post(relay + "/v1/batch", auth=auth, json=fixture("clients/analytics-node-batch.json"))
-    post_webhook(relay, fixture("webhooks/single-track.json"))
-    post_webhook(relay, fixture("webhooks/batched.json"))
+    requests.post(relay_url + "/v1/batch", json=fixture("clients/analytics-python-batch.json"))
+    requests.post(
+        relay_url + "/v1/batch", auth=auth, json=fixture("clients/analytics-node-batch.json")
+    )
+    post_webhook(relay_url, fixture("webhooks/single-track.json"))
+    post_webhook(relay_url, fixture("webhooks/batched.json"))
 
     def tracked() -> list[tuple[str, str, str]]:
         return sorted((c["eventName"], c["accountExternalId"], c["contactExternalId"])

@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, settings
 from pydantic import TypeAdapter
 from schemathesis import checks as sc
 
-from relay.ingest import bodies, intake, openapi
+from relay.ingest import bodies, openapi, parsing
 from tests import procs
 from tests.integration.conftest import WRITE_KEY, queued_items, relay_env, sign
 
@@ -176,7 +176,7 @@ def test_the_server_serves_its_spec(ingest: str) -> None:
     spec = response.json()
     assert spec == orjson.loads(orjson.dumps(openapi.SPEC))
     assert spec["openapi"] == "3.0.3"
-    routes = {*intake.SINGLE_ROUTES, *intake.BATCH_ROUTES}
+    routes = {*parsing.SINGLE_ROUTES, *parsing.BATCH_ROUTES}
     assert {p.removeprefix("/v1/") for p in spec["paths"] if p.startswith("/v1/")} == routes
     assert requests.post(ingest + "/v1/nope", data=b"{}", timeout=5).status_code == 404
 

@@ -72,7 +72,7 @@ def assert_corrected(commands: list[dict[str, Any]], sent_after: datetime) -> No
 
 
 def test_analytics_node_with_a_fast_clock(
-    js_clients: Path, relay: str, clean_sandbox: Sandbox, tmp_path: Path
+    js_clients: Path, relay_url: str, clean_sandbox: Sandbox, tmp_path: Path
 ) -> None:
     node = shutil.which("node")
     if node is None:
@@ -92,7 +92,7 @@ analytics.closeAndFlush({ timeout: 20000 }).then(() => console.log("flushed"));
     )
     started = datetime.now(UTC)
     env = {**os.environ, "CLIENT": str(js_clients / "@segment" / "analytics-node"),
-           "WRITE_KEY": WRITE_KEY, "HOST": relay}  # fmt: skip
+           "WRITE_KEY": WRITE_KEY, "HOST": relay_url}  # fmt: skip
     out = subprocess.run([node, str(script)], env=env, capture_output=True, text=True,
                          timeout=60)  # fmt: skip
     assert out.returncode == 0 and "flushed" in out.stdout, out.stdout + out.stderr
@@ -144,11 +144,11 @@ window.sent = (async () => {
 def test_analytics_next_in_chromium_delivers_through_cors(
     browser: Any,
     page_server: tuple[str, Path],
-    relay: str,
+    relay_url: str,
     clean_sandbox: Sandbox,
 ) -> None:
     origin, site = page_server
-    host = relay.removeprefix("http://") + "/v1"
+    host = relay_url.removeprefix("http://") + "/v1"
     (site / "index.html").write_text(PAGE % {"key": WRITE_KEY, "host": host})
     context = browser.new_context()
     context.add_init_script(SKEWED_CLOCK)

@@ -8,7 +8,7 @@ import pytest
 import redis
 
 from relay import keys, wire
-from relay.delivery.runs import Runs, State
+from relay.delivery.claims import Claims, State
 from relay.state import lease
 from tests.integration.conftest import event_item
 
@@ -90,14 +90,14 @@ def test_enlist_puts_back_its_own_unrecorded_takes_and_returns_what_it_holds(
 def test_a_claim_held_by_a_lapsed_worker_is_taken_over_and_by_a_live_one_is_busy(
     r: redis.Redis,
 ) -> None:
-    runs = Runs(r, lease_s=55, ttl_s=3600)
+    claims = Claims(r, lease_s=55, ttl_s=3600)
     r.zadd(keys.WORKERS, {"aaaa": now_ms(r) + 5_000, "bbbb": now_ms(r) - 1_000})
     r.set(keys.run_lock("m-live"), "aaaa.token", px=55_000)
     r.set(keys.run_lock("m-dead"), "bbbb.token", px=55_000)
     r.set(keys.run_lock("m-unknown"), "cccc.token", px=55_000)  # a worker with no lease
-    assert runs.claim("m-live", 1).state is State.BUSY
-    assert runs.claim("m-unknown", 1).state is State.BUSY
-    claim = runs.claim("m-dead", 1)
+    assert claims.claim("m-live", 1).state is State.BUSY
+    assert claims.claim("m-unknown", 1).state is State.BUSY
+    claim = claims.claim("m-dead", 1)
     assert claim.state is State.CLAIMED
     assert r.get(keys.run_lock("m-dead")) == claim.token.encode()
     assert r.hexists(keys.run("m-dead"), "claimed")

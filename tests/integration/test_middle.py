@@ -1,7 +1,7 @@
 """The middle layer in-process, against a real Redis (the test database): the shared
 throttle, ingest's group commit and dead-letter replay. Parts are injected (a Redis
 behind a proxy that can refuse, a publish function), never patched; a batch's delivery
-is in test_middle_delivery, runs and the delayed-set mover in test_runs."""
+is in test_middle_delivery, claims and the delayed-set mover in test_claims."""
 
 from __future__ import annotations
 

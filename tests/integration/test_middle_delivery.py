@@ -321,7 +321,7 @@ def test_a_run_frozen_past_its_lease_writes_no_settlement(
         if copy_settles:
             copy_report.append(copy.deliver(items, "m-frozen"))
         else:  # the copy holds the lease, still working
-            copy.runs.claim("m-frozen", len(items))
+            copy.claims.claim("m-frozen", len(items))
 
     fenced = FrozenAfterSending(frozen.throttle, lease_runs_out_and_a_copy_runs)
     frozen.throttle = frozen.sender.throttle = fenced

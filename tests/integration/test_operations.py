@@ -46,7 +46,7 @@ def test_metrics_follow_the_events(
         {"type": "track", "userId": "m", "event": f"E{i}"} for i in range(9)
     ] + [{"type": "page", "userId": "m"}, {"type": "track", "userId": "m"}]  # fmt: skip
     requests.post(url + "/v1/batch", auth=AUTH, json={"batch": batch}).raise_for_status()
-    # Ingest adds its own figures to the deployment's every second.
+    # Ingest adds its own stats to the deployment's every second.
     accepted = {"route": "api", "outcome": "accepted"}
     scrape = lambda: requests.get(url + "/metrics").text  # noqa: E731
     wait_for(lambda: metric(scrape(), "relay_ingest_events_total", **accepted) == 11)
@@ -87,7 +87,7 @@ def test_metrics_show_every_ingest_process_whichever_answers_the_scrape(
         text = requests.get(url + "/metrics").text
         return metric(text, "relay_ingest_requests_total", route="track", status="200")
 
-    wait_for(lambda: shown() == sent)  # each process adds its figures every second
+    wait_for(lambda: shown() == sent)  # each process adds its stats every second
     assert [shown() for _ in range(8)] == [sent] * 8
 
 

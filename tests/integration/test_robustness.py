@@ -53,15 +53,15 @@ def ingest(r: redis.Redis, clean_sandbox: Sandbox, start_ingest: Callable[..., s
     return start_ingest()
 
 
-# The first four share a worker and ingest (the `relay` fixture, see SharedRelay): each
+# The first four share a worker and ingest (the `relay_url` fixture, see SharedRelay): each
 # ends with its work done. The others start workers of their own.
 
 
 def test_503_for_a_while_then_everything_once(
-    relay: str, r: redis.Redis, clean_sandbox: Sandbox
+    relay_url: str, r: redis.Redis, clean_sandbox: Sandbox
 ) -> None:
     clean_sandbox.fault(status=503)
-    identify_then_tracks(relay, 300)
+    identify_then_tracks(relay_url, 300)
     # Down until the worker has met it, however long the worker took to start.
     wait_for(lambda: clean_sandbox.answered(503))
     clean_sandbox.clear_faults()
@@ -72,10 +72,10 @@ def test_503_for_a_while_then_everything_once(
 
 
 def test_400_dead_letters_then_replay_delivers_once(
-    relay: str, r: redis.Redis, clean_sandbox: Sandbox
+    relay_url: str, r: redis.Redis, clean_sandbox: Sandbox
 ) -> None:
     clean_sandbox.fault(status=400)
-    identify_then_tracks(relay, 5)
+    identify_then_tracks(relay_url, 5)
     wait_for(lambda: r.zcard("relay:dlq:reason:rejected") == 5 and settled(r))
     entry = json.loads(next(iter(r.hvals("relay:dlq:entries"))))
     assert entry["status"] == 400 and entry["reason"] == "rejected"
@@ -96,17 +96,17 @@ def test_400_dead_letters_then_replay_delivers_once(
 
 
 def test_same_message_id_twice_is_delivered_once(
-    relay: str, r: redis.Redis, clean_sandbox: Sandbox
+    relay_url: str, r: redis.Redis, clean_sandbox: Sandbox
 ) -> None:
-    identify_then_tracks(relay, 20, prefix="dup")
-    identify_then_tracks(relay, 20, prefix="dup")  # Segment library retrying
+    identify_then_tracks(relay_url, 20, prefix="dup")
+    identify_then_tracks(relay_url, 20, prefix="dup")  # Segment library retrying
     wait_for(lambda: len(tracked(clean_sandbox)) >= 20 and settled(r))
     time.sleep(0.5)
     assert sorted(tracked(clean_sandbox)) == sorted(f"dup-{i}" for i in range(20))
     assert int(r.hget("relay:stats", "skipped:duplicate")) == 21
 
 
-@pytest.mark.usefixtures("relay")
+@pytest.mark.usefixtures("relay_url")
 def test_a_batch_the_worker_cannot_handle_is_dead_lettered_not_dropped(
     r: redis.Redis, clean_sandbox: Sandbox
 ) -> None:

@@ -81,13 +81,15 @@ def delivered_commands(sandbox: Sandbox, count: int, timeout: float) -> int:
 
 @pytest.mark.parametrize(("count", "method"), [(1000, "POST"), (4000, "POST"), (1000, "PUT")])
 def test_signed_actions_batch_is_answered_200_and_delivered_in_full(
-    relay: str, r: redis.Redis, clean_sandbox: Sandbox, count: int, method: str
+    relay_url: str, r: redis.Redis, clean_sandbox: Sandbox, count: int, method: str
 ) -> None:
     run = uuid.uuid4().hex[:8]
     body, headers = signed_batch([actions_event(run, n) for n in range(count)])
     assert len(body) > 500 * 1024  # over the tracking API's request limit
     started = time.perf_counter()
-    answer = requests.request(method, relay + "/webhook", data=body, headers=headers, timeout=30)
+    answer = requests.request(
+        method, relay_url + "/webhook", data=body, headers=headers, timeout=30
+    )
     took = time.perf_counter() - started
     assert answer.status_code == 200, answer.text
     assert answer.json() == {"success": True}
@@ -106,7 +108,7 @@ def test_signed_actions_batch_is_answered_200_and_delivered_in_full(
 
 
 def test_patch_webhook_and_gzip_batch_over_500kb(
-    relay: str, clean_sandbox: Sandbox, r: redis.Redis
+    relay_url: str, clean_sandbox: Sandbox, r: redis.Redis
 ) -> None:
     import gzip
 
@@ -115,26 +117,26 @@ def test_patch_webhook_and_gzip_batch_over_500kb(
     # Segment signs what it sends: the gzip bytes.
     packed = gzip.compress(body)
     headers = {**headers, "Content-Encoding": "gzip", "X-Signature": sign(packed)}
-    answer = requests.patch(relay + "/webhook", data=packed, headers=headers, timeout=30)
+    answer = requests.patch(relay_url + "/webhook", data=packed, headers=headers, timeout=30)
     assert answer.status_code == 200, answer.text
     assert delivered_commands(clean_sandbox, 800, timeout=60) == 800
 
 
 def test_oversized_or_invalid_events_of_an_authenticated_delivery_are_dead_lettered(
-    relay: str, r: redis.Redis, clean_sandbox: Sandbox
+    relay_url: str, r: redis.Redis, clean_sandbox: Sandbox
 ) -> None:
     run = uuid.uuid4().hex[:8]
     huge = actions_event(run, 1)
     huge["properties"]["blob"] = "x" * (70 * 1024)
     body, headers = signed_batch([actions_event(run, 0), huge, actions_event(run, 2)])
-    answer = requests.post(relay + "/webhook", data=body, headers=headers, timeout=10)
+    answer = requests.post(relay_url + "/webhook", data=body, headers=headers, timeout=10)
     assert answer.status_code == 200, answer.text
     assert answer.json()["rejected"] == [
         {"index": 1, "errors": [{"field": "event", "message": "larger than 64 KB"}]}
     ]
     # A lone invalid event too: Segment drops a 400, the dead-letter queue keeps it.
     lone = json.dumps({"type": "track", "userId": "u1", "messageId": f"{run}-lone"}).encode()
-    answer = requests.put(relay + "/webhook", data=lone, headers={"X-Signature": sign(lone)})
+    answer = requests.put(relay_url + "/webhook", data=lone, headers={"X-Signature": sign(lone)})
     assert answer.status_code == 200, answer.text
     assert delivered_commands(clean_sandbox, 2, timeout=30) == 2
     assert r.zcard("relay:dlq:reason:invalid_event") == 2
@@ -142,16 +144,16 @@ def test_oversized_or_invalid_events_of_an_authenticated_delivery_are_dead_lette
     assert sorted(e["item"]["event"]["messageId"] for e in kept) == [f"{run}-1", f"{run}-lone"]
 
 
-def test_unsigned_big_batch_is_still_refused(relay: str, r: redis.Redis) -> None:
+def test_unsigned_big_batch_is_still_refused(relay_url: str, r: redis.Redis) -> None:
     body, _ = signed_batch([actions_event("x", n) for n in range(1000)])
-    answer = requests.post(relay + "/webhook", data=body, headers={"X-Signature": "0" * 40})
+    answer = requests.post(relay_url + "/webhook", data=body, headers={"X-Signature": "0" * 40})
     assert answer.status_code == 401
     assert r.llen("relay") == 0
 
 
-def test_webhook_over_its_own_limits_is_a_bad_request(relay: str, r: redis.Redis) -> None:
+def test_webhook_over_its_own_limits_is_a_bad_request(relay_url: str, r: redis.Redis) -> None:
     body, headers = signed_batch([{"type": "track", "userId": "u", "event": "e"}] * 8001)
-    answer = requests.post(relay + "/webhook", data=body, headers=headers, timeout=30)
+    answer = requests.post(relay_url + "/webhook", data=body, headers=headers, timeout=30)
     assert answer.status_code == 400 and "8000" in answer.json()["error"]
     assert r.llen("relay") == 0
 
@@ -203,11 +205,11 @@ def test_cors_origins_setting_narrows_who_may_call(
 
 
 def test_unknown_user_on_a_shared_browser_waits_for_their_own_identify(
-    relay: str, r: redis.Redis, clean_sandbox: Sandbox
+    relay_url: str, r: redis.Redis, clean_sandbox: Sandbox
 ) -> None:
     auth = (WRITE_KEY, "")
     shared = "anon-shared-browser"
-    requests.post(relay + "/v1/identify", auth=auth, json={
+    requests.post(relay_url + "/v1/identify", auth=auth, json={
         "userId": "alice", "anonymousId": shared,
         "traits": {"accountExternalId": "acct-a", "contactExternalId": "alice@a.io"},
     }).raise_for_status()  # fmt: skip
@@ -215,14 +217,14 @@ def test_unknown_user_on_a_shared_browser_waits_for_their_own_identify(
     while r.get("relay:identity:a:" + shared) is None:
         assert time.monotonic() < deadline, "alice's identify was never learned"
         time.sleep(0.1)
-    requests.post(relay + "/v1/track", auth=auth, json={
+    requests.post(relay_url + "/v1/track", auth=auth, json={
         "userId": "bob", "anonymousId": shared, "event": "Opened Report",
     }).raise_for_status()  # fmt: skip
     deadline = time.monotonic() + 20
     while int(r.hget("relay:stats", "retried:identity_wait") or 0) == 0:
         assert time.monotonic() < deadline, "bob's track did not wait for his identify"
         time.sleep(0.1)
-    requests.post(relay + "/v1/identify", auth=auth, json={
+    requests.post(relay_url + "/v1/identify", auth=auth, json={
         "userId": "bob", "anonymousId": shared,
         "traits": {"accountExternalId": "acct-b", "contactExternalId": "bob@b.io"},
     }).raise_for_status()  # fmt: skip

@@ -41,7 +41,7 @@ def item(rid: str, contact: str = "C") -> dict[str, Any]:
 
 
 def messages(r: redis.Redis) -> list[dict[str, Any]]:
-    """The envelopes in the `relay` list, oldest first."""
+    """The kombu frames in the `relay` list, oldest first."""
     return [json.loads(raw) for raw in reversed(r.lrange(keys.QUEUE, 0, -1))]
 
 
@@ -114,11 +114,11 @@ def test_a_replay_is_queued_in_its_lane_as_celery_routes_it_and_counted(r: redis
 def test_every_message_has_its_own_task_id_and_delivery_tag(r: redis.Redis) -> None:
     publish(url_of(r), [[item(f"x{i}") for i in range(25)], [item("y")]], 1)
     publish(url_of(r), [[item(f"z{i}") for i in range(25)]], 1)  # another ingest process
-    envelopes = messages(r)
-    task_ids = {m["headers"]["id"] for m in envelopes}
-    tags = {m["properties"]["delivery_tag"] for m in envelopes}
+    frames = messages(r)
+    task_ids = {m["headers"]["id"] for m in frames}
+    tags = {m["properties"]["delivery_tag"] for m in frames}
     assert len(task_ids) == len(tags) == 51
-    assert all(m["headers"]["root_id"] == m["headers"]["id"] for m in envelopes)
+    assert all(m["headers"]["root_id"] == m["headers"]["id"] for m in frames)
 
 
 def test_a_message_id_makes_the_same_messages_which_run_once(

@@ -14,7 +14,7 @@ import pytest
 import schemathesis
 
 from relay.errors import RequestError
-from relay.ingest import intake
+from relay.ingest import parsing
 from relay.ingest.openapi import SPEC
 from tests.conftest import fixture
 
@@ -76,8 +76,8 @@ def parser_accepts(path: str, body: Any) -> bool:
     raw = orjson.dumps(body)
     try:
         if path == "/webhook":
-            return not intake.parse_webhook(raw, NOW).rejected
-        return not intake.parse_api(path.removeprefix("/v1/"), raw, NOW).rejected
+            return not parsing.parse_webhook(raw, NOW).rejected
+        return not parsing.parse_api(path.removeprefix("/v1/"), raw, NOW).rejected
     except RequestError:
         return False
 

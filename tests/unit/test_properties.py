@@ -1,6 +1,6 @@
 """Properties of parsing and translation, over any JSON a client could send.
 
-Whatever the body, `intake.parse_api` / `parse_webhook` give an `Intake` or raise
+Whatever the body, `parsing.parse_api` / `parse_webhook` give a `ParsedBody` or raise
 a `RequestError` with status 400, never anything else (a 500). A batch is handled whole:
 every event is accepted or rejected, none lost. Every accepted event can be stored
 (queued, parked for a retry, dead-lettered), translates without raising, and each
@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from relay import envelope, events
 from relay.envelope import Envelope
 from relay.errors import RequestError
-from relay.ingest import intake
+from relay.ingest import parsing
 from relay.mapping import EventMap, IdentityMap, Mapping, TraitMap
 from relay.plan import lookup_keys, parse_items, plan_batch
 from relay.reasons import Reason
@@ -37,7 +37,7 @@ from relay.resolution import Known
 from relay.state import deadletter
 
 RECEIVED = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
-ROUTES = ["webhook", *sorted(intake.SINGLE_ROUTES), *sorted(intake.BATCH_ROUTES)]
+ROUTES = ["webhook", *sorted(parsing.SINGLE_ROUTES), *sorted(parsing.BATCH_ROUTES)]
 MAPPING = Mapping(
     identity=IdentityMap(account_paths=("context.groupId",), contact_paths=("userId",)),
     traits=TraitMap(account=frozenset({"plan"}), rename={"tier": "Tier"}),
@@ -51,7 +51,7 @@ PROPERTIES = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow
 
 # The fixed bugs: orjson serialises at most 254 nested levels but parses 1024, and an
 # aware timestamp at the edge of datetime's range overflows in UTC.
-BUG_DEPTH = 253  # intake: orjson.dumps in _accept raises TypeError
+BUG_DEPTH = 253  # parsing: orjson.dumps in _accept raises TypeError
 BUG_STORED_DEPTH = 251  # accepted, but the worker cannot write its DLQ entry / delayed set
 BUG_TIMESTAMP = "0001-01-01T00:00:00+01:00"  # events._utc: OverflowError
 
@@ -153,29 +153,29 @@ def event_objects(draw: st.DrawFn, full: bool) -> dict[str, Any]:
 
 @st.composite
 def requests(draw: st.DrawFn, full: bool) -> tuple[str, bytes]:
-    """(route, body): an event, a list, a batch envelope, any JSON, or any bytes."""
+    """(route, body): an event, a list, a batch wrapper, any JSON, or any bytes."""
     route = draw(st.sampled_from(ROUTES))
     anything = json_values(1100 if full else 200)
     items = st.lists(event_objects(full) | anything, max_size=6)
-    envelope = st.fixed_dictionaries({"batch": items, "context": anything,
-                                      "integrations": anything})  # fmt: skip
-    shape = event_objects(full) | items | envelope | anything
+    wrapper = st.fixed_dictionaries({"batch": items, "context": anything,
+                                     "integrations": anything})  # fmt: skip
+    shape = event_objects(full) | items | wrapper | anything
     body = draw(st.binary(max_size=200) | shape.map(dumps))
     return route, body
 
 
-def take(route: str, body: bytes) -> intake.Intake | None:
+def take(route: str, body: bytes) -> parsing.ParsedBody | None:
     """The parse ingest does; None for a 400. Any other exception fails the test."""
     try:
         if route == "webhook":
-            return intake.parse_webhook(body, RECEIVED)
-        return intake.parse_api(route, body, RECEIVED)
+            return parsing.parse_webhook(body, RECEIVED)
+        return parsing.parse_api(route, body, RECEIVED)
     except RequestError as exc:
         assert exc.status == 400
         return None
 
 
-def items_of(parsed: intake.Intake, source: str) -> list[dict[str, Any]]:
+def items_of(parsed: parsing.ParsedBody, source: str) -> list[dict[str, Any]]:
     """What ingest queues for the accepted events."""
     return envelope.fresh(parsed.accepted, source, 0.0, map(str, itertools.count()).__next__)
 
@@ -183,7 +183,7 @@ def items_of(parsed: intake.Intake, source: str) -> list[dict[str, Any]]:
 def carried(route: str, body: bytes) -> int:
     """How many events a body that ingest accepts carries."""
     data = orjson.loads(body)
-    if route in intake.BATCH_ROUTES:
+    if route in parsing.BATCH_ROUTES:
         return len(data["batch"])
     return len(data) if isinstance(data, list) else 1
 
@@ -203,7 +203,7 @@ def check_request(route: str, body: bytes) -> None:
     check_translation(parsed, "webhook" if route == "webhook" else "api")
 
 
-def check_translation(parsed: intake.Intake, source: str) -> None:
+def check_translation(parsed: parsing.ParsedBody, source: str) -> None:
     queued = items_of(parsed, source)
     for item in queued:  # queued, parked for a retry, dead-lettered: each is serialised
         json.dumps(item)
@@ -293,6 +293,6 @@ def test_deep_event_is_refused_and_its_dead_letter_can_be_stored() -> None:
     parsed = take("batch", b'{"batch": [' + STORED_DEEP_BODY + b"]}")
     assert parsed is not None and parsed.accepted == [] and len(parsed.rejected) == 1
     assert parsed.rejected[0].errors == [
-        {"field": "event", "message": f"nested deeper than {intake.MAX_DEPTH} levels"}
+        {"field": "event", "message": f"nested deeper than {parsing.MAX_DEPTH} levels"}
     ]
     deadletter.new_entry({"event": parsed.rejected[0].event}, Reason.INVALID_EVENT).to_json()

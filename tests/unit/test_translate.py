@@ -1,4 +1,4 @@
-"""relay.translate: Segment events (parsed by relay.ingest.intake) into ChurnZero commands.
+"""relay.translate: Segment events (parsed by relay.ingest.parsing) into ChurnZero commands.
 
 Table-driven: each case is the events of one batch as a client sends them, and the fate
 of every item exactly (the commands sent, or why it is not).
@@ -15,7 +15,7 @@ import pytest
 
 from relay.commands import Command, IncrementAttribute, SetAttribute, TrackEvent
 from relay.envelope import Envelope
-from relay.ingest.intake import parse_api, parse_webhook
+from relay.ingest.parsing import parse_api, parse_webhook
 from relay.mapping import EventMap, GroupMap, IdentityMap, Increment, Mapping, TraitMap
 from relay.parked import release_items
 from relay.plan import lookup_keys, parse_items, plan_batch
@@ -34,13 +34,13 @@ def items_of(events: list[Any], source: str) -> list[Envelope]:
     raw = [fixture(e) if isinstance(e, str) else e for e in events]
     if source == "webhook":
         body = json.dumps(raw[0] if len(raw) == 1 else raw).encode()
-        intake = parse_webhook(body, RECEIVED, signed=True)
+        parsed = parse_webhook(body, RECEIVED, signed=True)
     else:
-        intake = parse_api("batch", json.dumps({"batch": raw}).encode(), RECEIVED)
-    assert intake.rejected == []
+        parsed = parse_api("batch", json.dumps({"batch": raw}).encode(), RECEIVED)
+    assert parsed.rejected == []
     return [
         Envelope.new(event, source=source, received_at=0.0, rid=f"r{n}")
-        for n, event in enumerate(intake.accepted)
+        for n, event in enumerate(parsed.accepted)
     ]
 
 
@@ -923,15 +923,15 @@ def test_values_not_sent_are_counted_with_a_reason() -> None:
                                "reserved_trait": 3, "quantity_not_a_number": 1}  # fmt: skip
 
 
-def test_envelope_integrations_reach_every_item_of_a_batch() -> None:
+def test_wrapper_integrations_reach_every_item_of_a_batch() -> None:
     body = {
         "batch": [track(properties=IDS), identify({**IDS, "plan": "pro"})],
         "integrations": {"ChurnZero": False},
     }
-    intake = parse_api("batch", json.dumps(body).encode(), RECEIVED)
+    parsed = parse_api("batch", json.dumps(body).encode(), RECEIVED)
     items = [
         Envelope.new(e, source="api", received_at=0.0, rid=f"r{n}")
-        for n, e in enumerate(intake.accepted)
+        for n, e in enumerate(parsed.accepted)
     ]
     parsed, _ = parse_items(items)
     plan = plan_batch(parsed, {}, Mapping())

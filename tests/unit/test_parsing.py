@@ -1,4 +1,5 @@
-"""relay.ingest.intake: request bodies as Segment's libraries and Webhooks destination send them."""
+"""relay.ingest.parsing: request bodies as Segment's libraries and Webhooks destination send
+them."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import pytest
 
 from relay import clock, events
 from relay.errors import RequestError
-from relay.ingest import auth, intake
-from relay.ingest.intake import WEBHOOK_LIMITS, decode_body, parse_api, parse_webhook
+from relay.ingest import auth, parsing
+from relay.ingest.parsing import WEBHOOK_LIMITS, decode_body, parse_api, parse_webhook
 from tests.conftest import fixture
 
 RECEIVED = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -270,10 +271,10 @@ def test_webhook_type_is_taken_from_the_body() -> None:
     assert stored["type"] == "identify"
 
 
-# --- the /v1/batch envelope -------------------------------------------------------------
+# --- the /v1/batch wrapper -------------------------------------------------------------
 
 
-def test_batch_envelope_context_and_integrations_merge_with_item_keys_winning() -> None:
+def test_batch_wrapper_context_and_integrations_merge_with_item_keys_winning() -> None:
     payload = {
         "batch": [
             {
@@ -297,14 +298,14 @@ def test_batch_envelope_context_and_integrations_merge_with_item_keys_winning() 
     assert second["integrations"] == {"All": False, "ChurnZero": True}
 
 
-def test_batch_envelope_fills_an_item_context_that_is_null() -> None:
+def test_batch_wrapper_fills_an_item_context_that_is_null() -> None:
     payload = {"batch": [{**small_track(1), "context": None}], "context": {"ip": "1.2.3.4"}}
     [stored] = parse_api("batch", dumps(payload), RECEIVED).accepted
     assert stored["context"] == {"ip": "1.2.3.4"}
 
 
-def test_batch_envelope_message_id_and_sent_at_are_not_copied_into_items() -> None:
-    payload = {"batch": [small_track(1)], "messageId": "envelope", "sentAt": "2009-11-10T23:00:00Z"}
+def test_batch_wrapper_message_id_and_sent_at_are_not_copied_into_items() -> None:
+    payload = {"batch": [small_track(1)], "messageId": "wrapper", "sentAt": "2009-11-10T23:00:00Z"}
     [stored] = parse_api("batch", dumps(payload), RECEIVED).accepted
     assert "messageId" not in stored
     assert "sentAt" not in stored
@@ -313,7 +314,7 @@ def test_batch_envelope_message_id_and_sent_at_are_not_copied_into_items() -> No
 # --- credentials never stored -----------------------------------------------------------
 
 
-def test_write_key_is_taken_from_the_envelope_and_removed_from_items() -> None:
+def test_write_key_is_taken_from_the_wrapper_and_removed_from_items() -> None:
     payload = {"batch": [{**small_track(1), "writeKey": "wk_item"}], "writeKey": "wk_env"}
     result = parse_api("batch", dumps(payload), RECEIVED)
     assert result.write_key == "wk_env"
@@ -509,7 +510,7 @@ def test_invalid_json_is_a_bad_request(body: bytes, where: str) -> None:
         parse(where, body)
 
 
-def parse(where: str, body: bytes) -> intake.Intake:
+def parse(where: str, body: bytes) -> parsing.ParsedBody:
     if where == "api":
         return parse_api("track", body, RECEIVED)
     return parse_webhook(body, RECEIVED)
@@ -645,11 +646,11 @@ def test_analytics_go_fixtures_parse(name: str, kind: str, timestamp: str) -> No
     assert stored["timestamp"] == clock.iso(RECEIVED - (sent - original))
     assert stored["originalTimestamp"] == payload["batch"][0]["timestamp"]
     assert stored["messageId"] == "I'm unique"
-    # The envelope's library lands in every item.
+    # The wrapper's library lands in every item.
     assert stored["context"]["library"] == payload["context"]["library"]
 
 
-def test_analytics_go_item_context_and_integrations_survive_the_envelope_merge() -> None:
+def test_analytics_go_item_context_and_integrations_survive_the_wrapper_merge() -> None:
     [with_context] = parse_api(
         "batch", dumps(fixture("analytics-go/test-context-track.json")), RECEIVED
     ).accepted
@@ -763,7 +764,7 @@ def test_unparseable_timestamp_falls_back_to_receive_time_flagged(where: str, ba
     [stored] = result.accepted
     assert stored["timestamp"] == "2030-01-02T03:04:05Z"
     assert stored["originalTimestamp"] == bad
-    assert stored[intake.TIMESTAMP_UNPARSEABLE] is True
+    assert stored[parsing.TIMESTAMP_UNPARSEABLE] is True
     assert result.timestamp_fallbacks == 1
 
 
@@ -788,7 +789,7 @@ def test_a_delete_on_the_tracking_api_is_refused_and_the_rest_accepted(route: st
     assert len(result.accepted) == 2 and result.rejected == []
     [refused] = result.refused_deletes
     assert refused.index == 1
-    assert refused.errors == [{"field": "type", "message": intake.DELETE_REFUSED}]
+    assert refused.errors == [{"field": "type", "message": parsing.DELETE_REFUSED}]
 
 
 @pytest.mark.parametrize("signed", [False, True])

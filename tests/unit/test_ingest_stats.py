@@ -1,4 +1,4 @@
-"""Ingest's request figures (relay.ingest.metrics): counted in the process, added up in
+"""Ingest's request stats (relay.ingest.metrics): counted in the process, added up in
 Redis's counters, and shown from them as prometheus_client's own Counter and Histogram
 would show the same requests."""
 
@@ -59,8 +59,8 @@ def added(*drains: dict[str, int]) -> dict[str, int]:
     return total
 
 
-def test_figures_added_up_show_what_prometheus_clients_own_metrics_show() -> None:
-    first, second = metrics.IngestFigures(), metrics.IngestFigures()  # two processes
+def test_stats_added_up_show_what_prometheus_clients_own_metrics_show() -> None:
+    first, second = metrics.IngestStats(), metrics.IngestStats()  # two processes
     theirs = CollectorRegistry()
     requests = Counter("relay_ingest_requests", "", ["route", "status"], registry=theirs)
     events = Counter("relay_ingest_events", "", ["route", "outcome"], registry=theirs)
@@ -71,8 +71,8 @@ def test_figures_added_up_show_what_prometheus_clients_own_metrics_show() -> Non
     )  # fmt: skip
     drains = []
     for n, (route, status, seconds) in enumerate(REQUESTS):
-        figures = first if n % 2 else second
-        figures.request(route, status, seconds)
+        stats = first if n % 2 else second
+        stats.request(route, status, seconds)
         requests.labels(route, str(status)).inc()
         durations.labels(route).observe(seconds)
         if n == 2:
@@ -89,16 +89,16 @@ def test_figures_added_up_show_what_prometheus_clients_own_metrics_show() -> Non
 
 
 def test_a_drain_starts_again_and_counts_not_written_come_back() -> None:
-    figures = metrics.IngestFigures()
-    figures.request("webhook", 200, 0.003)
-    counts = figures.drain()
+    stats = metrics.IngestStats()
+    stats.request("webhook", 200, 0.003)
+    counts = stats.drain()
     assert counts["ingest_requests:webhook:200"] == 1
     assert counts["ingest_seconds_bucket:webhook:0.005"] == 1
     assert counts["ingest_seconds_sum_us:webhook"] == 3000
-    assert figures.drain() == {}
-    figures.unsent(counts)  # Redis did not take them
-    figures.request("webhook", 200, 0.003)
-    again = figures.drain()
+    assert stats.drain() == {}
+    stats.unsent(counts)  # Redis did not take them
+    stats.request("webhook", 200, 0.003)
+    again = stats.drain()
     assert again["ingest_requests:webhook:200"] == 2
     assert again["ingest_seconds_sum_us:webhook"] == 6000
 

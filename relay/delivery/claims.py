@@ -31,39 +31,11 @@ from enum import Enum
 from typing import Any
 
 from relay import keys
-from relay.state import lease, oom
+from relay.state import lease, lua, oom
 
-# KEYS: run, lock, ready, inflight, workers. ARGV: token, lease_ms, events, ttl_ms.
-# Returns {0} settled, {1, pttl} busy, {2, field...} claimed (with the run's fields).
-_CLAIM = """
-if redis.call('HEXISTS', KEYS[1], 'settled') == 1 then return {0} end
-if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  -- Our own lease: this is the same claim again (a client retrying after a lost reply).
-  local holder = redis.call('GET', KEYS[2])
-  if holder ~= ARGV[1] then
-    -- Held by a run of another worker whose own lease lapsed (relay.state.lease): that
-    -- run is gone, take over now rather than after the claim's TTL.
-    local worker = holder and string.match(holder, '^(%x+)%.')
-    local deadline = worker and worker ~= string.match(ARGV[1], '^(%x+)%.')
-      and redis.call('ZSCORE', KEYS[5], worker)
-    local t = redis.call('TIME')
-    if not deadline or tonumber(deadline) >= tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000 then
-      return {1, redis.call('PTTL', KEYS[2])}
-    end
-    redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-  end
-end
-if redis.call('HSETNX', KEYS[1], 'claimed', '1') == 1 then
-  -- Once per message. A publisher may count its message just after a worker took it,
-  -- so the count can dip below zero for a moment; readers show at least zero.
-  redis.call('DECRBY', KEYS[3], ARGV[3])
-  redis.call('INCRBY', KEYS[4], ARGV[3])
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-local out = redis.call('HKEYS', KEYS[1])
-table.insert(out, 1, 2)
-return out
-"""
+# A run's claim on its message; returns {0} settled, {1, pttl} busy, {2, field...}
+# claimed. Its KEYS and ARGV: relay/state/lua/message_claim.lua.
+_CLAIM = lua.read("message_claim")
 
 # KEYS: lock. ARGV: token. Only the run that holds the lease gives it back.
 _RELEASE = """
@@ -113,7 +85,7 @@ class Claim:
     settle_tried: bool = False  # a settlement MULTI was sent (its answer may be lost)
 
 
-class Runs:
+class Claims:
     """Claims, done marks and settlement marks of messages (sync Redis client)."""
 
     def __init__(self, r: Any, *, lease_s: float, ttl_s: int) -> None:

@@ -16,7 +16,7 @@ import redis
 from relay import keys, wire
 from relay.delivery import delayed
 from relay.delivery.batch import Delivery, MessageBusy
-from relay.delivery.runs import Runs, State
+from relay.delivery.claims import Claims, State
 from relay.delivery.sending import Budget
 from relay.envelope import Envelope
 from relay.state import broker
@@ -52,10 +52,10 @@ def test_a_rerun_sends_only_what_no_run_delivered(
     delivery: Delivery, r: redis.Redis, clean_sandbox: Sandbox
 ) -> None:
     # A run got its 2xx for e0 and e1, then lost Redis before it could settle.
-    runs = Runs(r, lease_s=30, ttl_s=600)
-    crashed = runs.claim("m2", 4)
-    runs.mark_done(crashed, ["e0", "e1"])
-    runs.release(crashed)
+    claims = Claims(r, lease_s=30, ttl_s=600)
+    crashed = claims.claim("m2", 4)
+    claims.mark_done(crashed, ["e0", "e1"])
+    claims.release(crashed)
     report = delivery.deliver(items(4), "m2")
     assert sent(clean_sandbox) == ["e2", "e3"]
     assert report.delivered == 4  # all four are delivered, two by the earlier run
@@ -65,8 +65,8 @@ def test_a_rerun_sends_only_what_no_run_delivered(
 def test_a_copy_waits_for_the_run_that_holds_its_message(
     delivery: Delivery, r: redis.Redis, clean_sandbox: Sandbox
 ) -> None:
-    runs = Runs(r, lease_s=30, ttl_s=600)
-    holder = runs.claim("m3", 3)
+    claims = Claims(r, lease_s=30, ttl_s=600)
+    holder = claims.claim("m3", 3)
     assert holder.state is State.CLAIMED
     reports: list[Any] = []
     copy = threading.Thread(target=lambda: reports.append(delivery.deliver(items(3), "m3")))
@@ -74,7 +74,7 @@ def test_a_copy_waits_for_the_run_that_holds_its_message(
     copy.join(0.5)
     assert copy.is_alive()  # waiting: the holder still runs
     pipe = r.pipeline(transaction=True)
-    runs.stage_settled(pipe, holder, 3)
+    claims.stage_settled(pipe, holder, 3)
     pipe.execute()
     copy.join(10)
     assert reports and reports[0].already_settled
@@ -149,23 +149,23 @@ def test_two_movers_at_once_move_each_due_batch_once(r: redis.Redis) -> None:
 def test_a_claim_resent_after_a_lost_reply_finds_its_own_lease(r: redis.Redis) -> None:
     # redis-py resends a command whose reply a broken connection lost: the resent claim
     # must not find the lease it took itself busy (its run would wait for nobody).
-    runs = Runs(r, lease_s=30, ttl_s=600)
+    claims = Claims(r, lease_s=30, ttl_s=600)
     r.set(keys.DEPTH_READY, 4)
-    first = runs.claim("m4", 4, token="t1")
-    again = runs.claim("m4", 4, token="t1")
+    first = claims.claim("m4", 4, token="t1")
+    again = claims.claim("m4", 4, token="t1")
     assert first.state is again.state is State.CLAIMED
     assert int(r.get(keys.DEPTH_READY)) == 0 and int(r.get(keys.DEPTH_INFLIGHT)) == 4
-    assert runs.claim("m4", 4).state is State.BUSY  # any other run waits
+    assert claims.claim("m4", 4).state is State.BUSY  # any other run waits
 
 
 def test_only_the_holder_gives_a_lease_back(r: redis.Redis) -> None:
-    runs = Runs(r, lease_s=30, ttl_s=600)
-    holder = runs.claim("m5", 1)
-    late = runs.claim("m5", 1)
-    runs.release(late)  # a run that never held the lease frees nothing
-    assert runs.claim("m5", 1).state is State.BUSY
-    runs.release(holder)
-    assert runs.claim("m5", 1).state is State.CLAIMED
+    claims = Claims(r, lease_s=30, ttl_s=600)
+    holder = claims.claim("m5", 1)
+    late = claims.claim("m5", 1)
+    claims.release(late)  # a run that never held the lease frees nothing
+    assert claims.claim("m5", 1).state is State.BUSY
+    claims.release(holder)
+    assert claims.claim("m5", 1).state is State.CLAIMED
 
 
 def test_a_copy_gives_its_message_back_rather_than_claim_it_too_late_to_send(
@@ -178,11 +178,11 @@ def test_a_copy_gives_its_message_back_rather_than_claim_it_too_late_to_send(
     assert budget.claim_by < budget.send_by
     timeout_s = found.settings.churnzero_timeout_s
     assert budget.send_by + min(timeout_s, budget.deadline / 2) <= budget.deadline
-    holder = Runs(r, lease_s=60, ttl_s=600).claim("m6", 2)
+    holder = Claims(r, lease_s=60, ttl_s=600).claim("m6", 2)
     started = time.monotonic()
     with pytest.raises(MessageBusy):
         found.deliver(items(2), "m6")
     assert time.monotonic() - started >= budget.claim_by - 0.5  # it did wait a while
     assert clean_sandbox.commands() == []
-    Runs(r, lease_s=60, ttl_s=600).release(holder)
+    Claims(r, lease_s=60, ttl_s=600).release(holder)
     assert found.deliver(items(2), "m6").delivered == 2

@@ -1,6 +1,6 @@
-"""Request bodies into events: decoding, size limits, batch envelopes, validation.
+"""Request bodies into events: decoding, size limits, the batch wrapper, validation.
 
-Pure: bytes in, an `Intake` (accepted events, rejected ones with their errors) out,
+Pure: bytes in, a `ParsedBody` (accepted events, rejected ones with their errors) out,
 or a `RequestError` (400) naming what is wrong with the request as a whole.
 
 Two sets of limits: the tracking API (`/v1/*`) keeps Segment's own, which its libraries
@@ -80,7 +80,7 @@ DELETE_REFUSED = (
 
 
 @dataclass
-class Intake:
+class ParsedBody:
     """What one request carried: valid events (normalised), rejected ones (dead-lettered)
     and refused deletes (counted, changing nothing)."""
 
@@ -164,7 +164,7 @@ class _Route:
     deletes: bool = False  # a signed webhook: `delete` events are Segment's own
 
 
-def _accept(intake: Intake, index: int, raw: Any, route: _Route) -> None:
+def _accept(parsed: ParsedBody, index: int, raw: Any, route: _Route) -> None:
     if isinstance(raw, dict):
         raw.pop("writeKey", None)  # a credential, never stored
     try:
@@ -174,35 +174,35 @@ def _accept(intake: Intake, index: int, raw: Any, route: _Route) -> None:
     if _too_deep(raw, encoded):
         error = {"field": "event", "message": f"nested deeper than {MAX_DEPTH} levels"}
         placeholder = {"omitted": f"event nested deeper than {MAX_DEPTH} levels"}
-        intake.rejected.append(Rejected(index, [error], placeholder))
+        parsed.rejected.append(Rejected(index, [error], placeholder))
         return
     if not isinstance(raw, dict):
         error = {"field": "event", "message": "must be a JSON object"}
-        intake.rejected.append(Rejected(index, [error], raw))
+        parsed.rejected.append(Rejected(index, [error], raw))
         return
     limit = route.limits.event_bytes
     if len(encoded) > limit:
         error = {"field": "event", "message": f"larger than {size_text(limit)}"}
-        intake.rejected.append(Rejected(index, [error], raw))
+        parsed.rejected.append(Rejected(index, [error], raw))
         return
     unreadable, original = False, raw.get("timestamp")
     try:
         event = events.parse(raw)
     except ValidationError as exc:
         if "timestamp" not in raw or not _only_timestamp(exc):
-            intake.rejected.append(Rejected(index, field_errors(exc), raw))
+            parsed.rejected.append(Rejected(index, field_errors(exc), raw))
             return
         # A bad clock value is no reason to lose the event: the receive time stands in.
         given, raw = raw, {k: v for k, v in raw.items() if k != "timestamp"}
         try:
             event = events.parse(raw)
         except ValidationError as again:
-            intake.rejected.append(Rejected(index, field_errors(again), given))
+            parsed.rejected.append(Rejected(index, field_errors(again), given))
             return
         unreadable = True
     if event.type == "delete" and not route.deletes:
         error = {"field": "type", "message": DELETE_REFUSED}
-        intake.refused_deletes.append(Rejected(index, [error], raw))
+        parsed.refused_deletes.append(Rejected(index, [error], raw))
         return
     stamp = None
     client_time = event.timestamp
@@ -217,10 +217,10 @@ def _accept(intake: Intake, index: int, raw: Any, route: _Route) -> None:
     if unreadable:
         stored["originalTimestamp"] = original
         stored[TIMESTAMP_UNPARSEABLE] = True
-        intake.timestamp_fallbacks += 1
+        parsed.timestamp_fallbacks += 1
     elif stamp is not None:
         stored["originalTimestamp"] = original
-    intake.accepted.append(stored)
+    parsed.accepted.append(stored)
 
 
 def _only_timestamp(exc: ValidationError) -> bool:
@@ -246,14 +246,14 @@ def _depth(value: Any, level: int) -> int:
     return level
 
 
-def _single(intake: Intake, raw: dict[str, Any], route: _Route) -> Intake:
+def _single(parsed: ParsedBody, raw: dict[str, Any], route: _Route) -> ParsedBody:
     # A lone event's errors are the request's errors: the caller gets them directly.
-    _accept(intake, 0, raw, route)
-    if intake.rejected:
-        errors = intake.rejected[0].errors
+    _accept(parsed, 0, raw, route)
+    if parsed.rejected:
+        errors = parsed.rejected[0].errors
         detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
         raise RequestError(400, f"invalid event: {detail}")
-    return intake
+    return parsed
 
 
 def _check_count(items: list[Any], limits: Limits) -> None:
@@ -263,34 +263,34 @@ def _check_count(items: list[Any], limits: Limits) -> None:
         )
 
 
-def parse_webhook(body: bytes, received_at: datetime, *, signed: bool = False) -> Intake:
+def parse_webhook(body: bytes, received_at: datetime, *, signed: bool = False) -> ParsedBody:
     """A Segment Webhooks destination request: one event, or an array when batching.
     `signed`: its X-Signature is valid (only then are `delete` events taken).
 
     An invalid event is dead-lettered, not refused, even alone: Segment drops a 400."""
     data = load_json(body)
-    intake = Intake()
+    parsed = ParsedBody()
     route = _Route(WEBHOOK_LIMITS, received_at, deletes=signed)
     if isinstance(data, dict):
-        intake.write_key = _string(data.get("writeKey"))
-        _accept(intake, 0, data, route)
-        return intake
+        parsed.write_key = _string(data.get("writeKey"))
+        _accept(parsed, 0, data, route)
+        return parsed
     if isinstance(data, list):
         if not data:
             raise RequestError(400, "batch is empty")
         _check_count(data, WEBHOOK_LIMITS)
         for index, raw in enumerate(data):
-            _accept(intake, index, raw, route)
-        return intake
+            _accept(parsed, index, raw, route)
+        return parsed
     raise RequestError(400, "body must be a JSON object (an event) or an array of events")
 
 
-def parse_api(route: str, body: bytes, received_at: datetime) -> Intake:
+def parse_api(route: str, body: bytes, received_at: datetime) -> ParsedBody:
     """A tracking API request to `/v1/<route>` (single-event route or batch)."""
     data = load_json(body)
     if not isinstance(data, dict):
         raise RequestError(400, "body must be a JSON object")
-    intake = Intake(write_key=_string(data.get("writeKey")))
+    parsed = ParsedBody(write_key=_string(data.get("writeKey")))
     if route in BATCH_ROUTES:
         items = data.get("batch")
         if not isinstance(items, list):
@@ -304,19 +304,19 @@ def parse_api(route: str, body: bytes, received_at: datetime) -> Intake:
             if isinstance(raw, dict):
                 _merge(raw, "context", context)
                 _merge(raw, "integrations", integrations)
-            _accept(intake, index, raw, batch)
-        return intake
+            _accept(parsed, index, raw, batch)
+        return parsed
     # The path says what the event is, whatever the body claims.
     data["type"] = SINGLE_ROUTES[route]
-    return _single(intake, data, _Route(API_LIMITS, received_at, correct_clock=True))
+    return _single(parsed, data, _Route(API_LIMITS, received_at, correct_clock=True))
 
 
-def _merge(item: dict[str, Any], key: str, envelope: Any) -> None:
-    # The envelope's values are defaults; the event's own win, key by key.
-    if not isinstance(envelope, dict) or not envelope:
+def _merge(item: dict[str, Any], key: str, wrapper: Any) -> None:
+    # The wrapper's values are defaults; the event's own win, key by key.
+    if not isinstance(wrapper, dict) or not wrapper:
         return
     own = item.get(key)
-    item[key] = {**envelope, **own} if isinstance(own, dict) else dict(envelope)
+    item[key] = {**wrapper, **own} if isinstance(own, dict) else dict(wrapper)
 
 
 def _string(value: Any) -> str | None:

@@ -1,4 +1,4 @@
-"""The queue's counts and the deployment's figures in-process, on a real Redis: every way
+"""The queue's counts and the deployment's stats in-process, on a real Redis: every way
 into the queue counts what it queued, and `relay status` and `/metrics` show the
 counters their writers name."""
 
@@ -85,14 +85,14 @@ def test_counters_written_by_their_names_show_under_their_metrics(r: redis.Redis
     assert report["counters"]["skipped:duplicate"] == 2
 
 
-def test_every_metric_the_dashboard_and_alerts_read_is_served(relay: str) -> None:
+def test_every_metric_the_dashboard_and_alerts_read_is_served(relay_url: str) -> None:
     # A renamed metric would leave a panel empty and an alert silent without a word.
     monitoring = ROOT / "relay" / "static" / "monitoring"
     read = (monitoring / "grafana-dashboard.json").read_text() + (
         monitoring / "alerts.yml"
     ).read_text()
     families = {re.sub(r"_(bucket|count|sum)$", "", n) for n in re.findall(r"relay_\w+", read)}
-    text = requests.get(relay + "/metrics", timeout=10).text
+    text = requests.get(relay_url + "/metrics", timeout=10).text
     served = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
     served |= {name + "_total" for name in served}
     assert sorted(families - served) == []
