@@ -11,7 +11,9 @@ in a thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
+import time
 from functools import wraps
 from importlib import resources
 from typing import Any
@@ -20,15 +22,22 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from relay import keys
 from relay.errors import MappingError, RequestError
 from relay.ingest import auth
-from relay.ingest.webapp import SETTINGS, SYNC_REDIS, json_response, refusal
+from relay.ingest.webapp import REDIS, SETTINGS, SYNC_REDIS, json_response, refusal
 from relay.mapping import load_mapping
 from relay.ops import preview
 from relay.reasons import Reason
-from relay.state import broker, deadletter, status, trace
+from relay.state import broker, deadletter, deadletter_query, status, tail, trace
 
 PAGE = resources.files("relay").joinpath("static/admin.html")
+FAVICON = resources.files("relay").joinpath("static/favicon.svg")
+MAX_TAILS = 8  # live panels open at once, per ingest process: each holds a Redis connection
+PING_S = 15  # an idle live panel's keep-alive, which also finds a closed connection
+# Set when the ingest process stops: live panels end rather than hold its shutdown.
+STOPPING: web.AppKey[asyncio.Event] = web.AppKey("tail_stopping")
+TAILS: web.AppKey[list[int]] = web.AppKey("tails")
 
 
 def _error(status_code: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -94,6 +103,15 @@ async def page(_: web.Request) -> web.Response:
     )
 
 
+@routes.get("/favicon.svg")
+async def favicon(_: web.Request) -> web.Response:
+    """GET /admin/favicon.svg: the page's icon."""
+    return web.Response(
+        body=FAVICON.read_bytes(), content_type="image/svg+xml",
+        headers={"Cache-Control": "max-age=86400", "X-Content-Type-Options": "nosniff"},
+    )  # fmt: skip
+
+
 @routes.get("/api/status")
 async def status_view(request: web.Request) -> web.Response:
     """GET /admin/api/status: the status report."""
@@ -107,6 +125,15 @@ def _reason(value: Any) -> Reason | None:
         return Reason(value)
     except ValueError:
         raise RequestError(400, f"unknown reason {value!r}") from None
+
+
+def _moment(value: Any, name: str) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise RequestError(400, f"{name} must be unix seconds") from None
 
 
 def _number(request: web.Request, name: str, default: int, high: int) -> int:
@@ -143,7 +170,7 @@ async def dlq_show(request: web.Request) -> web.Response:
 MAX_BODY_BYTES = 512 * 1024
 
 
-async def _selection(request: web.Request) -> deadletter.Selection:
+async def _body(request: web.Request) -> dict[str, Any]:
     size = request.content_length or 0
     raw = b"" if size > MAX_BODY_BYTES else await request.read()
     if max(size, len(raw)) > MAX_BODY_BYTES:
@@ -154,12 +181,19 @@ async def _selection(request: web.Request) -> deadletter.Selection:
         raise RequestError(400, "body must be JSON") from None
     if not isinstance(body, dict):
         raise RequestError(400, "body must be a JSON object")
+    return body
+
+
+def _selection(body: dict[str, Any]) -> deadletter.Selection:
     ids = body.get("ids")
     if ids is not None and not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
         raise RequestError(400, "ids must be a list of strings")
     reason = _reason(body.get("reason"))
+    since, until = _moment(body.get("since"), "since"), _moment(body.get("until"), "until")
     try:
-        return deadletter.select(ids or (), every=body.get("all") is True, reason=reason)
+        return deadletter.select(
+            ids or (), every=body.get("all") is True, reason=reason, since=since, until=until
+        )
     except deadletter.SelectionError as exc:
         raise RequestError(
             400,
@@ -169,35 +203,157 @@ async def _selection(request: web.Request) -> deadletter.Selection:
         ) from None
 
 
+def _limit(body: dict[str, Any]) -> int | None:
+    limit = body.get("limit")
+    if limit is None:
+        return None
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise RequestError(400, "limit must be a positive whole number")
+    return limit
+
+
+def _each_page(
+    r: Any, selection: deadletter.Selection, limit: int | None, act: Any
+) -> tuple[int, int]:
+    """`act` on pages of the selection, oldest first, up to `limit` entries; returns
+    (acted on, looked at)."""
+    done = looked = 0
+    size = min(500, limit) if limit else 500
+    with contextlib.closing(selection.pages(r, size)) as pages:
+        for page in pages:
+            page = page[: limit - looked] if limit else page
+            done += act(page)
+            looked += len(page)
+            if limit and looked >= limit:
+                break
+    return done, looked
+
+
 @routes.post("/api/dlq/replay")
 async def dlq_replay(request: web.Request) -> web.Response:
-    """POST /admin/api/dlq/replay {"ids": [...]} | {"all": true} | {"reason": R}."""
-    selection = await _selection(request)
+    """POST /admin/api/dlq/replay {"ids": [...]} | {"all": true} | {"reason": R}, with
+    "since"/"until" (unix s) for all or a reason, and "limit": at most that many of the
+    oldest (a bulk replay in steps, to show progress). Answers {"replayed", "left"}."""
+    body = await _body(request)
+    selection, limit = _selection(body), _limit(body)
     r = _sync(request)
     settings = request.config_dict[SETTINGS]
     # The replay lane, a request's worth of events per message.
     queue = broker.Queue(r, settings.message_events)
     per_message = settings.churnzero_batch_size
 
-    def run() -> int:
-        return sum(deadletter.replay(r, page, queue, per_message) for page in selection.pages(r))
+    def run() -> dict[str, int]:
+        replayed, _ = _each_page(
+            r, selection, limit, lambda page: deadletter.replay(r, page, queue, per_message)
+        )
+        return {"replayed": replayed, "left": _left(r, selection)}
 
     try:
-        replayed = await asyncio.to_thread(run)
+        return json_response(await asyncio.to_thread(run))
     except broker.PUBLISH_ERRORS:
         return _error(503, "could not queue the events")
-    return json_response({"replayed": replayed})
 
 
 @routes.post("/api/dlq/purge")
 async def dlq_purge(request: web.Request) -> web.Response:
-    """POST /admin/api/dlq/purge (same selection as replay)."""
-    selection = await _selection(request)
+    """POST /admin/api/dlq/purge (same selection and limit as replay): {"purged", "left"}."""
+    body = await _body(request)
+    selection, limit = _selection(body), _limit(body)
     r = _sync(request)
-    purged = await asyncio.to_thread(
-        lambda: sum(deadletter.purge(r, page) for page in selection.pages(r))
-    )
-    return json_response({"purged": purged})
+
+    def run() -> dict[str, int]:
+        purged, _ = _each_page(r, selection, limit, lambda page: deadletter.purge(r, page))
+        return {"purged": purged, "left": _left(r, selection)}
+
+    return json_response(await asyncio.to_thread(run))
+
+
+def _left(r: Any, selection: deadletter.Selection) -> int:
+    if selection.ids:
+        return len(deadletter.get_many(r, list(selection.ids)))
+    return selection.count(r)
+
+
+@routes.post("/api/dlq/summary")
+async def dlq_summary(request: web.Request) -> web.Response:
+    """POST /admin/api/dlq/summary (same selection as replay): the dry run of a bulk
+    replay or purge: counts by reason and by event, and what a replay would do now.
+    Nothing is changed."""
+    body = await _body(request)
+    selection = _selection(body)
+    r = _sync(request)
+    settings = request.config_dict[SETTINGS]
+
+    def run() -> dict[str, Any]:
+        try:
+            mapping = load_mapping(settings.mapping_file)
+        except MappingError as exc:
+            raise RequestError(400, f"the mapping file cannot be used: {exc}") from None
+        tally = deadletter_query.Tally()
+        pages = preview.entries_pages(
+            r, reason=selection.reason, ids=list(selection.ids) or None,
+            since=selection.since, until=selection.until,
+        )  # fmt: skip
+        result = preview.dry_run(r, tally.counting(pages), mapping, settings)
+        return tally.as_dict() | {"outcomes": dict(result.outcomes.most_common())}
+
+    return json_response(await asyncio.to_thread(run))
+
+
+@routes.get("/api/history")
+async def history_view(request: web.Request) -> web.Response:
+    """GET /admin/api/history: events ingested and delivered per 10 s over the last hour."""
+    return json_response(await asyncio.to_thread(status.history, _sync(request)))
+
+
+@routes.get("/api/tail")
+async def tail_view(request: web.Request) -> web.StreamResponse:
+    """GET /admin/api/tail?user=&outcome=: server-sent events, one `data:` line (JSON, as
+    `relay tail --json`) per event settled from now on that passes the filters."""
+    try:
+        wanted = tail.Filter(
+            user=request.query.get("user") or None, outcome=request.query.get("outcome") or None
+        )
+    except ValueError as exc:
+        raise RequestError(400, str(exc)) from None
+    tails, stopping = request.app[TAILS], request.app[STOPPING]
+    if len(tails) >= MAX_TAILS:
+        return _error(503, f"{MAX_TAILS} live panels are open already", {"Retry-After": "10"})
+    r = request.config_dict[REDIS]
+    newest = await r.xrevrange(keys.TRACE, count=1)
+    last = tail.text_id(newest[0][0]) if newest else "0-0"
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
+                 "X-Content-Type-Options": "nosniff"},
+    )  # fmt: skip
+    await response.prepare(request)
+    tails.append(id(response))
+    try:
+        await response.write(b": following settlements\n\n")
+        pinged = time.monotonic()
+        while not stopping.is_set() and not _gone(request):
+            reply = await r.xread({keys.TRACE: last}, count=tail.COUNT, block=tail.BLOCK_MS)
+            found, newest_id = tail.settled_after(reply, wanted)
+            last = newest_id or last
+            lines = b"".join(b"data: " + orjson.dumps(s.as_dict()) + b"\n\n" for s in found)
+            if not lines and time.monotonic() - pinged > PING_S:
+                lines = b": ping\n\n"
+            if lines:
+                await response.write(lines)
+                pinged = time.monotonic()
+    except ConnectionError:
+        pass  # the browser went away
+    except broker.QUEUE_ERRORS:
+        # Redis went away: the panel says so and connects again.
+        with contextlib.suppress(ConnectionError):
+            await response.write(b"event: problem\ndata: redis unreachable\n\n")
+    finally:
+        tails.remove(id(response))
+    return response
+
+
+def _gone(request: web.Request) -> bool:
+    return request.transport is None or request.transport.is_closing()
 
 
 @routes.post("/api/preview")
@@ -233,6 +389,13 @@ async def trace_view(request: web.Request) -> web.Response:
 def create_app() -> web.Application:
     """The admin page and API, to mount on the ingest app at `/admin`."""
     app = web.Application()
+    app[STOPPING] = asyncio.Event()
+    app[TAILS] = []
+
+    async def stop_tails(app: web.Application) -> None:
+        app[STOPPING].set()
+
+    app.on_shutdown.append(stop_tails)
     for route in routes:
         assert isinstance(route, web.RouteDef)
         app.router.add_route(route.method, route.path, guarded(route.handler), **route.kwargs)
