@@ -65,6 +65,9 @@ _SINCE = click.option(
 _UNTIL = click.option("--until", type=Moment(), default=None, help="Failed at/before (as --since).")
 
 
+ID_PREFIX = 12  # characters of an id a narrow table shows
+
+
 @click.group()
 def dlq() -> None:
     """Inspect, replay, purge and export dead letters."""
@@ -118,8 +121,11 @@ def dlq_list(
         for entry in entries:
             click.echo(json.dumps(entry.as_dict()))
         return
+    console = Console()
+    # On a narrow terminal the ids are cut to a prefix, which show/replay/purge take.
+    short = console.width < 120
     table = Table(show_header=True, header_style="bold")
-    table.add_column("id", no_wrap=True, overflow="ellipsis", min_width=8)
+    table.add_column("id", no_wrap=True)
     for column in ("reason", "status", "attempts", "last failure", "event"):
         table.add_column(column)
     for e in entries:
@@ -128,10 +134,11 @@ def dlq_list(
             f"{body.get('type')} {body.get('event') or ''} {body.get('userId') or ''}".strip()
             if isinstance(body, dict) else str(body)[:40]
         )  # fmt: skip
-        table.add_row(e.id, e.reason.value, str(e.status or ""), str(e.attempts),
+        shown_id = e.id[:ID_PREFIX] if short else e.id
+        table.add_row(shown_id, e.reason.value, str(e.status or ""), str(e.attempts),
                       _when(e.last_failure), what)  # fmt: skip
-    Console().print(table)
-    shown = f"{offset + 1:,}-{offset + len(entries):,}" if entries else "none"
+    console.print(table)
+    shown = f"{len(entries):,}" if not offset else f"{offset + 1:,}-{offset + len(entries):,}"
     click.echo(f"{shown} of {total:,} shown" if total is not None else f"{shown} shown")
     if next_offset is not None:
         click.echo(f"next page: --offset {next_offset}")

@@ -28,8 +28,8 @@ def tail_command(
     try:
         click.echo("following settlements (Ctrl-C to stop)", err=True)
         for settled in tail.follow(r, wanted):
-            click.echo(json.dumps(settled.as_dict()) if as_json else line(settled))
             shown += 1
+            click.echo(json.dumps(settled.as_dict()) if as_json else line(settled))
     except KeyboardInterrupt:
         click.echo(f"\nstopped: {shown:,} event{'s' * (shown != 1)} shown", err=True)
 
