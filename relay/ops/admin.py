@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import hmac
 import time
+from collections.abc import Callable
 from functools import wraps
 from importlib import resources
 from typing import Any
@@ -203,30 +204,28 @@ def _selection(body: dict[str, Any]) -> deadletter.Selection:
         ) from None
 
 
+MAX_STEP = 10_000  # the most a bulk step (a request's `limit`) takes
+
+
 def _limit(body: dict[str, Any]) -> int | None:
     limit = body.get("limit")
     if limit is None:
         return None
-    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
-        raise RequestError(400, "limit must be a positive whole number")
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 0 < limit <= MAX_STEP:
+        raise RequestError(400, f"limit must be a whole number from 1 to {MAX_STEP:,}")
     return limit
 
 
 def _each_page(
-    r: Any, selection: deadletter.Selection, limit: int | None, act: Any
-) -> tuple[int, int]:
-    """`act` on pages of the selection, oldest first, up to `limit` entries; returns
-    (acted on, looked at)."""
-    done = looked = 0
-    size = min(500, limit) if limit else 500
-    with contextlib.closing(selection.pages(r, size)) as pages:
-        for page in pages:
-            page = page[: limit - looked] if limit else page
-            done += act(page)
-            looked += len(page)
-            if limit and looked >= limit:
-                break
-    return done, looked
+    r: Any, selection: deadletter.Selection, limit: int | None, act: Callable[[list[str]], int]
+) -> int:
+    """`act` on pages of the selection, oldest first: all of it, or its `limit` oldest
+    (read directly: a step of a bulk action need not snapshot the whole index). Returns
+    the sum of what `act` returns."""
+    if limit is None:
+        return sum(act(page) for page in selection.pages(r))
+    ids = selection.oldest(r, limit)
+    return sum(act(ids[start : start + 500]) for start in range(0, len(ids), 500))
 
 
 @routes.post("/api/dlq/replay")
@@ -243,7 +242,7 @@ async def dlq_replay(request: web.Request) -> web.Response:
     per_message = settings.churnzero_batch_size
 
     def run() -> dict[str, int]:
-        replayed, _ = _each_page(
+        replayed = _each_page(
             r, selection, limit, lambda page: deadletter.replay(r, page, queue, per_message)
         )
         return {"replayed": replayed, "left": _left(r, selection)}
@@ -262,7 +261,7 @@ async def dlq_purge(request: web.Request) -> web.Response:
     r = _sync(request)
 
     def run() -> dict[str, int]:
-        purged, _ = _each_page(r, selection, limit, lambda page: deadletter.purge(r, page))
+        purged = _each_page(r, selection, limit, lambda page: deadletter.purge(r, page))
         return {"purged": purged, "left": _left(r, selection)}
 
     return json_response(await asyncio.to_thread(run))

@@ -244,6 +244,14 @@ class Selection:
             return len(self.ids)
         return count(r, reason=self.reason, since=self.since, until=self.until)
 
+    def oldest(self, r: redis.Redis, n: int) -> list[str]:
+        """The ids of the `n` selected entries that failed first (of ids: the first n);
+        what a bulk action in steps takes next, as each step removes what it acted on."""
+        if self.ids:
+            return list(self.ids[:n])
+        index, low, high = _range(self.reason, self.since, self.until)
+        return _strings(r.zrangebyscore(index, low, high, start=0, num=n))
+
     def pages(self, r: redis.Redis, size: int = 500) -> Generator[list[str], None, None]:
         """Pages of the selected ids, oldest failure first.
 

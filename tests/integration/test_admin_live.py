@@ -144,3 +144,28 @@ def test_an_hour_of_chart_history_survives_a_reload_and_the_favicon_is_served(
     icon = requests.get(url + "/admin/favicon.svg")
     assert icon.status_code == 200 and icon.headers["Content-Type"].startswith("image/svg+xml")
     assert page.locator("link[rel=icon]").get_attribute("href") == "/admin/favicon.svg"
+
+
+def test_a_bulk_step_takes_the_oldest_of_the_selection_and_says_what_is_left(
+    r: redis.Redis, start_ingest: Callable[..., str]
+) -> None:
+    add(r, 1200, Reason.REJECTED, "Login")
+    add(r, 5, Reason.NEW_NAME, "Odd", start=5000)
+    url = start_ingest(admin_token=TOKEN)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+
+    def post(action: str, **body: Any) -> requests.Response:
+        return requests.post(f"{url}/admin/api/dlq/{action}", json=body, headers=auth)
+
+    step = post("replay", reason="rejected", since=T0 + 100, limit=500)
+    assert step.json() == {"replayed": 500, "left": 600}
+    replayed = sorted(i["replayed_from"] for i in queued_items(r, keys.REPLAY_QUEUE))
+    assert replayed == [f"e{i:05d}" for i in range(100, 600)]  # the oldest in the window
+    assert post("purge", all=True, until=T0 + 99, limit=10_000).json() == {"purged": 100, "left": 0}
+    for bad in (0, 10_001, "5", True):
+        refused = post("purge", all=True, limit=bad)
+        assert refused.status_code == 400 and "limit must be" in refused.json()["error"]
+    assert r.hlen(keys.DLQ_ENTRIES) == 605
+    summary = requests.post(f"{url}/admin/api/dlq/summary", json={"all": True}, headers=auth)
+    assert summary.json()["by_reason"] == {"rejected": 600, "new_name": 5}
+    assert summary.json()["by_event"] == {"Login": 600, "Odd": 5}
