@@ -114,3 +114,13 @@ def test_an_hour_of_history_in_ten_second_steps() -> None:
     assert len(history["ingested"]) == len(history["delivered"]) == 360
     assert history["ingested"][-1] == 5 and sum(history["ingested"]) == 5
     assert history["delivered"][0] == 7 and sum(history["delivered"]) == 7
+
+
+def test_relay_tail_says_each_event_in_one_line() -> None:
+    from relay.ops.cli_tail import line
+
+    at = 1_700_000_000.0  # 22:13:20 UTC
+    delivered = tail.Settled(at, "delivered", "m1", "r1", "ann", "Login", [{}, {}], "", "")
+    dead = tail.Settled(at, "dead", "", "r2", "", "", [], "invalid_command", "e9")
+    assert line(delivered) == "22:13:20  delivered  ann  Login  m1  (2 commands)"
+    assert line(dead) == "22:13:20  dead       -  -  r2  (invalid_command, entry e9)"
