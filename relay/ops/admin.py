@@ -232,7 +232,8 @@ def _each_page(
 async def dlq_replay(request: web.Request) -> web.Response:
     """POST /admin/api/dlq/replay {"ids": [...]} | {"all": true} | {"reason": R}, with
     "since"/"until" (unix s) for all or a reason, and "limit": at most that many of the
-    oldest (a bulk replay in steps, to show progress). Answers {"replayed", "left"}."""
+    oldest (a bulk replay in steps, to show progress). Answers {"replayed"}, and with a
+    limit {"left"}: how many selected entries are still dead letters."""
     body = await _body(request)
     selection, limit = _selection(body), _limit(body)
     r = _sync(request)
@@ -245,7 +246,7 @@ async def dlq_replay(request: web.Request) -> web.Response:
         replayed = _each_page(
             r, selection, limit, lambda page: deadletter.replay(r, page, queue, per_message)
         )
-        return {"replayed": replayed, "left": _left(r, selection)}
+        return {"replayed": replayed} | _left(r, selection, limit)
 
     try:
         return json_response(await asyncio.to_thread(run))
@@ -255,22 +256,25 @@ async def dlq_replay(request: web.Request) -> web.Response:
 
 @routes.post("/api/dlq/purge")
 async def dlq_purge(request: web.Request) -> web.Response:
-    """POST /admin/api/dlq/purge (same selection and limit as replay): {"purged", "left"}."""
+    """POST /admin/api/dlq/purge (same selection and limit as replay): {"purged"(, "left")}."""
     body = await _body(request)
     selection, limit = _selection(body), _limit(body)
     r = _sync(request)
 
     def run() -> dict[str, int]:
         purged = _each_page(r, selection, limit, lambda page: deadletter.purge(r, page))
-        return {"purged": purged, "left": _left(r, selection)}
+        return {"purged": purged} | _left(r, selection, limit)
 
     return json_response(await asyncio.to_thread(run))
 
 
-def _left(r: Any, selection: deadletter.Selection) -> int:
+def _left(r: Any, selection: deadletter.Selection, limit: int | None) -> dict[str, int]:
+    """After a step (`limit`): how many selected entries are left, for its progress."""
+    if limit is None:
+        return {}
     if selection.ids:
-        return len(deadletter.get_many(r, list(selection.ids)))
-    return selection.count(r)
+        return {"left": len(deadletter.get_many(r, list(selection.ids)))}
+    return {"left": selection.count(r)}
 
 
 @routes.post("/api/dlq/summary")
