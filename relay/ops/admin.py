@@ -11,9 +11,7 @@ in a thread.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
-import time
 from collections.abc import Callable
 from functools import wraps
 from importlib import resources
@@ -23,22 +21,16 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from relay import keys
 from relay.errors import MappingError, RequestError
 from relay.ingest import auth
-from relay.ingest.webapp import REDIS, SETTINGS, SYNC_REDIS, json_response, refusal
+from relay.ingest.webapp import SETTINGS, SYNC_REDIS, json_response, refusal
 from relay.mapping import load_mapping
-from relay.ops import preview
+from relay.ops import admin_live, preview
 from relay.reasons import Reason
-from relay.state import broker, deadletter, deadletter_query, status, tail, trace
+from relay.state import broker, deadletter, deadletter_query, status, trace
 
 PAGE = resources.files("relay").joinpath("static/admin.html")
 FAVICON = resources.files("relay").joinpath("static/favicon.svg")
-MAX_TAILS = 8  # live panels open at once, per ingest process: each holds a Redis connection
-PING_S = 15  # an idle live panel's keep-alive, which also finds a closed connection
-# Set when the ingest process stops: live panels end rather than hold its shutdown.
-STOPPING: web.AppKey[asyncio.Event] = web.AppKey("tail_stopping")
-TAILS: web.AppKey[list[int]] = web.AppKey("tails")
 
 
 def _error(status_code: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -309,56 +301,6 @@ async def history_view(request: web.Request) -> web.Response:
     return json_response(await asyncio.to_thread(status.history, _sync(request)))
 
 
-@routes.get("/api/tail")
-async def tail_view(request: web.Request) -> web.StreamResponse:
-    """GET /admin/api/tail?user=&outcome=: server-sent events, one `data:` line (JSON, as
-    `relay tail --json`) per event settled from now on that passes the filters."""
-    try:
-        wanted = tail.Filter(
-            user=request.query.get("user") or None, outcome=request.query.get("outcome") or None
-        )
-    except ValueError as exc:
-        raise RequestError(400, str(exc)) from None
-    tails, stopping = request.app[TAILS], request.app[STOPPING]
-    if len(tails) >= MAX_TAILS:
-        return _error(503, f"{MAX_TAILS} live panels are open already", {"Retry-After": "10"})
-    r = request.config_dict[REDIS]
-    newest = await r.xrevrange(keys.TRACE, count=1)
-    last = tail.text_id(newest[0][0]) if newest else "0-0"
-    response = web.StreamResponse(
-        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
-                 "X-Content-Type-Options": "nosniff"},
-    )  # fmt: skip
-    await response.prepare(request)
-    tails.append(id(response))
-    try:
-        await response.write(b": following settlements\n\n")
-        pinged = time.monotonic()
-        while not stopping.is_set() and not _gone(request):
-            reply = await r.xread({keys.TRACE: last}, count=tail.COUNT, block=tail.BLOCK_MS)
-            found, newest_id = tail.settled_after(reply, wanted)
-            last = newest_id or last
-            lines = b"".join(b"data: " + orjson.dumps(s.as_dict()) + b"\n\n" for s in found)
-            if not lines and time.monotonic() - pinged > PING_S:
-                lines = b": ping\n\n"
-            if lines:
-                await response.write(lines)
-                pinged = time.monotonic()
-    except ConnectionError:
-        pass  # the browser went away
-    except broker.QUEUE_ERRORS:
-        # Redis went away: the panel says so and connects again.
-        with contextlib.suppress(ConnectionError):
-            await response.write(b"event: problem\ndata: redis unreachable\n\n")
-    finally:
-        tails.remove(id(response))
-    return response
-
-
-def _gone(request: web.Request) -> bool:
-    return request.transport is None or request.transport.is_closing()
-
-
 @routes.post("/api/preview")
 async def preview_view(request: web.Request) -> web.Response:
     """POST /admin/api/preview (a Segment event, array or batch): what it would produce
@@ -392,14 +334,8 @@ async def trace_view(request: web.Request) -> web.Response:
 def create_app() -> web.Application:
     """The admin page and API, to mount on the ingest app at `/admin`."""
     app = web.Application()
-    app[STOPPING] = asyncio.Event()
-    app[TAILS] = []
-
-    async def stop_tails(app: web.Application) -> None:
-        app[STOPPING].set()
-
-    app.on_shutdown.append(stop_tails)
-    for route in routes:
+    admin_live.install(app)
+    for route in [*routes, *admin_live.routes]:
         assert isinstance(route, web.RouteDef)
         app.router.add_route(route.method, route.path, guarded(route.handler), **route.kwargs)
     return app
