@@ -76,7 +76,8 @@ DELAYED_EVENTS = PREFIX + "depth:delayed"
 # Deployment-wide counters (HASH field -> int, the fields named by `Stat` below) so any
 # ingest's /metrics shows them all.
 STATS = PREFIX + "stats"
-# Per-second delivered/ingested counts for `relay status` rates (HASH second -> n).
+# Per-second delivered/ingested counts (a STRING per rate and second, kept an hour): the
+# rates of `relay status` and the admin page's chart history.
 RATE = PREFIX + "rate:"
 # HASH per minute (unix time // 60) of the stats of the last minutes (relay.state.recent):
 # delivery-latency buckets, ingest's answers by route and status.

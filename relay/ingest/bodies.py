@@ -112,11 +112,15 @@ class BatchRequest(TypedDict):
 
 
 class Selection(TypedDict, total=False):
-    """Which dead letters: `ids`, or `all: true`, or a `reason`."""
+    """Which dead letters: `ids`, or `all: true`, or a `reason` (these two within
+    `since`/`until`); with `limit`, only that many of them, the oldest (a bulk step)."""
 
     ids: list[str]
     all: bool
     reason: Reason
+    since: Annotated[float, Field(description="last failed at or after (unix seconds)")]
+    until: Annotated[float, Field(description="last failed at or before (unix seconds)")]
+    limit: Annotated[int, Field(ge=1, le=10_000, description="at most this many, oldest first")]
 
 
 # --- the admin API -----------------------------------------------------------------------
@@ -230,11 +234,15 @@ class DeadLetterPage(TypedDict):
     entries: list[DeadLetter]
 
 
+_LEFT = Field(description="with a limit: the selected dead letters still there")
+
+
 @with_config(_CLOSED)
 class Replayed(TypedDict):
     """Dead letters sent through delivery again."""
 
     replayed: Count
+    left: NotRequired[Annotated[int, Field(ge=0), _LEFT]]
 
 
 @with_config(_CLOSED)
@@ -242,6 +250,27 @@ class Purged(TypedDict):
     """Dead letters deleted."""
 
     purged: Count
+    left: NotRequired[Annotated[int, Field(ge=0), _LEFT]]
+
+
+@with_config(_CLOSED)
+class DryRunSummary(TypedDict):
+    """What a bulk replay or purge of a selection would act on (nothing is changed)."""
+
+    total: Count
+    by_reason: dict[str, Count]
+    by_event: Annotated[dict[str, Count], Field(description="a track's name, else the type")]
+    outcomes: Annotated[dict[str, Count], Field(description="what a replay would do now")]
+
+
+@with_config(_CLOSED)
+class History(TypedDict):
+    """Events ingested and delivered per `step_s` seconds over the last hour, oldest first."""
+
+    end: Annotated[int, Field(description="unix second the last step ends at")]
+    step_s: Count
+    ingested: list[Count]
+    delivered: list[Count]
 
 
 @with_config(_CLOSED)

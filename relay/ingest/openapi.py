@@ -52,7 +52,8 @@ class OpenAPI30Schema(GenerateJsonSchema):
 DOCUMENTED: tuple[Any, ...] = (
     events.Event, bodies.BatchRequest, bodies.Selection, bodies.Accepted, bodies.Error,
     bodies.Liveness, bodies.Readiness, bodies.StatusReport, bodies.DeadLetterPage,
-    bodies.Replayed, bodies.Purged, bodies.Preview, bodies.Trace,
+    bodies.Replayed, bodies.Purged, bodies.Preview, bodies.Trace, bodies.DryRunSummary,
+    bodies.History,
 )  # fmt: skip
 
 
@@ -205,10 +206,13 @@ _ADMIN_400 = {"description": "a bad query or selection", "content": _content(bod
 _TOO_BIG = {"description": "body over the server's size limit", "content": _TEXT}
 
 
-def _admin_api(method: str, operation_id: str, summary: str, answer: Any, **extra: Any) -> Schema:
-    """An admin API operation: `answer`, or the refusals every one has (no token, the API
-    off, and for one with a body, a bad or oversized body), or its own `errors`."""
-    responses = {"200": _answer(summary, answer), "404": _ADMIN_OFF,
+def _admin_api(
+    method: str, operation_id: str, summary: str, answer: Any, media: str = _JSON, **extra: Any
+) -> Schema:
+    """An admin API operation: `answer` (of `media`), or the refusals every one has (no
+    token, the API off, and for one with a body, a bad or oversized body), or its own
+    `errors`."""
+    responses = {"200": _answer(summary, answer, media), "404": _ADMIN_OFF,
                  "401": _error("missing or invalid bearer token")}  # fmt: skip
     if "requestBody" in extra:
         responses |= {"400": _ADMIN_400, "413": _TOO_BIG}
@@ -225,6 +229,8 @@ def _admin() -> Schema:
     source = _param("source", "query", {"type": "string", "enum": ["api", "webhook"]})
     some = {"anyOf": [_EVENT, {"type": "array", "items": _EVENT}, _schema(bodies.BatchRequest)]}
     selection = {"required": True, "content": _content(bodies.Selection)}
+    outcome = {"type": "string", "enum": ["delivered", "skipped", "dead"]}
+    tail = [_param("user", "query", _STRING), _param("outcome", "query", outcome)]
     page = _answer("the page (it asks for the token)", _STRING, "text/html")
     return {
         "/admin": {"get": _operation("admin_page", "status page",
@@ -252,6 +258,21 @@ def _admin() -> Schema:
         "/admin/api/trace/{id}": _admin_api(
             "get", "admin_trace", "where the event with this messageId (or relay id) is",
             bodies.Trace, parameters=by_id),
+        "/admin/api/dlq/summary": _admin_api(
+            "post", "admin_dlq_summary",
+            "the dry run of a bulk replay or purge: counts by reason, event and outcome",
+            bodies.DryRunSummary, requestBody=selection),
+        "/admin/api/history": _admin_api(
+            "get", "admin_history", "an hour of ingested and delivered counts", bodies.History),
+        "/admin/api/tail": _admin_api(
+            "get", "admin_tail",
+            "server-sent events: a `data:` line of JSON per event settled from now on",
+            _STRING, "text/event-stream", parameters=tail, errors={"400": _ADMIN_400, "503": _error(
+                "too many live panels open, or Redis unreachable")}),
+        "/admin/favicon.svg": {"get": _operation(
+            "admin_favicon", "the page's icon",
+            {"200": _answer("the icon", _STRING, "image/svg+xml"), "404": _ADMIN_OFF},
+            tags=["admin"])},
     }  # fmt: skip
 
 

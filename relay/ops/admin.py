@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+from collections.abc import Callable
 from functools import wraps
 from importlib import resources
 from typing import Any
@@ -24,11 +25,12 @@ from relay.errors import MappingError, RequestError
 from relay.ingest import auth
 from relay.ingest.webapp import SETTINGS, SYNC_REDIS, json_response, refusal
 from relay.mapping import load_mapping
-from relay.ops import preview
+from relay.ops import admin_live, preview
 from relay.reasons import Reason
-from relay.state import broker, deadletter, status, trace
+from relay.state import broker, deadletter, deadletter_query, status, trace
 
 PAGE = resources.files("relay").joinpath("static/admin.html")
+FAVICON = resources.files("relay").joinpath("static/favicon.svg")
 
 
 def _error(status_code: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -94,6 +96,15 @@ async def page(_: web.Request) -> web.Response:
     )
 
 
+@routes.get("/favicon.svg")
+async def favicon(_: web.Request) -> web.Response:
+    """GET /admin/favicon.svg: the page's icon."""
+    return web.Response(
+        body=FAVICON.read_bytes(), content_type="image/svg+xml",
+        headers={"Cache-Control": "max-age=86400", "X-Content-Type-Options": "nosniff"},
+    )  # fmt: skip
+
+
 @routes.get("/api/status")
 async def status_view(request: web.Request) -> web.Response:
     """GET /admin/api/status: the status report."""
@@ -107,6 +118,15 @@ def _reason(value: Any) -> Reason | None:
         return Reason(value)
     except ValueError:
         raise RequestError(400, f"unknown reason {value!r}") from None
+
+
+def _moment(value: Any, name: str) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise RequestError(400, f"{name} must be unix seconds") from None
 
 
 def _number(request: web.Request, name: str, default: int, high: int) -> int:
@@ -143,7 +163,7 @@ async def dlq_show(request: web.Request) -> web.Response:
 MAX_BODY_BYTES = 512 * 1024
 
 
-async def _selection(request: web.Request) -> deadletter.Selection:
+async def _body(request: web.Request) -> dict[str, Any]:
     size = request.content_length or 0
     raw = b"" if size > MAX_BODY_BYTES else await request.read()
     if max(size, len(raw)) > MAX_BODY_BYTES:
@@ -154,12 +174,19 @@ async def _selection(request: web.Request) -> deadletter.Selection:
         raise RequestError(400, "body must be JSON") from None
     if not isinstance(body, dict):
         raise RequestError(400, "body must be a JSON object")
+    return body
+
+
+def _selection(body: dict[str, Any]) -> deadletter.Selection:
     ids = body.get("ids")
     if ids is not None and not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
         raise RequestError(400, "ids must be a list of strings")
     reason = _reason(body.get("reason"))
+    since, until = _moment(body.get("since"), "since"), _moment(body.get("until"), "until")
     try:
-        return deadletter.select(ids or (), every=body.get("all") is True, reason=reason)
+        return deadletter.select(
+            ids or (), every=body.get("all") is True, reason=reason, since=since, until=until
+        )
     except deadletter.SelectionError as exc:
         raise RequestError(
             400,
@@ -169,35 +196,109 @@ async def _selection(request: web.Request) -> deadletter.Selection:
         ) from None
 
 
+MAX_STEP = 10_000  # the most a bulk step (a request's `limit`) takes
+
+
+def _limit(body: dict[str, Any]) -> int | None:
+    limit = body.get("limit")
+    if limit is None:
+        return None
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 0 < limit <= MAX_STEP:
+        raise RequestError(400, f"limit must be a whole number from 1 to {MAX_STEP:,}")
+    return limit
+
+
+def _each_page(
+    r: Any, selection: deadletter.Selection, limit: int | None, act: Callable[[list[str]], int]
+) -> int:
+    """`act` on pages of the selection, oldest first: all of it, or its `limit` oldest
+    (read directly: a step of a bulk action need not snapshot the whole index). Returns
+    the sum of what `act` returns."""
+    if limit is None:
+        return sum(act(page) for page in selection.pages(r))
+    ids = selection.oldest(r, limit)
+    return sum(act(ids[start : start + 500]) for start in range(0, len(ids), 500))
+
+
 @routes.post("/api/dlq/replay")
 async def dlq_replay(request: web.Request) -> web.Response:
-    """POST /admin/api/dlq/replay {"ids": [...]} | {"all": true} | {"reason": R}."""
-    selection = await _selection(request)
+    """POST /admin/api/dlq/replay {"ids": [...]} | {"all": true} | {"reason": R}, with
+    "since"/"until" (unix s) for all or a reason, and "limit": at most that many of the
+    oldest (a bulk replay in steps, to show progress). Answers {"replayed"}, and with a
+    limit {"left"}: how many selected entries are still dead letters."""
+    body = await _body(request)
+    selection, limit = _selection(body), _limit(body)
     r = _sync(request)
     settings = request.config_dict[SETTINGS]
     # The replay lane, a request's worth of events per message.
     queue = broker.Queue(r, settings.message_events)
     per_message = settings.churnzero_batch_size
 
-    def run() -> int:
-        return sum(deadletter.replay(r, page, queue, per_message) for page in selection.pages(r))
+    def run() -> dict[str, int]:
+        replayed = _each_page(
+            r, selection, limit, lambda page: deadletter.replay(r, page, queue, per_message)
+        )
+        return {"replayed": replayed} | _left(r, selection, limit)
 
     try:
-        replayed = await asyncio.to_thread(run)
+        return json_response(await asyncio.to_thread(run))
     except broker.PUBLISH_ERRORS:
         return _error(503, "could not queue the events")
-    return json_response({"replayed": replayed})
 
 
 @routes.post("/api/dlq/purge")
 async def dlq_purge(request: web.Request) -> web.Response:
-    """POST /admin/api/dlq/purge (same selection as replay)."""
-    selection = await _selection(request)
+    """POST /admin/api/dlq/purge (same selection and limit as replay): {"purged"(, "left")}."""
+    body = await _body(request)
+    selection, limit = _selection(body), _limit(body)
     r = _sync(request)
-    purged = await asyncio.to_thread(
-        lambda: sum(deadletter.purge(r, page) for page in selection.pages(r))
-    )
-    return json_response({"purged": purged})
+
+    def run() -> dict[str, int]:
+        purged = _each_page(r, selection, limit, lambda page: deadletter.purge(r, page))
+        return {"purged": purged} | _left(r, selection, limit)
+
+    return json_response(await asyncio.to_thread(run))
+
+
+def _left(r: Any, selection: deadletter.Selection, limit: int | None) -> dict[str, int]:
+    """After a step (`limit`): how many selected entries are left, for its progress."""
+    if limit is None:
+        return {}
+    if selection.ids:
+        return {"left": len(deadletter.get_many(r, list(selection.ids)))}
+    return {"left": selection.count(r)}
+
+
+@routes.post("/api/dlq/summary")
+async def dlq_summary(request: web.Request) -> web.Response:
+    """POST /admin/api/dlq/summary (same selection as replay): the dry run of a bulk
+    replay or purge: counts by reason and by event, and what a replay would do now.
+    Nothing is changed."""
+    body = await _body(request)
+    selection = _selection(body)
+    r = _sync(request)
+    settings = request.config_dict[SETTINGS]
+
+    def run() -> dict[str, Any]:
+        try:
+            mapping = load_mapping(settings.mapping_file)
+        except MappingError as exc:
+            raise RequestError(400, f"the mapping file cannot be used: {exc}") from None
+        tally = deadletter_query.Tally()
+        pages = preview.entries_pages(
+            r, reason=selection.reason, ids=list(selection.ids) or None,
+            since=selection.since, until=selection.until,
+        )  # fmt: skip
+        result = preview.dry_run(r, tally.counting(pages), mapping, settings)
+        return tally.as_dict() | {"outcomes": dict(result.outcomes.most_common())}
+
+    return json_response(await asyncio.to_thread(run))
+
+
+@routes.get("/api/history")
+async def history_view(request: web.Request) -> web.Response:
+    """GET /admin/api/history: events ingested and delivered per 10 s over the last hour."""
+    return json_response(await asyncio.to_thread(status.history, _sync(request)))
 
 
 @routes.post("/api/preview")
@@ -233,7 +334,8 @@ async def trace_view(request: web.Request) -> web.Response:
 def create_app() -> web.Application:
     """The admin page and API, to mount on the ingest app at `/admin`."""
     app = web.Application()
-    for route in routes:
+    admin_live.install(app)
+    for route in [*routes, *admin_live.routes]:
         assert isinstance(route, web.RouteDef)
         app.router.add_route(route.method, route.path, guarded(route.handler), **route.kwargs)
     return app

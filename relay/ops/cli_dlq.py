@@ -7,6 +7,7 @@ API's; only the words of a refusal differ, since each names its own options.
 from __future__ import annotations
 
 import json
+import sys
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,7 +16,7 @@ import click
 from relay.ops import cli_ops
 from relay.ops.cli_context import Deployment, pass_deployment, show
 from relay.reasons import Reason
-from relay.state import deadletter
+from relay.state import deadletter, deadletter_query
 
 
 # ParamType is generic only in recent click, and the relay allows click 8.1.
@@ -64,55 +65,112 @@ _SINCE = click.option(
 _UNTIL = click.option("--until", type=Moment(), default=None, help="Failed at/before (as --since).")
 
 
+ID_PREFIX = 12  # characters of an id a narrow table shows
+
+
 @click.group()
 def dlq() -> None:
     """Inspect, replay, purge and export dead letters."""
+
+
+def _resolved(deployment: Deployment, given: tuple[str, ...]) -> tuple[str, ...]:
+    """Full ids for ids or unique prefixes; a one-line refusal, nothing done, otherwise."""
+    try:
+        return tuple(deadletter_query.resolve_all(deployment.redis, given))
+    except LookupError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @dlq.command("list")
 @_REASON
 @_SINCE
 @_UNTIL
-@click.option("--limit", type=int, default=20, show_default=True)
+@click.option("--user", default=None, help="Only this user's (userId or anonymousId).")
+@click.option("--event", default=None, help="Only this event (a track's name, or a type).")
+@click.option("--message-id", default=None, help="Only the event with this messageId.")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option(
+    "--offset", type=click.IntRange(min=0), default=0, show_default=True,
+    help="Skip this many (newest first): the next page's offset is printed.",
+)  # fmt: skip
 @click.option("--json", "as_json", is_flag=True)
 @pass_deployment
 def dlq_list(
     deployment: Deployment, reason: Reason | None, since: float | None, until: float | None,
-    limit: int, as_json: bool,
+    user: str | None, event: str | None, message_id: str | None, limit: int, offset: int,
+    as_json: bool,
 ) -> None:  # fmt: skip
-    """The newest dead letters."""
+    """The newest dead letters (ids may be shortened: show, replay and purge take a prefix)."""
     from rich.console import Console
     from rich.table import Table
 
     r = deployment.redis
-    entries = deadletter.list_entries(r, reason=reason, since=since, until=until, limit=limit)
+    match = deadletter_query.Match(user=user, event=event, message_id=message_id)
+    total: int | None = None
+    if match:
+        entries, next_offset = deadletter_query.newest(
+            r, match, reason=reason, since=since, until=until, limit=limit, offset=offset
+        )
+    else:
+        entries = deadletter.list_entries(
+            r, reason=reason, since=since, until=until, limit=limit, offset=offset
+        )
+        total = deadletter.count(r, reason=reason, since=since, until=until)
+        next_offset = offset + limit if offset + limit < total else None
     if as_json:
         for entry in entries:
             click.echo(json.dumps(entry.as_dict()))
         return
+    console = Console()
+    # On a narrow terminal the ids are cut to a prefix, which show/replay/purge take.
+    short = console.width < 120
     table = Table(show_header=True, header_style="bold")
-    for column in ("id", "reason", "status", "attempts", "last failure", "event"):
+    table.add_column("id", no_wrap=True)
+    for column in ("reason", "status", "attempts", "last failure", "event"):
         table.add_column(column)
     for e in entries:
-        event = e.item.get("event")
+        body = e.item.get("event")
         what = (
-            f"{event.get('type')} {event.get('event') or ''} {event.get('userId') or ''}".strip()
-            if isinstance(event, dict) else str(event)[:40]
+            f"{body.get('type')} {body.get('event') or ''} {body.get('userId') or ''}".strip()
+            if isinstance(body, dict) else str(body)[:40]
         )  # fmt: skip
-        when = datetime.fromtimestamp(e.last_failure, UTC).strftime("%Y-%m-%d %H:%M:%S")
-        table.add_row(e.id, e.reason.value, str(e.status or ""), str(e.attempts), when, what)
-    total = deadletter.count(r, reason=reason, since=since, until=until)
-    Console().print(table)
-    click.echo(f"{len(entries)} of {total} shown")
+        shown_id = e.id[:ID_PREFIX] if short else e.id
+        table.add_row(shown_id, e.reason.value, str(e.status or ""), str(e.attempts),
+                      _when(e.last_failure), what)  # fmt: skip
+    console.print(table)
+    shown = f"{len(entries):,}" if not offset else f"{offset + 1:,}-{offset + len(entries):,}"
+    click.echo(f"{shown} of {total:,} shown" if total is not None else f"{shown} shown")
+    if next_offset is not None:
+        click.echo(f"next page: --offset {next_offset}")
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 @dlq.command("show")
 @click.argument("entry_id")
+@click.option("--json", "as_json", is_flag=True, help="The entry as stored (unix times).")
 @pass_deployment
-def dlq_show(deployment: Deployment, entry_id: str) -> None:
-    """One dead letter, whole, as JSON."""
-    entry = deadletter.get(deployment.redis, entry_id)
-    show(entry and entry.as_dict(), f"no dead letter {entry_id}")
+def dlq_show(deployment: Deployment, entry_id: str, as_json: bool) -> None:
+    """One dead letter, whole: its errors first, times in UTC. ENTRY_ID may be a prefix."""
+    [full] = _resolved(deployment, (entry_id,))
+    entry = deadletter.get(deployment.redis, full)
+    if entry is None or as_json:
+        show(entry and entry.as_dict(), f"no dead letter {full}")
+        return
+    click.echo(json.dumps(readable(entry.as_dict()), indent=2))
+
+
+def readable(entry: dict[str, Any]) -> dict[str, Any]:
+    """A stored entry for reading: why first (errors, reason, ChurnZero's answer), then
+    when (UTC), then the event."""
+    first = ("errors", "reason", "status", "response", "attempts")
+    out = {name: entry[name] for name in first if name in entry}
+    for name in ("first_failure", "last_failure"):
+        if isinstance(entry.get(name), int | float):
+            out[name] = _when(entry[name]) + " UTC"
+    return out | {k: v for k, v in entry.items() if k not in out}
 
 
 def _select(
@@ -141,10 +199,11 @@ def dlq_replay(
     deployment: Deployment, ids: tuple[str, ...], every: bool, reason: Reason | None,
     since: float | None, until: float | None, dry_run: bool, as_json: bool,
 ) -> None:  # fmt: skip
-    """Send dead letters through the normal path again (translation re-runs)."""
+    """Send dead letters through the normal path again (translation re-runs). IDS may be
+    prefixes. Interrupted (Ctrl-C), it says what is left; the same command continues."""
     from rich.progress import Progress
 
-    selection = _select(ids, every, reason, since, until)
+    selection = _select(_resolved(deployment, ids), every, reason, since, until)
     r = deployment.redis
     if dry_run:
         _print_dry_run(deployment, selection, as_json)
@@ -153,12 +212,32 @@ def dlq_replay(
     per_message = deployment.settings.churnzero_batch_size
     total = selection.count(r)
     replayed = 0
-    with Progress(disable=total < 1000) as progress:
-        task = progress.add_task("replaying", total=total)
-        for page in selection.pages(r):
-            replayed += deadletter.replay(r, page, deployment.queue, per_message)
-            progress.update(task, advance=len(page))
-    click.echo(f"replayed {replayed} of {total}")
+    try:
+        with Progress(disable=total < 1000) as progress:
+            task = progress.add_task("replaying", total=total)
+            for page in selection.pages(r):
+                replayed += deadletter.replay(r, page, deployment.queue, per_message)
+                progress.update(task, advance=len(page))
+    except KeyboardInterrupt:
+        # A page is queued and removed in one step: what is left is what Redis still holds.
+        left = _left(r, selection)
+        click.echo(
+            f"\ninterrupted: {total - left:,} of {total:,} replayed, {left:,} left; "
+            "run the same command again to replay the rest",
+            err=True,
+        )
+        sys.exit(130)
+    click.echo(f"replayed {replayed:,} of {total:,}")
+    left = _left(r, selection) if selection.ids else 0
+    if selection.ids and left:
+        click.echo(f"{left:,} could not be replayed (not a relay event): see dlq show", err=True)
+
+
+def _left(r: Any, selection: deadletter.Selection) -> int:
+    """How many of the selected entries are still dead letters."""
+    if selection.ids:
+        return len(deadletter.get_many(r, list(selection.ids)))
+    return selection.count(r)
 
 
 def _print_dry_run(deployment: Deployment, selection: deadletter.Selection, as_json: bool) -> None:
@@ -200,23 +279,39 @@ def dlq_purge(
     deployment: Deployment, ids: tuple[str, ...], every: bool, reason: Reason | None,
     since: float | None, until: float | None, yes: bool,
 ) -> None:  # fmt: skip
-    """Delete dead letters for good (asks for --yes)."""
-    selection = _select(ids, every, reason, since, until)
+    """Delete dead letters for good (asks for --yes). IDS may be prefixes."""
+    selection = _select(_resolved(deployment, ids), every, reason, since, until)
     r = deployment.redis
     total = selection.count(r)
     if not yes:
-        raise click.ClickException(f"this deletes {total} dead letters for good; add --yes")
-    purged = sum(deadletter.purge(r, page) for page in selection.pages(r))
-    click.echo(f"purged {purged}")
+        raise click.ClickException(f"this deletes {total:,} dead letters for good; add --yes")
+    purged = 0
+    try:
+        for page in selection.pages(r):
+            purged += deadletter.purge(r, page)
+    except KeyboardInterrupt:
+        left = _left(r, selection)
+        click.echo(
+            f"\ninterrupted: {total - left:,} of {total:,} purged, {left:,} left; "
+            "run the same command again to purge the rest",
+            err=True,
+        )
+        sys.exit(130)
+    click.echo(f"purged {purged:,}")
 
 
 @dlq.command("export")
 @click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
 @_REASON
+@_SINCE
+@_UNTIL
 @pass_deployment
-def dlq_export(deployment: Deployment, file: str, reason: Reason | None) -> None:
-    """Write dead letters as JSON Lines to FILE (- for stdout)."""
+def dlq_export(
+    deployment: Deployment, file: str, reason: Reason | None, since: float | None,
+    until: float | None,
+) -> None:  # fmt: skip
+    """Write dead letters as JSON Lines to FILE (- for stdout), oldest failure first."""
     r = deployment.redis
     with click.open_file(file, "wb") as out:
-        written = deadletter.export(r, out.write, reason=reason)
-    click.echo(f"exported {written}", err=True)
+        written = deadletter.export(r, out.write, reason=reason, since=since, until=until)
+    click.echo(f"exported {written:,}", err=True)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -244,7 +244,15 @@ class Selection:
             return len(self.ids)
         return count(r, reason=self.reason, since=self.since, until=self.until)
 
-    def pages(self, r: redis.Redis, size: int = 500) -> Iterator[list[str]]:
+    def oldest(self, r: redis.Redis, n: int) -> list[str]:
+        """The ids of the `n` selected entries that failed first (of ids: the first n);
+        what a bulk action in steps takes next, as each step removes what it acted on."""
+        if self.ids:
+            return list(self.ids[:n])
+        index, low, high = _range(self.reason, self.since, self.until)
+        return _strings(r.zrangebyscore(index, low, high, start=0, num=n))
+
+    def pages(self, r: redis.Redis, size: int = 500) -> Generator[list[str], None, None]:
         """Pages of the selected ids, oldest failure first.
 
         Pages come from a snapshot of the index taken at the start, so removing entries
@@ -392,10 +400,14 @@ def purge(r: redis.Redis, ids: list[str]) -> int:
     return remove(r, get_many(r, ids))
 
 
-def export(r: redis.Redis, write: Callable[[bytes], Any], *, reason: Reason | None = None) -> int:
-    """Write every matching entry as a JSON line; returns the count."""
+def export(
+    r: redis.Redis, write: Callable[[bytes], Any], *, reason: Reason | None = None,
+    since: float | None = None, until: float | None = None,
+) -> int:  # fmt: skip
+    """Write every matching entry (last failed between `since` and `until`) as a JSON
+    line, oldest first; returns the count."""
     written = 0
-    for ids in Selection(reason=reason).pages(r):
+    for ids in Selection(reason=reason, since=since, until=until).pages(r):
         for entry in get_many(r, ids):
             write(entry.to_json() + b"\n")
             written += 1

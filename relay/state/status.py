@@ -23,7 +23,10 @@ from relay.reasons import Reason
 from relay.state import names, oldest, parking, recent
 
 WINDOW_S = 60
-RATE_TTL_S = 3 * WINDOW_S
+# The per-second counts are kept an hour: the admin page's chart history is read from them.
+HISTORY_S = 3600
+HISTORY_STEP_S = 10
+RATE_TTL_S = HISTORY_S + WINDOW_S
 PROBLEM_TTL_S = 600  # a problem not seen again for this long is taken as fixed
 # Upper bounds (s) of the ChurnZero request-duration histogram that workers keep in Redis.
 REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -227,6 +230,24 @@ def rates(r: Any, now: float | None = None) -> dict[str, Any]:
         values = r.mget([rate_key(rate, s) for s in seconds])
         series = [int(v or 0) for v in values]
         out[rate.value] = {"per_s": round(sum(series) / WINDOW_S, 2), "series": series}
+    return out
+
+
+def history(r: Any, now: float | None = None) -> dict[str, Any]:
+    """Events ingested and delivered per `HISTORY_STEP_S` over the last `HISTORY_S`
+    (oldest first, the last step ending with the last full second), from the per-second
+    counts."""
+    now = time.time() if now is None else now
+    end = int(now)
+    start = end - HISTORY_S
+    out: dict[str, Any] = {"end": end, "step_s": HISTORY_STEP_S}
+    for rate in Rate:
+        values = r.mget([rate_key(rate, s) for s in range(start, end)])
+        steps = [0] * (HISTORY_S // HISTORY_STEP_S)
+        for i, v in enumerate(values):
+            if v:
+                steps[i // HISTORY_STEP_S] += int(v)
+        out[rate.value] = steps
     return out
 
 

@@ -46,12 +46,15 @@ class Sighting:
 
 
 # One stream entry per settlement: `n` events, `v` their outcomes as one JSON array of
-# [outcome, messageId, relay id, commands or why(, dead-letter entry)]: one command in the
-# MULTI and one encode, however many events the batch settled. The cap counts events:
-# each entry trims the stream to the entries that hold about `size` events like it.
+# [outcome, messageId, relay id, commands or why, dead-letter entry or null, user, event]:
+# one command in the MULTI and one encode, however many events the batch settled. The
+# user (userId, else anonymousId) and event (a track's name, else the type) let `relay
+# tail` filter; entries written before them end at the dead-letter entry (or before it).
+# The cap counts events: each entry trims the stream to the entries that hold about
+# `size` events like it.
 # Exact trimming: with few entries of many events, whole nodes would overshoot the cap.
 DELIVERED, SKIPPED, DEAD = "d", "s", "x"
-_STATES = {DELIVERED: "delivered", SKIPPED: "skipped", DEAD: "dead"}
+STATES = {DELIVERED: "delivered", SKIPPED: "skipped", DEAD: "dead"}
 
 
 def stage_record(
@@ -65,17 +68,20 @@ def stage_record(
     """Queue on the settlement's pipeline: one record entry holding the events settled."""
     if size <= 0:
         return
-    events: list[list[Any]] = [
-        [DELIVERED, _message_id(item.event), item.id, [c.to_dict() for c in commands]]
-        for item, commands in delivered
-    ]
-    events += [[SKIPPED, _message_id(item.event), item.id, reason] for item, reason in skipped]
+    events: list[list[Any]] = []
+    for item, commands in delivered:
+        message_id, user, name = _about_event(item.event)
+        events.append(
+            [DELIVERED, message_id, item.id, [c.to_dict() for c in commands], None, user, name]
+        )
+    for item, reason in skipped:
+        message_id, user, name = _about_event(item.event)
+        events.append([SKIPPED, message_id, item.id, reason, None, user, name])
     for entry in dead:
         # An entry's item as stored: not always an envelope (a message the relay did not write).
         rid = str(entry.item.get("id", ""))
-        events.append(
-            [DEAD, _message_id(entry.item.get("event")), rid, entry.reason.value, entry.id]
-        )
+        message_id, user, name = _about_event(entry.item.get("event"))
+        events.append([DEAD, message_id, rid, entry.reason.value, entry.id, user, name])
     if not events:
         return
     events = events[-size:]  # a settlement larger than the record keeps its newest
@@ -85,9 +91,17 @@ def stage_record(
     )
 
 
-def _message_id(event: Any) -> str:
-    message_id = event.get("messageId") if isinstance(event, dict) else None
-    return message_id if isinstance(message_id, str) else ""
+def _about_event(event: Any) -> tuple[Any, Any, Any]:
+    """The event's messageId, user (userId, else anonymousId) and name (a track's, else the
+    type), as the event holds them: any JSON, "" when absent; readers take them as text."""
+    if not isinstance(event, dict):
+        return "", "", ""
+    get = event.get
+    return (
+        get("messageId") or "",
+        get("userId") or get("anonymousId") or "",
+        (get("event") or get("type") or ""),
+    )
 
 
 def find(
@@ -146,10 +160,12 @@ def _settled(r: Any, at: float, event: list[Any]) -> Sighting:
         detail["commands"] = what
     else:
         detail["reason"] = what
+    if len(event) > 5:
+        detail["user"], detail["event"] = event[5], event[6]
     if state == DEAD:
         detail["entry"] = event[4]
         detail["still_dead"] = deadletter.get(r, event[4]) is not None  # replayed or purged?
-    return Sighting(_STATES[state], at, detail)
+    return Sighting(STATES[state], at, detail)
 
 
 def _dead(r: Any, wanted: str, needle: bytes) -> list[Sighting]:

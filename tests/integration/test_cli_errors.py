@@ -19,7 +19,7 @@ NO_RELAY_HERE = "no relay here: set RELAY_REDIS_URL or run where relay dev runs"
 
 READ_ONLY = [
     ["status"], ["status", "--json"], ["dlq", "list"], ["dlq", "show", "x"], ["trace", "x"],
-    ["identities", "show", "u"], ["names", "list"],
+    ["identities", "show", "u"], ["names", "list"], ["tail"], ["tail", "--json"],
 ]  # fmt: skip
 
 

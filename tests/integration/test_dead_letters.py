@@ -72,9 +72,13 @@ def test_a_previous_versions_entry_lists_and_shows_as_before(
     assert [json.loads(line) for line in listed.output.splitlines()] == [
         json.loads(legacy[REJECTED]), json.loads(legacy[INVALID])
     ]  # fmt: skip
-    shown = cli("dlq", "show", INVALID)
+    shown = cli("dlq", "show", INVALID, "--json")
     assert shown.exit_code == 0, shown.output
     assert shown.output == json.dumps(json.loads(legacy[INVALID]), indent=2) + "\n"
+    readable = cli("dlq", "show", INVALID[:6])  # a prefix, for reading: why first, UTC
+    assert readable.exit_code == 0, readable.output
+    assert next(iter(json.loads(readable.output))) == "errors"
+    assert '"last_failure": "2024-06-10 06:11:40 UTC"' in readable.output
     table = cli("dlq", "list", "--reason", "rejected")
     assert "u-1017" in table.output and table.output.endswith("1 of 1 shown\n")
 
