@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -220,13 +220,7 @@ def dlq_replay(
                 progress.update(task, advance=len(page))
     except KeyboardInterrupt:
         # A page is queued and removed in one step: what is left is what Redis still holds.
-        left = _left(r, selection)
-        click.echo(
-            f"\ninterrupted: {total - left:,} of {total:,} replayed, {left:,} left; "
-            "run the same command again to replay the rest",
-            err=True,
-        )
-        sys.exit(130)
+        _interrupted(r, selection, total, "replay", "replayed")
     click.echo(f"replayed {replayed:,} of {total:,}")
     left = _left(r, selection) if selection.ids else 0
     if selection.ids and left:
@@ -290,14 +284,21 @@ def dlq_purge(
         for page in selection.pages(r):
             purged += deadletter.purge(r, page)
     except KeyboardInterrupt:
-        left = _left(r, selection)
-        click.echo(
-            f"\ninterrupted: {total - left:,} of {total:,} purged, {left:,} left; "
-            "run the same command again to purge the rest",
-            err=True,
-        )
-        sys.exit(130)
+        _interrupted(r, selection, total, "purge", "purged")
     click.echo(f"purged {purged:,}")
+
+
+def _interrupted(
+    r: Any, selection: deadletter.Selection, total: int, verb: str, done: str
+) -> NoReturn:
+    """Say what an interrupted replay or purge did and what is left; exit 130 (SIGINT)."""
+    left = _left(r, selection)
+    click.echo(
+        f"\ninterrupted: {total - left:,} of {total:,} {done}, {left:,} left; "
+        f"run the same command again to {verb} the rest",
+        err=True,
+    )
+    sys.exit(130)
 
 
 @dlq.command("export")
