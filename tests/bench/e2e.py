@@ -329,6 +329,7 @@ def e2e(env: Env, events: int = EVENTS, spy: bool = False) -> dict[str, Any]:
         "p99_ms": latency["p99_ms"],
         "p50_ms": latency["p50_ms"],
         "worker_rss_mb": round(rss_mb, 1),
+        "worker_rss_by_process": rss.by_process,
         "all_delivered": complete,
         "sandbox_latency_ms": LATENCY_MS,
         "throughput": run,
