@@ -8,8 +8,11 @@ connections over them).
 lane at a lower CPU priority (`RELAY_REPLAY_NICE`). In one process, a replay's batches
 would hold the interpreter lock while live batches wait; in a process of its own, on a
 busy host the kernel gives live work the CPU first, so a replay of many dead letters
-takes only what live delivery leaves. Given its own `-Q`, `relay worker` is that one
-Celery worker instead.
+takes only what live delivery leaves. The replay lane's process runs on demand: the live
+worker asks for it while replays are queued (workers/lanes.py), and it exits after
+`RELAY_REPLAY_IDLE_S` with nothing to do, so a worker with no replay holds the memory of
+one Celery process, not two. Given its own `-Q`, `relay worker` is that one Celery
+worker instead, always running.
 
 The supervisor starts its children, starts again one that dies, and on SIGTERM or
 SIGINT stops them all (each finishes the work under way: requests, or running tasks)
@@ -28,7 +31,7 @@ from collections.abc import Callable, Sequence
 
 from relay import keys
 from relay.ops.keeper import STOP_TIMEOUT_S, Child, Say, Supervisor, become
-from relay.settings import VISIBILITY_MARGIN_S, Settings
+from relay.settings import LANE_DEMAND_VAR, LANE_ON_DEMAND_VAR, VISIBILITY_MARGIN_S, Settings
 from relay.state import embedded
 
 
@@ -78,12 +81,16 @@ def worker(settings: Settings, redis_url: str, celery_args: Sequence[str], say: 
     ]  # fmt: skip
     if any(a in ("-Q", "--queues") or a.startswith(("-Q", "--queues=")) for a in celery_args):
         os.execvpe(sys.executable, [*command, *celery_args], env)
-    live = Child("live worker", [*command, "-Q", keys.QUEUE, *celery_args])
+    # This pid stays the supervisor's: `become` execs in place.
+    demand = {LANE_DEMAND_VAR: str(os.getpid())}
+    live = Child("live worker", [*command, "-Q", keys.QUEUE, *celery_args], env=demand)
     name = _option(celery_args, "-n", "--hostname") or "celery@%h"
     replay = Child(
         "replay worker",
         [*command, "-Q", keys.REPLAY_QUEUE, *celery_args, "-n", f"replay-{name}"],
         nice=settings.replay_nice,
+        on_demand=True,
+        env={LANE_ON_DEMAND_VAR: "1"},
     )
     # Celery's warm shutdown lets running tasks finish: up to a task's whole time.
     stop_s = settings.task_time_limit_s + VISIBILITY_MARGIN_S
