@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     # `relay worker`'s replay-lane process runs this much nicer than the live one, so a
     # host busy with both gives live work the CPU first (0: the same priority).
     replay_nice: int = Field(10, ge=0, le=19)
+    # ... and, on Linux, under the SCHED_IDLE policy: it gets only the CPU time no other
+    # process of the host wants, so live latency does not feel a replay.
+    replay_sched_idle: bool = True
     # `relay worker` starts its replay-lane process when replays are queued, and the lane
     # stops after this long with nothing to do: its memory is spent only while it works.
     replay_idle_s: float = Field(60.0, gt=0)

@@ -45,11 +45,13 @@ _PRCTL = _prctl()
 _PR_SET_PDEATHSIG = 1
 
 
-def _prepare_child(nice: int) -> None:
+def _prepare_child(nice: int, idle: bool) -> None:
     # Runs in the child between fork and exec (only C calls, no import or lock): its CPU
     # priority, and the kernel sends it SIGTERM when the supervisor dies, even by SIGKILL.
     if nice:
         os.nice(nice)
+    if idle and hasattr(os, "SCHED_IDLE"):  # Linux: the CPU no other process wants
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     if _PRCTL is not None:
         _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
@@ -63,18 +65,20 @@ DEMAND_SIGNAL = signal.SIGUSR1
 
 class Child:
     """A process to keep running: what it is called in messages, its command, its
-    niceness (0: the supervisor's own CPU priority), whether it runs only on demand (see
-    the module docstring), and variables added to its environment."""
+    niceness (0: the supervisor's own CPU priority), whether it runs under Linux's
+    SCHED_IDLE policy (only on CPU time no other process wants; `nice` then matters only
+    among such processes), whether it runs only on demand (see the module docstring), and
+    variables added to its environment."""
 
     # A plain class: dataclasses would add its imports to the keeper's memory.
-    __slots__ = ("argv", "env", "label", "nice", "on_demand")
+    __slots__ = ("argv", "env", "idle", "label", "nice", "on_demand")
 
     def __init__(
         self, label: str, argv: Sequence[str], nice: int = 0, on_demand: bool = False,
-        env: Mapping[str, str] | None = None,
+        env: Mapping[str, str] | None = None, idle: bool = False,
     ) -> None:  # fmt: skip
         self.label, self.argv, self.nice, self.on_demand = label, list(argv), nice, on_demand
-        self.env = dict(env or {})
+        self.env, self.idle = dict(env or {}), idle
 
     def as_dict(self) -> dict[str, object]:
         """The child as JSON-ready keyword arguments of `Child`."""
@@ -103,7 +107,7 @@ class Supervisor:
             list(spec.argv),
             env={**self._env, **spec.env},
             stdin=subprocess.DEVNULL,
-            preexec_fn=partial(_prepare_child, spec.nice),
+            preexec_fn=partial(_prepare_child, spec.nice, spec.idle),
         )
         self._children[slot] = (child, time.monotonic())
 

@@ -5,7 +5,8 @@ answers on one core, and they share the port through SO_REUSEPORT (the kernel sp
 connections over them).
 
 `relay worker` runs two Celery workers: one of the live queue, and one of the replay
-lane at a lower CPU priority (`RELAY_REPLAY_NICE`). In one process, a replay's batches
+lane at a lower CPU priority (`RELAY_REPLAY_NICE`, and Linux's SCHED_IDLE policy unless
+`RELAY_REPLAY_SCHED_IDLE=false`). In one process, a replay's batches
 would hold the interpreter lock while live batches wait; in a process of its own, on a
 busy host the kernel gives live work the CPU first, so a replay of many dead letters
 takes only what live delivery leaves. The replay lane's process runs on demand: the live
@@ -93,6 +94,7 @@ def worker(settings: Settings, redis_url: str, celery_args: Sequence[str], say: 
         "replay worker",
         [*command, "-Q", keys.REPLAY_QUEUE, *celery_args, "-n", f"replay-{name}"],
         nice=settings.replay_nice,
+        idle=settings.replay_sched_idle,
         on_demand=True,
         env={LANE_ON_DEMAND_VAR: "1"},
     )

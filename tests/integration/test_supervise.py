@@ -157,7 +157,7 @@ def lanes_of(supervisor: psutil.Process) -> dict[str, psutil.Process]:
     return found
 
 
-def test_relay_worker_runs_the_replay_lane_on_demand_in_a_nicer_process_of_its_own(
+def test_relay_worker_runs_the_replay_lane_on_demand_in_an_idle_priority_process(
     redis_url: str, r: redis.Redis, clean_sandbox: Sandbox, start_ingest: Callable[..., str],
     tmp_path: Path,
 ) -> None:  # fmt: skip
@@ -194,6 +194,8 @@ def test_relay_worker_runs_the_replay_lane_on_demand_in_a_nicer_process_of_its_o
         lanes = lanes_of(supervisor)
         own = supervisor.nice()
         assert lanes["relay"].nice() == own and lanes["relay.replay"].nice() == own + 7
+        assert os.sched_getscheduler(lanes["relay"].pid) == os.SCHED_OTHER
+        assert os.sched_getscheduler(lanes["relay.replay"].pid) == os.SCHED_IDLE
         wait_for(lambda: {c["eventName"] for c in clean_sandbox.commands()} >= {"Replayed"})
         wait_for(lambda: gone([lanes["relay.replay"].pid]), 60)
         assert set(lanes_of(supervisor)) == {"relay"}
