@@ -51,7 +51,9 @@ def _prepare_child(nice: int, idle: bool) -> None:
     if nice:
         os.nice(nice)
     if idle and hasattr(os, "SCHED_IDLE"):  # Linux: the CPU no other process wants
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        # Refused (a seccomp policy, say), the nice value still holds.
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     if _PRCTL is not None:
         _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
