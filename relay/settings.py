@@ -22,6 +22,12 @@ from relay.errors import ConfigError
 VISIBILITY_MARGIN_S = 15
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "sentinel://")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+# How `relay worker` (relay.ops.supervise) tells its Celery workers that the replay lane
+# runs on demand: the live worker finds the supervisor's pid in LANE_DEMAND_VAR (to ask
+# for the lane while replays wait), the lane's worker finds LANE_ON_DEMAND_VAR set (to
+# stop once idle). Not settings: nothing an operator sets.
+LANE_DEMAND_VAR = "_RELAY_LANE_DEMAND_PID"
+LANE_ON_DEMAND_VAR = "_RELAY_LANE_ON_DEMAND"
 
 
 class Settings(BaseSettings):
@@ -76,6 +82,12 @@ class Settings(BaseSettings):
     # `relay worker`'s replay-lane process runs this much nicer than the live one, so a
     # host busy with both gives live work the CPU first (0: the same priority).
     replay_nice: int = Field(10, ge=0, le=19)
+    # ... and, on Linux, under the SCHED_IDLE policy: it gets only the CPU time no other
+    # process of the host wants, so live latency does not feel a replay.
+    replay_sched_idle: bool = True
+    # `relay worker` starts its replay-lane process when replays are queued, and the lane
+    # stops after this long with nothing to do: its memory is spent only while it works.
+    replay_idle_s: float = Field(60.0, gt=0)
     rate_limit_rps: float = Field(0.0, ge=0)  # requests/s to ChurnZero, all workers; 0 = none
     # Learn ChurnZero's unpublished limit from its 429s (AIMD), under rate_limit_rps if set.
     adaptive_rate: bool = True

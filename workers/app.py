@@ -35,7 +35,7 @@ except RelayError as exc:
     sys.exit(f"relay worker: {exc}")
 
 app = broker.make_celery(settings, redis_url, worker=True)
-app.conf.include = ["workers.tasks"]
+app.conf.include = ["workers.tasks", "workers.lanes"]
 # Messages it cannot run are dead-lettered, never dropped or handed out again forever.
 app.conf.worker_consumer = "workers.consumer:Consumer"
 state = redis_conn.sync_client(settings, redis_url, socket_timeout=10, socket_connect_timeout=5)

@@ -40,6 +40,12 @@ HUNG_AFTER_S = settings.task_time_limit_s + VISIBILITY_MARGIN_S - 3
 
 _all: list[Delivery] = []
 _running: dict[int, tuple[float, str]] = {}  # thread id -> (started, task id)
+_last_ended = time.monotonic()  # or this module's import, before any task
+
+
+def idle_for_s() -> float:
+    """Seconds since a task last ran in this process (0 while one runs)."""
+    return 0.0 if _running else time.monotonic() - _last_ended
 
 
 def _delivery() -> Delivery:
@@ -76,6 +82,7 @@ def _close_pools(**_: Any) -> None:
 @app.task(name="relay.deliver_batch", bind=True, acks_on_failure_or_timeout=False)
 def deliver_batch(self: Task[Any, None], items: Any) -> None:
     """Deliver one batch of queued items to ChurnZero (see relay.delivery.batch)."""
+    global _last_ended
     task_id = str(self.request.id)
     structlog.contextvars.bind_contextvars(task_id=task_id)
     started = time.perf_counter()
@@ -93,6 +100,7 @@ def deliver_batch(self: Task[Any, None], items: Any) -> None:
         time.sleep(REQUEUE_PAUSE_S)
         raise Reject(exc, requeue=True) from exc
     finally:
+        _last_ended = time.monotonic()
         _running.pop(threading.get_ident(), None)
         structlog.contextvars.unbind_contextvars("task_id")
     log.info("batch", ms=round((time.perf_counter() - started) * 1000, 1), **report.as_log())

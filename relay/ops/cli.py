@@ -80,9 +80,9 @@ def _reach_redis(deployment: Deployment) -> None:
 @click.argument("celery_args", nargs=-1, type=click.UNPROCESSED)
 @pass_deployment
 def worker(deployment: Deployment, celery_args: tuple[str, ...]) -> None:
-    """Run the Celery workers: one of the live queue, one of the replay lane at a lower
-    CPU priority (extra arguments go to both `celery worker`s; with -Q, one worker of
-    those queues)."""
+    """Run the Celery workers: one of the live queue, and one of the replay lane at a
+    lower CPU priority while replays are queued (extra arguments go to both `celery
+    worker`s; with -Q, one worker of those queues)."""
     from relay.ops import supervise
 
     settings = deployment.settings

@@ -2,8 +2,14 @@
 --processes N` become this (by exec) once their children's commands are known, so that
 the process that only watches the others holds none of the relay's imports.
 
-`python -m relay.ops.keeper` reads its children from the environment (SPEC_VAR, which
+`python -S -P relay/ops/keeper.py` reads its children from the environment (SPEC_VAR, which
 the children do not inherit): a command line `ps` shows short.
+
+A child may be on demand: not started with the others, but when the supervisor receives
+SIGUSR1 (DEMAND_SIGNAL) and it is not running; it may exit when it has nothing left to do,
+and is started again only on the next demand. Any child may send the signal: one that
+knows when another is needed (a queue with work waiting) gets the supervisor's pid in its
+own environment (`Child.env`).
 """
 
 from __future__ import annotations
@@ -15,8 +21,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from types import FrameType
 
@@ -40,11 +45,15 @@ _PRCTL = _prctl()
 _PR_SET_PDEATHSIG = 1
 
 
-def _prepare_child(nice: int) -> None:
+def _prepare_child(nice: int, idle: bool) -> None:
     # Runs in the child between fork and exec (only C calls, no import or lock): its CPU
     # priority, and the kernel sends it SIGTERM when the supervisor dies, even by SIGKILL.
     if nice:
         os.nice(nice)
+    if idle and hasattr(os, "SCHED_IDLE"):  # Linux: the CPU no other process wants
+        # Refused (a seccomp policy, say), the nice value still holds.
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     if _PRCTL is not None:
         _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
@@ -52,14 +61,30 @@ def _prepare_child(nice: int) -> None:
 Say = Callable[[str], None]
 
 
-@dataclass(frozen=True)
+# What a child sends the supervisor to have its on-demand children started.
+DEMAND_SIGNAL = signal.SIGUSR1
+
+
 class Child:
     """A process to keep running: what it is called in messages, its command, its
-    niceness (0: the supervisor's own CPU priority)."""
+    niceness (0: the supervisor's own CPU priority), whether it runs under Linux's
+    SCHED_IDLE policy (only on CPU time no other process wants; `nice` then matters only
+    among such processes), whether it runs only on demand (see the module docstring), and
+    variables added to its environment."""
 
-    label: str
-    argv: Sequence[str]
-    nice: int = 0
+    # A plain class: dataclasses would add its imports to the keeper's memory.
+    __slots__ = ("argv", "env", "idle", "label", "nice", "on_demand")
+
+    def __init__(
+        self, label: str, argv: Sequence[str], nice: int = 0, on_demand: bool = False,
+        env: Mapping[str, str] | None = None, idle: bool = False,
+    ) -> None:  # fmt: skip
+        self.label, self.argv, self.nice, self.on_demand = label, list(argv), nice, on_demand
+        self.env, self.idle = dict(env or {}), idle
+
+    def as_dict(self) -> dict[str, object]:
+        """The child as JSON-ready keyword arguments of `Child`."""
+        return {name: getattr(self, name) for name in self.__slots__}
 
 
 class Supervisor:
@@ -75,27 +100,34 @@ class Supervisor:
         self._stop_timeout_s = stop_timeout_s
         self._children: dict[int, tuple[subprocess.Popen[bytes], float]] = {}
         self._stopping = False
+        self._demanded = False
         self._early_deaths = 0
 
     def _start(self, slot: int) -> None:
         spec = self.specs[slot]
         child = subprocess.Popen(
             list(spec.argv),
-            env=self._env,
+            env={**self._env, **spec.env},
             stdin=subprocess.DEVNULL,
-            preexec_fn=partial(_prepare_child, spec.nice),
+            preexec_fn=partial(_prepare_child, spec.nice, spec.idle),
         )
         self._children[slot] = (child, time.monotonic())
 
     def _stop_signal(self, signum: int, _: FrameType | None) -> None:
         self._stopping = True
 
+    def _demand_signal(self, signum: int, _: FrameType | None) -> None:
+        self._demanded = True
+
     def run(self) -> int:
         """Run until SIGTERM/SIGINT (exit 0) or until children keep dying at start (1)."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._stop_signal)
-        for slot in range(len(self.specs)):
-            self._start(slot)
+        # Before any child starts: unhandled, the signal would end this process.
+        signal.signal(DEMAND_SIGNAL, self._demand_signal)
+        for slot, spec in enumerate(self.specs):
+            if not spec.on_demand:
+                self._start(slot)
         try:
             while not self._stopping:
                 time.sleep(0.2)
@@ -110,14 +142,26 @@ class Supervisor:
             code = child.poll()
             if code is None or self._stopping:
                 continue
+            spec = self.specs[slot]
+            if spec.on_demand and code == 0:  # it had nothing left to do
+                del self._children[slot]
+                continue
             early = time.monotonic() - started < EARLY_DEATH_S
             self._early_deaths = self._early_deaths + 1 if early else 0
-            label = self.specs[slot].label
             if self._early_deaths >= MAX_EARLY_DEATHS:
-                self._say(f"{label} processes keep exiting at start (last: {code}); giving up")
+                self._say(f"{spec.label} processes keep exiting at start (last: {code}); giving up")
                 return False
-            self._say(f"{label} process {child.pid} exited ({code}); starting another")
+            if spec.on_demand:  # started again on the next demand
+                del self._children[slot]
+                self._say(f"{spec.label} process {child.pid} exited ({code})")
+                continue
+            self._say(f"{spec.label} process {child.pid} exited ({code}); starting another")
             self._start(slot)
+        if self._demanded and not self._stopping:
+            self._demanded = False
+            for slot, spec in enumerate(self.specs):
+                if spec.on_demand and slot not in self._children:
+                    self._start(slot)
         return True
 
     def _stop_all(self) -> None:
@@ -140,7 +184,7 @@ SPEC_VAR = "_RELAY_KEEPER_SPEC"
 
 def spec(children: Sequence[Child], stop_timeout_s: float) -> str:
     """The children and stop timeout as the argument `main` reads."""
-    return json.dumps({"children": [asdict(c) for c in children], "stop_s": stop_timeout_s})
+    return json.dumps({"children": [c.as_dict() for c in children], "stop_s": stop_timeout_s})
 
 
 def become(children: Sequence[Child], env: dict[str, str], stop_timeout_s: float) -> None:
@@ -148,14 +192,16 @@ def become(children: Sequence[Child], env: dict[str, str], stop_timeout_s: float
     supervisor that imported only this module."""
     sys.stdout.flush()
     env = dict(env, **{SPEC_VAR: spec(children, stop_timeout_s)})
-    os.execve(sys.executable, [sys.executable, "-m", "relay.ops.keeper"], env)
+    # This file run as a script, without `site` (-S: no site-packages, none of their .pth
+    # hooks) and without its own directory on the path (-P): the standard library alone.
+    os.execve(sys.executable, [sys.executable, "-S", "-P", os.path.abspath(__file__)], env)
 
 
 def main() -> int:
     """Run the supervisor the environment describes; its exit status."""
     env = dict(os.environ)
     given = json.loads(env.pop(SPEC_VAR))
-    children = [Child(c["label"], c["argv"], c["nice"]) for c in given["children"]]
+    children = [Child(**c) for c in given["children"]]
     say = partial(print, flush=True)
     return Supervisor(children, env, say, given["stop_s"]).run()
 

@@ -5,11 +5,15 @@ answers on one core, and they share the port through SO_REUSEPORT (the kernel sp
 connections over them).
 
 `relay worker` runs two Celery workers: one of the live queue, and one of the replay
-lane at a lower CPU priority (`RELAY_REPLAY_NICE`). In one process, a replay's batches
+lane at a lower CPU priority (`RELAY_REPLAY_NICE`, and Linux's SCHED_IDLE policy unless
+`RELAY_REPLAY_SCHED_IDLE=false`). In one process, a replay's batches
 would hold the interpreter lock while live batches wait; in a process of its own, on a
 busy host the kernel gives live work the CPU first, so a replay of many dead letters
-takes only what live delivery leaves. Given its own `-Q`, `relay worker` is that one
-Celery worker instead.
+takes only what live delivery leaves. The replay lane's process runs on demand: the live
+worker asks for it while replays are queued (workers/lanes.py), and it exits after
+`RELAY_REPLAY_IDLE_S` with nothing to do, so a worker with no replay holds the memory of
+one Celery process, not two. Given its own `-Q`, `relay worker` is that one Celery
+worker instead, always running.
 
 The supervisor starts its children, starts again one that dies, and on SIGTERM or
 SIGINT stops them all (each finishes the work under way: requests, or running tasks)
@@ -28,7 +32,7 @@ from collections.abc import Callable, Sequence
 
 from relay import keys
 from relay.ops.keeper import STOP_TIMEOUT_S, Child, Say, Supervisor, become
-from relay.settings import VISIBILITY_MARGIN_S, Settings
+from relay.settings import LANE_DEMAND_VAR, LANE_ON_DEMAND_VAR, VISIBILITY_MARGIN_S, Settings
 from relay.state import embedded
 
 
@@ -68,6 +72,10 @@ def worker(settings: Settings, redis_url: str, celery_args: Sequence[str], say: 
     """`relay worker`: a live and a replay Celery worker, supervised (see the module
     docstring), or, given its own `-Q`, that one worker in this process."""
     env = dict(os.environ, RELAY_REDIS_URL=redis_url)
+    # glibc gives each thread that allocates an arena of its own, and an arena keeps what
+    # was freed in it: the pool threads' allocations take turns under the interpreter
+    # lock anyway, so two arenas hold less memory at no cost in contention.
+    env.setdefault("MALLOC_ARENA_MAX", "2")
     command = [
         # --quiet: no banner; Celery's own log lines come through structlog (relay.logs).
         sys.executable, "-m", "celery", "--quiet", "-A", "workers.app", "worker",
@@ -78,12 +86,17 @@ def worker(settings: Settings, redis_url: str, celery_args: Sequence[str], say: 
     ]  # fmt: skip
     if any(a in ("-Q", "--queues") or a.startswith(("-Q", "--queues=")) for a in celery_args):
         os.execvpe(sys.executable, [*command, *celery_args], env)
-    live = Child("live worker", [*command, "-Q", keys.QUEUE, *celery_args])
+    # This pid stays the supervisor's: `become` execs in place.
+    demand = {LANE_DEMAND_VAR: str(os.getpid())}
+    live = Child("live worker", [*command, "-Q", keys.QUEUE, *celery_args], env=demand)
     name = _option(celery_args, "-n", "--hostname") or "celery@%h"
     replay = Child(
         "replay worker",
         [*command, "-Q", keys.REPLAY_QUEUE, *celery_args, "-n", f"replay-{name}"],
         nice=settings.replay_nice,
+        idle=settings.replay_sched_idle,
+        on_demand=True,
+        env={LANE_ON_DEMAND_VAR: "1"},
     )
     # Celery's warm shutdown lets running tasks finish: up to a task's whole time.
     stop_s = settings.task_time_limit_s + VISIBILITY_MARGIN_S

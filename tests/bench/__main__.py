@@ -89,8 +89,9 @@ def _extra(result: dict[str, Any]) -> str:
             f"{relay.get('redis_forks', 0)} forks"
         )
     if name == "e2e":
+        rounds = ", ".join(f"{r:,.0f}" for r in result.get("rounds_events_per_s", []))
         return (
-            f"worker RSS {result['worker_rss_mb']:.0f} MB, "
+            f"median of rounds {rounds}; worker RSS {result['worker_rss_mb']:.0f} MB, "
             f"CPU {result['throughput']['worker_cpu_us_per_event']:.0f} µs/event, "
             f"p50 {result['p50_ms']:.0f} ms"
         )

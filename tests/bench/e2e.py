@@ -3,9 +3,12 @@ per request), against a naive pipeline (one Celery task and one POST per event) 
 same sandbox.
 
 Throughput is commands the sandbox accepted over the time from the first send to the
-last command's arrival. Latency is measured apart, at half that rate: every track
-carries its send time in `properties.description`, and the sandbox's request log says
-when each command arrived.
+last command's arrival, in `ROUNDS` rounds of a share of the events each on the same
+processes: the figure is the median round's, so one round that other work on a shared
+machine slowed does not make the figure. Latency is measured apart, at half that rate:
+every track carries its send time in `properties.description`, and the sandbox's request
+log says when each command arrived. Worker RSS is the peak of the sum over every process
+of `relay worker`, across all of it.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ BATCH = 100
 CONCURRENCY = 16
 LATENCY_MS = 20
 PACED_SECONDS = 15
+ROUNDS = 3
+# All of `relay worker`'s processes together, at their peak under the throughput load.
+RSS_TARGET_MB = 120
 NAIVE_EVENTS = 5_000
 NAIVE_TIMEOUT_S = 60
 
@@ -156,19 +162,21 @@ def throughput(
     worker: procs.Proc,
     events: int = EVENTS,
     spy_to: Path | None = None,
+    warm_up: bool = True,
 ) -> dict[str, Any]:
-    """After a warm-up of identifies, `events` tracks blasted to ingest: delivered
-    events/s from the first send to the last arrival, the worker's CPU per delivered event
-    (every process of its tree) and Redis's calls per delivered event over that time
-    (ingest's included: the same for any worker). With `spy_to`, the live Celery worker
-    is profiled meanwhile (tests.bench.profile)."""
-    say(f"  warm-up: {USERS:,} identifies")
-    identifies = [
-        batch_body([identify(u) for u in range(start, min(start + BATCH, USERS))])
-        for start in range(0, USERS, BATCH)
-    ]
-    blast(ingest + "/v1/batch", identifies, CONCURRENCY)
-    _wait_delivered(env, USERS, worker, timeout=60)
+    """After a warm-up of identifies (unless this worker had it), `events` tracks blasted
+    to ingest: delivered events/s from the first send to the last arrival, the worker's
+    CPU per delivered event (every process of its tree) and Redis's calls per delivered
+    event over that time (ingest's included: the same for any worker). With `spy_to`, the
+    live Celery worker is profiled meanwhile (tests.bench.profile)."""
+    if warm_up:
+        say(f"  warm-up: {USERS:,} identifies")
+        identifies = [
+            batch_body([identify(u) for u in range(start, min(start + BATCH, USERS))])
+            for start in range(0, USERS, BATCH)
+        ]
+        blast(ingest + "/v1/batch", identifies, CONCURRENCY)
+        _wait_delivered(env, USERS, worker, timeout=60)
     sandbox.clear()
     bodies = [
         batch_body([track(i % USERS) for i in range(start, start + BATCH)])
@@ -301,7 +309,14 @@ def e2e(env: Env, events: int = EVENTS, spy: bool = False) -> dict[str, Any]:
         worker = harness.start_relay_worker(children, env.redis_url, sandbox.url)
         with PeakRss(worker.pid) as rss:
             spy_to = PROFILE_PATH if spy else None
-            run = throughput(env, ingest, sandbox, worker, events, spy_to)
+            rounds = []
+            for n in range(ROUNDS):
+                say(f"  round {n + 1} of {ROUNDS}")
+                rounds.append(throughput(
+                    env, ingest, sandbox, worker, events // ROUNDS,
+                    spy_to if n == 0 else None, warm_up=n == 0,
+                ))  # fmt: skip
+            run = sorted(rounds, key=lambda r: float(r["events_per_s"]))[len(rounds) // 2]
             if not run["events_per_s"]:
                 raise RuntimeError(f"nothing was delivered: {run}\n{worker.tail()}")
             latency = _latency(ingest, sandbox, worker, run["events_per_s"] / 2)
@@ -313,11 +328,13 @@ def e2e(env: Env, events: int = EVENTS, spy: bool = False) -> dict[str, Any]:
     ratio = events_per_s / baseline if baseline else 0.0
     rss_mb = rss.peak / 2**20
     # Every event answered 200 must arrive: a fast relay that loses events meets nothing.
-    complete = run["delivered"] >= events and latency["delivered"] >= latency["sent_events"]
+    complete = all(r["delivered"] >= r["events"] for r in rounds) and (
+        latency["delivered"] >= latency["sent_events"]
+    )
     met = (
         events_per_s >= 10_000
         and ratio >= 10
-        and rss_mb <= 250
+        and rss_mb <= RSS_TARGET_MB
         and latency["p99_ms"] <= 1000
         and complete
     )
@@ -329,12 +346,16 @@ def e2e(env: Env, events: int = EVENTS, spy: bool = False) -> dict[str, Any]:
         "p99_ms": latency["p99_ms"],
         "p50_ms": latency["p50_ms"],
         "worker_rss_mb": round(rss_mb, 1),
+        "worker_rss_by_process": rss.by_process,
         "all_delivered": complete,
         "sandbox_latency_ms": LATENCY_MS,
         "throughput": run,
+        "rounds_events_per_s": [round(r["events_per_s"], 1) for r in rounds],
         "latency": latency,
         "naive": naive_run,
         "relay_stats": relay_stats,
-        "target": ">= 10,000 events/s, >= 10x naive, worker RSS <= 250 MB, p99 <= 1 s",
+        "target": (
+            f">= 10,000 events/s, >= 10x naive, worker RSS <= {RSS_TARGET_MB} MB, p99 <= 1 s"
+        ),
         "met": met,
     }

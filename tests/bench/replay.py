@@ -1,11 +1,16 @@
-"""`replay`: live traffic at a fixed rate, alone and then beside a replay of 200,000 dead
-letters in the replay lane. Live delivery latency p99 with the replay, over p99 without.
+"""`replay`: live traffic at a fixed rate, alone, then beside a replay of 200,000 dead
+letters in the replay lane, then alone again. Live delivery latency p99 with the replay,
+over p99 without.
 
 The relay runs with an explicit rate limit (100 requests/s of 100 commands); live events
 use a tenth of it, the replay gets its 20 % share while they flow. Live latency beside
 the replay is measured once `relay dlq replay --all` has queued it, while it drains:
 every live track carries its send time in `properties.description`, and the sandbox's
-request log says when each command arrived.
+request log says when each command arrived. Then what is left of the replay is taken off
+its queue, and once the lane has stopped delivering, live latency is measured alone
+again. "Alone" is the p99 of both alone windows' events together: on a shared machine
+whose load drifts from minute to minute, windows on both sides of the replay's keep
+that drift out of the ratio.
 """
 
 from __future__ import annotations
@@ -50,8 +55,32 @@ def _seed(env: Env) -> None:
         r.close()
 
 
-def _live(ingest: str, sandbox: SandboxView, worker: procs.Proc) -> dict[str, Any]:
-    """Paced live tracks; the latency of each, from its send to its arrival."""
+def _summary(delays: list[float]) -> dict[str, Any]:
+    return {
+        "delivered": len(delays),
+        "p50_ms": round(_percentile(delays, 50), 1),
+        "p99_ms": round(_percentile(delays, 99), 1),
+        "max_ms": round(max(delays), 1),
+    }
+
+
+def _wait_lane_still(env: Env, still_s: float = 3.0, timeout: float = 60) -> None:
+    """Wait until the replay lane has delivered nothing for `still_s` (its queue emptied,
+    the messages it held settled)."""
+    deadline = time.monotonic() + timeout
+    last, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        now_count = env.relay_stats().get("replay_delivered", 0)
+        if now_count != last:
+            last, since = now_count, time.monotonic()
+        elif time.monotonic() - since >= still_s:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"the replay lane still delivered after {timeout} s")
+
+
+def _live(ingest: str, sandbox: SandboxView, worker: procs.Proc) -> list[float]:
+    """Paced live tracks; the latency of each (ms), from its send to its arrival."""
     sandbox.clear()
     counter = iter(range(10**9))
 
@@ -79,13 +108,7 @@ def _live(ingest: str, sandbox: SandboxView, worker: procs.Proc) -> dict[str, An
         time.sleep(0.5)
     if len(delays) < expected:
         raise RuntimeError(f"only {len(delays)} of {expected} live events arrived")
-    return {
-        "sent_events": expected,
-        "delivered": len(delays),
-        "p50_ms": round(_percentile(delays, 50), 1),
-        "p99_ms": round(_percentile(delays, 99), 1),
-        "max_ms": round(max(delays), 1),
-    }
+    return delays
 
 
 def replay(env: Env) -> dict[str, Any]:
@@ -99,7 +122,7 @@ def replay(env: Env) -> dict[str, Any]:
         )
         say(f"  live alone: {LIVE_EVENTS_PER_S:,} events/s for {LIVE_SECONDS} s")
         _live(ingest, sandbox, worker)  # warm-up: connections, the learned state
-        alone = _live(ingest, sandbox, worker)
+        before = _live(ingest, sandbox, worker)
         say(f"  seeding {DEAD:,} dead letters")
         _seed(env)
         say("  replaying them (relay dlq replay --all) while live events flow")
@@ -116,15 +139,20 @@ def replay(env: Env) -> dict[str, Any]:
         publish_s = time.monotonic() - published
         r = env.redis()
         try:
-            before = int(r.hget("relay:stats", "replay_delivered") or 0)
+            replayed_before = int(r.hget("relay:stats", "replay_delivered") or 0)
             started = time.monotonic()
-            beside = _live(ingest, sandbox, worker)
-            replayed = int(r.hget("relay:stats", "replay_delivered") or 0) - before
+            beside = _summary(_live(ingest, sandbox, worker))
+            replayed = int(r.hget("relay:stats", "replay_delivered") or 0) - replayed_before
             seconds = time.monotonic() - started
             queued = int(r.llen("relay.replay"))
+            say("  the rest of the replay taken off its queue; live alone again")
+            r.delete("relay.replay")
+            _wait_lane_still(env)
+            after = _live(ingest, sandbox, worker)
         finally:
             r.close()
         stats = env.relay_stats()
+    alone = _summary(before + after)
     ratio = beside["p99_ms"] / alone["p99_ms"] if alone["p99_ms"] else 0.0
     return {
         "name": "replay",
@@ -134,6 +162,8 @@ def replay(env: Env) -> dict[str, Any]:
         "live_p99_ratio": round(ratio, 3),
         "p99_ms": beside["p99_ms"],
         "live_alone": alone,
+        "live_alone_before": _summary(before),
+        "live_alone_after": _summary(after),
         "live_beside_replay": beside,
         "dead_letters": DEAD,
         "replay_delivered_meanwhile": replayed,

@@ -103,7 +103,8 @@ def test_two_processes_answer_on_one_port(served: Served, r: redis.Redis) -> Non
 def test_the_supervisor_holds_none_of_the_relays_imports(served: Served) -> None:
     """It only watches its children: the relay, pydantic and click stay in them."""
     supervisor = psutil.Process(served.pid)
-    assert "relay.ops.keeper" in supervisor.cmdline()
+    assert supervisor.cmdline()[-1].endswith("relay/ops/keeper.py")
+    assert "-S" in supervisor.cmdline()  # not even site-packages
     assert supervisor.memory_info().rss < 25 * 2**20
     child = served.children()[0].memory_info().rss
     assert child > 2 * supervisor.memory_info().rss
@@ -137,7 +138,7 @@ def test_no_process_outlives_a_killed_supervisor(served: Served) -> None:
         requests.get(served.url + "/livez", timeout=2)
 
 
-# --- relay worker: a live and a replay Celery worker -------------------------------------
+# --- relay worker: a live Celery worker, and one of the replay lane on demand -------------
 
 
 def queues_of(process: psutil.Process) -> str:
@@ -145,28 +146,43 @@ def queues_of(process: psutil.Process) -> str:
     return args[args.index("-Q") + 1]
 
 
-def test_relay_worker_runs_the_replay_lane_in_a_nicer_process_of_its_own(
+def lanes_of(supervisor: psutil.Process) -> dict[str, psutil.Process]:
+    """The supervisor's Celery workers by the queue each consumes."""
+    found = {}
+    for child in supervisor.children():
+        try:
+            found[queues_of(child)] = child
+        except (psutil.NoSuchProcess, ValueError):  # one exiting, or not yet a worker
+            continue
+    return found
+
+
+def test_relay_worker_runs_the_replay_lane_on_demand_in_an_idle_priority_process(
     redis_url: str, r: redis.Redis, clean_sandbox: Sandbox, start_ingest: Callable[..., str],
     tmp_path: Path,
 ) -> None:  # fmt: skip
     from relay.reasons import Reason
     from relay.state import deadletter
 
-    env = relay_env(redis_url, churnzero_url=clean_sandbox.url + "/i", replay_nice=7)
+    env = relay_env(
+        redis_url, churnzero_url=clean_sandbox.url + "/i", replay_nice=7, replay_idle_s=2
+    )
     args = [sys.executable, "-m", "relay.ops.cli", "worker", "-n", f"sup-{os.getpid()}@%h"]
     proc = Proc(args, env, tmp_path / "worker.log").start()
     try:
         supervisor = psutil.Process(proc.pid)
-        wait_for(lambda: len(supervisor.children()) == 2)
-        lanes = {queues_of(c): c for c in supervisor.children()}
-        assert set(lanes) == {"relay", "relay.replay"}
-        own = supervisor.nice()
-        assert lanes["relay"].nice() == own and lanes["relay.replay"].nice() == own + 7
-        # Both lanes deliver: a live event, and a dead letter replayed into its lane.
+        wait_for(lambda: proc.log.read_text(errors="replace").count('"consuming"') >= 1, 60)
+        # No replay queued: the live worker alone.
+        assert set(lanes_of(supervisor)) == {"relay"}
         ingest = start_ingest()
         track = {"userId": "u1", "event": "Live", "messageId": "live-1",
                  "properties": {"accountExternalId": "A", "contactExternalId": "C"}}  # fmt: skip
         assert requests.post(ingest + "/v1/track", auth=AUTH, json=track).status_code == 200
+        wait_for(lambda: {c["eventName"] for c in clean_sandbox.commands()} >= {"Live"})
+        assert set(lanes_of(supervisor)) == {"relay"}
+
+        # A dead letter replayed into its lane: the lane's process starts, nicer, delivers
+        # it, and exits once idle.
         item = {"id": "dead-1", "source": "api", "received_at": time.time(), "attempts": 3,
                 "event": {**track, "type": "track", "event": "Replayed", "messageId": "dead-1",
                           "timestamp": "2026-11-29T10:00:00Z"}}  # fmt: skip
@@ -174,7 +190,25 @@ def test_relay_worker_runs_the_replay_lane_in_a_nicer_process_of_its_own(
         deadletter.add(r, [entry])
         relay_cli = [sys.executable, "-m", "relay.ops.cli", "dlq", "replay", entry.id]
         subprocess.run(relay_cli, env=env, check=True, capture_output=True, timeout=60)
-        wait_for(lambda: {c["eventName"] for c in clean_sandbox.commands()} >= {"Live", "Replayed"})
+        wait_for(lambda: set(lanes_of(supervisor)) == {"relay", "relay.replay"}, 30)
+        lanes = lanes_of(supervisor)
+        own = supervisor.nice()
+        assert lanes["relay"].nice() == own and lanes["relay.replay"].nice() == own + 7
+        assert os.sched_getscheduler(lanes["relay"].pid) == os.SCHED_OTHER
+        assert os.sched_getscheduler(lanes["relay.replay"].pid) == os.SCHED_IDLE
+        wait_for(lambda: {c["eventName"] for c in clean_sandbox.commands()} >= {"Replayed"})
+        wait_for(lambda: gone([lanes["relay.replay"].pid]), 60)
+        assert set(lanes_of(supervisor)) == {"relay"}
+        assert "replay worker process" not in proc.log.read_text(errors="replace")  # no failure
+
+        # Asked again by the next replay.
+        entry = deadletter.new_entry({**item, "id": "dead-2", "event": {
+            **item["event"], "event": "Replayed again", "messageId": "dead-2"}},
+            Reason.RETRIES_EXHAUSTED)  # fmt: skip
+        deadletter.add(r, [entry])
+        relay_cli[-1] = entry.id
+        subprocess.run(relay_cli, env=env, check=True, capture_output=True, timeout=60)
+        wait_for(lambda: {c["eventName"] for c in clean_sandbox.commands()} >= {"Replayed again"})
         children = [c.pid for c in supervisor.children()]
         proc.popen.send_signal(signal.SIGTERM)
         assert proc.popen.wait(60) == 0
