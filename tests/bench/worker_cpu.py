@@ -208,7 +208,9 @@ def main() -> int:
             say(json.dumps({k: v for k, v in result.items() if k != "profile"}))
             print(json.dumps(result), flush=True)
             if result["profile"]:
-                print(profile.render(result["profile"], result["cpu_us_per_command"]), flush=True)
+                cpu = result["cpu_us_per_command"]
+                print(profile.headline(result["profile"], cpu), flush=True)
+                print(profile.render(result["profile"], cpu), flush=True)
     finally:
         env.close()
     return 0
