@@ -98,10 +98,9 @@ def lookup_keys(parsed: Parsed, mapping: Mapping, named: Named | None = None) ->
             continue
         if isinstance(event, events.Alias):
             keys.update(alias_keys(event) + identity_keys(event))
-        elif (
-            None in (named[n] if named is not None else explicit_ids(event, mapping))
-            or isinstance(event, events.Identify)
-        ):
+            continue
+        own = named[n] if named is not None else explicit_ids(event, mapping)
+        if None in own or isinstance(event, events.Identify):
             # An identify with both ids may move its user to another contact: the one kept
             # is read to tell.
             key = resolve_key(event)

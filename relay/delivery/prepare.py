@@ -105,9 +105,7 @@ def prepare(
     found = access.lookup(
         lookup_keys(parsed, mapping, named), tombstone_keys(parsed), parking_keys(parsed)
     )
-    plan = plan_batch(
-        parsed, found.known, mapping, found.links, found.deleted, found.parked, named
-    )
+    plan = plan_batch(parsed, found.known, mapping, found.links, found.deleted, found.parked, named)
     held: set[names.Name] = set()
     if settings.new_names == "hold":
         new = access.unknown_names(names.sent_names(plan.send))
