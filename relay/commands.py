@@ -31,6 +31,8 @@ class _Command:
         }
 
     def _id_problems(self) -> list[str]:
+        if 0 < len(self.account) <= MAX_ID and 0 < len(self.contact) <= MAX_ID:
+            return []  # the usual case, checked at once: a command per event goes through
         problems = []
         for key, value in (
             ("accountExternalId", self.account),
@@ -70,12 +72,13 @@ class TrackEvent(_Command):
     def problems(self) -> list[str]:
         """What ChurnZero would silently swallow (empty: nothing)."""
         problems = self._id_problems()
-        if not self.event_name.strip():
+        if not self.event_name or self.event_name.isspace():
             problems.append("eventName is empty")
         if not self.event_date:
             problems.append("eventDate is missing")
-        # ChurnZero counts UTF-16 code units (an emoji is two).
-        if len((self.description or "").encode("utf-16-le")) > 2 * MAX_DESCRIPTION:
+        # ChurnZero counts UTF-16 code units (an emoji is two): at most two per character.
+        text = self.description or ""
+        if len(text) > MAX_DESCRIPTION // 2 and len(text.encode("utf-16-le")) > 2 * MAX_DESCRIPTION:
             problems.append(f"description is longer than {MAX_DESCRIPTION} characters")
         return problems
 

@@ -67,6 +67,8 @@ class Plan:
 
 
 Parsed = list[tuple[Envelope, events.AnyEvent]]
+# The account and contact ids each parsed event names itself (`explicit_ids`), in order.
+Named = list[tuple[str | None, str | None]]
 
 
 def parse_items(
@@ -82,16 +84,23 @@ def parse_items(
     return good, bad
 
 
-def lookup_keys(parsed: Parsed, mapping: Mapping) -> list[str]:
+def named_ids(parsed: Parsed, mapping: Mapping) -> Named:
+    """The ids each event names itself: read once, for `lookup_keys` and `plan_batch`."""
+    return [explicit_ids(event, mapping) for _, event in parsed]
+
+
+def lookup_keys(parsed: Parsed, mapping: Mapping, named: Named | None = None) -> list[str]:
     """Identity-map keys to fetch before planning: those of events without both ids,
-    and both sides of every alias."""
+    and both sides of every alias (`named`: `named_ids` of `parsed`, if known)."""
     keys: set[str] = set()
-    for _, event in parsed:
+    for n, (_, event) in enumerate(parsed):
         if event.type not in events.DELIVERED_TYPES:
             continue
         if isinstance(event, events.Alias):
             keys.update(alias_keys(event) + identity_keys(event))
-        elif None in explicit_ids(event, mapping) or isinstance(event, events.Identify):
+            continue
+        own = named[n] if named is not None else explicit_ids(event, mapping)
+        if None in own or isinstance(event, events.Identify):
             # An identify with both ids may move its user to another contact: the one kept
             # is read to tell.
             key = resolve_key(event)
@@ -125,10 +134,12 @@ def plan_batch(
     links: AbstractMapping[str, str] | None = None,
     deleted: AbstractMapping[str, float] | None = None,
     parked: AbstractMapping[str, Parked] | None = None,
+    named: Named | None = None,
 ) -> Plan:
     """Decide every item's fate: commands to send, skip, wait for identity, park, or
     invalid. `deleted`: when each deleted user's delete was received (tombstones);
-    `parked`: the parked traits of users the batch may teach (relay.state.parking)."""
+    `parked`: the parked traits of users the batch may teach (relay.state.parking);
+    `named`: `named_ids(parsed)`, if known."""
     plan = Plan()
     memory = Memory(plan, known, links or {})
     pending = _deleted_before(parsed, deleted or {})
@@ -142,7 +153,7 @@ def plan_batch(
         if reason:
             plan.skipped.append((item, reason))
             continue
-        own = explicit_ids(event, mapping)
+        own = named[n] if named is not None else explicit_ids(event, mapping)
         update = teaching(event, mapping, own[1])
         wanted.append((item, event, own, update))
         for key in identity_keys(event) if update else []:

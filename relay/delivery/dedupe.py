@@ -20,6 +20,7 @@ under `hash-max-listpack-entries` at any event rate, with no sizing setting.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import time
@@ -38,9 +39,12 @@ _NO_MESSAGE_ID = "\x00relay-id:"  # no messageId starts so (a control character)
 _LISTPACK_DEFAULT = 512
 _LISTPACK_UNKNOWN = 128
 
-# Helpers shared by both scripts. KEYS[1]: the bucket prefix. ARGV: now, window_s,
-# bucket_s, then pairs (digest, tag). A bucket's meta HASH holds n (claims), l and p (its
-# linear-hashing level and split pointer); shard i of bucket b is <prefix><b>:<i>.
+# Helpers shared by the scripts. KEYS[1]: the bucket prefix. ARGV: now, window_s,
+# bucket_s, (a script's own), then the events' digests (8 bytes each, in one string) and
+# their tags (comma-separated, in the same order): two arguments however many events,
+# not two per event for the client to encode. A bucket's meta HASH holds n (claims), l
+# and p (its linear-hashing level and split pointer); shard i of bucket b is
+# <prefix><b>:<i>.
 # Fields are read and written a shard at a time (HMGET, HSET, HDEL of many fields), in
 # chunks that stay under Lua's unpack limit.
 _COMMON = """
@@ -83,11 +87,12 @@ local function by_shard(bk, fields)
   end
   return groups, order
 end
--- The digests of the pairs from ARGV[first] on.
-local function digests(first)
-  local out = {}
-  for i = first, #ARGV, 2 do out[#out + 1] = ARGV[i] end
-  return out
+-- The digests in ARGV[first] and the tags in ARGV[first + 1], as two lists.
+local function events(first)
+  local blob, fields, tags = ARGV[first], {}, {}
+  for i = 1, #blob, 8 do fields[#fields + 1] = string.sub(blob, i, i + 7) end
+  for tag in string.gmatch(ARGV[first + 1], '[^,]+') do tags[#tags + 1] = tag end
+  return fields, tags
 end
 -- digest -> {value, bucket, shard key} of each claim held, the newest bucket's first.
 local function lookup(fields)
@@ -125,7 +130,7 @@ end
 _SETTLED = 16777216
 _SETTLED_LUA = f"local function settled(tag) return tostring(tonumber(tag) + {_SETTLED}) end\n"
 
-# After _COMMON. ARGV[4]: the target claims per shard. Returns one flag per pair:
+# After _COMMON. ARGV[4]: the target claims per shard. Returns one flag per event:
 # 1 = another copy's claim, 2 = this copy's, its event delivered already. The bucket
 # splits for all of this call's new claims first, then each goes straight to its shard:
 # the same layout as claiming and splitting one at a time.
@@ -156,10 +161,11 @@ local function split()
   cur.p = cur.p + 1
   if cur.p == 2 ^ cur.l then cur.l, cur.p = cur.l + 1, 0 end
 end
-local found = lookup(digests(5))
+local fields, tags = events(5)
+local found = lookup(fields)
 local out, mine, new = {}, {}, {}
-for i = 5, #ARGV, 2 do
-  local f, tag = ARGV[i], ARGV[i + 1]
+for i, f in ipairs(fields) do
+  local tag = tags[i]
   local held = found[f] and found[f][1] or mine[f]
   if held == tag then
     out[#out + 1] = 0
@@ -202,10 +208,11 @@ return out
 
 # After _COMMON. Deletes each claim still held by the given tag.
 _RELEASE = """
-local found = lookup(digests(4))
+local fields, tags = events(4)
+local found = lookup(fields)
 local groups, order, gone = {}, {}, {}
-for i = 4, #ARGV, 2 do
-  local f, tag = ARGV[i], ARGV[i + 1]
+for i, f in ipairs(fields) do
+  local tag = tags[i]
   local hit = found[f]
   if hit and hit[1] == tag and not gone[f] then
     gone[f] = true
@@ -230,10 +237,11 @@ return 0
 
 # After _COMMON. Marks each claim still held by the given tag delivered (`settled`).
 _DELIVERED = """
-local found = lookup(digests(4))
+local fields, tags = events(4)
+local found = lookup(fields)
 local groups, order = {}, {}
-for i = 4, #ARGV, 2 do
-  local f, tag = ARGV[i], ARGV[i + 1]
+for i, f in ipairs(fields) do
+  local tag = tags[i]
   local hit = found[f]
   if hit and hit[1] == tag then
     local key = hit[3]
@@ -250,13 +258,14 @@ for _, key in ipairs(order) do hset_all(key, groups[key]) end
 return 0
 """
 
-# After _COMMON. Read only (preview, dry runs): one flag per pair, 1 = another copy holds it.
+# After _COMMON. Read only (preview, dry runs): one flag per event, 1 = another copy holds it.
 _PEEK = """
-local found = lookup(digests(4))
+local fields, tags = events(4)
+local found = lookup(fields)
 local out = {}
-for i = 4, #ARGV, 2 do
-  local hit = found[ARGV[i]]
-  out[#out + 1] = (hit and hit[1] ~= ARGV[i + 1]) and 1 or 0
+for i, f in ipairs(fields) do
+  local hit = found[f]
+  out[#out + 1] = (hit and hit[1] ~= tags[i]) and 1 or 0
 end
 return out
 """
@@ -316,11 +325,10 @@ class Dedupe:
 
     def _args(self, pairs: list[tuple[bytes, str, str]], *more: Any) -> list[Any]:
         # Every script's arguments: the clock, the window, the bucket span (then `more`),
-        # and a digest and tag per event.
-        args: list[Any] = [self._clock(), self._window, self._span, *more]
-        for digest, tag, _ in pairs:
-            args += [digest, tag]
-        return args
+        # the digests and the tags (see _COMMON).
+        digests = b"".join(digest for digest, _, _ in pairs)
+        tags = ",".join(tag for _, tag, _ in pairs)
+        return [self._clock(), self._window, self._span, *more, digests, tags]
 
 
 def message_digest(message_id: str) -> bytes:
@@ -335,12 +343,16 @@ def relay_tag(rid: str) -> str:
 
 
 def _pairs(items: list[Envelope]) -> list[tuple[bytes, str, str]]:
+    return [(*_pair(item.message_id, item.id), item.id) for item in items]
+
+
+# A run claims its events, then marks them delivered or releases them: the same pairs,
+# hashed once. Bounded: a few messages' events per worker thread.
+@functools.lru_cache(maxsize=4096)
+def _pair(message_id: str | None, rid: str) -> tuple[bytes, str]:
     # An event without a messageId is claimed under its relay id: no other copy can be
     # recognised, but a later copy of its own message finds it delivered.
-    return [
-        (message_digest(item.message_id or _NO_MESSAGE_ID + item.id), relay_tag(item.id), item.id)
-        for item in items
-    ]
+    return message_digest(message_id or _NO_MESSAGE_ID + rid), relay_tag(rid)
 
 
 def _listpack_entries(r: Any) -> int:

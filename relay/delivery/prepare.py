@@ -27,6 +27,7 @@ from relay.plan import (
     Plan,
     holding,
     lookup_keys,
+    named_ids,
     parking_keys,
     parse_items,
     plan_batch,
@@ -100,10 +101,11 @@ def prepare(
     dups = access.duplicates([item for item, _ in parsed])
     duplicates = [item for item, _ in parsed if item.id in dups]
     parsed = [(item, event) for item, event in parsed if item.id not in dups]
+    named = named_ids(parsed, mapping)
     found = access.lookup(
-        lookup_keys(parsed, mapping), tombstone_keys(parsed), parking_keys(parsed)
+        lookup_keys(parsed, mapping, named), tombstone_keys(parsed), parking_keys(parsed)
     )
-    plan = plan_batch(parsed, found.known, mapping, found.links, found.deleted, found.parked)
+    plan = plan_batch(parsed, found.known, mapping, found.links, found.deleted, found.parked, named)
     held: set[names.Name] = set()
     if settings.new_names == "hold":
         new = access.unknown_names(names.sent_names(plan.send))

@@ -37,6 +37,10 @@ log = structlog.get_logger("relay.delivery")  # one logger for all of a batch's 
 
 SHORT_WAIT_S = 2.0  # pauses up to this long are waited out in the task; longer ones deferred
 MAX_RATE_WAIT_S = 5.0
+# A request whose rate-limit slot is further off than this asks the throttle again when
+# the slot comes (a pause may have begun meanwhile); a nearer one goes as a request
+# already on the wire would, without a Redis round trip of its own.
+RECHECK_AFTER_S = 0.01
 # Time kept back from a task's limit for the settlement writes after the last send.
 SETTLE_MARGIN_S = 5.0
 
@@ -192,7 +196,7 @@ class Sender:
         todo = todo[: len(delays)]
 
         sends = [
-            self._send_one(c, d, report, check=d > 0, send_by=budget.send_by)
+            self._send_one(c, d, report, check=d > RECHECK_AFTER_S, send_by=budget.send_by)
             for c, d in zip(todo, delays, strict=True)
         ]
         in_time = self._run(sends, chunks, claim, budget)
@@ -290,6 +294,11 @@ def outcomes_of(chunks: list[Chunk], unsent: Unsent) -> Outcomes:
     outcomes: Outcomes = {}
     for chunk in chunks:
         outcome: retry.Outcome | Unsent = chunk.outcome if chunk.outcome is not None else unsent
+        if isinstance(outcome, retry.Outcome) and outcome.kind is retry.Kind.SUCCESS:
+            # A success is never worse than what an event has: `worst` keeps that, or OK.
+            for rid in chunk.rids:
+                outcomes.setdefault(rid, OK)
+            continue
         for rid in chunk.rids:
             outcomes[rid] = worst(outcomes.get(rid, OK), outcome)
     return outcomes

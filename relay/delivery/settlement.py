@@ -115,9 +115,10 @@ def settle(
         _wait_for_identity(item, now, policy, out, rng)
     for item, _ in plan.send:
         outcome = outcomes[item.id]
-        if isinstance(outcome, retry.Outcome) and outcome.kind is retry.Kind.SUCCESS:
+        kind = outcome.kind if isinstance(outcome, retry.Outcome) else None
+        if kind is retry.Kind.SUCCESS:
             out.delivered.append(item)
-        elif isinstance(outcome, retry.Outcome) and outcome.kind is retry.Kind.PERMANENT:
+        elif kind is retry.Kind.PERMANENT and isinstance(outcome, retry.Outcome):
             out.dead.append(dead_letter(
                 item.attempted(now), Reason.REJECTED, now, status=outcome.status,
                 response=outcome.excerpt,

@@ -225,7 +225,9 @@ def main() -> int:
     if args.profile and e2e.PROFILE_PATH.exists() and not args.baseline:
         cpu = next((r["throughput"]["worker_cpu_us_per_event"] for r in results
                     if r.get("name") == "e2e" and "throughput" in r), None)  # fmt: skip
-        print("\n" + profile.render(profile.summary(e2e.PROFILE_PATH).as_dict(), cpu))
+        cpu_profile = profile.summary(e2e.PROFILE_PATH).as_dict()
+        print("\n" + profile.headline(cpu_profile, cpu))
+        print("\n" + profile.render(cpu_profile, cpu))
         wall = profile.summary(e2e.wall_profile(e2e.PROFILE_PATH), within=profile.POOL_FRAME)
         print("\n" + profile.render(wall.as_dict(), title="wall profile of the pool threads"))
     return 1 if any("error" in r for r in results) else 0

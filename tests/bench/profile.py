@@ -229,6 +229,19 @@ def summary(path: Path, within: str | None = None) -> Summary:
     return Summary(samples, own, cumulative, buckets)
 
 
+def headline(data: dict[str, Any], cpu_us_per_event: float | None = None) -> str:
+    """One line: where the profiled CPU went, by kind of work, the largest first (in µs
+    per event when the CPU per event is given)."""
+    parts = [
+        f"{name} {pct * cpu_us_per_event / 100:.1f} µs"
+        if cpu_us_per_event
+        else f"{name} {pct:.0f} %"
+        for name, pct in data["buckets_pct"].items()
+    ]
+    per = f" ({cpu_us_per_event:.1f} µs per delivered event)" if cpu_us_per_event else ""
+    return f"where the worker's CPU goes{per}: " + ", ".join(parts)
+
+
 def render(
     data: dict[str, Any], cpu_us_per_event: float | None = None, title: str = "CPU profile"
 ) -> str:

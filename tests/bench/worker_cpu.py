@@ -4,8 +4,9 @@ Not one of `make bench`'s figures: a tool for profiling the worker. The events a
 through one ingest while no worker runs; then `relay worker -c 4` drains them into the
 sandbox (20 ms per request). Measured from the first command the sandbox accepts to the
 last: the worker processes' CPU time (user + system, every process of its tree) per
-delivered event, the drain rate, and the Redis commands per Celery message (INFO
-commandstats; the queue is full, so ingest sends nothing meanwhile). The machine's load
+delivered event, the drain rate, Redis's own CPU per delivered event and the Redis
+commands per Celery message (INFO commandstats; the queue is full, so ingest sends
+nothing meanwhile: both are the worker's doing). The machine's load
 average is printed with each run: other engineers' suites share it.
 
 `PROFILE=path.txt` samples the live worker with py-spy during the drain and prints where
@@ -153,6 +154,7 @@ def run_once(env: Env, events: int) -> dict[str, Any]:
         started = _started(worker)
         runs_before = _runs(env)
         cpu0, stats0, t0 = _sum_cpu(started), harness.commandstats(env), time.monotonic()
+        redis0 = harness.tree_cpu(env.redis_pid) if env.redis_pid else None
         live0 = _cpu(live)
         got0 = int(sandbox.stats()["commands"])
         spy_to = os.environ.get("PROFILE")
@@ -160,6 +162,7 @@ def run_once(env: Env, events: int) -> dict[str, Any]:
         with PeakRss(worker.pid) as rss:
             got = sandbox.wait_commands(events, timeout=300, stall=20, alive=worker.check_alive)
         cpu1, stats1, t1 = _sum_cpu(started), harness.commandstats(env), time.monotonic()
+        redis1 = harness.tree_cpu(env.redis_pid) if env.redis_pid else None
         live1 = _cpu(live)
         messages = _runs(env) - runs_before
         trips = monitor.stop() if monitor else None
@@ -175,6 +178,11 @@ def run_once(env: Env, events: int) -> dict[str, Any]:
         "cpu_us_per_command": round(cpu_us, 1),
         "live_cpu_us_per_command": round((live1 - live0) / delivered * 1e6, 1),
         "commands_per_s": round(delivered / (t1 - t0), 1),
+        "redis_cpu_us_per_command": (
+            round((redis1 - redis0) / delivered * 1e6, 1)
+            if redis0 is not None and redis1 is not None
+            else None
+        ),
         "messages": messages,
         "worker_rss_mb": round(rss.peak / 2**20, 1),
         "worker_rss_by_process_mb": rss.by_process,
@@ -200,7 +208,9 @@ def main() -> int:
             say(json.dumps({k: v for k, v in result.items() if k != "profile"}))
             print(json.dumps(result), flush=True)
             if result["profile"]:
-                print(profile.render(result["profile"], result["cpu_us_per_command"]), flush=True)
+                cpu = result["cpu_us_per_command"]
+                print(profile.headline(result["profile"], cpu), flush=True)
+                print(profile.render(result["profile"], cpu), flush=True)
     finally:
         env.close()
     return 0

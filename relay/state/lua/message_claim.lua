@@ -32,7 +32,10 @@ if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
     redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
   end
 end
-if redis.call('HSETNX', KEYS[1], 'claimed', '1') == 1 then
+-- 'claimed' holds a value longer than Redis keeps in a listpack (hash-max-listpack-value,
+-- 64 bytes by default), so the record is a hash table from the start: each of the
+-- hundreds of done marks a run writes is then one lookup, not a scan of those before it.
+if redis.call('HSETNX', KEYS[1], 'claimed', '1' .. string.rep(' ', 64)) == 1 then
   -- Once per message. A publisher may count its message just after a worker took it,
   -- so the count can dip below zero for a moment; readers show at least zero.
   redis.call('DECRBY', KEYS[3], ARGV[3])
