@@ -36,6 +36,7 @@ from relay.archive.schema import COLUMNS, SCHEMA, day_of, key_of, to_table
 from relay.archive.store import Store
 from relay.errors import RelayError
 from relay.state import archive as staged
+from relay.state.trace import Sighting
 
 OUTCOMES = ("delivered", "skipped", "dead")
 LIMIT = 50
@@ -154,6 +155,30 @@ def search(store: Store, r: Any, query: Query, limit: int = LIMIT) -> list[dict[
         raise QueryError(f"the limit is at least 1, not {limit}")
     with Reader(store, r, query) as reader:
         return [_hit(row) for row in reader.rows("settled_at DESC, relay_id", limit)]
+
+
+def sightings(store: Store, r: Any, wanted: str) -> list[Sighting]:
+    """`relay trace`'s answer from the archive: each settlement of the event with this
+    messageId (or, failing that, relay id), newest first."""
+    hits = search(store, r, Query(message_id=wanted), LIMIT)
+    if not hits:
+        with Reader(store, r, Query()) as reader:
+            rows = reader.execute(
+                "SELECT * FROM {rows} WHERE relay_id = ? ORDER BY settled_at DESC", [wanted]
+            )
+            names = [d[0] for d in rows.description]
+            hits = [_hit(dict(zip(names, row, strict=True))) for row in rows.fetchall()]
+    state = {"delivered": "delivered", "skipped": "skipped", "dead": "dead"}
+    out = []
+    for hit in hits:
+        detail = {
+            "relay_id": hit["relay_id"], "message_id": hit["message_id"], "archived": True,
+            "commands": hit["commands"] or [], "tries": hit["tries"] or [],
+        }  # fmt: skip
+        if hit["reason"]:
+            detail["reason"] = hit["reason"]
+        out.append(Sighting(state.get(hit["outcome"], hit["outcome"]), hit["settled_at"], detail))
+    return out
 
 
 def _hit(row: dict[str, Any]) -> dict[str, Any]:
