@@ -46,6 +46,9 @@ _SLICE = (
 )
 
 
+_COLUMNS = "settled_at, relay_id, source, type, user_id, body"  # what a replay sends
+
+
 class ReplayBusy(QueryError):
     """Another run of the same replay moved its cursor meanwhile."""
 
@@ -121,7 +124,7 @@ class Replay:
             after = "WHERE settled_at > ? OR (settled_at = ? AND relay_id > ?)"
             params = [self.cursor[0], self.cursor[0], self.cursor[1]]
         sql = (
-            f"SELECT * FROM (SELECT * FROM {{rows}} {_SLICE}) {after} "
+            f"SELECT {_COLUMNS} FROM (SELECT * FROM {{rows}} {_SLICE}) {after} "
             "ORDER BY settled_at, relay_id"
         )
         for batch in reader.batches(sql, params, size):
@@ -140,25 +143,33 @@ class Replay:
                 items, skipped = [], 0
                 at = time.time() if now is None else now
                 for record in page:
-                    item = self.envelope(record, at)
+                    item = self.item(record, at)
                     if item is None:
                         skipped += 1
                     else:
-                        items.append(item.to_dict())
+                        items.append(item)
                 last = page[-1]
                 self._queue(r, queue, items, skipped, (last["settled_at"], last["relay_id"]), per_message)
                 yield Step(self.done, total, self.skipped)
 
     def envelope(self, record: dict[str, Any], now: float) -> Envelope | None:
         """The envelope that replays a record, or None when it holds no event."""
-        body = record.get("body")
-        event = orjson.loads(body) if body else None
+        item = self.item(record, now)
+        return None if item is None else Envelope.from_dict(item)
+
+    def item(self, record: dict[str, Any], now: float) -> dict[str, Any] | None:
+        """`envelope(record, now).to_dict()`, built directly (a replay queues many), or
+        None when the record holds no event."""
+        try:
+            event = orjson.loads(record["body"]) if record.get("body") else None
+        except orjson.JSONDecodeError:
+            event = None
         if not isinstance(event, dict):
             return None
-        return Envelope(
-            id=record["relay_id"], source=record.get("source") or "api", received_at=now,
-            attempts=0, event=event, replayed_from=self.lane_tag,
-        )  # fmt: skip
+        return {
+            "id": record["relay_id"], "source": record.get("source") or "api",
+            "received_at": now, "attempts": 0, "event": event, "replayed_from": self.lane_tag,
+        }  # fmt: skip
 
     def _save_start(self, r: Any, total: int, now: float | None) -> None:
         key = keys.ARCHIVE_REPLAY + self.id

@@ -19,6 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from relay.archive.store import ROW_GROUP
 from tests.bench import harness
 from tests.bench.e2e import _percentile
 from tests.bench.harness import Env, say
@@ -32,7 +33,7 @@ LOOKUP_TARGET_S = 1.0
 REPLAY_EVENTS = 100_000
 REPLAY_TARGET_S = 10.0
 CACHE = harness.RESULTS / "archive-cache"
-_MARK = f"{EVENTS}-{DAYS}-{FILES_PER_DAY}-{USERS}-v1"
+_MARK = f"{EVENTS}-{DAYS}-{FILES_PER_DAY}-{USERS}-{ROW_GROUP}"
 START = 1_794_182_400.0  # 2026-11-09T00:00:00Z: the first day of the set
 
 
