@@ -41,9 +41,7 @@ from relay.state import broker
 PAGE = 2000
 STATE_TTL_S = 7 * 86400  # a replay can be continued for a week after its last step
 # Records the replay orders and pages by, newest record of each relay id only.
-_SLICE = (
-    "QUALIFY row_number() OVER (PARTITION BY relay_id ORDER BY settled_at DESC, outcome) = 1"
-)
+_SLICE = "QUALIFY row_number() OVER (PARTITION BY relay_id ORDER BY settled_at DESC, outcome) = 1"
 
 
 _COLUMNS = "settled_at, relay_id, source, type, user_id, body"  # what a replay sends
@@ -149,7 +147,9 @@ class Replay:
                     else:
                         items.append(item)
                 last = page[-1]
-                self._queue(r, queue, items, skipped, (last["settled_at"], last["relay_id"]), per_message)
+                self._queue(
+                    r, queue, items, skipped, (last["settled_at"], last["relay_id"]), per_message
+                )
                 yield Step(self.done, total, self.skipped)
 
     def envelope(self, record: dict[str, Any], now: float) -> Envelope | None:
@@ -190,7 +190,7 @@ class Replay:
         key = keys.ARCHIVE_REPLAY + self.id
         with r.pipeline(transaction=True) as pipe:
             try:
-                pipe.watch(key)
+                pipe.watch(key)  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
                 now_at = pipe.hget(key, "cursor_at")
                 expected = None if self.cursor is None else str(self.cursor[0]).encode()
                 if now_at != expected:

@@ -101,7 +101,9 @@ class Query:
         unknown = sorted(set(filters) - names)
         if unknown:
             raise QueryError(f"unknown filter {unknown[0]!r}")
-        given = {k: (v.strip() if isinstance(v, str) else v) for k, v in filters.items()}
+        given: dict[str, Any] = {
+            k: (v.strip() if isinstance(v, str) else v) for k, v in filters.items()
+        }
         given = {k: v for k, v in given.items() if v not in (None, "")}
         for bound in ("since", "until"):
             if bound in given and not isinstance(given[bound], int | float):
@@ -207,7 +209,8 @@ class Reader:
             sources.append(f"read_parquet([{listed}])")
         elif files:
             self._db.register(
-                "archived", pads.dataset(files, schema=SCHEMA, format="parquet", filesystem=store.fs)
+                "archived",
+                pads.dataset(files, schema=SCHEMA, format="parquet", filesystem=store.fs),
             )
             sources.append("archived")
         if r is not None:

@@ -16,7 +16,15 @@ import time
 import click
 
 from relay.errors import RelayError
-from relay.ops import cli_archive, cli_check, cli_dlq, cli_identities, cli_names, cli_ops, cli_status
+from relay.ops import (
+    cli_archive,
+    cli_check,
+    cli_dlq,
+    cli_identities,
+    cli_names,
+    cli_ops,
+    cli_status,
+)
 from relay.ops.cli_context import Deployment, RelayGroup, pass_deployment
 
 

@@ -54,7 +54,7 @@ def when(seconds: float | None) -> str:
 @click.option("--limit", type=click.IntRange(min=1, max=10_000), default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable: one hit per line.")
 @pass_deployment
-def search_command(deployment: Deployment, limit: int, as_json: bool, **filters: Any) -> None:
+def search_command(deployment: Deployment, /, limit: int, as_json: bool, **filters: Any) -> None:
     """Settled events in the archive (and those not yet archived), newest first: each
     with its event, outcome, the commands sent and every try."""
     from rich.console import Console
@@ -101,7 +101,7 @@ def search_command(deployment: Deployment, limit: int, as_json: bool, **filters:
 @click.option("--json", "as_json", is_flag=True, help="With --dry-run: machine-readable.")
 @pass_deployment
 def replay_command(
-    deployment: Deployment, dry_run: bool, yes: bool, as_json: bool, **filters: Any
+    deployment: Deployment, /, dry_run: bool, yes: bool, as_json: bool, **filters: Any
 ) -> None:
     """Send a slice of the archive (--since and --until required) again, through the
     replay lane with the current mapping. The same command again continues it."""
@@ -138,9 +138,10 @@ def replay_command(
                                 total=total):  # fmt: skip
                 progress.update(task, completed=step.done + step.skipped)
     except KeyboardInterrupt:
+        left = total - job.done - job.skipped
         click.echo(
-            f"\ninterrupted: {job.done:,} of {total:,} replayed, {total - job.done - job.skipped:,} "
-            "left; the same command continues"
+            f"\ninterrupted: {job.done:,} of {total:,} replayed, {left:,} left; "
+            "the same command continues"
         )
         raise SystemExit(130) from None
     note = f", {job.skipped:,} without an event kept" if job.skipped else ""

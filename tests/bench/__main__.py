@@ -21,7 +21,19 @@ import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from tests.bench import ab, adaptive, archive, e2e, harness, ingest, profile, ratelimit, replay, wait, wrk
+from tests.bench import (
+    ab,
+    adaptive,
+    archive,
+    e2e,
+    harness,
+    ingest,
+    profile,
+    ratelimit,
+    replay,
+    wait,
+    wrk,
+)
 from tests.bench.harness import Env, say
 
 BENCHMARKS: dict[str, Callable[[Env], dict[str, Any]]] = {
@@ -97,7 +109,8 @@ def _extra(result: dict[str, Any]) -> str:
     if name == "archive_lookup":
         p50, p95 = result["p50_ms"], result["p95_ms"]
         return (
-            f"{result['archived_events']:,} events, {result['days']} days, {result['files']} files; "
+            f"{result['archived_events']:,} events, {result['days']} days, "
+            f"{result['files']} files, {result['bytes_per_event']:.0f} bytes each; "
             f"messageId p50/p95 {p50['message_id']:.0f}/{p95['message_id']:.0f} ms, "
             f"userId {p50['user_id']:.0f}/{p95['user_id']:.0f} ms"
         )

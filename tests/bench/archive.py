@@ -43,9 +43,10 @@ def _user(i: int) -> str:
 
 def ensure_archive(root: Path = CACHE) -> Path:
     """The synthetic archive under `root`, written unless a whole one is there."""
+    from pyarrow import fs as pafs
+
     from relay.archive import schema
     from relay.archive.store import Store
-    from pyarrow import fs as pafs
 
     marker = root / "COMPLETE"
     if marker.exists() and marker.read_text() == _MARK:
@@ -84,14 +85,14 @@ def ensure_archive(root: Path = CACHE) -> Path:
                 "source": ["api"] * n,
                 "lane": ["live"] * n,
                 "commands": [
-                    '[{"action":"trackEvent","accountExternalId":"acct-%d",'
-                    '"contactExternalId":"user-%d","eventName":"Login"}]' % (u % 5000, u)
+                    f'[{{"action":"trackEvent","accountExternalId":"acct-{u % 5000}",'
+                    f'"contactExternalId":"user-{u}","eventName":"Login"}}]'
                     for u in users
                 ],
-                "tries": ['[{"at":%d,"status":200,"error":null}]' % at0] * n,
+                "tries": [f'[{{"at":{at0:.0f},"status":200,"error":null}}]'] * n,
                 "body": [
-                    '{"type":"track","event":"Login","userId":"user-%d","messageId":"msg-%d",'
-                    '"properties":{"plan":"pro"},"timestamp":"2026-11-20T10:00:00Z"}' % (u, i)
+                    f'{{"type":"track","event":"Login","userId":"user-{u}","messageId":"msg-{i}",'
+                    f'"properties":{{"plan":"pro"}},"timestamp":"2026-11-20T10:00:00Z"}}'
                     for u, i in zip(users, ids, strict=True)
                 ],
                 "message_key": pa.array([schema.key_of(f"msg-{i}") for i in ids], pa.int64()),
@@ -104,7 +105,8 @@ def ensure_archive(root: Path = CACHE) -> Path:
         )
         store.write(table, f"bench{part % FILES_PER_DAY}")
         if part % 20 == 19:
-            say(f"  archive: {(part + 1) * per_file:,} events written ({time.monotonic() - began:.0f} s)")
+            written = (part + 1) * per_file
+            say(f"  archive: {written:,} events written ({time.monotonic() - began:.0f} s)")
     marker.write_text(_MARK)
     return root
 
@@ -150,7 +152,9 @@ def archive_lookup(env: Env) -> dict[str, Any]:
         "written_s": round(written_s, 1),
         "lookups_each": LOOKUPS,
         "found": found,
-        "p50_ms": {n: round(_percentile([t * 1000 for t in ts], 50), 1) for n, ts in timings.items()},
+        "p50_ms": {
+            n: round(_percentile([t * 1000 for t in ts], 50), 1) for n, ts in timings.items()
+        },
         "p95_ms": {n: round(v, 1) for n, v in p95.items()},
         "target": f"p95 <= {LOOKUP_TARGET_S * 1000:.0f} ms (messageId and userId)",
         "met": worst <= LOOKUP_TARGET_S * 1000 and all(v == LOOKUPS for v in found.values()),

@@ -25,7 +25,16 @@ from relay.settings import Settings
 from relay.state import trace
 from relay.state.broker import Queue
 from tests.integration.conftest import (
-    TOKEN, WRITE_KEY, Sandbox, Seen, Starter, free_port, log_in, queued_items, settled, url_of,
+    TOKEN,
+    WRITE_KEY,
+    Sandbox,
+    Seen,
+    Starter,
+    free_port,
+    log_in,
+    queued_items,
+    settled,
+    url_of,
     wait_for,
 )
 from tests.integration.test_archive_search import record, stage
@@ -103,7 +112,9 @@ def test_admin_api_and_the_search_box(
     seed(r, open_store(settings))
     url = start_ingest(admin_token=TOKEN, archive_dir=settings.archive_dir)
     auth = {"Authorization": f"Bearer {TOKEN}"}
-    answer = requests.get(url + "/admin/api/search", params={"user": "u2", "limit": 3}, headers=auth)
+    answer = requests.get(
+        url + "/admin/api/search", params={"user": "u2", "limit": 3}, headers=auth
+    )
     assert answer.status_code == 200
     assert [h["message_id"] for h in answer.json()["hits"]] == ["m2", "m5", "m8"]
     assert requests.get(url + "/admin/api/search", params={"user": "u2"}).status_code == 401
