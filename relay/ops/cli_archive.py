@@ -64,7 +64,9 @@ def search_command(deployment: Deployment, /, limit: int, as_json: bool, **filte
     from relay.archive.store import open_store
 
     query = search.Query.of(_given(filters), time.time())
-    hits = search.search(open_store(deployment.settings), deployment.redis, query, limit)
+    # With no relay here (a host that only reads the bucket), the files alone.
+    r = deployment.redis if deployment.running_redis_url_or_none else None
+    hits = search.search(open_store(deployment.settings), r, query, limit)
     if as_json:
         for hit in hits:
             click.echo(json.dumps(hit))
@@ -91,7 +93,8 @@ def search_command(deployment: Deployment, /, limit: int, as_json: bool, **filte
         )
         table.add_row(when(h["settled_at"]), outcome, event, commands, tries)
     Console().print(table)
-    click.echo(f"{len(hits)} shown (newest first; --limit {limit})")
+    alone = "" if r is not None else "; no relay here: the archive's files only"
+    click.echo(f"{len(hits)} shown (newest first; --limit {limit}{alone})")
 
 
 @click.command("replay")
@@ -138,6 +141,7 @@ def replay_command(
                                 total=total):  # fmt: skip
                 progress.update(task, completed=step.done + step.skipped)
     except KeyboardInterrupt:
+        job = replay.Replay.of(r, _given(filters))  # as Redis has it: a page is all or none
         left = total - job.done - job.skipped
         click.echo(
             f"\ninterrupted: {job.done:,} of {total:,} replayed, {left:,} left; "

@@ -70,6 +70,11 @@ def test_search_prints_a_table_and_json(r: redis.Redis, settings: Settings) -> N
     (hit,) = [json.loads(line) for line in lines]
     assert hit["outcome"] == "dead" and hit["reason"] == "retries_exhausted"
     assert hit["body"]["messageId"] == "m4" and hit["tries"][0]["status"] == 200
+    # A host where no relay runs (it reads the bucket): the files alone, and it says so.
+    files_only = Settings(archive_dir=settings.archive_dir, state_dir=settings.state_dir)
+    alone = run(files_only, "search", "--message-id", "m20")
+    assert alone.exit_code == 0 and "1 shown" in alone.output and "files only" in alone.output
+    assert "0 shown" in run(files_only, "search", "--message-id", "m3").output  # in Redis
     bad = run(settings, "search", "--since", "yesterday")
     assert bad.exit_code == 1 and "'yesterday' is not a time" in bad.output
     assert "outcome is one of" in run(settings, "search", "--outcome", "lost").output
