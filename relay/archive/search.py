@@ -170,7 +170,6 @@ def sightings(store: Store, r: Any, wanted: str) -> list[Sighting]:
             )
             names = [d[0] for d in rows.description]
             hits = [_hit(dict(zip(names, row, strict=True))) for row in rows.fetchall()]
-    state = {"delivered": "delivered", "skipped": "skipped", "dead": "dead"}
     out = []
     for hit in hits:
         detail = {
@@ -179,7 +178,8 @@ def sightings(store: Store, r: Any, wanted: str) -> list[Sighting]:
         }  # fmt: skip
         if hit["reason"]:
             detail["reason"] = hit["reason"]
-        out.append(Sighting(state.get(hit["outcome"], hit["outcome"]), hit["settled_at"], detail))
+        # The outcomes are trace's settled states: delivered, skipped, dead.
+        out.append(Sighting(hit["outcome"], hit["settled_at"], detail))
     return out
 
 
@@ -200,7 +200,6 @@ class Reader:
 
     def __init__(self, store: Store, r: Any, query: Query) -> None:
         self._db = duckdb.connect()
-        self._query = query
         where, params = query.where()
         sources = []
         files = store.files(*query.days())
