@@ -43,6 +43,7 @@ LIMIT = 50
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _JSON = ("commands", "tries", "body")
+_RELAY_ID = re.compile(r"^[0-9a-f]{16,}$")  # what ingest and Envelope.new make
 # Unix seconds out of the engine: the times' columns as ms since the epoch.
 _SELECT = ", ".join(
     f"epoch_ms({c}) AS {c}" if c in ("settled_at", "received_at") else c
@@ -92,6 +93,7 @@ class Query:
     reason: str | None = None
     since: float | None = None
     until: float | None = None
+    relay_id: str | None = None  # trace's last resort: no key, a scan of the column
 
     @classmethod
     def of(cls, filters: dict[str, Any], now: float) -> Query:
@@ -129,7 +131,7 @@ class Query:
                 params += [key_of(value), value]
         for column, value in (
             ("account_id", self.account_id), ("event", self.event),
-            ("outcome", self.outcome), ("reason", self.reason),
+            ("outcome", self.outcome), ("reason", self.reason), ("relay_id", self.relay_id),
         ):  # fmt: skip
             if value is not None:
                 terms.append(f"{column} = ?")
@@ -163,13 +165,8 @@ def sightings(store: Store, r: Any, wanted: str) -> list[Sighting]:
     """`relay trace`'s answer from the archive: each settlement of the event with this
     messageId (or, failing that, relay id), newest first."""
     hits = search(store, r, Query(message_id=wanted), LIMIT)
-    if not hits:
-        with Reader(store, r, Query()) as reader:
-            rows = reader.execute(
-                "SELECT * FROM {rows} WHERE relay_id = ? ORDER BY settled_at DESC", [wanted]
-            )
-            names = [d[0] for d in rows.description]
-            hits = [_hit(dict(zip(names, row, strict=True))) for row in rows.fetchall()]
+    if not hits and _RELAY_ID.match(wanted):
+        hits = search(store, r, Query(relay_id=wanted), LIMIT)
     out = []
     for hit in hits:
         detail = {

@@ -86,6 +86,12 @@ def test_trace_falls_back_to_the_archive(r: redis.Redis, settings: Settings) -> 
     assert found.exit_code == 0, found.output
     assert "delivered at" in found.output and "from the archive" in found.output
     assert "trackEvent" in found.output
+    by_relay_id = run(settings, "trace", "ab" * 8 + "1f")  # settled long ago, by relay id
+    assert by_relay_id.exit_code == 1  # no such relay id: the archive was asked, and said so
+    store = open_store(settings)
+    store.write(schema.to_table([record(7, NOW - 9e4, relay_id="ab" * 8 + "1f")]), "w2")
+    found = run(settings, "trace", "ab" * 8 + "1f").output
+    assert "delivered at" in found and f"relay id {'ab' * 8}1f" in found
     gone = run(settings, "trace", "m999")
     assert gone.exit_code == 1 and "nor in the archive" in gone.output
 
