@@ -5,6 +5,7 @@ S3-compatible server, moto_server, started here) and a real Redis."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -33,6 +34,7 @@ from tests.integration.conftest import (
     free_port,
     log_in,
     queued_items,
+    relay_env,
     settled,
     url_of,
     wait_for,
@@ -41,7 +43,7 @@ from tests.integration.test_archive_search import record, stage
 
 pytestmark = pytest.mark.integration
 
-NOW = time.time()
+NOW = time.time()  # the seed's clock: its windows are hours wide
 
 
 def run(settings: Settings, *args: str) -> Any:
@@ -221,12 +223,12 @@ def test_a_replayed_slice_reaches_churnzero_once(
     clean_sandbox.wait_commands(1)
     wait_for(lambda: settled(r))
     (relay_id,) = [s.detail["relay_id"] for s in trace.find(r, "live-1")]
-    rows = []
+    rows, now = [], time.time()
     for i in range(12):
         event = {"type": "track", "userId": "u", "event": f"Old {i}", "messageId": f"old-{i}",
                  "properties": IDS, "timestamp": "2026-11-01T10:00:00Z"}  # fmt: skip
-        rows.append(record(i, NOW - 600 + i, body=json.dumps(event), user_id="u"))
-    rows.append(record(99, NOW - 100, body=json.dumps(live), relay_id=relay_id, user_id="u"))
+        rows.append(record(i, now - 600 + i, body=json.dumps(event), user_id="u"))
+    rows.append(record(99, now - 100, body=json.dumps(live), relay_id=relay_id, user_id="u"))
     store = open_store(settings)
     store.write(schema.to_table(rows), "w1")
     filters = {"since": "20m", "until": "now", "user_id": "u"}
@@ -243,3 +245,42 @@ def test_a_replayed_slice_reaches_churnzero_once(
     names = [c["eventName"] for c in clean_sandbox.commands()]
     assert sorted(names) == sorted(["Live"] + [f"Old {i}" for i in range(12)])
     assert int(r.hget("relay:stats", "skipped:duplicate") or 0) == 1
+
+
+def test_ctrl_c_says_what_is_left_and_the_same_command_continues(
+    r: redis.Redis, settings: Settings, redis_url: str
+) -> None:
+    """Ctrl-C while a replay waits on Redis (writes paused, so the run is caught mid-way
+    on any machine): it prints what was replayed and what is left; run again, it sends
+    the rest, and every event is queued once."""
+    events = 40_000
+    now = time.time()  # not the module's NOW: the window is minutes, the suite longer
+    rows = [record(i, now - 1000 + i * 0.02, user_id="u") for i in range(events)]
+    open_store(settings).write(schema.to_table(rows), "w1")
+    command = [sys.executable, "-m", "relay.ops.cli", "replay", "--since", "2000s", "--until",
+               "now", "--yes"]  # fmt: skip
+    env = relay_env(redis_url, archive_dir=settings.archive_dir, state_dir=settings.state_dir)
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        state = "relay:archive:replay:" + replay.Replay.id_of({"since": "2000s", "until": "now"})
+        deadline = time.monotonic() + 60
+        # Polled tightly: the run's first page to its last is a fraction of a second.
+        while not int(r.hget(state, "done") or 0) and proc.poll() is None:
+            assert time.monotonic() < deadline, "the replay queued nothing in time"
+        r.execute_command("CLIENT", "PAUSE", 30_000, "WRITE")
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        r.execute_command("CLIENT", "UNPAUSE")
+        if proc.poll() is None:
+            proc.kill()
+    text = out.decode()
+    assert proc.returncode == 130, text
+    done = int(r.hget(state, "done") or 0)
+    assert f"interrupted: {done:,} of {events:,} replayed, {events - done:,} left" in text
+    assert 0 < done < events
+    again = subprocess.run(command, env=env, capture_output=True, timeout=120)
+    assert again.returncode == 0, again.stdout.decode() + again.stderr.decode()
+    assert f"{events:,} of {events:,} replayed" in again.stdout.decode()
+    ids = [i["id"] for i in queued_items(r, "relay.replay")]
+    assert len(ids) == len(set(ids)) == events
