@@ -21,8 +21,6 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from relay.archive import search
-from relay.archive.store import open_store
 from relay.errors import MappingError, RequestError
 from relay.ingest import auth
 from relay.ingest.webapp import SETTINGS, SYNC_REDIS, json_response, refusal
@@ -230,6 +228,9 @@ async def preview_view(request: web.Request) -> web.Response:
 async def trace_view(request: web.Request) -> web.Response:
     """GET /admin/api/trace/{id}: where the event with this messageId (or relay id) is
     (settled before the record's oldest: from the archive)."""
+    from relay.archive import search  # DuckDB and Arrow: loaded by ingest only when asked
+    from relay.archive.store import open_store
+
     r, store = _sync(request), open_store(request.config_dict[SETTINGS])
     found = await asyncio.to_thread(
         trace.find, r, request.match_info["id"],
@@ -252,6 +253,9 @@ async def search_view(request: web.Request) -> web.Response:
     unknown = sorted(set(request.query) - set(_SEARCH) - {"limit"})
     if unknown:
         raise RequestError(400, f"unknown filter {unknown[0]!r}")
+    from relay.archive import search  # DuckDB and Arrow: loaded by ingest only when asked
+    from relay.archive.store import open_store
+
     limit = _number(request, "limit", 50, 1000) or 1
     r, store = _sync(request), open_store(request.config_dict[SETTINGS])
 
