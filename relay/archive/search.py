@@ -144,6 +144,18 @@ class Query:
             params.append(round(self.until * 1000))
         return " AND ".join(terms) or "TRUE", params
 
+    def admits(self, record: dict[str, Any]) -> bool:
+        """Whether a record as Redis holds it (unix-second times) matches: the records
+        not yet archived are filtered as they are read, so a long archiver lag costs a
+        search time, not memory."""
+        for name in ("message_id", "user_id", "anonymous_id", "account_id", "event",
+                     "outcome", "reason", "relay_id"):  # fmt: skip
+            wanted = getattr(self, name)
+            if wanted is not None and record.get(name) != wanted:
+                return False
+        at = float(record.get("settled_at") or 0)
+        return (self.since is None or at >= self.since) and (self.until is None or at <= self.until)
+
     def days(self) -> tuple[str | None, str | None]:
         """The first and last day partitions that can hold a match."""
         return (
@@ -210,7 +222,8 @@ class Reader:
             )
             sources.append("archived")
         if r is not None:
-            self._db.register("pending", to_table(staged.pending(r)))
+            admitted = [x for x in staged.pending(r) if query.admits(x)]
+            self._db.register("pending", to_table(admitted))
             sources.append("pending")
         self._db.register("forgotten", store.forgotten())
         self._params: list[Any] = []

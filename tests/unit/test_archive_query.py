@@ -70,3 +70,12 @@ def test_a_replay_is_named_by_its_filters_as_written() -> None:
 def test_the_search_limit_is_positive() -> None:
     with pytest.raises(QueryError, match="at least 1"):
         search.search(None, None, Query(), 0)  # type: ignore[arg-type]
+
+
+def test_records_not_yet_archived_are_filtered_as_read() -> None:
+    rec = {"settled_at": NOW - 60, "user_id": "ann", "outcome": "skipped", "event": "Login"}
+    assert Query(user_id="ann", outcome="skipped", since=NOW - 120).admits(rec)
+    assert not Query(user_id="bob").admits(rec)
+    assert not Query(since=NOW - 30).admits(rec)
+    assert not Query(until=NOW - 90).admits(rec)
+    assert not Query(message_id="m1").admits(rec)  # the record has none
