@@ -172,16 +172,21 @@ class Replay:
         }  # fmt: skip
 
     def _save_start(self, r: Any, total: int, now: float | None) -> None:
+        """Record the replay's resolved range (a first run's; together or not at all,
+        and never over another run's) and the slice's size."""
         key = keys.ARCHIVE_REPLAY + self.id
         assert self.query.since is not None and self.query.until is not None
+        pipe = r.pipeline(transaction=True)
         if self.started_at is None:
             self.started_at = time.time() if now is None else now
-            r.hsetnx(key, "started_at", self.started_at)
-            r.hsetnx(key, "since", self.query.since)
-            r.hsetnx(key, "until", self.query.until)
-            r.hsetnx(key, "filters", orjson.dumps(self.filters))
-        r.hset(key, "total", total)
-        r.expire(key, STATE_TTL_S)
+            for name, value in (
+                ("started_at", self.started_at), ("since", self.query.since),
+                ("until", self.query.until), ("filters", orjson.dumps(self.filters)),
+            ):  # fmt: skip
+                pipe.hsetnx(key, name, value)
+        pipe.hset(key, "total", total)
+        pipe.expire(key, STATE_TTL_S)
+        pipe.execute()
 
     def _queue(
         self, r: redis.Redis, queue: broker.Queue, items: list[dict[str, Any]], skipped: int,
