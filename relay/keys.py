@@ -109,6 +109,9 @@ TRACE = PREFIX + "trace"
 # STREAM of settled events' records (relay.state.archive) that the archiver has not yet
 # written to the archive's files: one entry per settlement.
 ARCHIVE = PREFIX + "archive"
+# A replay of a slice of the archive (relay.archive.replay): HASH of its time range,
+# cursor and counts, per replay id; expires a week after its last step.
+ARCHIVE_REPLAY = PREFIX + "archive:replay:"
 
 # The new-name guard (relay.state.names): a SET per kind of the names sent to ChurnZero, a ZSET
 # of the newest new names ("kind:name" -> first sent) and one of the names held.

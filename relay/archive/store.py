@@ -27,7 +27,9 @@ from relay.settings import Settings
 
 DAY_PREFIX = "day="
 FORGOTTEN_DIR = "forgotten"
-ROW_GROUP = 64 * 1024  # rows: small enough that a user's rows are skipped to, not scanned
+ROW_GROUP = (
+    8 * 1024
+)  # rows: a hit decompresses its row group whole, so small ones keep a lookup cheap
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import time
 from collections.abc import Callable
 from functools import wraps
 from importlib import resources
@@ -326,9 +327,47 @@ async def preview_view(request: web.Request) -> web.Response:
 
 @routes.get("/api/trace/{id}")
 async def trace_view(request: web.Request) -> web.Response:
-    """GET /admin/api/trace/{id}: where the event with this messageId (or relay id) is."""
-    found = await asyncio.to_thread(trace.find, _sync(request), request.match_info["id"])
+    """GET /admin/api/trace/{id}: where the event with this messageId (or relay id) is
+    (settled before the record's oldest: from the archive)."""
+    from relay.archive import search  # DuckDB and Arrow: loaded by ingest only when asked
+    from relay.archive.store import open_store
+
+    r, store = _sync(request), open_store(request.config_dict[SETTINGS])
+    found = await asyncio.to_thread(
+        trace.find, r, request.match_info["id"],
+        archived=lambda wanted: search.sightings(store, r, wanted),
+    )  # fmt: skip
     return json_response({"found": [s.as_dict() for s in found]})
+
+
+# The query's names: `relay search`'s options (user, account: the ids).
+_SEARCH = {"message_id": "message_id", "user": "user_id", "anonymous_id": "anonymous_id",
+           "account": "account_id", "event": "event", "outcome": "outcome",
+           "reason": "reason", "since": "since", "until": "until"}  # fmt: skip
+
+
+@routes.get("/api/search")
+async def search_view(request: web.Request) -> web.Response:
+    """GET /admin/api/search?message_id=&user=&anonymous_id=&account=&event=&outcome=
+    &reason=&since=&until=&limit=: archived (and settled, not yet archived) events,
+    newest first, as `relay search --json`."""
+    unknown = sorted(set(request.query) - set(_SEARCH) - {"limit"})
+    if unknown:
+        raise RequestError(400, f"unknown filter {unknown[0]!r}")
+    from relay.archive import search  # DuckDB and Arrow: loaded by ingest only when asked
+    from relay.archive.store import open_store
+
+    limit = _number(request, "limit", 50, 1000) or 1
+    r, store = _sync(request), open_store(request.config_dict[SETTINGS])
+
+    def run() -> list[dict[str, Any]]:
+        given = {_SEARCH[k]: v for k, v in request.query.items() if k in _SEARCH}
+        try:
+            return search.search(store, r, search.Query.of(given, time.time()), limit)
+        except search.QueryError as exc:
+            raise RequestError(400, str(exc)) from None
+
+    return json_response({"hits": await asyncio.to_thread(run)})
 
 
 def create_app() -> web.Application:

@@ -106,10 +106,14 @@ def preview(
 @pass_deployment
 def trace_command(deployment: Deployment, message_id: str, as_json: bool) -> None:
     """Where an event is, by its Segment messageId (or relay id): queued, in flight,
-    delayed, dead, delivered or skipped (from the record of recent settlements)."""
+    delayed, dead, delivered or skipped (from the record of recent settlements, else
+    from the archive)."""
+    from relay.archive import search
+    from relay.archive.store import open_store
     from relay.state import trace
 
-    found = trace.find(deployment.redis, message_id)
+    r, store = deployment.redis, open_store(deployment.settings)
+    found = trace.find(r, message_id, archived=lambda wanted: search.sightings(store, r, wanted))
     if as_json:
         click.echo(json.dumps([s.as_dict() for s in found]))
         return
@@ -117,7 +121,7 @@ def trace_command(deployment: Deployment, message_id: str, as_json: bool) -> Non
         raise click.ClickException(
             f"{message_id} is nowhere: not queued, in flight, delayed or among the newest "
             f"dead letters, and not in the record of the last "
-            f"{deployment.settings.trace_size:,} settled events"
+            f"{deployment.settings.trace_size:,} settled events, nor in the archive"
         )
     for sighting in found:
         click.echo(describe(sighting))
@@ -143,6 +147,13 @@ def describe(sighting: Any) -> str:
         return (
             f"delayed: next attempt at {when}, cause {d.get('cause') or 'unknown'}, "
             f"{d.get('attempts', 0)} attempts so far ({who})"
+        )
+    if d.get("archived"):
+        tries = len(d.get("tries", []))
+        what = f"{sighting.state}{': ' + d['reason'] if d.get('reason') else ''}"
+        return (
+            f"{what} at {when} ({who}; from the archive), {tries} tr{'y' if tries == 1 else 'ies'}"
+            + (", commands sent:" if d.get("commands") else "")
         )
     if sighting.state == "dead":
         gone = "" if d.get("still_dead", True) else " (no longer there: replayed or purged)"

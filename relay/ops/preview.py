@@ -195,26 +195,48 @@ def dry_run(
     sample: int = 3,
 ) -> DryRun:
     """What replaying these pages of dead-letter entries would do now (read-only)."""
+    now = time.time()
+
+    def items(page: list[deadletter.DeadLetter]) -> list[tuple[str, Envelope | Verdict]]:
+        out: list[tuple[str, Envelope | Verdict]] = []
+        for entry in page:
+            try:
+                out.append((entry.id, deadletter.replay_item(entry, now)))
+            except DecodeError as exc:  # a replay leaves it where it is
+                out.append((entry.id, _verdict_kept(entry, exc)))
+        return out
+
+    return dry_run_items(r, map(items, pages), mapping, settings, sample=sample, now=now)
+
+
+def dry_run_items(
+    r: Any,
+    pages: Iterable[list[tuple[str, Envelope | Verdict]]],
+    mapping: Mapping,
+    settings: Settings,
+    *,
+    sample: int = 3,
+    name: str = "entry",
+    now: float | None = None,
+) -> DryRun:
+    """What queuing these pages of (id, envelope) would do now (read-only); a verdict
+    in place of an envelope is one decided already. Samples name the id as `name`."""
     out = DryRun()
     # Identities the replay's earlier events would teach, and the attribute clocks they
     # would move: one access for every page.
     access = Peeking(r, settings.dedupe_window_s, known={})
-    now = time.time()
+    now = time.time() if now is None else now
     for page in pages:
-        entries, items, kept = [], [], []
-        for entry in page:
-            try:
-                items.append(deadletter.replay_item(entry, now))
-                entries.append(entry)
-            except DecodeError as exc:  # a replay leaves it where it is
-                kept.append((entry, _verdict_kept(entry, exc)))
-        verdicts = _preview(r, items, mapping, settings, access, now)
-        for entry, verdict in [*zip(entries, verdicts, strict=True), *kept]:
+        ids = [key for key, item in page if isinstance(item, Envelope)]
+        items = [item for _, item in page if isinstance(item, Envelope)]
+        decided = [(key, item) for key, item in page if not isinstance(item, Envelope)]
+        verdicts = _preview(r, items, mapping, settings, access, now) if items else []
+        for key, verdict in [*zip(ids, verdicts, strict=True), *decided]:
             out.total += 1
             out.outcomes[verdict.label] += 1
             examples = out.samples.setdefault(verdict.label, [])
             if len(examples) < sample:
-                examples.append({"entry": entry.id, **verdict.as_dict()})
+                examples.append({name: key, **verdict.as_dict()})
     return out
 
 

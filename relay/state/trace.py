@@ -16,7 +16,7 @@ operator's tool, O(what is there), never on the delivery path.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,9 +105,12 @@ def _about_event(event: Any) -> tuple[Any, Any, Any]:
 
 
 def find(
-    r: Any, wanted: str, queues: Iterable[str] = (keys.QUEUE, keys.REPLAY_QUEUE)
-) -> list[Sighting]:
-    """Every place the event with this messageId (or relay id) is, most current first."""
+    r: Any, wanted: str, queues: Iterable[str] = (keys.QUEUE, keys.REPLAY_QUEUE),
+    *, archived: Callable[[str], list[Sighting]] | None = None,
+) -> list[Sighting]:  # fmt: skip
+    """Every place the event with this messageId (or relay id) is, most current first.
+    `archived` (relay.archive.search.sightings, which this side may not import) answers
+    for an event settled before the oldest the record holds."""
     needle = wanted.encode()
     found: list[Sighting] = []
     for queue in queues:
@@ -133,6 +136,8 @@ def find(
     found += settled
     if not any(s.state == "dead" for s in settled):
         found += _dead(r, wanted, needle)
+    if archived is not None and not any(s.state in STATES.values() for s in found):
+        found += archived(wanted)
     return found
 
 

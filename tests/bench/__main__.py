@@ -30,6 +30,7 @@ from typing import Any, NoReturn
 from tests.bench import (
     ab,
     adaptive,
+    archive,
     e2e,
     harness,
     ingest,
@@ -51,6 +52,8 @@ BENCHMARKS: dict[str, Callable[[Env], dict[str, Any]]] = {
     "replay": replay.replay,
     "adaptive": adaptive.adaptive,
     "ingest_wait": wait.ingest_wait,
+    "archive_lookup": archive.archive_lookup,
+    "archive_replay": archive.archive_replay,
 }
 
 
@@ -111,6 +114,16 @@ def _extra(result: dict[str, Any]) -> str:
             f"{result['live_beside_replay']['p99_ms']:.0f} ms beside a {result['dead_letters']:,}"
             f"-event replay ({result['replay_events_per_s_meanwhile']:,.0f} events/s meanwhile)"
         )
+    if name == "archive_lookup":
+        p50, p95 = result["p50_ms"], result["p95_ms"]
+        return (
+            f"{result['archived_events']:,} events, {result['days']} days, "
+            f"{result['files']} files, {result['bytes_per_event']:.0f} bytes each; "
+            f"messageId p50/p95 {p50['message_id']:.0f}/{p95['message_id']:.0f} ms, "
+            f"userId {p50['user_id']:.0f}/{p95['user_id']:.0f} ms"
+        )
+    if name == "archive_replay":
+        return f"{result['replayed']:,} events queued in {result['seconds']:.2f} s"
     if name in ("ratelimit", "adaptive"):
         return (
             f"achieved {result['achieved_rps']:.1f}/{result['limit_rps']:g} rps, "
