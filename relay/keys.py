@@ -107,6 +107,8 @@ TRACE = PREFIX + "trace"
 # STREAM of settled events' records (relay.state.archive) that the archiver has not yet
 # written to the archive's files: one entry per settlement.
 ARCHIVE = PREFIX + "archive"
+# The archivers' consumer group on it (not a key: a name inside the stream).
+ARCHIVE_GROUP = "archivers"
 
 # The new-name guard (relay.state.names): a SET per kind of the names sent to ChurnZero, a ZSET
 # of the newest new names ("kind:name" -> first sent) and one of the names held.
@@ -189,6 +191,10 @@ class Stat(StrEnum):
     # Settlements run as a plain MULTI, which Redis refuses at maxmemory (relay.state.oom).
     OOM_FALLBACKS = "oom_fallbacks"
     REPLICATION_WAITS = "replication_waits"
+    # The flight recorder: records written to the archive's files, and the archiver's
+    # failures (:<what>: read, write, maintenance).
+    ARCHIVED = "archived"
+    ARCHIVER_ERRORS = "archiver_errors"
     # The ChurnZero request-duration histogram: count per bucket (:<upper bound>), total
     # count and sum in microseconds.
     REQUEST_SECONDS_BUCKET = "request_seconds_bucket"

@@ -3,7 +3,8 @@
 Commands read the deployment's settings once (relay.ops.cli_context) and call the same
 library functions the services use; each group of operator commands has a module:
 `relay dlq` (cli_dlq), `relay identities` (cli_identities), `relay names` (cli_names),
-`relay preview` and `relay trace` (cli_ops), `relay check` (cli_check).
+`relay preview` and `relay trace` (cli_ops), `relay check` (cli_check), `relay archive`
+(cli_archive).
 """
 
 from __future__ import annotations
@@ -15,7 +16,15 @@ import time
 import click
 
 from relay.errors import RelayError
-from relay.ops import cli_check, cli_dlq, cli_identities, cli_names, cli_ops, cli_status
+from relay.ops import (
+    cli_archive,
+    cli_check,
+    cli_dlq,
+    cli_identities,
+    cli_names,
+    cli_ops,
+    cli_status,
+)
 from relay.ops.cli_context import Deployment, RelayGroup, pass_deployment
 
 
@@ -161,7 +170,7 @@ def status(deployment: Deployment, as_json: bool, watch: bool) -> None:
 
 for command in (
     cli_dlq.dlq, cli_identities.identities, cli_names.names_group, cli_ops.preview,
-    cli_ops.trace_command, cli_check.check,
+    cli_ops.trace_command, cli_check.check, cli_archive.archive_group,
 ):  # fmt: skip
     main.add_command(command)
 

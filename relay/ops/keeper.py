@@ -55,11 +55,14 @@ Say = Callable[[str], None]
 @dataclass(frozen=True)
 class Child:
     """A process to keep running: what it is called in messages, its command, its
-    niceness (0: the supervisor's own CPU priority)."""
+    niceness (0: the supervisor's own CPU priority), and whether the supervisor gives up
+    when it keeps dying at start (one that is not essential is only started again, no
+    more often than every EARLY_DEATH_S)."""
 
     label: str
     argv: Sequence[str]
     nice: int = 0
+    essential: bool = True
 
 
 class Supervisor:
@@ -111,8 +114,14 @@ class Supervisor:
             if code is None or self._stopping:
                 continue
             early = time.monotonic() - started < EARLY_DEATH_S
-            self._early_deaths = self._early_deaths + 1 if early else 0
             label = self.specs[slot].label
+            if not self.specs[slot].essential:
+                if early:
+                    continue  # started again once EARLY_DEATH_S have passed since its start
+                self._say(f"{label} process {child.pid} exited ({code}); starting another")
+                self._start(slot)
+                continue
+            self._early_deaths = self._early_deaths + 1 if early else 0
             if self._early_deaths >= MAX_EARLY_DEATHS:
                 self._say(f"{label} processes keep exiting at start (last: {code}); giving up")
                 return False
@@ -155,7 +164,9 @@ def main() -> int:
     """Run the supervisor the environment describes; its exit status."""
     env = dict(os.environ)
     given = json.loads(env.pop(SPEC_VAR))
-    children = [Child(c["label"], c["argv"], c["nice"]) for c in given["children"]]
+    children = [
+        Child(c["label"], c["argv"], c["nice"], c.get("essential", True)) for c in given["children"]
+    ]
     say = partial(print, flush=True)
     return Supervisor(children, env, say, given["stop_s"]).run()
 

@@ -9,7 +9,10 @@ lane at a lower CPU priority (`RELAY_REPLAY_NICE`). In one process, a replay's b
 would hold the interpreter lock while live batches wait; in a process of its own, on a
 busy host the kernel gives live work the CPU first, so a replay of many dead letters
 takes only what live delivery leaves. Given its own `-Q`, `relay worker` is that one
-Celery worker instead.
+Celery worker instead. Otherwise, unless RELAY_ARCHIVE is false, a third child is the
+archiver (`relay archive`, relay.archive.archiver): a process of its own, so that its
+imports and its writes stay out of delivery, and one the supervisor restarts without ever
+giving up on the workers for it.
 
 The supervisor starts its children, starts again one that dies, and on SIGTERM or
 SIGINT stops them all (each finishes the work under way: requests, or running tasks)
@@ -85,9 +88,13 @@ def worker(settings: Settings, redis_url: str, celery_args: Sequence[str], say: 
         [*command, "-Q", keys.REPLAY_QUEUE, *celery_args, "-n", f"replay-{name}"],
         nice=settings.replay_nice,
     )
+    children = [live, replay]
+    if settings.archive:
+        archiver = [sys.executable, "-m", "relay.ops.cli", "archive"]
+        children.append(Child("archiver", archiver, essential=False))
     # Celery's warm shutdown lets running tasks finish: up to a task's whole time.
     stop_s = settings.task_time_limit_s + VISIBILITY_MARGIN_S
-    return _supervise([live, replay], env, say, stop_s)
+    return _supervise(children, env, say, stop_s)
 
 
 def _supervise(
