@@ -68,20 +68,38 @@ _KEY_COLUMNS = ["user_key", "anonymous_key", "received_at", "settled_at"]
 
 @dataclass
 class Batch:
-    """Stream entries read and not yet written: their ids, records and JSON size."""
+    """Stream entries read and not yet written: their ids, their records as Arrow tables
+    (converted as they are read: a Python dict per record would hold many times the
+    memory), the users their deletes forgot, and their JSON size."""
 
     ids: list[str] = field(default_factory=list)
-    records: list[dict[str, Any]] = field(default_factory=list)
+    tables: list[pa.Table] = field(default_factory=list)
+    forgotten: dict[str, float] = field(default_factory=dict)
+    records: int = 0
     size: int = 0
     since: float = 0.0  # monotonic time of its first entry
 
-    def add(self, entry_id: Any, fields: dict[bytes, bytes], now: float) -> None:
-        """Take one stream entry."""
+    def add(self, entries: list[tuple[Any, dict[bytes, bytes]]], now: float) -> None:
+        """Take stream entries (id, fields)."""
+        if not entries:
+            return
         if not self.ids:
             self.since = now
-        self.ids.append(entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id))
-        self.records += archive.decode(fields)
-        self.size += len(fields.get(archive.FIELD, b""))
+        records: list[dict[str, Any]] = []
+        for entry_id, fields in entries:
+            self.ids.append(entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id))
+            records += archive.decode(fields)
+            self.size += len(fields.get(archive.FIELD, b""))
+        for user, at in forgotten_users(records).items():
+            self.forgotten[user] = max(at, self.forgotten.get(user, 0.0))
+        if records:
+            self.tables.append(to_table(records))
+            self.records += len(records)
+
+    def table(self) -> pa.Table:
+        """Every record held, sorted as `schema.to_table` sorts them."""
+        table = pa.concat_tables(self.tables) if len(self.tables) > 1 else self.tables[0]
+        return table.sort_by([("user_key", "ascending"), ("settled_at", "ascending")])
 
 
 class Archiver:
@@ -140,10 +158,8 @@ class Archiver:
                 keys.ARCHIVE_GROUP, self.name, {keys.ARCHIVE: ">"},
                 count=READ_COUNT, block=max(int(min(wait_s, 1.0) * 1000), 1),
             )  # fmt: skip
-            now = time.monotonic()
             for _stream, entries in found or []:
-                for entry_id, fields in entries:
-                    self.batch.add(entry_id, fields, now)
+                self.batch.add(entries, time.monotonic())
         if self._due():
             self.flush()
 
@@ -180,9 +196,7 @@ class Archiver:
             self.redis.xack(keys.ARCHIVE, keys.ARCHIVE_GROUP, *gone)
         if not entries:
             return False
-        now = time.monotonic()
-        for entry_id, fields in entries:
-            self.batch.add(entry_id, fields, now)
+        self.batch.add(entries, time.monotonic())
         log.info("archive_taken_over", entries=len(entries), first=self.batch.ids[0])
         self.flush()
         return True
@@ -195,22 +209,21 @@ class Archiver:
         if not batch.ids:
             return 0
         name = "s" + batch.ids[0]
-        forgotten = forgotten_users(batch.records)
-        if forgotten:
-            self.store.forget(forgotten_table(forgotten), self.name, name=name)
+        if batch.forgotten:
+            self.store.forget(forgotten_table(batch.forgotten), self.name, name=name)
         if batch.records:
-            self.store.write(to_table(batch.records), self.name, name=name)
+            self.store.write(batch.table(), self.name, name=name)
         pipe = self.redis.pipeline(transaction=True)
         pipe.xack(keys.ARCHIVE, keys.ARCHIVE_GROUP, *batch.ids)
         pipe.xdel(keys.ARCHIVE, *batch.ids)
-        pipe.hincrby(keys.STATS, keys.Stat.ARCHIVED, len(batch.records))
+        pipe.hincrby(keys.STATS, keys.Stat.ARCHIVED, batch.records)
         pipe.execute()
         log.info(
-            "archived", records=len(batch.records), entries=len(batch.ids), file=name,
-            forgotten=len(forgotten),
+            "archived", records=batch.records, entries=len(batch.ids), file=name,
+            forgotten=len(batch.forgotten),
         )  # fmt: skip
         self.batch = Batch()
-        return len(batch.records)
+        return batch.records
 
     def _failed(self, what: str, exc: Exception) -> None:
         log.error("archiver_failed", what=what, error=f"{type(exc).__name__}: {exc}"[:500])

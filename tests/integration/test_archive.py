@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,7 +117,7 @@ def start_archiver(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., Pro
     children = procs.Children(tmp_path, prefix="archiver")
 
     def start(where: Where, **settings: Any) -> Proc:
-        env = {**relay_env(redis_url, **FAST, **where.settings, **settings), **where.env}
+        env = {**relay_env(redis_url, **{**FAST, **where.settings, **settings}), **where.env}
         args = [sys.executable, "-m", "relay.ops.cli", "archive"]
         return children.start(f"archiver{len(children.procs)}", args, env)
 
@@ -307,3 +308,52 @@ def test_relay_worker_runs_the_archiver_and_starts_it_again_while_delivery_goes_
         assert proc.popen.wait(60) == 0
     finally:
         proc.stop(signal.SIGKILL)
+
+
+@pytest.mark.chaos
+@pytest.mark.timeout(300)
+def test_worker_and_archiver_sigkilled_mid_write_under_load_lose_no_record(
+    r: redis.Redis, clean_sandbox: Sandbox, start_ingest: Callable[..., str],
+    start_worker: Starter, start_archiver: Callable[..., Proc], local: Where,
+) -> None:  # fmt: skip
+    from tests.integration.test_chaos import SHORT_LEASE, Load, delivered, identify, record
+
+    clean_sandbox.fault(latency_ms=20)
+    url = start_ingest(**FAST)
+    identify(url)
+    worker = start_worker(**FAST, **SHORT_LEASE)
+    archiver = start_archiver(local, archive_flush_s=1)
+    load = Load([url], 20_000).start()
+    # The archiver is killed while it writes a file: its temporary file is on disk.
+    folder = Path(local.settings["archive_dir"])
+    wait_for(lambda: archived(r) > 2_000, timeout=90)
+    deadline = time.monotonic() + 30
+    while not any(folder.rglob("*.tmp")) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    mid_write = any(folder.rglob("*.tmp"))
+    archiver.stop(signal.SIGKILL)
+    wait_for(lambda: len(clean_sandbox.commands()) > 8_000, timeout=90)
+    worker.stop(signal.SIGKILL)
+    load.join()
+    start_worker(**FAST, **SHORT_LEASE)
+    start_archiver(local, archive_flush_s=1)
+    wait_for(lambda: drained(r) and load.acked <= set(delivered(clean_sandbox)), timeout=200)
+    # The dead archiver's entries are taken over once idle: the stream empties.
+    wait_for(lambda: r.xlen("relay:archive") == 0, timeout=60)
+
+    rows = [(row["message_id"], row["relay_id"], row["outcome"], row["settled_at"])
+            for row in pa.concat_tables(pq.read_table(p) for p in local.store().files())
+            .select(["message_id", "relay_id", "outcome", "settled_at"]).to_pylist()
+            for row in [row]]  # fmt: skip
+    copies = Counter((relay_id, outcome, at) for _, relay_id, outcome, at in rows)
+    found = {message_id for message_id, *_ in rows}
+    figures = record(
+        "worker and archiver SIGKILLed mid-write (archive)", load, delivered(clean_sandbox), r,
+        duplicate_bound=4 * 500, archived_rows=len(rows),
+        archive_missing=len(load.acked - found),
+        archive_copies=sum(n - 1 for n in copies.values()), archiver_killed_mid_write=mid_write,
+    )  # fmt: skip
+    assert figures["archive_missing"] == 0, figures
+    # A record is written again only under the name it had: it replaces, never adds.
+    assert figures["archive_copies"] == 0, figures
+    assert r.xpending("relay:archive", "archivers")["pending"] == 0
