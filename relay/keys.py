@@ -192,7 +192,7 @@ class Stat(StrEnum):
     OOM_FALLBACKS = "oom_fallbacks"
     REPLICATION_WAITS = "replication_waits"
     # The flight recorder: records written to the archive's files, and the archiver's
-    # failures (:<what>: read, write, maintenance).
+    # failures (:<what>: redis, or store: its files' directory or bucket, or a record).
     ARCHIVED = "archived"
     ARCHIVER_ERRORS = "archiver_errors"
     # The ChurnZero request-duration histogram: count per bucket (:<upper bound>), total

@@ -45,7 +45,7 @@ import redis
 import structlog
 
 from relay import keys
-from relay.archive.schema import FORGOTTEN, key_of, to_table
+from relay.archive.schema import FORGOTTEN, key_of, table_of
 from relay.archive.store import Store, open_store
 from relay.reasons import Skip
 from relay.settings import Settings
@@ -83,18 +83,23 @@ class Batch:
         """Take stream entries (id, fields)."""
         if not entries:
             return
+        # Everything converted before anything is kept: entries that fail to convert
+        # stay pending (and are counted as errors), never half taken.
+        columns: dict[str, list[Any]] = {name: [] for name in archive.NAMES}
+        for _id, fields in entries:
+            for name, values in archive.columns(fields).items():
+                columns[name] += values
+        table = table_of(columns) if columns["relay_id"] else None
         if not self.ids:
             self.since = now
-        records: list[dict[str, Any]] = []
         for entry_id, fields in entries:
             self.ids.append(entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id))
-            records += archive.decode(fields)
-            self.size += len(fields.get(archive.FIELD, b""))
-        for user, at in forgotten_users(records).items():
+            self.size += sum(len(value) for value in fields.values())
+        for user, at in forgotten_users(columns).items():
             self.forgotten[user] = max(at, self.forgotten.get(user, 0.0))
-        if records:
-            self.tables.append(to_table(records))
-            self.records += len(records)
+        if table is not None:
+            self.tables.append(table)
+            self.records += table.num_rows
 
     def table(self) -> pa.Table:
         """Every record held, sorted as `schema.to_table` sorts them."""
@@ -134,12 +139,12 @@ class Archiver:
                 failures = 0
             except Exception as exc:
                 failures += 1
-                self._failed("archive", exc)
+                self._failed("redis" if isinstance(exc, redis.RedisError) else "store", exc)
                 self.stopping.wait(min(2.0**failures / 4, BACKOFF_CAP_S))
         try:
             self.flush()
         except Exception as exc:  # taken over by another archiver once idle
-            self._failed("write", exc)
+            self._failed("redis" if isinstance(exc, redis.RedisError) else "store", exc)
 
     def stop(self) -> None:
         """Ask `run` to write what it holds and return."""
@@ -247,15 +252,17 @@ class Archiver:
         return {"days_dropped": dropped, **compacted}
 
 
-def forgotten_users(records: list[dict[str, Any]]) -> dict[str, float]:
-    """The users that the honoured deletes among `records` forgot, each with the delete's
-    receipt (the newest one's, for a user deleted twice)."""
+def forgotten_users(columns: dict[str, list[Any]]) -> dict[str, float]:
+    """The users that the honoured deletes among records (column by column, as
+    `relay.state.archive.columns` gives them) forgot, each with the delete's receipt (the
+    newest one's, for a user deleted twice)."""
     out: dict[str, float] = {}
-    for record in records:
-        honoured = record.get("reason") == Skip.DELETE_REQUEST
-        user = record.get("user_id") or record.get("anonymous_id")
-        if record.get("type") == "delete" and honoured and user:
-            at = float(record.get("received_at") or record["settled_at"])
+    for n, kind in enumerate(columns["type"]):
+        if kind != "delete" or columns["reason"][n] != Skip.DELETE_REQUEST:
+            continue
+        user = columns["user_id"][n] or columns["anonymous_id"][n]
+        if user:
+            at = float(columns["received_at"][n] or columns["settled_at"][n])
             out[user] = max(at, out.get(user, 0.0))
     return out
 

@@ -96,15 +96,23 @@ def to_table(records: Iterable[Mapping[str, Any]]) -> pa.Table:
     """The Arrow table of records as Redis holds them (unix-second times, JSON text),
     with the lookup keys computed and the rows sorted by user, then time."""
     rows = list(records)
-    columns: dict[str, list[Any]] = {}
+    names = [name for name in COLUMNS if name not in KEYED]
+    return table_of({name: [row.get(name) for row in rows] for name in names})
+
+
+def table_of(columns: Mapping[str, list[Any]]) -> pa.Table:
+    """`to_table` of records given column by column (each column a list, one value per
+    record; a column left out is null), the lookup keys computed from their ids."""
+    size = len(columns["relay_id"])
+    out: dict[str, Any] = {}
     for name in COLUMNS:
         if name in KEYED:
-            columns[name] = [key_of(row.get(KEYED[name])) for row in rows]
+            out[name] = [key_of(text) for text in columns.get(KEYED[name]) or [None] * size]
         elif name in TIMES:
-            columns[name] = [_ms(row.get(name)) for row in rows]
+            out[name] = [_ms(value) for value in columns.get(name) or [None] * size]
         else:
-            columns[name] = [row.get(name) for row in rows]
-    table = pa.Table.from_pydict(columns, schema=SCHEMA)
+            out[name] = columns.get(name) or [None] * size
+    table = pa.Table.from_pydict(out, schema=SCHEMA)
     return table.sort_by([("user_key", "ascending"), ("settled_at", "ascending")])
 
 

@@ -121,10 +121,10 @@ def stage(
         # The commands of events dead-lettered after they were sent (rejected, retries
         # exhausted) are part of their record.
         tried = {item.id: cmds for item, cmds in plan.send} if settled.dead else None
-        records = archive.settled_records(
-            now, delivered=sent, skipped=skipped + plan.skipped, dead=settled.dead, sent=tried
-        )
-        archive.stage_records(pipe, records)
+        archive.stage_settled(
+            pipe, now, delivered=sent, skipped=skipped + plan.skipped, dead=settled.dead,
+            sent=tried,
+        )  # fmt: skip
 
 
 def stage_stats(pipe: Any, report: Report, now: float) -> None:

@@ -303,7 +303,7 @@ _COUNTERS: dict[Stat, tuple[str, str, str | None]] = {
     ),
     Stat.ARCHIVER_ERRORS: (
         "relay_archiver_errors",
-        "The archiver's failures (Redis or the archive's store away), by step.",
+        "The archiver's failures, by what failed: redis, or store (its files).",
         "what",
     ),
     Stat.OOM_FALLBACKS: (

@@ -21,7 +21,19 @@ import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from tests.bench import ab, adaptive, e2e, harness, ingest, profile, ratelimit, replay, wait, wrk
+from tests.bench import (
+    ab,
+    adaptive,
+    archive,
+    e2e,
+    harness,
+    ingest,
+    profile,
+    ratelimit,
+    replay,
+    wait,
+    wrk,
+)
 from tests.bench.harness import Env, say
 
 BENCHMARKS: dict[str, Callable[[Env], dict[str, Any]]] = {
@@ -33,6 +45,7 @@ BENCHMARKS: dict[str, Callable[[Env], dict[str, Any]]] = {
     "replay": replay.replay,
     "adaptive": adaptive.adaptive,
     "ingest_wait": wait.ingest_wait,
+    "archive": archive.archive,
 }
 
 
@@ -91,6 +104,13 @@ def _extra(result: dict[str, Any]) -> str:
             f"live p99 {result['live_alone']['p99_ms']:.0f} -> "
             f"{result['live_beside_replay']['p99_ms']:.0f} ms beside a {result['dead_letters']:,}"
             f"-event replay ({result['replay_events_per_s_meanwhile']:,.0f} events/s meanwhile)"
+        )
+    if name == "archive":
+        return (
+            f"on / off, median of {len(result['ratios'])} alternated rounds "
+            f"({', '.join(f'{r:.2f}' for r in result['ratios'])}); "
+            f"{_figure(result['bytes_per_event'])} B on disk per archived event; "
+            f"caught up {result['catch_up_s']:.1f} s after the last delivery"
         )
     if name in ("ratelimit", "adaptive"):
         return (

@@ -75,6 +75,16 @@ def test_a_settlement_records_each_event_with_its_outcome_commands_and_reason() 
     assert orjson.loads(decoded[0]["commands"]) == [command.to_dict()]
     table = to_table(decoded)
     assert table.num_rows == 3 and set(table["user_key"].to_pylist()) == {key_of("ann")}
+    # A worker's entry (a row per event, each event's JSON written once) reads the same.
+    compact = Recorder()
+    archive.stage_settled(
+        compact, 170.0, delivered=[(sent, [command])], skipped=[(skipped, "duplicate")],
+        dead=[dead], sent={"r1": [command]},
+    )  # fmt: skip
+    [(_key, fields)] = compact.calls
+    assert set(fields) == {b"m", b"b", b"c"}
+    assert archive.decode(fields) == decoded
+    assert archive.columns(fields)["outcome"] == ["delivered", "skipped", "dead"]
 
 
 class Recorder:
@@ -95,7 +105,10 @@ def record(user: str | None, at: float, **extra: Any) -> dict[str, Any]:
 def test_an_honoured_delete_forgets_its_user_and_hides_what_came_before_it() -> None:
     delete = record("gone", 50.0, type="delete", outcome="skipped", reason="delete_request")
     refused = record("kept", 50.0, type="delete", outcome="skipped", reason="delete_refused")
-    forgotten = archiver.forgotten_users([delete, refused])
+    names = ("type", "reason", "user_id", "anonymous_id", "received_at", "settled_at")
+    forgotten = archiver.forgotten_users(
+        {name: [r.get(name) for r in (delete, refused)] for name in names}
+    )
     assert forgotten == {"gone": 50.0}
     rows = [record("gone", 10.0), delete, record("gone", 60.0), record("kept", 10.0),
             record(None, 10.0, anonymous_id="gone")]  # fmt: skip
