@@ -53,9 +53,9 @@ from relay.state import archive
 
 log = structlog.get_logger("relay.archive")
 
-READ_COUNT = 200  # entries per XREADGROUP
+READ_COUNT = 16  # entries per XREADGROUP (a settlement's entry holds up to a message's events)
 FLUSH_ENTRIES = 2_000  # settlements per file at most (a taken-over batch is as large)
-FLUSH_BYTES = 32 * 2**20  # records' JSON held before a write, whatever the time
+FLUSH_BYTES = 16 * 2**20  # records' JSON held before a write, whatever the time
 # An entry pending this long (and at least CLAIM_MIN_S) belongs to an archiver that
 # died; taking over one that still writes costs only work: it writes the same file.
 CLAIM_FLUSHES = 4
@@ -326,6 +326,10 @@ def retain(store: Store, days: int, now: float) -> list[str]:
 
 def main(settings: Settings, r: redis.Redis) -> int:
     """`relay archive`: archive until SIGTERM or SIGINT; the exit status."""
+    # One thread for Arrow's work (sorting, compressing): the archiver takes at most a
+    # core from the delivery processes beside it.
+    pa.set_cpu_count(1)
+    pa.set_io_thread_count(1)
     archiver = Archiver(settings, r, open_store(settings))
 
     def stop(_signum: int, _frame: FrameType | None) -> None:

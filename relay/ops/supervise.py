@@ -11,8 +11,8 @@ busy host the kernel gives live work the CPU first, so a replay of many dead let
 takes only what live delivery leaves. Given its own `-Q`, `relay worker` is that one
 Celery worker instead. Otherwise, unless RELAY_ARCHIVE is false, a third child is the
 archiver (`relay archive`, relay.archive.archiver): a process of its own, so that its
-imports and its writes stay out of delivery, and one the supervisor restarts without ever
-giving up on the workers for it.
+imports and its writes stay out of delivery, as nice as the replay lane's, and one the
+supervisor restarts without ever giving up on the workers for it.
 
 The supervisor starts its children, starts again one that dies, and on SIGTERM or
 SIGINT stops them all (each finishes the work under way: requests, or running tasks)
@@ -90,8 +90,10 @@ def worker(settings: Settings, redis_url: str, celery_args: Sequence[str], say: 
     )
     children = [live, replay]
     if settings.archive:
+        # At the replay lane's CPU priority: on a busy host, delivery gets the CPU first
+        # and the archiver catches up when it is idle (its records wait in Redis).
         archiver = [sys.executable, "-m", "relay.ops.cli", "archive"]
-        children.append(Child("archiver", archiver, essential=False))
+        children.append(Child("archiver", archiver, nice=settings.replay_nice, essential=False))
     # Celery's warm shutdown lets running tasks finish: up to a task's whole time.
     stop_s = settings.task_time_limit_s + VISIBILITY_MARGIN_S
     return _supervise(children, env, say, stop_s)

@@ -13,8 +13,10 @@ event's JSON twice:
     m   {"at": settled_at, "rows": [[relay_id, outcome, type, message_id, user_id,
         anonymous_id, account_id, event, reason, attempts, source, lane, received_at,
         tries], ...]}: the small columns, a row per event (`tries` as JSON, or null)
-    b   each event's JSON, in row order, joined by newlines (JSON text has none)
-    c   each event's commands as a JSON array (empty: none), joined the same way
+    b   each event's JSON, in row order, joined by newlines (JSON text has none), zlib
+        compressed (ISA-L, as relay.wire compresses queued messages)
+    c   each event's commands as a JSON array (empty: none), joined and compressed the
+        same way
 
 An entry from `stage_records` holds one field `r` instead: a JSON array of records as
 dicts. Both read the same.
@@ -26,6 +28,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import orjson
+from isal import isal_zlib
 
 from relay import keys
 from relay.commands import Command
@@ -41,6 +44,8 @@ ROW = (
 NAMES = ("settled_at", *ROW, "commands", "body")
 NESTED = ("commands", "tries", "body")
 DELIVERED, SKIPPED, DEAD = "delivered", "skipped", "dead"
+# The fastest level: a settlement's events are alike, so even it compresses them well.
+ZLIB_LEVEL = 1
 
 
 def stage_records(pipe: Any, records: Sequence[dict[str, Any]]) -> None:
@@ -79,7 +84,11 @@ def stage_settled(
         commands.append(orjson.dumps(record["commands"]) if record["commands"] else b"")
     if rows:
         meta = orjson.dumps({"at": now, "rows": rows})
-        fields = {META: meta, BODIES: b"\n".join(bodies), COMMANDS: b"\n".join(commands)}
+        fields = {
+            META: meta,
+            BODIES: isal_zlib.compress(b"\n".join(bodies), ZLIB_LEVEL),
+            COMMANDS: isal_zlib.compress(b"\n".join(commands), ZLIB_LEVEL),
+        }
         pipe.xadd(keys.ARCHIVE, fields)
 
 
@@ -188,8 +197,9 @@ def columns(fields: dict[bytes, bytes]) -> dict[str, list[Any]]:
     }
     out["settled_at"] = [meta["at"]] * len(rows)
     out["tries"] = [orjson.dumps(t).decode() if t else None for t in out["tries"]]
-    out["body"] = fields[BODIES].decode().split("\n")
-    out["commands"] = [c or None for c in fields[COMMANDS].decode().split("\n")]
+    out["body"] = isal_zlib.decompress(fields[BODIES]).decode().split("\n")
+    commands = isal_zlib.decompress(fields[COMMANDS]).decode().split("\n")
+    out["commands"] = [c or None for c in commands]
     return out
 
 

@@ -25,7 +25,7 @@ from tests.bench.e2e import LATENCY_MS, PeakRss, throughput
 from tests.bench.harness import Env, say
 from tests.bench.load import SandboxView
 
-ROUNDS = 3
+ROUNDS = 5
 EVENTS = 30_000
 
 

@@ -291,6 +291,8 @@ def test_relay_worker_runs_the_archiver_and_starts_it_again_while_delivery_goes_
             return [c for c in supervisor.children() if "archive" in c.cmdline()]
 
         wait_for(lambda: len(supervisor.children()) == 3 and len(archivers()) == 1, 60)
+        # Delivery gets the CPU first: the archiver runs as nice as the replay lane.
+        assert archivers()[0].nice() == supervisor.nice() + 10
         url = start_ingest(**FAST)
         ids = {"accountExternalId": "A", "contactExternalId": "C"}
         post(url, "/v1/identify", {"userId": "ann", "messageId": "before", "traits": ids})
