@@ -5,7 +5,7 @@
               entries pending, and another takes them (XAUTOCLAIM) once they idle for
               a few flushes' time
     gather    until `archive_flush_s` has passed since the first record, or
-              `FLUSH_BYTES` or `FLUSH_ENTRIES` are held
+              `FLUSH_RECORDS`, `FLUSH_BYTES` or `FLUSH_ENTRIES` are held
     write     one Parquet file per day the records were settled on (relay.archive.store),
               named after the first entry it holds; the users that honoured deletes
               forgot, to `forgotten/` first
@@ -55,7 +55,8 @@ log = structlog.get_logger("relay.archive")
 
 READ_COUNT = 16  # entries per XREADGROUP (a settlement's entry holds up to a message's events)
 FLUSH_ENTRIES = 2_000  # settlements per file at most (a taken-over batch is as large)
-FLUSH_BYTES = 16 * 2**20  # records' JSON held before a write, whatever the time
+FLUSH_BYTES = 16 * 2**20  # entries' bytes held before a write, whatever the time
+FLUSH_RECORDS = 20_000  # records held before a write: the archiver's memory is about these
 # An entry pending this long (and at least CLAIM_MIN_S) belongs to an archiver that
 # died; taking over one that still writes costs only work: it writes the same file.
 CLAIM_FLUSHES = 4
@@ -174,6 +175,7 @@ class Archiver:
             return False
         return (
             len(batch.ids) >= FLUSH_ENTRIES or batch.size >= FLUSH_BYTES
+            or batch.records >= FLUSH_RECORDS
             or time.monotonic() - batch.since >= self.flush_s or self.stopping.is_set()
         )  # fmt: skip
 
@@ -228,6 +230,8 @@ class Archiver:
             forgotten=len(batch.forgotten),
         )  # fmt: skip
         self.batch = Batch()
+        # Arrow's allocator keeps what it freed for a while: give it back between files.
+        pa.default_memory_pool().release_unused()
         return batch.records
 
     def _failed(self, what: str, exc: Exception) -> None:
