@@ -125,6 +125,9 @@ class Settings(BaseSettings):
     # How long the archiver gathers records before it writes a file (fewer, larger files
     # against a shorter lag).
     archive_flush_s: float = Field(5.0, gt=0)
+    # Whether `relay worker` runs an archiver as its child (false: `relay archive` runs
+    # as a service of its own).
+    worker_archiver: bool = True
 
     log_level: str = "info"
     log_format: str = "auto"  # auto | json | console

@@ -2,7 +2,8 @@
 
 `relay archive` runs the archiver (relay.archive.archiver) in this process: for operators
 who run it as a service of its own; `relay worker` runs one as its child unless
-RELAY_ARCHIVE is false. `relay archive compact` runs retention and compaction once.
+RELAY_ARCHIVE or RELAY_WORKER_ARCHIVER is false. `relay archive compact` runs retention
+and compaction once.
 """
 
 from __future__ import annotations

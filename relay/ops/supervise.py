@@ -9,7 +9,8 @@ lane at a lower CPU priority (`RELAY_REPLAY_NICE`). In one process, a replay's b
 would hold the interpreter lock while live batches wait; in a process of its own, on a
 busy host the kernel gives live work the CPU first, so a replay of many dead letters
 takes only what live delivery leaves. Given its own `-Q`, `relay worker` is that one
-Celery worker instead. Otherwise, unless RELAY_ARCHIVE is false, a third child is the
+Celery worker instead. Otherwise, unless RELAY_ARCHIVE or RELAY_WORKER_ARCHIVER is false,
+a third child is the
 archiver (`relay archive`, relay.archive.archiver): a process of its own, so that its
 imports and its writes stay out of delivery, as nice as the replay lane's, and one the
 supervisor restarts without ever giving up on the workers for it.
@@ -89,7 +90,7 @@ def worker(settings: Settings, redis_url: str, celery_args: Sequence[str], say: 
         nice=settings.replay_nice,
     )
     children = [live, replay]
-    if settings.archive:
+    if settings.archive and settings.worker_archiver:
         # At the replay lane's CPU priority: on a busy host, delivery gets the CPU first
         # and the archiver catches up when it is idle (its records wait in Redis).
         archiver = [sys.executable, "-m", "relay.ops.cli", "archive"]
