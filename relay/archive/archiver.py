@@ -45,7 +45,7 @@ import redis
 import structlog
 
 from relay import keys
-from relay.archive.schema import FORGOTTEN, key_of, table_of
+from relay.archive.schema import FORGOTTEN, SORTING, key_of, table_of
 from relay.archive.store import Store, open_store
 from relay.reasons import Skip
 from relay.settings import Settings
@@ -90,7 +90,7 @@ class Batch:
         for _id, fields in entries:
             for name, values in archive.columns(fields).items():
                 columns[name] += values
-        table = table_of(columns) if columns["relay_id"] else None
+        table = table_of(columns, sort=False) if columns["relay_id"] else None
         if not self.ids:
             self.since = now
         for entry_id, fields in entries:
@@ -105,7 +105,7 @@ class Batch:
     def table(self) -> pa.Table:
         """Every record held, sorted as `schema.to_table` sorts them."""
         table = pa.concat_tables(self.tables) if len(self.tables) > 1 else self.tables[0]
-        return table.sort_by([("user_key", "ascending"), ("settled_at", "ascending")])
+        return table.sort_by(SORTING)
 
 
 class Archiver:

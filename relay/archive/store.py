@@ -30,6 +30,7 @@ from relay.settings import Settings
 
 DAY_PREFIX = "day="
 FORGOTTEN_DIR = "forgotten"
+DAY_MS = 86_400_000
 ROW_GROUP = 64 * 1024  # rows: small enough that a user's rows are skipped to, not scanned
 
 
@@ -51,10 +52,13 @@ class Store:
         and writing the same name again replaces that file whole."""
         if table.num_rows == 0:
             return []
-        days = [day_of(ms / 1000) for ms in pc.cast(table["settled_at"], pa.int64()).to_pylist()]
+        # The UTC day of each row, as days since the epoch (settlement times are positive).
+        days = pc.divide(pc.cast(table["settled_at"], pa.int64()), DAY_MS)
+        distinct = sorted(pc.unique(days).to_pylist())
         written = []
-        for day in sorted(set(days)):
-            part = table.filter(pa.array([d == day for d in days])) if len(set(days)) > 1 else table
+        for number in distinct:
+            part = table.filter(pc.equal(days, number)) if len(distinct) > 1 else table
+            day = day_of(number * DAY_MS / 1000)
             path = f"{self.root}/{DAY_PREFIX}{day}/{self._file_name(writer, name)}"
             self._write(part, path, SCHEMA)
             written.append(path)
