@@ -4,7 +4,7 @@ Ingest, the delayed-set mover and `relay dlq replay` queue envelopes; workers ta
 maybe after either side was upgraded, so the JSON form is a contract between versions:
 
     {"id", "source", "received_at", "attempts", "event",
-     "first_seen"?, "first_failure"?, "replayed_from"?}
+     "first_seen"?, "first_failure"?, "replayed_from"?, "tries"?}
 
 - `id`: the relay's id of this copy of the event (dedupe, run records and outcomes go
   by it);
@@ -17,7 +17,10 @@ maybe after either side was upgraded, so the JSON form is a contract between ver
 - `first_seen`: when a worker first found the track without its user (the identity wait
   counts from it);
 - `first_failure`: the first failed try;
-- `replayed_from`: the dead-letter entry a replay took it from (the replay lane).
+- `replayed_from`: the dead-letter entry a replay took it from (the replay lane);
+- `tries`: the newest failed tries (at most `TRIES_KEPT`), oldest first, each
+  `{"at": unix time, "status": HTTP status or null, "error": text or null}`: what the
+  flight recorder keeps of the event's journey (relay.archive.schema).
 
 An absent or null optional field reads as None, and None is never written, so a worker of
 an earlier version reads what this one writes. Keys this version does not know are
@@ -40,7 +43,9 @@ import orjson
 from relay.errors import DecodeError
 
 Json = dict[str, Any]  # an envelope's JSON object, as queued
-_OPTIONAL = ("first_seen", "first_failure", "replayed_from")
+_OPTIONAL = ("first_seen", "first_failure", "replayed_from", "tries")
+TRIES_KEPT = 10  # an event retried for days carries its newest tries, not all of them
+Try = dict[str, Any]  # {"at", "status", "error"}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -55,6 +60,7 @@ class Envelope:
     first_seen: float | None = None
     first_failure: float | None = None
     replayed_from: str | None = None
+    tries: tuple[Try, ...] | None = None
 
     @classmethod
     def new(
@@ -63,16 +69,23 @@ class Envelope:
         """A newly accepted event (a random relay id unless `rid`)."""
         return cls(id=rid or uuid.uuid4().hex, source=source, received_at=received_at, event=event)
 
-    def attempted(self, now: float) -> Envelope:
-        """The envelope after one more failed try at delivery."""
-        return replace(self, attempts=self.attempts + 1, first_failure=self.first_failure or now)
+    def attempted(
+        self, now: float, status: int | None = None, error: str | None = None
+    ) -> Envelope:
+        """The envelope after one more failed try at delivery (answered `status`, or no
+        answer for `error`)."""
+        tried = {"at": now, "status": status, "error": error}
+        return replace(
+            self, attempts=self.attempts + 1, first_failure=self.first_failure or now,
+            tries=(*(self.tries or ())[-(TRIES_KEPT - 1) :], tried),
+        )  # fmt: skip
 
     def replayed(self, entry_id: str, now: float) -> Envelope:
         """The envelope a replay of dead-letter entry `entry_id` queues: a fresh start
         (attempts, max age and identity wait count from the replay)."""
         return replace(
             self, received_at=now, attempts=0, first_seen=None, first_failure=None,
-            replayed_from=entry_id,
+            replayed_from=entry_id, tries=None,
         )  # fmt: skip
 
     @property
@@ -91,7 +104,7 @@ class Envelope:
         for key in _OPTIONAL:
             value = getattr(self, key)
             if value is not None:
-                out[key] = value
+                out[key] = list(value) if key == "tries" else value
         return out
 
     def to_json(self) -> bytes:
@@ -118,10 +131,16 @@ class Envelope:
             raise DecodeError(f"{rid}: attempts is {attempts!r}")
         if replayed_from is not None and not isinstance(replayed_from, str):
             raise DecodeError(f"{rid}: replayed_from is {replayed_from!r}")
+        tries = data.get("tries")
+        if tries is not None and not (
+            isinstance(tries, list) and all(isinstance(t, dict) for t in tries)
+        ):
+            raise DecodeError(f"{rid}: tries is {tries!r}")
         return cls(
             id=rid, source=source, received_at=_time(data, "received_at"), attempts=attempts,
             event=event, first_seen=_time(data, "first_seen"),
             first_failure=_time(data, "first_failure"), replayed_from=replayed_from,
+            tries=tuple(tries) if tries is not None else None,
         )  # fmt: skip
 
     @classmethod

@@ -112,6 +112,8 @@ ARCHIVE = PREFIX + "archive"
 # A replay of a slice of the archive (relay.archive.replay): HASH of its time range,
 # cursor and counts, per replay id; expires a week after its last step.
 ARCHIVE_REPLAY = PREFIX + "archive:replay:"
+# The archivers' consumer group on it (not a key: a name inside the stream).
+ARCHIVE_GROUP = "archivers"
 
 # The new-name guard (relay.state.names): a SET per kind of the names sent to ChurnZero, a ZSET
 # of the newest new names ("kind:name" -> first sent) and one of the names held.
@@ -194,6 +196,10 @@ class Stat(StrEnum):
     # Settlements run as a plain MULTI, which Redis refuses at maxmemory (relay.state.oom).
     OOM_FALLBACKS = "oom_fallbacks"
     REPLICATION_WAITS = "replication_waits"
+    # The flight recorder: records written to the archive's files, and the archiver's
+    # failures (:<what>: redis, or store: its files' directory or bucket, or a record).
+    ARCHIVED = "archived"
+    ARCHIVER_ERRORS = "archiver_errors"
     # The ChurnZero request-duration histogram: count per bucket (:<upper bound>), total
     # count and sum in microseconds.
     REQUEST_SECONDS_BUCKET = "request_seconds_bucket"

@@ -134,6 +134,12 @@ class Settings(BaseSettings):
     archive_dir: Path | None = None
     archive_url: str | None = None
     archive_days: int = Field(30, ge=1)
+    # How long the archiver gathers records before it writes a file (fewer, larger files
+    # against a shorter lag).
+    archive_flush_s: float = Field(5.0, gt=0)
+    # Whether `relay worker` runs an archiver as its child (false: `relay archive` runs
+    # as a service of its own).
+    worker_archiver: bool = True
 
     log_level: str = "info"
     log_format: str = "auto"  # auto | json | console
@@ -200,6 +206,16 @@ class Settings(BaseSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must be an http:// or https:// URL")
         return value
+
+    @field_validator("archive_url")
+    @classmethod
+    def _archive_url(cls, value: str | None) -> str | None:
+        if value and not value.startswith("s3://"):
+            raise ValueError(
+                "must name an S3-compatible bucket: s3://bucket/prefix (with "
+                "?endpoint_override=host:port&scheme=http for a server other than AWS)"
+            )
+        return value or None
 
     @field_validator("log_format")
     @classmethod

@@ -37,6 +37,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 TIME = pa.timestamp("ms", tz="UTC")
 
@@ -96,17 +97,26 @@ def to_table(records: Iterable[Mapping[str, Any]]) -> pa.Table:
     """The Arrow table of records as Redis holds them (unix-second times, JSON text),
     with the lookup keys computed and the rows sorted by user, then time."""
     rows = list(records)
-    columns: dict[str, list[Any]] = {}
+    names = [name for name in COLUMNS if name not in KEYED]
+    return table_of({name: [row.get(name) for row in rows] for name in names})
+
+
+def table_of(columns: Mapping[str, list[Any]], *, sort: bool = True) -> pa.Table:
+    """`to_table` of records given column by column (each column a list, one value per
+    record; a column left out is null), the lookup keys computed from their ids; sorted
+    unless `sort` is false."""
+    size = len(columns["relay_id"])
+    out: dict[str, Any] = {}
     for name in COLUMNS:
         if name in KEYED:
-            columns[name] = [key_of(row.get(KEYED[name])) for row in rows]
+            out[name] = [key_of(text) for text in columns.get(KEYED[name]) or [None] * size]
         elif name in TIMES:
-            columns[name] = [_ms(row.get(name)) for row in rows]
+            seconds = pa.array(columns.get(name) or [None] * size, pa.float64())
+            out[name] = pc.cast(pc.round(pc.multiply(seconds, 1000.0)), pa.int64()).cast(TIME)
         else:
-            columns[name] = [row.get(name) for row in rows]
-    table = pa.Table.from_pydict(columns, schema=SCHEMA)
-    return table.sort_by([("user_key", "ascending"), ("settled_at", "ascending")])
+            out[name] = columns.get(name) or [None] * size
+    table = pa.Table.from_pydict(out, schema=SCHEMA)
+    return table.sort_by(SORTING) if sort else table
 
 
-def _ms(seconds: Any) -> int | None:
-    return None if seconds is None else round(float(seconds) * 1000)
+SORTING = [("user_key", "ascending"), ("settled_at", "ascending")]

@@ -14,7 +14,8 @@ host without internet access cannot load.
 
 What a search answers also includes the records in Redis that the archiver has not yet
 written (relay.state.archive.pending), so an event is found as soon as it is settled. It
-hides users forgotten (a Segment delete: their records settled before `forgotten_at`),
+hides users forgotten (a Segment delete: their records, by userId or anonymousId, of
+events received no later than the delete; the archiver's rule, relay.archive.archiver.hidden),
 and a record written twice (an archiver killed between writing a file and trimming the
 stream) is answered once: rows are told apart by relay id, outcome and settle time.
 """
@@ -231,8 +232,8 @@ class Reader:
         for source in sources:
             selects.append(
                 f"SELECT {_SELECT} FROM {source} AS a WHERE {where} AND NOT EXISTS "
-                "(SELECT 1 FROM forgotten f WHERE f.user_key = a.user_key "
-                "AND f.user_id = a.user_id AND a.settled_at < f.forgotten_at)"
+                "(SELECT 1 FROM forgotten f WHERE f.user_key IN (a.user_key, a.anonymous_key) "
+                "AND coalesce(a.received_at, a.settled_at) <= f.forgotten_at)"
             )
             self._params += params
         self._from = (

@@ -1,7 +1,10 @@
 """Where the archive's files live: a directory, or an S3-compatible bucket.
 
-    <root>/day=YYYY-MM-DD/<writer>-<n>.parquet   records settled that UTC day
-    <root>/forgotten/<writer>-<n>.parquet         users deleted (schema.FORGOTTEN)
+    <root>/day=YYYY-MM-DD/<name>.parquet   records settled that UTC day
+    <root>/forgotten/<name>.parquet         users deleted (schema.FORGOTTEN)
+
+The archiver names a file after the first stream entry it holds (relay.archive.archiver),
+so that writing the same entries again replaces it rather than adds a copy.
 
 `RELAY_ARCHIVE_URL` (`s3://bucket/prefix`, credentials and endpoint from the usual AWS_*
 variables or the URL's query: `?endpoint_override=host:port&scheme=http`) puts every
@@ -27,6 +30,7 @@ from relay.settings import Settings
 
 DAY_PREFIX = "day="
 FORGOTTEN_DIR = "forgotten"
+DAY_MS = 86_400_000
 ROW_GROUP = (
     8 * 1024
 )  # rows: a hit decompresses its row group whole, so small ones keep a lookup cheap
@@ -44,25 +48,42 @@ class Store:
         """Whether the files are on this host's disk (so an engine may read them itself)."""
         return isinstance(self.fs, pafs.LocalFileSystem)
 
-    def write(self, table: pa.Table, writer: str) -> list[str]:
+    def write(self, table: pa.Table, writer: str, name: str | None = None) -> list[str]:
         """Write records (schema.SCHEMA), one file per UTC day they were settled on;
-        returns the paths written."""
+        returns the paths written. Given a `name`, each day's file is `<name>.parquet`,
+        and writing the same name again replaces that file whole."""
         if table.num_rows == 0:
             return []
-        days = [day_of(ms / 1000) for ms in pc.cast(table["settled_at"], pa.int64()).to_pylist()]
+        # The UTC day of each row, as days since the epoch (settlement times are positive).
+        days = pc.divide(pc.cast(table["settled_at"], pa.int64()), DAY_MS)
+        distinct = sorted(pc.unique(days).to_pylist())
         written = []
-        for day in sorted(set(days)):
-            part = table.filter(pa.array([d == day for d in days])) if len(set(days)) > 1 else table
-            path = f"{self.root}/{DAY_PREFIX}{day}/{writer}-{uuid.uuid4().hex[:12]}.parquet"
+        for number in distinct:
+            part = table.filter(pc.equal(days, number)) if len(distinct) > 1 else table
+            day = day_of(number * DAY_MS / 1000)
+            path = f"{self.root}/{DAY_PREFIX}{day}/{self._file_name(writer, name)}"
             self._write(part, path, SCHEMA)
             written.append(path)
         return written
 
-    def forget(self, table: pa.Table, writer: str) -> str:
-        """Record users deleted (schema.FORGOTTEN rows); returns the path written."""
-        path = f"{self.root}/{FORGOTTEN_DIR}/{writer}-{uuid.uuid4().hex[:12]}.parquet"
+    def forget(self, table: pa.Table, writer: str, name: str | None = None) -> str:
+        """Record users deleted (schema.FORGOTTEN rows); returns the path written (given
+        a `name`, as `write`)."""
+        path = f"{self.root}/{FORGOTTEN_DIR}/{self._file_name(writer, name)}"
         self._write(table, path, FORGOTTEN)
         return path
+
+    def replace(self, path: str, table: pa.Table) -> None:
+        """Write `table` (schema.SCHEMA) over the data file at `path`, whole, or remove the
+        file when the table is empty (a compaction)."""
+        if table.num_rows == 0:
+            self.fs.delete_file(path)
+        else:
+            self._write(table, path, SCHEMA)
+
+    @staticmethod
+    def _file_name(writer: str, name: str | None) -> str:
+        return f"{name}.parquet" if name else f"{writer}-{uuid.uuid4().hex[:12]}.parquet"
 
     def days(self) -> list[str]:
         """The days (`YYYY-MM-DD`) that have files, oldest first."""
@@ -105,7 +126,9 @@ class Store:
     def _write(self, table: pa.Table, path: str, schema: pa.Schema) -> None:
         parent = path.rsplit("/", 1)[0]
         self.fs.create_dir(parent, recursive=True)
-        target = f"{path}.tmp" if self.local else path
+        # Two writers of the same name (an archiver and the one that took over its entries)
+        # never share a temporary file; the rename replaces whole.
+        target = f"{path}.{uuid.uuid4().hex[:8]}.tmp" if self.local else path
         pq.write_table(
             table.cast(schema), target, filesystem=self.fs, compression="zstd",
             row_group_size=ROW_GROUP, use_dictionary=True, write_statistics=True,

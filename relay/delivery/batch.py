@@ -45,7 +45,7 @@ from relay.envelope import decode_all
 from relay.mapping import Mapping
 from relay.reasons import Reason, Skip
 from relay.settings import VISIBILITY_MARGIN_S, Settings
-from relay.state import broker, deadletter, names, oom
+from relay.state import archive, broker, deadletter, names, oom
 from relay.state.deadletter import DeadLetter
 
 log = structlog.get_logger("relay.delivery")
@@ -137,10 +137,16 @@ class Delivery:
                 continue
             dead.append(_worker_error(item, error))
         report.dead[Reason.WORKER_ERROR.value] = len(dead)
+        now = time.time()
         pipe = self.redis.pipeline(transaction=True)
         self.claims.stage_fence(pipe, claim)
         deadletter.stage_add(pipe, dead)
-        stage_stats(pipe, report, time.time())
+        if self.settings.archive:
+            records = archive.settled_records(now, dead=dead)
+            done = [i for i in items if isinstance(i, dict) and i.get("id") in claim.done]
+            records += [archive.item_record(now, i, archive.DELIVERED, None) for i in done]
+            archive.stage_records(pipe, records)
+        stage_stats(pipe, report, now)
         self.claims.stage_settled(pipe, claim, len(items))
         try:
             oom.execute(self.redis, pipe)

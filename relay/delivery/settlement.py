@@ -120,7 +120,7 @@ def settle(
             out.delivered.append(item)
         elif kind is retry.Kind.PERMANENT and isinstance(outcome, retry.Outcome):
             out.dead.append(dead_letter(
-                item.attempted(now), Reason.REJECTED, now, status=outcome.status,
+                item.attempted(now, outcome.status), Reason.REJECTED, now, status=outcome.status,
                 response=outcome.excerpt,
             ))  # fmt: skip
         else:
@@ -136,7 +136,10 @@ def _defer(
     out: Settlement,
     rng: random.Random | None,
 ) -> None:
-    tried = item.attempted(now) if isinstance(outcome, retry.Outcome) else item
+    tried = (
+        item.attempted(now, outcome.status, outcome.error or outcome.misconfigured)
+        if isinstance(outcome, retry.Outcome) else item
+    )  # fmt: skip
     received = received_at(tried, now)
     if retry.expired(received, now, policy.max_age_s):
         status: int | None = None

@@ -3,8 +3,8 @@ relay.delivery.settlement decided (pure), written once by `stage`.
 
 One place knows the key layouts a settlement touches: the identity map and tombstones,
 parked traits, the delayed set, the dead-letter queue, dedupe claims, the remembered
-names, the trace record and the status counters. The MULTI is atomic: a batch is
-settled whole or not at all (relay.delivery.claims fences it).
+names, the trace record, the archive's records and the status counters. The MULTI is
+atomic: a batch is settled whole or not at all (relay.delivery.claims fences it).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from relay.delivery.settlement import Settlement
 from relay.reasons import Deferral, Skip
 from relay.resolution import resolve_raw_key
 from relay.settings import Settings
-from relay.state import deadletter, identity, names, parking, recent, status, trace
+from relay.state import archive, deadletter, identity, names, parking, recent, status, trace
 
 
 @dataclass
@@ -84,7 +84,8 @@ def stage(
     known_names: names.Names,
 ) -> None:
     """Queue on `pipe` every write of a settled batch: what its plan learned, parked and
-    released, its later and dead events, its counters, dedupe marks, names and trace."""
+    released, its later and dead events, its counters, dedupe marks, names, trace and
+    archive records."""
     plan = prepared.plan
     ttl_s = settings.identity_ttl_s
     # A delete outlives every event received before it: their maximum age.
@@ -116,6 +117,14 @@ def stage(
         pipe, settings.trace_size, delivered=sent,
         skipped=skipped + plan.skipped, dead=settled.dead,
     )  # fmt: skip
+    if settings.archive:
+        # The commands of events dead-lettered after they were sent (rejected, retries
+        # exhausted) are part of their record.
+        tried = {item.id: cmds for item, cmds in plan.send} if settled.dead else None
+        archive.stage_settled(
+            pipe, now, delivered=sent, skipped=skipped + plan.skipped, dead=settled.dead,
+            sent=tried,
+        )  # fmt: skip
 
 
 def stage_stats(pipe: Any, report: Report, now: float) -> None:

@@ -9,6 +9,7 @@ adds them to Redis's once a second.
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
 from collections.abc import Iterator
 from itertools import accumulate
@@ -22,7 +23,7 @@ from prometheus_client.core import (
 )
 
 from relay.keys import Stat
-from relay.state import parking, recent, status
+from relay.state import archive, parking, recent, status
 
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 _BOUNDS = [*(str(float(b)) for b in DURATION_BUCKETS), "+Inf"]  # as Prometheus writes them
@@ -245,6 +246,18 @@ class DeploymentCollector:
             buckets=buckets,
             sum_value=total,
         )
+        lag = archive.lag(self._redis, time.time())
+        yield GaugeMetricFamily(
+            "relay_archive_lag_entries",
+            "Settlements whose records the archiver has not yet written to the archive's "
+            "files (each holds a batch's events).",
+            value=lag["entries"],
+        )
+        yield GaugeMetricFamily(
+            "relay_archive_oldest_age_seconds",
+            "Age of the oldest settlement not yet archived (0 when none).",
+            value=lag["oldest_age_s"],
+        )
         yield from _counters(snapshot.stats)
         yield from ingest_families(snapshot.stats)
 
@@ -282,6 +295,16 @@ _COUNTERS: dict[Stat, tuple[str, str, str | None]] = {
         "relay_resent_events",
         "Events sent again after a request ChurnZero may have taken (no answer), by cause.",
         "cause",
+    ),
+    Stat.ARCHIVED: (
+        "relay_archived_records",
+        "Settled events' records written to the archive's files.",
+        None,
+    ),
+    Stat.ARCHIVER_ERRORS: (
+        "relay_archiver_errors",
+        "The archiver's failures, by what failed: redis, or store (its files).",
+        "what",
     ),
     Stat.OOM_FALLBACKS: (
         "relay_oom_fallbacks",

@@ -26,7 +26,7 @@ from relay.ingest import auth, cors, metrics, parsing
 from relay.ingest.webapp import ADMISSION, COMMIT, REDIS, REQUEST_LOG, SETTINGS, json_response
 from relay.reasons import Reason
 from relay.settings import Settings
-from relay.state import broker, deadletter
+from relay.state import archive, broker, deadletter
 
 RETRY_AFTER_S = 5
 BODY_TIMEOUT_S = 10  # a client slower than this to send its body gets 408 (Segment retries it)
@@ -235,6 +235,8 @@ async def _handle(
         if rejected:
             pipe = app[REDIS].pipeline(transaction=True)
             deadletter.stage_add(pipe, rejected)
+            if settings.archive:
+                archive.stage_records(pipe, archive.settled_records(stamp, dead=rejected))
             await pipe.execute()
         admission.queued(len(body))  # in Redis now, so in the next reading's used_memory
     except broker.QUEUE_ERRORS as exc:

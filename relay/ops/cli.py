@@ -4,7 +4,7 @@ Commands read the deployment's settings once (relay.ops.cli_context) and call th
 library functions the services use; each group of operator commands has a module:
 `relay dlq` (cli_dlq), `relay identities` (cli_identities), `relay names` (cli_names),
 `relay preview` and `relay trace` (cli_ops), `relay tail` (cli_tail), `relay check`
-(cli_check), `relay search` and `relay replay` (cli_archive).
+(cli_check), `relay search`, `relay replay` and `relay archive` (cli_archive).
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ def status(deployment: Deployment, as_json: bool, watch: bool) -> None:
 for command in (
     cli_dlq.dlq, cli_identities.identities, cli_names.names_group, cli_ops.preview,
     cli_ops.trace_command, cli_tail.tail_command, cli_check.check, cli_archive.search_command,
-    cli_archive.replay_command,
+    cli_archive.replay_command, cli_archive.archive_group,
 ):  # fmt: skip
     main.add_command(command)
 

@@ -55,6 +55,15 @@ def table(data: dict[str, Any], rate_cap_rps: float) -> Any:
     if parked.get("users"):
         table.add_row("parked traits", f"{parked['traits']:,} of {parked['users']:,} users "
                       "waiting for an account")  # fmt: skip
+    archive = data.get("archive") or {}
+    if archive.get("entries") or archive.get("archived"):
+        table.add_row(
+            "archive",
+            f"{archive['archived']:,} archived, {archive['entries']:,} settlements waiting "
+            f"(oldest {archive['oldest_age_s']:.1f} s)",
+        )
+    if archive.get("errors"):
+        table.add_row("[yellow]archiver errors[/]", f"{archive['errors']:,}: see its log")
     if data["paused_for_s"]:
         table.add_row("[yellow]ChurnZero paused[/]", f"{data['paused_for_s']:.1f} s")
     for problem in data["churnzero_problems"]:

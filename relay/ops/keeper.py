@@ -69,18 +69,21 @@ class Child:
     """A process to keep running: what it is called in messages, its command, its
     niceness (0: the supervisor's own CPU priority), whether it runs under Linux's
     SCHED_IDLE policy (only on CPU time no other process wants; `nice` then matters only
-    among such processes), whether it runs only on demand (see the module docstring), and
-    variables added to its environment."""
+    among such processes), whether it runs only on demand (see the module docstring),
+    variables added to its environment, and whether the supervisor gives up when it keeps
+    dying at start (one that is not essential is only started again, no more often than
+    every EARLY_DEATH_S)."""
 
     # A plain class: dataclasses would add its imports to the keeper's memory.
-    __slots__ = ("argv", "env", "idle", "label", "nice", "on_demand")
+    __slots__ = ("argv", "env", "essential", "idle", "label", "nice", "on_demand")
 
     def __init__(
         self, label: str, argv: Sequence[str], nice: int = 0, on_demand: bool = False,
         env: Mapping[str, str] | None = None, idle: bool = False,
+        essential: bool = True,
     ) -> None:  # fmt: skip
         self.label, self.argv, self.nice, self.on_demand = label, list(argv), nice, on_demand
-        self.env, self.idle = dict(env or {}), idle
+        self.env, self.idle, self.essential = dict(env or {}), idle, essential
 
     def as_dict(self) -> dict[str, object]:
         """The child as JSON-ready keyword arguments of `Child`."""
@@ -147,6 +150,12 @@ class Supervisor:
                 del self._children[slot]
                 continue
             early = time.monotonic() - started < EARLY_DEATH_S
+            if not spec.essential:
+                if early:
+                    continue  # started again once EARLY_DEATH_S have passed since its start
+                self._say(f"{spec.label} process {child.pid} exited ({code}); starting another")
+                self._start(slot)
+                continue
             self._early_deaths = self._early_deaths + 1 if early else 0
             if self._early_deaths >= MAX_EARLY_DEATHS:
                 self._say(f"{spec.label} processes keep exiting at start (last: {code}); giving up")

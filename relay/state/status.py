@@ -20,7 +20,7 @@ import orjson
 
 from relay import keys
 from relay.reasons import Reason
-from relay.state import names, oldest, parking, recent
+from relay.state import archive, names, oldest, parking, recent
 
 WINDOW_S = 60
 # The per-second counts are kept an hour: the admin page's chart history is read from them.
@@ -275,6 +275,18 @@ def report(r: Any) -> dict[str, Any]:
         "learned_rate_rps": rate,
         "rate_limit_met": limit_met,
         "parked": parking.counts(r),
+        "archive": archive_status(r, snap.stats, now),
+    }
+
+
+def archive_status(r: Any, stats: dict[str, int], now: float) -> dict[str, Any]:
+    """The flight recorder: the archiver's lag (settlements not yet in the files, the
+    oldest one's age), records archived so far and the archiver's errors."""
+    by_stat = counters(stats)
+    return {
+        **archive.lag(r, now),
+        "archived": stats.get(keys.Stat.ARCHIVED, 0),
+        "errors": sum(by_stat.get(keys.Stat.ARCHIVER_ERRORS, {}).values()),
     }
 
 

@@ -31,6 +31,7 @@ from tests.bench import (
     ab,
     adaptive,
     archive,
+    archive_cost,
     e2e,
     harness,
     ingest,
@@ -54,6 +55,7 @@ BENCHMARKS: dict[str, Callable[[Env], dict[str, Any]]] = {
     "ingest_wait": wait.ingest_wait,
     "archive_lookup": archive.archive_lookup,
     "archive_replay": archive.archive_replay,
+    "archive": archive_cost.archive,
 }
 
 
@@ -124,6 +126,13 @@ def _extra(result: dict[str, Any]) -> str:
         )
     if name == "archive_replay":
         return f"{result['replayed']:,} events queued in {result['seconds']:.2f} s"
+    if name == "archive":
+        return (
+            f"on / off, median of {len(result['ratios'])} alternated rounds "
+            f"({', '.join(f'{r:.2f}' for r in result['ratios'])}); "
+            f"{_figure(result['bytes_per_event'])} B on disk per archived event; "
+            f"caught up {result['catch_up_s']:.1f} s after the last delivery"
+        )
     if name in ("ratelimit", "adaptive"):
         return (
             f"achieved {result['achieved_rps']:.1f}/{result['limit_rps']:g} rps, "

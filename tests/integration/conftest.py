@@ -88,6 +88,9 @@ TEST_SETTINGS: dict[str, Any] = {
     # One process per `relay serve` (the default is one per core): a test that kills
     # ingest kills the process that holds the requests. test_supervise runs several.
     "ingest_processes": 1,
+    # Nothing recorded for the flight recorder unless a test turns it on (with an archive
+    # of its own): no archiver runs beside these processes to drain the records.
+    "archive": False,
 }
 
 
