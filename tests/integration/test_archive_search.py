@@ -87,9 +87,9 @@ def test_forgotten_users_are_hidden(r: redis.Redis, store: Store) -> None:
     store.write(schema.to_table(rows[:5]), "w1")
     stage(r, rows[5:])
     forgotten = {"user_key": [schema.key_of("ann")], "user_id": ["ann"],
-                 "forgotten_at": [int((NOW - 100 + 8.5) * 1000)]}  # fmt: skip
+                 "forgotten_at": [int((NOW - 100 + 7.5) * 1000)]}  # fmt: skip
     store.forget(pa.Table.from_pydict(forgotten, schema=schema.FORGOTTEN), "w1")
-    # ann's records settled before she was forgotten are gone; the one after stays.
+    # ann's events received before she was forgotten are gone; the one after stays.
     ann = search.search(store, r, search.Query(user_id="ann"), 100)
     assert [h["relay_id"] for h in ann] == ["r0009"]
     assert len(search.search(store, r, search.Query(user_id="bob"), 100)) == 5
