@@ -209,6 +209,13 @@ class StatusReport(TypedDict):
         Field(description="`users` with traits parked for want of an account, and `traits`"),
     ]
     rate_limit_met: Annotated[bool, Field(description="whether a 429 has cut the rate yet")]
+    archive: Annotated[
+        dict[str, float],
+        Field(
+            description="the flight recorder: `entries` (settlements the archiver has not yet "
+            "written) and `oldest_age_s`, with `archived` records and archiver `errors` so far"
+        ),
+    ]
 
 
 @with_config(_OPEN)
@@ -261,6 +268,19 @@ class DryRunSummary(TypedDict):
     by_reason: dict[str, Count]
     by_event: Annotated[dict[str, Count], Field(description="a track's name, else the type")]
     outcomes: Annotated[dict[str, Count], Field(description="what a replay would do now")]
+
+
+@with_config(_CLOSED)
+class SearchHits(TypedDict):
+    """Settled events of the archive (and those not yet archived) that match, newest first."""
+
+    hits: Annotated[
+        list[dict[str, Any]],
+        Field(
+            description="each the archive's columns (outcome, reason, ids, times), with `body`, "
+            "`commands` and `tries` as JSON"
+        ),
+    ]
 
 
 @with_config(_CLOSED)

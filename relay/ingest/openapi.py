@@ -232,6 +232,23 @@ def _admin() -> Schema:
     outcome = {"type": "string", "enum": ["delivered", "skipped", "dead"]}
     tail = [_param("user", "query", _STRING), _param("outcome", "query", outcome)]
     page = _answer("the page (it asks for the token)", _STRING, "text/html")
+    found = [
+        _param(name, "query", _STRING)
+        for name in (
+            "message_id",
+            "user",
+            "anonymous_id",
+            "account",
+            "event",
+            "reason",
+            "since",
+            "until",
+        )
+    ]
+    found += [
+        _param("outcome", "query", outcome),
+        _param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 50}),
+    ]
     return {
         "/admin": {"get": _operation("admin_page", "status page",
                                      {"200": page, "404": _ADMIN_OFF}, tags=["admin"])},
@@ -262,6 +279,11 @@ def _admin() -> Schema:
             "post", "admin_dlq_summary",
             "the dry run of a bulk replay or purge: counts by reason, event and outcome",
             bodies.DryRunSummary, requestBody=selection),
+        "/admin/api/search": _admin_api(
+            "get", "admin_search",
+            "archived events by id, user, account, event, outcome, reason and time "
+            "(since/until: `2h`, `7d` ago, ISO 8601 or unix seconds)",
+            bodies.SearchHits, parameters=found, errors={"400": _ADMIN_400}),
         "/admin/api/history": _admin_api(
             "get", "admin_history", "an hour of ingested and delivered counts", bodies.History),
         "/admin/api/tail": _admin_api(
