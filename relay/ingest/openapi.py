@@ -53,7 +53,7 @@ DOCUMENTED: tuple[Any, ...] = (
     events.Event, bodies.BatchRequest, bodies.Selection, bodies.Accepted, bodies.Error,
     bodies.Liveness, bodies.Readiness, bodies.StatusReport, bodies.DeadLetterPage,
     bodies.Replayed, bodies.Purged, bodies.Preview, bodies.Trace, bodies.DryRunSummary,
-    bodies.History,
+    bodies.History, bodies.SearchHits,
 )  # fmt: skip
 
 
