@@ -181,17 +181,7 @@ def _print_dry_run(deployment: Deployment, job: Any, as_json: bool) -> None:
     window = f"{when(job.query.since)} to {when(job.query.until)} UTC"
     already = f" ({job.done:,} replayed already)" if job.done else ""
     click.echo(f"dry run: replay {job.id} of {result.total:,} events ({window}){already} would")
-    for label, n in result.outcomes.most_common():
-        click.echo(f"  {n:>9,}  {cli_ops.words(label)}")
-    for label, examples in result.samples.items():
-        click.echo(f"\nfor example, {cli_ops.words(label)}:")
-        for example in examples:
-            click.echo(f"  relay id {example['relay_id']}")
-            for command in example["commands"][:5]:
-                click.echo("    " + json.dumps(command))
-            for error in example["errors"][:3]:
-                click.echo(f"    ! {error if isinstance(error, str) else json.dumps(error)}")
-    click.echo("\n(dry run: nothing was sent or changed)")
+    cli_ops.echo_dry_run(result, "relay id", "relay_id")
 
 
 def open_store_of(deployment: Deployment) -> Any:

@@ -248,17 +248,7 @@ def _print_dry_run(deployment: Deployment, selection: deadletter.Selection, as_j
         click.echo(json.dumps(result.as_dict()))
         return
     click.echo(f"dry run: a replay of {result.total:,} dead letters now would")
-    for label, n in result.outcomes.most_common():
-        click.echo(f"  {n:>9,}  {cli_ops.words(label)}")
-    for label, examples in result.samples.items():
-        click.echo(f"\nfor example, {cli_ops.words(label)}:")
-        for example in examples:
-            click.echo(f"  entry {example['entry']}")
-            for command in example["commands"][:5]:
-                click.echo("    " + json.dumps(command))
-            for error in example["errors"][:3]:
-                click.echo(f"    ! {error if isinstance(error, str) else json.dumps(error)}")
-    click.echo("\n(dry run: nothing was sent or changed)")
+    cli_ops.echo_dry_run(result, "entry", "entry")
 
 
 @dlq.command("purge")

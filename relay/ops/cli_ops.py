@@ -162,3 +162,19 @@ def describe(sighting: Any) -> str:
         count = len(d.get("commands", []))
         return f"delivered at {when} ({who}), {count} command{'s' * (count != 1)} sent:"
     return f"skipped at {when}: {d.get('reason')} ({who})"
+
+
+def echo_dry_run(result: Any, name: str, key: str) -> None:
+    """Print a dry run's counts by what would happen, then a few examples of each (named
+    `name` and their `key`) with their commands and errors."""
+    for label, n in result.outcomes.most_common():
+        click.echo(f"  {n:>9,}  {words(label)}")
+    for label, examples in result.samples.items():
+        click.echo(f"\nfor example, {words(label)}:")
+        for example in examples:
+            click.echo(f"  {name} {example[key]}")
+            for command in example["commands"][:5]:
+                click.echo("    " + json.dumps(command))
+            for error in example["errors"][:3]:
+                click.echo(f"    ! {error if isinstance(error, str) else json.dumps(error)}")
+    click.echo("\n(dry run: nothing was sent or changed)")
