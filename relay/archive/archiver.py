@@ -56,7 +56,7 @@ log = structlog.get_logger("relay.archive")
 READ_COUNT = 16  # entries per XREADGROUP (a settlement's entry holds up to a message's events)
 FLUSH_ENTRIES = 2_000  # settlements per file at most (a taken-over batch is as large)
 FLUSH_BYTES = 16 * 2**20  # entries' bytes held before a write, whatever the time
-FLUSH_RECORDS = 20_000  # records held before a write: the archiver's memory is about these
+FLUSH_RECORDS = 10_000  # records held before a write: the archiver's memory is about these
 # An entry pending this long (and at least CLAIM_MIN_S) belongs to an archiver that
 # died; taking over one that still writes costs only work: it writes the same file.
 CLAIM_FLUSHES = 4
@@ -230,7 +230,7 @@ class Archiver:
             forgotten=len(batch.forgotten),
         )  # fmt: skip
         self.batch = Batch()
-        # Arrow's allocator keeps what it freed for a while: give it back between files.
+        # An allocator keeps what it freed for a while: give it back between files.
         pa.default_memory_pool().release_unused()
         return batch.records
 
@@ -334,6 +334,9 @@ def main(settings: Settings, r: redis.Redis) -> int:
     # core from the delivery processes beside it.
     pa.set_cpu_count(1)
     pa.set_io_thread_count(1)
+    # The C allocator (two arenas, as the supervisor sets) gives freed memory back to the
+    # system on `release_unused`; Arrow's default allocator keeps more of it, for longer.
+    pa.set_memory_pool(pa.system_memory_pool())
     archiver = Archiver(settings, r, open_store(settings))
 
     def stop(_signum: int, _frame: FrameType | None) -> None:

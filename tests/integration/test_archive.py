@@ -113,12 +113,12 @@ def local(tmp_path: Path) -> Where:
 
 @pytest.fixture
 def start_archiver(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., Proc]]:
-    """Start `relay archive` processes (stopped after the test)."""
+    """Start archiver processes, as `relay worker` does (stopped after the test)."""
     children = procs.Children(tmp_path, prefix="archiver")
 
     def start(where: Where, **settings: Any) -> Proc:
         env = {**relay_env(redis_url, **{**FAST, **where.settings, **settings}), **where.env}
-        args = [sys.executable, "-m", "relay.ops.cli", "archive"]
+        args = [sys.executable, "-m", "relay.archive"]  # what `relay worker` starts
         return children.start(f"archiver{len(children.procs)}", args, env)
 
     yield start

@@ -192,3 +192,21 @@ def test_the_delivery_and_ingest_processes_never_import_the_archive_engines() ->
             if not rel.startswith(("relay/archive/", "relay/ops/")):
                 found += [f"{rel}: {m}" for m in heavy.findall(path.read_text())]
     assert not found
+
+
+def test_the_archiver_process_imports_neither_the_queue_nor_the_cli() -> None:
+    """The archiver runs beside the delivery processes on every worker host: its entry
+    point leaves out Celery and kombu (the queue), click and rich (the CLI)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, relay.archive.__main__ as m; "
+        "print(' '.join(sorted(n for n, mod in sys.modules.items() if mod is not None)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    loaded = {name.split(".")[0] for name in out.stdout.split()}
+    assert "pyarrow" in loaded and "relay" in loaded  # the probe imported the archiver
+    assert not loaded & {"celery", "kombu", "click", "rich", "duckdb"}
