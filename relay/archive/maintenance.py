@@ -42,12 +42,14 @@ from relay.archive.schema import SCHEMA, SORTING
 from relay.archive.store import ROW_GROUP, Store
 
 SETTLE_S = 3600.0  # a file younger than this may still be written again (a takeover)
-MERGE_BYTES = 8 * 2**20  # on disk: the files merged at once, so the archiver's memory
+MERGE_BYTES = 4 * 2**20  # on disk: the files merged at once, so the archiver's memory
 FULL_BYTES = MERGE_BYTES // 2  # a file this large is merged no more
 LOCK_S = 600.0  # a day's lock outlives a merge of MERGE_BYTES many times over
 MERGED = "merged"  # the writer's name in a merged file's name
+SLICE_ROWS = 4 * ROW_GROUP  # a merged file's rows held at once, as it is written
 _KEY_COLUMNS = ["user_key", "anonymous_key", "received_at", "settled_at"]
 _UNIQUE = ["relay_id", "outcome", "settled_at"]
+_PLAN_COLUMNS = sorted({*_KEY_COLUMNS, *_UNIQUE})
 
 
 def retain(store: Store, days: int, now: float) -> list[str]:
@@ -89,26 +91,62 @@ def consolidate_day(
     done = {"files_merged": 0, "files_written": 0, "rows_dropped": 0}
     for group in _groups(store.day_files(day), now):
         renew()
-        tables, paths = [], []
-        for info in group:
-            table = _read(store, info.path)
-            if table is not None:
-                tables.append(table)
-                paths.append(info.path)
-        if not tables:
-            continue
-        table = pa.concat_tables(tables)
-        keep = _kept(table, forgotten)
-        if len(keep):
-            store.write_day(day, _parts(table, keep), MERGED)
-            done["files_written"] += 1
-        for path in paths:  # only now: every row kept is in the file written
-            store.remove(path)
-        done["files_merged"] += len(paths)
-        done["rows_dropped"] += table.num_rows - len(keep)
-        del table, tables
+        merged = _merge(store, day, [info.path for info in group], forgotten)
+        for name, value in merged.items():
+            done[name] += value
         pa.default_memory_pool().release_unused()
     return done
+
+
+def _merge(store: Store, day: str, paths: list[str], forgotten: pa.Table) -> dict[str, int]:
+    """Merge the files at `paths` into one (none when no row is kept), then delete them.
+
+    Only their key columns are held whole: the order of the rows kept is worked out on
+    those, and the merged file is then written SLICE_ROWS rows at a time, each slice's
+    rows taken from the files that hold them."""
+    keys: list[pa.Table] = []
+    found: list[str] = []
+    for path in paths:
+        table = _read(store, path, _PLAN_COLUMNS)
+        if table is None:  # merged by another archiver meanwhile: its rows are in its file
+            continue
+        keys.append(
+            table.append_column("file", pa.array([len(found)] * table.num_rows, pa.int32()))
+            .append_column("row", pa.array(range(table.num_rows), pa.int64()))
+        )  # fmt: skip
+        found.append(path)
+    if not found:
+        return {}
+    table = pa.concat_tables(keys)
+    plan = table.select(["file", "row"]).take(_kept(table, forgotten))
+    if plan.num_rows:
+        store.write_day(day, _slices(store, found, plan), MERGED)
+    for path in found:  # only now: every row kept is in the file written, whole
+        store.remove(path)
+    return {
+        "files_merged": len(found),
+        "files_written": int(plan.num_rows > 0),
+        "rows_dropped": table.num_rows - plan.num_rows,
+    }
+
+
+def _slices(store: Store, paths: list[str], plan: pa.Table) -> Iterator[pa.Table]:
+    """The rows `plan` names (file number, row number), in its order, SLICE_ROWS at a time."""
+    for start in range(0, plan.num_rows, SLICE_ROWS):
+        part = plan.slice(start, SLICE_ROWS)
+        at = pa.array(range(part.num_rows), pa.int64())
+        pieces = []
+        for number in pc.unique(part["file"]).to_pylist():
+            mine = pc.equal(part["file"], number)
+            table = _read(store, paths[number])
+            if table is None:
+                # Another archiver merged it meanwhile (the day's lock lapsed): this merge
+                # is abandoned, and its files kept, before anything is deleted.
+                raise FileNotFoundError(paths[number])
+            rows = table.take(pc.filter(part["row"], mine))
+            pieces.append(rows.append_column("at", pc.filter(at, mine)))
+        merged = pa.concat_tables(pieces)
+        yield merged.take(pc.sort_indices(merged["at"])).drop_columns(["at"])
 
 
 def _groups(files: list[pafs.FileInfo], now: float) -> Iterator[list[pafs.FileInfo]]:
@@ -133,11 +171,10 @@ def _groups(files: list[pafs.FileInfo], now: float) -> Iterator[list[pafs.FileIn
         yield group
 
 
-def _read(store: Store, path: str) -> pa.Table | None:
-    """The file's rows, or None when it is gone (merged by another archiver meanwhile:
-    its rows are in that one's file)."""
+def _read(store: Store, path: str, columns: list[str] | None = None) -> pa.Table | None:
+    """The file's rows (their `columns`, else all), or None when it is gone."""
     try:
-        return pq.read_table(path, filesystem=store.fs, schema=SCHEMA)
+        return pq.read_table(path, filesystem=store.fs, schema=SCHEMA, columns=columns)
     except OSError:
         if store.fs.get_file_info(path).type == pafs.FileType.NotFound:
             return None
@@ -147,19 +184,16 @@ def _read(store: Store, path: str) -> pa.Table | None:
 def _kept(table: pa.Table, forgotten: pa.Table) -> pa.Array:
     """The indices of `table`'s rows to keep, in SORTING order: the first of rows equal in
     relay id, outcome and settle time, and none that a delete forgot."""
-    index = pa.array(range(table.num_rows), pa.int64())
-    unique = table.select(_UNIQUE).append_column("i", index)
-    first = unique.group_by(_UNIQUE, use_threads=False).aggregate([("i", "min")])["i_min"]
-    keys_only = table.select(_KEY_COLUMNS).take(first)
-    first = first.filter(pc.invert(hidden(keys_only, forgotten)))
-    order = pc.sort_indices(table.select(["user_key", "settled_at"]).take(first), SORTING)
-    return pc.take(first, order)
-
-
-def _parts(table: pa.Table, keep: pa.Array) -> Iterator[pa.Table]:
-    """The kept rows, a row group at a time (a sorted copy of the whole is never held)."""
-    for start in range(0, len(keep), ROW_GROUP):
-        yield table.take(keep[start : start + ROW_GROUP])
+    # Sorted by user, time, then relay id and outcome, a row's copies are its neighbours.
+    order = pc.sort_indices(table, [*SORTING, ("relay_id", "ascending"), ("outcome", "ascending")])
+    if len(order) > 1:
+        rows = table.select(_UNIQUE).take(order)
+        again = pc.equal(rows["relay_id"][1:], rows["relay_id"][:-1])
+        for name in ("outcome", "settled_at"):
+            again = pc.and_(again, pc.equal(rows[name][1:], rows[name][:-1]))
+        first = pa.concat_arrays([pa.array([True]), pc.invert(again).combine_chunks()])
+        order = order.filter(first)
+    return order.filter(pc.invert(hidden(table.select(_KEY_COLUMNS).take(order), forgotten)))
 
 
 def compact(store: Store) -> dict[str, int]:

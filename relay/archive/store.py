@@ -83,9 +83,16 @@ class Store:
         returns its path. The file appears whole or not at all, as `write`'s."""
         path = f"{self.root}/{DAY_PREFIX}{day}/{self._file_name(writer, None)}"
         target = self._target(path)
-        with pq.ParquetWriter(target, SCHEMA, filesystem=self.fs, **_OPTIONS) as out:
-            for part in parts:
-                out.write_table(part.cast(SCHEMA), row_group_size=ROW_GROUP)
+        try:
+            with pq.ParquetWriter(target, SCHEMA, filesystem=self.fs, **_OPTIONS) as out:
+                for part in parts:
+                    out.write_table(part.cast(SCHEMA), row_group_size=ROW_GROUP)
+        except BaseException:
+            # A bucket publishes what was closed, a valid file of some of the rows: they
+            # are also in the files that were to be merged, which stay.
+            if self.local:
+                self.fs.delete_file(target)
+            raise
         if self.local:
             self.fs.move(target, path)
         return path
