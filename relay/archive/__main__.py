@@ -9,11 +9,16 @@ loop from the CLI, for an operator who runs the archiver as a service of its own
 
 from __future__ import annotations
 
+import os
 import sys
 
 # structlog's console renderer would import rich for its tracebacks: plain ones serve the
 # archiver's rare errors, at a fraction of the memory.
 sys.modules.setdefault("rich", None)  # type: ignore[arg-type]  # None reads "not installed"
+# Arrow's allocator chosen before pyarrow starts: the C one (archiver.main says why),
+# whose arenas the supervisor's MALLOC_ARENA_MAX bounds; Arrow's default, set up at
+# import, would keep pages of its own even once `main` switches away from it.
+os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 
 from relay import logs
 from relay.archive import archiver
