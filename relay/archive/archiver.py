@@ -132,8 +132,9 @@ class Archiver:
         while not self.stopping.is_set():
             try:
                 if time.monotonic() >= next_maintenance:
-                    self.maintain()
+                    # Due again in an hour even if it fails: archiving goes on meanwhile.
                     next_maintenance = time.monotonic() + MAINTENANCE_S
+                    self.maintain()
                 self.step()
                 failures = 0
             except Exception as exc:

@@ -27,6 +27,7 @@ rows end up twice at worst, until the next pass.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -36,6 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import redis
+from redis.exceptions import LockError
 
 from relay import keys
 from relay.archive.schema import SCHEMA, SORTING
@@ -74,7 +76,7 @@ def consolidate(store: Store, r: redis.Redis, now: float) -> dict[str, int]:
             done = consolidate_day(store, day, now, forgotten, renew=lock.reacquire)
         finally:
             # Lapsed (a merge longer than LOCK_S): nothing to release.
-            if lock.owned():
+            with contextlib.suppress(LockError):
                 lock.release()
         for name, value in done.items():
             total[name] += value
@@ -104,20 +106,20 @@ def _merge(store: Store, day: str, paths: list[str], forgotten: pa.Table) -> dic
     Only their key columns are held whole: the order of the rows kept is worked out on
     those, and the merged file is then written SLICE_ROWS rows at a time, each slice's
     rows taken from the files that hold them."""
-    keys: list[pa.Table] = []
+    keyed: list[pa.Table] = []
     found: list[str] = []
     for path in paths:
         table = _read(store, path, _PLAN_COLUMNS)
         if table is None:  # merged by another archiver meanwhile: its rows are in its file
             continue
-        keys.append(
+        keyed.append(
             table.append_column("file", pa.array([len(found)] * table.num_rows, pa.int32()))
             .append_column("row", pa.array(range(table.num_rows), pa.int64()))
         )  # fmt: skip
         found.append(path)
     if not found:
         return {}
-    table = pa.concat_tables(keys)
+    table = pa.concat_tables(keyed)
     plan = table.select(["file", "row"]).take(_kept(table, forgotten))
     if plan.num_rows:
         store.write_day(day, _slices(store, found, plan), MERGED)
