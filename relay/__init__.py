@@ -17,7 +17,8 @@ message, with no I/O (no Redis, HTTP or Celery). Around it, one subpackage per r
     │                      the ChurnZero client and its problems, throttle, dedupe, claims,
     │                      the delayed set
     ├── archive/           the flight recorder: the archived event's columns (schema), its
-    │                      files on a disk or in a bucket (store), the archiver, search
+    │                      files on a disk or in a bucket (store), the archiver and its
+    │                      upkeep (maintenance), search
     ├── ops/               the operator's side, which puts the others together: the `relay`
     │                      CLI, the admin API, preview, the supervisor, what `relay serve` and
     │                      `relay dev` run

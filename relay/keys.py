@@ -114,6 +114,9 @@ ARCHIVE = PREFIX + "archive"
 ARCHIVE_REPLAY = PREFIX + "archive:replay:"
 # The archivers' consumer group on it (not a key: a name inside the stream).
 ARCHIVE_GROUP = "archivers"
+# The lock of one day's consolidation (relay.archive.maintenance), per `YYYY-MM-DD`: a
+# STRING (redis-py's Lock token) with a TTL, so that one archiver at a time merges a day.
+ARCHIVE_CONSOLIDATING = PREFIX + "archive:consolidating:"
 
 # The new-name guard (relay.state.names): a SET per kind of the names sent to ChurnZero, a ZSET
 # of the newest new names ("kind:name" -> first sent) and one of the names held.

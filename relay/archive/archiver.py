@@ -17,9 +17,10 @@ that takes them over writes them under the same name, replacing the file rather 
 adding a copy, so every record is in the files once (readers that also drop rows equal
 in relay_id, outcome and settled_at lose nothing: `schema.UNIQUE`).
 
-Maintenance, at start and every `MAINTENANCE_S`: retention drops the days older than
-`archive_days`, and a compaction rewrites the files that still hold rows of forgotten
-users (search and replay hide them from the moment their delete is archived).
+Maintenance, at start and every `MAINTENANCE_S` (relay.archive.maintenance): retention
+drops the days older than `archive_days`, consolidation merges each day's small files
+into a few large ones, and compaction rewrites the files that still hold rows of
+forgotten users (search and replay hide them from the moment their delete is archived).
 
 Runs in a process of its own (`relay archive`, or the child `relay worker` supervises):
 pyarrow is imported here, never in a delivery process.
@@ -34,17 +35,15 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from types import FrameType
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import redis
 import structlog
 
 from relay import keys
+from relay.archive import maintenance
 from relay.archive.schema import FORGOTTEN, SORTING, key_of, table_of
 from relay.archive.store import Store, open_store
 from relay.reasons import Skip
@@ -56,7 +55,7 @@ log = structlog.get_logger("relay.archive")
 READ_COUNT = 16  # entries per XREADGROUP (a settlement's entry holds up to a message's events)
 FLUSH_ENTRIES = 2_000  # settlements per file at most (a taken-over batch is as large)
 FLUSH_BYTES = 16 * 2**20  # entries' bytes held before a write, whatever the time
-FLUSH_RECORDS = 20_000  # records held before a write: the archiver's memory is about these
+FLUSH_RECORDS = 10_000  # records held before a write: the archiver's memory is about these
 # An entry pending this long (and at least CLAIM_MIN_S) belongs to an archiver that
 # died; taking over one that still writes costs only work: it writes the same file.
 CLAIM_FLUSHES = 4
@@ -64,7 +63,6 @@ CLAIM_MIN_S = 10.0
 GONE_CONSUMER_S = 3600.0  # a consumer idle this long with nothing pending is forgotten
 MAINTENANCE_S = 3600.0
 BACKOFF_CAP_S = 30.0
-_KEY_COLUMNS = ["user_key", "anonymous_key", "received_at", "settled_at"]
 
 
 @dataclass
@@ -134,8 +132,9 @@ class Archiver:
         while not self.stopping.is_set():
             try:
                 if time.monotonic() >= next_maintenance:
-                    self.maintain()
+                    # Due again in an hour even if it fails: archiving goes on meanwhile.
                     next_maintenance = time.monotonic() + MAINTENANCE_S
+                    self.maintain()
                 self.step()
                 failures = 0
             except Exception as exc:
@@ -230,7 +229,7 @@ class Archiver:
             forgotten=len(batch.forgotten),
         )  # fmt: skip
         self.batch = Batch()
-        # Arrow's allocator keeps what it freed for a while: give it back between files.
+        # An allocator keeps what it freed for a while: give it back between files.
         pa.default_memory_pool().release_unused()
         return batch.records
 
@@ -242,18 +241,17 @@ class Archiver:
     # -- maintenance ---------------------------------------------------------------------
 
     def maintain(self, now: float | None = None) -> dict[str, Any]:
-        """Retention, then compaction; what each did."""
+        """Retention, consolidation and compaction (relay.archive.maintenance); what each did."""
         now = time.time() if now is None else now
         self._ensure_group()
         for consumer in self.redis.xinfo_consumers(keys.ARCHIVE, keys.ARCHIVE_GROUP):
             idle_s = int(consumer.get("idle", 0)) / 1000
             if not consumer.get("pending") and idle_s > GONE_CONSUMER_S:
                 self.redis.xgroup_delconsumer(keys.ARCHIVE, keys.ARCHIVE_GROUP, consumer["name"])
-        dropped = retain(self.store, self.settings.archive_days, now)
-        compacted = compact(self.store)
-        if dropped or compacted["files"]:
-            log.info("archive_maintained", days_dropped=dropped, **compacted)
-        return {"days_dropped": dropped, **compacted}
+        done = maintenance.run(self.store, self.redis, self.settings.archive_days, now)
+        if any(done.values()):
+            log.info("archive_maintained", **done)
+        return done
 
 
 def forgotten_users(columns: dict[str, list[Any]]) -> dict[str, float]:
@@ -283,57 +281,15 @@ def forgotten_table(users: dict[str, float]) -> pa.Table:
     )
 
 
-def hidden(table: pa.Table, forgotten: pa.Table) -> pa.Array:
-    """Which rows of `table` (at least its key columns) a delete forgot: the user's or
-    anonymous id is a forgotten user's, and the event was received (else settled) no
-    later than the delete was received."""
-    if forgotten.num_rows == 0 or table.num_rows == 0:
-        return pa.array([False] * table.num_rows)
-    newest = forgotten.group_by("user_key").aggregate([("forgotten_at", "max")])
-    users = newest["user_key"]
-    until = pc.cast(newest["forgotten_at_max"], pa.int64())
-    when = pc.cast(pc.coalesce(table["received_at"], table["settled_at"]), pa.int64())
-    mask = pa.array([False] * table.num_rows)
-    for column in ("user_key", "anonymous_key"):
-        at = pc.take(until, pc.index_in(table[column], value_set=users))
-        mask = pc.or_(mask, pc.fill_null(pc.less_equal(when, at), False))
-    return mask
-
-
-def compact(store: Store) -> dict[str, int]:
-    """Rewrite every data file that holds rows of forgotten users without them; the
-    files rewritten and the rows removed."""
-    forgotten = store.forgotten()
-    files = removed = 0
-    if forgotten.num_rows == 0:
-        return {"files": 0, "rows_removed": 0}
-    for path in store.files():
-        keys_only = pq.read_table(path, filesystem=store.fs, columns=_KEY_COLUMNS)
-        mask = hidden(keys_only, forgotten)
-        count = pc.sum(mask).as_py() or 0
-        if not count:
-            continue
-        table = pq.read_table(path, filesystem=store.fs)
-        store.replace(path, table.filter(pc.invert(mask)))
-        files, removed = files + 1, removed + count
-    return {"files": files, "rows_removed": removed}
-
-
-def retain(store: Store, days: int, now: float) -> list[str]:
-    """Drop the day partitions wholly older than `days` days; the days dropped."""
-    cutoff = (datetime.fromtimestamp(now, UTC) - timedelta(days=days)).strftime("%Y-%m-%d")
-    dropped = [day for day in store.days() if day < cutoff]
-    for day in dropped:
-        store.drop_day(day)
-    return dropped
-
-
 def main(settings: Settings, r: redis.Redis) -> int:
     """`relay archive`: archive until SIGTERM or SIGINT; the exit status."""
     # One thread for Arrow's work (sorting, compressing): the archiver takes at most a
     # core from the delivery processes beside it.
     pa.set_cpu_count(1)
     pa.set_io_thread_count(1)
+    # The C allocator (two arenas, as the supervisor sets) gives freed memory back to the
+    # system on `release_unused`; Arrow's default allocator keeps more of it, for longer.
+    pa.set_memory_pool(pa.system_memory_pool())
     archiver = Archiver(settings, r, open_store(settings))
 
     def stop(_signum: int, _frame: FrameType | None) -> None:

@@ -15,7 +15,7 @@ host without internet access cannot load.
 What a search answers also includes the records in Redis that the archiver has not yet
 written (relay.state.archive.pending), so an event is found as soon as it is settled. It
 hides users forgotten (a Segment delete: their records, by userId or anonymousId, of
-events received no later than the delete; the archiver's rule, relay.archive.archiver.hidden),
+events received no later than the delete; the archiver's rule, relay.archive.maintenance.hidden),
 and a record written twice (an archiver killed between writing a file and trimming the
 stream) is answered once: rows are told apart by relay id, outcome and settle time.
 """

@@ -17,6 +17,7 @@ upload completes. Retention drops whole days.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,9 @@ DAY_MS = 86_400_000
 ROW_GROUP = (
     8 * 1024
 )  # rows: a hit decompresses its row group whole, so small ones keep a lookup cheap
+_OPTIONS: dict[str, object] = {
+    "compression": "zstd", "use_dictionary": True, "write_statistics": True,
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,26 @@ class Store:
         a `name`, as `write`)."""
         path = f"{self.root}/{FORGOTTEN_DIR}/{self._file_name(writer, name)}"
         self._write(table, path, FORGOTTEN)
+        return path
+
+    def write_day(self, day: str, parts: Iterable[pa.Table], writer: str) -> str:
+        """Write one new file of day `day` (`YYYY-MM-DD`) holding `parts` (schema.SCHEMA),
+        each its own row group, in order, holding no more than one part in memory;
+        returns its path. The file appears whole or not at all, as `write`'s."""
+        path = f"{self.root}/{DAY_PREFIX}{day}/{self._file_name(writer, None)}"
+        target = self._target(path)
+        try:
+            with pq.ParquetWriter(target, SCHEMA, filesystem=self.fs, **_OPTIONS) as out:
+                for part in parts:
+                    out.write_table(part.cast(SCHEMA), row_group_size=ROW_GROUP)
+        except BaseException:
+            # A bucket publishes what was closed, a valid file of some of the rows: they
+            # are also in the files that were to be merged, which stay.
+            if self.local:
+                self.fs.delete_file(target)
+            raise
+        if self.local:
+            self.fs.move(target, path)
         return path
 
     def replace(self, path: str, table: pa.Table) -> None:
@@ -115,6 +139,22 @@ class Store:
             pq.read_table(p, filesystem=self.fs, schema=FORGOTTEN) for p in paths
         )
 
+    def day_files(self, day: str) -> list[pafs.FileInfo]:
+        """The data files of one day, with their size and time of writing."""
+        return [
+            info
+            for info in self._list(f"{self.root}/{DAY_PREFIX}{day}")
+            if info.is_file and info.base_name.endswith(".parquet")
+        ]
+
+    def remove(self, path: str) -> bool:
+        """Delete one data file; whether it was there."""
+        try:
+            self.fs.delete_file(path)
+        except FileNotFoundError:
+            return False
+        return True
+
     def drop_day(self, day: str) -> None:
         """Remove one day's files (retention)."""
         self.fs.delete_dir(f"{self.root}/{DAY_PREFIX}{day}")
@@ -124,17 +164,20 @@ class Store:
         return list(self.fs.get_file_info(selector))
 
     def _write(self, table: pa.Table, path: str, schema: pa.Schema) -> None:
-        parent = path.rsplit("/", 1)[0]
-        self.fs.create_dir(parent, recursive=True)
-        # Two writers of the same name (an archiver and the one that took over its entries)
-        # never share a temporary file; the rename replaces whole.
-        target = f"{path}.{uuid.uuid4().hex[:8]}.tmp" if self.local else path
+        target = self._target(path)
         pq.write_table(
-            table.cast(schema), target, filesystem=self.fs, compression="zstd",
-            row_group_size=ROW_GROUP, use_dictionary=True, write_statistics=True,
-        )  # fmt: skip
+            table.cast(schema), target, filesystem=self.fs, row_group_size=ROW_GROUP, **_OPTIONS
+        )
         if self.local:
             self.fs.move(target, path)
+
+    def _target(self, path: str) -> str:
+        """Where to write the file of `path` (its folder made): a local file under a
+        temporary name, to rename; an object where it goes (published whole on completion)."""
+        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        # Two writers of the same name (an archiver and the one that took over its entries)
+        # never share a temporary file; the rename replaces whole.
+        return f"{path}.{uuid.uuid4().hex[:8]}.tmp" if self.local else path
 
 
 def open_store(settings: Settings) -> Store:

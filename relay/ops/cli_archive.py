@@ -213,15 +213,15 @@ def archive_group(ctx: click.Context) -> None:
 @archive_group.command()
 @pass_deployment
 def compact(deployment: Deployment) -> None:
-    """Drop the days older than RELAY_ARCHIVE_DAYS and rewrite the files that still hold
-    rows of deleted users without them."""
-    from relay.archive import archiver
+    """Drop the days older than RELAY_ARCHIVE_DAYS, merge each day's small files into a
+    few large ones, and rewrite the files that still hold rows of deleted users without
+    them."""
+    from relay.archive import maintenance
     from relay.archive.store import open_store
 
     store = open_store(deployment.settings)
-    dropped = archiver.retain(store, deployment.settings.archive_days, time.time())
-    compacted = archiver.compact(store)
-    click.echo(json.dumps({"days_dropped": dropped, **compacted}))
+    done = maintenance.run(store, deployment.redis, deployment.settings.archive_days, time.time())
+    click.echo(json.dumps(done))
 
 
 def _client(deployment: Deployment) -> redis.Redis:

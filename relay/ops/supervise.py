@@ -14,7 +14,7 @@ worker asks for it while replays are queued (workers/lanes.py), and it exits aft
 `RELAY_REPLAY_IDLE_S` with nothing to do, so a worker with no replay holds the memory of
 one Celery process, not two. Given its own `-Q`, `relay worker` is that one Celery
 worker instead, always running. Otherwise, unless RELAY_ARCHIVE or RELAY_WORKER_ARCHIVER is
-false, another child is the archiver (`relay archive`, relay.archive.archiver): a process
+false, another child is the archiver (`python -m relay.archive`, relay.archive.archiver): a process
 of its own, so that its imports and its writes stay out of delivery, as nice as the
 replay lane's, and one the supervisor restarts without ever giving up on the workers for
 it.
@@ -106,7 +106,7 @@ def worker(settings: Settings, redis_url: str, celery_args: Sequence[str], say: 
     if settings.archive and settings.worker_archiver:
         # At the replay lane's CPU priority: on a busy host, delivery gets the CPU first
         # and the archiver catches up when it is idle (its records wait in Redis).
-        archiver = [sys.executable, "-m", "relay.ops.cli", "archive"]
+        archiver = [sys.executable, "-m", "relay.archive"]
         children.append(Child("archiver", archiver, nice=settings.replay_nice, essential=False))
     # Celery's warm shutdown lets running tasks finish: up to a task's whole time.
     stop_s = settings.task_time_limit_s + VISIBILITY_MARGIN_S

@@ -25,7 +25,7 @@ dicts. Both read the same.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from isal import isal_zlib
@@ -33,7 +33,9 @@ from isal import isal_zlib
 from relay import keys
 from relay.commands import Command
 from relay.envelope import Envelope
-from relay.state import deadletter
+
+if TYPE_CHECKING:  # the archiver reads entries without the queue (Celery, kombu) behind it
+    from relay.state import deadletter
 
 FIELD = b"r"
 META, BODIES, COMMANDS = b"m", b"b", b"c"

@@ -55,6 +55,7 @@ BENCHMARKS: dict[str, Callable[[Env], dict[str, Any]]] = {
     "ingest_wait": wait.ingest_wait,
     "archive_lookup": archive.archive_lookup,
     "archive_replay": archive.archive_replay,
+    "archive_small_files": archive.archive_small_files,
     "archive": archive_cost.archive,
 }
 
@@ -126,6 +127,14 @@ def _extra(result: dict[str, Any]) -> str:
         )
     if name == "archive_replay":
         return f"{result['replayed']:,} events queued in {result['seconds']:.2f} s"
+    if name == "archive_small_files":
+        small, merged = result["p50_ms_small_files"], result["p50_ms_consolidated"]
+        return (
+            f"one day, {result['events']:,} events: {result['files_before']:,} files, "
+            f"messageId/userId p50 {small['message_id']:.0f}/{small['user_id']:.0f} ms; "
+            f"consolidated in {result['consolidate_s']:.0f} s into {result['files_after']} "
+            f"files: {merged['message_id']:.0f}/{merged['user_id']:.0f} ms"
+        )
     if name == "archive":
         return (
             f"on / off, median of {len(result['ratios'])} alternated rounds "

@@ -6,6 +6,7 @@ starts it again when it dies, while delivery goes on."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -113,12 +114,12 @@ def local(tmp_path: Path) -> Where:
 
 @pytest.fixture
 def start_archiver(redis_url: str, tmp_path: Path) -> Iterator[Callable[..., Proc]]:
-    """Start `relay archive` processes (stopped after the test)."""
+    """Start archiver processes, as `relay worker` does (stopped after the test)."""
     children = procs.Children(tmp_path, prefix="archiver")
 
     def start(where: Where, **settings: Any) -> Proc:
         env = {**relay_env(redis_url, **{**FAST, **where.settings, **settings}), **where.env}
-        args = [sys.executable, "-m", "relay.ops.cli", "archive"]
+        args = [sys.executable, "-m", "relay.archive"]  # what `relay worker` starts
         return children.start(f"archiver{len(children.procs)}", args, env)
 
     yield start
@@ -242,7 +243,7 @@ def test_a_delete_hides_the_user_at_once_and_compaction_removes_the_rows(
     r: redis.Redis, redis_url: str, clean_sandbox: Sandbox, start_ingest: Callable[..., str],
     start_worker: Starter, start_archiver: Callable[..., Proc], local: Where,
 ) -> None:  # fmt: skip
-    from relay.archive import archiver as archiving
+    from relay.archive import maintenance as archiving
 
     url = start_ingest(**FAST)
     start_worker(**FAST)
@@ -288,7 +289,7 @@ def test_relay_worker_runs_the_archiver_and_starts_it_again_while_delivery_goes_
         supervisor = psutil.Process(proc.pid)
 
         def archivers() -> list[psutil.Process]:
-            return [c for c in supervisor.children() if "archive" in c.cmdline()]
+            return [c for c in supervisor.children() if "relay.archive" in c.cmdline()]
 
         # The live worker and the archiver (the replay lane's process starts on demand).
         wait_for(lambda: len(supervisor.children()) == 2 and len(archivers()) == 1, 60)
@@ -360,3 +361,56 @@ def test_worker_and_archiver_sigkilled_mid_write_under_load_lose_no_record(
     # A record is written again only under the name it had: it replaces, never adds.
     assert figures["archive_copies"] == 0, figures
     assert r.xpending("relay:archive", "archivers")["pending"] == 0
+
+
+def test_consolidation_merges_a_days_small_files_one_archiver_at_a_time(
+    r: redis.Redis, where: Where, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from relay import keys
+    from relay.archive import maintenance
+    from relay.archive.schema import to_table
+
+    for name, value in where.env.items():  # the bucket's keys, as an archiver has them
+        monkeypatch.setenv(name, value)
+    store = where.store()
+    noon = (time.time() // 86400 - 1) * 86400 + 43200  # yesterday, 12:00 UTC
+    rows = [{"settled_at": noon + i, "received_at": noon + i, "relay_id": f"r{i}",
+             "outcome": "delivered", "type": "track", "user_id": f"u{i % 3}"}
+            for i in range(60)]  # fmt: skip
+    for n in range(6):  # as the archiver names them: after a stream entry
+        store.write(to_table(rows[n * 10 : (n + 1) * 10]), "a", name=f"s{noon:.0f}{n:03}-0")
+    [day] = store.days()
+    lock = keys.ARCHIVE_CONSOLIDATING + day
+    later = time.time() + maintenance.SETTLE_S + 1
+    # Another archiver merges the day: it is left to that one.
+    r.set(lock, "another archiver's token", px=60_000)
+    assert maintenance.consolidate(store, r, later)["files_merged"] == 0
+    assert len(store.files()) == 6
+    r.delete(lock)
+    done = maintenance.consolidate(store, r, later)
+    assert done == {"files_merged": 6, "files_written": 1, "rows_dropped": 0}
+    assert len(store.files()) == 1 and not r.exists(lock)
+    assert sorted(row["relay_id"] for row in where.rows()) == sorted(f"r{i}" for i in range(60))
+
+
+def test_relay_archive_compact_merges_the_small_files_of_more_than_an_hour_ago(
+    r: redis.Redis, local: Where
+) -> None:
+    from relay.archive.schema import to_table
+
+    store = local.store()
+    now = time.time()
+    rows = [{"settled_at": now - 7200, "received_at": now - 7200, "relay_id": f"r{i}",
+             "outcome": "delivered", "type": "track", "user_id": "ann"}
+            for i in range(4)]  # fmt: skip
+    for i, row in enumerate(rows):
+        store.write(to_table([row]), "a", name=f"s{i}")
+    for path in store.files():  # written two hours ago
+        os.utime(path, (now - 7200, now - 7200))
+    store.write(to_table([{**rows[0], "relay_id": "young"}]), "a", name="s9")
+    env = {**relay_env(url_of(r), **local.settings), **local.env}
+    out = subprocess.run([sys.executable, "-m", "relay.ops.cli", "archive", "compact"], env=env,
+                         capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    assert json.loads(out.stdout)["files_merged"] == 4, out.stdout
+    assert len(store.files()) == 2  # the merged file, and the one still young
+    assert sorted(row["relay_id"] for row in local.rows()) == ["r0", "r1", "r2", "r3", "young"]

@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
-from relay.archive import archiver
+from relay.archive import archiver, maintenance
 from relay.archive.schema import key_of, to_table
 from relay.archive.store import Store
 from relay.commands import TrackEvent
@@ -112,7 +112,7 @@ def test_an_honoured_delete_forgets_its_user_and_hides_what_came_before_it() -> 
     assert forgotten == {"gone": 50.0}
     rows = [record("gone", 10.0), delete, record("gone", 60.0), record("kept", 10.0),
             record(None, 10.0, anonymous_id="gone")]  # fmt: skip
-    hidden = archiver.hidden(
+    hidden = maintenance.hidden(
         to_table(rows).sort_by("relay_id"), archiver.forgotten_table(forgotten)
     )
     ordered = sorted(rows, key=lambda r: r["relay_id"])
@@ -129,11 +129,11 @@ def test_retention_and_compaction_on_a_directory(tmp_path: Path) -> None:
     store.write(to_table([record("gone", now - 1 * day), record("ann", now - 1 * day)]), "t")
     oldest, *_ = days = store.days()
     assert len(days) == 3
-    assert archiver.retain(store, 30, now) == [oldest]
+    assert maintenance.retain(store, 30, now) == [oldest]
     assert len(store.days()) == 2
-    assert archiver.compact(store) == {"files": 0, "rows_removed": 0}
+    assert maintenance.compact(store) == {"files": 0, "rows_removed": 0}
     store.forget(archiver.forgotten_table({"gone": now}), "t")
-    assert archiver.compact(store) == {"files": 2, "rows_removed": 2}
+    assert maintenance.compact(store) == {"files": 2, "rows_removed": 2}
     import pyarrow.parquet as pq
 
     users = [u for p in store.files() for u in pq.read_table(p)["user_id"].to_pylist()]
@@ -192,3 +192,21 @@ def test_the_delivery_and_ingest_processes_never_import_the_archive_engines() ->
             if not rel.startswith(("relay/archive/", "relay/ops/")):
                 found += [f"{rel}: {m}" for m in heavy.findall(path.read_text())]
     assert not found
+
+
+def test_the_archiver_process_imports_neither_the_queue_nor_the_cli() -> None:
+    """The archiver runs beside the delivery processes on every worker host: its entry
+    point leaves out Celery and kombu (the queue), click and rich (the CLI)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, relay.archive.__main__ as m; "
+        "print(' '.join(sorted(n for n, mod in sys.modules.items() if mod is not None)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    loaded = {name.split(".")[0] for name in out.stdout.split()}
+    assert "pyarrow" in loaded and "relay" in loaded  # the probe imported the archiver
+    assert not loaded & {"celery", "kombu", "click", "rich", "duckdb"}
