@@ -88,8 +88,9 @@ def search_command(deployment: Deployment, /, limit: int, as_json: bool, **filte
                 h["account_id"] and f"account {h['account_id']}",
             ) if part
         )  # fmt: skip
+        message = f"messageId {h['message_id']}" if h["message_id"] else "no messageId"
         event = (
-            f"{who}\nmessageId {h['message_id']}, relay id {h['relay_id']}\n"
+            f"{who}\n{message}, relay id {h['relay_id']}\n"
             f"{json.dumps(h['body']) if h['body'] is not None else '(no event kept)'}"
         )
         commands = "\n".join(json.dumps(c) for c in h["commands"] or [])
