@@ -25,6 +25,9 @@ for _, user in ipairs(users) do
   redis.call('ZREM', KEYS[1], user)
   dropped = dropped + n
 end
-redis.call('DECRBY', KEYS[2], dropped)
-if dropped > 0 then redis.call('HINCRBY', KEYS[3], ARGV[2], dropped) end
+-- Nothing dropped writes nothing: an idle sweep leaves Redis (and its AOF) alone.
+if dropped > 0 then
+  redis.call('DECRBY', KEYS[2], dropped)
+  redis.call('HINCRBY', KEYS[3], ARGV[2], dropped)
+end
 return dropped
