@@ -186,7 +186,8 @@ def archive_replay(env: Env) -> dict[str, Any]:
 
     root = ensure_archive()
     store = Store(pafs.LocalFileSystem(), str(root.resolve()))
-    per_second = EVENTS / (DAYS * 86400)
+    # The events per second the set was written with (whole files: EVENTS rounded down).
+    per_second = EVENTS // (DAYS * FILES_PER_DAY) * FILES_PER_DAY / 86400
     # A slice of the first day's morning holding REPLAY_EVENTS events.
     since = START + 3600
     until = since + REPLAY_EVENTS / per_second - 0.001
