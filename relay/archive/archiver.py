@@ -139,6 +139,10 @@ class Archiver:
                 failures = 0
             except Exception as exc:
                 failures += 1
+                if isinstance(exc, redis.ResponseError) and "NOGROUP" in str(exc):
+                    # The stream went with its group (a Redis that came back empty): make
+                    # them again, or every later read fails the same way.
+                    self._group_ready = False
                 self._failed("redis" if isinstance(exc, redis.RedisError) else "store", exc)
                 self.stopping.wait(min(2.0**failures / 4, BACKOFF_CAP_S))
         try:

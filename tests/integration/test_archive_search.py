@@ -147,3 +147,29 @@ def test_two_runs_of_one_replay_cannot_both_queue(r: redis.Redis, store: Store) 
     for _ in one.run(r, store, queue, 10):
         pass
     assert len({i["id"] for i in queued_items(r, "relay.replay")}) == 30
+
+
+def test_the_archiver_makes_its_group_again_when_redis_lost_the_stream(
+    r: redis.Redis, tmp_path: Path
+) -> None:
+    import threading
+
+    from relay import keys
+    from relay.archive.archiver import Archiver
+    from tests.integration.conftest import wait_for
+
+    settings = Settings(archive_dir=tmp_path / "archive", archive_flush_s=0.5)
+    store = open_store(settings)
+    archiver = Archiver(settings, r, store, name="t")
+    thread = threading.Thread(target=archiver.run, daemon=True)
+    thread.start()
+    try:
+        stage(r, [record(0, NOW)])
+        wait_for(lambda: len(search.search(store, None, search.Query(), 10)) == 1)
+        r.delete(keys.ARCHIVE)  # the stream and its consumer group with it
+        stage(r, [record(1, NOW + 1)])
+        wait_for(lambda: len(search.search(store, None, search.Query(), 10)) == 2, 30)
+        assert r.xlen(keys.ARCHIVE) == 0
+    finally:
+        archiver.stop()
+        thread.join(30)
